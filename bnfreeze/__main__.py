@@ -1,0 +1,3 @@
+from bnfreeze.cli import main
+
+main()

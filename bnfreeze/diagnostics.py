@@ -1,0 +1,213 @@
+"""Warnings about a model: each names the layer and says what to do.
+
+They come from the walk and the mode model, never from rendering, so the CLI, the JSON and
+the Python API all see the same findings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from bnfreeze.records import (
+    Finding,
+    LayerKind,
+    LayerState,
+    ModelFile,
+    Normalization,
+    WarningCode,
+)
+
+#: How close to the initializer values counts as "untrained" BN statistics.
+_UNTRAINED_ATOL = 1e-7
+
+
+def find(
+    model: ModelFile | None,
+    states: tuple[LayerState, ...],
+    *,
+    model_trainable: bool,
+    read_values: Callable[[list[str]], dict[str, object]] | None = None,
+) -> tuple[Finding, ...]:
+    findings: list[Finding] = []
+    by_path = {s.layer.path: s for s in states}
+    findings += _model_not_trainable(states, model_trainable)
+    findings += _call_site_training(states)
+    findings += _bn_under_frozen_container(states, by_path)
+    findings += _unknown_layers(states)
+    if model is not None:
+        findings += _optimizer_state(model)
+        if read_values is not None:
+            findings += _untrained_statistics(model, states, read_values)
+    return tuple(findings)
+
+
+def _below(states: tuple[LayerState, ...], path: str) -> list[LayerState]:
+    prefix = path + "/"
+    return [s for s in states if s.layer.path.startswith(prefix)]
+
+
+def _model_not_trainable(states: tuple[LayerState, ...], model_trainable: bool) -> list[Finding]:
+    if model_trainable:
+        return []
+    moving = sum(1 for s in states if s.in_fit.updates_moving_stats)
+    message = (
+        "The model's own trainable flag is False, so fit() trains no weights at all "
+        "(Keras prints 'The model does not have any trainable weights.')."
+    )
+    if moving:
+        message += (
+            f" Yet {moving} BN layer(s) whose own flag is True still normalize with batch "
+            "statistics and update their moving statistics. Set trainable on the layers "
+            "themselves, then call compile() again."
+        )
+    return [Finding(WarningCode.MODEL_NOT_TRAINABLE, None, message)]
+
+
+def _call_site_training(states: tuple[LayerState, ...]) -> list[Finding]:
+    findings = []
+    for state in states:
+        layer = state.layer
+        if layer.call_training is not False:
+            continue
+        scope = [state, *_below(states, layer.path)]
+        unprotected = [
+            s for s in scope if s.layer.is_batchnorm and s.in_fit.normalizes_with is Normalization.BATCH
+        ]
+        if not unprotected:
+            continue
+        target = f"'{layer.path}/*'" if layer.is_container else f"'{layer.path}'"
+        findings.append(
+            Finding(
+                WarningCode.CALL_SITE_TRAINING_IGNORED,
+                layer.path,
+                f"{layer.path} is called with training=False, but Keras 3 overrides a recorded "
+                f"call-site training=False in fit() (keras-team/keras#20285): "
+                f"{len(unprotected)} BN layer(s) it was meant to protect still normalize with "
+                "batch statistics and update their moving statistics. Only trainable=False on "
+                f"each BN layer keeps it in inference mode: bnfreeze freeze MODEL --bn-inference "
+                f"--layers {target} -o OUT.",
+            )
+        )
+    return findings
+
+
+def _bn_under_frozen_container(
+    states: tuple[LayerState, ...], by_path: dict[str, LayerState]
+) -> list[Finding]:
+    findings = []
+    for state in states:
+        layer = state.layer
+        if not layer.is_batchnorm or layer.trainable is False:
+            continue
+        parent = layer.parent
+        frozen = None
+        while parent is not None:
+            container = by_path[parent].layer
+            if container.trainable is False:
+                frozen = container
+                break
+            parent = container.parent
+        if frozen is None:
+            continue
+        findings.append(
+            Finding(
+                WarningCode.TRAINABLE_BN_UNDER_FROZEN_CONTAINER,
+                layer.path,
+                f"{layer.path} is trainable inside frozen container {frozen.path}: on Keras 3 "
+                "only a layer's own flag counts, so it trains anyway (gamma/beta update and its "
+                "moving statistics move). To freeze it, set its own flag: bnfreeze freeze MODEL "
+                f"--layers '{layer.path}' -o OUT.",
+            )
+        )
+    return findings
+
+
+def _unknown_layers(states: tuple[LayerState, ...]) -> list[Finding]:
+    return [
+        Finding(
+            WarningCode.UNKNOWN_LAYER,
+            s.layer.path,
+            f"{s.layer.path} is a custom class ({s.layer.class_name}): kept as is, but its "
+            "Python code may pass training= itself or subclass BatchNormalization, which the "
+            "file cannot show. Run bnfreeze verify to measure what it does.",
+        )
+        for s in states
+        if s.layer.kind is LayerKind.UNKNOWN
+    ]
+
+
+def _optimizer_state(model: ModelFile) -> list[Finding]:
+    if not model.optimizer_variables:
+        return []
+    return [
+        Finding(
+            WarningCode.OPTIMIZER_STATE,
+            None,
+            f"The file carries {model.optimizer_variables} saved optimizer variables, matched to "
+            "the trainable variables by position, not by name. After any change to trainable "
+            "flags they no longer match: Keras drops them on load, or, when the count happens "
+            "to match, silently assigns them to the wrong variables. bnfreeze freeze drops them "
+            "by default. After any change, call compile() again with a new optimizer.",
+        )
+    ]
+
+
+def bn_statistics_datasets(model: ModelFile, state: LayerState) -> dict[str, str] | None:
+    """Map gamma/beta/moving_mean/moving_variance to dataset paths for one BN layer."""
+    if model.weights is None:
+        return None
+    datasets = model.weights.variables.get(state.layer.path)
+    if not datasets:
+        return None
+    leaves = [d.rsplit("/", 1)[-1].split(":")[0] for d in datasets]
+    if all(leaf.isdigit() for leaf in leaves):
+        # .keras: positional. Moving statistics are always the last two variables;
+        # gamma and beta (when scale/center) come first, in that order.
+        labels = ["moving_mean", "moving_variance"]
+        head = len(datasets) - 2
+        labels = (["gamma", "beta"][:head] if head == 2 else ["gamma_or_beta"] * head) + labels
+        return dict(zip(labels, datasets, strict=True)) if head >= 0 else None
+    return dict(zip(leaves, datasets, strict=True))
+
+
+_UNTRAINED = {"gamma": 1.0, "beta": 0.0, "moving_mean": 0.0, "moving_variance": 1.0}
+
+
+def _untrained_statistics(
+    model: ModelFile,
+    states: tuple[LayerState, ...],
+    read_values: Callable[[list[str]], dict[str, object]],
+) -> list[Finding]:
+    bns = [s for s in states if s.layer.is_batchnorm]
+    wanted: dict[str, dict[str, str]] = {}
+    for state in bns:
+        mapping = bn_statistics_datasets(model, state)
+        if mapping and "moving_mean" in mapping and "moving_variance" in mapping:
+            wanted[state.layer.path] = mapping
+    if not wanted:
+        return []
+    values = read_values([d for m in wanted.values() for d in m.values()])
+    findings = []
+    for path, mapping in wanted.items():
+        if not all(d in values for d in mapping.values()):
+            continue
+        if all(_is_constant(values[d], _UNTRAINED.get(label)) for label, d in mapping.items()):
+            findings.append(
+                Finding(
+                    WarningCode.UNTRAINED_BN_STATISTICS,
+                    path,
+                    f"{path} has untrained statistics (moving mean 0, variance 1, gamma 1, beta 0): "
+                    "the model was built with weights=None or never trained. Freezing it "
+                    "(--bn-inference) turns it into an identity and disables batch normalization.",
+                )
+            )
+    return findings
+
+
+def _is_constant(value: object, expected: float | None) -> bool:
+    if expected is None:  # gamma_or_beta: either initializer value counts
+        return _is_constant(value, 0.0) or _is_constant(value, 1.0)
+    import numpy as np
+
+    array = np.asarray(value, dtype="float64")
+    return bool(array.size) and bool(np.all(np.abs(array - expected) <= _UNTRAINED_ATOL))

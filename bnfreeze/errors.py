@@ -1,0 +1,53 @@
+"""Errors written for users.
+
+Every error the library raises on bad input is a :class:`BnfreezeError`. Its ``str()`` says
+what was wrong and what to do, and its ``exit_code`` is what the CLI exits with. The CLI turns
+these into a one-line message in exactly one place (``bnfreeze.cli``); a user never sees a
+traceback for bad input.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_CHECK_FAILED = 1
+EXIT_USAGE = 2
+
+
+class BnfreezeError(Exception):
+    """Base class for every error bnfreeze reports to a user."""
+
+    exit_code: int = EXIT_USAGE
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        if self.hint:
+            return f"{self.message} {self.hint}"
+        return self.message
+
+
+class ModelFormatError(BnfreezeError):
+    """The file is not a model bnfreeze can read, or it is damaged."""
+
+
+class SelectionError(BnfreezeError):
+    """A layer selection (glob, name, --up-to / --from) is invalid or matches nothing."""
+
+
+class OutputError(BnfreezeError):
+    """The output path cannot be written safely."""
+
+
+class PlanError(BnfreezeError):
+    """A TOML freeze plan is malformed."""
+
+
+class UnsafeModelError(BnfreezeError):
+    """Loading the model would execute code from the file (a Lambda layer, say)."""
+
+
+class RuntimeUnavailableError(BnfreezeError):
+    """A requested runtime (tf_keras, say) is not installed."""

@@ -1,0 +1,45 @@
+"""Inspect a saved model: read it, walk it, resolve modes, find warnings. No Keras needed."""
+
+from __future__ import annotations
+
+import os
+
+from bnfreeze import diagnostics, modes
+from bnfreeze.readers import read_model, read_values
+from bnfreeze.records import ModelFile, Report, Runtime
+from bnfreeze.walk import walk
+
+
+def inspect_file(path: str | os.PathLike[str], runtime: Runtime = Runtime.KERAS3) -> Report:
+    """Inspect a saved `.keras` / `.h5` model file or unzipped `.keras` folder."""
+    return inspect_model_file(read_model(path), runtime)
+
+
+def inspect_model_file(model: ModelFile, runtime: Runtime = Runtime.KERAS3) -> Report:
+    walked = walk(model.config, model.path)
+    has_weights: dict[str, bool | None] = {}
+    index = model.weights.variables if model.weights is not None else None
+    for record in walked.layers:
+        if index is not None and record.path in index:
+            has_weights[record.path] = bool(index[record.path])
+        else:
+            has_weights[record.path] = modes.has_weights_by_class(record)
+    states = modes.resolve(
+        walked.layers,
+        model_trainable=walked.trainable,
+        has_weights=has_weights,
+        runtime=runtime,
+    )
+    findings = diagnostics.find(
+        model,
+        states,
+        model_trainable=walked.trainable,
+        read_values=(lambda names: read_values(model, names)) if index is not None else None,
+    )
+    return Report(
+        model=model,
+        runtime=runtime,
+        model_trainable=walked.trainable,
+        layers=states,
+        warnings=findings,
+    )

@@ -1,0 +1,109 @@
+"""Readers: turn a path into a :class:`~bnfreeze.records.ModelFile`.
+
+One module per format, one entry point here. Reading never imports TensorFlow or Keras: a
+`.keras` archive is a zip of JSON and HDF5, and a legacy `.h5` keeps its architecture as a
+JSON attribute. Anything that is not a model bnfreeze can read raises
+:class:`~bnfreeze.errors.ModelFormatError` with a sentence that says what the file is and what
+to do.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from bnfreeze.errors import ModelFormatError
+from bnfreeze.records import ModelFile
+
+ZIP_MAGIC = b"PK\x03\x04"
+EMPTY_ZIP_MAGIC = b"PK\x05\x06"
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
+
+def read_model(path: str | os.PathLike[str], *, weights: bool = True) -> ModelFile:
+    """Read a saved model's architecture and metadata, without Keras.
+
+    With ``weights=True`` the weights file's layout is indexed too (HDF5 metadata only, no
+    values), so callers can tell which layers hold variables and read BN statistics.
+    """
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise ModelFormatError(f"{p}: no such file.", hint="Check the path.") from None
+    except PermissionError:
+        raise ModelFormatError(f"{p}: permission denied.") from None
+    except OSError as exc:  # a symlink loop, a name too long, ...
+        raise ModelFormatError(f"{p}: cannot be opened ({exc.strerror or exc}).") from None
+
+    if stat.S_ISDIR(st.st_mode):
+        from bnfreeze.readers import keras_dir
+
+        return keras_dir.read(p, weights=weights)
+    if not stat.S_ISREG(st.st_mode):
+        raise ModelFormatError(f"{p}: not a regular file.")
+    if st.st_size == 0:
+        raise ModelFormatError(
+            f"{p}: the file is empty.", hint="It may have been interrupted while saving."
+        )
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(8)
+    except PermissionError:
+        raise ModelFormatError(f"{p}: permission denied.") from None
+    except OSError as exc:
+        raise ModelFormatError(f"{p}: cannot be read ({exc.strerror or exc}).") from None
+
+    if head.startswith(ZIP_MAGIC) or head.startswith(EMPTY_ZIP_MAGIC):
+        from bnfreeze.readers import keras_zip
+
+        return keras_zip.read(p, weights=weights)
+    if head == HDF5_MAGIC:
+        from bnfreeze.readers import legacy_h5
+
+        return legacy_h5.read(p, weights=weights)
+    raise ModelFormatError(
+        f"{p}: not a Keras model file (neither a .keras zip archive nor an HDF5 file).",
+        hint="bnfreeze reads models saved with model.save('x.keras') or model.save('x.h5').",
+    )
+
+
+def read_values(model: ModelFile, datasets: list[str]) -> dict[str, object]:
+    """Read the values of the named HDF5 datasets from the model's weights (numpy arrays).
+
+    Datasets that are missing or unreadable are left out; callers treat them as unknown.
+    """
+    import h5py
+
+    from bnfreeze.records import ModelFormat
+
+    def pull(h5: h5py.File) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for name in datasets:
+            try:
+                obj = h5.get(name)
+                if isinstance(obj, h5py.Dataset):
+                    out[name] = obj[()]
+            except Exception:  # a damaged dataset: unknown, not fatal for inspection
+                continue
+        return out
+
+    if not datasets:
+        return {}
+    try:
+        if model.format is ModelFormat.KERAS:
+            import zipfile
+
+            with zipfile.ZipFile(model.path) as archive, archive.open("model.weights.h5") as fh:
+                with h5py.File(fh, "r") as h5:
+                    return pull(h5)
+        if model.format is ModelFormat.KERAS_DIR:
+            with h5py.File(Path(model.path) / "model.weights.h5", "r") as h5:
+                return pull(h5)
+        if model.format is ModelFormat.H5:
+            with h5py.File(model.path, "r") as h5:
+                return pull(h5)
+    except Exception:
+        return {}
+    return {}

@@ -1,0 +1,67 @@
+"""Reader for an unzipped `.keras` folder, which Keras 3 itself loads, and for folders that
+are not models (a TensorFlow SavedModel, say), which get a specific error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bnfreeze.errors import ModelFormatError
+from bnfreeze.limits import MAX_CONFIG_BYTES
+from bnfreeze.readers._keras_common import (
+    CONFIG,
+    METADATA,
+    WEIGHTS,
+    check_model_config,
+    index_weights,
+    keras_version,
+    parse_json,
+)
+from bnfreeze.records import ModelFile, ModelFormat
+
+
+def _read_bounded(path: Path, source: str) -> bytes:
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ModelFormatError(
+                f"{source}: {path.name} is larger than the {MAX_CONFIG_BYTES // 2**20} MiB "
+                "bnfreeze reads."
+            )
+        return path.read_bytes()
+    except ModelFormatError:
+        raise
+    except OSError as exc:
+        raise ModelFormatError(f"{source}: {path.name} cannot be read ({exc.strerror or exc}).") from None
+
+
+def read(path: Path, *, weights: bool = True) -> ModelFile:
+    source = str(path)
+    if (path / "saved_model.pb").exists() or (path / "saved_model.pbtxt").exists():
+        raise ModelFormatError(
+            f"{path}: a TensorFlow SavedModel folder, which Keras 3 cannot load as a model.",
+            hint="Keras 3's TFSMLayer can wrap it for inference only (it resets trainable "
+            "flags); to fine-tune, re-save the original Keras model with model.save('x.keras').",
+        )
+    if not (path / CONFIG).is_file():
+        raise ModelFormatError(
+            f"{path}: a directory, not a model.",
+            hint="Pass a .keras or .h5 file, or an unzipped .keras folder with config.json.",
+        )
+    config = check_model_config(parse_json(_read_bounded(path / CONFIG, source), source, CONFIG), source)
+    metadata = None
+    if (path / METADATA).is_file():
+        metadata = parse_json(_read_bounded(path / METADATA, source), source, METADATA)
+    index, optimizer_variables = None, None
+    if weights and (path / WEIGHTS).is_file():
+        index, optimizer_variables = index_weights(str(path / WEIGHTS), source)
+    compile_config = config.get("compile_config")
+    return ModelFile(
+        path=source,
+        format=ModelFormat.KERAS_DIR,
+        config=config,
+        keras_version=keras_version(metadata),
+        compiled=isinstance(compile_config, dict) and bool(compile_config),
+        compile_config=compile_config if isinstance(compile_config, dict) else None,
+        optimizer_variables=optimizer_variables,
+        weights=index,
+    )

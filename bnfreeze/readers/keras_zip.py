@@ -1,0 +1,108 @@
+"""Reader for the Keras 3 `.keras` zip archive (config.json, metadata.json, model.weights.h5)."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+from bnfreeze.errors import ModelFormatError
+from bnfreeze.limits import MAX_CONFIG_BYTES, MAX_EXPANSION_RATIO
+from bnfreeze.readers._keras_common import (
+    CONFIG,
+    METADATA,
+    WEIGHTS,
+    check_model_config,
+    index_weights,
+    keras_version,
+    parse_json,
+)
+from bnfreeze.records import ModelFile, ModelFormat
+
+
+def open_archive(path: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except zipfile.BadZipFile as exc:
+        raise ModelFormatError(
+            f"{path}: a damaged or truncated zip archive ({exc}).",
+            hint="Re-save the model, or restore it from a backup.",
+        ) from None
+    except OSError as exc:
+        raise ModelFormatError(f"{path}: cannot be read ({exc.strerror or exc}).") from None
+
+
+def read_member(archive: zipfile.ZipFile, path: Path, member: str, limit: int) -> bytes:
+    """Read one member, refusing oversized or bomb-like members before inflating them."""
+    info = archive.getinfo(member)
+    if info.file_size > limit:
+        raise ModelFormatError(
+            f"{path}: {member} claims {info.file_size} bytes, more than the "
+            f"{limit // 2**20} MiB bnfreeze reads."
+        )
+    if info.compress_size and info.file_size / info.compress_size > MAX_EXPANSION_RATIO:
+        if info.file_size > 2**20:
+            raise ModelFormatError(
+                f"{path}: {member} expands {info.file_size // info.compress_size}x, "
+                "more than a model file does; refusing it as a possible zip bomb."
+            )
+    try:
+        with archive.open(member) as fh:
+            data = fh.read(limit + 1)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+        raise ModelFormatError(f"{path}: {member} is damaged ({exc}).") from None
+    except Exception as exc:  # zlib.error and friends
+        raise ModelFormatError(f"{path}: {member} is damaged ({exc}).") from None
+    if len(data) > limit:
+        raise ModelFormatError(f"{path}: {member} is larger than it claims; refusing it.")
+    return data
+
+
+def read(path: Path, *, weights: bool = True) -> ModelFile:
+    with open_archive(path) as archive:
+        names = set(archive.namelist())
+        if CONFIG not in names:
+            if any(n.endswith("saved_model.pb") for n in names):
+                what = "a zipped TensorFlow SavedModel"
+            else:
+                what = "a zip archive without config.json"
+            raise ModelFormatError(
+                f"{path}: {what}, not a Keras model.",
+                hint="bnfreeze reads models saved with model.save('x.keras').",
+            )
+        source = str(path)
+        config = check_model_config(
+            parse_json(read_member(archive, path, CONFIG, MAX_CONFIG_BYTES), source, CONFIG),
+            source,
+        )
+        metadata = None
+        if METADATA in names:
+            metadata = parse_json(
+                read_member(archive, path, METADATA, MAX_CONFIG_BYTES), source, METADATA
+            )
+        index, optimizer_variables = None, None
+        if weights and WEIGHTS in names:
+            info = archive.getinfo(WEIGHTS)
+            if info.compress_type != zipfile.ZIP_STORED:
+                data = read_member(archive, path, WEIGHTS, 2**34)
+                import io
+
+                index, optimizer_variables = index_weights(io.BytesIO(data), source)
+            else:
+                try:
+                    with archive.open(WEIGHTS) as fh:
+                        index, optimizer_variables = index_weights(fh, source)
+                except ModelFormatError:
+                    raise
+                except Exception as exc:
+                    raise ModelFormatError(f"{path}: {WEIGHTS} is damaged ({exc}).") from None
+    compile_config = config.get("compile_config")
+    return ModelFile(
+        path=source,
+        format=ModelFormat.KERAS,
+        config=config,
+        keras_version=keras_version(metadata),
+        compiled=isinstance(compile_config, dict) and bool(compile_config),
+        compile_config=compile_config if isinstance(compile_config, dict) else None,
+        optimizer_variables=optimizer_variables,
+        weights=index,
+    )

@@ -1,0 +1,186 @@
+"""The values bnfreeze passes around: frozen dataclasses and closed Enums.
+
+Readers produce a :class:`ModelFile`; the walk turns its config into :class:`LayerRecord`
+values; the mode model adds a :class:`FitBehaviour` to each; a :class:`Report` bundles them for
+the renderers.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ModelFormat(enum.Enum):
+    """How a model is stored."""
+
+    KERAS = "keras"  # Keras 3 zip archive
+    KERAS_DIR = "keras-dir"  # the same members, unzipped into a folder
+    H5 = "h5"  # legacy HDF5 with a model_config attribute
+    MEMORY = "memory"  # an in-memory keras.Model (Python API)
+
+    @property
+    def json_name(self) -> str:
+        """The value of ``model.format`` in the JSON contract: an unzipped folder is "keras"."""
+        return {ModelFormat.KERAS_DIR: "keras"}.get(self, self.value)
+
+
+class LayerKind(enum.Enum):
+    """What a layer is, as far as BatchNormalization semantics care."""
+
+    BATCHNORM = "batchnorm"  # BatchNormalization, SyncBatchNormalization, a known subclass
+    NORMALIZATION = "normalization"  # LayerNormalization and friends: no moving statistics
+    CONTAINER = "container"  # a Functional or Sequential model nested in another
+    WRAPPER = "wrapper"  # TimeDistributed, Bidirectional: one or two inner layers in config
+    INPUT = "input"  # InputLayer: no weights, no flag
+    LAYER = "layer"  # any other built-in Keras layer
+    UNKNOWN = "unknown"  # a custom or unregistered class: kept, never dropped
+
+
+class Normalization(enum.Enum):
+    """Which statistics a BN layer normalizes with."""
+
+    BATCH = "batch"
+    MOVING = "moving"
+
+
+class Runtime(enum.Enum):
+    """A rule set for effective modes."""
+
+    KERAS3 = "keras3"
+    TF_KERAS = "tf-keras"
+
+
+class WarningCode(enum.Enum):
+    """The closed set of things ``inspect`` warns about."""
+
+    CALL_SITE_TRAINING_IGNORED = "call-site-training-ignored"
+    TRAINABLE_BN_UNDER_FROZEN_CONTAINER = "trainable-bn-under-frozen-container"
+    OPTIMIZER_STATE = "optimizer-state"
+    UNTRAINED_BN_STATISTICS = "untrained-bn-statistics"
+    UNKNOWN_LAYER = "unknown-layer"
+    MODEL_NOT_TRAINABLE = "model-not-trainable"
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """What a reader found in a saved model, before any Keras semantics are applied."""
+
+    path: str
+    format: ModelFormat
+    config: dict[str, Any] = field(repr=False)  # the top-level {"class_name", "config", ...}
+    keras_version: str | None
+    compiled: bool
+    compile_config: dict[str, Any] | None = field(default=None, repr=False)
+    optimizer_variables: int | None = None  # saved optimizer variables, None when not stored
+    weights: WeightIndex | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class WeightIndex:
+    """Where each layer's variables live in the weights file, by layer path.
+
+    ``variables`` maps a layer path to the HDF5 dataset paths of its own variables, in the
+    order Keras created them (for BN: gamma, beta, moving_mean, moving_variance, less any
+    that ``scale=False`` / ``center=False`` drop). Reading the values needs h5py; building
+    the index reads only HDF5 metadata.
+    """
+
+    variables: dict[str, tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """One layer found by the walk, with what the config says about it."""
+
+    path: str  # names from the outermost container down, joined by "/"
+    name: str
+    class_name: str
+    kind: LayerKind
+    depth: int  # 0 for the model's own layers, 1 inside a nested model, ...
+    parent: str | None  # the path of the enclosing container or wrapper, None at top level
+    trainable: bool | None  # the layer's own flag as stored; None where the layer has none
+    call_kwargs: tuple[dict[str, Any], ...] = field(default=(), compare=False, repr=False)
+    config_path: tuple[str | int, ...] = field(default=(), compare=False, repr=False)
+    synchronized: bool = False
+    module: str | None = None
+    custom: bool = False  # a class that is not a Keras built-in
+
+    @property
+    def is_batchnorm(self) -> bool:
+        return self.kind is LayerKind.BATCHNORM
+
+    @property
+    def is_container(self) -> bool:
+        return self.kind in (LayerKind.CONTAINER, LayerKind.WRAPPER)
+
+    @property
+    def call_training(self) -> bool | None:
+        """The ``training=`` value recorded at a call site, if any call recorded one."""
+        for kwargs in self.call_kwargs:
+            value = kwargs.get("training")
+            if isinstance(value, bool):
+                return value
+        return None
+
+
+@dataclass(frozen=True)
+class FitBehaviour:
+    """What a layer does in ``fit()`` (or ``predict()``) under one runtime's rules.
+
+    ``None`` means "not applicable" (no weights, not BN) or "cannot know from the file" (a
+    custom class whose Python code may decide). See the README's JSON section.
+    """
+
+    trains_weights: bool | None
+    normalizes_with: Normalization | None
+    updates_moving_stats: bool | None
+
+
+@dataclass(frozen=True)
+class LayerState:
+    """A layer and its effective behaviour."""
+
+    layer: LayerRecord
+    has_weights: bool | None
+    in_fit: FitBehaviour
+    in_predict: FitBehaviour
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A warning about the model: what is wrong, where, and what to do."""
+
+    code: WarningCode
+    path: str | None
+    message: str
+
+
+@dataclass(frozen=True)
+class Report:
+    """The result of inspecting a model."""
+
+    model: ModelFile
+    runtime: Runtime
+    model_trainable: bool
+    layers: tuple[LayerState, ...]
+    warnings: tuple[Finding, ...]
+
+    @property
+    def batchnorm(self) -> tuple[LayerState, ...]:
+        return tuple(s for s in self.layers if s.layer.is_batchnorm)
+
+    @property
+    def bn_training_in_fit(self) -> int:
+        return sum(1 for s in self.batchnorm if s.in_fit.normalizes_with is Normalization.BATCH)
+
+    @property
+    def bn_inference_in_fit(self) -> int:
+        return sum(1 for s in self.batchnorm if s.in_fit.normalizes_with is Normalization.MOVING)
+
+    def state(self, path: str) -> LayerState:
+        for s in self.layers:
+            if s.layer.path == path:
+                return s
+        raise KeyError(path)

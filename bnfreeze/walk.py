@@ -1,0 +1,232 @@
+"""The walk: a saved model config, recursively, as a flat tuple of :class:`LayerRecord`.
+
+It descends into nested Functional and Sequential models at any depth and into wrappers
+(``TimeDistributed``, ``Bidirectional``, ``SpectralNormalization``) whose inner layers are in
+the config. Each layer gets a path of names joined by ``/``, from the outermost container
+down, e.g. ``mobilenetv2_1.00_224/block_1_expand_BN``. Custom or unknown classes are kept and
+marked :attr:`LayerKind.UNKNOWN`, never dropped.
+
+The walk knows config structure, not modes: deciding what a layer does in ``fit()`` is
+``bnfreeze.modes``'s job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from bnfreeze.errors import ModelFormatError
+from bnfreeze.limits import MAX_LAYERS, MAX_NESTING_DEPTH
+from bnfreeze.records import LayerKind, LayerRecord
+
+#: Class names of BatchNormalization layers. ``BatchNormalization(synchronized=True)`` keeps
+#: its class name; tf_keras's ``SyncBatchNormalization`` has its own (SEMANTICS §6).
+BATCHNORM_CLASSES = frozenset({"BatchNormalization", "SyncBatchNormalization"})
+
+#: Normalization layers that are *not* BN: they have no moving statistics (SEMANTICS §6).
+OTHER_NORMALIZATION_CLASSES = frozenset(
+    {
+        "LayerNormalization",
+        "GroupNormalization",
+        "UnitNormalization",
+        "RMSNormalization",
+        "Normalization",
+    }
+)
+
+CONTAINER_CLASSES = frozenset({"Functional", "Sequential", "Model"})
+
+#: Config keys under which a wrapper keeps the layer(s) it wraps.
+WRAPPED_LAYER_KEYS = ("layer", "backward_layer")
+
+_BUILTIN_MODULE_PREFIXES = ("keras", "tf_keras", "tensorflow")
+
+
+@dataclass(frozen=True)
+class WalkedModel:
+    """The model's own name and flag, and every layer below it in model order."""
+
+    name: str
+    class_name: str
+    trainable: bool
+    layers: tuple[LayerRecord, ...]
+    lists_layers: bool  # False for a subclassed model whose config does not list its layers
+
+
+def is_builtin(layer: dict[str, Any]) -> bool:
+    """Whether a serialized layer is a Keras built-in rather than a custom class.
+
+    Keras 3 records ``module`` (``keras.layers``, ``keras.src.models.functional``...) and a
+    ``registered_name`` of null for built-ins; custom classes carry their own module or a
+    ``Package>Name`` registered name. Old tf_keras configs record neither and are taken as
+    built-in.
+    """
+    module = layer.get("module")
+    registered = layer.get("registered_name")
+    if isinstance(registered, str) and registered and registered != layer.get("class_name"):
+        return False
+    if module is None:
+        return True
+    return isinstance(module, str) and module.split(".")[0] in _BUILTIN_MODULE_PREFIXES
+
+
+def classify(layer: dict[str, Any]) -> LayerKind:
+    class_name = layer.get("class_name")
+    config = layer.get("config") if isinstance(layer.get("config"), dict) else {}
+    if class_name == "InputLayer":
+        return LayerKind.INPUT
+    if isinstance(config.get("layers"), list):
+        return LayerKind.CONTAINER
+    if any(isinstance(config.get(k), dict) for k in WRAPPED_LAYER_KEYS):
+        return LayerKind.WRAPPER
+    if not is_builtin(layer):
+        return LayerKind.UNKNOWN
+    if class_name in BATCHNORM_CLASSES:
+        return LayerKind.BATCHNORM
+    if class_name in OTHER_NORMALIZATION_CLASSES:
+        return LayerKind.NORMALIZATION
+    if class_name in CONTAINER_CLASSES:
+        # A Functional/Sequential whose config lists no layers: nothing to descend into.
+        return LayerKind.CONTAINER
+    return LayerKind.LAYER
+
+
+def call_kwargs(layer: dict[str, Any]) -> tuple[dict[str, Any], ...]:
+    """Keyword arguments recorded at each call site, from ``inbound_nodes``.
+
+    Keras 3 records ``[{"args": [...], "kwargs": {...}}, ...]``; tf_keras records
+    ``[[[name, node, tensor, kwargs], ...], ...]``. Layers inside a Sequential record none.
+    """
+    nodes = layer.get("inbound_nodes")
+    found: list[dict[str, Any]] = []
+    if not isinstance(nodes, list):
+        return ()
+    for node in nodes:
+        if isinstance(node, dict):
+            kwargs = node.get("kwargs")
+            if isinstance(kwargs, dict):
+                found.append(kwargs)
+        elif isinstance(node, list):
+            for entry in node:
+                if isinstance(entry, list) and len(entry) >= 4 and isinstance(entry[3], dict):
+                    found.append(entry[3])
+    return tuple(found)
+
+
+def walk(config: dict[str, Any], source: str = "the model") -> WalkedModel:
+    """Walk a top-level model config (``{"class_name", "config": {...}}``)."""
+    if not isinstance(config, dict) or not isinstance(config.get("config"), dict):
+        raise ModelFormatError(f"{source}: the model config is not an object.")
+    root = config["config"]
+    trainable = _flag(root, source, str(config.get("class_name")))
+    layers = root.get("layers")
+    records: list[LayerRecord] = []
+    if layers is not None:
+        _walk_list(layers, ("config", "layers"), "", None, 0, records, source)
+    name = root.get("name")
+    return WalkedModel(
+        name=name if isinstance(name, str) else "",
+        class_name=str(config.get("class_name")),
+        trainable=True if trainable is None else trainable,
+        layers=tuple(records),
+        lists_layers=isinstance(layers, list),
+    )
+
+
+def _flag(config: dict[str, Any], source: str, where: str) -> bool | None:
+    value = config.get("trainable")
+    if value is None or isinstance(value, bool):
+        return value
+    raise ModelFormatError(
+        f"{source}: layer {where!r} has trainable={value!r}; it must be true or false."
+    )
+
+
+def _walk_list(
+    layers: Any,
+    config_path: tuple[str | int, ...],
+    prefix: str,
+    parent: str | None,
+    depth: int,
+    out: list[LayerRecord],
+    source: str,
+) -> None:
+    if not isinstance(layers, list):
+        raise ModelFormatError(f"{source}: 'layers' of {parent or 'the model'} is not a list.")
+    for index, layer in enumerate(layers):
+        _walk_layer(layer, (*config_path, index), prefix, parent, depth, out, source)
+
+
+def _walk_layer(
+    layer: Any,
+    config_path: tuple[str | int, ...],
+    prefix: str,
+    parent: str | None,
+    depth: int,
+    out: list[LayerRecord],
+    source: str,
+) -> None:
+    where = parent or "the model"
+    if depth > MAX_NESTING_DEPTH:
+        raise ModelFormatError(
+            f"{source}: models nested more than {MAX_NESTING_DEPTH} deep; refusing to walk it."
+        )
+    if len(out) >= MAX_LAYERS:
+        raise ModelFormatError(f"{source}: more than {MAX_LAYERS} layers; refusing to walk it.")
+    if not isinstance(layer, dict):
+        raise ModelFormatError(f"{source}: a layer of {where} is not an object.")
+    class_name = layer.get("class_name")
+    if not isinstance(class_name, str):
+        raise ModelFormatError(f"{source}: a layer of {where} has no class_name.")
+    config = layer.get("config")
+    if not isinstance(config, dict):
+        raise ModelFormatError(f"{source}: layer of class {class_name} in {where} has no config.")
+    name = config.get("name", layer.get("name"))
+    if not isinstance(name, str) or not name:
+        raise ModelFormatError(f"{source}: a {class_name} layer in {where} has no name.")
+    path = prefix + name
+    kind = classify(layer)
+    trainable = _flag(config, source, path)
+    if trainable is None and kind is not LayerKind.INPUT:
+        trainable = True  # Keras's default when the key is absent
+    module = layer.get("module")
+    out.append(
+        LayerRecord(
+            path=path,
+            name=name,
+            class_name=class_name,
+            kind=kind,
+            depth=depth,
+            parent=parent,
+            trainable=trainable,
+            call_kwargs=call_kwargs(layer),
+            config_path=config_path,
+            synchronized=config.get("synchronized") is True,
+            module=module if isinstance(module, str) else None,
+            custom=not is_builtin(layer),
+        )
+    )
+    if kind is LayerKind.CONTAINER and isinstance(config.get("layers"), list):
+        _walk_list(config["layers"], (*config_path, "config", "layers"), path + "/", path, depth + 1, out, source)
+    elif kind is LayerKind.WRAPPER:
+        for key in WRAPPED_LAYER_KEYS:
+            inner = config.get(key)
+            if isinstance(inner, dict):
+                _walk_layer(inner, (*config_path, "config", key), path + "/", path, depth + 1, out, source)
+
+
+def ancestors(layers: tuple[LayerRecord, ...], record: LayerRecord) -> Iterator[LayerRecord]:
+    """The containers above ``record``, nearest first."""
+    by_path = {r.path: r for r in layers}
+    parent = record.parent
+    while parent is not None:
+        node = by_path[parent]
+        yield node
+        parent = node.parent
+
+
+def descendants(layers: tuple[LayerRecord, ...], record: LayerRecord) -> Iterator[LayerRecord]:
+    """Every layer below ``record``, in model order."""
+    prefix = record.path + "/"
+    return (r for r in layers if r.path.startswith(prefix))
