@@ -45,6 +45,11 @@ class PlanError(BnfreezeError):
     """A TOML freeze plan is malformed."""
 
 
+class ExpectationError(BnfreezeError):
+    """An expectation (``--expect NAME[=ARG]`` or a plan's ``[[expect]]``) is malformed or
+    matches nothing it could be checked on."""
+
+
 class UnsafeModelError(BnfreezeError):
     """Loading the model would execute code from the file (a Lambda layer, say)."""
 
