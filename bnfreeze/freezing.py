@@ -1,0 +1,580 @@
+"""Freeze and unfreeze saved models: select layers, set their ``trainable`` flags, write the
+result atomically, and say what changed and what the user must do next.
+
+This is the library behind ``bnfreeze freeze`` / ``bnfreeze unfreeze`` (the CLI only adapts)
+and behind the Python API for paths. The public entry points:
+
+* :func:`edit_file` — one :class:`~bnfreeze.edit.Assignment` applied to a selection;
+* :func:`freeze_file` / :func:`unfreeze_file` — the two recipes, by name;
+
+each returns an :class:`EditResult`: the changes (before → after per layer), the inspect
+:class:`~bnfreeze.records.Report` of the result, the warnings, what happened to the saved
+optimizer state, and the output path and size.
+
+Two routes (:class:`Engine`):
+
+* **config** (the default, no TensorFlow): edit ``trainable`` in the saved config and let the
+  format's writer (:mod:`bnfreeze.writers`) rewrite the file, every other byte kept.
+* **keras**: load with Keras, set flags on the live layers, save. It handles what a config
+  cannot show: subclassed models whose config does not list their layers, custom BN subclasses
+  (only ``isinstance`` can tell) and formats no writer rewrites. It lives in the module named
+  by :data:`bnfreeze.writers.KERAS_ENGINE_MODULE`, whose ``edit(request: EditRequest) ->
+  EditResult`` receives the same request; :func:`check_output`, :func:`optimizer_decision`,
+  :func:`edit_warnings` and :func:`bnfreeze.writers.atomic.write_atomically` are there for it
+  to reuse. ``Engine.AUTO`` picks keras only when :func:`config_route_limit` names a reason.
+
+Semantics (SEMANTICS §4–§5). Containers are never edited alone: every selected leaf is
+edited, because a container's flag does not propagate when Keras loads a saved model. After
+any change, Keras must compile the model again with a **new** optimizer; the saved optimizer
+variables are matched to trainable variables by position, so when the *set* of trainable
+variables changes they are dropped by default (Keras would drop them on load with a confusing
+warning, or silently misassign them when the count happens to match).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from bnfreeze import modes
+from bnfreeze.edit import Assignment, Change, apply_to_config, assign, changes, current_flags
+from bnfreeze.edit import with_flags as records_with_flags
+from bnfreeze.errors import BnfreezeError, OutputError
+from bnfreeze.records import (
+    Finding,
+    LayerKind,
+    LayerRecord,
+    LayerState,
+    ModelFile,
+    ModelFormat,
+    Report,
+    WarningCode,
+)
+from bnfreeze.selection import select
+
+#: Output file name endings Keras 3's ``load_model`` accepts, per format.
+OUTPUT_SUFFIXES: dict[ModelFormat, tuple[str, ...]] = {
+    ModelFormat.KERAS: (".keras",),
+    ModelFormat.H5: (".h5", ".hdf5", ".keras"),
+}
+
+
+class Engine(enum.Enum):
+    """How a saved model is edited."""
+
+    AUTO = "auto"  # config, unless config_route_limit() names a reason to load with Keras
+    CONFIG = "config"  # rewrite the saved config; no TensorFlow
+    KERAS = "keras"  # load with Keras, set flags on the live layers, save
+
+
+class OptimizerState(enum.Enum):
+    """What happened to the saved optimizer variables."""
+
+    NONE = "none"  # the input holds none
+    UNCHANGED = "unchanged"  # the set of trainable variables did not change: kept as they were
+    KEPT = "kept"  # it changed, and they were kept on request (keep_optimizer_state=True)
+    DROPPED = "dropped"  # it changed, so they were dropped (the default)
+
+
+@dataclass(frozen=True)
+class LayerSelection:
+    """Which layers an edit applies to: the intersection of the given selectors; all leaves
+    when none is given (see :func:`bnfreeze.selection.select`)."""
+
+    layers: tuple[str, ...] = ()  # globs on layer paths or names (--layers)
+    up_to: str | None = None  # a layer path or name, inclusive (--up-to)
+    from_layer: str | None = None  # a layer path or name, inclusive (--from)
+
+    def apply(self, records: Sequence[LayerRecord]) -> tuple[LayerRecord, ...]:
+        return select(
+            records, globs=self.layers, up_to_layer=self.up_to, from_layer_spec=self.from_layer
+        )
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """Everything one freeze or unfreeze of a file needs, as the user gave it.
+
+    ``output`` is where to write (the input itself with ``in_place``), or None for a dry run
+    without ``-o``. ``custom_objects`` and ``unsafe`` only matter to the Keras engine.
+    """
+
+    model: str
+    output: str | None
+    assignment: Assignment
+    selection: LayerSelection = LayerSelection()
+    dry_run: bool = False
+    in_place: bool = False
+    keep_optimizer_state: bool = False
+    engine: Engine = Engine.AUTO
+    custom_objects: str | None = None
+    unsafe: bool = False
+
+
+@dataclass(frozen=True)
+class EditResult:
+    """What an edit did (or, with ``dry_run``, would do).
+
+    ``report`` inspects the result: the written file, or on a dry run the planned edit of the
+    input. ``warnings`` are the edit's own findings (call compile() again, optimizer state);
+    the result's inspect findings are in ``report.warnings``.
+    """
+
+    source: str
+    output: str | None  # the file written; None when nothing was written
+    dry_run: bool
+    engine: Engine  # the route taken: CONFIG or KERAS
+    selected: tuple[str, ...] = field(repr=False)  # the leaves selected, in model order
+    changes: tuple[Change, ...] = field(repr=False)
+    report: Report = field(repr=False)
+    warnings: tuple[Finding, ...]
+    optimizer_state: OptimizerState
+    optimizer_variables: int | None  # saved optimizer variables in the input
+    optimizer_variables_dropped: int
+    input_bytes: int
+    output_bytes: int | None
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.changes)
+
+    @property
+    def all_warnings(self) -> tuple[Finding, ...]:
+        """The edit's warnings, then the result's, without saying one thing twice."""
+        own = {f.code for f in self.warnings}
+        return self.warnings + tuple(
+            f for f in self.report.warnings if not (f.code in own and f.path is None)
+        )
+
+
+# -- public entry points --------------------------------------------------------------------
+
+
+def freeze_file(
+    path: str | os.PathLike[str],
+    output: str | os.PathLike[str] | None = None,
+    *,
+    bn_inference: bool = False,
+    train_bn: bool = False,
+    layers: Sequence[str] = (),
+    up_to: str | None = None,
+    dry_run: bool = False,
+    in_place: bool = False,
+    keep_optimizer_state: bool = False,
+    engine: Engine | str = Engine.AUTO,
+    custom_objects: str | None = None,
+    unsafe: bool = False,
+) -> EditResult:
+    """Freeze the selected layers of a saved model.
+
+    With no option every selected layer gets ``trainable=False``, BN included.
+    ``bn_inference=True`` sets only BN layers to False, which on Keras 3 is what puts them in
+    inference mode in ``fit()``; nothing else changes. ``train_bn=True`` freezes everything
+    selected except the BN layers, which stay trainable (the fastai "train_bn" recipe).
+    """
+    if bn_inference and train_bn:
+        raise BnfreezeError("bn_inference and train_bn contradict each other; pick one.")
+    return edit_file(
+        path,
+        output,
+        Assignment.freeze(bn_inference_only=bn_inference, train_bn=train_bn),
+        layers=layers,
+        up_to=up_to,
+        dry_run=dry_run,
+        in_place=in_place,
+        keep_optimizer_state=keep_optimizer_state,
+        engine=engine,
+        custom_objects=custom_objects,
+        unsafe=unsafe,
+    )
+
+
+def unfreeze_file(
+    path: str | os.PathLike[str],
+    output: str | os.PathLike[str] | None = None,
+    *,
+    keep_bn_inference: bool = False,
+    layers: Sequence[str] = (),
+    from_layer: str | None = None,
+    dry_run: bool = False,
+    in_place: bool = False,
+    keep_optimizer_state: bool = False,
+    engine: Engine | str = Engine.AUTO,
+    custom_objects: str | None = None,
+    unsafe: bool = False,
+) -> EditResult:
+    """Unfreeze the selected layers of a saved model: ``trainable=True``.
+
+    ``keep_bn_inference=True`` keeps every selected BN layer at ``trainable=False``: the
+    fine-tuning step of the Keras transfer-learning guide, done right on Keras 3 (its
+    call-site ``training=False`` is overridden in ``fit()``, SEMANTICS §2).
+    """
+    return edit_file(
+        path,
+        output,
+        Assignment.unfreeze(keep_bn_inference=keep_bn_inference),
+        layers=layers,
+        from_layer=from_layer,
+        dry_run=dry_run,
+        in_place=in_place,
+        keep_optimizer_state=keep_optimizer_state,
+        engine=engine,
+        custom_objects=custom_objects,
+        unsafe=unsafe,
+    )
+
+
+def edit_file(
+    path: str | os.PathLike[str],
+    output: str | os.PathLike[str] | None,
+    assignment: Assignment,
+    *,
+    layers: Sequence[str] = (),
+    up_to: str | None = None,
+    from_layer: str | None = None,
+    dry_run: bool = False,
+    in_place: bool = False,
+    keep_optimizer_state: bool = False,
+    engine: Engine | str = Engine.AUTO,
+    custom_objects: str | None = None,
+    unsafe: bool = False,
+) -> EditResult:
+    """Apply ``assignment`` to the selected layers of the model at ``path``.
+
+    Writes ``output`` atomically (a temporary file in its folder, verified by re-reading,
+    then renamed), or the input itself with ``in_place=True``; with ``dry_run=True`` writes
+    nothing. Raises :class:`~bnfreeze.errors.BnfreezeError` subclasses, written for users,
+    on bad input: an unreadable model, a selection that matches nothing, an output that
+    cannot be written or that is the input without ``in_place``.
+    """
+    request = EditRequest(
+        model=os.fspath(path),
+        output=os.fspath(output) if output is not None else None,
+        assignment=assignment,
+        selection=LayerSelection(tuple(layers), up_to, from_layer),
+        dry_run=dry_run,
+        in_place=in_place,
+        keep_optimizer_state=keep_optimizer_state,
+        engine=Engine(engine),
+        custom_objects=custom_objects,
+        unsafe=unsafe,
+    )
+    return run(request)
+
+
+def run(request: EditRequest) -> EditResult:
+    """Carry out an :class:`EditRequest` (see :func:`edit_file`)."""
+    from bnfreeze.readers import read_model
+    from bnfreeze.walk import walk
+
+    request = check_output(request)
+    if request.engine is Engine.KERAS:
+        return _keras_engine(request, "requested with --engine keras")
+    model = read_model(request.model)
+    _check_output_suffix(request, model)
+    walked = walk(model.config, model.path)
+    reason = config_route_limit(model, walked.layers, walked.lists_layers)
+    selected: tuple[LayerRecord, ...] = ()
+    if reason is None:
+        selected = request.selection.apply(walked.layers)
+        reason = custom_batchnorm_limit(request.assignment, selected)
+    if reason is not None:
+        if request.engine is Engine.CONFIG:
+            raise BnfreezeError(
+                f"{model.path}: the config route cannot edit this model: {reason}.",
+                hint="Use --engine keras (or auto) to load it with Keras.",
+            )
+        return _keras_engine(request, reason)
+    return _config_route(request, model, walked.layers, selected)
+
+
+# -- checks shared by both routes -------------------------------------------------------------
+
+
+def check_output(request: EditRequest) -> EditRequest:
+    """Validate where the result goes, before any work; return the request with ``output``
+    resolved (the input path for ``in_place``).
+
+    Refuses: no output without ``dry_run``/``in_place``; ``in_place`` with a different
+    output; an output that is the input without ``in_place``; an output in a folder that is
+    missing or not writable, or that is a directory.
+    """
+    from bnfreeze.writers.atomic import check_destination
+
+    source = Path(request.model)
+    output = request.output
+    if request.in_place:
+        if output is not None and not _same_file(source, Path(output)):
+            raise OutputError(
+                f"--in-place rewrites {source} itself, but -o names {output}.",
+                hint="Give either -o OUT or --in-place.",
+            )
+        output = request.model
+    elif output is None:
+        if not request.dry_run:
+            raise OutputError(
+                "no output file.", hint="Give -o OUT, or --in-place to rewrite the input itself."
+            )
+    elif _same_file(source, Path(output)):
+        raise OutputError(
+            f"-o {output} is the input file; refusing to overwrite it.",
+            hint="Pass --in-place to rewrite the input itself, or pick another -o.",
+        )
+    if output is not None:
+        check_destination(Path(output))
+    return replace(request, output=output)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _check_output_suffix(request: EditRequest, model: ModelFile) -> None:
+    if request.output is None or request.in_place:
+        return
+    allowed = OUTPUT_SUFFIXES.get(model.format)
+    if allowed is None or request.output.lower().endswith(allowed):
+        return
+    if model.format is ModelFormat.H5 and request.output.lower().endswith(".keras"):
+        return
+    raise OutputError(
+        f"-o {request.output}: a {model.format.json_name} model must be saved under a name "
+        f"ending in {' or '.join(allowed)}; Keras 3 load_model chooses the format by it.",
+    )
+
+
+def config_route_limit(
+    model: ModelFile, layers: Sequence[LayerRecord], lists_layers: bool
+) -> str | None:
+    """Why the config route cannot edit ``model`` (None when it can), before selection."""
+    from bnfreeze.writers import writer_for
+
+    if writer_for(model.format) is None:
+        return f"bnfreeze does not rewrite {model.format.json_name} files without Keras"
+    if not lists_layers and str(model.config.get("class_name")) not in ("Functional", "Sequential"):
+        return "it is a subclassed model whose config does not list its layers"
+    return None
+
+
+def custom_batchnorm_limit(
+    assignment: Assignment, selected: Sequence[LayerRecord]
+) -> str | None:
+    """Why the config route cannot apply ``assignment`` to ``selected`` (None when it can).
+
+    When BN layers and other layers get different flags (``--bn-inference``, ``--train-bn``,
+    ``--keep-bn-inference``), a selected custom class might subclass BatchNormalization, which
+    only a loaded model can tell (``isinstance``, SEMANTICS §6).
+    """
+    if assignment.batchnorm == assignment.others:
+        return None
+    custom = [r for r in selected if r.kind is LayerKind.UNKNOWN]
+    if not custom:
+        return None
+    names = ", ".join(sorted({r.class_name for r in custom})[:3])
+    return (
+        f"the selection holds custom layer classes ({names}) that may subclass "
+        "BatchNormalization, which only a loaded model can tell"
+    )
+
+
+def _keras_engine(request: EditRequest, reason: str) -> EditResult:
+    from bnfreeze.writers import KERAS_ENGINE_MODULE, keras_engine
+
+    engine = keras_engine()
+    if engine is None:
+        raise BnfreezeError(
+            f"{request.model}: this edit needs the Keras engine ({reason}), which this build of "
+            f"bnfreeze does not include ({KERAS_ENGINE_MODULE} is missing).",
+            hint="Edit the model in Python and save it, or use the config route on a .keras file.",
+        )
+    return engine.edit(replace(request, engine=Engine.KERAS))
+
+
+# -- optimizer state and warnings -----------------------------------------------------------
+
+
+def trainable_layers(states: Sequence[LayerState]) -> frozenset[str]:
+    """The layers whose variables ``fit()`` trains: the set the saved optimizer slots follow."""
+    return frozenset(
+        s.layer.path for s in states if s.in_fit.trains_weights and s.has_weights is not False
+    )
+
+
+def optimizer_decision(
+    optimizer_variables: int | None, trainable_set_changed: bool, keep_optimizer_state: bool
+) -> OptimizerState:
+    """What to do with the saved optimizer variables: drop them only when they exist and the
+    set of trainable variables changed, unless asked to keep them."""
+    if not optimizer_variables:
+        return OptimizerState.NONE
+    if not trainable_set_changed:
+        return OptimizerState.UNCHANGED
+    return OptimizerState.KEPT if keep_optimizer_state else OptimizerState.DROPPED
+
+
+def edit_warnings(
+    changes_made: Sequence[Change],
+    optimizer: OptimizerState,
+    optimizer_variables: int | None,
+    *,
+    output: str | None,
+    dry_run: bool,
+) -> tuple[Finding, ...]:
+    """What the user must know after an edit: compile() again, and the optimizer state."""
+    if not changes_made:
+        return ()
+    target = output or "the model"
+    would = "would be" if dry_run else "were"
+    findings = [
+        Finding(
+            WarningCode.RECOMPILE_REQUIRED,
+            None,
+            f"{len(changes_made)} trainable flag(s) changed. Load {target} with "
+            "keras.models.load_model and call compile() again with a NEW optimizer before "
+            "fit(): a model already compiled or trained in memory ignores flag changes until "
+            "it is recompiled, and reusing its built optimizer fails with 'Unknown variable' "
+            "(SEMANTICS §4).",
+        )
+    ]
+    if optimizer is OptimizerState.DROPPED:
+        findings.append(
+            Finding(
+                WarningCode.OPTIMIZER_STATE,
+                None,
+                f"The {optimizer_variables} saved optimizer variables {would} dropped: they are "
+                "matched to trainable variables by position, and the set of trainable "
+                "variables changed. Keras will compile the loaded model from its saved compile "
+                "config with a fresh optimizer; its message 'Skipping variable loading for "
+                "optimizer ... the saved optimizer has 0 variables' is expected. Pass "
+                "--keep-optimizer-state to keep them.",
+            )
+        )
+    elif optimizer is OptimizerState.KEPT:
+        findings.append(
+            Finding(
+                WarningCode.OPTIMIZER_STATE,
+                None,
+                f"The {optimizer_variables} saved optimizer variables {would} kept "
+                "(--keep-optimizer-state) although the set of trainable variables changed: "
+                "they are matched by position, so Keras will drop them on load with a warning "
+                "or, when the count happens to match, silently assign them to the wrong "
+                "variables. Compile with a new optimizer before fit().",
+            )
+        )
+    return tuple(findings)
+
+
+# -- the config route -----------------------------------------------------------------------
+
+
+def _states(
+    model: ModelFile, layers: tuple[LayerRecord, ...], model_trainable: bool
+) -> tuple[LayerState, ...]:
+    index = model.weights.variables if model.weights is not None else None
+    has_weights = {
+        r.path: bool(index[r.path]) if index is not None and r.path in index
+        else modes.has_weights_by_class(r)
+        for r in layers
+    }
+    return modes.resolve(layers, model_trainable=model_trainable, has_weights=has_weights)
+
+
+def _model_trainable(config: dict[str, object]) -> bool:
+    inner = config.get("config")
+    return not (isinstance(inner, dict) and inner.get("trainable") is False)
+
+
+def _config_route(
+    request: EditRequest,
+    model: ModelFile,
+    layers: tuple[LayerRecord, ...],
+    selected: tuple[LayerRecord, ...],
+) -> EditResult:
+    from bnfreeze.inspection import inspect_model_file
+    from bnfreeze.writers import WriteOutcome, WriteRequest, writer_for
+    from bnfreeze.writers.atomic import write_atomically
+
+    writer = writer_for(model.format)
+    assert writer is not None  # config_route_limit() checked
+    before = current_flags(layers)
+    after = assign(layers, before, selected, request.assignment)
+    changed = changes(layers, before, after)
+    new_config = apply_to_config(model.config, layers, after) if changed else model.config
+
+    model_trainable = _model_trainable(model.config)
+    set_changed = trainable_layers(_states(model, layers, model_trainable)) != trainable_layers(
+        _states(model, records_with_flags(layers, after), model_trainable)
+    )
+    optimizer = optimizer_decision(
+        model.optimizer_variables, set_changed, request.keep_optimizer_state
+    )
+    write = WriteRequest(
+        model=model,
+        config=new_config,
+        layers=layers,
+        flags=after,
+        drop_optimizer_state=optimizer is OptimizerState.DROPPED,
+    )
+    input_bytes = _size(model.path)
+    output = request.output
+    output_bytes: int | None = None
+    outcome = WriteOutcome(
+        optimizer_variables_dropped=(model.optimizer_variables or 0)
+        if optimizer is OptimizerState.DROPPED
+        else 0
+    )
+    skip = request.dry_run or output is None or (request.in_place and not changed)
+    if not skip:
+        assert output is not None
+        done: list[WriteOutcome] = []
+        output_bytes = write_atomically(
+            output,
+            produce=lambda tmp: done.append(writer.write(write, tmp)),
+            verify=lambda tmp: writer.verify(write, tmp),
+        )
+        outcome = done[0]
+    # The result's weights are the input's (verified: byte-identical, or dataset by dataset
+    # when the optimizer state was dropped), so its report reads BN values from the input,
+    # which is still in place unless it was rewritten in place.
+    kept = None if outcome.optimizer_variables_dropped else model.optimizer_variables
+    result_model = replace(model, config=new_config, optimizer_variables=kept)
+    if not skip and request.in_place and getattr(model.weights, "locations", None):
+        # Dataset offsets were those of the old file; let the reader find them again.
+        result_model = replace(result_model, weights=replace(model.weights, locations={}))
+    report = inspect_model_file(result_model)
+    if not skip and output is not None:
+        report = replace(report, model=replace(report.model, path=output))
+    return EditResult(
+        source=model.path,
+        output=None if skip else output,
+        dry_run=request.dry_run,
+        engine=Engine.CONFIG,
+        selected=tuple(r.path for r in selected),
+        changes=changed,
+        report=report,
+        warnings=edit_warnings(
+            changed,
+            optimizer,
+            model.optimizer_variables,
+            output=output,
+            dry_run=request.dry_run,
+        ),
+        optimizer_state=optimizer,
+        optimizer_variables=model.optimizer_variables,
+        optimizer_variables_dropped=outcome.optimizer_variables_dropped,
+        input_bytes=input_bytes,
+        output_bytes=output_bytes,
+    )
+
+
+def _size(path: str) -> int:
+    p = Path(path)
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return p.stat().st_size

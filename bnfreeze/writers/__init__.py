@@ -1,0 +1,144 @@
+"""Writers: put an edited model config back into a file of the same format, losing nothing.
+
+One interface, one module per format (like the readers):
+
+* :class:`WriteRequest` says what to write: the input as read, the complete new config, every
+  layer's flag after the edit, and whether to drop the saved optimizer state.
+* A :class:`Writer` (``bnfreeze.writers.<module>.WRITER``) writes it to a temporary path and
+  verifies what it wrote. It never touches the input and never renames anything: the
+  orchestration (:mod:`bnfreeze.freezing`) wraps it in
+  :func:`bnfreeze.writers.atomic.write_atomically`.
+* :func:`writer_for` dispatches by :class:`~bnfreeze.records.ModelFormat`. A format with no
+  writer module returns ``None``; the orchestration then uses the Keras engine route or says
+  the format cannot be rewritten.
+
+Hooks for other modules (add the module, nothing else needs to change):
+
+* ``bnfreeze/writers/legacy_h5.py`` must define ``WRITER``, a :class:`Writer` for
+  :attr:`ModelFormat.H5`. It must honour ``drop_optimizer_state`` (the ``optimizer_weights``
+  group and the matching ``training_config``) and keep each group's ``weight_names`` order
+  consistent with the new flags (SEMANTICS §5).
+* ``bnfreeze/writers/keras_engine.py`` is the Keras engine route (issue 3 item 4). It must
+  define ``edit(request: bnfreeze.freezing.EditRequest) -> bnfreeze.freezing.EditResult``.
+  :func:`keras_engine` returns that module, or ``None`` while it does not exist. See
+  :mod:`bnfreeze.freezing` for when it is chosen and for the helpers it can reuse.
+"""
+
+from __future__ import annotations
+
+import importlib
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from bnfreeze.errors import OutputError
+from bnfreeze.records import LayerRecord, ModelFile, ModelFormat
+
+#: The module that holds each format's ``WRITER``. Imported lazily, on first use.
+WRITER_MODULES: dict[ModelFormat, str] = {
+    ModelFormat.KERAS: "bnfreeze.writers.keras_zip",
+    ModelFormat.H5: "bnfreeze.writers.legacy_h5",
+}
+
+#: The Keras engine route: a module with ``edit(request) -> EditResult``.
+KERAS_ENGINE_MODULE = "bnfreeze.writers.keras_engine"
+
+
+@dataclass(frozen=True)
+class WriteRequest:
+    """What to write.
+
+    ``model`` is the input as the reader returned it (its ``config`` is the *old* config and
+    its ``path`` the input file). ``config`` is the complete new top-level config. ``layers``
+    are the input's walked records (``config_path`` locates each layer dict in either
+    config), and ``flags`` maps every layer path to its ``trainable`` after the edit.
+    ``drop_optimizer_state`` asks the writer to leave out the saved optimizer variables, and
+    nothing else.
+    """
+
+    model: ModelFile
+    config: dict[str, Any] = field(repr=False)
+    layers: tuple[LayerRecord, ...] = field(repr=False)
+    flags: dict[str, bool | None] = field(repr=False)
+    drop_optimizer_state: bool = False
+
+
+@dataclass(frozen=True)
+class WriteOutcome:
+    """What a writer did besides the config: how many saved optimizer variables it dropped
+    (0 when it kept them or there were none)."""
+
+    optimizer_variables_dropped: int = 0
+
+
+class Writer(Protocol):
+    """A writer for one format."""
+
+    format: ModelFormat
+
+    def write(self, request: WriteRequest, dest: Path) -> WriteOutcome:
+        """Write the complete edited model at ``dest``, an empty temporary file in the output
+        folder (truncate or replace it). Stream: memory must not grow with the file size."""
+        ...
+
+    def verify(self, request: WriteRequest, written: Path) -> None:
+        """Re-read ``written`` and raise :class:`~bnfreeze.errors.OutputError` unless it holds
+        exactly what ``request`` asked for. :func:`verify_flags` does the format-independent
+        part."""
+        ...
+
+
+def writer_for(fmt: ModelFormat) -> Writer | None:
+    """The writer for ``fmt``, or None when no module writes that format (yet)."""
+    module = _optional_module(WRITER_MODULES.get(fmt))
+    return getattr(module, "WRITER", None) if module is not None else None
+
+
+def keras_engine() -> types.ModuleType | None:
+    """The Keras engine route module, or None when it is not installed in this build."""
+    return _optional_module(KERAS_ENGINE_MODULE)
+
+
+def _optional_module(name: str | None) -> types.ModuleType | None:
+    if name is None:
+        return None
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name == name:  # the module itself is missing, not one of its imports
+            return None
+        raise
+
+
+def verify_flags(request: WriteRequest, written: Path) -> None:
+    """Re-read ``written`` with bnfreeze's own reader and check that every layer is there,
+    in the same order, with exactly the flag the edit asked for."""
+    from bnfreeze.readers import read_model
+    from bnfreeze.walk import walk
+
+    try:
+        reread = read_model(written, weights=False)
+        layers = walk(reread.config, str(written)).layers
+    except Exception as exc:
+        raise OutputError(
+            f"the file written for {request.model.path} does not read back ({exc}); nothing was "
+            "replaced. Please report this as a bug."
+        ) from None
+    expected = [(r.path, request.flags.get(r.path, r.trainable)) for r in request.layers]
+    found = [(r.path, r.trainable) for r in layers]
+    if found != expected:
+        pairs = zip(expected, found, strict=False)
+        first = next(
+            (f"{e[0]}: wanted {e[1]}, read {f[0]}={f[1]}" for e, f in pairs if e != f),
+            f"{len(expected)} layers wanted, {len(found)} read",
+        )
+        raise OutputError(
+            f"the file written for {request.model.path} does not read back with the intended "
+            f"flags ({first}); nothing was replaced. Please report this as a bug."
+        )
+    if reread.compiled != request.model.compiled:
+        raise OutputError(
+            f"the file written for {request.model.path} lost or gained its compile config; "
+            "nothing was replaced. Please report this as a bug."
+        )

@@ -1,0 +1,144 @@
+"""Atomic writes: a temporary file in the destination folder, verified, fsynced, then
+``os.replace``-d into place.
+
+An interrupted or failed run (an exception, a failed verification, Ctrl-C) removes its
+temporary file and leaves the input and any previous output untouched: ``os.replace`` within
+one folder is atomic on POSIX and Windows, so readers see either the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from bnfreeze.errors import OutputError
+
+#: Temporary files are named ``.<output name>.<random>.bnfreeze-tmp`` next to the output.
+TEMP_SUFFIX = ".bnfreeze-tmp"
+
+
+def check_destination(dest: Path) -> Path:
+    """Raise :class:`OutputError` unless a file can be created at ``dest``.
+
+    Returns the destination folder. Checks what can be checked before any work is done; the
+    write itself still handles every ``OSError`` (root ignores permission bits, say).
+    """
+    folder = dest.parent if str(dest.parent) else Path(".")
+    if dest.is_dir():
+        raise OutputError(f"{dest}: is a directory.", hint="Give a file name for the output.")
+    if not folder.exists():
+        raise OutputError(
+            f"{dest}: the folder {folder} does not exist.",
+            hint="Create it first, or pick another -o.",
+        )
+    if not folder.is_dir():
+        raise OutputError(f"{dest}: {folder} is not a folder.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(
+            f"{dest}: the folder {folder} is not writable (permission denied).",
+            hint="Pick another -o.",
+        )
+    return folder
+
+
+def _describe(exc: OSError) -> str:
+    if exc.errno == errno.ENOSPC:
+        return "no space left on the device"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    if exc.errno == errno.EROFS:
+        return "read-only file system"
+    return exc.strerror or str(exc)
+
+
+def _fsync_folder(folder: Path) -> None:
+    # Makes the rename itself durable. Not possible on every platform (Windows): best effort.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _final_mode(dest: Path) -> int:
+    """Keep an existing output's permission bits; else what a plain ``open()`` would give."""
+    try:
+        return os.stat(dest).st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def write_atomically(
+    dest: str | os.PathLike[str],
+    produce: Callable[[Path], None],
+    verify: Callable[[Path], None] | None = None,
+) -> int:
+    """Create ``dest`` atomically; return its size in bytes.
+
+    ``produce(tmp)`` writes the complete file at ``tmp``, a fresh empty file in ``dest``'s
+    folder that it may truncate or reopen. ``verify(tmp)`` re-reads it and raises if it is not
+    what was meant (an :class:`OutputError`, say). Only then is ``tmp`` fsynced and renamed
+    over ``dest``. On any failure, including ``KeyboardInterrupt``, ``tmp`` is removed and the
+    exception propagates; an ``OSError`` becomes an :class:`OutputError` written for users.
+    """
+    dest = Path(dest)
+    folder = check_destination(dest)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=TEMP_SUFFIX, dir=folder)
+    except OSError as exc:
+        raise OutputError(f"{dest}: cannot create a file in {folder} ({_describe(exc)}).") from None
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        produce(tmp)
+        if verify is not None:
+            verify(tmp)
+        _fsync_path(tmp)
+        os.chmod(tmp, _final_mode(dest))
+        size = tmp.stat().st_size
+        os.replace(tmp, dest)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, OSError):
+            raise OutputError(f"{dest}: cannot be written ({_describe(exc)}).") from None
+        raise
+    _fsync_folder(folder)
+    return size
+
+
+@contextlib.contextmanager
+def scratch_file(folder: Path, stem: str):  # type: ignore[no-untyped-def]
+    """A temporary file in ``folder`` that is always removed, for intermediate data (a
+    rewritten weights file on its way into a zip, say)."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{stem}.", suffix=TEMP_SUFFIX, dir=folder)
+    except OSError as exc:
+        reason = _describe(exc)
+        raise OutputError(f"cannot create a temporary file in {folder} ({reason}).") from None
+    os.close(fd)
+    path = Path(name)
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()

@@ -1,0 +1,323 @@
+"""Writer for the Keras 3 `.keras` zip archive, without TensorFlow.
+
+Only ``config.json`` is rewritten, serialized as Keras serializes it (``json.dumps`` with its
+defaults). Every other member (``metadata.json``, ``model.weights.h5``, ``assets/...``) is
+copied byte-for-byte *as stored*: its raw, possibly compressed bytes are copied from the
+input with the same CRC, sizes, compression, timestamp and attributes, in the same order.
+The copy streams (``os.copy_file_range`` where the OS has it, else 1 MiB chunks), so memory
+does not grow with the file size.
+
+When asked to drop the saved optimizer state (SEMANTICS §5: the variables under
+``optimizer/vars`` are matched to trainable variables by position), ``model.weights.h5`` is
+rewritten with h5py: every group, dataset and attribute is copied except the top-level
+``optimizer`` group, dataset by dataset. Keras 3.15 then compiles the loaded model from its
+``compile_config`` with a fresh optimizer, printing once "Skipping variable loading for
+optimizer '<name>', because it has N variables whereas the saved optimizer has 0 variables."
+(measured; an empty ``optimizer`` group gives the same message). Optimizer groups of nested
+models (``layers/<name>/optimizer``) are never loaded by Keras and are kept as they are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import struct
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from bnfreeze.errors import ModelFormatError, OutputError
+from bnfreeze.readers._keras_common import CONFIG, WEIGHTS
+from bnfreeze.records import ModelFormat
+from bnfreeze.writers import WriteOutcome, WriteRequest, verify_flags
+from bnfreeze.writers.atomic import scratch_file
+
+OPTIMIZER_GROUP = "optimizer"
+_CHUNK = 1 << 20
+_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
+_LOCAL_MAGIC = b"PK\x03\x04"
+_ZIP64_EXTRA = 0x0001
+_DATA_DESCRIPTOR = 0x08
+
+
+def serialize_config(config: dict[str, Any]) -> bytes:
+    """``config.json`` as Keras writes it: ``json.dumps(config).encode()``."""
+    return json.dumps(config).encode()
+
+
+# -- raw member access -------------------------------------------------------------------
+
+
+def data_offset(fh: IO[bytes], info: zipfile.ZipInfo) -> int:
+    """Where a member's (possibly compressed) bytes start in the archive file."""
+    fh.seek(info.header_offset)
+    header = fh.read(_LOCAL_HEADER.size)
+    if len(header) != _LOCAL_HEADER.size or header[:4] != _LOCAL_MAGIC:
+        raise ModelFormatError(f"{info.filename}: damaged local header in the archive.")
+    fields = _LOCAL_HEADER.unpack(header)
+    name_len, extra_len = fields[-2], fields[-1]
+    return info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+
+
+class Window(io.RawIOBase):
+    """A read-only, seekable view of ``size`` bytes of a file starting at ``start``: a stored
+    zip member, opened by h5py without extracting it (``ZipExtFile`` seeks by re-reading)."""
+
+    def __init__(self, fh: IO[bytes], start: int, size: int) -> None:
+        super().__init__()
+        self._fh, self._start, self._size, self._pos = fh, start, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        n = max(0, min(len(buffer), self._size - self._pos))
+        if n == 0:
+            return 0
+        self._fh.seek(self._start + self._pos)
+        got = self._fh.readinto(memoryview(buffer)[:n])
+        self._pos += got or 0
+        return got or 0
+
+
+@contextlib.contextmanager
+def open_weights(path: Path, info: zipfile.ZipInfo, scratch_folder: Path) -> Iterator[Any]:
+    """An open ``h5py.File`` on a `.keras` archive's weights member, read-only."""
+    import h5py
+
+    with open(path, "rb") as fh:
+        if info.compress_type == zipfile.ZIP_STORED:
+            window = Window(fh, data_offset(fh, info), info.file_size)
+            with h5py.File(window, "r") as h5:
+                yield h5
+            return
+    # A compressed member (not what Keras writes): inflate it to a scratch file, streaming.
+    with scratch_file(scratch_folder, "weights") as tmp:
+        with zipfile.ZipFile(path) as archive, archive.open(info) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, _CHUNK)
+        with h5py.File(tmp, "r") as h5:
+            yield h5
+
+
+def _strip_zip64(extra: bytes) -> bytes:
+    """The extra field without zip64 records, which zipfile writes itself when needed."""
+    out, i = bytearray(), 0
+    while i + 4 <= len(extra):
+        tag, size = struct.unpack("<HH", extra[i : i + 4])
+        if tag != _ZIP64_EXTRA:
+            out += extra[i : i + 4 + size]
+        i += 4 + size
+    return bytes(out)
+
+
+def clone_info(info: zipfile.ZipInfo) -> zipfile.ZipInfo:
+    """A fresh ZipInfo with the member's name, timestamp, compression and attributes."""
+    new = zipfile.ZipInfo(info.filename, info.date_time)
+    new.compress_type = info.compress_type
+    new.comment = info.comment
+    new.extra = _strip_zip64(info.extra)
+    new.create_system = info.create_system
+    new.create_version = info.create_version
+    new.extract_version = info.extract_version
+    new.external_attr = info.external_attr
+    new.internal_attr = info.internal_attr
+    new.flag_bits = info.flag_bits & ~(_DATA_DESCRIPTOR | 0x800)
+    new.file_size = info.file_size
+    return new
+
+
+def _copy_range(src: IO[bytes], start: int, count: int, dst: IO[bytes]) -> None:
+    """Copy ``count`` bytes at ``start`` of ``src`` to ``dst``'s current position."""
+    dst.flush()
+    out_pos = dst.tell()
+    copied = 0
+    if hasattr(os, "copy_file_range"):
+        try:
+            while copied < count:
+                n = os.copy_file_range(
+                    src.fileno(), dst.fileno(), count - copied, start + copied, out_pos + copied
+                )
+                if n == 0:
+                    break
+                copied += n
+        except OSError:
+            pass  # another file system, an old kernel: fall back to a plain copy
+    if copied < count:
+        src.seek(start + copied)
+        dst.seek(out_pos + copied)
+        left = count - copied
+        while left:
+            chunk = src.read(min(_CHUNK, left))
+            if not chunk:
+                raise ModelFormatError("the input archive is truncated.")
+            dst.write(chunk)
+            left -= len(chunk)
+    dst.seek(out_pos + count)
+
+
+def copy_raw(src: IO[bytes], info: zipfile.ZipInfo, zout: zipfile.ZipFile) -> None:
+    """Append ``info``'s stored bytes to ``zout`` unchanged: same CRC, sizes, compression."""
+    start = data_offset(src, info)
+    new = clone_info(info)
+    new.CRC = info.CRC
+    new.compress_size = info.compress_size
+    new.file_size = info.file_size
+    fp = zout.fp
+    assert fp is not None
+    new.header_offset = fp.tell()
+    zip64 = info.file_size > zipfile.ZIP64_LIMIT or info.compress_size > zipfile.ZIP64_LIMIT
+    fp.write(new.FileHeader(zip64))
+    _copy_range(src, start, info.compress_size, fp)
+    # What ZipFile.write() does after writing a member, minus recompressing it.
+    zout.filelist.append(new)
+    zout.NameToInfo[new.filename] = new
+    zout.start_dir = fp.tell()
+    zout._didModify = True
+
+
+def copy_file_into(zout: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> None:
+    """Stream a file on disk into ``zout`` as member ``info`` (its own compression)."""
+    size = path.stat().st_size
+    info.file_size = size
+    zip64 = size > zipfile.ZIP64_LIMIT
+    with open(path, "rb") as src, zout.open(info, "w", force_zip64=zip64) as dst:
+        shutil.copyfileobj(src, dst, _CHUNK)
+
+
+# -- weights without optimizer state -----------------------------------------------------
+
+
+def drop_optimizer(h5_in: Any, out_path: Path) -> int:
+    """Copy an open Keras 3 weights file to ``out_path`` without its top-level optimizer
+    group; return how many optimizer variables were left out."""
+    import h5py
+
+    dropped = 0
+    opt = h5_in.get(f"{OPTIMIZER_GROUP}/vars")
+    if isinstance(opt, h5py.Group):
+        dropped = len(opt)
+    with h5py.File(out_path, "w") as h5_out:
+        for key, value in h5_in.attrs.items():
+            h5_out.attrs[key] = value
+        for key in h5_in:
+            if key == OPTIMIZER_GROUP:
+                continue
+            h5_in.copy(h5_in[key], h5_out, name=key)
+    return dropped
+
+
+def compare_weights(source: Any, written: Any, where: str) -> None:
+    """Raise OutputError unless ``written`` holds every group, dataset and attribute of
+    ``source`` except the top-level optimizer group, with bit-identical values."""
+    import h5py
+    import numpy as np
+
+    def attrs_equal(a: Any, b: Any) -> bool:
+        if set(a.keys()) != set(b.keys()):
+            return False
+        return all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
+
+    def walk(g_src: Any, g_out: Any, name: str) -> None:
+        src_keys = [k for k in g_src if not (name == "/" and k == OPTIMIZER_GROUP)]
+        if sorted(src_keys) != sorted(g_out.keys()) or not attrs_equal(g_src.attrs, g_out.attrs):
+            raise OutputError(f"{where}: weights group {name} differs from the input.")
+        for key in src_keys:
+            a, b = g_src[key], g_out[key]
+            if isinstance(a, h5py.Group):
+                walk(a, b, a.name)
+                continue
+            same = (
+                isinstance(b, h5py.Dataset)
+                and a.shape == b.shape
+                and a.dtype == b.dtype
+                and attrs_equal(a.attrs, b.attrs)
+                and np.asarray(a[()]).tobytes() == np.asarray(b[()]).tobytes()
+            )
+            if not same:
+                raise OutputError(f"{where}: weights dataset {a.name} differs from the input.")
+
+    if OPTIMIZER_GROUP in written:
+        raise OutputError(f"{where}: the optimizer state was not dropped.")
+    walk(source, written, "/")
+
+
+# -- the writer ----------------------------------------------------------------------------
+
+
+def _infos(archive: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
+    return archive.infolist()
+
+
+class KerasZipWriter:
+    """Writes an edited `.keras` archive; see the module docstring."""
+
+    format = ModelFormat.KERAS
+
+    def write(self, request: WriteRequest, dest: Path) -> WriteOutcome:
+        source = Path(request.model.path)
+        config = serialize_config(request.config)
+        dropped = 0
+        with contextlib.ExitStack() as stack:
+            zin = stack.enter_context(zipfile.ZipFile(source))
+            raw = stack.enter_context(open(source, "rb"))
+            infos = _infos(zin)
+            weights = next((i for i in infos if i.filename == WEIGHTS), None)
+            rewritten: Path | None = None
+            if request.drop_optimizer_state and weights is not None:
+                rewritten = stack.enter_context(scratch_file(dest.parent, "model.weights.h5"))
+                with open_weights(source, weights, dest.parent) as h5_in:
+                    dropped = drop_optimizer(h5_in, rewritten)
+            with zipfile.ZipFile(dest, "w", allowZip64=True) as zout:
+                for info in infos:
+                    if info.filename == CONFIG:
+                        zout.writestr(clone_info(info), config)
+                    elif rewritten is not None and info is weights:
+                        copy_file_into(zout, clone_info(info), rewritten)
+                    else:
+                        copy_raw(raw, info, zout)
+        return WriteOutcome(optimizer_variables_dropped=dropped)
+
+    def verify(self, request: WriteRequest, written: Path) -> None:
+        verify_flags(request, written)
+        source = Path(request.model.path)
+        where = f"the file written for {source}"
+        with zipfile.ZipFile(source) as zin, zipfile.ZipFile(written) as zout:
+            before, after = zin.infolist(), zout.infolist()
+            if [i.filename for i in before] != [i.filename for i in after]:
+                raise OutputError(f"{where} does not have the input's members.")
+            weights_rewritten = request.drop_optimizer_state and (
+                request.model.optimizer_variables or 0
+            ) > 0
+            for a, b in zip(before, after, strict=True):
+                if a.filename == CONFIG or (weights_rewritten and a.filename == WEIGHTS):
+                    continue
+                if (a.CRC, a.file_size, a.compress_size, a.compress_type) != (
+                    b.CRC, b.file_size, b.compress_size, b.compress_type
+                ):
+                    raise OutputError(f"{where}: member {a.filename} was not copied exactly.")
+            if zout.read(CONFIG) != serialize_config(request.config):
+                raise OutputError(f"{where}: config.json does not read back as written.")
+            if weights_rewritten:
+                w_in, w_out = zin.getinfo(WEIGHTS), zout.getinfo(WEIGHTS)
+                with open_weights(source, w_in, written.parent) as h5_in, open_weights(
+                    written, w_out, written.parent
+                ) as h5_out:
+                    compare_weights(h5_in, h5_out, where)
+
+
+WRITER = KerasZipWriter()
