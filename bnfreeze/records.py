@@ -83,11 +83,15 @@ class WeightIndex:
 
     ``variables`` maps a layer path to the HDF5 dataset paths of its own variables, in the
     order Keras created them (for BN: gamma, beta, moving_mean, moving_variance, less any
-    that ``scale=False`` / ``center=False`` drop). Reading the values needs h5py; building
-    the index reads only HDF5 metadata.
+    that ``scale=False`` / ``center=False`` drop). Building the index reads only HDF5
+    metadata; reading values uses ``locations`` when the reader recorded them, else h5py.
     """
 
     variables: dict[str, tuple[str, ...]]
+    #: Reader-private: where each visited dataset's bytes are in the file (dataset path ->
+    #: ``readers._hdf5.DatasetInfo``), so values can be read without parsing the file again.
+    #: Empty when the index came from h5py.
+    locations: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -70,13 +70,32 @@ def read_model(path: str | os.PathLike[str], *, weights: bool = True) -> ModelFi
 
 
 def read_values(model: ModelFile, datasets: list[str]) -> dict[str, object]:
-    """Read the values of the named HDF5 datasets from the model's weights (numpy arrays).
+    """Read the values of the named HDF5 datasets from the model's weights.
 
-    Datasets that are missing or unreadable are left out; callers treat them as unknown.
+    Each value is array-like: a flat tuple of Python numbers in C order when the reader recorded
+    where the dataset's bytes are (``WeightIndex.locations``, no h5py or numpy needed), else
+    the numpy array h5py returns. ``numpy.asarray`` accepts both. Datasets that are missing or
+    unreadable are left out; callers treat them as unknown.
     """
-    import h5py
-
     from bnfreeze.records import ModelFormat
+
+    if not datasets:
+        return {}
+    locations = model.weights.locations if model.weights is not None else {}
+    if locations and all(name in locations for name in datasets):
+        from bnfreeze.readers import _hdf5
+
+        weights_file = model.path
+        if model.format is ModelFormat.KERAS_DIR:
+            weights_file = str(Path(model.path) / "model.weights.h5")
+        try:
+            with open(weights_file, "rb") as fh:
+                fd = fh.fileno()
+                return _hdf5.read_datasets(locations, datasets, lambda at, n: os.pread(fd, n, at))
+        except Exception:
+            return {}
+
+    import h5py
 
     def pull(h5: h5py.File) -> dict[str, object]:
         out: dict[str, object] = {}
@@ -89,15 +108,23 @@ def read_values(model: ModelFile, datasets: list[str]) -> dict[str, object]:
                 continue
         return out
 
-    if not datasets:
-        return {}
     try:
         if model.format is ModelFormat.KERAS:
             import zipfile
 
-            with zipfile.ZipFile(model.path) as archive, archive.open("model.weights.h5") as fh:
-                with h5py.File(fh, "r") as h5:
-                    return pull(h5)
+            from bnfreeze.readers._keras_common import MemberFile
+            from bnfreeze.readers.keras_zip import stored_member
+
+            with zipfile.ZipFile(model.path) as archive:
+                info = archive.getinfo("model.weights.h5")
+                if info.compress_type != zipfile.ZIP_STORED:
+                    with archive.open(info) as fh, h5py.File(fh, "r") as h5:
+                        return pull(h5)
+            member = stored_member(Path(model.path), info)
+            with open(member.file, "rb") as raw, h5py.File(
+                MemberFile(raw.fileno(), member), "r"
+            ) as h5:
+                return pull(h5)
         if model.format is ModelFormat.KERAS_DIR:
             with h5py.File(Path(model.path) / "model.weights.h5", "r") as h5:
                 return pull(h5)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
+from dataclasses import dataclass
 from typing import IO, Any
 
 from bnfreeze.errors import ModelFormatError
@@ -53,8 +56,79 @@ def keras_version(metadata: Any) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Member:
+    """Where a ``model.weights.h5`` is: ``size`` bytes at ``start`` of ``file`` (a stored,
+    uncompressed zip member, or a whole file in an unzipped ``.keras`` folder)."""
+
+    file: str
+    start: int
+    size: int
+
+
+class MemberFile(io.RawIOBase):
+    """A seekable, read-only file object bounded to a :class:`Member`, for h5py.
+
+    ``zipfile``'s own member objects re-read the member from its start on every backward
+    seek, and HDF5 seeks backwards all the time; this one reads with ``os.pread``.
+    """
+
+    def __init__(self, fd: int, member: Member) -> None:
+        super().__init__()
+        self._fd, self._start, self._size, self._pos = fd, member.start, member.size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise OSError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = max(0, min(len(view), self._size - self._pos))
+        data = os.pread(self._fd, n, self._start + self._pos) if n else b""
+        view[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+def index_member(member: Member, source: str) -> tuple[WeightIndex, int | None]:
+    """Index the ``model.weights.h5`` at ``member`` (see :func:`index_weights`).
+
+    A small pure-Python HDF5 reader does it when it can, without importing h5py or numpy, and
+    records where each dataset's bytes are so :func:`bnfreeze.readers.read_values` can read BN
+    statistics directly. Files it does not understand go to h5py, so the result is the same
+    either way.
+    """
+    from bnfreeze.readers import _hdf5
+
+    try:
+        with open(member.file, "rb") as fh:
+            try:
+                found = _hdf5.index_keras_weights(
+                    _hdf5.ByteSource(fh.fileno(), member.start, member.size)
+                )
+            except Exception:  # Unsupported, or a damaged file: h5py decides
+                return index_weights(MemberFile(fh.fileno(), member), source)
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise ModelFormatError(f"{source}: {WEIGHTS} cannot be read ({reason}).") from None
+    index = WeightIndex(variables=found.variables, locations=found.datasets)
+    return index, found.optimizer_variables
+
+
 def index_weights(fileobj: IO[bytes] | str, source: str) -> tuple[WeightIndex, int | None]:
-    """Index a Keras 3 ``model.weights.h5``: each layer path's variable datasets.
+    """Index a Keras 3 ``model.weights.h5`` with h5py: each layer path's variable datasets.
 
     Returns the index and the number of saved optimizer variables (None when the file holds
     no optimizer state). Reads HDF5 metadata only.

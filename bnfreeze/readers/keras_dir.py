@@ -11,8 +11,9 @@ from bnfreeze.readers._keras_common import (
     CONFIG,
     METADATA,
     WEIGHTS,
+    Member,
     check_model_config,
-    index_weights,
+    index_member,
     keras_version,
     parse_json,
 )
@@ -53,7 +54,14 @@ def read(path: Path, *, weights: bool = True) -> ModelFile:
         metadata = parse_json(_read_bounded(path / METADATA, source), source, METADATA)
     index, optimizer_variables = None, None
     if weights and (path / WEIGHTS).is_file():
-        index, optimizer_variables = index_weights(str(path / WEIGHTS), source)
+        weights_file = path / WEIGHTS
+        try:
+            size = weights_file.stat().st_size
+        except OSError as exc:
+            raise ModelFormatError(
+                f"{source}: {WEIGHTS} cannot be read ({exc.strerror or exc})."
+            ) from None
+        index, optimizer_variables = index_member(Member(str(weights_file), 0, size), source)
     compile_config = config.get("compile_config")
     return ModelFile(
         path=source,

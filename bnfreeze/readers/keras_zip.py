@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import struct
 import zipfile
 from pathlib import Path
 
@@ -11,7 +13,9 @@ from bnfreeze.readers._keras_common import (
     CONFIG,
     METADATA,
     WEIGHTS,
+    Member,
     check_model_config,
+    index_member,
     index_weights,
     keras_version,
     parse_json,
@@ -57,6 +61,38 @@ def read_member(archive: zipfile.ZipFile, path: Path, member: str, limit: int) -
     return data
 
 
+def stored_member(path: Path, info: zipfile.ZipInfo) -> Member:
+    """Where a stored (uncompressed) member's bytes start in the archive file.
+
+    The central directory gives the local header's offset; the data follows the local header,
+    whose name and extra field lengths may differ from the central directory's.
+    """
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(info.header_offset)
+            header = fh.read(30)
+            file_size = os.fstat(fh.fileno()).st_size
+            if len(header) < 30 or not header.startswith(b"PK\x03\x04"):
+                raise ModelFormatError(f"{path}: {info.filename} is damaged (bad local header).")
+            flags, = struct.unpack_from("<H", header, 6)
+            name_len, extra_len = struct.unpack_from("<HH", header, 26)
+            name = fh.read(name_len).decode("utf-8" if flags & 0x800 else "cp437", "replace")
+    except OSError as exc:
+        raise ModelFormatError(f"{path}: cannot be read ({exc.strerror or exc}).") from None
+    if info.flag_bits & 0x1:
+        raise ModelFormatError(f"{path}: {info.filename} is encrypted; bnfreeze cannot read it.")
+    if name != info.orig_filename:  # zipfile's own check when it opens a member
+        raise ModelFormatError(
+            f"{path}: {info.filename} is damaged (its local header names {name!r})."
+        )
+    start = info.header_offset + 30 + name_len + extra_len
+    if start + info.file_size > file_size:
+        raise ModelFormatError(
+            f"{path}: {info.filename} is damaged (it extends past the end of the archive)."
+        )
+    return Member(str(path), start, info.file_size)
+
+
 def read(path: Path, *, weights: bool = True) -> ModelFile:
     with open_archive(path) as archive:
         names = set(archive.namelist())
@@ -88,13 +124,8 @@ def read(path: Path, *, weights: bool = True) -> ModelFile:
 
                 index, optimizer_variables = index_weights(io.BytesIO(data), source)
             else:
-                try:
-                    with archive.open(WEIGHTS) as fh:
-                        index, optimizer_variables = index_weights(fh, source)
-                except ModelFormatError:
-                    raise
-                except Exception as exc:
-                    raise ModelFormatError(f"{path}: {WEIGHTS} is damaged ({exc}).") from None
+                # Stored, as Keras writes it: read it in place, at its offset in the archive.
+                index, optimizer_variables = index_member(stored_member(path, info), source)
     compile_config = config.get("compile_config")
     return ModelFile(
         path=source,
