@@ -229,3 +229,30 @@ def test_metadata_reads_are_bounded(tmp_path):
         source.read(5, 6)
     with pytest.raises(_hdf5.Unsupported):
         source.read(-1, 2)
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.ones(5, "float32"), np.zeros(3, "float32"), np.array([], "float32"), np.float32(1),
+        np.array([1, 1 + 1e-7], "float32"), np.array([1 - 6e-8] * 3, "float32"),
+        np.array([np.nan], "float32"), np.array([1e-8, -1e-8], "float32"),
+        np.array([-0.0], "float32"), np.ones((2, 2), "float32"), np.array([np.inf], "float32"),
+        np.random.default_rng(0).normal(size=10).astype("float32"),
+    ],
+)
+def test_untrained_check_without_numpy_agrees_with_numpy(array):
+    """diagnostics._is_constant takes the lean reader's tuples (and h5py's arrays) and must
+    give numpy's verdict: np.all(|x - expected| <= atol) on float64, non-empty."""
+    from bnfreeze.diagnostics import _UNTRAINED_ATOL, _is_constant
+
+    def numpy_verdict(expected):
+        if expected is None:
+            return numpy_verdict(0.0) or numpy_verdict(1.0)
+        a = np.asarray(array, dtype="float64")
+        return bool(a.size) and bool(np.all(np.abs(a - expected) <= _UNTRAINED_ATOL))
+
+    flat = tuple(np.asarray(array, "float32").ravel().tolist())
+    for expected in (0.0, 1.0, None):
+        assert _is_constant(array, expected) == numpy_verdict(expected)
+        assert _is_constant(flat, expected) == numpy_verdict(expected)
