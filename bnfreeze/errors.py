@@ -56,3 +56,7 @@ class UnsafeModelError(BnfreezeError):
 
 class RuntimeUnavailableError(BnfreezeError):
     """A requested runtime (tf_keras, say) is not installed."""
+
+
+class DataError(BnfreezeError):
+    """Data given for a measurement (``verify --data FILE.npz``) does not fit the model."""
