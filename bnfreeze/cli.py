@@ -7,6 +7,7 @@ Exit codes: 0 ok, 1 a check found a problem, 2 usage or input error.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -41,10 +42,26 @@ def stderr_console() -> Any:
     return Console(stderr=True, highlight=False)
 
 
-def emit_warnings(findings: Any) -> None:
-    from bnfreeze.render.table import warning_lines
+def stderr_width() -> int | None:
+    """The width to wrap warnings to: COLUMNS, else stderr's terminal; None (no wrapping)
+    when stderr is a file or a pipe, so logs keep one warning per line."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns if sys.stderr.isatty() else None
+    except (AttributeError, OSError, ValueError):
+        return None
 
-    for line in warning_lines(findings):
+
+def emit_warnings(findings: Any) -> None:
+    """Warnings to stderr, grouped per code (``render.findings``; no Rich import)."""
+    from bnfreeze.render.findings import warning_lines
+
+    lines = warning_lines(findings, width=stderr_width())
+    if lines:
+        sys.stdout.flush()  # on a terminal, the warnings come after the data, not inside it
+    for line in lines:
         click.echo(line, err=True)
 
 

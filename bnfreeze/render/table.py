@@ -1,15 +1,43 @@
-"""Rich renderables for ``inspect``: the summary, the layer table, the tree, the warnings."""
+"""Rich renderables for ``inspect``: the summary, the layer table, the tree.
+
+Pure: every function returns a renderable and never prints. The layer table lays itself out
+for the width it is finally rendered at, so it stays readable at 80-100 columns for a
+1,000-layer model:
+
+* a layer under a container shows its name, indented under the container's row, not its full
+  path (the full path is the container's path, "/", the name; ``--json`` has it);
+* when space runs out, the path column keeps priority: the class column is cut with an
+  ellipsis first, and the "updates stats" header wraps; the path column folds only as a last
+  resort.
+"""
 
 from __future__ import annotations
 
-from collections import defaultdict
+from dataclasses import dataclass
 
-from rich.console import Group
+from rich import box
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
+from rich.measure import Measurement
+from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
-from bnfreeze.records import Finding, LayerKind, LayerState, Normalization, Report
+from bnfreeze.records import LayerKind, LayerState, Normalization, Report
+from bnfreeze.render.findings import WARNINGS_SHOWN_PER_CODE, warning_lines
+
+__all__ = [
+    "WARNINGS_SHOWN_PER_CODE",
+    "LayerTable",
+    "Trimmed",
+    "inspect_view",
+    "layer_rows",
+    "layer_table",
+    "layer_tree",
+    "mode_text",
+    "summary",
+    "warning_lines",
+]
 
 STYLE_TRAINING = "bold yellow"
 STYLE_INFERENCE = "bold cyan"
@@ -17,8 +45,14 @@ STYLE_TRAINS = "green"
 STYLE_FROZEN = "blue"
 STYLE_NONE = "dim"
 
-#: At most this many warnings of one kind are shown in full; the rest are counted.
-WARNINGS_SHOWN_PER_CODE = 3
+#: Spaces of indentation per level of nesting in the path column.
+INDENT = 2
+#: The class column is never cut below this ("BatchNorm…").
+CLASS_MIN_WIDTH = 10
+#: Nor the path column, unless the console is too narrow for anything.
+PATH_MIN_WIDTH = 16
+#: A container's "in fit()" summary wraps to at most this width ("1 training," / "50 inference").
+SUMMARY_MAX_WIDTH = 13
 
 
 def mode_text(state: LayerState) -> Text:
@@ -51,34 +85,52 @@ def _flag(value: bool | None) -> Text:
     return Text("True" if value else "False", style="" if value else STYLE_FROZEN)
 
 
-def _container_summary(report: Report, state: LayerState) -> Text:
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _bn_counts(report: Report, state: LayerState) -> tuple[int, int]:
+    """BN layers below a container: (training, inference) in fit()."""
     prefix = state.layer.path + "/"
-    bns = [s for s in report.batchnorm if s.layer.path.startswith(prefix)]
-    if not bns:
-        return Text("")
-    training = sum(1 for s in bns if s.in_fit.normalizes_with is Normalization.BATCH)
+    training = inference = 0
+    for s in report.batchnorm:
+        if s.layer.path.startswith(prefix):
+            if s.in_fit.normalizes_with is Normalization.BATCH:
+                training += 1
+            elif s.in_fit.normalizes_with is Normalization.MOVING:
+                inference += 1
+    return training, inference
+
+
+def _container_summary(report: Report, state: LayerState) -> Text:
+    """What the BN layers below a container do in fit(): "51 inference", "1 training, 50
+    inference"; empty when there are none."""
+    training, inference = _bn_counts(report, state)
     text = Text()
-    text.append(f"{training} training", style=STYLE_TRAINING if training else STYLE_NONE)
-    text.append(" / ")
-    text.append(f"{len(bns) - training} inference", style=STYLE_INFERENCE)
+    if training:
+        text.append(f"{training} training", style=STYLE_TRAINING)
+    if training and inference:
+        text.append(", ")
+    if inference:
+        text.append(f"{inference} inference", style=STYLE_INFERENCE)
     return text
 
 
 def summary(report: Report) -> Table:
+    """File, format, Keras version, compiled or not, and what the BN layers do in fit()."""
     model = report.model
     grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold")
-    grid.add_column()
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column(overflow="fold")
     grid.add_row("File", model.path)
     details = [model.format.json_name]
-    if model.keras_version:
-        details.append(f"Keras {model.keras_version}")
+    details.append(f"Keras {model.keras_version}" if model.keras_version else "Keras unknown")
     details.append("compiled" if model.compiled else "not compiled")
     if model.optimizer_variables:
         details.append(f"{model.optimizer_variables} saved optimizer variables")
     grid.add_row("Format", ", ".join(details))
     grid.add_row("Runtime", f"{report.runtime.value} (predicted from the file)")
-    bn_line = Text(f"{len(report.batchnorm)} BN layers: ")
+    bn_line = Text(f"{_plural(len(report.batchnorm), 'BN layer')}: ")
     bn_line.append(f"{report.bn_training_in_fit} training", style=STYLE_TRAINING)
     bn_line.append(", ")
     bn_line.append(f"{report.bn_inference_in_fit} inference", style=STYLE_INFERENCE)
@@ -86,7 +138,15 @@ def summary(report: Report) -> Table:
     grid.add_row("BatchNorm", bn_line)
     trains = sum(1 for s in report.layers if s.in_fit.trains_weights)
     frozen = sum(1 for s in report.layers if s.in_fit.trains_weights is False)
-    grid.add_row("Weights", f"{trains} layers train, {frozen} frozen in fit() ({len(report.layers)} layers)")
+    weights = Text()
+    weights.append(f"{_plural(trains, 'layer')} {'trains' if trains == 1 else 'train'}",
+                   style=STYLE_TRAINS if trains else "")
+    weights.append(", ")
+    weights.append(f"{frozen} frozen", style=STYLE_FROZEN if frozen else "")
+    weights.append(f" in fit() ({_plural(len(report.layers), 'layer')} in all)")
+    grid.add_row("Weights", weights)
+    if not report.model_trainable:
+        grid.add_row("Model", Text("trainable=False: fit() trains no weights", style=STYLE_FROZEN))
     return grid
 
 
@@ -94,45 +154,140 @@ def layer_rows(report: Report, all_layers: bool) -> list[LayerState]:
     """The rows of the default view: BN layers and the containers above them."""
     if all_layers:
         return list(report.layers)
+    by_path = {s.layer.path: s for s in report.layers}
     wanted: set[str] = set()
     for state in report.batchnorm:
         wanted.add(state.layer.path)
         parent = state.layer.parent
-        while parent is not None:
+        while parent is not None and parent not in wanted:
             wanted.add(parent)
-            parent = report.state(parent).layer.parent
+            parent = by_path[parent].layer.parent
     return [s for s in report.layers if s.layer.path in wanted]
 
 
-def layer_table(report: Report, all_layers: bool = False) -> Table:
-    table = Table(show_edge=False, pad_edge=False, header_style="bold")
-    table.add_column("path", overflow="fold")
-    table.add_column("class", overflow="fold")
-    table.add_column("trainable")
-    table.add_column("in fit()")
-    table.add_column("updates stats")
+def _display_path(state: LayerState) -> str:
+    """The name under its container's row, indented by depth; the path at the top level."""
+    layer = state.layer
+    if layer.parent is None:
+        return layer.path
+    prefix = layer.parent + "/"
+    relative = layer.path[len(prefix) :] if layer.path.startswith(prefix) else layer.path
+    return " " * (INDENT * layer.depth) + relative
+
+
+@dataclass(frozen=True)
+class _Row:
+    path: Text
+    class_name: Text
+    trainable: Text
+    in_fit: Text
+    updates_stats: Text
+
+
+HEADERS = ("path", "class", "trainable", "in fit()", "updates stats")
+
+
+class LayerTable:
+    """The table of layers: path, class, trainable, "in fit()" mode, "updates stats".
+
+    A Rich renderable that picks its column widths when rendered (see the module docstring).
+    """
+
+    def __init__(self, rows: list[_Row]) -> None:
+        self.rows = rows
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield self._table(options.max_width)
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        return Measurement.get(console, options, self._table(options.max_width))
+
+    def _natural(self) -> list[int]:
+        widths = [len(h) for h in HEADERS]
+        for row in self.rows:
+            cells = (row.path, row.class_name, row.trainable, row.in_fit, row.updates_stats)
+            for i, cell in enumerate(cells):
+                widths[i] = max(widths[i], cell.cell_len)
+        return widths
+
+    def _widths(self, max_width: int) -> list[int | None]:
+        """Column widths that fit ``max_width``, cutting the least useful space first."""
+        natural = self._natural()
+        gaps = 2 * (len(HEADERS) - 1)
+        widths: list[int | None] = [None] * len(HEADERS)
+        path, klass, _, in_fit, stats = natural
+
+        def total() -> int:
+            return path + klass + natural[2] + in_fit + stats + gaps
+
+        if total() <= max_width:
+            return widths
+        # 1. Wrap the "updates stats" header, and long container summaries in "in fit()".
+        stats = max(len("updates"), max((r.updates_stats.cell_len for r in self.rows), default=0))
+        widths[4] = stats
+        if in_fit > SUMMARY_MAX_WIDTH:
+            in_fit = SUMMARY_MAX_WIDTH
+            widths[3] = in_fit
+        # 2. Cut the class column, down to CLASS_MIN_WIDTH.
+        if total() > max_width:
+            klass = max(CLASS_MIN_WIDTH, klass - (total() - max_width))
+            widths[1] = klass
+        # 3. Fold the path column.
+        if total() > max_width:
+            path = max(PATH_MIN_WIDTH, path - (total() - max_width))
+            widths[0] = path
+        return widths
+
+    def _table(self, max_width: int) -> Table:
+        widths = self._widths(max_width)
+        table = Table(
+            box=box.SIMPLE_HEAD,
+            show_edge=False,
+            pad_edge=False,
+            collapse_padding=True,
+            padding=(0, 1),
+            header_style="bold",
+        )
+        table.add_column(HEADERS[0], overflow="fold", width=widths[0])
+        table.add_column(HEADERS[1], overflow="ellipsis", no_wrap=True, width=widths[1])
+        table.add_column(HEADERS[2], no_wrap=True, width=widths[2])
+        table.add_column(HEADERS[3], width=widths[3])
+        table.add_column(HEADERS[4], width=widths[4])
+        for row in self.rows:
+            table.add_row(row.path, row.class_name, row.trainable, row.in_fit, row.updates_stats)
+        return table
+
+
+def layer_table(report: Report, all_layers: bool = False) -> LayerTable:
+    """The BN layers and the containers above them (``all_layers``: every layer)."""
+    rows = []
     for state in layer_rows(report, all_layers):
         layer = state.layer
         if layer.is_container:
-            table.add_row(
-                Text(layer.path, style="bold"),
-                layer.class_name,
-                _flag(layer.trainable),
-                _container_summary(report, state),
-                Text(""),
+            rows.append(
+                _Row(
+                    Text(_display_path(state), style="bold"),
+                    Text(layer.class_name),
+                    _flag(layer.trainable),
+                    _container_summary(report, state),
+                    Text(""),
+                )
             )
             continue
-        table.add_row(
-            layer.path,
-            layer.class_name,
-            _flag(layer.trainable),
-            mode_text(state),
-            _yes_no(state.in_fit.updates_moving_stats),
+        rows.append(
+            _Row(
+                Text(_display_path(state)),
+                Text(layer.class_name),
+                _flag(layer.trainable),
+                mode_text(state),
+                _yes_no(state.in_fit.updates_moving_stats),
+            )
         )
-    return table
+    return LayerTable(rows)
 
 
 def layer_tree(report: Report, all_layers: bool = False) -> Tree:
+    """The nesting as a tree: name (class), a False flag, and the mode in fit()."""
     root = Tree(Text(f"{report.model.path}", style="bold"))
     nodes: dict[str | None, Tree] = {None: root}
     for state in layer_rows(report, all_layers):
@@ -154,23 +309,42 @@ def layer_tree(report: Report, all_layers: bool = False) -> Tree:
     return root
 
 
-def inspect_view(report: Report, *, all_layers: bool = False, tree: bool = False) -> Group:
-    body = layer_tree(report, all_layers) if tree else layer_table(report, all_layers)
+LEGEND = (
+    "in fit(): training = normalizes with batch statistics and updates its moving statistics; "
+    "inference = normalizes with its moving statistics and leaves them as they are."
+)
+
+
+class Trimmed:
+    """Renders another renderable without the trailing spaces Rich pads lines with, so the
+    output piped to a file or compared with a golden file has no trailing whitespace."""
+
+    def __init__(self, renderable: RenderableType) -> None:
+        self.renderable = renderable
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        for line in console.render_lines(self.renderable, options, pad=False, new_lines=False):
+            while line and not line[-1].control and not line[-1].text.rstrip(" "):
+                line.pop()
+            if line and not line[-1].control and line[-1].text.endswith(" "):
+                last = line.pop()
+                line.append(Segment(last.text.rstrip(" "), last.style))
+            yield from line
+            yield Segment.line()
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        return Measurement.get(console, options, self.renderable)
+
+
+def inspect_view(report: Report, *, all_layers: bool = False, tree: bool = False) -> Trimmed:
+    """The whole ``inspect`` view: the summary, then the table (or tree), then a legend."""
+    parts: list[RenderableType] = [summary(report), Text("")]
     if not report.batchnorm and not all_layers and not tree:
-        body = Text("No BatchNormalization layers. Use --all to list every layer.", style=STYLE_NONE)
-    return Group(summary(report), Text(""), body)
-
-
-def warning_lines(findings: tuple[Finding, ...]) -> list[str]:
-    """One line per warning, at most a few per kind, then a count of the rest."""
-    by_code: dict[object, list[Finding]] = defaultdict(list)
-    for finding in findings:
-        by_code[finding.code].append(finding)
-    lines = []
-    for code, group in by_code.items():
-        for finding in group[:WARNINGS_SHOWN_PER_CODE]:
-            lines.append(f"warning: {finding.message}")
-        rest = len(group) - WARNINGS_SHOWN_PER_CODE
-        if rest > 0:
-            lines.append(f"warning: ... and {rest} more {code.value} warnings (see --json).")
-    return lines
+        parts.append(
+            Text("No BatchNormalization layers. Use --all to list every layer.", style=STYLE_NONE)
+        )
+        return Trimmed(Group(*parts))
+    parts.append(layer_tree(report, all_layers) if tree else layer_table(report, all_layers))
+    if report.batchnorm:
+        parts.extend([Text(""), Text(LEGEND, style=STYLE_NONE)])
+    return Trimmed(Group(*parts))
