@@ -29,11 +29,12 @@ class BnfreezeGroup(click.Group):
             ctx.exit(130)
 
 
-def stdout_console() -> Any:
+def stdout_console(record: bool = False) -> Any:
     from rich.console import Console
 
-    # Rich honours NO_COLOR and drops colour when stdout is not a terminal.
-    return Console(soft_wrap=False, highlight=False)
+    # Rich honours NO_COLOR and drops colour when stdout is not a terminal. With record=True
+    # it also keeps what it printed, styles included, for --export.
+    return Console(soft_wrap=False, highlight=False, record=record)
 
 
 def stderr_console() -> Any:
@@ -65,6 +66,39 @@ def emit_warnings(findings: Any) -> None:
         click.echo(line, err=True)
 
 
+def export_option(f: Any) -> Any:
+    """``--export report.svg|report.html``: save exactly what the terminal shows."""
+    return click.option(
+        "--export",
+        "export",
+        type=click.Path(dir_okay=False, path_type=str),
+        default=None,
+        metavar="FILE.svg|FILE.html",
+        help="Also save what the terminal shows as an SVG picture or an HTML page.",
+    )(f)
+
+
+def start_export(export: str | None, as_json: bool) -> None:
+    """Refuse a bad --export before any work is done."""
+    if export is None:
+        return
+    if as_json:
+        raise click.UsageError("--export saves the terminal view; it cannot be used with --json.")
+    from bnfreeze.export import check_destination
+
+    check_destination(export)
+
+
+def finish_export(console: Any, export: str | None) -> None:
+    if export is None:
+        return
+    from bnfreeze.export import save_recording
+
+    title = "bnfreeze " + " ".join(sys.argv[1:]) if sys.argv[1:] else "bnfreeze"
+    save_recording(console, export, title=title)
+    click.echo(f"saved {export}", err=True)
+
+
 @click.group(cls=BnfreezeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="bnfreeze")
 def cli() -> None:
@@ -81,7 +115,14 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
 @click.option("--all", "all_layers", is_flag=True, help="List every layer, not only BN layers.")
 @click.option("--tree", is_flag=True, help="Show the nesting as a tree.")
-def inspect(model: str, as_json: bool, all_layers: bool, tree: bool) -> None:
+@click.option(
+    "--strip", is_flag=True,
+    help="Draw the model as one line of cells, one per layer, coloured by what it does in fit().",
+)
+@export_option
+def inspect(
+    model: str, as_json: bool, all_layers: bool, tree: bool, strip: bool, export: str | None
+) -> None:
     """Show each layer's trainable flag and what it really does in fit().
 
     MODEL is a .keras file, an unzipped .keras folder or a legacy .h5 file. Nothing is
@@ -92,19 +133,159 @@ def inspect(model: str, as_json: bool, all_layers: bool, tree: bool) -> None:
       bnfreeze inspect model.keras
       bnfreeze inspect model.keras --tree
       bnfreeze inspect model.keras --json | jq .summary
+      bnfreeze inspect model.keras --strip --export model.svg
     """
     from bnfreeze.inspection import inspect_file
 
+    if strip and (as_json or tree or all_layers):
+        raise click.UsageError("--strip is its own view; drop --json, --tree and --all.")
+    start_export(export, as_json)
     report = inspect_file(model)
     if as_json:
         from bnfreeze.render.json import render_report
 
         click.echo(render_report(report))
+    elif strip:
+        from rich.console import Group
+        from rich.text import Text
+
+        from bnfreeze.render.strip import strip_view
+        from bnfreeze.render.table import summary
+
+        console = stdout_console(record=export is not None)
+        console.print(Group(summary(report), Text(""), strip_view(report)))
+        finish_export(console, export)
     else:
         from bnfreeze.render.table import inspect_view
 
-        stdout_console().print(inspect_view(report, all_layers=all_layers, tree=tree))
+        console = stdout_console(record=export is not None)
+        console.print(inspect_view(report, all_layers=all_layers, tree=tree))
+        finish_export(console, export)
     emit_warnings(report.warnings)
+
+
+def set_option(f: Any) -> Any:
+    return click.option(
+        "--set", "sets", multiple=True, metavar="NAME=VALUE",
+        help="Set a plan parameter declared in its [params] table. Repeatable.",
+    )(f)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=str))
+@click.option(
+    "--plan", "plan_path", type=click.Path(path_type=str), default=None,
+    help="A TOML plan: its [[expect]] tables must hold, and every layer's flag must be what "
+    "its [[rule]] tables set.",
+)
+@click.option(
+    "--expect", "expects", multiple=True, metavar="NAME[=ARG]",
+    help="An expectation, repeatable: bn-inference[=GLOB], bn-train[=GLOB], trains[=GLOB], "
+    "frozen[=GLOB], min-training=N, max-training=N.",
+)
+@click.option(
+    "--strict", is_flag=True,
+    help="Also fail on the Keras 3 traps: a call-site training=False relied on, or a "
+    "trainable BN layer under a frozen container.",
+)
+@set_option
+@click.option("-v", "--verbose", is_flag=True, help="Print every check, also on success.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
+@export_option
+def check(
+    model: str,
+    plan_path: str | None,
+    expects: tuple[str, ...],
+    strict: bool,
+    sets: tuple[str, ...],
+    verbose: bool,
+    as_json: bool,
+    export: str | None,
+) -> None:
+    """Gate a saved model on what its layers will do in fit(), for CI.
+
+    Exit 0 when every check holds (silent unless -v), 1 when any fails (each failure is
+    listed: layer, expected, actual), 2 on bad input. Predicted from the file: no Keras.
+
+    \b
+    Examples:
+      bnfreeze check finetune.keras --expect bn-inference
+      bnfreeze check model.keras --expect 'frozen=mobilenetv2*' --expect trains=head
+      bnfreeze check finetune.keras --plan configs/keras-guide-finetune.toml --strict
+      bnfreeze check model.keras --expect bn-inference --json | jq .failures
+    """
+    from bnfreeze.check import check_file
+    from bnfreeze.errors import EXIT_CHECK_FAILED
+    from bnfreeze.expectations import parse_expectation
+
+    if plan_path is None and not expects and not strict:
+        raise click.UsageError("give --plan PLAN, --expect NAME or --strict (or several).")
+    if sets and plan_path is None:
+        raise click.UsageError("--set sets parameters of a --plan.")
+    start_export(export, as_json)
+    plan = None
+    if plan_path is not None:
+        from bnfreeze.plans import load_plan, parse_sets
+
+        plan = load_plan(plan_path, parse_sets(sets))
+    expectations = [parse_expectation(spec) for spec in expects]
+    result = check_file(model, plan=plan, expectations=expectations, strict=strict)
+    if as_json:
+        from bnfreeze.render.check import render_check
+
+        click.echo(render_check(result))
+    elif not result.passed or verbose or export is not None:
+        from bnfreeze.render.check import check_view
+
+        console = stdout_console(record=export is not None)
+        console.print(check_view(result, verbose=verbose or export is not None))
+        finish_export(console, export)
+    if verbose:
+        emit_warnings(result.report.warnings)
+    if not result.passed:
+        ctx = click.get_current_context()
+        ctx.exit(EXIT_CHECK_FAILED)
+
+
+@cli.command()
+@click.argument("a", type=click.Path(path_type=str))
+@click.argument("b", type=click.Path(path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
+@click.option(
+    "--exit-code", is_flag=True,
+    help="Exit 1 when the models differ (a layer or any weight), like git diff --exit-code.",
+)
+@export_option
+def diff(a: str, b: str, as_json: bool, exit_code: bool, export: str | None) -> None:
+    """Show the layers whose flags or fit() behaviour differ between two saved models.
+
+    Also says whether the weights are identical (a BLAKE2b checksum per dataset, optimizer
+    state apart) and how the number of layers that train in fit() changed.
+
+    \b
+    Examples:
+      bnfreeze diff model.keras finetune.keras
+      bnfreeze diff model.keras finetune.keras --json | jq .weights.identical
+      bnfreeze diff model.keras finetune.keras --export diff.html
+    """
+    from bnfreeze.diff import diff_files
+    from bnfreeze.errors import EXIT_CHECK_FAILED
+
+    start_export(export, as_json)
+    with stderr_console().status("comparing the models and checksumming their weights..."):
+        result = diff_files(a, b)
+    if as_json:
+        from bnfreeze.render.diff import render_diff
+
+        click.echo(render_diff(result))
+    else:
+        from bnfreeze.render.diff import diff_view
+
+        console = stdout_console(record=export is not None)
+        console.print(diff_view(result))
+        finish_export(console, export)
+    if exit_code and not result.identical:
+        click.get_current_context().exit(EXIT_CHECK_FAILED)
 
 
 def main() -> None:

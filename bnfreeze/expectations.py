@@ -118,11 +118,14 @@ class Expectation:
 
     @property
     def name(self) -> str:
-        """The expectation as spelled on the command line, e.g. ``trains=head``."""
+        """The expectation as spelled on the command line, e.g. ``trains=head``; a plan's
+        scope follows in brackets: ``frozen [min_depth=1]``."""
         if self.kind.takes_count:
             return f"{self.kind.value}={self.count}"
+        if isinstance(self.scope, GlobScope):
+            return f"{self.kind.value}={self.scope.pattern}"
         if self.scope is not None:
-            return f"{self.kind.value}={self.scope.describe()}"
+            return f"{self.kind.value} [{self.scope.describe()}]"
         return self.kind.value
 
 
@@ -191,10 +194,12 @@ def parse_expectation(spec: str) -> Expectation:
 
 
 def _mode(value: Normalization | None) -> str:
+    """A BN layer's mode in fit(): inference normalizes with the moving statistics,
+    training with the batch's (and updates the moving statistics)."""
     if value is Normalization.MOVING:
-        return "inference (moving statistics)"
+        return "inference"
     if value is Normalization.BATCH:
-        return "training (batch statistics)"
+        return "training"
     return "unknown"
 
 

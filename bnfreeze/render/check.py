@@ -1,0 +1,111 @@
+"""Renderers for ``check``: the failures (or, verbosely, every outcome) and the JSON contract."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from bnfreeze.check import CheckResult, Outcome
+from bnfreeze.expectations import Failure
+from bnfreeze.render.json import SCHEMA_VERSION, dumps
+
+STYLE_PASS = "bold green"
+STYLE_FAIL = "bold red"
+
+
+def headline(result: CheckResult) -> Text:
+    """One line: what was checked and whether it all holds."""
+    model = result.report.model.path
+    total = len(result.outcomes)
+    failed = [o for o in result.outcomes if not o.passed]
+    if not failed:
+        text = Text("PASS", style=STYLE_PASS)
+        text.append(f"  {model}: all {total} checks hold.")
+        return text
+    text = Text("FAIL", style=STYLE_FAIL)
+    failures = sum(len(o.failures) for o in failed)
+    text.append(
+        f"  {model}: {len(failed)} of {total} checks fail, "
+        f"{failures} failure{'s' if failures != 1 else ''}."
+    )
+    return text
+
+
+def outcomes_table(result: CheckResult) -> Table:
+    """Every check and whether it holds (the ``-v`` view)."""
+    table = Table(show_edge=False, pad_edge=False, header_style="bold")
+    table.add_column("check", overflow="fold")
+    table.add_column("result")
+    table.add_column("from", overflow="fold")
+    for outcome in result.outcomes:
+        name = Text(outcome.name)
+        if outcome.description:
+            name.append(f"\n{outcome.description}", style="dim")
+        if outcome.passed:
+            verdict = Text("holds", style=STYLE_PASS)
+        else:
+            count = len(outcome.failures)
+            verdict = Text(f"{count} failure{'s' if count != 1 else ''}", style=STYLE_FAIL)
+        table.add_row(name, verdict, Text(outcome.source or "", style="dim"))
+    return table
+
+
+def failures_table(failures: tuple[Failure, ...]) -> Table:
+    """Each failure: the check, the layer, what was expected and what the model does."""
+    table = Table(show_edge=False, pad_edge=False, header_style="bold")
+    table.add_column("check", overflow="fold")
+    table.add_column("layer", overflow="fold")
+    table.add_column("expected", overflow="fold")
+    table.add_column("actual", overflow="fold", style="red")
+    for failure in failures:
+        table.add_row(failure.expectation, failure.path or "(model)", failure.expected,
+                      failure.actual)
+    return table
+
+
+def check_view(result: CheckResult, *, verbose: bool = False) -> RenderableType:
+    """Nothing worth printing on success unless ``verbose``: the CLI stays quiet then."""
+    parts: list[RenderableType] = [headline(result)]
+    if verbose:
+        parts += [Text(""), outcomes_table(result)]
+    if result.failures:
+        parts += [Text(""), failures_table(result.failures)]
+    return Group(*parts)
+
+
+def failure_dict(failure: Failure) -> dict[str, Any]:
+    return {
+        "check": failure.expectation,
+        "path": failure.path,
+        "expected": failure.expected,
+        "actual": failure.actual,
+    }
+
+
+def outcome_dict(outcome: Outcome) -> dict[str, Any]:
+    return {
+        "check": outcome.name,
+        "source": outcome.source,
+        "description": outcome.description,
+        "passed": outcome.passed,
+        "failures": len(outcome.failures),
+    }
+
+
+def check_dict(result: CheckResult) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model": result.report.model.path,
+        "plan": result.plan.path if result.plan is not None else None,
+        "strict": result.strict,
+        "passed": result.passed,
+        "checks": [outcome_dict(o) for o in result.outcomes],
+        "failures": [failure_dict(f) for f in result.failures],
+    }
+
+
+def render_check(result: CheckResult) -> str:
+    return dumps(check_dict(result))

@@ -1,0 +1,172 @@
+"""Renderers for ``diff``: the changed layers, the weights verdict, and the JSON contract."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from bnfreeze.diff import DiffResult, LayerDiff, LayerStatus
+from bnfreeze.records import LayerState
+from bnfreeze.render.json import SCHEMA_VERSION, behaviour_dict, dumps
+from bnfreeze.render.table import STYLE_NONE, mode_text
+
+#: At most this many changed dataset names are listed in the terminal (all are in --json).
+DATASETS_SHOWN = 5
+
+
+def _flag(state: LayerState | None) -> Text:
+    if state is None:
+        return Text("absent", style=STYLE_NONE)
+    value = state.layer.trainable
+    return Text("-" if value is None else str(value), style=STYLE_NONE if value is None else "")
+
+
+def _mode(state: LayerState | None) -> Text:
+    if state is None:
+        return Text("absent", style=STYLE_NONE)
+    return mode_text(state)
+
+
+def _arrow(a: Text, b: Text, changed: bool) -> Text:
+    text = Text()
+    text.append_text(a)
+    text.append(" → " if changed else "   ", style=STYLE_NONE)
+    text.append_text(b if changed else Text(""))
+    return text
+
+
+def layers_table(result: DiffResult) -> Table:
+    table = Table(show_edge=False, pad_edge=False, header_style="bold")
+    table.add_column("path", overflow="fold")
+    table.add_column("class", overflow="fold")
+    table.add_column("trainable A → B")
+    table.add_column("in fit() A → B")
+    for row in result.layers:
+        path = Text(row.path)
+        if row.status is not LayerStatus.CHANGED:
+            path.append(f"  ({row.status.value})", style=STYLE_NONE)
+        flag_changed = row.status is not LayerStatus.CHANGED or row.flag_changed
+        mode_changed = row.status is not LayerStatus.CHANGED or row.fit_changed
+        table.add_row(
+            path,
+            row.class_name,
+            _arrow(_flag(row.a), _flag(row.b), flag_changed),
+            _arrow(_mode(row.a), _mode(row.b), mode_changed),
+        )
+    return table
+
+
+def facts(result: DiffResult) -> Table:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    a, b = result.training_layers_a, result.training_layers_b
+    delta = b - a
+    grid.add_row(
+        "Training layers",
+        f"{a} → {b} ({delta:+d}) layers whose weights train in fit()",
+    )
+    grid.add_row(
+        "BN in fit()",
+        f"{result.a.bn_training_in_fit} training / {result.a.bn_inference_in_fit} inference → "
+        f"{result.b.bn_training_in_fit} training / {result.b.bn_inference_in_fit} inference",
+    )
+    weights = result.weights
+    if weights.identical:
+        grid.add_row("Weights", Text(f"weights identical ({weights.datasets} datasets)", "green"))
+    else:
+        text = Text("weights differ", style="bold red")
+        parts = []
+        if weights.changed:
+            parts.append(f"{len(weights.changed)} of {weights.datasets} datasets changed")
+        if weights.only_in_a:
+            parts.append(f"{len(weights.only_in_a)} only in A")
+        if weights.only_in_b:
+            parts.append(f"{len(weights.only_in_b)} only in B")
+        text.append(": " + ", ".join(parts))
+        shown = weights.changed_layers or weights.changed
+        if shown:
+            text.append("\n" + ", ".join(shown[:DATASETS_SHOWN]), style=STYLE_NONE)
+            if len(shown) > DATASETS_SHOWN:
+                text.append(f" … and {len(shown) - DATASETS_SHOWN} more (see --json)", STYLE_NONE)
+        grid.add_row("Weights", text)
+    if weights.optimizer_a or weights.optimizer_b:
+        if weights.optimizer_identical:
+            state = f"identical ({weights.optimizer_a} datasets)"
+        else:
+            state = f"{_count(weights.optimizer_a)} → {_count(weights.optimizer_b)}"
+        grid.add_row("Optimizer state", state)
+    return grid
+
+
+def _count(n: int) -> str:
+    return f"{n} variables" if n else "none"
+
+
+def diff_view(result: DiffResult) -> RenderableType:
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column()
+    head.add_row("A", result.a.model.path)
+    head.add_row("B", result.b.model.path)
+    if result.layers:
+        count = len(result.layers)
+        body: RenderableType = Group(
+            Text(f"{count} layer{'s' if count != 1 else ''} differ in flag or fit() behaviour:",
+                 style="bold"),
+            layers_table(result),
+        )
+    else:
+        body = Text("No layer differs in flag or fit() behaviour.", style=STYLE_NONE)
+    return Group(head, Text(""), body, Text(""), facts(result))
+
+
+def _side(state: LayerState | None) -> dict[str, Any] | None:
+    if state is None:
+        return None
+    return {"trainable": state.layer.trainable, "in_fit": behaviour_dict(state.in_fit)}
+
+
+def layer_dict(row: LayerDiff) -> dict[str, Any]:
+    return {
+        "path": row.path,
+        "class_name": row.class_name,
+        "status": row.status.value,
+        "a": _side(row.a),
+        "b": _side(row.b),
+    }
+
+
+def diff_dict(result: DiffResult) -> dict[str, Any]:
+    weights = result.weights
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "a": result.a.model.path,
+        "b": result.b.model.path,
+        "layers": [layer_dict(row) for row in result.layers],
+        "training_layers": {
+            "a": result.training_layers_a,
+            "b": result.training_layers_b,
+            "change": result.training_layers_b - result.training_layers_a,
+        },
+        "weights": {
+            "identical": weights.identical,
+            "datasets": weights.datasets,
+            "changed": list(weights.changed),
+            "changed_layers": list(weights.changed_layers),
+            "only_in_a": list(weights.only_in_a),
+            "only_in_b": list(weights.only_in_b),
+        },
+        "optimizer_state": {
+            "a": weights.optimizer_a,
+            "b": weights.optimizer_b,
+            "identical": weights.optimizer_identical,
+        },
+    }
+
+
+def render_diff(result: DiffResult) -> str:
+    return dumps(diff_dict(result))
