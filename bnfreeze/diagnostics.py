@@ -6,7 +6,7 @@ the Python API all see the same findings.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from bnfreeze.records import (
     Finding,
@@ -207,15 +207,16 @@ def _untrained_statistics(
 def _is_constant(value: object, expected: float | None) -> bool:
     """Whether every element is within ``_UNTRAINED_ATOL`` of ``expected`` (and there is one).
 
-    Pure Python, so ``inspect`` needs no numpy: ``value`` is a flat tuple of numbers from the
-    lean reader, or a numpy array or scalar from h5py. Each element is compared as a float64,
+    Pure Python, so ``inspect`` needs no numpy: ``value`` is a flat sequence of numbers from
+    the lean reader (whose ``count`` compares bytes), or a numpy array or scalar from h5py.
+    Each element is compared as a float64,
     exactly as ``np.all(np.abs(np.asarray(value, "float64") - expected) <= atol)`` would.
     """
     if expected is None:  # gamma_or_beta: either initializer value counts
         return _is_constant(value, 0.0) or _is_constant(value, 1.0)
     if hasattr(value, "ravel"):  # numpy
         value = value.ravel().tolist()
-    values = value if isinstance(value, (tuple, list)) else [value]
+    values = value if isinstance(value, Sequence) and not isinstance(value, str) else [value]
     if not values:
         return False
     if values.count(expected) == len(values):  # the common untrained case, at C speed

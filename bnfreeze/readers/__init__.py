@@ -72,17 +72,19 @@ def read_model(path: str | os.PathLike[str], *, weights: bool = True) -> ModelFi
 def read_values(model: ModelFile, datasets: list[str]) -> dict[str, object]:
     """Read the values of the named HDF5 datasets from the model's weights.
 
-    Each value is array-like: a flat tuple of Python numbers in C order when the reader recorded
-    where the dataset's bytes are (``WeightIndex.locations``, no h5py or numpy needed), else
-    the numpy array h5py returns. ``numpy.asarray`` accepts both. Datasets that are missing or
+    Each value is array-like. Where the reader recorded where a dataset's bytes are
+    (``WeightIndex.locations``) it is a flat ``collections.abc.Sequence`` of Python numbers in
+    C order (``readers._hdf5.Numbers``), read without h5py or numpy; otherwise it is the numpy
+    array h5py returns. ``numpy.asarray`` accepts both. Datasets that are missing or
     unreadable are left out; callers treat them as unknown.
     """
     from bnfreeze.records import ModelFormat
 
     if not datasets:
         return {}
+    found: dict[str, object] = {}
     locations = model.weights.locations if model.weights is not None else {}
-    if locations and all(name in locations for name in datasets):
+    if locations:
         from bnfreeze.readers import _hdf5
 
         weights_file = model.path
@@ -91,11 +93,22 @@ def read_values(model: ModelFile, datasets: list[str]) -> dict[str, object]:
         try:
             with open(weights_file, "rb") as fh:
                 fd = fh.fileno()
-                return _hdf5.read_datasets(locations, datasets, lambda at, n: os.pread(fd, n, at))
+                found.update(
+                    _hdf5.read_datasets(locations, datasets, lambda at, n: os.pread(fd, n, at))
+                )
         except Exception:
-            return {}
+            found = {}
+        datasets = [name for name in datasets if name not in found]
+        if not datasets:
+            return found
+    found.update(_read_values_h5py(model, datasets))
+    return found
 
+
+def _read_values_h5py(model: ModelFile, datasets: list[str]) -> dict[str, object]:
     import h5py
+
+    from bnfreeze.records import ModelFormat
 
     def pull(h5: h5py.File) -> dict[str, object]:
         out: dict[str, object] = {}

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +66,11 @@ class DatasetInfo:
 @dataclass
 class _Header:
     messages: list[tuple[int, int, bytes]]  # (type, flags, data)
+
+
+#: A link to an object: its object header address and, for an old-style group whose parent
+#: cached it (symbol table entry cache type 1), its (B-tree, local heap) addresses.
+Link = tuple[int, "tuple[int, int] | None"]
 
 
 class ByteSource:
@@ -120,9 +125,9 @@ class File:
         if self.O not in (2, 4, 8) or self.L not in (2, 4, 8):
             raise Unsupported("unusual offset/length sizes")
         o = {2: "H", 4: "I", 8: "Q"}[self.O]
-        # A symbol table entry: link name offset, object header address, cache type and
-        # scratch-pad (unused here).
-        self._entry = struct.Struct(f"<{o}{o}24x")
+        # A symbol table entry: link name offset, object header address, cache type, and a
+        # 16-byte scratch-pad that holds a child group's B-tree and heap when cache type is 1.
+        self._entry = struct.Struct(f"<{o}{o}I4x{o}{o}{16 - 2 * self.O}x")
 
     @staticmethod
     def _u(buf: bytes, pos: int, size: int) -> int:
@@ -227,9 +232,9 @@ class File:
 
     # -- groups ---------------------------------------------------------------------------------
 
-    def children(self, header: _Header) -> dict[str, int] | None:
-        """A group's links, name -> object header address, or None if it is not a group."""
-        links: dict[str, int] | None = None
+    def children(self, header: _Header) -> dict[str, Link] | None:
+        """A group's links by name, or None if the object is not a group."""
+        links: dict[str, Link] | None = None
         for mtype, mflags, data in header.messages:
             if mtype == _MSG_SYMBOL_TABLE:
                 if mflags & 0x02:
@@ -248,7 +253,7 @@ class File:
                 if links is None:
                     links = {}
                 name, target = self._link(data)
-                links[name] = target
+                links[name] = (target, None)
         if links is None:
             return None
         return dict(sorted(links.items(), key=lambda kv: kv[0].encode("utf-8")))
@@ -276,17 +281,17 @@ class File:
         name = data[pos : pos + length].decode("utf-8")
         return name, self._u(data, pos + length, self.O)
 
-    def _symbol_table(self, btree: int, heap: int) -> dict[str, int]:
+    def _symbol_table(self, btree: int, heap: int) -> dict[str, Link]:
         hbuf = self._read(heap, 8 + 2 * self.L + self.O)
         if not hbuf.startswith(b"HEAP"):
             raise Unsupported("bad local heap")
         heap_size = self._u(hbuf, 8, self.L)
         heap_data = self._read(self._u(hbuf, 8 + 2 * self.L, self.O), heap_size)
-        out: dict[str, int] = {}
+        out: dict[str, Link] = {}
         self._btree(btree, heap_data, out, 0)
         return dict(sorted(out.items(), key=lambda kv: kv[0].encode("utf-8")))
 
-    def _btree(self, addr: int, heap: bytes, out: dict[str, int], depth: int) -> None:
+    def _btree(self, addr: int, heap: bytes, out: dict[str, Link], depth: int) -> None:
         if depth > _MAX_DEPTH:
             raise Unsupported("B-tree too deep")
         head = self._read(addr, 8 + 2 * self.O)
@@ -302,18 +307,19 @@ class File:
             else:
                 self._snod(child, heap, out)
 
-    def _snod(self, addr: int, heap: bytes, out: dict[str, int]) -> None:
+    def _snod(self, addr: int, heap: bytes, out: dict[str, Link]) -> None:
         head = self._read(addr, 8)
         if not head.startswith(b"SNOD"):
             raise Unsupported("bad symbol table node")
         n = struct.unpack_from("<H", head, 6)[0]
         body = self._read(addr + 8, n * self._entry.size)
         find = heap.find
-        for name_at, target in self._entry.iter_unpack(body):
+        for name_at, target, cache_type, btree, local_heap in self._entry.iter_unpack(body):
             end = find(b"\x00", name_at)
             if name_at >= len(heap) or end < 0:
                 raise Unsupported("bad link name offset")
-            out[heap[name_at:end].decode("utf-8")] = target
+            stab = (btree, local_heap) if cache_type == 1 else None
+            out[heap[name_at:end].decode("utf-8")] = (target, stab)
         if len(out) > _MAX_CHILDREN:
             raise Unsupported("too many links")
 
@@ -520,20 +526,36 @@ def decode(info: DatasetInfo, raw: bytes) -> tuple[float | int, ...]:
 INNER_LAYER_GROUPS = ("layer", "forward_layer", "backward_layer")
 
 
+class PendingDataset:
+    """A dataset found by the index; where its bytes are is worked out on first use."""
+
+    __slots__ = ("_h5", "_header", "_info")
+
+    def __init__(self, h5: File, header: _Header) -> None:
+        self._h5, self._header, self._info = h5, header, None
+
+    def info(self) -> DatasetInfo | None:
+        if self._header is not None:
+            self._info = self._h5.dataset(self._header)
+            self._header = None
+        return self._info
+
+
 @dataclass
 class KerasIndex:
     variables: dict[str, tuple[str, ...]]
     optimizer_variables: int | None
-    datasets: dict[str, DatasetInfo]
+    datasets: dict[str, PendingDataset]
 
 
 class _Node:
-    __slots__ = ("children", "header", "is_dataset", "path")
+    __slots__ = ("_header", "addr", "children", "is_dataset", "path")
 
-    def __init__(self, path: str, header: _Header, children: dict[str, int] | None,
-                 is_dataset: bool) -> None:
+    def __init__(self, path: str, addr: int, header: _Header | None,
+                 children: dict[str, Link] | None, is_dataset: bool) -> None:
         self.path = path
-        self.header = header
+        self.addr = addr
+        self._header = header
         self.children = children
         self.is_dataset = is_dataset
 
@@ -543,29 +565,39 @@ class _Walker:
 
     def __init__(self, h5: File) -> None:
         self.h5 = h5
-        self.datasets: dict[str, DatasetInfo] = {}
+        self.datasets: dict[str, PendingDataset] = {}
         self._nodes: dict[str, _Node] = {}
         self._count = 0
 
-    def node(self, path: str, addr: int) -> _Node:
+    def node(self, path: str, link: Link) -> _Node:
         cached = self._nodes.get(path)
         if cached is not None:
             return cached
         self._count += 1
         if self._count > 5_000_000:
             raise Unsupported("too many objects")
-        header = self.h5.header(addr)
-        children = self.h5.children(header)
-        is_dataset = False
-        if children is None:
-            if not self.h5.is_dataset(header):
-                raise Unsupported("an object that is neither a group nor a dataset")
-            is_dataset = True
-            info = self.h5.dataset(header)
-            if info is not None:
-                self.datasets[path] = info
-        node = self._nodes[path] = _Node(path, header, children, is_dataset)
+        addr, stab = link
+        if stab is not None:
+            # An old-style group whose parent cached its symbol table: no need to read its
+            # header unless its attributes are wanted.
+            node = _Node(path, addr, None, self.h5._symbol_table(*stab), False)
+        else:
+            header = self.h5.header(addr)
+            children = self.h5.children(header)
+            is_dataset = False
+            if children is None:
+                if not self.h5.is_dataset(header):
+                    raise Unsupported("an object that is neither a group nor a dataset")
+                is_dataset = True
+                self.datasets[path] = PendingDataset(self.h5, header)
+            node = _Node(path, addr, header, children, is_dataset)
+        self._nodes[path] = node
         return node
+
+    def header(self, node: _Node) -> _Header:
+        if node._header is None:
+            node._header = self.h5.header(node.addr)
+        return node._header
 
     def get(self, group: _Node, key: str) -> _Node | None:
         if group.children is None or key not in group.children:
@@ -574,7 +606,9 @@ class _Walker:
 
     def group_name(self, group: _Node, fallback: str) -> str:
         vars_group = self.get(group, "vars")
-        name = self.h5.attribute(vars_group.header, "name") if vars_group is not None else None
+        name = None
+        if vars_group is not None:
+            name = self.h5.attribute(self.header(vars_group), "name")
         if isinstance(name, bytes):
             name = name.decode("utf-8", "replace")
         return name if isinstance(name, str) and name else fallback
@@ -606,8 +640,8 @@ class _Walker:
             return
         if layers.children is None:
             raise Unsupported("'layers' is not a group")
-        for key, addr in layers.children.items():
-            child = self.node(_join(layers.path, key), addr)
+        for key, link in layers.children.items():
+            child = self.node(_join(layers.path, key), link)
             self.index_layer(child, prefix + self.group_name(child, key), out, depth + 1)
 
     def index_layer(self, group: _Node, path: str, out: dict[str, tuple[str, ...]],
@@ -635,7 +669,7 @@ def index_keras_weights(source: ByteSource) -> KerasIndex:
     saved optimizer variables, and where every visited dataset's bytes are."""
     h5 = File(source)
     walker = _Walker(h5)
-    root = walker.node("/", h5.root)
+    root = walker.node("/", (h5.root, None))
     if root.children is None:
         raise Unsupported("the root object is not a group")
     variables: dict[str, tuple[str, ...]] = {}
@@ -648,17 +682,60 @@ def index_keras_weights(source: ByteSource) -> KerasIndex:
     return KerasIndex(variables, count, walker.datasets)
 
 
+class Numbers(Sequence):
+    """A dataset's values: a flat, read-only sequence of numbers in C order, decoded from its
+    bytes on first use. ``count(x)`` of a value stored exactly compares bytes, at C speed."""
+
+    __slots__ = ("_info", "_raw", "_values")
+
+    def __init__(self, info: DatasetInfo, raw: bytes) -> None:
+        self._info, self._raw = info, raw[: info.nbytes]
+        self._values: tuple[float | int, ...] | None = None
+
+    def _decoded(self) -> tuple[float | int, ...]:
+        if self._values is None:
+            self._values = decode(self._info, self._raw)
+        return self._values
+
+    def __len__(self) -> int:
+        return self._info.count
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._decoded()[index]
+
+    def __iter__(self) -> Iterator[float | int]:
+        return iter(self._decoded())
+
+    def count(self, value: Any) -> int:
+        fmt = (">" if self._info.big_endian else "<") + self._info.typecode
+        try:
+            packed = struct.pack(fmt, value)
+            exact = struct.unpack(fmt, packed)[0] == value
+        except (struct.error, OverflowError, TypeError):
+            exact = False
+        if exact and self._raw == packed * self._info.count:
+            return self._info.count
+        return self._decoded().count(value)
+
+    def tolist(self) -> list[float | int]:
+        return list(self._decoded())
+
+    def __repr__(self) -> str:
+        return f"Numbers({self._info.count} x {self._info.typecode})"
+
+
 def read_datasets(
-    datasets: dict[str, DatasetInfo], names: list[str], pread: Callable[[int, int], bytes]
-) -> dict[str, tuple[float | int, ...]]:
-    """Decode the named datasets; names not in ``datasets`` are left out."""
-    out: dict[str, tuple[float | int, ...]] = {}
+    datasets: dict[str, PendingDataset], names: list[str], pread: Callable[[int, int], bytes]
+) -> dict[str, Numbers]:
+    """The named datasets' values; names not in ``datasets`` or not readable are left out."""
+    out: dict[str, Numbers] = {}
     for name in names:
-        info = datasets.get(name)
+        pending = datasets.get(name)
+        info = pending.info() if pending is not None else None
         if info is None:
             continue
         raw = info.inline if info.inline is not None else pread(info.offset or 0, info.nbytes)
         if len(raw) < info.nbytes:
             continue
-        out[name] = decode(info, raw)
+        out[name] = Numbers(info, raw)
     return out
