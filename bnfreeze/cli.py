@@ -7,8 +7,11 @@ Exit codes: 0 ok, 1 a check found a problem, 2 usage or input error.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -53,6 +56,20 @@ def stderr_width() -> int | None:
         return os.get_terminal_size(sys.stderr.fileno()).columns if sys.stderr.isatty() else None
     except (AttributeError, OSError, ValueError):
         return None
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector. Reading a big model allocates ~10^6 small objects
+    (the parsed config) and no cycles worth collecting; the collector's passes over them cost
+    about a third of inspect's time on EfficientNetV2L."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def emit_warnings(findings: Any) -> None:
@@ -131,6 +148,7 @@ def inspect(
     \b
     Examples:
       bnfreeze inspect model.keras
+      bnfreeze inspect model.keras --all
       bnfreeze inspect model.keras --tree
       bnfreeze inspect model.keras --json | jq .summary
       bnfreeze inspect model.keras --strip --export model.svg
@@ -140,7 +158,8 @@ def inspect(
     if strip and (as_json or tree or all_layers):
         raise click.UsageError("--strip is its own view; drop --json, --tree and --all.")
     start_export(export, as_json)
-    report = inspect_file(model)
+    with gc_paused():
+        report = inspect_file(model)
     if as_json:
         from bnfreeze.render.json import render_report
 
