@@ -107,11 +107,11 @@ def _count(n: int) -> str:
 
 
 def diff_view(result: DiffResult) -> RenderableType:
-    head = Table.grid(padding=(0, 2))
-    head.add_column(style="bold")
-    head.add_column()
-    head.add_row("A", result.a.model.path)
-    head.add_row("B", result.b.model.path)
+    head = Text()
+    head.append("A", style="bold")
+    head.append(f"  {result.a.model.path}\n")
+    head.append("B", style="bold")
+    head.append(f"  {result.b.model.path}")
     if result.layers:
         count = len(result.layers)
         body: RenderableType = Group(
