@@ -1,0 +1,519 @@
+"""The Keras engine: everything that imports TensorFlow or Keras goes through here.
+
+``inspect`` reads files without Keras. The commands that must *run* a model (``verify``,
+``explain``, and the in-memory Python API) use this module to:
+
+* pick and import a runtime (:func:`keras_module`, :func:`runtime_info`): Keras 3 on the
+  TensorFlow backend by default, or Keras 2 (``tf_keras``) when the user asks and has it;
+* load a saved model safely (:func:`load_model`): ``safe_mode=True`` always, a model whose
+  config carries a Python ``lambda`` is refused with :class:`UnsafeModelError` unless the
+  caller passes ``unsafe=True``, and custom classes come only from a module or file the user
+  names (:func:`load_custom_objects`);
+* keep TensorFlow's noise off stdout (:func:`quiet`), and show progress on stderr while
+  TensorFlow loads and steps run (:func:`progress_on_stderr`).
+
+Every function imports TensorFlow / Keras lazily, when called; importing this module is cheap.
+
+Typical use::
+
+    from bnfreeze import engine
+
+    with engine.quiet():
+        model = engine.load_model("model.keras")            # keras.Model, safe_mode=True
+        model = engine.load_model("m.keras", unsafe=True)    # the user trusts the file
+        objs = engine.load_custom_objects("my_layers.py")
+        model = engine.load_model("m.keras", custom_objects=objs)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import os
+import re
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from bnfreeze.errors import (
+    BnfreezeError,
+    ModelFormatError,
+    RuntimeUnavailableError,
+    UnsafeModelError,
+)
+from bnfreeze.records import Runtime
+
+#: The option a user passes to load a model whose config carries Python code.
+UNSAFE_OPTION = "--unsafe"
+#: The option a user passes to name the module or file that defines custom classes.
+CUSTOM_OBJECTS_OPTION = "--custom-objects"
+
+ProgressFn = Callable[[str], None]
+
+
+def no_progress(message: str) -> None:
+    """A progress callback that shows nothing (the library's default)."""
+
+
+# --------------------------------------------------------------------------- runtimes
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """Which Keras ran a measurement: shown by ``verify`` and ``explain``."""
+
+    runtime: Runtime
+    keras_version: str
+    backend: str
+    tensorflow_version: str | None
+
+    @property
+    def label(self) -> str:
+        """E.g. ``Keras 3.15.1, backend tensorflow (TensorFlow 2.21.0)``."""
+        text = f"Keras {self.keras_version}, backend {self.backend}"
+        if self.tensorflow_version:
+            text += f" (TensorFlow {self.tensorflow_version})"
+        if self.runtime is Runtime.TF_KERAS:
+            text = f"tf_keras: {text}"
+        return text
+
+
+def require_runtime(runtime: Runtime) -> None:
+    """Raise :class:`RuntimeUnavailableError` when ``runtime`` is not installed.
+
+    Cheap: it looks the package up without importing it, so commands can fail fast, before
+    TensorFlow loads.
+    """
+    if runtime is Runtime.TF_KERAS and importlib.util.find_spec("tf_keras") is None:
+        raise RuntimeUnavailableError(
+            "--runtime tf-keras needs the tf_keras package (Keras 2), which is not installed; "
+            "bnfreeze does not depend on it.",
+            hint="Install the tf_keras release that matches your TensorFlow "
+            "(pip install tf_keras), or leave out --runtime to measure with Keras 3.",
+        )
+
+
+def keras_module(runtime: Runtime = Runtime.KERAS3) -> ModuleType:
+    """Import and return the Keras package for ``runtime`` (``keras`` or ``tf_keras``).
+
+    Keras 3 runs on the TensorFlow backend unless the user's ``KERAS_BACKEND`` says
+    otherwise. TensorFlow's start-up messages are kept off stdout and stderr.
+    """
+    require_runtime(runtime)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    name = "tf_keras" if runtime is Runtime.TF_KERAS else "keras"
+    if name in sys.modules:
+        return sys.modules[name]
+    with _native_output_captured() as captured:
+        try:
+            module = importlib.import_module(name)
+            _silence_python_loggers()
+        except Exception as exc:
+            detail = captured().strip().splitlines()
+            tail = f" ({detail[-1]})" if detail else ""
+            raise RuntimeUnavailableError(
+                f"importing {name} failed: {type(exc).__name__}: {_one_line(exc)}{tail}"
+            ) from None
+    return module
+
+
+def runtime_info(runtime: Runtime = Runtime.KERAS3) -> RuntimeInfo:
+    """The versions and backend of ``runtime`` (imports it)."""
+    keras = keras_module(runtime)
+    tf = sys.modules.get("tensorflow")
+    backend = "tensorflow" if runtime is Runtime.TF_KERAS else keras.backend.backend()
+    return RuntimeInfo(
+        runtime=runtime,
+        keras_version=str(getattr(keras, "__version__", "unknown")),
+        backend=str(backend),
+        tensorflow_version=str(tf.__version__) if tf is not None else None,
+    )
+
+
+def _silence_python_loggers() -> None:
+    import logging
+
+    for name in ("tensorflow", "absl", "h5py"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    with contextlib.suppress(Exception):
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.ERROR)
+
+
+# --------------------------------------------------------------------------- output hygiene
+
+
+@contextlib.contextmanager
+def _native_output_captured() -> Iterator[Callable[[], str]]:
+    """Send what C/C++ code writes to file descriptors 1 and 2 into a temporary file.
+
+    TensorFlow's import prints absl/CUDA start-up lines from C++, below Python's
+    ``sys.stdout``/``sys.stderr``. Yields a function returning what was captured, so a caller
+    can show it when something fails.
+    """
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        saved: list[tuple[int, int]] = []
+        for fd in (1, 2):
+            with contextlib.suppress(Exception):
+                getattr(sys, "stdout" if fd == 1 else "stderr").flush()
+            try:
+                saved.append((fd, os.dup(fd)))
+                os.dup2(sink.fileno(), fd)
+            except OSError:  # no such descriptor (embedded interpreters): nothing to hide
+                continue
+
+        def read() -> str:
+            sink.flush()
+            sink.seek(0)
+            return sink.read().decode("utf-8", "replace")
+
+        try:
+            yield read
+        finally:
+            for fd, copy in saved:
+                os.dup2(copy, fd)
+                os.close(copy)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Keep TensorFlow and Keras noise off stdout while the block runs.
+
+    Inside the block, whatever Python or native code prints to stdout goes to stderr
+    instead, so stdout stays clean for tables and JSON. TensorFlow and absl Python loggers
+    are set to errors only. Keras warnings are left to the caller (``verify`` records them
+    with :func:`warnings.catch_warnings` and reports them as notes).
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    copy: int | None = None
+    try:
+        copy = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:
+        copy = None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        if copy is not None:
+            os.dup2(copy, 1)
+            os.close(copy)
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class _Spinner:
+    """A one-line spinner with elapsed seconds, on a terminal's stderr.
+
+    It writes to its own duplicate of the terminal's descriptor, so it keeps turning while
+    :func:`keras_module` hides TensorFlow's native start-up output.
+    """
+
+    FRAMES = "|/-\\"
+
+    def __init__(self, fd: int) -> None:
+        self._out = os.fdopen(os.dup(fd), "w", encoding="utf-8", errors="replace")
+        self._message = ""
+        self._started = time.monotonic()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="bnfreeze-progress", daemon=True)
+        self._thread.start()
+
+    def update(self, message: str) -> None:
+        with self._lock:
+            self._message = message
+            self._started = time.monotonic()
+
+    def _draw(self, frame: str) -> None:
+        with self._lock:
+            if not self._message:
+                return
+            elapsed = time.monotonic() - self._started
+            self._out.write(f"\r\x1b[2K{frame} {self._message} {elapsed:4.1f}s")
+            self._out.flush()
+
+    def _run(self) -> None:
+        index = 0
+        while not self._stop.wait(0.12):
+            self._draw(self.FRAMES[index % len(self.FRAMES)])
+            index += 1
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        with self._lock:
+            self._out.write("\r\x1b[2K")
+            self._out.flush()
+            self._out.close()
+
+
+@contextlib.contextmanager
+def progress_on_stderr(enabled: bool = True) -> Iterator[ProgressFn]:
+    """Yield a progress callback that reports slow steps on stderr.
+
+    On a terminal it is a spinner that rewrites one line and disappears at the end. Elsewhere
+    (a pipe, CI, tests) each step is one plain line, ``bnfreeze: loading TensorFlow...``, so
+    logs show where time went. Nothing ever goes to stdout.
+    """
+    if not enabled:
+        yield no_progress
+        return
+    stream = sys.stderr
+    try:
+        fd = stream.fileno()
+        tty = os.isatty(fd)
+    except (AttributeError, OSError, ValueError):
+        fd, tty = -1, False
+    if not tty:
+
+        def line(message: str) -> None:
+            print(f"bnfreeze: {message}", file=sys.stderr, flush=True)
+
+        yield line
+        return
+    spinner = _Spinner(fd)
+    try:
+        yield spinner.update
+    finally:
+        spinner.close()
+
+
+# --------------------------------------------------------------------------- safety
+
+
+def unsafe_layers(config: Any) -> list[str]:
+    """Names of the layers (or other objects) whose saved config carries Python code.
+
+    Keras 3 stores a ``lambda``'s bytecode as ``{"class_name": "__lambda__", ...}``; Keras 2 /
+    tf_keras mark it with ``"function_type": "lambda"``. The whole config is scanned,
+    ``compile_config`` included. Reading the config executes nothing.
+    """
+    found: list[str] = []
+
+    def visit(node: Any, owner: str) -> None:
+        if isinstance(node, dict):
+            conf = node.get("config")
+            if isinstance(conf, dict) and isinstance(conf.get("name"), str):
+                owner = conf["name"]
+            if node.get("class_name") == "__lambda__" or any(
+                str(k).endswith("function_type") and v == "lambda" for k, v in node.items()
+            ):
+                found.append(owner)
+            for value in node.values():
+                visit(value, owner)
+        elif isinstance(node, list):
+            for item in node:
+                visit(item, owner)
+
+    visit(config, "the model")
+    return sorted(set(found))
+
+
+def refuse_unsafe(config: Any, source: str, *, unsafe: bool) -> None:
+    """Raise :class:`UnsafeModelError` if the config carries Python code and ``unsafe`` is False."""
+    if unsafe:
+        return
+    layers = unsafe_layers(config)
+    if layers:
+        shown = ", ".join(layers[:3]) + (f" and {len(layers) - 3} more" if len(layers) > 3 else "")
+        raise UnsafeModelError(
+            f"{source}: layer {shown} holds a Python lambda; loading the model would run "
+            "code stored in the file, so bnfreeze refuses (Keras safe_mode).",
+            hint=f"If you trust the file, pass {UNSAFE_OPTION}.",
+        )
+
+
+# --------------------------------------------------------------------------- custom objects
+
+
+def load_custom_objects(spec: str) -> dict[str, Any]:
+    """Import the module or ``.py`` file ``spec`` and return the custom objects it defines.
+
+    This runs the user's code, on purpose: it is how a user vouches for the custom classes
+    their model needs. ``spec`` is a path to a ``.py`` file or a dotted module name
+    importable from the current directory. If the module defines a dict ``CUSTOM_OBJECTS``,
+    that dict is used as is; otherwise every class and function defined in the module,
+    keyed by name. Classes decorated with ``keras.saving.register_keras_serializable``
+    register themselves on import as well.
+    """
+    module = _import_user_module(spec)
+    declared = getattr(module, "CUSTOM_OBJECTS", None)
+    if declared is not None:
+        if not isinstance(declared, dict):
+            raise BnfreezeError(
+                f"{CUSTOM_OBJECTS_OPTION} {spec}: CUSTOM_OBJECTS must be a dict of name to "
+                f"class or function, not {type(declared).__name__}."
+            )
+        return dict(declared)
+    found: dict[str, Any] = {}
+    for name, value in vars(module).items():
+        if name.startswith("_"):
+            continue
+        if (isinstance(value, type) or callable(value)) and getattr(
+            value, "__module__", None
+        ) == module.__name__:
+            found[name] = value
+    return found
+
+
+def _import_user_module(spec: str) -> ModuleType:
+    path = Path(spec)
+    try:
+        if spec.endswith(".py") or path.is_file():
+            if not path.is_file():
+                raise BnfreezeError(f"{CUSTOM_OBJECTS_OPTION} {spec}: no such file.")
+            name = "bnfreeze_custom_objects_" + re.sub(r"\W", "_", path.stem)
+            module_spec = importlib.util.spec_from_file_location(name, path)
+            if module_spec is None or module_spec.loader is None:
+                raise BnfreezeError(f"{CUSTOM_OBJECTS_OPTION} {spec}: not a Python file.")
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[name] = module
+            module_spec.loader.exec_module(module)
+            return module
+        sys.path.insert(0, os.getcwd())
+        try:
+            return importlib.import_module(spec)
+        finally:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(os.getcwd())
+    except BnfreezeError:
+        raise
+    except ModuleNotFoundError as exc:
+        raise BnfreezeError(
+            f"{CUSTOM_OBJECTS_OPTION} {spec}: cannot import it ({exc}).",
+            hint="Pass a .py file path or a module importable from the current directory.",
+        ) from None
+    except Exception as exc:
+        raise BnfreezeError(
+            f"{CUSTOM_OBJECTS_OPTION} {spec}: importing it raised "
+            f"{type(exc).__name__}: {_one_line(exc)}"
+        ) from None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    *,
+    unsafe: bool = False,
+    custom_objects: dict[str, Any] | None = None,
+    compile: bool = True,
+    runtime: Runtime = Runtime.KERAS3,
+) -> Any:
+    """Load a saved model with Keras and return the ``keras.Model``.
+
+    * ``safe_mode=True`` unless ``unsafe``: a model whose config holds a Python ``lambda``
+      raises :class:`UnsafeModelError`, naming ``--unsafe``, before Keras sees it.
+    * ``custom_objects``: classes and functions from :func:`load_custom_objects`; a model
+      that needs custom classes it was not given raises :class:`ModelFormatError` naming
+      ``--custom-objects``.
+    * ``compile``: as in ``keras.models.load_model``.
+
+    Any failure is a :class:`~bnfreeze.errors.BnfreezeError` with a one-line message. The
+    file is only read. Call it inside :func:`quiet` to keep TensorFlow's noise off stdout.
+    """
+    from bnfreeze.readers import read_model
+
+    # Read the config ourselves first: bad files get bnfreeze's specific errors, and
+    # unsafe content is refused before TensorFlow is even imported.
+    model_file = read_model(path, weights=False)
+    refuse_unsafe(model_file.config, str(path), unsafe=unsafe)
+    keras = keras_module(runtime)
+    kwargs: dict[str, Any] = {"custom_objects": custom_objects or None, "compile": compile}
+    kwargs["safe_mode"] = not unsafe
+    try:
+        return keras.models.load_model(os.fspath(path), **kwargs)
+    except BnfreezeError:
+        raise
+    except Exception as exc:
+        raise _load_error(path, exc, model_file.config) from None
+
+
+def _load_error(path: Any, exc: Exception, config: Any) -> BnfreezeError:
+    text = _one_line(exc)
+    if "safe_mode" in text or "unsafe_deserialization" in text:
+        return UnsafeModelError(
+            f"{path}: Keras refused to load it in safe mode: it holds Python code "
+            "(a Lambda layer or similar).",
+            hint=f"If you trust the file, pass {UNSAFE_OPTION}.",
+        )
+    custom = sorted(_custom_classes(config))
+    if custom and any(
+        s in text for s in ("Could not locate", "Unknown layer", "could not be deserialized")
+    ):
+        return ModelFormatError(
+            f"{path}: Keras cannot rebuild the custom class(es) {', '.join(custom[:5])}.",
+            hint=f"Pass the module or .py file that defines them: "
+            f"{CUSTOM_OBJECTS_OPTION} my_layers.py.",
+        )
+    return ModelFormatError(f"{path}: Keras could not load the model: {type(exc).__name__}: {text}")
+
+
+def _custom_classes(config: Any) -> set[str]:
+    from bnfreeze.walk import is_builtin
+
+    found: set[str] = set()
+
+    def visit(node: Any) -> None:
+        if isinstance(node, dict):
+            named = isinstance(node.get("class_name"), str) and "config" in node
+            if named and not is_builtin(node):
+                found.add(str(node.get("registered_name") or node["class_name"]))
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, list):
+            for item in node:
+                visit(item)
+
+    visit(config)
+    return found
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """The first meaningful line of an exception, without Keras's config dumps."""
+    text = str(exc).strip()
+    first = text.split("\n\n", 1)[0]
+    first = " ".join(first.split())
+    if len(first) > limit:
+        first = first[: limit - 3] + "..."
+    return first or type(exc).__name__
+
+
+@contextlib.contextmanager
+def keras_warnings() -> Iterator[list[str]]:
+    """Record the Python warnings Keras emits inside the block, deduplicated, one line each.
+
+    Keras reports real problems this way (a saved optimizer that no longer matches, "The
+    model does not have any trainable weights."), so callers show them rather than drop them.
+    """
+    collected: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield collected
+        finally:
+            seen: set[str] = set()
+            for item in caught:
+                if issubclass(item.category, DeprecationWarning):
+                    continue
+                line = " ".join(str(item.message).split())
+                if line and line not in seen:
+                    seen.add(line)
+                    collected.append(line)

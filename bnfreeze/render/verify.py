@@ -1,0 +1,341 @@
+"""Renderers for ``verify``: the measured table, the verdict, and the JSON contract.
+
+Pure functions of a :class:`~bnfreeze.verify.VerifyReport`: they never print.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from bnfreeze.expectations import Failure
+from bnfreeze.records import LayerState, Normalization
+from bnfreeze.render.json import SCHEMA_VERSION, dumps
+from bnfreeze.render.table import STYLE_FROZEN, STYLE_INFERENCE, STYLE_NONE, STYLE_TRAINING
+from bnfreeze.verify import (
+    CompileSource,
+    DataSource,
+    LayerMeasurement,
+    Movement,
+    TrainingSetup,
+    VerifyReport,
+)
+
+STYLE_AGREE = "bold green"
+STYLE_DISAGREE = "bold red"
+
+_MOVEMENT_TEXT = {
+    Movement.MOVED: ("moved", STYLE_TRAINING),
+    Movement.ZERO_UPDATE: ("trained, zero update", "yellow"),
+    Movement.UNCHANGED: ("unchanged", STYLE_INFERENCE),
+    Movement.NONE: ("-", STYLE_NONE),
+}
+
+
+def movement_text(movement: Movement) -> Text:
+    words, style = _MOVEMENT_TEXT[movement]
+    return Text(words, style=style)
+
+
+def mode_text(m: LayerMeasurement) -> Text:
+    """What the layer did in ``fit()``, as measured."""
+    if m.is_batchnorm:
+        if m.normalizes_with is Normalization.BATCH:
+            return Text("training", style=STYLE_TRAINING)
+        if m.normalizes_with is Normalization.MOVING:
+            return Text("inference", style=STYLE_INFERENCE)
+        return Text("not measured", style=STYLE_NONE)
+    if m.trains_weights is True:
+        return Text("trains", style="green")
+    if m.trains_weights is False:
+        return Text("frozen", style=STYLE_FROZEN)
+    return Text("-", style=STYLE_NONE)
+
+
+def data_words(setup: TrainingSetup) -> str:
+    if setup.data_source is DataSource.FILE:
+        return f"data from {setup.data_path}"
+    from bnfreeze.verify import SYNTHETIC_MEAN, SYNTHETIC_STD
+
+    return (
+        f"synthetic data (normal, mean {SYNTHETIC_MEAN:g}, std {SYNTHETIC_STD:g}, "
+        f"seed {setup.seed})"
+    )
+
+
+def compile_words(setup: TrainingSetup) -> str:
+    what = f"{setup.optimizer}, loss {setup.loss}"
+    if setup.compile_source is CompileSource.MODEL:
+        return f"{what} (the model's own compile config)"
+    if setup.compile_source is CompileSource.DEFAULT:
+        return f"{what} (the model was saved without a compile config)"
+    return f"{what} (instead of the model's own: {setup.reason})"
+
+
+def summary(report: VerifyReport) -> Table:
+    setup = report.setup
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column(overflow="fold")
+    grid.add_row("File", report.path)
+    grid.add_row("Runtime", f"{report.runtime.label}, measured")
+    steps = f"{setup.steps} step{'s' if setup.steps != 1 else ''}"
+    grid.add_row(
+        "Training",
+        f"{steps} of train_on_batch, batch {setup.batch_size}, {data_words(setup)}, "
+        f"run eagerly",
+    )
+    grid.add_row("Compile", compile_words(setup))
+    bns = report.batchnorm
+    moved = report.bn_stats_moved
+    unmeasured = sum(1 for m in bns if not m.mode_measured)
+    line = Text(f"{len(bns)} BN layers: ")
+    line.append(f"{moved} moved their moving statistics", style=STYLE_TRAINING if moved else "")
+    line.append(", ")
+    line.append(f"{len(bns) - moved} unchanged", style=STYLE_INFERENCE)
+    if unmeasured:
+        line.append(f" ({unmeasured} custom: mode not measured)", style=STYLE_NONE)
+    grid.add_row("BatchNorm", line)
+    weighted = [m for m in report.layers if m.trains_weights is not None]
+    trained = sum(1 for m in weighted if m.trains_weights)
+    grid.add_row(
+        "Weights", f"{trained} layers trained, {len(weighted) - trained} frozen in fit()"
+    )
+    return grid
+
+
+def layer_table(report: VerifyReport, all_layers: bool = False) -> Table:
+    """BN layers (every measured layer with ``all_layers``), and any layer that disagrees."""
+    disagreeing = {d.path for d in report.disagreements}
+    predicted = {s.layer.path for s in report.prediction.layers} if report.prediction else set()
+    table = Table(show_edge=False, pad_edge=False, header_style="bold")
+    table.add_column("path", overflow="fold")
+    table.add_column("class", overflow="fold")
+    table.add_column("moving stats")
+    table.add_column("gamma/beta")
+    table.add_column("other weights")
+    table.add_column("in fit()")
+    table.add_column("prediction")
+    for m in report.layers:
+        if not (all_layers or m.is_batchnorm or m.path in disagreeing):
+            continue
+        if m.path in disagreeing:
+            verdict = Text("disagrees", style=STYLE_DISAGREE)
+        elif m.path in predicted:
+            verdict = Text("agrees", style="green")
+        else:
+            verdict = Text("not in file" if not m.in_file else "-", style=STYLE_NONE)
+        table.add_row(
+            m.path,
+            m.class_name,
+            movement_text(m.moving_stats),
+            movement_text(m.gamma_beta),
+            movement_text(m.other_weights),
+            mode_text(m),
+            verdict,
+        )
+    return table
+
+
+def verdict(report: VerifyReport) -> Text:
+    """One line: does the measurement agree with what ``inspect`` predicted from the file?"""
+    if report.prediction is None:
+        return Text(
+            "No prediction to compare: bnfreeze has no rule set for "
+            f"{report.runtime.runtime.value} yet; the table is the measurement alone.",
+            style=STYLE_NONE,
+        )
+    layers = len({m.path for m in report.layers if m.path in _predicted_paths(report)})
+    if report.agree:
+        text = Text("AGREE", style=STYLE_AGREE)
+        text.append(
+            f"  inspect's prediction from the file matches the measurement: "
+            f"{report.checks} checks on {layers} layers."
+        )
+        return text
+    text = Text("DISAGREE", style=STYLE_DISAGREE)
+    count = len(report.disagreements)
+    text.append(
+        f"  {count} of {report.checks} checks differ from inspect's prediction "
+        f"({layers} layers compared):"
+    )
+    return text
+
+
+def _predicted_paths(report: VerifyReport) -> set[str]:
+    return {s.layer.path for s in report.prediction.layers} if report.prediction else set()
+
+
+def expectation_lines(report: VerifyReport) -> list[Text]:
+    lines = []
+    for expectation, failures in report.expectations:
+        if not failures:
+            line = Text("HOLDS", style=STYLE_AGREE)
+            line.append(f"  --expect {expectation.name}")
+        else:
+            line = Text("FAILS", style=STYLE_DISAGREE)
+            line.append(
+                f"  --expect {expectation.name}: {len(failures)} "
+                f"layer{'s' if len(failures) != 1 else ''} measured otherwise"
+            )
+        lines.append(line)
+    return lines
+
+
+def failures_table(failures: list[Failure]) -> Table:
+    table = Table(show_edge=False, pad_edge=False, header_style="bold")
+    table.add_column("expectation", overflow="fold")
+    table.add_column("layer", overflow="fold")
+    table.add_column("expected", overflow="fold")
+    table.add_column("measured", overflow="fold", style="red")
+    for f in failures:
+        table.add_row(f.expectation, f.path or "(model)", f.expected, f.actual)
+    return table
+
+
+def verify_view(report: VerifyReport, *, all_layers: bool = False) -> RenderableType:
+    parts: list[RenderableType] = [summary(report), Text("")]
+    if report.layers and (all_layers or report.batchnorm or report.disagreements):
+        parts += [layer_table(report, all_layers), Text("")]
+    elif not report.batchnorm:
+        parts += [
+            Text("No BatchNormalization layers. Use --all to list every layer.", style=STYLE_NONE),
+            Text(""),
+        ]
+    parts.append(verdict(report))
+    for d in report.disagreements:
+        parts.append(Text(f"  {d.message}", style="red"))
+    if report.expectations:
+        parts += [Text(""), *expectation_lines(report)]
+        failures = [f for _, fs in report.expectations for f in fs]
+        if failures:
+            parts += [Text(""), failures_table(failures)]
+    return Group(*parts)
+
+
+def note_lines(report: VerifyReport) -> list[str]:
+    """Lines for stderr: what the run had to adapt, and what Keras itself warned about."""
+    lines = [f"note: {n}" for n in report.notes]
+    if report.not_in_file:
+        shown = ", ".join(report.not_in_file[:5])
+        more = f" and {len(report.not_in_file) - 5} more" if len(report.not_in_file) > 5 else ""
+        lines.append(
+            f"note: measured layers the file's layer list does not show (inside custom layers), "
+            f"so inspect could not predict them: {shown}{more}."
+        )
+    if report.not_measured:
+        shown = ", ".join(report.not_measured[:5])
+        more = f" and {len(report.not_measured) - 5} more" if len(report.not_measured) > 5 else ""
+        lines.append(
+            f"note: layers the file lists with weights but Keras did not show: {shown}{more}."
+        )
+    return lines
+
+
+# --------------------------------------------------------------------------- JSON
+
+
+def layer_dict(m: LayerMeasurement, state: LayerState | None) -> dict[str, Any]:
+    """One measured layer, with what ``inspect`` predicted for it (None: not in the file)."""
+    return {
+        "path": m.path,
+        "class_name": m.class_name,
+        "is_batchnorm": m.is_batchnorm,
+        "in_file": m.in_file,
+        "moving_stats": m.moving_stats.value,
+        "gamma_beta": m.gamma_beta.value,
+        "other_weights": m.other_weights.value,
+        "trains_weights": m.trains_weights,
+        "normalizes_with": m.normalizes_with.value if m.normalizes_with is not None else None,
+        "mode_measured": m.mode_measured,
+        "predicted": None
+        if state is None
+        else {
+            "trains_weights": state.in_fit.trains_weights,
+            "updates_moving_stats": state.in_fit.updates_moving_stats,
+        },
+    }
+
+
+def runtime_dict(report: VerifyReport) -> dict[str, Any]:
+    info = report.runtime
+    return {
+        "name": info.runtime.value,
+        "keras_version": info.keras_version,
+        "backend": info.backend,
+        "tensorflow_version": info.tensorflow_version,
+    }
+
+
+def verify_dict(report: VerifyReport) -> dict[str, Any]:
+    setup = report.setup
+    bns = report.batchnorm
+    weighted = [m for m in report.layers if m.trains_weights is not None]
+    states = {s.layer.path: s for s in report.prediction.layers} if report.prediction else {}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "command": "verify",
+        "model": report.path,
+        "runtime": runtime_dict(report),
+        "run": {
+            "steps": setup.steps,
+            "batch_size": setup.batch_size,
+            "execution": setup.execution,
+            "data": {
+                "source": setup.data_source.value,
+                "path": setup.data_path,
+                "seed": setup.seed,
+                "input_shapes": [list(s) for s in setup.input_shapes],
+            },
+            "compile": {
+                "source": setup.compile_source.value,
+                "optimizer": setup.optimizer,
+                "loss": setup.loss,
+                "reason": setup.reason,
+            },
+        },
+        "summary": {
+            "batchnorm": len(bns),
+            "bn_stats_moved": report.bn_stats_moved,
+            "bn_stats_unchanged": sum(1 for m in bns if m.moving_stats is Movement.UNCHANGED),
+            "bn_mode_not_measured": sum(1 for m in bns if not m.mode_measured),
+            "layers_trained": sum(1 for m in weighted if m.trains_weights),
+            "layers_frozen": sum(1 for m in weighted if not m.trains_weights),
+            "compared": report.prediction is not None,
+            "checks": report.checks,
+            "disagreements": len(report.disagreements),
+            "agree": report.agree,
+            "expectations_hold": report.expectations_hold,
+        },
+        "layers": [layer_dict(m, states.get(m.path)) for m in report.layers],
+        "disagreements": [
+            {
+                "path": d.path,
+                "aspect": d.aspect.value,
+                "predicted": d.predicted,
+                "measured": d.measured.value,
+                "message": d.message,
+            }
+            for d in report.disagreements
+        ],
+        "expectations": [
+            {
+                "expectation": e.name,
+                "holds": not failures,
+                "failures": [
+                    {"path": f.path, "expected": f.expected, "actual": f.actual} for f in failures
+                ],
+            }
+            for e, failures in report.expectations
+        ],
+        "not_in_file": list(report.not_in_file),
+        "not_measured": list(report.not_measured),
+        "notes": list(report.notes),
+    }
+
+
+def render_verify(report: VerifyReport) -> str:
+    return dumps(verify_dict(report))
