@@ -71,7 +71,9 @@ def _call_site_training(states: tuple[LayerState, ...]) -> list[Finding]:
             continue
         scope = [state, *_below(states, layer.path)]
         unprotected = [
-            s for s in scope if s.layer.is_batchnorm and s.in_fit.normalizes_with is Normalization.BATCH
+            s
+            for s in scope
+            if s.layer.is_batchnorm and s.in_fit.normalizes_with is Normalization.BATCH
         ]
         if not unprotected:
             continue
@@ -153,7 +155,13 @@ def _optimizer_state(model: ModelFile) -> list[Finding]:
 
 
 def bn_statistics_datasets(model: ModelFile, state: LayerState) -> dict[str, str] | None:
-    """Map gamma/beta/moving_mean/moving_variance to dataset paths for one BN layer."""
+    """Map gamma/beta/moving_mean/moving_variance to dataset paths for one BN layer.
+
+    A legacy ``.h5`` names its datasets. A ``.keras`` weights file numbers them, in the order
+    ``BatchNormalization.build`` creates them: gamma (when ``scale``), beta (when ``center``),
+    moving_mean, moving_variance, then batch renormalization's moving_stddev, renorm_mean and
+    renorm_stddev (when ``renorm``). A layout that does not fit the config gives None.
+    """
     if model.weights is None:
         return None
     datasets = model.weights.variables.get(state.layer.path)
@@ -161,13 +169,20 @@ def bn_statistics_datasets(model: ModelFile, state: LayerState) -> dict[str, str
         return None
     leaves = [d.rsplit("/", 1)[-1].split(":")[0] for d in datasets]
     if all(leaf.isdigit() for leaf in leaves):
-        # .keras: positional. Moving statistics are always the last two variables;
-        # gamma and beta (when scale/center) come first, in that order.
-        labels = ["moving_mean", "moving_variance"]
-        head = len(datasets) - 2
-        labels = (["gamma", "beta"][:head] if head == 2 else ["gamma_or_beta"] * head) + labels
-        return dict(zip(labels, datasets, strict=True)) if head >= 0 else None
-    return dict(zip(leaves, datasets, strict=True))
+        layer = state.layer
+        labels = [
+            *(["gamma"] if layer.scale else []),
+            *(["beta"] if layer.center else []),
+            "moving_mean",
+            "moving_variance",
+            *(["moving_stddev", "renorm_mean", "renorm_stddev"] if layer.renorm else []),
+        ]
+        if len(labels) != len(datasets):
+            return None
+        named = dict(zip(labels, datasets, strict=True))
+    else:
+        named = dict(zip(leaves, datasets, strict=True))
+    return {label: d for label, d in named.items() if label in _UNTRAINED}
 
 
 _UNTRAINED = {"gamma": 1.0, "beta": 0.0, "moving_mean": 0.0, "moving_variance": 1.0}
@@ -196,8 +211,8 @@ def _untrained_statistics(
                 Finding(
                     WarningCode.UNTRAINED_BN_STATISTICS,
                     path,
-                    f"{path} has untrained statistics (moving mean 0, variance 1, gamma 1, beta 0): "
-                    "the model was built with weights=None or never trained. Freezing it "
+                    f"{path} has untrained statistics (moving mean 0, variance 1, gamma 1, "
+                    "beta 0): the model was built with weights=None or never trained. Freezing it "
                     "(--bn-inference) turns it into an identity and disables batch normalization.",
                 )
             )

@@ -6,7 +6,7 @@ import os
 
 from bnfreeze import diagnostics, modes
 from bnfreeze.readers import read_model, read_values
-from bnfreeze.records import ModelFile, Report, Runtime
+from bnfreeze.records import ModelFile, ModelFormat, Report, Runtime
 from bnfreeze.walk import walk
 
 
@@ -24,22 +24,27 @@ def inspect_model_file(model: ModelFile, runtime: Runtime = Runtime.KERAS3) -> R
             has_weights[record.path] = bool(index[record.path])
         else:
             has_weights[record.path] = modes.has_weights_by_class(record)
+    model_trainable = walked.trainable
+    if model.format is not ModelFormat.MEMORY:
+        model_trainable = modes.loaded_model_trainable(
+            walked.class_name, walked.trainable, runtime
+        )
     states = modes.resolve(
         walked.layers,
-        model_trainable=walked.trainable,
+        model_trainable=model_trainable,
         has_weights=has_weights,
         runtime=runtime,
     )
     findings = diagnostics.find(
         model,
         states,
-        model_trainable=walked.trainable,
+        model_trainable=model_trainable,
         read_values=(lambda names: read_values(model, names)) if index is not None else None,
     )
     return Report(
         model=model,
         runtime=runtime,
-        model_trainable=walked.trainable,
+        model_trainable=model_trainable,
         layers=states,
         warnings=findings,
     )

@@ -31,7 +31,14 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from bnfreeze.records import FitBehaviour, LayerKind, LayerRecord, LayerState, Normalization, Runtime
+from bnfreeze.records import (
+    FitBehaviour,
+    LayerKind,
+    LayerRecord,
+    LayerState,
+    Normalization,
+    Runtime,
+)
 
 NOT_APPLICABLE = FitBehaviour(trains_weights=None, normalizes_with=None, updates_moving_stats=None)
 
@@ -53,12 +60,28 @@ WEIGHTLESS_CLASSES = frozenset(
 )
 
 
+#: Built-in layers whose variables are all non-trainable state, never trained by ``fit()``:
+#: the preprocessing ``Normalization`` keeps the mean and variance that ``adapt()`` computed.
+UNTRAINABLE_STATE_CLASSES = frozenset({"Normalization"})
+
+#: Modules of Keras *operations* (``x + 3`` in a Functional graph is recorded as an ``Add``
+#: operation from ``keras.src.ops.numpy``): listed in the config, never holding variables.
+OPERATION_MODULE_PREFIXES = ("keras.src.ops.", "keras.ops.")
+
+
+def is_operation(record: LayerRecord) -> bool:
+    """Whether the config entry is a Keras operation applied to tensors, not a layer."""
+    return record.module is not None and record.module.startswith(OPERATION_MODULE_PREFIXES)
+
+
 def has_weights_by_class(record: LayerRecord) -> bool | None:
     """Whether a layer holds variables, judged by its class alone (None: cannot tell)."""
     if record.kind in (LayerKind.INPUT, LayerKind.CONTAINER, LayerKind.WRAPPER):
         return False
     if record.kind is LayerKind.BATCHNORM:
         return True
+    if is_operation(record):
+        return False
     if not record.custom and record.class_name in WEIGHTLESS_CLASSES:
         return False
     return None
@@ -68,6 +91,11 @@ class RuleSet(Protocol):
     """How one runtime resolves a layer's effective behaviour."""
 
     runtime: Runtime
+
+    def loaded_model_trainable(self, class_name: str, stored: bool) -> bool:
+        """The model's own ``trainable`` once the runtime has loaded it from a file whose
+        top-level config is ``class_name`` with the flag ``stored``."""
+        ...
 
     def in_fit(
         self, record: LayerRecord, *, model_trainable: bool, has_weights: bool | None
@@ -81,6 +109,14 @@ class Keras3Rules:
 
     runtime = Runtime.KERAS3
 
+    def loaded_model_trainable(self, class_name: str, stored: bool) -> bool:
+        # Measured: Keras 3's ``Sequential.from_config`` never passes the saved flag on, so a
+        # Sequential saved with trainable=False loads trainable (its leaves keep their own
+        # flags). A Functional model's flag is restored.
+        if class_name == "Sequential":
+            return True
+        return stored
+
     def in_fit(
         self, record: LayerRecord, *, model_trainable: bool, has_weights: bool | None
     ) -> FitBehaviour:
@@ -88,13 +124,19 @@ class Keras3Rules:
         if record.kind in (LayerKind.INPUT, LayerKind.CONTAINER, LayerKind.WRAPPER):
             return NOT_APPLICABLE
         if record.kind is LayerKind.BATCHNORM:
-            # Gamma and beta are the trainable weights; the moving statistics never are.
+            # Gamma and beta are the trainable weights; the moving statistics never are. A BN
+            # with scale=False and center=False has neither, so it trains no weights.
             return FitBehaviour(
-                trains_weights=own and model_trainable,
+                trains_weights=own and model_trainable and (record.scale or record.center),
                 normalizes_with=Normalization.BATCH if own else Normalization.MOVING,
                 updates_moving_stats=own,
             )
-        trains = None if not has_weights else own and model_trainable
+        if not has_weights:
+            trains = None
+        elif not record.custom and record.class_name in UNTRAINABLE_STATE_CLASSES:
+            trains = False
+        else:
+            trains = own and model_trainable
         return FitBehaviour(trains_weights=trains, normalizes_with=None, updates_moving_stats=None)
 
     def in_predict(self, record: LayerRecord, *, has_weights: bool | None) -> FitBehaviour:
@@ -111,7 +153,9 @@ class Keras3Rules:
                 updates_moving_stats=None,
             )
         if has_weights and record.kind not in (LayerKind.CONTAINER, LayerKind.WRAPPER):
-            return FitBehaviour(trains_weights=False, normalizes_with=None, updates_moving_stats=None)
+            return FitBehaviour(
+                trains_weights=False, normalizes_with=None, updates_moving_stats=None
+            )
         return NOT_APPLICABLE
 
 
@@ -127,6 +171,16 @@ def rules_for(runtime: Runtime) -> RuleSet:
         raise RuntimeUnavailableError(
             f"no rule set for runtime {runtime.value!r} yet; bnfreeze predicts for Keras 3."
         ) from None
+
+
+def loaded_model_trainable(
+    class_name: str, stored: bool, runtime: Runtime = Runtime.KERAS3
+) -> bool:
+    """The model's own ``trainable`` after ``runtime`` loads a file whose top-level config is
+    ``class_name`` with the flag ``stored`` (a Keras 3 Sequential loads trainable whatever was
+    saved). Pass the result to :func:`resolve` for a file; an in-memory model's live flag is
+    already the truth."""
+    return rules_for(runtime).loaded_model_trainable(class_name, stored)
 
 
 def resolve(

@@ -111,6 +111,11 @@ class LayerRecord:
     synchronized: bool = False
     module: str | None = None
     custom: bool = False  # a class that is not a Keras built-in
+    #: BN only, from its config: ``scale`` (a gamma), ``center`` (a beta), ``renorm`` (batch
+    #: renormalization's extra statistics). A BN without gamma and beta trains no weights.
+    scale: bool = True
+    center: bool = True
+    renorm: bool = False
 
     @property
     def is_batchnorm(self) -> bool:

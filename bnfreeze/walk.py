@@ -203,17 +203,30 @@ def _walk_layer(
             call_kwargs=call_kwargs(layer),
             config_path=config_path,
             synchronized=config.get("synchronized") is True,
+            scale=config.get("scale") is not False,
+            center=config.get("center") is not False,
+            renorm=config.get("renorm") is True,
             module=module if isinstance(module, str) else None,
             custom=not is_builtin(layer),
         )
     )
     if kind is LayerKind.CONTAINER and isinstance(config.get("layers"), list):
-        _walk_list(config["layers"], (*config_path, "config", "layers"), path + "/", path, depth + 1, out, source)
+        _walk_list(
+            config["layers"],
+            (*config_path, "config", "layers"),
+            path + "/",
+            path,
+            depth + 1,
+            out,
+            source,
+        )
     elif kind is LayerKind.WRAPPER:
         for key in WRAPPED_LAYER_KEYS:
             inner = config.get(key)
             if isinstance(inner, dict):
-                _walk_layer(inner, (*config_path, "config", key), path + "/", path, depth + 1, out, source)
+                _walk_layer(
+                    inner, (*config_path, "config", key), path + "/", path, depth + 1, out, source
+                )
 
 
 def ancestors(layers: tuple[LayerRecord, ...], record: LayerRecord) -> Iterator[LayerRecord]:
