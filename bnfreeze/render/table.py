@@ -185,6 +185,7 @@ class _Row:
 
 
 HEADERS = ("path", "class", "trainable", "in fit()", "updates stats")
+_GAPS = 2 * (len(HEADERS) - 1)  # one space of padding each side of a column boundary
 
 
 class LayerTable:
@@ -211,33 +212,30 @@ class LayerTable:
         return widths
 
     def _widths(self, max_width: int) -> list[int | None]:
-        """Column widths that fit ``max_width``, cutting the least useful space first."""
-        natural = self._natural()
-        gaps = 2 * (len(HEADERS) - 1)
+        """Column widths that fit ``max_width``, cutting the least useful space first.
+
+        ``None`` leaves a column to Rich; 0 hides the class column.
+        """
+        path, klass, trainable, in_fit, stats = self._natural()
         widths: list[int | None] = [None] * len(HEADERS)
-        path, klass, _, in_fit, stats = natural
-
-        def total() -> int:
-            return path + klass + natural[2] + in_fit + stats + gaps
-
-        if total() <= max_width:
+        if path + klass + trainable + in_fit + stats + _GAPS <= max_width:
             return widths
         # 1. Wrap the "updates stats" header, and long container summaries in "in fit()".
-        stats = max(len("updates"), max((r.updates_stats.cell_len for r in self.rows), default=0))
+        stats = max([len("updates")] + [r.updates_stats.cell_len for r in self.rows])
         widths[4] = stats
         if in_fit > SUMMARY_MAX_WIDTH:
-            in_fit = SUMMARY_MAX_WIDTH
-            widths[3] = in_fit
-        # 2. Cut the class column, down to CLASS_MIN_WIDTH.
-        if total() > max_width:
-            klass = max(CLASS_MIN_WIDTH, klass - (total() - max_width))
-            widths[1] = klass
-        # 3. Fold the path column.
-        if total() > max_width:
-            path = max(PATH_MIN_WIDTH, path - (total() - max_width))
-            widths[0] = path
+            in_fit = widths[3] = SUMMARY_MAX_WIDTH
+        room = max_width - trainable - in_fit - stats - _GAPS  # for path and class
+        if path + klass <= room:
+            return widths
+        # 2. Cut the class column, down to CLASS_MIN_WIDTH; 3. then hide it.
+        if path + CLASS_MIN_WIDTH <= room:
+            widths[1] = room - path
+            return widths
+        widths[1] = 0
+        # 4. Fold the path column, as a last resort.
+        widths[0] = max(PATH_MIN_WIDTH, min(path, room + 2))
         return widths
-
     def _table(self, max_width: int) -> Table:
         widths = self._widths(max_width)
         table = Table(
@@ -248,13 +246,18 @@ class LayerTable:
             padding=(0, 1),
             header_style="bold",
         )
+        show_class = widths[1] != 0
         table.add_column(HEADERS[0], overflow="fold", width=widths[0])
-        table.add_column(HEADERS[1], overflow="ellipsis", no_wrap=True, width=widths[1])
+        if show_class:
+            table.add_column(HEADERS[1], overflow="ellipsis", no_wrap=True, width=widths[1])
         table.add_column(HEADERS[2], no_wrap=True, width=widths[2])
         table.add_column(HEADERS[3], width=widths[3])
         table.add_column(HEADERS[4], width=widths[4])
         for row in self.rows:
-            table.add_row(row.path, row.class_name, row.trainable, row.in_fit, row.updates_stats)
+            cells = [row.path, row.class_name, row.trainable, row.in_fit, row.updates_stats]
+            if not show_class:
+                del cells[1]
+            table.add_row(*cells)
         return table
 
 
@@ -302,16 +305,19 @@ def layer_tree(report: Report, all_layers: bool = False) -> Tree:
                 label.append("  ")
                 label.append_text(summary_text)
         else:
-            label.append("  ")
-            label.append_text(mode_text(state))
+            mode = mode_text(state)
+            if mode.plain != "-":
+                label.append("  ")
+                label.append_text(mode)
         parent = nodes.get(layer.parent, root)
         nodes[layer.path] = parent.add(label)
     return root
 
 
+#: What the mode words mean, under the table (each line fits 80 columns).
 LEGEND = (
-    "in fit(): training = normalizes with batch statistics and updates its moving statistics; "
-    "inference = normalizes with its moving statistics and leaves them as they are."
+    "training:  in fit() normalizes with batch statistics, updates moving statistics\n"
+    "inference: in fit() normalizes with moving statistics, leaves them unchanged"
 )
 
 
