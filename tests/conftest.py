@@ -12,3 +12,97 @@ SAMPLES = ROOT / "sample_models"
 @pytest.fixture(scope="session")
 def samples() -> Path:
     return SAMPLES
+
+
+# --- Real Keras models, built once per session (see tests/keras_truth.py) -------------------
+# Each fixture saves a small keras.applications model (weights=None, 32x32) to a temporary
+# `.keras` file and returns its path. Tests load their own copy, so training one never
+# affects another.
+
+
+def _save_application(tmp_path_factory, name, build):
+    import keras
+
+    keras.utils.set_random_seed(1234)
+    model = build(keras)
+    path = tmp_path_factory.mktemp("applications") / f"{name}.keras"
+    model.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def guide_phase2_keras(tmp_path_factory) -> Path:
+    """The Keras transfer-learning guide, phase 2: a MobileNetV2 backbone (alpha 0.35) called
+    with training=False, trained one step frozen, then base.trainable=True and recompiled."""
+
+    def build(keras):
+        import numpy as np
+
+        base = keras.applications.MobileNetV2(
+            input_shape=(32, 32, 3), include_top=False, weights=None, alpha=0.35
+        )
+        base.trainable = False
+        inputs = keras.Input((32, 32, 3), name="image")
+        x = base(inputs, training=False)
+        x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+        outputs = keras.layers.Dense(2, name="head")(x)
+        model = keras.Model(inputs, outputs, name="guide_phase2")
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse", run_eagerly=True)
+        rng = np.random.default_rng(0)
+        model.fit(rng.normal(5, 2, (4, 32, 32, 3)), rng.normal(size=(4, 2)), verbose=0)
+        base.trainable = True
+        model.compile(optimizer=keras.optimizers.Adam(1e-5), loss="mse")
+        return model
+
+    return _save_application(tmp_path_factory, "guide_phase2", build)
+
+
+@pytest.fixture(scope="session")
+def mobilenetv3small_keras(tmp_path_factory) -> Path:
+    """MobileNetV3Small with its first half of layers frozen (BN and conv alike)."""
+
+    def build(keras):
+        model = keras.applications.MobileNetV3Small(
+            input_shape=(32, 32, 3), include_top=False, weights=None
+        )
+        for layer in model.layers[: len(model.layers) // 2]:
+            layer.trainable = False
+        return model
+
+    return _save_application(tmp_path_factory, "mobilenetv3small", build)
+
+
+@pytest.fixture(scope="session")
+def efficientnetb0_keras(tmp_path_factory) -> Path:
+    """EfficientNetB0 with every BN layer frozen (the "BN in inference" recipe); it also
+    has a preprocessing Normalization layer, which is not BN."""
+
+    def build(keras):
+        model = keras.applications.EfficientNetB0(
+            input_shape=(32, 32, 3), include_top=False, weights=None
+        )
+        for layer in model.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False
+        return model
+
+    return _save_application(tmp_path_factory, "efficientnetb0", build)
+
+
+@pytest.fixture(scope="session")
+def guide_phase2_bn_inference_keras(guide_phase2_keras, tmp_path_factory) -> Path:
+    """The guide's phase 2 done right on Keras 3 (the ``--bn-inference`` recipe), built with
+    Keras itself: the same model with trainable=False on every BN layer, recompiled."""
+    import keras
+
+    model = keras.models.load_model(guide_phase2_keras)
+    frozen = 0
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+            frozen += 1
+    assert frozen > 0
+    model.compile(optimizer=keras.optimizers.Adam(1e-5), loss="mse")
+    path = tmp_path_factory.mktemp("recipes") / "guide_phase2_bn_inference.keras"
+    model.save(path)
+    return path
