@@ -16,12 +16,14 @@ import h5py
 import numpy as np
 import pytest
 
-from bnfreeze.edit import Assignment, apply_to_config, assign, current_flags
+from bnfreeze import freezing
+from bnfreeze.edit import apply_to_config, current_flags
 from bnfreeze.errors import OutputError
 from bnfreeze.readers import read_model
-from bnfreeze.selection import select
 from bnfreeze.walk import walk
-from bnfreeze.writers import legacy_h5
+from bnfreeze.writers import WriteOutcome, WriteRequest, legacy_h5
+from bnfreeze.writers.atomic import write_atomically
+from bnfreeze.writers.legacy_h5 import WRITER
 
 pytestmark = pytest.mark.keras
 
@@ -65,14 +67,34 @@ def differing(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> list[str]:
     return sorted(k for k in a if a[k].shape != b[k].shape or not np.array_equal(a[k], b[k]))
 
 
-def edit(path: Path, out: Path, new: dict[str, bool], **kwargs) -> legacy_h5.H5WriteResult:
+def request(path: Path, new: dict[str, bool], *, drop: bool = True) -> WriteRequest:
+    """Any flags at all (not only what one recipe gives), optimizer state dropped."""
     model = read_model(path)
-    walked = walk(model.config)
-    old = current_flags(walked.layers)
-    flags = {**old, **new}
-    return legacy_h5.write(
-        model, walked.layers, old, flags, out, model_trainable=walked.trainable, **kwargs
+    layers = walk(model.config).layers
+    flags = {**current_flags(layers), **new}
+    return WriteRequest(
+        model=model,
+        config=apply_to_config(model.config, layers, flags),
+        layers=layers,
+        flags=flags,
+        drop_optimizer_state=drop,
     )
+
+
+def edit(path: Path, out: Path, new: dict[str, bool], *, drop: bool = True) -> WriteOutcome:
+    """The writer as the orchestration runs it: write, verify, then move into place."""
+    req = request(path, new, drop=drop)
+    done: list[WriteOutcome] = []
+    write_atomically(
+        out,
+        produce=lambda tmp: done.append(WRITER.write(req, tmp)),
+        verify=lambda tmp: WRITER.verify(req, tmp),
+    )
+    return done[0]
+
+
+def regrouped(path: Path, new: dict[str, bool]) -> tuple[str, ...]:
+    return legacy_h5.plan_request(request(path, new)).regrouped
 
 
 def naive_edit(path: Path, out: Path, new: dict[str, bool]) -> None:
@@ -190,8 +212,8 @@ def test_sample_nested_legacy(samples, tmp_path):
     source = samples / "nested_legacy.h5"
     new = {"bn_bn/bn1": False, "bn_dense/d1": False}
     out = tmp_path / "out.h5"
-    result = edit(source, out, new)
-    assert result.regrouped == ("bn_bn", "bn_dense")
+    edit(source, out, new)
+    assert regrouped(source, new) == ("bn_bn", "bn_dense")
     before = values_by_path(load(source, compile=False))
     loaded = load(out, compile=False)
     assert differing(values_by_path(loaded), before) == []
@@ -222,15 +244,12 @@ def test_guide_recipe_on_h5(guide_h5, tmp_path):
     value lands where it was, and one real fit() step moves no BN variable but the convs."""
     import keras
 
-    model = read_model(guide_h5)
-    walked = walk(model.config)
-    old = current_flags(walked.layers)
-    recipe = Assignment.unfreeze(keep_bn_inference=True)
-    flags = assign(walked.layers, old, select(walked.layers), recipe)
     out = tmp_path / "out.h5"
-    result = legacy_h5.write(model, walked.layers, old, flags, out)
-    assert result.regrouped == ("mobilenetv2_0.35_32",)
-    assert result.trainable_set_changed and result.optimizer_variables_dropped == 6
+    result = freezing.unfreeze_file(guide_h5, out, keep_bn_inference=True)
+    assert result.engine is freezing.Engine.CONFIG
+    assert result.optimizer_state is freezing.OptimizerState.DROPPED
+    assert result.optimizer_variables_dropped == 6
+    assert result.report.bn_inference_in_fit == 51
     before = values_by_path(load(guide_h5))
     loaded = load(out)
     assert differing(values_by_path(loaded), before) == []
@@ -263,8 +282,8 @@ def _optimizer_logs(path: Path, caplog) -> list[str]:
 
 def test_optimizer_state_dropped_when_trainable_set_changes(nested_h5, tmp_path, caplog):
     out = tmp_path / "out.h5"
-    result = edit(nested_h5, out, {"bn_bn/bn1": False})
-    assert result.trainable_set_changed
+    result = freezing.freeze_file(nested_h5, out, layers=["bn_bn/bn1"])
+    assert result.optimizer_state is freezing.OptimizerState.DROPPED
     assert result.optimizer_variables_dropped == read_model(nested_h5).optimizer_variables > 0
     with h5py.File(out) as h5:
         assert "optimizer_weights" not in h5
@@ -274,21 +293,21 @@ def test_optimizer_state_dropped_when_trainable_set_changes(nested_h5, tmp_path,
     assert out.stat().st_size < nested_h5.stat().st_size
 
 
-def test_keep_optimizer_state(nested_h5, tmp_path):
+def test_keep_optimizer_state(nested_h5, nested_values, tmp_path):
     out = tmp_path / "out.h5"
-    result = edit(nested_h5, out, {"bn_bn/bn1": False}, keep_optimizer_state=True)
-    assert result.optimizer_state_kept and result.optimizer_variables_dropped == 0
+    result = freezing.freeze_file(
+        nested_h5, out, layers=["bn_bn/bn1"], keep_optimizer_state=True
+    )
+    assert result.optimizer_state is freezing.OptimizerState.KEPT
+    assert result.optimizer_variables_dropped == 0
     assert read_model(out).optimizer_variables == read_model(nested_h5).optimizer_variables
+    assert differing(values_by_path(load(out)), nested_values) == []
 
 
-def test_optimizer_state_kept_when_trainable_set_is_unchanged(nested_h5, tmp_path):
-    """Freezing an already frozen layer changes nothing Keras trains: nothing to drop."""
-    out = tmp_path / "out.h5"
-    result = edit(nested_h5, out, {"func/fb1": False})
-    assert not result.trainable_set_changed
-    assert result.optimizer_state_kept
-    with h5py.File(nested_h5) as a, h5py.File(out) as b:
-        assert a.attrs["model_config"] == b.attrs["model_config"]
+def test_plan_sees_whether_the_trainable_set_changes(nested_h5):
+    """Freezing an already frozen layer changes nothing Keras trains; freezing bn1 does."""
+    assert not legacy_h5.plan_request(request(nested_h5, {"func/fb1": False})).trainable_set_changed
+    assert legacy_h5.plan_request(request(nested_h5, {"bn_bn/bn1": False})).trainable_set_changed
 
 
 # ------------------------------------------------------------------------------ refusals
@@ -308,11 +327,12 @@ def test_refuses_what_it_cannot_order(nested_h5, tmp_path):
     node["class_name"] = "MyDense"
     node["module"] = "my_layers"
     custom = walk(config).layers
-    old = current_flags(custom)
-    flags = {**old, "bn_dense/bn3": False}
+    flags = {**current_flags(custom), "bn_dense/bn3": False}
+    req = WriteRequest(model=model, config=apply_to_config(config, custom, flags),
+                       layers=custom, flags=flags)
     out = tmp_path / "out.h5"
     with pytest.raises(legacy_h5.H5RewriteError, match="--engine keras"):
-        legacy_h5.write(model, custom, old, flags, out)
+        write_atomically(out, produce=lambda tmp: WRITER.write(req, tmp))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -339,11 +359,6 @@ def test_refuses_a_weight_order_it_cannot_replay():
         "s/b/gamma", "s/b/beta", "s/a/gamma", "s/a/beta", "s/a/moving_mean",
         "s/a/moving_variance", "s/b/moving_mean", "s/b/moving_variance",
     )
-
-
-def test_output_in_missing_folder(nested_h5, tmp_path):
-    with pytest.raises(OutputError, match="does not exist"):
-        edit(nested_h5, tmp_path / "missing" / "out.h5", {"bn_bn/bn1": False})
 
 
 def test_failed_verification_leaves_nothing(nested_h5, tmp_path, monkeypatch):

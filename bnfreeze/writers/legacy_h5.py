@@ -15,10 +15,10 @@ So this writer rewrites the file consistently, without TensorFlow:
 * each affected group's ``weight_names``: the order the Keras 3 loader will expect after the
   change. The datasets stay where they are; the loader looks them up by name, so only the
   list is permuted;
-* ``optimizer_weights``: saved by position for the old trainable set. When that set changes
-  they are dropped (Keras would otherwise drop them with a confusing warning, or misassign
-  them when the count happens to match); ``keep_optimizer_state=True`` keeps them.
-  ``training_config`` is kept, so Keras compiles the loaded model with a fresh optimizer.
+* ``optimizer_weights``: saved by position for the old trainable set. When the request says
+  to drop them (the orchestration does when that set changes, unless
+  ``--keep-optimizer-state``), the group is left out. ``training_config`` is kept, so Keras
+  compiles the loaded model with a fresh optimizer; legacy loading then passes silently.
 
 The order Keras 3 expects, measured (Keras 3.15, ``keras/src/legacy/saving``):
 
@@ -35,25 +35,23 @@ Before trusting that model of the file, the writer replays it with the *old* fla
 requires it to reproduce each affected group's stored ``weight_names`` exactly. Anything it
 cannot map (a custom layer, a wrapper, a layer whose variable kinds it does not know, names
 it cannot attribute) is refused with :class:`H5RewriteError`, which names ``--engine keras``,
-instead of guessing. The output is written to a temporary file beside the destination,
-re-read and compared dataset by dataset with the input, then moved into place.
+instead of guessing. :meth:`LegacyH5Writer.verify` re-reads the written file and compares
+it with the input, group list by group list and dataset by dataset.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bnfreeze.edit import Flags, apply_to_config
+from bnfreeze.edit import Flags, current_flags
 from bnfreeze.errors import BnfreezeError, ModelFormatError, OutputError
 from bnfreeze.readers.legacy_h5 import names as attr_names
 from bnfreeze.records import LayerKind, LayerRecord, ModelFile, ModelFormat
+from bnfreeze.writers import WriteOutcome, WriteRequest, verify_flags
 
 #: Variables a built-in layer creates with ``trainable=False``. They never train, so a flag
 #: change never moves them into the trainable part of the list.
@@ -98,17 +96,6 @@ class H5Plan:
     @property
     def regrouped(self) -> tuple[str, ...]:
         return tuple(self.weight_names)
-
-
-@dataclass(frozen=True)
-class H5WriteResult:
-    """What :func:`write` did."""
-
-    output: str
-    regrouped: tuple[str, ...]  # top-level groups whose weight_names were reordered
-    trainable_set_changed: bool
-    optimizer_variables_dropped: int  # 0 when kept or when there were none
-    optimizer_state_kept: bool  # the saved optimizer variables are in the output
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,72 +333,54 @@ def write_weight_names(group: Any, names: Sequence[str]) -> None:
         raise OutputError(f"group {group.name}: weight_names count changed while writing.")
 
 
-def _is_chunk(key: str) -> bool:
-    return key.startswith("weight_names") and key[len("weight_names") :].isdigit()
-
-
 # --------------------------------------------------------------------------------------------
 # Writing.
 
 
-def write(
-    model: ModelFile,
-    layers: Sequence[LayerRecord],
-    old_flags: Flags,
-    new_flags: Flags,
-    output: str | os.PathLike[str],
-    *,
-    model_trainable: bool = True,
-    keep_optimizer_state: bool = False,
-) -> H5WriteResult:
-    """Write ``model`` with ``new_flags`` to ``output``, atomically.
+class LegacyH5Writer:
+    """The :class:`~bnfreeze.writers.Writer` for :attr:`ModelFormat.H5`."""
 
-    The output holds the same HDF5 objects as the input: every dataset is copied unchanged
-    (HDF5 object copy), root attributes are kept except ``model_config``, affected groups get
-    a reordered ``weight_names``, and ``optimizer_weights`` is left out when the trainable set
-    changed (unless ``keep_optimizer_state``). The result is verified by re-reading before it
-    replaces ``output``.
-    """
-    if model.format is not ModelFormat.H5:
-        raise ValueError(f"legacy_h5.write needs an .h5 model, not {model.format.value}")
-    layout = plan(model, layers, old_flags, new_flags, model_trainable=model_trainable)
-    config = apply_to_config(model.config, layers, new_flags)
-    drop = bool(model.optimizer_variables) and layout.trainable_set_changed
-    drop = drop and not keep_optimizer_state
-    with _atomic_output(Path(output)) as tmp:
-        _write_copy(Path(model.path), tmp, config, layout, drop_optimizer=drop)
-        verify(Path(model.path), tmp, config, layout, drop_optimizer=drop)
-    kept = bool(model.optimizer_variables) and not drop
-    return H5WriteResult(
-        output=str(output),
-        regrouped=layout.regrouped,
-        trainable_set_changed=layout.trainable_set_changed,
-        optimizer_variables_dropped=(model.optimizer_variables or 0) if drop else 0,
-        optimizer_state_kept=kept,
+    format = ModelFormat.H5
+
+    def write(self, request: WriteRequest, dest: Path) -> WriteOutcome:
+        """Write the edited model at ``dest``.
+
+        The output holds the same HDF5 objects as the input: every dataset is copied
+        unchanged (HDF5 object copy), root attributes are kept except ``model_config``
+        (``training_config`` included, so Keras still compiles the model), affected groups
+        get a reordered ``weight_names``, and ``optimizer_weights`` is left out when
+        ``request.drop_optimizer_state``.
+        """
+        layout = plan_request(request)
+        drop = request.drop_optimizer_state and bool(request.model.optimizer_variables)
+        _write_copy(Path(request.model.path), dest, request.config, layout, drop_optimizer=drop)
+        return WriteOutcome(
+            optimizer_variables_dropped=(request.model.optimizer_variables or 0) if drop else 0
+        )
+
+    def verify(self, request: WriteRequest, written: Path) -> None:
+        """Re-read ``written``: the flags, the config, the object list, every group's
+        ``weight_names`` and every dataset's value."""
+        verify_flags(request, written)
+        drop = request.drop_optimizer_state and bool(request.model.optimizer_variables)
+        verify(Path(request.model.path), written, request.config, plan_request(request),
+               drop_optimizer=drop)
+
+
+def plan_request(request: WriteRequest) -> H5Plan:
+    """:func:`plan` for a :class:`~bnfreeze.writers.WriteRequest`."""
+    inner = request.model.config.get("config")
+    model_trainable = not (isinstance(inner, dict) and inner.get("trainable") is False)
+    return plan(
+        request.model,
+        request.layers,
+        current_flags(request.layers),
+        request.flags,
+        model_trainable=model_trainable,
     )
 
 
-@contextlib.contextmanager
-def _atomic_output(output: Path) -> Iterator[Path]:
-    """A temporary path beside ``output``, moved into place only if the block succeeds."""
-    folder = output.parent
-    if not folder.is_dir():
-        raise OutputError(f"{output}: the folder {folder} does not exist.")
-    try:
-        fd, name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise OutputError(f"{output}: cannot write in {folder} ({exc.strerror or exc}).") from None
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+WRITER = LegacyH5Writer()
 
 
 def _write_copy(
