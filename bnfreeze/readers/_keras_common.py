@@ -24,7 +24,8 @@ def parse_json(raw: bytes, source: str, member: str) -> Any:
     """Parse a JSON member, turning every way it can be broken into one clear error."""
     if len(raw) > MAX_CONFIG_BYTES:
         raise ModelFormatError(
-            f"{source}: {member} is larger than the {MAX_CONFIG_BYTES // 2**20} MiB bnfreeze reads.",
+            f"{source}: {member} is larger than the {MAX_CONFIG_BYTES // 2**20} MiB "
+            "bnfreeze reads.",
             hint="The file is probably corrupt or not a Keras model.",
         )
     try:
@@ -144,7 +145,9 @@ def index_weights(fileobj: IO[bytes] | str, source: str) -> tuple[WeightIndex, i
     except ModelFormatError:
         raise
     except Exception as exc:  # h5py raises OSError, KeyError, ValueError, RuntimeError...
-        raise ModelFormatError(f"{source}: {WEIGHTS} is not a readable HDF5 file ({exc}).") from None
+        raise ModelFormatError(
+            f"{source}: {WEIGHTS} is not a readable HDF5 file ({exc})."
+        ) from None
     return WeightIndex(variables=variables), optimizer_variables
 
 

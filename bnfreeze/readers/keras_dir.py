@@ -32,7 +32,9 @@ def _read_bounded(path: Path, source: str) -> bytes:
     except ModelFormatError:
         raise
     except OSError as exc:
-        raise ModelFormatError(f"{source}: {path.name} cannot be read ({exc.strerror or exc}).") from None
+        raise ModelFormatError(
+            f"{source}: {path.name} cannot be read ({exc.strerror or exc})."
+        ) from None
 
 
 def read(path: Path, *, weights: bool = True) -> ModelFile:
@@ -48,7 +50,8 @@ def read(path: Path, *, weights: bool = True) -> ModelFile:
             f"{path}: a directory, not a model.",
             hint="Pass a .keras or .h5 file, or an unzipped .keras folder with config.json.",
         )
-    config = check_model_config(parse_json(_read_bounded(path / CONFIG, source), source, CONFIG), source)
+    raw = _read_bounded(path / CONFIG, source)
+    config = check_model_config(parse_json(raw, source, CONFIG), source)
     metadata = None
     if (path / METADATA).is_file():
         metadata = parse_json(_read_bounded(path / METADATA, source), source, METADATA)
@@ -62,14 +65,17 @@ def read(path: Path, *, weights: bool = True) -> ModelFile:
                 f"{source}: {WEIGHTS} cannot be read ({exc.strerror or exc})."
             ) from None
         index, optimizer_variables = index_member(Member(str(weights_file), 0, size), source)
+    # Keras writes "compile_config": {} for a model that was never compiled.
     compile_config = config.get("compile_config")
+    if not isinstance(compile_config, dict) or not compile_config:
+        compile_config = None
     return ModelFile(
         path=source,
         format=ModelFormat.KERAS_DIR,
         config=config,
         keras_version=keras_version(metadata),
-        compiled=isinstance(compile_config, dict) and bool(compile_config),
-        compile_config=compile_config if isinstance(compile_config, dict) else None,
+        compiled=compile_config is not None,
+        compile_config=compile_config,
         optimizer_variables=optimizer_variables,
         weights=index,
     )

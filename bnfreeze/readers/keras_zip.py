@@ -43,12 +43,12 @@ def read_member(archive: zipfile.ZipFile, path: Path, member: str, limit: int) -
             f"{path}: {member} claims {info.file_size} bytes, more than the "
             f"{limit // 2**20} MiB bnfreeze reads."
         )
-    if info.compress_size and info.file_size / info.compress_size > MAX_EXPANSION_RATIO:
-        if info.file_size > 2**20:
-            raise ModelFormatError(
-                f"{path}: {member} expands {info.file_size // info.compress_size}x, "
-                "more than a model file does; refusing it as a possible zip bomb."
-            )
+    ratio = info.file_size / info.compress_size if info.compress_size else 0
+    if ratio > MAX_EXPANSION_RATIO and info.file_size > 2**20:
+        raise ModelFormatError(
+            f"{path}: {member} expands {int(ratio)}x, "
+            "more than a model file does; refusing it as a possible zip bomb."
+        )
     try:
         with archive.open(member) as fh:
             data = fh.read(limit + 1)
@@ -126,14 +126,17 @@ def read(path: Path, *, weights: bool = True) -> ModelFile:
             else:
                 # Stored, as Keras writes it: read it in place, at its offset in the archive.
                 index, optimizer_variables = index_member(stored_member(path, info), source)
+    # Keras writes "compile_config": {} for a model that was never compiled.
     compile_config = config.get("compile_config")
+    if not isinstance(compile_config, dict) or not compile_config:
+        compile_config = None
     return ModelFile(
         path=source,
         format=ModelFormat.KERAS,
         config=config,
         keras_version=keras_version(metadata),
-        compiled=isinstance(compile_config, dict) and bool(compile_config),
-        compile_config=compile_config if isinstance(compile_config, dict) else None,
+        compiled=compile_config is not None,
+        compile_config=compile_config,
         optimizer_variables=optimizer_variables,
         weights=index,
     )

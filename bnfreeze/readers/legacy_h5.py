@@ -59,7 +59,7 @@ def read(path: Path, *, weights: bool = True) -> ModelFile:
 def _read_open(h5: Any, path: Path, source: str, weights: bool) -> ModelFile:
     raw = h5.attrs.get("model_config")
     if raw is None:
-        if "layers" in h5 and "vars" in h5 or "layer_names" in h5.attrs:
+        if ("layers" in h5 and "vars" in h5) or "layer_names" in h5.attrs:
             raise ModelFormatError(
                 f"{path}: a weights-only file (saved with save_weights), with no architecture.",
                 hint="Load it into the model in Python and save a full model with "
@@ -71,7 +71,8 @@ def _read_open(h5: Any, path: Path, source: str, weights: bool) -> ModelFile:
     text = _text(raw)
     if text is None:
         raise ModelFormatError(f"{path}: its model_config attribute is not text.")
-    config = check_model_config(parse_json(text.encode("utf-8"), source, "model_config"), source, "model_config")
+    parsed = parse_json(text.encode("utf-8"), source, "model_config")
+    config = check_model_config(parsed, source, "model_config")
     training_raw = _text(h5.attrs.get("training_config"))
     training_config = None
     if training_raw is not None:
