@@ -119,11 +119,20 @@ def walk(config: dict[str, Any], source: str = "the model") -> WalkedModel:
     if not isinstance(config, dict) or not isinstance(config.get("config"), dict):
         raise ModelFormatError(f"{source}: the model config is not an object.")
     root = config["config"]
-    trainable = _flag(root, source, str(config.get("class_name")))
+    model_name = root.get("name")
+    trainable = _flag(root, source, f"model {model_name or config.get('class_name')!r}")
     layers = root.get("layers")
     records: list[LayerRecord] = []
     if layers is not None:
         _walk_list(layers, ("config", "layers"), "", None, 0, records, source)
+    seen: set[str] = set()
+    for record in records:
+        if record.path in seen:
+            raise ModelFormatError(
+                f"{source}: two layers have the path {record.path!r}; Keras requires unique "
+                "layer names within a model."
+            )
+        seen.add(record.path)
     name = root.get("name")
     return WalkedModel(
         name=name if isinstance(name, str) else "",
@@ -134,12 +143,12 @@ def walk(config: dict[str, Any], source: str = "the model") -> WalkedModel:
     )
 
 
-def _flag(config: dict[str, Any], source: str, where: str) -> bool | None:
+def _flag(config: dict[str, Any], source: str, what: str) -> bool | None:
     value = config.get("trainable")
     if value is None or isinstance(value, bool):
         return value
     raise ModelFormatError(
-        f"{source}: layer {where!r} has trainable={value!r}; it must be true or false."
+        f"{source}: {what} has trainable={value!r}; it must be true or false."
     )
 
 
@@ -187,7 +196,7 @@ def _walk_layer(
         raise ModelFormatError(f"{source}: a {class_name} layer in {where} has no name.")
     path = prefix + name
     kind = classify(layer)
-    trainable = _flag(config, source, path)
+    trainable = _flag(config, source, f"layer {path!r}")
     if trainable is None and kind is not LayerKind.INPUT:
         trainable = True  # Keras's default when the key is absent
     module = layer.get("module")
@@ -210,7 +219,7 @@ def _walk_layer(
             custom=not is_builtin(layer),
         )
     )
-    if kind is LayerKind.CONTAINER and isinstance(config.get("layers"), list):
+    if kind is LayerKind.CONTAINER and config.get("layers") is not None:
         _walk_list(
             config["layers"],
             (*config_path, "config", "layers"),
