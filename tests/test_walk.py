@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from keras_configs import functional, input_layer, layer, node, sequential
 
 from bnfreeze.errors import ModelFormatError
 from bnfreeze.limits import MAX_NESTING_DEPTH
@@ -20,46 +21,6 @@ from bnfreeze.records import LayerKind
 from bnfreeze.walk import ancestors, call_kwargs, classify, descendants, walk
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
-
-
-def layer(class_name: str, name: str, *, module: str = "keras.layers",
-          inbound: Any = None, registered_name: str | None = None, **config: Any) -> dict:
-    entry: dict[str, Any] = {
-        "module": module,
-        "class_name": class_name,
-        "config": {"name": name, "trainable": True, **config},
-        "registered_name": registered_name,
-    }
-    if inbound is not None:
-        entry["inbound_nodes"] = inbound
-    return entry
-
-
-def input_layer(name: str) -> dict:
-    return {"module": "keras.layers", "class_name": "InputLayer",
-            "config": {"batch_shape": [None, 4], "dtype": "float32", "name": name},
-            "registered_name": None, "inbound_nodes": []}
-
-
-def functional(name: str, layers: list, *, trainable: bool = True, inbound: Any = None) -> dict:
-    entry = layer("Functional", name, module="keras.src.models.functional",
-                  registered_name="Functional", layers=layers)
-    entry["config"]["trainable"] = trainable
-    if inbound is not None:
-        entry["inbound_nodes"] = inbound
-    return entry
-
-
-def sequential(name: str, layers: list, *, trainable: bool = True) -> dict:
-    entry = layer("Sequential", name, module="keras.src.models.sequential",
-                  registered_name="Sequential", layers=layers)
-    entry["config"]["trainable"] = trainable
-    return entry
-
-
-def node(**kwargs: Any) -> list[dict]:
-    """Keras 3's inbound_nodes: one call with these kwargs."""
-    return [{"args": [{"class_name": "__keras_tensor__", "config": {}}], "kwargs": kwargs}]
 
 
 def deep_config() -> dict:
