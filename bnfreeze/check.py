@@ -137,7 +137,7 @@ def _strict_expected_actual(code: WarningCode, path: str | None, report: Report)
                 container = parent
                 break
             parent = by_path[parent].parent
-    return (f"frozen, like {container}", "trainable=True: trains in fit()")
+    return (f"frozen, like {container}", "trains in fit()")
 
 
 def _plan_flags(plan: Plan, report: Report) -> Outcome:

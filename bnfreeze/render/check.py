@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich import box
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
@@ -36,7 +37,7 @@ def headline(result: CheckResult) -> Text:
 
 def outcomes_table(result: CheckResult) -> Table:
     """Every check and whether it holds (the ``-v`` view)."""
-    table = Table(show_edge=False, pad_edge=False, header_style="bold")
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
     table.add_column("check", overflow="fold")
     table.add_column("result")
     table.add_column("from", overflow="fold")
@@ -55,7 +56,7 @@ def outcomes_table(result: CheckResult) -> Table:
 
 def failures_table(failures: tuple[Failure, ...]) -> Table:
     """Each failure: the check, the layer, what was expected and what the model does."""
-    table = Table(show_edge=False, pad_edge=False, header_style="bold")
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
     table.add_column("check", overflow="fold")
     table.add_column("layer", overflow="fold")
     table.add_column("expected", overflow="fold")

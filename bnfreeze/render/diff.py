@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich import box
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
@@ -39,7 +40,7 @@ def _arrow(a: Text, b: Text, changed: bool) -> Text:
 
 
 def layers_table(result: DiffResult) -> Table:
-    table = Table(show_edge=False, pad_edge=False, header_style="bold")
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
     table.add_column("path", overflow="fold")
     table.add_column("class", overflow="fold")
     table.add_column("trainable A → B")
