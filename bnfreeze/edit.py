@@ -10,7 +10,7 @@ container, the container's own flag is set too, as Keras would; otherwise it is 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -65,20 +65,31 @@ def assign(
     flags: Flags,
     selected: Sequence[LayerRecord],
     assignment: Assignment,
+    *,
+    without_flag: Collection[str] = (),
 ) -> Flags:
-    """New flags after giving ``selected`` layers the assignment's values."""
+    """New flags after giving ``selected`` layers the assignment's values.
+
+    ``without_flag`` names layers that store no flag (see :func:`stores_flag`): they are
+    never set, and they do not keep their container from being set.
+    """
     new = dict(flags)
-    chosen = {r.path for r in selected}
+    skip = set(without_flag)
+    chosen = {r.path for r in selected if r.path not in skip}
     for record in selected:
         value = assignment.value_for(record)
-        if value is not None:
+        if value is not None and record.path not in skip:
             new[record.path] = value
     if assignment.others is not None:
         for container in layers:
             if container.kind not in (LayerKind.CONTAINER, LayerKind.WRAPPER):
                 continue
+            if container.path in skip:
+                continue
             prefix = container.path + "/"
-            below = [r for r in layers if r.path.startswith(prefix) and is_leaf(r)]
+            below = [
+                r for r in layers if r.path.startswith(prefix) and is_leaf(r) and r.path not in skip
+            ]
             if below and all(r.path in chosen for r in below):
                 new[container.path] = assignment.others
     return new
@@ -107,17 +118,46 @@ def with_flags(layers: Sequence[LayerRecord], flags: Flags) -> tuple[LayerRecord
     )
 
 
+def layer_dict(config: dict[str, Any], record: LayerRecord) -> dict[str, Any]:
+    """The serialized layer ``record`` came from, located by its ``config_path``."""
+    node: Any = config
+    for key in record.config_path:
+        node = node[key]
+    return node
+
+
+def stores_flag(config: dict[str, Any], record: LayerRecord) -> bool:
+    """Whether the saved layer dict has a ``trainable`` key.
+
+    Keras 3 writes one for every ``Layer``. Operations recorded as layers
+    (``keras.src.ops.numpy.Add`` in MobileNetV3, say) and ``InputLayer`` have none, and
+    their constructors reject it: adding one makes the file fail to load ("got an
+    unexpected keyword argument 'trainable'", measured). They own no variables.
+    """
+    inner = layer_dict(config, record).get("config")
+    return isinstance(inner, dict) and "trainable" in inner
+
+
+def editable(config: dict[str, Any], records: Iterable[LayerRecord]) -> tuple[LayerRecord, ...]:
+    """The records whose flag can be written into ``config`` (see :func:`stores_flag`)."""
+    return tuple(r for r in records if stores_flag(config, r))
+
+
 def apply_to_config(
     config: dict[str, Any], layers: Sequence[LayerRecord], flags: Flags
 ) -> dict[str, Any]:
-    """A copy of the model config with each changed layer's ``config.trainable`` set."""
+    """A copy of the model config with each changed layer's ``config.trainable`` set.
+
+    Only existing keys are changed; a layer without one (see :func:`stores_flag`) must not be
+    given a different flag: that raises ``ValueError``.
+    """
     new = copy.deepcopy(config)
     for record in layers:
         value = flags.get(record.path)
         if value is None or value == record.trainable:
             continue
-        node: Any = new
-        for key in record.config_path:
-            node = node[key]
-        node["config"]["trainable"] = value
+        inner = layer_dict(new, record)["config"]
+        if "trainable" not in inner:
+            raise ValueError(f"{record.path}: its saved config has no trainable flag to set")
+        inner["trainable"] = value
     return new

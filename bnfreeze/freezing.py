@@ -40,9 +40,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bnfreeze import modes
-from bnfreeze.edit import Assignment, Change, apply_to_config, assign, changes, current_flags
+from bnfreeze.edit import (
+    Assignment,
+    Change,
+    apply_to_config,
+    assign,
+    changes,
+    current_flags,
+    editable,
+)
 from bnfreeze.edit import with_flags as records_with_flags
-from bnfreeze.errors import BnfreezeError, OutputError
+from bnfreeze.errors import BnfreezeError, OutputError, SelectionError
 from bnfreeze.records import (
     Finding,
     LayerKind,
@@ -279,7 +287,12 @@ def run(request: EditRequest) -> EditResult:
     reason = config_route_limit(model, walked.layers, walked.lists_layers)
     selected: tuple[LayerRecord, ...] = ()
     if reason is None:
-        selected = request.selection.apply(walked.layers)
+        selected = editable(model.config, request.selection.apply(walked.layers))
+        if not selected:
+            raise SelectionError(
+                "the selection matches no layer whose flag can be set (only operations or "
+                "inputs, which store no trainable flag)."
+            )
         reason = custom_batchnorm_limit(request.assignment, selected)
     if reason is not None:
         if request.engine is Engine.CONFIG:
@@ -503,7 +516,10 @@ def _config_route(
     writer = writer_for(model.format)
     assert writer is not None  # config_route_limit() checked
     before = current_flags(layers)
-    after = assign(layers, before, selected, request.assignment)
+    without_flag = {r.path for r in layers if r.kind is not LayerKind.INPUT} - {
+        r.path for r in editable(model.config, layers)
+    }
+    after = assign(layers, before, selected, request.assignment, without_flag=without_flag)
     changed = changes(layers, before, after)
     new_config = apply_to_config(model.config, layers, after) if changed else model.config
 

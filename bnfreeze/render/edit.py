@@ -1,0 +1,91 @@
+"""Renderers for ``freeze`` / ``unfreeze``: pure functions from an
+:class:`~bnfreeze.freezing.EditResult` to a Rich renderable or a JSON string.
+
+The view is what changed (before → after per layer, then counts), then the new effective
+modes in the ``inspect`` style (:func:`bnfreeze.render.table.inspect_view` of the result).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from bnfreeze.edit import Change
+from bnfreeze.freezing import EditResult
+from bnfreeze.render.json import SCHEMA_VERSION, dumps, finding_dict, report_dict
+from bnfreeze.render.table import STYLE_NONE, inspect_view
+from bnfreeze.render.table import _flag as flag_text
+
+
+def change_table(changes: tuple[Change, ...]) -> Table:
+    """One row per changed layer: path, class, trainable before → after."""
+    table = Table(show_edge=False, pad_edge=False, header_style="bold")
+    table.add_column("path", overflow="fold")
+    table.add_column("class", overflow="fold")
+    table.add_column("trainable")
+    for change in changes:
+        cell = flag_text(change.before)
+        cell.append(" → ")
+        cell.append_text(flag_text(change.after))
+        table.add_row(change.path, change.class_name, cell)
+    return table
+
+
+def change_counts(result: EditResult) -> Text:
+    """"12 layers changed (10 BN, 2 other) of 14 selected.", or why nothing changed."""
+    selected = len(result.selected)
+    if not result.changes:
+        return Text(
+            f"No flag changed: the {selected} selected layer(s) already had these flags.",
+            style=STYLE_NONE,
+        )
+    bn = sum(1 for c in result.changes if c.is_batchnorm)
+    text = Text(f"{len(result.changes)} layer(s) changed ", style="bold")
+    text.append(f"({bn} BN, {len(result.changes) - bn} other) of {selected} selected.")
+    if result.dry_run:
+        text.append(" Dry run: nothing was written.", style="bold")
+    return text
+
+
+def edit_view(result: EditResult, *, all_layers: bool = False) -> Group:
+    """Changes, counts, then the result in the ``inspect`` style."""
+    parts: list[Any] = []
+    if result.changes:
+        parts += [Text("Changes", style="bold"), change_table(result.changes)]
+    parts += [change_counts(result), Text(""), inspect_view(result.report, all_layers=all_layers)]
+    return Group(*parts)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n} bytes"
+
+
+def status_line(result: EditResult) -> str:
+    """The one line for stderr that says what was written."""
+    if result.dry_run:
+        return "dry run: nothing was written."
+    if result.output is None:
+        return f"nothing changed; {result.source} was left as it was."
+    size = _size(result.output_bytes or 0)
+    return f"wrote {result.output} ({size}; input {_size(result.input_bytes)})."
+
+
+def change_dict(change: Change) -> dict[str, Any]:
+    return {"path": change.path, "before": change.before, "after": change.after}
+
+
+def edit_dict(result: EditResult) -> dict[str, Any]:
+    """The ``--json`` document (``schema_version`` 1)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "changes": [change_dict(c) for c in result.changes],
+        "report": report_dict(result.report),
+        "warnings": [finding_dict(f) for f in result.warnings],
+    }
+
+
+def render_edit(result: EditResult) -> str:
+    return dumps(edit_dict(result))

@@ -1,0 +1,345 @@
+"""The `.keras` writer: only config.json changes, every other member is copied as stored;
+optimizer state is dropped dataset-exactly; and the result is what the Keras API would save.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bnfreeze.edit import Assignment, apply_to_config, assign, current_flags
+from bnfreeze.errors import OutputError
+from bnfreeze.freezing import edit_file, freeze_file, unfreeze_file
+from bnfreeze.readers import read_model
+from bnfreeze.selection import select
+from bnfreeze.walk import walk
+from bnfreeze.writers import WriteRequest, writer_for
+from bnfreeze.writers.keras_zip import WRITER, Window, data_offset, serialize_config
+
+KERAS_SAMPLES = [
+    "seed_bn.keras", "guide_pattern.keras", "bn_under_frozen.keras", "sequential.keras"
+]
+
+
+def raw_member(path: Path, name: str) -> bytes:
+    """A member's bytes exactly as stored in the archive (compressed, if it is)."""
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as fh:
+        info = archive.getinfo(name)
+        fh.seek(data_offset(fh, info))
+        return fh.read(info.compress_size)
+
+
+def h5_datasets(path: Path) -> dict[str, tuple[bytes, str, tuple[int, ...], dict[str, Any]]]:
+    """Every dataset of a .keras file's weights, by HDF5 path: raw bytes, dtype, shape, attrs."""
+    import io
+
+    import h5py
+
+    with zipfile.ZipFile(path) as archive:
+        data = archive.read("model.weights.h5")
+    out: dict[str, Any] = {}
+    with h5py.File(io.BytesIO(data), "r") as h5:
+        def visit(name: str, obj: Any) -> None:
+            if isinstance(obj, h5py.Dataset):
+                value = obj[()]
+                raw = value.tobytes() if hasattr(value, "tobytes") else bytes(value)
+                out[name] = (raw, str(obj.dtype), obj.shape, dict(obj.attrs))
+        h5.visititems(visit)
+    return out
+
+
+def edited_request(path: Path, assignment: Assignment, **kw: Any) -> WriteRequest:
+    model = read_model(path)
+    layers = walk(model.config).layers
+    flags = assign(layers, current_flags(layers), select(layers), assignment)
+    return WriteRequest(model, apply_to_config(model.config, layers, flags), layers, flags, **kw)
+
+
+def test_dispatch_by_format():
+    from bnfreeze.records import ModelFormat
+
+    assert writer_for(ModelFormat.KERAS) is WRITER
+    assert writer_for(ModelFormat.MEMORY) is None
+
+
+def test_serialize_config_is_keras_json_dumps():
+    expected = b'{"a": [1, 0.5, null], "\\u00e9": true}'
+    assert serialize_config({"a": [1, 0.5, None], "é": True}) == expected
+
+
+@pytest.mark.parametrize("name", KERAS_SAMPLES)
+def test_no_change_is_byte_identical(samples, tmp_path, name):
+    out = tmp_path / name
+    result = edit_file(samples / name, out, Assignment(others=None, batchnorm=None))
+    assert result.changes == ()
+    assert out.read_bytes() == (samples / name).read_bytes()
+
+
+@pytest.mark.parametrize("name", KERAS_SAMPLES)
+def test_only_config_json_changes(samples, tmp_path, name):
+    src, out = samples / name, tmp_path / name
+    result = unfreeze_file(src, out, keep_bn_inference=True, keep_optimizer_state=True)
+    assert result.changes, "the recipe must change something on every sample"
+    with zipfile.ZipFile(src) as a, zipfile.ZipFile(out) as b:
+        before, after = a.infolist(), b.infolist()
+        assert [i.filename for i in before] == [i.filename for i in after]
+        for x, y in zip(before, after, strict=True):
+            assert (x.date_time, x.compress_type, x.external_attr, x.create_system) == (
+                y.date_time, y.compress_type, y.external_attr, y.create_system
+            )
+            if x.filename == "config.json":
+                config = json.loads(b.read(y))
+                assert b.read(y) == json.dumps(config).encode()  # Keras's own serialization
+                continue
+            assert (x.CRC, x.file_size, x.compress_size) == (y.CRC, y.file_size, y.compress_size)
+            assert raw_member(src, x.filename) == raw_member(out, y.filename)
+    flags = {r.path: r.trainable for r in walk(read_model(out).config).layers}
+    assert all(flags[c.path] is c.after for c in result.changes)
+
+
+def test_compressed_members_and_assets_are_copied_as_stored(samples, tmp_path):
+    """Not what Keras writes, but a valid archive: deflated members, an assets folder."""
+    src = tmp_path / "odd.keras"
+    with zipfile.ZipFile(samples / "sequential.keras") as zin, zipfile.ZipFile(src, "w") as zout:
+        for info in zin.infolist():
+            stored = info.filename == "model.weights.h5"
+            kind = zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED
+            zout.writestr(zipfile.ZipInfo(info.filename, (2020, 5, 17, 10, 0, 0)), zin.read(info),
+                          compress_type=kind, compresslevel=1)
+        zout.writestr("assets/vocab.txt", "a\nb\n" * 500, compress_type=zipfile.ZIP_DEFLATED)
+    out = tmp_path / "out.keras"
+    result = freeze_file(src, out)
+    assert result.changes
+    for name in ("metadata.json", "assets/vocab.txt", "model.weights.h5"):
+        assert raw_member(src, name) == raw_member(out, name)
+    with zipfile.ZipFile(out) as archive:
+        assert archive.testzip() is None
+        assert archive.getinfo("config.json").compress_type == zipfile.ZIP_DEFLATED
+        assert [i.filename for i in archive.infolist()][-1] == "assets/vocab.txt"
+
+
+def test_drop_optimizer_keeps_every_other_dataset_bit_identical(samples, tmp_path):
+    src, out = samples / "guide_pattern.keras", tmp_path / "out.keras"
+    result = unfreeze_file(src, out, keep_bn_inference=True)
+    assert result.optimizer_variables == 6 and result.optimizer_variables_dropped == 6
+    before, after = h5_datasets(src), h5_datasets(out)
+    dropped = {k for k in before if k.startswith("optimizer/")}
+    assert len(dropped) == 6
+    assert after == {k: v for k, v in before.items() if k not in dropped}
+    # The nested model's own optimizer group is never loaded by Keras: kept as it was.
+    assert any(k.startswith("layers/functional/optimizer/") for k in after)
+    assert read_model(out).optimizer_variables is None
+    config_delta = len(serialize_config(read_model(out).config)) - len(
+        serialize_config(read_model(src).config)
+    )
+    assert out.stat().st_size <= src.stat().st_size + max(config_delta, 0)
+    assert result.output_bytes == out.stat().st_size
+    # Metadata is still copied as stored.
+    assert raw_member(src, "metadata.json") == raw_member(out, "metadata.json")
+
+
+def test_keep_optimizer_state_copies_the_weights_as_stored(samples, tmp_path):
+    src, out = samples / "guide_pattern.keras", tmp_path / "out.keras"
+    result = unfreeze_file(src, out, keep_bn_inference=True, keep_optimizer_state=True)
+    assert result.optimizer_variables_dropped == 0
+    assert raw_member(src, "model.weights.h5") == raw_member(out, "model.weights.h5")
+
+
+def test_verify_refuses_a_file_with_other_flags(samples, tmp_path):
+    src = samples / "sequential.keras"
+    request = edited_request(src, Assignment.freeze())
+    written = tmp_path / "w.keras"
+    WRITER.write(request, written)
+    WRITER.verify(request, written)  # what was asked
+    wrong = WriteRequest(request.model, request.config, request.layers,
+                         {**request.flags, "dense_1": True})
+    with pytest.raises(OutputError, match="does not read back with the intended flags"):
+        WRITER.verify(wrong, written)
+
+
+def test_verify_refuses_a_changed_member(samples, tmp_path):
+    src = samples / "sequential.keras"
+    request = edited_request(src, Assignment.freeze())
+    written = tmp_path / "w.keras"
+    WRITER.write(request, written)
+    tampered = tmp_path / "t.keras"
+    with zipfile.ZipFile(written) as zin, zipfile.ZipFile(tampered, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            zout.writestr(info, data + b" " if info.filename == "metadata.json" else data)
+    with pytest.raises(OutputError, match=r"member metadata\.json was not copied exactly"):
+        WRITER.verify(request, tampered)
+
+
+def test_verify_refuses_changed_weights_when_dropping(samples, tmp_path):
+    import io
+
+    import h5py
+    import numpy as np
+
+    src = samples / "guide_pattern.keras"
+    request = edited_request(src, Assignment.unfreeze(), drop_optimizer_state=True)
+    written = tmp_path / "w.keras"
+    assert WRITER.write(request, written).optimizer_variables_dropped == 6
+    WRITER.verify(request, written)
+    with zipfile.ZipFile(written) as zin:
+        weights = io.BytesIO(zin.read("model.weights.h5"))
+    with h5py.File(weights, "r+") as h5:
+        name = "layers/dense/vars/0"
+        h5[name][...] = np.asarray(h5[name][()]) + 1
+    tampered = tmp_path / "t.keras"
+    with zipfile.ZipFile(written) as zin, zipfile.ZipFile(tampered, "w") as zout:
+        for info in zin.infolist():
+            data = weights.getvalue() if info.filename == "model.weights.h5" else zin.read(info)
+            zout.writestr(info, data)
+    with pytest.raises(OutputError, match="weights dataset /layers/dense/vars/0 differs"):
+        WRITER.verify(request, tampered)
+
+
+def test_window_reads_a_slice(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(bytes(range(256)))
+    with open(path, "rb") as fh:
+        window = Window(fh, 10, 20)
+        assert window.read(5) == bytes(range(10, 15))
+        window.seek(-3, 2)
+        assert window.read() == bytes(range(27, 30))
+        window.seek(100)
+        assert window.read(4) == b""
+
+
+# --- Keras: the measured truth -------------------------------------------------------------
+
+
+def _load(path: Path) -> Any:
+    """Load with a fixed global seed: Dropout layers (EfficientNet's stochastic depth) draw
+    their seed generators' state when they are built."""
+    import keras
+
+    keras.utils.set_random_seed(7)
+    return keras.models.load_model(path)
+
+
+def _flags(model: Any) -> dict[str, bool]:
+    from keras_truth import layer_paths
+
+    # Operations recorded as layers (MobileNetV3's ops.numpy.Add) have no flag at all.
+    return {path: getattr(layer, "trainable", None) for path, layer in layer_paths(model).items()}
+
+
+def _weights(model: Any) -> dict[str, bytes]:
+    values = {v.path: v.numpy().tobytes() for v in model.weights}
+    assert len(values) == len(model.weights), "variable paths must be unique"
+    return values
+
+
+def _one_step(model: Any) -> dict[str, bytes]:
+    """One fit() step with a fresh SGD on fixed data; every variable afterwards, by path."""
+    import keras
+    from keras_truth import synthetic_batch
+
+    x, y = synthetic_batch(model, batch_size=4, seed=0)
+    keras.utils.set_random_seed(7)
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.01), loss="mse",
+                  run_eagerly=True)
+    model.fit(x, y, batch_size=4, epochs=1, steps_per_epoch=1, verbose=0, shuffle=False)
+    return _weights(model)
+
+
+def _keras_route(src: Path, dst: Path, flags: dict[str, bool | None]) -> None:
+    """What a user would do in Python: load, set the flags in model order (a container
+    before what is below it), save."""
+    from keras_truth import layer_paths
+
+    model = _load(src)
+    layers = layer_paths(model)
+    for path, value in flags.items():
+        if value is not None and hasattr(layers.get(path), "trainable"):
+            layers[path].trainable = value
+    model.save(dst)
+
+
+RECIPES = {
+    "bn-inference": lambda src, out: freeze_file(src, out, bn_inference=True),
+    "train-bn": lambda src, out: freeze_file(src, out, train_bn=True),
+    "keep-bn-inference": lambda src, out: unfreeze_file(src, out, keep_bn_inference=True),
+    "freeze-up-to": None,  # set per model below
+}
+
+
+def _equivalence(src: Path, tmp_path: Path, recipe) -> None:
+    import warnings
+
+    ours, theirs = tmp_path / "bnfreeze.keras", tmp_path / "keras_api.keras"
+    result = recipe(src, ours)
+    assert result.changes
+    # Every layer's final flag, set in model order: a container's assignment propagates to
+    # everything below it, and the layers below are set after it.
+    _keras_route(src, theirs, {r.path: r.trainable for r in walk(read_model(ours).config).layers})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the optimizer-skipping message, measured elsewhere
+        a, b = _load(ours), _load(theirs)
+    assert _flags(a) == _flags(b)
+    assert _weights(a) == _weights(b)
+    assert _one_step(a) == _one_step(b)
+
+
+@pytest.mark.keras
+@pytest.mark.parametrize(
+    ("name", "recipe"),
+    [
+        ("seed_bn.keras", "bn-inference"),
+        ("guide_pattern.keras", "keep-bn-inference"),
+        ("bn_under_frozen.keras", "train-bn"),
+        ("sequential.keras", "keep-bn-inference"),
+    ],
+)
+def test_same_as_the_keras_api_on_samples(samples, tmp_path, name, recipe):
+    _equivalence(samples / name, tmp_path, RECIPES[recipe])
+
+
+@pytest.mark.keras
+def test_same_as_the_keras_api_mobilenetv2_guide(guide_phase2_keras, tmp_path):
+    _equivalence(guide_phase2_keras, tmp_path, RECIPES["keep-bn-inference"])
+
+
+@pytest.mark.keras
+def test_same_as_the_keras_api_mobilenetv3small(mobilenetv3small_keras, tmp_path):
+    _equivalence(mobilenetv3small_keras, tmp_path, RECIPES["train-bn"])
+
+
+@pytest.mark.keras
+def test_same_as_the_keras_api_efficientnetb0(efficientnetb0_keras, tmp_path):
+    def up_to(src: Path, out: Path):
+        return freeze_file(src, out, up_to="block3a_expand_activation")
+
+    _equivalence(efficientnetb0_keras, tmp_path, up_to)
+
+
+@pytest.mark.keras
+def test_keras_loads_dropped_optimizer_state_with_a_fresh_optimizer(samples, tmp_path):
+    """Measured: Keras 3 compiles from compile_config, builds a fresh optimizer, warns once
+    that the saved optimizer has 0 variables, and trains."""
+    import warnings
+
+    out = tmp_path / "out.keras"
+    shutil.copy(samples / "guide_pattern.keras", tmp_path / "in.keras")
+    unfreeze_file(tmp_path / "in.keras", out, keep_bn_inference=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = _load(out)
+    messages = [str(w.message) for w in caught if "optimizer" in str(w.message)]
+    assert len(messages) == 1
+    assert "the saved optimizer has 0 variables" in messages[0]
+    assert model.optimizer is not None and int(model.optimizer.iterations.numpy()) == 0
+    assert all(not v.numpy().any() for v in model.optimizer.variables[2:])  # fresh slots
+    from keras_truth import synthetic_batch
+
+    x, y = synthetic_batch(model)
+    model.fit(x, y, epochs=1, verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == 1
