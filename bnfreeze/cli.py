@@ -435,6 +435,119 @@ def explain(runtime: str, as_json: bool) -> None:
         stdout_console().print(explain_view(report))
 
 
+def edit_options(f: Any) -> Any:
+    """The options ``freeze`` and ``unfreeze`` share (selection, output, engine)."""
+    options = [
+        click.option("-o", "--output", type=click.Path(path_type=str), default=None,
+                     metavar="OUT", help="Where to write the result (atomically)."),
+        click.option("--layers", "layers", multiple=True, metavar="GLOB",
+                     help="Only layers whose path or name matches GLOB. Repeatable; a container "
+                     "selects every layer below it."),
+        click.option("--dry-run", is_flag=True, help="Print what would change; write nothing."),
+        click.option("--in-place", is_flag=True, help="Rewrite MODEL itself (atomically)."),
+        click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout."),
+        click.option("--keep-optimizer-state", is_flag=True,
+                     help="Keep the saved optimizer variables even when the set of trainable "
+                     "variables changes (they are matched by position; dropped by default)."),
+        click.option("--engine", type=click.Choice(["auto", "config", "keras"]), default="auto",
+                     show_default=True,
+                     help="config: rewrite the saved config, no TensorFlow; keras: load, set "
+                     "flags and save through Keras; auto: config unless the model needs Keras."),
+        click.option("--custom-objects", type=click.Path(path_type=str), default=None,
+                     metavar="MODULE_OR_FILE.py",
+                     help="Keras engine: custom classes to load the model with."),
+        click.option("--unsafe", is_flag=True,
+                     help="Keras engine: allow loading unsafe content such as Lambda layers."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def run_edit(library_call: Any, output: str | None, as_json: bool, **kwargs: Any) -> None:
+    """Call the library, print the result (stdout) and what the user must know (stderr)."""
+    if output is None and not kwargs.get("dry_run") and not kwargs.get("in_place"):
+        raise click.UsageError("-o OUT is required unless --dry-run or --in-place is given.")
+    result = library_call(output=output, **kwargs)
+    if as_json:
+        from bnfreeze.render.edit import render_edit
+
+        click.echo(render_edit(result))
+    else:
+        from bnfreeze.render.edit import edit_view
+
+        stdout_console().print(edit_view(result))
+    from bnfreeze.render.edit import status_line
+
+    click.echo(status_line(result), err=True)
+    emit_warnings(result.all_warnings)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("--bn-inference", is_flag=True,
+              help="Only BN layers: trainable=False, which puts them in inference mode in fit().")
+@click.option("--train-bn", is_flag=True,
+              help="Freeze the selected layers but keep BN layers trainable (fastai train_bn).")
+@click.option("--up-to", "up_to", metavar="LAYER", default=None,
+              help="Only layers up to and including LAYER (a path or name), in model order.")
+@edit_options
+def freeze(
+    model: str, bn_inference: bool, train_bn: bool, up_to: str | None, **options: Any
+) -> None:
+    """Set trainable=False on the selected layers (all by default), BN included.
+
+    Every selected leaf is edited, also inside nested models: a container's own flag does not
+    propagate when Keras loads a saved model. .keras files are rewritten without TensorFlow;
+    only config.json changes. Prints each change, then the new modes, as inspect does.
+
+    \b
+    Examples:
+      bnfreeze freeze model.keras -o frozen.keras
+      bnfreeze freeze model.keras --bn-inference -o bn_inference.keras
+      bnfreeze freeze model.keras --train-bn -o train_bn.keras
+      bnfreeze freeze model.keras --up-to block5_add -o partly_frozen.keras
+      bnfreeze freeze model.keras --layers 'mobilenetv2*' --dry-run
+    """
+    from bnfreeze.freezing import freeze_file
+
+    if bn_inference and train_bn:
+        raise click.UsageError("--bn-inference and --train-bn contradict each other; pick one.")
+    as_json = options.pop("as_json")
+    output = options.pop("output")
+    run_edit(freeze_file, output, as_json, path=model, bn_inference=bn_inference,
+             train_bn=train_bn, up_to=up_to, **options)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("--keep-bn-inference", is_flag=True,
+              help="Keep every selected BN layer at trainable=False (inference mode in fit()): "
+              "the fine-tuning step of the Keras guide, done right on Keras 3.")
+@click.option("--from", "from_layer", metavar="LAYER", default=None,
+              help="Only LAYER (a path or name) and the layers after it, in model order.")
+@edit_options
+def unfreeze(model: str, keep_bn_inference: bool, from_layer: str | None, **options: Any) -> None:
+    """Set trainable=True on the selected layers (all by default).
+
+    On Keras 3 a call-site training=False does not keep BN layers in inference mode in fit();
+    --keep-bn-inference does, by leaving trainable=False on each of them.
+
+    \b
+    Examples:
+      bnfreeze unfreeze model.keras --keep-bn-inference -o finetune.keras
+      bnfreeze unfreeze model.keras --from block_13_expand -o top_unfrozen.keras
+      bnfreeze unfreeze model.keras --layers 'mobilenetv2*' --keep-bn-inference --in-place
+      bnfreeze unfreeze model.keras --keep-bn-inference --dry-run --json | jq .changes
+    """
+    from bnfreeze.freezing import unfreeze_file
+
+    as_json = options.pop("as_json")
+    output = options.pop("output")
+    run_edit(unfreeze_file, output, as_json, path=model, keep_bn_inference=keep_bn_inference,
+             from_layer=from_layer, **options)
+
+
 def main() -> None:
     cli.main(prog_name="bnfreeze")
 
