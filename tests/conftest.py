@@ -93,9 +93,13 @@ def efficientnetb0_keras(tmp_path_factory) -> Path:
 def guide_phase2_bn_inference_keras(guide_phase2_keras, tmp_path_factory) -> Path:
     """The guide's phase 2 done right on Keras 3 (the ``--bn-inference`` recipe), built with
     Keras itself: the same model with trainable=False on every BN layer, recompiled."""
+    import warnings
+
     import keras
 
-    model = keras.models.load_model(guide_phase2_keras)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Skipping variable loading for optimizer ..."
+        model = keras.models.load_model(guide_phase2_keras)
     frozen = 0
     for layer in model._flatten_layers(include_self=False, recursive=True):
         if isinstance(layer, keras.layers.BatchNormalization):

@@ -51,9 +51,10 @@ def setup_grid(report: ExplainReport) -> Table:
 
 
 def _stats_cell(case: Case) -> Text:
+    """Whether the moving statistics were updated."""
     if case.stats_updated:
-        return Text("updated", style=STYLE_TRAINING)
-    return Text("unchanged", style=STYLE_INFERENCE)
+        return Text("yes", style=STYLE_TRAINING)
+    return Text("no", style=STYLE_INFERENCE)
 
 
 def _mode_cell(case: Case) -> Text:
@@ -65,21 +66,26 @@ def _mode_cell(case: Case) -> Text:
 
 
 def cases_table(report: ExplainReport) -> Table:
+    """One row per case: the flags, the first output pixel with what it means below it, which
+    statistics the output was normalized with (moving or batch), and whether the moving
+    statistics were updated."""
     table = Table(show_edge=False, pad_edge=False, header_style="bold")
-    table.add_column("training")
-    table.add_column("trainable")
-    table.add_column("output[0,0,0,:]", overflow="fold")
-    table.add_column("normalized with")
-    table.add_column("moving stats")
-    table.add_column("meaning", overflow="fold")
-    for case in report.cases:
+    table.add_column("training", no_wrap=True)
+    table.add_column("trainable", no_wrap=True)
+    table.add_column("output[0,0,0,:] and what it means", overflow="fold", min_width=32)
+    table.add_column("stats used", no_wrap=True)
+    table.add_column("updated", no_wrap=True)
+    last = len(report.cases) - 1
+    for index, case in enumerate(report.cases):
+        cell = Text(numbers(case.first_row))
+        cell.append(f"\n{case.meaning}", style="italic")
         table.add_row(
             str(case.training),
             str(case.trainable),
-            numbers(case.first_row),
+            cell,
             _mode_cell(case),
             _stats_cell(case),
-            case.meaning,
+            end_section=index != last,
         )
     return table
 

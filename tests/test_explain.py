@@ -1,0 +1,234 @@
+"""``bnfreeze explain``: the seed experiment, measured live.
+
+The numbers must come from running Keras: the tests change the starting values and check
+that every number follows, by the batch-normalization formulas written out here in numpy.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from bnfreeze.cli import cli
+from bnfreeze.explain import (
+    COMBINATIONS,
+    HISTORICAL_NOTE,
+    IMAGE_SHAPE,
+    RULES,
+    ExplainReport,
+    explain,
+    meaning,
+)
+from bnfreeze.records import Normalization
+
+pytestmark = pytest.mark.keras
+
+ENV = {"COLUMNS": "100", "NO_COLOR": "1", "FORCE_COLOR": None, "TTY_COMPATIBLE": None}
+
+
+def inference(report: ExplainReport) -> np.ndarray:
+    s = report.setup
+    x = np.asarray(s.image).reshape(IMAGE_SHAPE)
+    return np.asarray(s.gamma) * (x - np.asarray(s.moving_mean)) / np.sqrt(
+        np.asarray(s.moving_variance) + s.epsilon
+    ) + np.asarray(s.beta)
+
+
+def batch_stats(report: ExplainReport) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(report.setup.image).reshape(IMAGE_SHAPE)
+    return x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+
+
+def check_numbers(report: ExplainReport) -> None:
+    """Every case against the formulas, from the report's own starting values."""
+    s = report.setup
+    assert [(c.training, c.trainable) for c in report.cases] == list(COMBINATIONS)
+    mean, var = batch_stats(report)
+    x = np.asarray(s.image).reshape(IMAGE_SHAPE)
+    for case in report.cases:
+        out = np.asarray(case.output).reshape(IMAGE_SHAPE)
+        assert case.first_row == case.output[:4]
+        if case.training and case.trainable:
+            normalized = np.asarray(s.gamma) * (x - mean) / np.sqrt(var + s.epsilon) + np.asarray(
+                s.beta
+            )
+            np.testing.assert_allclose(out, normalized, rtol=1e-4, atol=1e-4)
+            assert case.stats_updated
+            assert case.normalizes_with is Normalization.BATCH
+            np.testing.assert_allclose(
+                case.moving_mean,
+                s.momentum * np.asarray(s.moving_mean) + (1 - s.momentum) * mean,
+                rtol=1e-5, atol=1e-6,
+            )
+            np.testing.assert_allclose(
+                case.moving_variance,
+                s.momentum * np.asarray(s.moving_variance) + (1 - s.momentum) * var,
+                rtol=1e-5, atol=1e-6,
+            )
+        else:
+            np.testing.assert_allclose(out, inference(report), rtol=1e-5, atol=1e-5)
+            assert not case.stats_updated
+            assert case.normalizes_with is Normalization.MOVING
+            np.testing.assert_allclose(case.moving_mean, s.moving_mean, rtol=0, atol=0)
+            np.testing.assert_allclose(case.moving_variance, s.moving_variance, rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def seed_report() -> ExplainReport:
+    return explain()
+
+
+def test_seed_setup(seed_report):
+    s = seed_report.setup
+    image = np.asarray(s.image).reshape(IMAGE_SHAPE)
+    assert image.shape == (1, 2, 2, 4)
+    assert np.all(image == np.round(image)) and image.min() >= 0 and image.max() <= 9
+    assert (s.gamma, s.beta, s.moving_mean, s.moving_variance) == (
+        (2.0,) * 4, (1.0,) * 4, (0.0,) * 4, (1.0,) * 4
+    )
+    assert (s.momentum, s.epsilon, s.seed) == (0.99, 1e-3, 0)
+
+
+def test_seed_numbers(seed_report):
+    """With training=False or trainable=False the output is gamma*x + beta (moving mean 0,
+    variance 1) and nothing moves; with both True it is batch-normalized and the moving
+    mean moves toward the batch mean at momentum 0.99."""
+    check_numbers(seed_report)
+    first_pixel = np.asarray(seed_report.setup.first_pixel)
+    for case in seed_report.cases[:3]:
+        np.testing.assert_allclose(case.first_row, 2 * first_pixel / np.sqrt(1.001) + 1, rtol=1e-5)
+    trained = seed_report.cases[3]
+    mean, _ = batch_stats(seed_report)
+    np.testing.assert_allclose(trained.moving_mean, 0.01 * mean, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"gamma": 3.0, "beta": -1.0, "moving_mean": 0.5, "moving_variance": 4.0, "seed": 7},
+        {"gamma": [1.0, 2.0, 3.0, 4.0], "beta": [0.0, 0.5, 1.0, 1.5], "momentum": 0.9,
+         "moving_mean": [1.0, -1.0, 2.0, 0.0]},
+        {"image": np.arange(16).reshape(IMAGE_SHAPE), "epsilon": 0.1, "moving_variance": 2.0},
+    ],
+    ids=["scalars", "per-channel", "given-image"],
+)
+def test_numbers_follow_the_starting_values(values):
+    report = explain(**values)
+    check_numbers(report)
+    seed_numbers = explain()
+    assert report.cases[0].output != seed_numbers.cases[0].output
+    assert report.cases[3].moving_mean != seed_numbers.cases[3].moving_mean
+
+
+def test_a_given_image_has_no_seed():
+    report = explain(image=np.ones(IMAGE_SHAPE))
+    assert report.setup.seed is None
+    assert report.setup.image == (1.0,) * 16
+
+
+def test_meanings_come_from_the_measurement(seed_report):
+    assert [c.meaning for c in seed_report.cases] == [
+        "inference mode: nothing changes",
+        "inference mode: nothing changes",
+        "inference mode: trainable=False overrides training=True",
+        "training mode: moving statistics move toward the batch's (momentum 0.99)",
+    ]
+
+
+@pytest.mark.parametrize("mode", [*Normalization, None])
+@pytest.mark.parametrize("updated", [False, True])
+def test_every_mode_has_a_meaning(mode, updated):
+    assert meaning(True, True, mode, updated, 0.99)
+
+
+def test_rules_and_runtime(seed_report):
+    assert seed_report.rules == RULES["keras3"]
+    assert [r.split(" ")[0] for r in seed_report.rules] == ["§1", "§2", "§3", "§4"]
+    assert seed_report.runtime.backend == "tensorflow"
+    import keras
+    import tensorflow as tf
+
+    assert seed_report.runtime.keras_version == keras.__version__
+    assert seed_report.runtime.tensorflow_version == tf.__version__
+    assert seed_report.historical_note == HISTORICAL_NOTE
+    assert HISTORICAL_NOTE.startswith("Historical, not measured here:")
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, ["explain", *args], env=ENV, catch_exceptions=False)
+
+
+def test_json_document(seed_report):
+    result = invoke("--json")
+    assert result.exit_code == 0
+    doc = json.loads(result.stdout)
+    r = seed_report
+
+    def nested(flat):
+        return np.asarray(flat).reshape(IMAGE_SHAPE).tolist()
+
+    assert doc == {
+        "schema_version": 1,
+        "command": "explain",
+        "runtime": {"name": "keras3", "keras_version": r.runtime.keras_version,
+                    "backend": "tensorflow", "tensorflow_version": r.runtime.tensorflow_version},
+        "setup": {"image": nested(r.setup.image), "seed": 0, "gamma": [2.0] * 4,
+                  "beta": [1.0] * 4, "moving_mean": [0.0] * 4, "moving_variance": [1.0] * 4,
+                  "momentum": 0.99, "epsilon": 0.001},
+        "cases": [
+            {
+                "training": c.training,
+                "trainable": c.trainable,
+                "output_first_row": list(c.first_row),
+                "output": nested(c.output),
+                "normalizes_with": "batch" if c.training and c.trainable else "moving",
+                "moving_stats_updated": c.training and c.trainable,
+                "moving_mean": list(c.moving_mean),
+                "moving_variance": list(c.moving_variance),
+                "meaning": c.meaning,
+            }
+            for c in r.cases
+        ],
+        "rules": list(RULES["keras3"]),
+        "rules_note": r.rules_note,
+        "historical_note": HISTORICAL_NOTE,
+    }
+    assert "bnfreeze: loading TensorFlow" in result.stderr
+
+
+def test_table_view(seed_report):
+    result = invoke()
+    assert result.exit_code == 0
+    out = result.stdout
+    assert "training ┃ trainable ┃ output[0,0,0,:]" in out
+    assert "True     │ True      │" in out
+    pixel = ", ".join(f"{round(v, 3):g}" for v in seed_report.cases[0].first_row)
+    assert f"[{pixel}]" in out
+    assert "moving mean [0, 0, 0, 0] -> [" in out
+    flat = " ".join(out.split())
+    for rule in RULES["keras3"]:
+        assert " ".join(rule.split()[1:4]) in flat
+    assert f"Keras {seed_report.runtime.keras_version}, backend tensorflow" in out
+    assert "Historical, not measured here" in out
+
+
+def test_help_has_an_example():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    assert "Examples:" in result.stdout and "bnfreeze explain --json" in result.stdout
+
+
+def test_runtime_tf_keras_without_tf_keras_exit_2():
+    import importlib.util
+
+    if importlib.util.find_spec("tf_keras") is not None:
+        pytest.skip("tf_keras is installed here")
+    result = invoke("--runtime", "tf-keras")
+    assert result.exit_code == 2
+    assert "tf_keras" in result.stderr and "not installed" in result.stderr
