@@ -81,7 +81,7 @@ def _read_open(h5: Any, path: Path, source: str, weights: bool) -> ModelFile:
     optimizer_variables = None
     opt = h5.get("optimizer_weights")
     if isinstance(opt, h5py_group_type()):
-        optimizer_variables = len(names(opt.attrs.get("weight_names")))
+        optimizer_variables = _attribute_length(opt, "weight_names")
     index = _index(h5) if weights else None
     return ModelFile(
         path=source,
@@ -93,6 +93,15 @@ def _read_open(h5: Any, path: Path, source: str, weights: bool) -> ModelFile:
         optimizer_variables=optimizer_variables,
         weights=index,
     )
+
+
+def _attribute_length(obj: Any, name: str) -> int:
+    """How many entries an array attribute has, from its dataspace: its values are not read.
+    (A damaged variable-length string can make HDF5 allocate gigabytes while reading it.)"""
+    if name not in obj.attrs:
+        return 0
+    shape = obj.attrs.get_id(name).shape
+    return int(shape[0]) if shape else 1
 
 
 def h5py_group_type() -> type:
