@@ -41,8 +41,9 @@ it with the input, group list by group list and dataset by dataset.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -353,7 +354,10 @@ class LegacyH5Writer:
         """
         layout = plan_request(request)
         drop = request.drop_optimizer_state and bool(request.model.optimizer_variables)
-        _write_copy(Path(request.model.path), dest, request.config, layout, drop_optimizer=drop)
+        with damaged_input(request.model.path):
+            _write_copy(
+                Path(request.model.path), dest, request.config, layout, drop_optimizer=drop
+            )
         return WriteOutcome(
             optimizer_variables_dropped=(request.model.optimizer_variables or 0) if drop else 0
         )
@@ -363,8 +367,26 @@ class LegacyH5Writer:
         ``weight_names`` and every dataset's value."""
         verify_flags(request, written)
         drop = request.drop_optimizer_state and bool(request.model.optimizer_variables)
-        verify(Path(request.model.path), written, request.config, plan_request(request),
-               drop_optimizer=drop)
+        with damaged_input(request.model.path):
+            verify(Path(request.model.path), written, request.config, plan_request(request),
+                   drop_optimizer=drop)
+
+
+@contextlib.contextmanager
+def damaged_input(path: str) -> Iterator[None]:
+    """h5py's errors on objects the reader never looked at (a dataset's damaged header, say)
+    become a ModelFormatError naming the input. An OSError with an errno (no space left, say)
+    is about the output and goes on to the atomic write, which reports it."""
+    try:
+        yield
+    except BnfreezeError:
+        raise
+    except OSError as exc:
+        if exc.errno is not None:
+            raise
+        raise ModelFormatError(f"{path}: a damaged HDF5 file ({exc}).") from None
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        raise ModelFormatError(f"{path}: a damaged HDF5 file ({exc}).") from None
 
 
 def plan_request(request: WriteRequest) -> H5Plan:
@@ -403,6 +425,19 @@ def _write_copy(
             src.copy(src[key], dst, name=key)  # H5Ocopy: datasets byte for byte
         for group, order in layout.weight_names.items():
             write_weight_names(dst["model_weights"][group], order)
+
+
+def strip_optimizer(source: Path, target: Path) -> None:
+    """Copy a legacy ``.h5`` without its ``optimizer_weights`` group (HDF5 object copy of
+    everything else, root attributes included: ``training_config`` stays)."""
+    import h5py
+
+    with h5py.File(source, "r") as src, h5py.File(target, "w") as dst:
+        for key in src.attrs:
+            dst.attrs.create(key, src.attrs[key], dtype=src.attrs.get_id(key).dtype)
+        for key in src:
+            if key != "optimizer_weights":
+                src.copy(src[key], dst, name=key)
 
 
 def verify(
