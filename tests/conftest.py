@@ -110,3 +110,42 @@ def guide_phase2_bn_inference_keras(guide_phase2_keras, tmp_path_factory) -> Pat
     path = tmp_path_factory.mktemp("recipes") / "guide_phase2_bn_inference.keras"
     model.save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def guide_phase2_trained_keras(tmp_path_factory) -> Path:
+    """The Keras guide recipe with a *pretrained-like* MobileNetV2 backbone (alpha 0.35):
+    its BN moving statistics are those of the data (calibrated with momentum 0), so in
+    inference mode every layer passes gradients. Phase 1: base.trainable=False, called with
+    training=False, head trained one step. Phase 2: base.trainable=True, recompiled with
+    Adam(1e-5) and trained one step, so the file carries a full optimizer state."""
+
+    def build(keras):
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        x = rng.normal(5.0, 2.0, (8, 32, 32, 3)).astype("float32")
+        y = rng.normal(size=(8, 2)).astype("float32")
+        base = keras.applications.MobileNetV2(
+            input_shape=(32, 32, 3), include_top=False, weights=None, alpha=0.35
+        )
+        bns = [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
+        for bn in bns:
+            bn.momentum = 0.0  # one step sets the moving statistics to the batch's
+        base.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse", run_eagerly=True)
+        base.fit(x, np.zeros((8, *base.output.shape[1:]), "float32"), batch_size=8, verbose=0)
+        for bn in bns:
+            bn.momentum = 0.99
+        base.trainable = False
+        inputs = keras.Input((32, 32, 3), name="image")
+        h = base(inputs, training=False)
+        h = keras.layers.GlobalAveragePooling2D(name="pool")(h)
+        model = keras.Model(inputs, keras.layers.Dense(2, name="head")(h), name="guide_phase2")
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse", run_eagerly=True)
+        model.fit(x, y, batch_size=8, verbose=0)
+        base.trainable = True
+        model.compile(optimizer=keras.optimizers.Adam(1e-5), loss="mse", run_eagerly=True)
+        model.fit(x, y, batch_size=8, verbose=0)
+        return model
+
+    return _save_application(tmp_path_factory, "guide_phase2_trained", build)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich import box
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
@@ -16,16 +17,23 @@ from rich.text import Text
 from bnfreeze.edit import Change
 from bnfreeze.freezing import EditResult
 from bnfreeze.render.json import SCHEMA_VERSION, dumps, finding_dict, report_dict
-from bnfreeze.render.table import STYLE_NONE, inspect_view
+from bnfreeze.render.table import STYLE_NONE, Trimmed, inspect_view
 from bnfreeze.render.table import _flag as flag_text
 
 
 def change_table(changes: tuple[Change, ...]) -> Table:
     """One row per changed layer: path, class, trainable before → after."""
-    table = Table(show_edge=False, pad_edge=False, header_style="bold")
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        collapse_padding=True,
+        padding=(0, 1),
+        header_style="bold",
+    )
     table.add_column("path", overflow="fold")
-    table.add_column("class", overflow="fold")
-    table.add_column("trainable")
+    table.add_column("class", overflow="ellipsis", no_wrap=True)
+    table.add_column("trainable", no_wrap=True)
     for change in changes:
         cell = flag_text(change.before)
         cell.append(" → ")
@@ -50,13 +58,13 @@ def change_counts(result: EditResult) -> Text:
     return text
 
 
-def edit_view(result: EditResult, *, all_layers: bool = False) -> Group:
+def edit_view(result: EditResult, *, all_layers: bool = False) -> Trimmed:
     """Changes, counts, then the result in the ``inspect`` style."""
     parts: list[Any] = []
     if result.changes:
-        parts += [Text("Changes", style="bold"), change_table(result.changes)]
+        parts += [change_table(result.changes), Text("")]
     parts += [change_counts(result), Text(""), inspect_view(result.report, all_layers=all_layers)]
-    return Group(*parts)
+    return Trimmed(Group(*parts))
 
 
 def _size(n: int) -> str:

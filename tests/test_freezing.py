@@ -1,0 +1,433 @@
+"""The library behind freeze/unfreeze: output checks, routes, optimizer state, results."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import types
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bnfreeze import freezing
+from bnfreeze.edit import Assignment
+from bnfreeze.errors import BnfreezeError, OutputError, SelectionError
+from bnfreeze.freezing import (
+    EditRequest,
+    Engine,
+    OptimizerState,
+    edit_file,
+    edit_warnings,
+    freeze_file,
+    optimizer_decision,
+    unfreeze_file,
+)
+from bnfreeze.readers import read_model
+from bnfreeze.records import Finding, WarningCode
+from bnfreeze.walk import walk
+from bnfreeze.writers.atomic import TEMP_SUFFIX
+
+
+def flags(path: Path) -> dict[str, bool | None]:
+    return {r.path: r.trainable for r in walk(read_model(path).config).layers}
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def rewrite_config(src: Path, dst: Path, edit: Any) -> Path:
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename == "config.json":
+                config = json.loads(data)
+                edit(config)
+                data = json.dumps(config).encode()
+            zout.writestr(info, data)
+    return dst
+
+
+@pytest.fixture()
+def guide(samples, tmp_path) -> Path:
+    path = tmp_path / "in" / "guide.keras"
+    path.parent.mkdir()
+    shutil.copy(samples / "guide_pattern.keras", path)
+    return path
+
+
+# --- where the output goes ---------------------------------------------------------------
+
+
+def test_output_is_required_without_dry_run_or_in_place(guide):
+    with pytest.raises(OutputError, match="no output file"):
+        freeze_file(guide)
+
+
+@pytest.mark.parametrize("spelling", ["same", "relative", "symlink"])
+def test_output_equal_to_input_is_refused(guide, tmp_path, monkeypatch, spelling):
+    monkeypatch.chdir(guide.parent)
+    out: Path | str = guide
+    if spelling == "relative":
+        out = "./guide.keras"
+    elif spelling == "symlink":
+        out = tmp_path / "link.keras"
+        os.symlink(guide, out)
+    before = guide.read_bytes()
+    with pytest.raises(OutputError, match="is the input file; refusing to overwrite it"):
+        freeze_file(guide, out)
+    assert guide.read_bytes() == before
+
+
+def test_in_place_with_another_output_is_refused(guide, tmp_path):
+    with pytest.raises(OutputError, match="Give either -o OUT or --in-place"):
+        freeze_file(guide, tmp_path / "other.keras", in_place=True)
+
+
+def test_missing_folder(guide, tmp_path):
+    with pytest.raises(OutputError, match=r"the folder .*missing does not exist"):
+        freeze_file(guide, tmp_path / "missing" / "out.keras")
+    assert not (tmp_path / "missing").exists()
+
+
+def test_output_is_a_directory(guide, tmp_path):
+    with pytest.raises(OutputError, match="is a directory"):
+        freeze_file(guide, tmp_path)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permission bits")
+def test_read_only_folder(guide, tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(OutputError, match="is not writable"):
+            freeze_file(guide, folder / "out.keras")
+        assert listing(folder) == []
+    finally:
+        folder.chmod(0o755)
+
+
+def test_unwritable_folder_even_for_root(guide, tmp_path, monkeypatch):
+    """Root passes os.access; the write itself still fails cleanly."""
+    import tempfile
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(OutputError, match=r"cannot create a file in .* \(permission denied\)"):
+        freeze_file(guide, tmp_path / "out.keras")
+    assert not (tmp_path / "out.keras").exists()
+
+
+def test_output_name_must_match_the_format(guide, samples, tmp_path):
+    with pytest.raises(OutputError, match=r"must be saved under a name ending in \.keras"):
+        freeze_file(guide, tmp_path / "out.h5")
+    with pytest.raises(OutputError, match=r"ending in \.h5 or \.hdf5"):
+        freeze_file(samples / "nested_legacy.h5", tmp_path / "out.keras")
+    assert listing(tmp_path) == ["in"]
+
+
+def test_bad_model_file(tmp_path):
+    from bnfreeze.errors import ModelFormatError
+
+    bad = tmp_path / "bad.keras"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ModelFormatError):
+        freeze_file(bad, tmp_path / "out.keras")
+    assert listing(tmp_path) == ["bad.keras"]
+
+
+# --- what gets written -------------------------------------------------------------------
+
+
+def test_freeze_writes_and_reports(guide, tmp_path):
+    out = tmp_path / "out.keras"
+    result = unfreeze_file(guide, out, keep_bn_inference=True)
+    assert result.output == str(out) and not result.dry_run
+    assert result.engine is Engine.CONFIG
+    assert result.output_bytes == out.stat().st_size
+    assert result.input_bytes == guide.stat().st_size
+    assert result.report.model.path == str(out)
+    assert result.report.bn_training_in_fit == 0
+    got = flags(out)
+    assert all(got[c.path] is c.after for c in result.changes)
+    assert {c.path for c in result.changes} <= set(result.selected) | {"mobilenetv2_0.35_32"}
+    assert listing(tmp_path) == ["in", "out.keras"]
+    assert listing(guide.parent) == ["guide.keras"]
+
+
+def test_dry_run_writes_nothing(guide, tmp_path):
+    before = listing(tmp_path), guide.read_bytes()
+    result = unfreeze_file(guide, tmp_path / "out.keras", keep_bn_inference=True, dry_run=True)
+    assert result.dry_run and result.output is None and result.output_bytes is None
+    assert result.changes and result.report.bn_training_in_fit == 0
+    assert (listing(tmp_path), guide.read_bytes()) == before
+    # Without -o too.
+    assert unfreeze_file(guide, dry_run=True, keep_bn_inference=True).changes == result.changes
+
+
+def test_in_place(guide):
+    inode = guide.stat().st_ino
+    result = unfreeze_file(guide, in_place=True, keep_bn_inference=True)
+    assert result.output == str(guide)
+    assert guide.stat().st_ino != inode  # replaced, not rewritten in place
+    assert flags(guide)["mobilenetv2_0.35_32/Conv1"] is True
+    assert listing(guide.parent) == ["guide.keras"]
+    # Nothing to change: the file is left alone.
+    inode = guide.stat().st_ino
+    again = unfreeze_file(guide, in_place=True, keep_bn_inference=True)
+    assert again.changes == () and again.output is None and guide.stat().st_ino == inode
+
+
+def test_existing_output_keeps_its_permissions(guide, tmp_path):
+    out = tmp_path / "out.keras"
+    out.write_bytes(b"old")
+    out.chmod(0o640)
+    freeze_file(guide, out)
+    assert out.stat().st_mode & 0o777 == 0o640
+
+
+def test_new_output_gets_default_permissions(guide, tmp_path):
+    umask = os.umask(0o022)
+    try:
+        freeze_file(guide, tmp_path / "out.keras")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "out.keras").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, OSError(28, "No space left on device")])
+def test_interrupted_write_leaves_previous_output_and_no_temp(guide, tmp_path, monkeypatch,
+                                                              failure):
+    from bnfreeze.writers import keras_zip
+
+    out = tmp_path / "out.keras"
+    out.write_bytes(b"previous output")
+
+    def explode(self: Any, request: Any, dest: Path) -> Any:
+        dest.write_bytes(b"half a file")
+        raise failure
+
+    monkeypatch.setattr(keras_zip.KerasZipWriter, "write", explode)
+    expected = KeyboardInterrupt if failure is KeyboardInterrupt else OutputError
+    with pytest.raises(expected) as info:
+        freeze_file(guide, out)
+    if expected is OutputError:
+        assert "no space left on the device" in str(info.value)
+    assert out.read_bytes() == b"previous output"
+    assert listing(tmp_path) == ["in", "out.keras"]
+    assert not any(p.name.endswith(TEMP_SUFFIX) for p in tmp_path.iterdir())
+
+
+def test_failed_verification_replaces_nothing(guide, tmp_path, monkeypatch):
+    from bnfreeze.writers import keras_zip
+
+    def corrupt(config: dict[str, Any]) -> bytes:
+        return b'{"class_name": "Functional", "config": {"layers": []}}'
+
+    original = keras_zip.serialize_config
+    monkeypatch.setattr(keras_zip, "serialize_config", corrupt)
+    # The writer writes the corrupt config; verification must catch it.
+    with pytest.raises(OutputError, match="nothing was replaced"):
+        freeze_file(guide, tmp_path / "out.keras")
+    monkeypatch.setattr(keras_zip, "serialize_config", original)
+    assert listing(tmp_path) == ["in"]
+
+
+# --- selection errors --------------------------------------------------------------------
+
+
+def test_unknown_layer_and_empty_selection(guide, tmp_path):
+    with pytest.raises(SelectionError, match="no layer named 'block_99_add'"):
+        freeze_file(guide, tmp_path / "out.keras", up_to="block_99_add")
+    with pytest.raises(SelectionError, match="--layers 'nothing\\*' matches no layer"):
+        unfreeze_file(guide, tmp_path / "out.keras", layers=["nothing*"])
+    with pytest.raises(SelectionError, match="matches no layer whose flag can be set"):
+        freeze_file(guide, tmp_path / "out.keras", layers=["image"])
+    assert listing(tmp_path) == ["in"]
+
+
+def test_bn_inference_on_a_selection_without_bn(guide, tmp_path):
+    with pytest.raises(SelectionError, match="holds no BatchNormalization layer"):
+        freeze_file(guide, tmp_path / "out.keras", bn_inference=True, layers=["head"])
+    assert listing(tmp_path) == ["in"]
+
+
+def test_freeze_rejects_contradicting_bn_options(guide):
+    with pytest.raises(BnfreezeError, match="contradict"):
+        freeze_file(guide, dry_run=True, bn_inference=True, train_bn=True)
+
+
+# --- optimizer state ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("state", list(OptimizerState))
+def test_optimizer_decision_covers_every_state(state):
+    cases = {
+        OptimizerState.NONE: (None, True, False),
+        OptimizerState.UNCHANGED: (6, False, False),
+        OptimizerState.KEPT: (6, True, True),
+        OptimizerState.DROPPED: (6, True, False),
+    }
+    assert optimizer_decision(*cases[state]) is state
+
+
+def test_optimizer_dropped_when_the_trainable_set_changes(guide, tmp_path):
+    result = unfreeze_file(guide, tmp_path / "out.keras", keep_bn_inference=True)
+    assert result.optimizer_state is OptimizerState.DROPPED
+    assert result.optimizer_variables == 6 and result.optimizer_variables_dropped == 6
+    assert read_model(tmp_path / "out.keras").optimizer_variables is None
+    assert result.report.model.optimizer_variables is None
+    codes = [f.code for f in result.warnings]
+    assert codes == [WarningCode.RECOMPILE_REQUIRED, WarningCode.OPTIMIZER_STATE]
+    assert "were dropped" in result.warnings[1].message
+    assert "fresh optimizer" in result.warnings[1].message
+
+
+def test_optimizer_kept_on_request(guide, tmp_path):
+    result = unfreeze_file(guide, tmp_path / "out.keras", keep_optimizer_state=True)
+    assert result.optimizer_state is OptimizerState.KEPT
+    assert result.optimizer_variables_dropped == 0
+    assert read_model(tmp_path / "out.keras").optimizer_variables == 6
+    assert "were kept (--keep-optimizer-state)" in result.warnings[1].message
+    # Said once: the result's own optimizer-state finding is not repeated.
+    assert [f.code for f in result.all_warnings].count(WarningCode.OPTIMIZER_STATE) == 1
+
+
+def test_optimizer_left_alone_when_the_trainable_set_does_not_change(guide, tmp_path):
+    # The pooling layer owns no variables: its flag changes, the trainable set does not.
+    out = tmp_path / "out.keras"
+    result = freeze_file(guide, out, layers=["pool"])
+    assert [c.path for c in result.changes] == ["pool"]
+    assert result.optimizer_state is OptimizerState.UNCHANGED
+    assert read_model(out).optimizer_variables == 6
+    assert [f.code for f in result.warnings] == [WarningCode.RECOMPILE_REQUIRED]
+
+
+def test_nothing_changed_nothing_to_warn(guide, tmp_path):
+    result = freeze_file(guide, tmp_path / "out.keras", bn_inference=True)
+    assert result.changes == () and result.warnings == ()
+    assert result.optimizer_state is OptimizerState.UNCHANGED
+    assert (tmp_path / "out.keras").read_bytes() == guide.read_bytes()
+
+
+def test_no_optimizer_state(samples, tmp_path):
+    result = freeze_file(samples / "sequential.keras", tmp_path / "out.keras")
+    assert result.optimizer_state is OptimizerState.NONE and result.optimizer_variables is None
+
+
+def test_edit_warnings_text_for_a_dry_run():
+    change = freezing.Change("bn", "BatchNormalization", True, True, False)
+    found = edit_warnings([change], OptimizerState.DROPPED, 4, output=None, dry_run=True)
+    assert found[0] == Finding(
+        WarningCode.RECOMPILE_REQUIRED,
+        None,
+        "1 trainable flag(s) changed. Load the model with keras.models.load_model and call "
+        "compile() again with a NEW optimizer before fit(): a model already compiled or "
+        "trained in memory ignores flag changes until it is recompiled, and reusing its built "
+        "optimizer fails with 'Unknown variable' (SEMANTICS §4).",
+    )
+    assert found[1].message.startswith("The 4 saved optimizer variables would be dropped")
+    assert edit_warnings([], OptimizerState.DROPPED, 4, output=None, dry_run=True) == ()
+
+
+# --- routes ------------------------------------------------------------------------------
+
+
+def subclassed(samples: Path, tmp_path: Path) -> Path:
+    def edit(config: dict[str, Any]) -> None:
+        config.clear()
+        config.update({"module": "mypkg", "class_name": "MyModel",
+                       "registered_name": "mypkg>MyModel",
+                       "config": {"name": "my_model", "trainable": True}})
+
+    return rewrite_config(samples / "seed_bn.keras", tmp_path / "sub.keras", edit)
+
+
+def custom_layer(samples: Path, tmp_path: Path) -> Path:
+    def edit(config: dict[str, Any]) -> None:
+        layer = config["config"]["layers"][1]  # dense_1
+        layer.update({"module": "mypkg.layers", "class_name": "MyNorm",
+                      "registered_name": "mypkg>MyNorm"})
+
+    return rewrite_config(samples / "sequential.keras", tmp_path / "custom.keras", edit)
+
+
+@pytest.fixture()
+def fake_engine(monkeypatch):
+    calls: list[EditRequest] = []
+    module = types.SimpleNamespace(edit=lambda request: calls.append(request) or "engine result")
+    monkeypatch.setattr("bnfreeze.writers.keras_engine", lambda: module)
+    return calls
+
+
+def test_config_route_limits(samples, tmp_path):
+    sub = read_model(subclassed(samples, tmp_path))
+    walked = walk(sub.config)
+    reason = freezing.config_route_limit(sub, walked.layers, walked.lists_layers)
+    assert reason is not None and "subclassed model" in reason
+    seq = read_model(samples / "sequential.keras")
+    walked = walk(seq.config)
+    assert freezing.config_route_limit(seq, walked.layers, walked.lists_layers) is None
+
+
+def test_custom_layers_need_keras_only_when_bn_and_others_differ(samples, tmp_path):
+    path = custom_layer(samples, tmp_path)
+    layers = walk(read_model(path).config).layers
+    assert freezing.custom_batchnorm_limit(Assignment.freeze(), layers) is None
+    reason = freezing.custom_batchnorm_limit(Assignment.freeze(bn_inference_only=True), layers)
+    assert reason is not None and "MyNorm" in reason
+    # A plain freeze goes through the config route and edits the custom layer too.
+    result = freeze_file(path, tmp_path / "out.keras")
+    assert result.engine is Engine.CONFIG and flags(tmp_path / "out.keras")["dense_1"] is False
+
+
+@pytest.mark.parametrize(
+    ("make", "engine", "kwargs"),
+    [
+        (subclassed, "auto", {}),
+        (custom_layer, "auto", {"bn_inference": True}),
+        (lambda s, t: s / "sequential.keras", "keras", {}),
+    ],
+    ids=["subclassed", "custom-bn-candidate", "requested"],
+)
+def test_keras_engine_receives_the_request(samples, tmp_path, fake_engine, make, engine, kwargs):
+    path = make(samples, tmp_path)
+    got = freeze_file(path, tmp_path / "out.keras", engine=engine, layers=("*",), **kwargs)
+    assert got == "engine result"
+    (request,) = fake_engine
+    assert request.engine is Engine.KERAS
+    assert request.model == str(path) and request.output == str(tmp_path / "out.keras")
+    assert request.selection.layers == ("*",)
+
+
+def test_config_engine_refuses_what_it_cannot_do(samples, tmp_path, fake_engine):
+    with pytest.raises(BnfreezeError, match="the config route cannot edit this model: it is a "
+                                            "subclassed model"):
+        freeze_file(subclassed(samples, tmp_path), tmp_path / "out.keras", engine="config")
+    assert fake_engine == []
+
+
+def test_missing_keras_engine_is_a_clear_error(samples, tmp_path, monkeypatch):
+    monkeypatch.setattr("bnfreeze.writers.keras_engine", lambda: None)
+    with pytest.raises(BnfreezeError, match="needs the Keras engine"):
+        freeze_file(subclassed(samples, tmp_path), tmp_path / "out.keras")
+
+
+def test_all_warnings_says_each_thing_once(guide, tmp_path):
+    result = unfreeze_file(guide, tmp_path / "out.keras", keep_optimizer_state=True)
+    assert result.all_warnings[: len(result.warnings)] == result.warnings
+    assert set(result.report.warnings) - set(result.all_warnings) <= {
+        f for f in result.report.warnings if f.code is WarningCode.OPTIMIZER_STATE
+    }
+
+
+def test_edit_file_takes_an_assignment(samples, tmp_path):
+    result = edit_file(samples / "sequential.keras", tmp_path / "o.keras",
+                       Assignment(others=False, batchnorm=None), layers=["dense_*"])
+    assert [c.path for c in result.changes] == ["dense_1", "dense_2"]
