@@ -165,8 +165,40 @@ def measure_fit_step(
         loss="mse",
         run_eagerly=run_eagerly,
     )
+    return _moved_during(
+        layers,
+        owned,
+        lambda: model.fit(
+            x, y, batch_size=batch_size, epochs=1, steps_per_epoch=1, verbose=0, shuffle=False
+        ),
+    )
+
+
+def measure_predict(model: Any, *, batch_size: int = 4, seed: int = 0) -> dict[str, Moved]:
+    """Run ``predict()`` and ``evaluate()`` on synthetic data and report what moved (nothing
+    should: both call the model with training=False)."""
+    import keras
+
+    layers = layer_paths(model)
+    owned = _own_variables(layers)
+    x, y = synthetic_batch(model, batch_size=batch_size, seed=seed)
+    model.compile(optimizer=keras.optimizers.SGD(), loss="mse", run_eagerly=True)
+
+    def run() -> None:
+        model.predict(x, batch_size=batch_size, verbose=0)
+        model.evaluate(x, y, batch_size=batch_size, verbose=0)
+
+    return _moved_during(layers, owned, run)
+
+
+def _moved_during(
+    layers: dict[str, Any], owned: dict[str, list[Any]], run: Any
+) -> dict[str, Moved]:
+    import keras
+    import numpy as np
+
     before = snapshot(owned)
-    model.fit(x, y, batch_size=batch_size, epochs=1, steps_per_epoch=1, verbose=0, shuffle=False)
+    run()
     after = snapshot(owned)
 
     def moved(variables: list[Any]) -> bool | None:

@@ -12,7 +12,13 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from keras_truth import Moved, edit_keras_config, measure_fit_step, set_every_flag
+from keras_truth import (
+    Moved,
+    edit_keras_config,
+    measure_fit_step,
+    measure_predict,
+    set_every_flag,
+)
 
 from bnfreeze.cli import cli
 
@@ -113,6 +119,18 @@ def test_bn_under_frozen_sub_model_trains_anyway(samples):
     assert backbone["trainable"] is False
     assert truth["backbone/inner_bn"].moving_stats and truth["backbone/inner_bn"].gamma_beta
     assert truth["backbone/inner_dense"].other_weights is False
+
+
+def test_predict_and_evaluate_move_nothing(samples):
+    """In predict() every BN uses its moving statistics and nothing changes (the Report's
+    in_predict; not part of the JSON)."""
+    from bnfreeze.inspection import inspect_file
+
+    report = inspect_file(samples / "bn_under_frozen.keras")
+    assert {s.in_predict.normalizes_with.value for s in report.batchnorm} == {"moving"}
+    assert not any(s.in_predict.updates_moving_stats for s in report.layers)
+    truth = measure_predict(load(samples / "bn_under_frozen.keras"))
+    assert not any(m.moving_stats or m.gamma_beta or m.other_weights for m in truth.values())
 
 
 # --- keras.applications, built at test time (conftest.py) ----------------------------------
@@ -227,6 +245,27 @@ def test_frozen_spectral_normalization_still_rewrites_its_kernel(tmp_path):
     assert truth["sn"].other_weights and truth["sn/sn_dense"].other_weights
     problems = disagreements(doc, truth)
     assert [p.split(" ")[0] for p in problems] == ["sn", "sn/sn_dense"]
+
+
+def test_augmentation_and_dropout_hold_no_weights(tmp_path):
+    """The Keras guide puts RandomFlip/RandomRotation in front of the backbone."""
+    keras = _keras()
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = keras.layers.RandomFlip("horizontal", name="flip")(inputs)
+    x = keras.layers.RandomRotation(0.1, name="rotate")(x)
+    x = keras.layers.GaussianNoise(0.1, name="noise")(x)
+    x = keras.layers.Conv2D(2, 3, name="conv")(x)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.Dropout(0.2, name="drop")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    outputs = keras.layers.Dense(1, name="out")(x)
+    path = tmp_path / "augment.keras"
+    keras.Model(inputs, outputs, name="augment").save(path)
+    doc, _ = check(path)
+    fit = {layer["path"]: layer["in_fit"]["trains_weights"] for layer in doc["layers"]}
+    assert [fit[p] for p in ("flip", "rotate", "noise", "drop", "conv")] == [
+        None, None, None, None, True
+    ]
 
 
 def _deep_model(keras):
