@@ -1,10 +1,38 @@
 """bnfreeze: see and set which Keras BatchNormalization layers train and which run in
 inference mode.
 
-Importing this package never imports TensorFlow or Keras; the functions that need Keras
-import it when called.
+The Python API (see :mod:`bnfreeze.api`) takes a saved model's path or an in-memory
+``keras.Model``::
+
+    bnfreeze.inspect(model_or_path) -> Report
+    bnfreeze.freeze(model_or_path, layers=..., up_to=..., bn_inference=..., train_bn=...)
+    bnfreeze.unfreeze(model_or_path, layers=..., from_=..., keep_bn_inference=...)
+    bnfreeze.recompile(model)          # compile() again with a fresh optimizer
+    bnfreeze.RecompileWarning          # a UserWarning subclass
+
+Importing this package never imports TensorFlow or Keras; the names above are loaded on
+first use, and only the functions that need Keras import it, when called.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 __version__ = "0.1.0"
+
+#: The public API, loaded lazily from bnfreeze.api (PEP 562).
+_API = ("inspect", "freeze", "unfreeze", "recompile", "RecompileWarning")
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        from bnfreeze import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'bnfreeze' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_API})

@@ -291,6 +291,8 @@ class LiveEdit:
     changes: tuple[Change, ...]
     flags: Flags  # every layer's flag after the edit
     trainable_set_changed: bool  # Keras's own model.trainable_variables changed
+    gained_trainable: bool = False  # some variable became trainable (an optimizer built
+    # before the edit does not know it: fit() raises "Unknown variable")
 
 
 def trainable_ids(model: Any) -> frozenset[int]:
@@ -323,18 +325,18 @@ def edit_live(
     before = current_flags(records)
     after = assign(records, before, selected, assignment, without_flag=without_flag)
     changed = changes(records, before, after)
-    set_changed = False
+    old_ids = new_ids = trainable_ids(live.model)
     if changed and not dry_run:
-        old_ids = trainable_ids(live.model)
         apply_flags(live, after)
-        set_changed = trainable_ids(live.model) != old_ids
+        new_ids = trainable_ids(live.model)
     elif changed:
-        set_changed = _would_change_trainable_set(live, after)
+        new_ids = _trainable_ids_with(live, after)
     return LiveEdit(
         selected=tuple(r.path for r in selected),
         changes=changed,
         flags=after,
-        trainable_set_changed=set_changed,
+        trainable_set_changed=new_ids != old_ids,
+        gained_trainable=bool(new_ids - old_ids),
     )
 
 
@@ -358,15 +360,13 @@ def apply_flags(live: LiveModel, flags: Flags) -> None:
             layer.trainable = value
 
 
-def _would_change_trainable_set(live: LiveModel, flags: Flags) -> bool:
-    """For a dry run: whether applying ``flags`` would change ``model.trainable_variables``.
-    Applies them, then puts every flag back the same way (containers, then leaves)."""
-    model = live.model
-    before = {path: bool(layer.trainable) for path, layer in live.layers.items()}
-    old = trainable_ids(model)
+def _trainable_ids_with(live: LiveModel, flags: Flags) -> frozenset[int]:
+    """For a dry run: ``model.trainable_variables`` as it would be with ``flags``. Applies
+    them, then puts every flag back the same way (containers, then leaves)."""
+    before: Flags = {path: bool(layer.trainable) for path, layer in live.layers.items()}
     try:
         apply_flags(live, flags)
-        return trainable_ids(model) != old
+        return trainable_ids(live.model)
     finally:
         apply_flags(live, before)
 

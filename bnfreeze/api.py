@@ -1,0 +1,379 @@
+"""The Python API for scripted pipelines: the CLI's recipes on saved files *and* on in-memory
+``keras.Model`` objects.
+
+::
+
+    import bnfreeze
+
+    report = bnfreeze.inspect(model)                          # or a path
+    result = bnfreeze.unfreeze(model, keep_bn_inference=True)  # the guide's phase 2, done right
+    bnfreeze.recompile(model)                                  # a fresh optimizer, same settings
+    model.fit(...)
+
+For a path, each function runs the same library code as the CLI command
+(:mod:`bnfreeze.inspection`, :mod:`bnfreeze.freezing`) and returns the same objects. For an
+in-memory model, the flags are set on the live layers (:mod:`bnfreeze.keras_edit`); the
+model is changed in place and also returned in the result's report.
+
+Changing ``trainable`` on a compiled model (SEMANTICS §4, measured on Keras 3.15 / TF 2.21):
+
+* before the first training step, the change takes effect in the next ``fit()``;
+* once ``fit()`` or ``train_on_batch()`` has traced a training step, ``fit()`` keeps using it:
+  the change has **no effect on fit() until compile() is called again with a new optimizer**;
+* once the optimizer is built (a model loaded compiled, say), ``fit()`` raises "Unknown
+  variable" for every variable that became trainable, until the same.
+
+Keras itself does not warn. bnfreeze emits a :class:`RecompileWarning` whenever it changes a
+flag of a compiled model, worded for the case at hand, and :func:`recompile` does the fix.
+
+Importing :mod:`bnfreeze` or this module never imports TensorFlow or Keras.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import sys
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from bnfreeze.edit import Assignment
+from bnfreeze.errors import BnfreezeError
+from bnfreeze.records import Finding, ModelFormat, Report, Runtime, WarningCode
+
+ModelOrPath = Any  # a keras.Model, or a str / os.PathLike naming a saved model
+
+
+class RecompileWarning(UserWarning):
+    """A flag changed on an in-memory model that is already compiled: call ``compile()``
+    again with a new optimizer (:func:`bnfreeze.recompile`) before ``fit()``."""
+
+
+class TrainingState(enum.Enum):
+    """How far a live model got towards training; decides what a flag change does."""
+
+    UNCOMPILED = "uncompiled"  # flags take effect at compile()
+    COMPILED = "compiled"  # compiled, no training step traced, optimizer not built
+    OPTIMIZER_BUILT = "optimizer-built"  # its optimizer knows only the old trainable variables
+    TRACED = "traced"  # fit()/train_on_batch() traced a training step since compile()
+
+
+def training_state(model: Any) -> TrainingState:
+    """Where ``model`` stands. ``model.train_function`` is what ``fit()`` and
+    ``train_on_batch()`` set and ``compile()`` resets; ``optimizer.built`` is set by the first
+    step, by ``load_model`` of a compiled model and by ``compile_from_config``."""
+    if not getattr(model, "compiled", False):
+        return TrainingState.UNCOMPILED
+    if getattr(model, "train_function", None) is not None:
+        return TrainingState.TRACED
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and getattr(optimizer, "built", False):
+        return TrainingState.OPTIMIZER_BUILT
+    return TrainingState.COMPILED
+
+
+def recompile_message(
+    name: str, changed: int, state: TrainingState, *, gained_trainable: bool
+) -> str | None:
+    """The :class:`RecompileWarning` text for a change of ``changed`` flags, or None."""
+    if state is TrainingState.UNCOMPILED or not changed:
+        return None
+    head = f"bnfreeze changed {changed} trainable flag(s) of model {name!r}, which is compiled"
+    fix = "Call bnfreeze.recompile(model) (or compile() with a new optimizer) before fit()."
+    if state is TrainingState.TRACED:
+        return (
+            f"{head} and has already traced a training step (fit() or train_on_batch() ran "
+            "since its last compile()): the change has no effect on fit() until compile() is "
+            f"called again with a new optimizer. {fix}"
+        )
+    if state is TrainingState.OPTIMIZER_BUILT and gained_trainable:
+        return (
+            f"{head} and whose optimizer is already built for the old trainable variables (it "
+            "was loaded compiled, or has evaluated): fit() raises 'Unknown variable' for the "
+            "layers that became trainable until compile() is called again with a new "
+            f"optimizer. {fix}"
+        )
+    return (
+        f"{head}. Keras fixes the trainable variables of a training step when it first traces "
+        "it: this change still reaches the next fit(), but a change made after that fit() "
+        f"would not. {fix}"
+    )
+
+
+def _is_path(value: Any) -> bool:
+    return isinstance(value, (str, os.PathLike))
+
+
+def _check_model(value: Any) -> None:
+    keras = sys.modules.get("keras")
+    if keras is None or not isinstance(value, keras.Model):
+        raise TypeError(
+            f"expected a keras.Model or a path to a saved model, not {type(value).__name__}"
+        )
+
+
+# ------------------------------------------------------------------------------ inspect
+
+
+def inspect(model_or_path: ModelOrPath, *, runtime: Runtime = Runtime.KERAS3) -> Report:
+    """Each layer's flag and what it really does in ``fit()``: the ``bnfreeze inspect`` report.
+
+    A path is read without Keras (:func:`bnfreeze.inspection.inspect_file`). An in-memory
+    model is serialized as Keras would save it and walked the same way; its format is
+    ``memory``, layers that hold variables are read off the live layers, and a custom
+    BatchNormalization subclass counts as BN (``isinstance``).
+    """
+    if _is_path(model_or_path):
+        from bnfreeze.inspection import inspect_file
+
+        return inspect_file(model_or_path, runtime)
+    _check_model(model_or_path)
+    from bnfreeze import keras_edit
+
+    return keras_edit.live_report(model_or_path, runtime=runtime)
+
+
+# ------------------------------------------------------------------------------ edits
+
+
+def freeze(
+    model_or_path: ModelOrPath,
+    *,
+    layers: Sequence[str] = (),
+    up_to: str | None = None,
+    bn_inference: bool = False,
+    train_bn: bool = False,
+    output: str | os.PathLike[str] | None = None,
+    dry_run: bool = False,
+    in_place: bool = False,
+    keep_optimizer_state: bool = False,
+    engine: str = "auto",
+    custom_objects: str | Mapping[str, Any] | None = None,
+    unsafe: bool = False,
+) -> Any:
+    """Freeze the selected layers, as ``bnfreeze freeze`` does; returns an
+    :class:`~bnfreeze.freezing.EditResult`.
+
+    With no option every selected layer gets ``trainable=False``, BN included.
+    ``bn_inference=True`` sets only the BN layers to False, which on Keras 3 is what keeps
+    them in inference mode in ``fit()``. ``train_bn=True`` freezes everything selected but
+    the BN layers (the fastai recipe). ``layers`` are globs on layer paths or names; ``up_to``
+    a layer path or name, inclusive.
+
+    A path is edited like the CLI does (``output``, or ``in_place=True``; ``dry_run``). An
+    in-memory model is changed in place, and saved to ``output`` too when one is given; a
+    :class:`RecompileWarning` says what to do when it is compiled.
+    """
+    if bn_inference and train_bn:
+        raise BnfreezeError("bn_inference and train_bn contradict each other; pick one.")
+    assignment = Assignment.freeze(bn_inference_only=bn_inference, train_bn=train_bn)
+    return _edit(
+        model_or_path, assignment, layers=layers, up_to=up_to, from_layer=None, output=output,
+        dry_run=dry_run, in_place=in_place, keep_optimizer_state=keep_optimizer_state,
+        engine=engine, custom_objects=custom_objects, unsafe=unsafe,
+    )
+
+
+def unfreeze(
+    model_or_path: ModelOrPath,
+    *,
+    layers: Sequence[str] = (),
+    from_: str | None = None,
+    keep_bn_inference: bool = False,
+    output: str | os.PathLike[str] | None = None,
+    dry_run: bool = False,
+    in_place: bool = False,
+    keep_optimizer_state: bool = False,
+    engine: str = "auto",
+    custom_objects: str | Mapping[str, Any] | None = None,
+    unsafe: bool = False,
+) -> Any:
+    """Unfreeze the selected layers (``trainable=True``), as ``bnfreeze unfreeze`` does;
+    returns an :class:`~bnfreeze.freezing.EditResult`.
+
+    ``keep_bn_inference=True`` keeps every selected BN layer frozen: the fine-tuning step of
+    the Keras transfer-learning guide, done right on Keras 3. ``from_`` is a layer path or
+    name, inclusive. Paths and in-memory models as in :func:`freeze`.
+    """
+    assignment = Assignment.unfreeze(keep_bn_inference=keep_bn_inference)
+    return _edit(
+        model_or_path, assignment, layers=layers, up_to=None, from_layer=from_, output=output,
+        dry_run=dry_run, in_place=in_place, keep_optimizer_state=keep_optimizer_state,
+        engine=engine, custom_objects=custom_objects, unsafe=unsafe,
+    )
+
+
+def _edit(
+    model_or_path: ModelOrPath,
+    assignment: Assignment,
+    *,
+    layers: Sequence[str],
+    up_to: str | None,
+    from_layer: str | None,
+    output: str | os.PathLike[str] | None,
+    dry_run: bool,
+    in_place: bool,
+    keep_optimizer_state: bool,
+    engine: str,
+    custom_objects: str | Mapping[str, Any] | None,
+    unsafe: bool,
+) -> Any:
+    from bnfreeze import freezing
+
+    if isinstance(layers, str):
+        layers = (layers,)
+    selection = freezing.LayerSelection(tuple(layers), up_to, from_layer)
+    if _is_path(model_or_path):
+        if custom_objects is not None and not isinstance(custom_objects, str):
+            raise BnfreezeError(
+                "for a saved model, custom_objects names a module or .py file (as "
+                "--custom-objects does)."
+            )
+        return freezing.edit_file(
+            model_or_path, output, assignment, layers=selection.layers, up_to=up_to,
+            from_layer=from_layer, dry_run=dry_run, in_place=in_place,
+            keep_optimizer_state=keep_optimizer_state, engine=engine,
+            custom_objects=custom_objects, unsafe=unsafe,
+        )
+    _check_model(model_or_path)
+    if in_place:
+        raise BnfreezeError("in_place applies to saved files; an in-memory model is always "
+                            "changed in place.")
+    return _edit_memory(
+        model_or_path, assignment, selection, output=output, dry_run=dry_run,
+        keep_optimizer_state=keep_optimizer_state, custom_objects=custom_objects,
+        unsafe=unsafe,
+    )
+
+
+def _edit_memory(
+    model: Any,
+    assignment: Assignment,
+    selection: Any,
+    *,
+    output: str | os.PathLike[str] | None,
+    dry_run: bool,
+    keep_optimizer_state: bool,
+    custom_objects: str | Mapping[str, Any] | None,
+    unsafe: bool,
+) -> Any:
+    from bnfreeze import engine, freezing, keras_edit
+
+    state = training_state(model)
+    if output is not None:  # a bad name or folder fails before anything changes
+        from pathlib import Path
+
+        from bnfreeze.writers.atomic import check_destination
+
+        keras_edit.save_format(output)
+        check_destination(Path(output))
+    live = keras_edit.live_model(model)
+    done = keras_edit.edit_live(live, assignment, selection.apply, dry_run=dry_run)
+    optimizer = getattr(model, "optimizer", None)
+    optimizer_variables = (
+        len(optimizer.variables) if optimizer is not None and getattr(optimizer, "built", False)
+        else None
+    )
+    decision = freezing.optimizer_decision(
+        optimizer_variables, done.trainable_set_changed, keep_optimizer_state
+    )
+    source = f"<in-memory model {model.name!r}>"
+    findings: list[Finding] = []
+    text = recompile_message(
+        model.name, len(done.changes), state, gained_trainable=done.gained_trainable
+    )
+    if text is not None:
+        findings.append(Finding(WarningCode.RECOMPILE_REQUIRED, None, text))
+        if not dry_run:
+            warnings.warn(text, RecompileWarning, stacklevel=4)
+    output_bytes = None
+    written = None
+    if output is not None and not dry_run:
+        objects = _custom_objects_for(live, custom_objects)
+        keep = decision in (freezing.OptimizerState.UNCHANGED, freezing.OptimizerState.KEPT)
+        with engine.quiet():
+            output_bytes = keras_edit.save(
+                model,
+                output,
+                keep_optimizer=keep,
+                reload=lambda p: engine.load_model(
+                    p, unsafe=unsafe, custom_objects=objects, compile=False
+                ),
+                live=live,
+            )
+        written = os.fspath(output)
+        findings.extend(
+            f for f in freezing.edit_warnings(
+                done.changes, decision, optimizer_variables, output=written, dry_run=False
+            )
+            if f.code is WarningCode.OPTIMIZER_STATE
+        )
+    report = keras_edit.live_report(
+        model,
+        path=written,
+        fmt=keras_edit.save_format(written) if written else ModelFormat.MEMORY,
+    )
+    dropped = optimizer_variables or 0
+    return freezing.EditResult(
+        source=source,
+        output=written,
+        dry_run=dry_run,
+        engine=freezing.Engine.KERAS,
+        selected=done.selected,
+        changes=done.changes,
+        report=report,
+        warnings=tuple(findings),
+        optimizer_state=decision,
+        optimizer_variables=optimizer_variables,
+        optimizer_variables_dropped=dropped
+        if written and decision is freezing.OptimizerState.DROPPED
+        else 0,
+        input_bytes=0,
+        output_bytes=output_bytes,
+    )
+
+
+def _custom_objects_for(
+    live: Any, given: str | Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """What reloading a saved in-memory model needs: the classes it is made of (they are
+    already loaded in this process), plus whatever the caller names."""
+    from bnfreeze import engine
+
+    objects: dict[str, Any] = {type(live.model).__name__: type(live.model)}
+    for layer in live.layers.values():
+        objects.setdefault(type(layer).__name__, type(layer))
+    if isinstance(given, str):
+        objects.update(engine.load_custom_objects(given))
+    elif given:
+        objects.update(given)
+    return objects
+
+
+# ------------------------------------------------------------------------------ recompile
+
+
+def recompile(model: Any) -> Any:
+    """Compile ``model`` again with its own compile arguments and a **fresh** optimizer of the
+    same class and settings (``optimizer.__class__.from_config(optimizer.get_config())``).
+
+    This is what makes a flag change take effect after ``fit()`` (SEMANTICS §4). The fresh
+    optimizer starts from step 0: its slots (Adam moments, momentum) start empty and a
+    learning-rate schedule starts over. Returns ``model``.
+    """
+    _check_model(model)
+    optimizer = getattr(model, "optimizer", None)
+    if not getattr(model, "compiled", False) or optimizer is None:
+        raise BnfreezeError(
+            f"model {model.name!r} is not compiled; call compile() on it yourself.",
+        )
+    arguments = dict(getattr(getattr(model, "_compile_config", None), "config", {}) or {})
+    if not arguments:
+        raise BnfreezeError(
+            f"model {model.name!r} does not record its compile() arguments; call compile() "
+            "yourself."
+        )
+    arguments["optimizer"] = optimizer.__class__.from_config(optimizer.get_config())
+    model.compile(**arguments)
+    return model
