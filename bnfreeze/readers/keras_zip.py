@@ -51,7 +51,9 @@ def read_member(archive: zipfile.ZipFile, path: Path, member: str, limit: int) -
         )
     try:
         with archive.open(member) as fh:
-            data = fh.read(limit + 1)
+            # At most what the archive claims (already within ``limit``): a member whose data
+            # inflates past its claim costs no more than the claim.
+            data = fh.read(info.file_size + 1)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
         raise ModelFormatError(f"{path}: {member} is damaged ({exc}).") from None
     except Exception as exc:  # zlib.error and friends
