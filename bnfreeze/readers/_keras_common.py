@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from bnfreeze.errors import ModelFormatError
-from bnfreeze.limits import MAX_CONFIG_BYTES
+from bnfreeze.limits import MAX_CONFIG_BYTES, MAX_JSON_DEPTH, json_depth_exceeds
 from bnfreeze.records import WeightIndex
 
 CONFIG = "config.json"
@@ -27,6 +27,12 @@ def parse_json(raw: bytes, source: str, member: str) -> Any:
             f"{source}: {member} is larger than the {MAX_CONFIG_BYTES // 2**20} MiB "
             "bnfreeze reads.",
             hint="The file is probably corrupt or not a Keras model.",
+        )
+    if json_depth_exceeds(raw):
+        raise ModelFormatError(
+            f"{source}: {member} nests more than {MAX_JSON_DEPTH} levels deep; no Keras model "
+            "config does.",
+            hint="The file is probably corrupt or crafted.",
         )
     try:
         return json.loads(raw)
