@@ -149,3 +149,81 @@ def guide_phase2_trained_keras(tmp_path_factory) -> Path:
         return model
 
     return _save_application(tmp_path_factory, "guide_phase2_trained", build)
+
+
+# --- Custom classes, provided the way users do: a .py file passed as --custom-objects -------
+
+CUSTOM_LAYERS_SOURCE = '''"""Custom classes for bnfreeze's tests (--custom-objects this_file.py)."""
+import keras
+
+
+@keras.saving.register_keras_serializable(package="bnfreeze_test")
+class MyBN(keras.layers.BatchNormalization):
+    """A BatchNormalization subclass: only isinstance() can tell it is BN."""
+
+
+@keras.saving.register_keras_serializable(package="bnfreeze_test")
+class TinyNet(keras.Model):
+    """A subclassed model: its config does not list the layers it creates."""
+
+    def __init__(self, units=4, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.dense = keras.layers.Dense(units, name="dense")
+        self.bn = keras.layers.BatchNormalization(name="bn")
+        self.head = keras.layers.Dense(1, name="head")
+
+    def call(self, x, training=None):
+        return self.head(self.bn(self.dense(x), training=training))
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+'''
+
+
+@pytest.fixture(scope="session")
+def custom_layers_file(tmp_path_factory) -> Path:
+    """A ``.py`` file defining MyBN (a BN subclass) and TinyNet (a subclassed model)."""
+    path = tmp_path_factory.mktemp("custom") / "my_layers.py"
+    path.write_text(CUSTOM_LAYERS_SOURCE)
+    return path
+
+
+@pytest.fixture(scope="session")
+def custom_bn_keras(custom_layers_file, tmp_path_factory) -> Path:
+    """Dense -> MyBN -> BatchNormalization -> Dense, compiled and trained one step (Adam)."""
+    import keras
+    import numpy as np
+
+    from bnfreeze.engine import load_custom_objects
+
+    my = load_custom_objects(str(custom_layers_file))
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((4,), name="x")
+    h = keras.layers.Dense(8, name="d")(inputs)
+    h = my["MyBN"](name="my_bn")(h)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    model = keras.Model(inputs, keras.layers.Dense(1, name="o")(h), name="custom_bn")
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=keras.losses.MeanSquaredError())
+    rng = np.random.default_rng(3)
+    model.fit(rng.normal(5, 2, (16, 4)), rng.normal(size=(16, 1)), batch_size=8, verbose=0)
+    path = tmp_path_factory.mktemp("custom_bn") / "custom_bn.keras"
+    model.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def subclassed_keras(custom_layers_file, tmp_path_factory) -> Path:
+    """A TinyNet (subclassed model) with dense, bn and head, built and saved uncompiled."""
+    import keras
+    import numpy as np
+
+    from bnfreeze.engine import load_custom_objects
+
+    my = load_custom_objects(str(custom_layers_file))
+    keras.utils.set_random_seed(4)
+    model = my["TinyNet"](name="tiny")
+    model(np.zeros((1, 3), "float32"))
+    path = tmp_path_factory.mktemp("subclassed") / "tiny.keras"
+    model.save(path)
+    return path
