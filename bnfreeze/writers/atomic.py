@@ -28,9 +28,13 @@ def check_destination(dest: Path) -> Path:
     write itself still handles every ``OSError`` (root ignores permission bits, say).
     """
     folder = dest.parent if str(dest.parent) else Path(".")
-    if dest.is_dir():
+    try:
+        is_dir, folder_exists = dest.is_dir(), folder.exists()
+    except OSError as exc:  # a folder on the way that this user may not enter
+        raise OutputError(f"{dest}: cannot be written ({_describe(exc)}).") from None
+    if is_dir:
         raise OutputError(f"{dest}: is a directory.", hint="Give a file name for the output.")
-    if not folder.exists():
+    if not folder_exists:
         raise OutputError(
             f"{dest}: the folder {folder} does not exist.",
             hint="Create it first, or pick another -o.",
