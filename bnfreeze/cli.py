@@ -19,6 +19,10 @@ import click
 from bnfreeze import __version__
 from bnfreeze.errors import EXIT_USAGE, BnfreezeError
 
+#: A model path argument. Not ``readable=True`` (click's default): click would report an
+#: unreadable file as a usage error, several lines long; the readers say it in one line.
+MODEL_PATH = click.Path(path_type=str, readable=False)
+
 
 class BnfreezeGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
@@ -130,7 +134,7 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("model", type=click.Path(path_type=str))
+@click.argument("model", type=MODEL_PATH)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
 @click.option("--all", "all_layers", is_flag=True, help="List every layer, not only BN layers.")
 @click.option("--tree", is_flag=True, help="Show the nesting as a tree.")
@@ -193,7 +197,7 @@ def set_option(f: Any) -> Any:
 
 
 @cli.command()
-@click.argument("model", type=click.Path(path_type=str))
+@click.argument("model", type=MODEL_PATH)
 @click.option(
     "--plan", "plan_path", type=click.Path(path_type=str), default=None,
     help="A TOML plan: its [[expect]] tables must hold, and every layer's flag must be what "
@@ -269,8 +273,8 @@ def check(
 
 
 @cli.command()
-@click.argument("a", type=click.Path(path_type=str))
-@click.argument("b", type=click.Path(path_type=str))
+@click.argument("a", type=MODEL_PATH)
+@click.argument("b", type=MODEL_PATH)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
 @click.option(
     "--exit-code", is_flag=True,
@@ -313,7 +317,7 @@ RUNTIME_CHOICES = ["keras3", "tf-keras"]
 
 
 @cli.command()
-@click.argument("model", type=click.Path(path_type=str))
+@click.argument("model", type=MODEL_PATH)
 @click.option("--steps", type=click.IntRange(min=1), default=1, show_default=True,
               help="Training steps to run (train_on_batch, the same step as fit()).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True,
@@ -484,7 +488,7 @@ def run_edit(library_call: Any, output: str | None, as_json: bool, **kwargs: Any
 
 
 @cli.command()
-@click.argument("model", type=click.Path(path_type=str))
+@click.argument("model", type=MODEL_PATH)
 @click.option("--bn-inference", is_flag=True,
               help="Only BN layers: trainable=False, which puts them in inference mode in fit().")
 @click.option("--train-bn", is_flag=True,
@@ -520,7 +524,7 @@ def freeze(
 
 
 @cli.command()
-@click.argument("model", type=click.Path(path_type=str))
+@click.argument("model", type=MODEL_PATH)
 @click.option("--keep-bn-inference", is_flag=True,
               help="Keep every selected BN layer at trainable=False (inference mode in fit()): "
               "the fine-tuning step of the Keras guide, done right on Keras 3.")
