@@ -227,3 +227,20 @@ def subclassed_keras(custom_layers_file, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("subclassed") / "tiny.keras"
     model.save(path)
     return path
+
+
+# --- The figures behind the README's "Guarantees" (tests/guarantees.py) --------------------
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print what the robustness tests tried, and save it to tests/.guarantees.json."""
+    import sys
+
+    guarantees = sys.modules.get("guarantees")
+    if guarantees is None or not guarantees.ran:
+        return
+    guarantees.write_summary()
+    terminalreporter.write_sep("-", "bnfreeze guarantees: tried this run (tests/.guarantees.json)")
+    planned = guarantees.planned()
+    for key, value in sorted(guarantees.ran.items()):
+        terminalreporter.write_line(f"{key}: {value} (README: {planned.get(key, '-')})")

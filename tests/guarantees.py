@@ -1,0 +1,61 @@
+"""The figures the README's "Guarantees" section quotes, and what the suite actually ran.
+
+:func:`planned` computes them from the same generators the tests use (deterministic: fixed
+offsets, fixed seeds, fixed hypothesis budgets). The tests :func:`count` what they really
+tried; ``tests/conftest.py`` prints both at the end of the run and writes them to
+``tests/.guarantees.json`` (not committed), and ``tests/test_guarantees_doc.py`` checks that
+the README quotes :func:`planned` and the fuzz tests check that they ran exactly that many.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hostile
+
+from bnfreeze import limits
+
+SUMMARY = Path(__file__).resolve().parent / ".guarantees.json"
+
+#: Hypothesis examples per run of the mutation fuzzer (``tests/test_fuzz.py``).
+FUZZ_EXAMPLES = 150
+#: Commands run on every bad input: inspect, freeze --bn-inference -o OUT, check --expect.
+COMMANDS = ("inspect", "freeze", "check")
+#: SIGKILL moments per scenario in ``tests/test_interrupt.py`` (new output, existing output).
+KILL_POINTS = 10
+KILL_SCENARIOS = ("new output", "existing output")
+#: Full-disk cases: the output fills a small tmpfs (or a simulated ENOSPC).
+FULL_DISK_CASES = 3
+#: Rounds of two ``freeze`` processes racing for the same output.
+RACE_ROUNDS = 3
+
+ran: dict[str, int] = {}
+
+
+def count(key: str, n: int = 1) -> None:
+    ran[key] = ran.get(key, 0) + n
+
+
+def planned() -> dict[str, int]:
+    corpus = len(hostile.corpus_names())
+    regressions = len(list((Path(__file__).parent / "regressions").glob("*.json")))
+    return {
+        "corpus_cases": corpus,
+        "fuzz_examples": FUZZ_EXAMPLES,
+        "regression_cases": regressions,
+        "bad_inputs": corpus + FUZZ_EXAMPLES + regressions,
+        "commands_per_input": len(COMMANDS),
+        "kill_points": KILL_POINTS * len(KILL_SCENARIOS),
+        "full_disk_cases": FULL_DISK_CASES,
+        "race_rounds": RACE_ROUNDS,
+        "max_config_mib": limits.MAX_CONFIG_BYTES // 2**20,
+        "max_expansion_ratio": limits.MAX_EXPANSION_RATIO,
+        "max_json_depth": limits.MAX_JSON_DEPTH,
+        "max_nesting_depth": limits.MAX_NESTING_DEPTH,
+        "max_layers": limits.MAX_LAYERS,
+    }
+
+
+def write_summary() -> None:
+    SUMMARY.write_text(json.dumps({"planned": planned(), "ran": ran}, indent=2) + "\n")
