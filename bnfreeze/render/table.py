@@ -6,9 +6,9 @@ for the width it is finally rendered at, so it stays readable at 80-100 columns 
 
 * a layer under a container shows its name, indented under the container's row, not its full
   path (the full path is the container's path, "/", the name; ``--json`` has it);
-* when space runs out, the path column keeps priority: the class column is cut with an
-  ellipsis first, and the "updates stats" header wraps; the path column folds only as a last
-  resort.
+* when space runs out, the path column keeps priority: the "updates stats" header and long
+  container summaries wrap, then the class column is cut with an ellipsis (to 10 columns),
+  then hidden; the path column folds only as a last resort.
 """
 
 from __future__ import annotations
