@@ -413,7 +413,7 @@ def load_model(
     path: str | os.PathLike[str],
     *,
     unsafe: bool = False,
-    custom_objects: dict[str, Any] | None = None,
+    custom_objects: dict[str, Any] | str | None = None,
     compile: bool = True,
     runtime: Runtime = Runtime.KERAS3,
 ) -> Any:
@@ -421,9 +421,9 @@ def load_model(
 
     * ``safe_mode=True`` unless ``unsafe``: a model whose config holds a Python ``lambda``
       raises :class:`UnsafeModelError`, naming ``--unsafe``, before Keras sees it.
-    * ``custom_objects``: classes and functions from :func:`load_custom_objects`; a model
-      that needs custom classes it was not given raises :class:`ModelFormatError` naming
-      ``--custom-objects``.
+    * ``custom_objects``: a dict of classes and functions, or the module / ``.py`` path
+      :func:`load_custom_objects` takes; a model that needs custom classes it was not given
+      raises :class:`ModelFormatError` naming ``--custom-objects``.
     * ``compile``: as in ``keras.models.load_model``.
 
     Any failure is a :class:`~bnfreeze.errors.BnfreezeError` with a one-line message. The
@@ -435,6 +435,8 @@ def load_model(
     # unsafe content is refused before TensorFlow is even imported.
     model_file = read_model(path, weights=False)
     refuse_unsafe(model_file.config, str(path), unsafe=unsafe)
+    if isinstance(custom_objects, str):
+        custom_objects = load_custom_objects(custom_objects)
     keras = keras_module(runtime)
     kwargs: dict[str, Any] = {"custom_objects": custom_objects or None, "compile": compile}
     kwargs["safe_mode"] = not unsafe

@@ -291,13 +291,20 @@ def test_progress_disabled_prints_nothing(capsys):
 
 
 def test_spinner_on_a_terminal_turns_and_clears_its_line():
+    import select
+
     master, slave = os.openpty()
+    output = ""
     try:
         spinner = engine._Spinner(slave)
         spinner.update("loading TensorFlow")
-        time.sleep(0.4)
+        deadline = time.monotonic() + 10  # a loaded CI machine may draw slowly
+        while output.count("loading TensorFlow") < 2 and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.1)[0]:
+                output += os.read(master, 65536).decode()
         spinner.close()
-        output = os.read(master, 65536).decode()
+        while select.select([master], [], [], 0.2)[0]:
+            output += os.read(master, 65536).decode()
     finally:
         os.close(master)
         os.close(slave)

@@ -149,6 +149,25 @@ def test_bn_inference_recipe_verifies_with_zero_bn_movement(guide_phase2_bn_infe
     assert doc["summary"]["agree"] is True
 
 
+@pytest.mark.parametrize(
+    "sample", ["sequential.keras", "bn_under_frozen.keras", "nested_legacy.h5"]
+)
+def test_a_model_frozen_with_bn_inference_verifies_with_zero_bn_movement(
+    samples, tmp_path, sample
+):
+    """The recipe through bnfreeze's own freeze command, then measured by Keras."""
+    out = tmp_path / sample
+    frozen = CliRunner().invoke(cli, ["freeze", str(samples / sample), "--bn-inference",
+                                      "-o", str(out)], env=ENV, catch_exceptions=False)
+    assert frozen.exit_code == 0, frozen.stderr
+    code, doc, _ = verify_json(out, "--expect", "bn-inference")
+    assert code == 0
+    assert doc["summary"]["batchnorm"] > 0
+    assert doc["summary"]["bn_stats_moved"] == 0
+    assert doc["summary"]["agree"] is True
+    assert any(layer["other_weights"] == "moved" for layer in doc["layers"])  # Dense layers train
+
+
 # --------------------------------------------------------------------------- samples
 
 
@@ -535,7 +554,7 @@ def test_compare_finds_each_kind_of_disagreement(samples):
         Disagreement("bn_2", Aspect.GAMMA_BETA, False, Movement.MOVED),
         Disagreement("dense_1", Aspect.WEIGHTS, True, Movement.UNCHANGED),
     )
-    assert report.checks == 5
+    assert report.checks == 6  # bn_1 and bn_2: stats and gamma/beta; dense_1, dense_2: weights
     assert report.exit_code == 1
     assert report.not_measured == ("out",)
 
