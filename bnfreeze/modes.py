@@ -39,6 +39,7 @@ from bnfreeze.records import (
     Normalization,
     Runtime,
 )
+from bnfreeze.walk import OPERATION_MODULE_PREFIXES
 
 NOT_APPLICABLE = FitBehaviour(trains_weights=None, normalizes_with=None, updates_moving_stats=None)
 
@@ -64,13 +65,9 @@ WEIGHTLESS_CLASSES = frozenset(
 #: the preprocessing ``Normalization`` keeps the mean and variance that ``adapt()`` computed.
 UNTRAINABLE_STATE_CLASSES = frozenset({"Normalization"})
 
-#: Modules of Keras *operations* (``x + 3`` in a Functional graph is recorded as an ``Add``
-#: operation from ``keras.src.ops.numpy``): listed in the config, never holding variables.
-OPERATION_MODULE_PREFIXES = ("keras.src.ops.", "keras.ops.")
-
-
 def is_operation(record: LayerRecord) -> bool:
-    """Whether the config entry is a Keras operation applied to tensors, not a layer."""
+    """Whether the config entry is a Keras operation applied to tensors (``x + 3`` is saved as
+    an ``Add`` from ``keras.src.ops.numpy``), which never holds variables."""
     return record.module is not None and record.module.startswith(OPERATION_MODULE_PREFIXES)
 
 

@@ -42,6 +42,11 @@ WRAPPED_LAYER_KEYS = ("layer", "backward_layer")
 
 _BUILTIN_MODULE_PREFIXES = ("keras", "tf_keras", "tensorflow")
 
+#: Modules of Keras *operations*: ``x + 3`` on a tensor in a Functional graph is saved as an
+#: ``Add`` entry from ``keras.src.ops.numpy``. Operations have no ``trainable`` flag and hold
+#: no variables.
+OPERATION_MODULE_PREFIXES = ("keras.src.ops.", "keras.ops.")
+
 
 @dataclass(frozen=True)
 class WalkedModel:
@@ -69,6 +74,12 @@ def is_builtin(layer: dict[str, Any]) -> bool:
     if module is None:
         return True
     return isinstance(module, str) and module.split(".")[0] in _BUILTIN_MODULE_PREFIXES
+
+
+def is_operation(layer: dict[str, Any]) -> bool:
+    """Whether a config entry is a Keras operation applied to tensors, not a layer."""
+    module = layer.get("module")
+    return isinstance(module, str) and module.startswith(OPERATION_MODULE_PREFIXES)
 
 
 def classify(layer: dict[str, Any]) -> LayerKind:
@@ -197,7 +208,7 @@ def _walk_layer(
     path = prefix + name
     kind = classify(layer)
     trainable = _flag(config, source, f"layer {path!r}")
-    if trainable is None and kind is not LayerKind.INPUT:
+    if trainable is None and kind is not LayerKind.INPUT and not is_operation(layer):
         trainable = True  # Keras's default when the key is absent
     module = layer.get("module")
     out.append(

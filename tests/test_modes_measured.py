@@ -151,6 +151,13 @@ def test_guide_pattern_phase2(guide_phase2_keras):
 def test_mobilenetv3small_half_frozen(mobilenetv3small_keras):
     doc, truth = check(mobilenetv3small_keras)
     assert 0 < bn_moving(truth) < doc["summary"]["batchnorm"]
+    # Its hard-swish "x + 3" and "* (1/6)" are Keras operations: listed, no flag, no weights.
+    # (Its residual connections are Add *layers*, named block-wise, with flags.)
+    op_name = re.compile(r"(add|multiply)(_\d+)?")
+    ops = [layer for layer in doc["layers"] if op_name.fullmatch(layer["name"])]
+    assert len(ops) == 18 and all(op["trainable"] is None for op in ops)
+    assert all(op["in_fit"] == {"trains_weights": None, "normalizes_with": None,
+                                "updates_moving_stats": None} for op in ops)
 
 
 def test_efficientnetb0_bn_inference(efficientnetb0_keras):

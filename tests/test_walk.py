@@ -212,6 +212,19 @@ def test_classify(entry, kind):
     assert record.is_batchnorm is (kind is LayerKind.BATCHNORM)
 
 
+def test_a_keras_operation_has_no_flag():
+    """``x + 3`` in a Functional graph, exactly as MobileNetV3's config saves it."""
+    op = {"module": "keras.src.ops.numpy", "class_name": "Add", "config": {"name": "add"},
+          "registered_name": "Add", "name": "add", "inbound_nodes": []}
+    dense = layer("Dense", "d", units=2)
+    del dense["config"]["trainable"]
+    records = walk(functional("m", [op, dense])).layers
+    assert [(r.kind, r.trainable, r.custom) for r in records] == [
+        (LayerKind.LAYER, None, False),
+        (LayerKind.LAYER, True, False),  # a layer without the key: Keras's default, True
+    ]
+
+
 def test_tf_keras_sync_batchnorm_without_module():
     """Old tf_keras configs record neither module nor registered_name."""
     entry = {"class_name": "SyncBatchNormalization", "config": {"name": "b", "trainable": True}}
