@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from bnfreeze.edit import current_flags
 from bnfreeze.expectations import Expectation, Failure, evaluate, observed_from_states
 from bnfreeze.inspection import inspect_file
-from bnfreeze.plans import Plan, apply_rules
+from bnfreeze.plans import Plan, apply_rules, flagless
 from bnfreeze.records import Report, WarningCode
 from bnfreeze.selection import is_leaf
 
@@ -143,7 +143,8 @@ def _strict_expected_actual(code: WarningCode, path: str | None, report: Report)
 def _plan_flags(plan: Plan, report: Report) -> Outcome:
     layers = tuple(s.layer for s in report.layers)
     before = current_flags(layers)
-    after = apply_rules(plan, layers, before).flags
+    skip = flagless(report.model.config, layers)
+    after = apply_rules(plan, layers, before, without_flag=skip).flags
     failures = tuple(
         Failure(
             "plan flags",

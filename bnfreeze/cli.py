@@ -117,8 +117,8 @@ def finish_export(console: Any, export: str | None) -> None:
         return
     from bnfreeze.export import save_recording
 
-    title = "bnfreeze " + " ".join(sys.argv[1:]) if sys.argv[1:] else "bnfreeze"
-    save_recording(console, export, title=title)
+    # Rich centres the title over the window buttons: keep it short, "bnfreeze check".
+    save_recording(console, export, title=click.get_current_context().command_path)
     click.echo(f"saved {export}", err=True)
 
 
@@ -437,6 +437,69 @@ def explain(runtime: str, as_json: bool) -> None:
         from bnfreeze.render.explain import explain_view
 
         stdout_console().print(explain_view(report))
+
+
+@cli.command("apply")
+@click.argument("model", type=MODEL_PATH)
+@click.option("--plan", "plan_path", type=click.Path(path_type=str), required=True,
+              help="The TOML plan to apply (see configs/README.md).")
+@set_option
+@click.option("-o", "--output", type=click.Path(path_type=str), default=None, metavar="OUT",
+              help="Where to write the result (atomically).")
+@click.option("--dry-run", is_flag=True, help="Print what would change; write nothing.")
+@click.option("--in-place", is_flag=True, help="Rewrite MODEL itself (atomically).")
+@click.option("--keep-optimizer-state", is_flag=True,
+              help="Keep the saved optimizer variables even when the set of trainable "
+              "variables changes (they are matched by position; dropped by default).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
+def apply_plan(
+    model: str,
+    plan_path: str,
+    sets: tuple[str, ...],
+    output: str | None,
+    dry_run: bool,
+    in_place: bool,
+    keep_optimizer_state: bool,
+    as_json: bool,
+) -> None:
+    """Apply a TOML freeze plan: its rules in order, later rules winning.
+
+    Same guarantees as freeze: the output is written atomically and verified, every byte
+    but the config is kept, and saved optimizer state is dropped when the set of trainable
+    variables changes. A rule that matches no layer is an error (exit 2).
+
+    \b
+    Examples:
+      bnfreeze apply model.keras --plan configs/keras-guide-finetune.toml -o finetune.keras
+      bnfreeze apply model.keras --plan configs/freeze-up-to.toml \\
+          --set block=block_13_add -o top.keras
+      bnfreeze apply model.keras --plan configs/train-bn.toml --dry-run --json | jq .changes
+    """
+    from bnfreeze.plans import apply_plan_file, load_plan, parse_sets
+
+    if output is None and not dry_run and not in_place:
+        raise click.UsageError("-o OUT is required unless --dry-run or --in-place is given.")
+    plan = load_plan(plan_path, parse_sets(sets))
+    application = apply_plan_file(
+        model,
+        output,
+        plan,
+        dry_run=dry_run,
+        in_place=in_place,
+        keep_optimizer_state=keep_optimizer_state,
+    )
+    if as_json:
+        from bnfreeze.render.plan import render_apply
+
+        click.echo(render_apply(application))
+    else:
+        from bnfreeze.render.plan import apply_view
+
+        stdout_console().print(apply_view(application))
+    from bnfreeze.render.edit import status_line
+
+    click.echo(status_line(application.result), err=True)
+    emit_warnings(application.result.all_warnings)
 
 
 def edit_options(f: Any) -> Any:

@@ -41,15 +41,16 @@ import fnmatch
 import os
 import re
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bnfreeze.edit import Assignment, Flags, assign
+from bnfreeze.edit import Assignment, Flags, assign, current_flags, stores_flag
 from bnfreeze.errors import BnfreezeError, PlanError
 from bnfreeze.expectations import Expectation, ExpectKind
-from bnfreeze.records import LayerRecord
+from bnfreeze.freezing import EditResult, LayerSelection
+from bnfreeze.records import LayerKind, LayerRecord
 from bnfreeze.selection import find_layer, from_layer, is_leaf, match_glob, up_to
 
 #: The largest plan file read. Plans are a few hundred bytes; anything near this is a mistake.
@@ -273,9 +274,16 @@ class PlanOutcome:
     matches: tuple[RuleMatch, ...]
 
 
-def apply_rules(plan: Plan, layers: Sequence[LayerRecord], flags: Flags) -> PlanOutcome:
+def apply_rules(
+    plan: Plan,
+    layers: Sequence[LayerRecord],
+    flags: Flags,
+    *,
+    without_flag: Collection[str] = (),
+) -> PlanOutcome:
     """Apply every rule in order to ``flags`` (later rules win). A rule that selects nothing
-    raises :class:`PlanError` with its file and line."""
+    raises :class:`PlanError` with its file and line. ``without_flag`` names layers whose
+    saved config stores no flag (see :func:`bnfreeze.edit.stores_flag`): never set."""
     if not plan.rules:
         raise PlanError(
             f"{plan.path}: the plan has no [[rule]] table, so it changes nothing.",
@@ -284,7 +292,7 @@ def apply_rules(plan: Plan, layers: Sequence[LayerRecord], flags: Flags) -> Plan
     matches = []
     for rule in plan.rules:
         selected = rule.selector.leaves(layers)
-        flags = assign(layers, flags, selected, rule.assignment())
+        flags = assign(layers, flags, selected, rule.assignment(), without_flag=without_flag)
         matches.append(RuleMatch(rule, len(selected)))
     return PlanOutcome(flags=flags, matches=tuple(matches))
 
@@ -764,3 +772,127 @@ def _check_regex(pattern: str) -> str | None:
     except (OverflowError, RecursionError, ValueError) as exc:
         return f"bad regex {pattern!r}: {exc}."
     return None
+
+
+# ------------------------------------------------------------------------------- applying
+
+
+@dataclass(frozen=True)
+class PlanSelection(LayerSelection):
+    """A plan resolved against one model, as the selection the freeze orchestration applies:
+    every layer a rule selected, plus every container whose flag the plan changes."""
+
+    paths: tuple[str, ...] = ()
+
+    def apply(self, records: Sequence[LayerRecord]) -> tuple[LayerRecord, ...]:
+        wanted = set(self.paths)
+        chosen = tuple(r for r in records if r.path in wanted)
+        if len(chosen) != len(wanted):
+            missing = sorted(wanted - {r.path for r in chosen})[:3]
+            raise PlanError(
+                f"the model changed while the plan was applied: no layer {', '.join(missing)}."
+            )
+        return chosen
+
+
+@dataclass(frozen=True)
+class PlanAssignment(Assignment):
+    """A plan resolved against one model, as the assignment the freeze orchestration applies:
+    each selected layer's final flag after every rule, later rules winning.
+
+    ``others`` and ``batchnorm`` are None, so :func:`~bnfreeze.edit.assign` sets exactly these
+    flags and applies no container rule of its own (the plan's rules already did).
+    """
+
+    flags: tuple[tuple[str, bool | None], ...] = ()
+
+    def value_for(self, record: LayerRecord) -> bool | None:
+        return dict(self.flags).get(record.path)
+
+
+def flagless(config: dict[str, Any], layers: Sequence[LayerRecord]) -> set[str]:
+    """Leaves whose saved config stores no ``trainable`` (operations recorded as layers):
+    a plan never sets them (see :func:`bnfreeze.edit.stores_flag`)."""
+    return {r.path for r in layers if is_leaf(r) and not stores_flag(config, r)}
+
+
+def resolve_plan(
+    plan: Plan, layers: Sequence[LayerRecord], *, without_flag: Collection[str] = ()
+) -> tuple[PlanSelection, PlanAssignment, PlanOutcome]:
+    """The plan as one selection and one assignment for :mod:`bnfreeze.freezing`.
+
+    Refuses (``PlanError``) a plan that treats BN and other layers differently in a rule
+    that selects a custom layer class: only a loaded model can tell whether it subclasses
+    BatchNormalization (SEMANTICS §6), and a plan is resolved from the file.
+    """
+    before = current_flags(layers)
+    outcome = apply_rules(plan, layers, before, without_flag=without_flag)
+    touched: set[str] = set()
+    for rule in plan.rules:
+        picked = rule.selector.leaves(layers)
+        touched.update(r.path for r in picked)
+        assignment = rule.assignment()
+        custom = sorted({r.class_name for r in picked if r.kind is LayerKind.UNKNOWN})
+        if custom and assignment.batchnorm != assignment.others:
+            where = rule.where or Where(plan.path, None)
+            raise PlanError(
+                f"{where}: the rule gives BN layers and other layers different flags, and it "
+                f"selects custom layer classes ({', '.join(custom[:3])}) that may subclass "
+                "BatchNormalization, which only a loaded model can tell.",
+                hint="Exclude them with a selector, or use bnfreeze freeze --engine keras.",
+            )
+    touched.update(p for p in outcome.flags if outcome.flags[p] != before.get(p))
+    paths = tuple(r.path for r in layers if r.path in touched)
+    flags = tuple((p, outcome.flags[p]) for p in paths)
+    return (
+        PlanSelection(paths=paths),
+        PlanAssignment(others=None, batchnorm=None, flags=flags),
+        outcome,
+    )
+
+
+@dataclass(frozen=True)
+class PlanApplication:
+    """What ``apply`` did: the plan, how many layers each rule selected, and the
+    :class:`~bnfreeze.freezing.EditResult` of the write (or of the dry run)."""
+
+    plan: Plan
+    matches: tuple[RuleMatch, ...]
+    result: EditResult
+
+
+def apply_plan_file(
+    path: str | os.PathLike[str],
+    output: str | os.PathLike[str] | None,
+    plan: Plan,
+    *,
+    dry_run: bool = False,
+    in_place: bool = False,
+    keep_optimizer_state: bool = False,
+) -> PlanApplication:
+    """Apply ``plan`` to the saved model at ``path`` and write ``output``.
+
+    The same orchestration as ``freeze`` (:func:`bnfreeze.freezing.run`): the output is
+    checked before any work, written atomically and verified by re-reading; every byte but
+    the config is kept; saved optimizer state is dropped when the set of trainable variables
+    changes (unless ``keep_optimizer_state``); ``dry_run`` writes nothing.
+    """
+    from bnfreeze.freezing import EditRequest, run
+    from bnfreeze.readers import read_model
+    from bnfreeze.walk import walk
+
+    model = read_model(path, weights=False)
+    walked = walk(model.config, model.path)
+    selection, assignment, outcome = resolve_plan(
+        plan, walked.layers, without_flag=flagless(model.config, walked.layers)
+    )
+    request = EditRequest(
+        model=os.fspath(path),
+        output=os.fspath(output) if output is not None else None,
+        assignment=assignment,
+        selection=selection,
+        dry_run=dry_run,
+        in_place=in_place,
+        keep_optimizer_state=keep_optimizer_state,
+    )
+    return PlanApplication(plan=plan, matches=outcome.matches, result=run(request))

@@ -116,8 +116,8 @@ def diff_view(result: DiffResult) -> RenderableType:
     if result.layers:
         count = len(result.layers)
         body: RenderableType = Group(
-            Text(f"{count} layer{'s' if count != 1 else ''} differ in flag or fit() behaviour:",
-                 style="bold"),
+            Text(f"{count} layer{'s differ' if count != 1 else ' differs'} in flag or fit() "
+                 "behaviour:", style="bold"),
             layers_table(result),
         )
     else:
