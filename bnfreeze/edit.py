@@ -151,12 +151,23 @@ def apply_to_config(
     Only existing keys are changed; a layer without one (see :func:`stores_flag`) must not be
     given a different flag: that raises ``ValueError``.
     """
-    new = copy.deepcopy(config)
+    # Copy only the dicts and lists on the way to a changed layer (EfficientNetV2L's config
+    # is ~2 MB of JSON; a deep copy of all of it costs more than the rest of an edit).
+    new = dict(config)
+    copied = {id(new)}
     for record in layers:
         value = flags.get(record.path)
         if value is None or value == record.trainable:
             continue
-        inner = layer_dict(new, record)["config"]
+        node: Any = new
+        for key in (*record.config_path, "config"):
+            child = node[key]
+            if id(child) not in copied:
+                child = copy.copy(child)
+                copied.add(id(child))
+                node[key] = child
+            node = child
+        inner = node
         if "trainable" not in inner:
             raise ValueError(f"{record.path}: its saved config has no trainable flag to set")
         inner["trainable"] = value
