@@ -132,7 +132,7 @@ def test_layers_without_a_stored_flag_are_never_given_one():
     after = assign(records, current_flags(records), selected, Assignment.freeze(),
                    without_flag={"backbone/add"})
     assert after["backbone"] is False  # the op does not keep its container from being set
-    assert after["backbone/add"] is True  # unchanged
+    assert after["backbone/add"] is None  # unchanged: an operation has no flag
     new = apply_to_config(config, records, after)
     assert new["config"]["layers"][3]["config"]["layers"][-1] == op
     with pytest.raises(ValueError, match="no trainable flag to set"):
