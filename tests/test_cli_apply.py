@@ -373,3 +373,29 @@ def test_shell_completion_as_documented():
     env.update(COMP_WORDS="bnfreeze check m.keras --exp", COMP_CWORD="3")
     done = subprocess.run(exe, env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.stdout.split() == ["plain,--expect", "plain,--export"]
+
+
+def test_apply_check_diff_and_strip_never_import_tensorflow_or_keras():
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from click.testing import CliRunner
+from bnfreeze.cli import cli
+for args in (
+    ["check", "sample_models/guide_pattern.keras", "--plan", "configs/freeze-backbone.toml",
+     "--strict", "--expect", "bn-inference"],
+    ["diff", "sample_models/guide_pattern.keras", "sample_models/bn_under_frozen.keras"],
+    ["apply", "sample_models/guide_pattern.keras", "--plan", "configs/train-bn.toml",
+     "--dry-run"],
+    ["inspect", "sample_models/guide_pattern.keras", "--strip"],
+):
+    assert CliRunner().invoke(cli, args).exit_code == 0, args
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras", "tf_keras"))
+print(heavy)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
