@@ -303,10 +303,12 @@ def run(request: EditRequest) -> EditResult:
         return _keras_engine(request, reason)
     targeted = tuple(r for r in selected if request.assignment.value_for(r) is not None)
     if not targeted:
-        raise SelectionError(
-            "the selection holds no BatchNormalization layer, and --bn-inference sets only "
-            "BN layers."
-        )
+        if request.assignment.others is None and request.assignment.batchnorm is not None:
+            raise SelectionError(
+                "the selection holds no BatchNormalization layer, and --bn-inference sets "
+                "only BN layers."
+            )
+        raise SelectionError("the edit sets no flag on the selected layers.")
     return _config_route(request, model, walked.layers, targeted)
 
 
