@@ -23,7 +23,7 @@ FUZZ_EXAMPLES = 150
 #: Commands run on every bad input: inspect, freeze --bn-inference -o OUT, check --expect.
 COMMANDS = ("inspect", "freeze", "check")
 #: SIGKILL moments per scenario in ``tests/test_interrupt.py`` (new output, existing output).
-KILL_POINTS = 10
+KILL_POINTS = 8
 KILL_SCENARIOS = ("new output", "existing output")
 #: Full-disk cases: the output fills a small tmpfs (or a simulated ENOSPC).
 FULL_DISK_CASES = 3

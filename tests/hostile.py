@@ -554,3 +554,82 @@ def problems(case: str, outcome: Outcome, *, output: Path | None = None) -> list
         if stray:
             found.append(f"{where}: left temporary files {stray}")
     return found
+
+
+# -- a large model, synthesized without Keras ------------------------------------------------
+
+
+def large_keras(path: str | os.PathLike[str], *, inputs: int = 1024, hidden: int = 8192,
+                optimizer: bool = True, seed: int = 0) -> Path:
+    """sequential.keras scaled up: Dense(inputs -> hidden) holds ``inputs * hidden`` random
+    float32s (32 MiB by default, incompressible), written with h5py in Keras 3's layout.
+
+    With ``optimizer`` it is compiled (Adam) and carries saved optimizer variables, so
+    ``freeze --bn-inference`` drops them: the weights file is rewritten and compared dataset
+    by dataset, the slowest write bnfreeze does.
+    """
+    import h5py
+    import numpy as np
+
+    config = json.loads(zipfile.ZipFile(SAMPLES / "sequential.keras").read("config.json"))
+    layers = config["config"]["layers"]
+    layers[0]["config"]["batch_shape"] = [None, inputs]
+    layers[1]["config"]["units"] = hidden
+    layers[1]["build_config"] = {"input_shape": [None, inputs]}
+    layers[2]["build_config"] = {"input_shape": [None, hidden]}
+    layers[4]["build_config"] = {"input_shape": [None, hidden]}
+    config["build_config"] = {"input_shape": [None, inputs]}
+    if optimizer:
+        guide = json.loads(zipfile.ZipFile(SAMPLES / "guide_pattern.keras").read("config.json"))
+        config["compile_config"] = guide["compile_config"]
+    rng = np.random.default_rng(seed)
+    shapes = {
+        "dense": [(inputs, hidden), (hidden,)],
+        "batch_normalization": [(hidden,)] * 4,
+        "activation": [],
+        "dense_1": [(hidden, 8), (8,)],
+        "batch_normalization_1": [(8,)] * 4,
+        "dense_2": [(8, 1), (1,)],
+    }
+    names = {"dense": "dense_1", "batch_normalization": "bn_1", "activation": "relu_1",
+             "dense_1": "dense_2", "batch_normalization_1": "bn_2", "dense_2": "out"}
+    weights = io.BytesIO()
+    with h5py.File(weights, "w") as h5:
+        for group, variables in shapes.items():
+            vars_group = h5.create_group(f"layers/{group}/vars")
+            vars_group.attrs["name"] = names[group]
+            for i, shape in enumerate(variables):
+                vars_group.create_dataset(str(i), data=rng.standard_normal(shape, "float32"))
+        h5.create_group("vars").attrs["name"] = "sequential_bn"
+        if optimizer:
+            opt = h5.create_group("optimizer/vars")
+            opt.attrs["name"] = "adam"
+            opt.create_dataset("0", data=np.int64(1))
+            opt.create_dataset("1", data=np.float32(1e-3))
+            for i in range(2, 6):
+                opt.create_dataset(str(i), data=rng.standard_normal((8,), "float32"))
+    path = Path(path)
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("metadata.json", zipfile.ZipFile(SAMPLES / "sequential.keras")
+                   .read("metadata.json"))
+        z.writestr("config.json", json.dumps(config))
+        z.writestr("model.weights.h5", weights.getvalue())
+    return path
+
+
+def weights_digest(path: str | os.PathLike[str]) -> dict[str, str]:
+    """A BLAKE2b digest of every dataset under ``layers/`` of a ``.keras`` file's weights:
+    equal digests mean the model's weights were carried over exactly."""
+    import h5py
+
+    with zipfile.ZipFile(path) as z, z.open("model.weights.h5") as fh, h5py.File(
+        io.BytesIO(fh.read()), "r"
+    ) as h5:
+        found: dict[str, str] = {}
+
+        def visit(name: str, obj: object) -> None:
+            if isinstance(obj, h5py.Dataset):
+                found[name] = hashlib.blake2b(obj[()].tobytes(), digest_size=16).hexdigest()
+
+        h5["layers"].visititems(visit)
+        return found

@@ -1,0 +1,195 @@
+"""Interrupted writes: an output is absent, the previous output, or complete; never partial.
+
+``bnfreeze freeze`` runs as a real process on a large model (8 MB, built once per session
+without Keras: ``hostile.large_keras``) and is killed with SIGKILL at fixed fractions of its
+write phase: from the moment its temporary file appears to the moment it exits, measured
+first on an uninterrupted run. After each kill the destination is either absent (or, when
+one existed, byte-identical to the previous output) or a complete model: inspect reads it
+and every weight equals the input's. The input never changes. Then the same on a full disk:
+a small tmpfs when this machine lets us mount one, else a simulated ENOSPC.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import guarantees
+import hostile
+import pytest
+from click.testing import CliRunner
+
+from bnfreeze.cli import cli
+from bnfreeze.writers.atomic import TEMP_SUFFIX
+
+FRACTIONS = [i / guarantees.KILL_POINTS for i in range(guarantees.KILL_POINTS)]
+
+
+@pytest.fixture(scope="session")
+def large_model(tmp_path_factory) -> Path:
+    return hostile.large_keras(tmp_path_factory.mktemp("large") / "large.keras", hidden=2048)
+
+
+@pytest.fixture(scope="session")
+def large_model_digest(large_model) -> dict[str, str]:
+    return hostile.weights_digest(large_model)
+
+
+def freeze_process(model: Path, out: Path) -> subprocess.Popen:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(hostile.ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "bnfreeze", "freeze", str(model), "--bn-inference", "-o",
+         str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+    )
+
+
+def temp_files(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.name.endswith(TEMP_SUFFIX)]
+
+
+def wait_for_write(proc: subprocess.Popen, folder: Path, timeout: float = 120) -> float | None:
+    """Poll until ``proc`` creates its temporary file; return when (None if it ended first)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if temp_files(folder):
+            return time.monotonic()
+        if proc.poll() is not None:
+            return None
+        time.sleep(0.0005)
+    proc.kill()
+    raise AssertionError("freeze never started writing")
+
+
+@pytest.fixture(scope="session")
+def write_phase(large_model, tmp_path_factory) -> float:
+    """Seconds from the temporary file's creation to the end of an uninterrupted freeze."""
+    folder = tmp_path_factory.mktemp("calibrate")
+    proc = freeze_process(large_model, folder / "out.keras")
+    started = wait_for_write(proc, folder)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read().decode() if proc.stderr else ""
+    assert started is not None
+    return time.monotonic() - started
+
+
+def check_destination(out: Path, previous: bytes | None, digest: dict[str, str], where: str):
+    """The destination after an interruption: absent / previous, or complete and exact."""
+    if not out.exists():
+        assert previous is None, f"{where}: the previous output disappeared"
+        return "absent"
+    data = out.read_bytes()
+    if previous is not None and data == previous:
+        return "previous"
+    result = CliRunner().invoke(cli, ["check", str(out), "--expect", "bn-inference"])
+    assert result.exit_code == 0, f"{where}: a partial output: {result.stderr or result.stdout}"
+    assert hostile.weights_digest(out) == digest, f"{where}: the output's weights differ"
+    return "complete"
+
+
+@pytest.mark.parametrize("scenario", guarantees.KILL_SCENARIOS)
+def test_sigkill_during_freeze(scenario, large_model, large_model_digest, write_phase, tmp_path):
+    input_before = hostile.fingerprint(large_model)
+    previous = hostile.sample_bytes("seed_bn.keras") if scenario == "existing output" else None
+    seen: dict[str, int] = {}
+    for i, fraction in enumerate(FRACTIONS):
+        folder = tmp_path / f"kill{i}"
+        folder.mkdir()
+        out = folder / "out.keras"
+        if previous is not None:
+            out.write_bytes(previous)
+        where = f"{scenario}, SIGKILL at {fraction:.0%} of the {write_phase:.2f} s write phase"
+        proc = freeze_process(large_model, out)
+        started = wait_for_write(proc, folder)
+        if started is not None:
+            time.sleep(max(0.0, started + fraction * write_phase - time.monotonic()))
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        state = check_destination(out, previous, large_model_digest, where)
+        seen[state] = seen.get(state, 0) + 1
+        # Nothing can clean up after SIGKILL: hidden temporary files may remain (the output's
+        # and the rewritten weights'), never anything a user could take for a model.
+        others = {p.name for p in folder.iterdir()} - {out.name}
+        assert all(n.startswith(".") and n.endswith(TEMP_SUFFIX) for n in others), (
+            where, others)
+        assert len(others) <= 2, (where, others)
+        assert hostile.fingerprint(large_model) == input_before, f"{where}: the input changed"
+        guarantees.count("kill_points")
+    # The kills are spread over the write: some land before the rename, some after.
+    print(f"\n{scenario}: destination after SIGKILL: {seen}")
+
+
+# -- a full disk ------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs, or None when this machine does not let us mount one."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    if sys.platform != "linux" or os.geteuid() != 0 or shutil.which("mount") is None:
+        yield None
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        yield None
+        return
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], capture_output=True)
+
+
+@pytest.fixture()
+def no_space(monkeypatch, tmp_path):
+    """A folder where writes fail with ENOSPC: the small tmpfs, or a simulation."""
+
+    def make(small_disk):
+        if small_disk is not None:
+            return small_disk, "tmpfs"
+        import bnfreeze.writers.keras_zip as keras_zip
+
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(keras_zip, "_copy_range", full)
+        monkeypatch.setattr(keras_zip, "drop_optimizer", full)
+        folder = tmp_path / "simulated-full"
+        folder.mkdir()
+        return folder, "simulated"
+
+    return make
+
+
+@pytest.mark.parametrize("case", ["new output", "existing output", "no optimizer state"])
+def test_full_disk(case, small_disk, no_space, large_model, tmp_path):
+    folder, how = no_space(small_disk)
+    model = large_model
+    if case == "no optimizer state":  # the plain copy path, not the weights rewrite
+        model = hostile.large_keras(tmp_path / "plain.keras", hidden=2048, optimizer=False)
+    input_before = hostile.fingerprint(model)
+    out = folder / "out.keras"
+    previous = hostile.sample_bytes("seed_bn.keras")
+    if case == "existing output":
+        out.write_bytes(previous)
+    result = CliRunner().invoke(cli, ["freeze", str(model), "--bn-inference", "-o", str(out)])
+    where = f"full disk ({how}), {case}"
+    assert result.exit_code == 2, (where, result.stderr, result.exception)
+    assert result.stderr == f"error: {out}: cannot be written (no space left on the device).\n", (
+        where)
+    if case == "existing output":
+        assert out.read_bytes() == previous, where
+    else:
+        assert not out.exists(), where
+    assert sorted(p.name for p in folder.iterdir()) == (
+        ["out.keras"] if case == "existing output" else []), f"{where}: temporary files left"
+    assert hostile.fingerprint(model) == input_before, where
+    guarantees.count("full_disk_cases")
