@@ -108,8 +108,7 @@ def keras_module(runtime: Runtime = Runtime.KERAS3) -> ModuleType:
     otherwise. TensorFlow's start-up messages are kept off stdout and stderr.
     """
     require_runtime(runtime)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    _quiet_environment()
     name = "tf_keras" if runtime is Runtime.TF_KERAS else "keras"
     if name in sys.modules:
         return sys.modules[name]
@@ -124,6 +123,13 @@ def keras_module(runtime: Runtime = Runtime.KERAS3) -> ModuleType:
                 f"importing {name} failed: {type(exc).__name__}: {_one_line(exc)}{tail}"
             ) from None
     return module
+
+
+def _quiet_environment() -> None:
+    """Defaults that must be in place before TensorFlow is first imported (by us or by a
+    user's custom-objects module): C++ logs off below fatal errors, and the TensorFlow backend."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 
 def runtime_info(runtime: Runtime = Runtime.KERAS3) -> RuntimeInfo:
@@ -352,7 +358,15 @@ def load_custom_objects(spec: str) -> dict[str, Any]:
     keyed by name. Classes decorated with ``keras.saving.register_keras_serializable``
     register themselves on import as well.
     """
-    module = _import_user_module(spec)
+    # The user's module almost always imports Keras, and with it TensorFlow: keep its
+    # start-up noise off the terminal as keras_module() does.
+    _quiet_environment()
+    with _native_output_captured():
+        try:
+            module = _import_user_module(spec)
+        finally:
+            if "tensorflow" in sys.modules:
+                _silence_python_loggers()
     declared = getattr(module, "CUSTOM_OBJECTS", None)
     if declared is not None:
         if not isinstance(declared, dict):

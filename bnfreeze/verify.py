@@ -282,7 +282,8 @@ def verify_file(
         with engine.keras_warnings() as notes:
             progress("loading the model")
             model, reason = _load(path, unsafe=unsafe, custom_objects=objects, runtime=runtime)
-            batches = _batches(keras, model, arrays, data, steps, batch_size, seed)
+            file_config = prediction.model.config if prediction is not None else None
+            batches = _batches(keras, model, arrays, data, steps, batch_size, seed, file_config)
             progress(f"training {steps} step{'s' if steps != 1 else ''} (batch {batch_size})")
             measured, setup = _measure(keras, model, batches, steps, batch_size, reason)
     setup = TrainingSetup(
@@ -486,12 +487,17 @@ def _read_npz(data: str | os.PathLike[str]) -> dict[str, Any]:
     return arrays
 
 
-def _input_specs(model: Any) -> list[tuple[str, tuple[int | None, ...], str]]:
+def _input_specs(
+    model: Any, file_config: Any = None
+) -> list[tuple[str, tuple[int | None, ...], str]]:
     try:
         tensors = list(model.inputs or [])
     except Exception:
         tensors = []
     if not tensors:
+        built = _built_shapes(file_config)
+        if built:
+            return [(f"input_{i}", shape, "float32") for i, shape in enumerate(built)]
         raise DataError(
             "the model does not declare its inputs (a subclassed model?), so bnfreeze cannot "
             "build a batch for it.",
@@ -503,6 +509,26 @@ def _input_specs(model: Any) -> list[tuple[str, tuple[int | None, ...], str]]:
         shape = tuple(None if d is None else int(d) for d in tuple(t.shape)[1:])
         specs.append((str(name).split(":")[0], shape, _dtype_name(t.dtype)))
     return specs
+
+
+def _built_shapes(file_config: Any) -> list[tuple[int | None, ...]]:
+    """A subclassed model declares no inputs, but its saved ``build_config`` records the
+    shape it was built with: ``[1, 3]``, or a list of shapes for several inputs."""
+    build = file_config.get("build_config") if isinstance(file_config, dict) else None
+    shape = build.get("input_shape") if isinstance(build, dict) else None
+
+    def one(value: Any) -> tuple[int | None, ...] | None:
+        if isinstance(value, list) and value and all(
+            d is None or isinstance(d, int) for d in value
+        ):
+            return tuple(value[1:])
+        return None
+
+    if one(shape) is not None:
+        return [one(shape)]  # type: ignore[list-item]
+    if isinstance(shape, list) and shape and all(one(s) is not None for s in shape):
+        return [one(s) for s in shape]  # type: ignore[misc]
+    return []
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -538,10 +564,11 @@ def _batches(
     steps: int,
     batch_size: int,
     seed: int,
+    file_config: Any = None,
 ) -> _Batches:
     import numpy as np
 
-    specs = _input_specs(model)
+    specs = _input_specs(model, file_config)
     names = [n for n, _, _ in specs]
     notes: list[str] = []
     rng = np.random.default_rng(seed)

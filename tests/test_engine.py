@@ -252,17 +252,22 @@ def test_quiet_sends_python_and_native_stdout_to_stderr(capfd):
     assert "from python\n" in err and "from native code\n" in err
 
 
-def test_fresh_process_stays_lean_and_quiet():
+def test_fresh_process_stays_lean_and_quiet(tmp_path):
     """Importing every module verify and explain use pulls in no TensorFlow; loading
-    TensorFlow through the engine prints nothing on stdout and hides its C++ start-up lines,
-    even when the user's environment does not set TF_CPP_MIN_LOG_LEVEL."""
+    TensorFlow through the engine, first by way of a user's custom-objects file that imports
+    Keras, prints nothing on stdout and hides TensorFlow's C++ start-up lines, even when the
+    user's environment does not set TF_CPP_MIN_LOG_LEVEL."""
+    layers = tmp_path / "user_layers.py"
+    layers.write_text("import keras\n\nclass Scale(keras.layers.Layer):\n    pass\n")
     code = (
         "import sys\n"
         "import bnfreeze.cli, bnfreeze.verify, bnfreeze.explain, bnfreeze.engine\n"
         "import bnfreeze.render.verify, bnfreeze.render.explain\n"
         "heavy = [m for m in ('tensorflow', 'keras', 'numpy') if m in sys.modules]\n"
         "from bnfreeze import engine\n"
+        f"assert list(engine.load_custom_objects({str(layers)!r})) == ['Scale']\n"
         "keras = engine.keras_module()\n"
+        "keras.ops.ones((2,)) + 1  # the first op initialises the devices\n"
         "print('lean' if not heavy else heavy, keras.__version__)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}

@@ -522,6 +522,21 @@ def test_custom_classes_without_custom_objects_exit_2(custom_model):
     assert len(errors) == 1 and errors[0].startswith("error: ")
 
 
+def test_subclassed_model_is_measured_from_its_build_config(subclassed_keras,
+                                                             custom_layers_file):
+    """A subclassed model declares no inputs and its config lists no layers: the batch is
+    built from the saved build_config, and every measured layer is reported as not in the
+    file, with nothing to compare."""
+    code, doc, stderr = verify_json(subclassed_keras, "--custom-objects", custom_layers_file)
+    assert code == 0
+    assert doc["run"]["data"]["input_shapes"] == [[2, 3]]
+    assert [layer["path"] for layer in doc["layers"]] == ["dense", "bn", "head"]
+    assert doc["not_in_file"] == ["dense", "bn", "head"]
+    assert doc["summary"]["checks"] == 0
+    assert doc["summary"]["bn_stats_moved"] == 1
+    assert "inspect could not predict them: dense, bn, head." in stderr
+
+
 # --------------------------------------------------------------------------- pure comparison
 
 

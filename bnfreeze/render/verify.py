@@ -92,7 +92,7 @@ def summary(report: VerifyReport) -> Table:
     bns = report.batchnorm
     moved = report.bn_stats_moved
     unmeasured = sum(1 for m in bns if not m.mode_measured)
-    line = Text(f"{len(bns)} BN layers: ")
+    line = Text(f"{len(bns)} BN layer{'s' if len(bns) != 1 else ''}: ")
     line.append(f"{moved} moved their moving statistics", style=STYLE_TRAINING if moved else "")
     line.append(", ")
     line.append(f"{len(bns) - moved} unchanged", style=STYLE_INFERENCE)
@@ -127,7 +127,7 @@ def layer_table(report: VerifyReport, all_layers: bool = False) -> Table:
         elif m.path in predicted:
             verdict = Text("agrees", style="green")
         else:
-            verdict = Text("not in file" if not m.in_file else "-", style=STYLE_NONE)
+            verdict = Text("not in file", style=STYLE_NONE)
         table.add_row(
             m.path,
             m.class_name,
@@ -149,6 +149,12 @@ def verdict(report: VerifyReport) -> Text:
             style=STYLE_NONE,
         )
     layers = len({m.path for m in report.layers if m.path in _predicted_paths(report)})
+    if not report.checks:
+        return Text(
+            "Nothing to compare: the file's config lists none of the measured layers (a "
+            "subclassed model?), so inspect predicts nothing for them.",
+            style=STYLE_NONE,
+        )
     if report.agree:
         text = Text("AGREE", style=STYLE_AGREE)
         text.append(
@@ -223,8 +229,8 @@ def note_lines(report: VerifyReport) -> list[str]:
         shown = ", ".join(report.not_in_file[:5])
         more = f" and {len(report.not_in_file) - 5} more" if len(report.not_in_file) > 5 else ""
         lines.append(
-            f"note: measured layers the file's layer list does not show (inside custom layers), "
-            f"so inspect could not predict them: {shown}{more}."
+            "note: measured layers that the file's config does not list (inside a custom "
+            f"layer or a subclassed model), so inspect could not predict them: {shown}{more}."
         )
     if report.not_measured:
         shown = ", ".join(report.not_measured[:5])
