@@ -177,6 +177,7 @@ def _keras():
     return keras
 
 
+@pytest.mark.filterwarnings("ignore:The model does not have any trainable weights")
 def test_root_functional_not_trainable(samples, tmp_path):
     """The model's own flag False, every leaf True (a file edited by hand): gamma/beta and
     other weights do not train, but BN layers still normalize with batch statistics."""
