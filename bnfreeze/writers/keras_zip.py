@@ -221,6 +221,19 @@ def drop_optimizer(h5_in: Any, out_path: Path) -> int:
     return dropped
 
 
+def _slices(dataset: Any) -> Iterator[Any]:
+    """Index expressions that read ``dataset`` in pieces of at most ~:data:`_CHUNK` bytes
+    along its first axis, so comparing a huge kernel does not hold it in memory twice."""
+    shape = dataset.shape
+    if not shape or dataset.size * dataset.dtype.itemsize <= _CHUNK:
+        yield ()
+        return
+    row = max(1, dataset.size // shape[0] * dataset.dtype.itemsize)
+    step = max(1, _CHUNK // row)
+    for start in range(0, shape[0], step):
+        yield slice(start, start + step)
+
+
 def compare_weights(source: Any, written: Any, where: str) -> None:
     """Raise OutputError unless ``written`` holds every group, dataset and attribute of
     ``source`` except the top-level optimizer group, with bit-identical values."""
@@ -246,7 +259,10 @@ def compare_weights(source: Any, written: Any, where: str) -> None:
                 and a.shape == b.shape
                 and a.dtype == b.dtype
                 and attrs_equal(a.attrs, b.attrs)
-                and np.asarray(a[()]).tobytes() == np.asarray(b[()]).tobytes()
+                and all(
+                    np.asarray(a[part]).tobytes() == np.asarray(b[part]).tobytes()
+                    for part in _slices(a)
+                )
             )
             if not same:
                 raise OutputError(f"{where}: weights dataset {a.name} differs from the input.")
