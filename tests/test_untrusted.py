@@ -3,7 +3,7 @@
 The payload: ``sequential.keras`` with a ``Lambda`` layer inserted whose function, a Python
 lambda stored as bytecode in ``config.json`` (exactly as Keras 3 stores one), writes a marker
 file when it is called -- and Keras calls it while rebuilding the model. The config route
-(inspect, freeze, unfreeze, check, diff) reads JSON and HDF5 metadata only, so it never
+(inspect, freeze, unfreeze, apply, check, diff) reads JSON and HDF5 metadata only, so it never
 creates the marker; the Keras engine (verify, freeze --engine keras) refuses the file and names
 ``--unsafe``; with ``--unsafe`` the marker appears, which proves the payload is live.
 """
@@ -26,6 +26,7 @@ from click.testing import CliRunner
 from bnfreeze.cli import cli
 
 MARKER_TEXT = "code from the model file ran"
+PLAN = hostile.ROOT / "configs" / "freeze-up-to.toml"
 
 
 def payload_model(folder: Path, marker: Path, *, legacy: bool = False) -> Path:
@@ -97,6 +98,7 @@ def test_config_route_never_runs_it(payload, tmp_path):
         ["inspect", str(path), "--json"],
         ["freeze", str(path), "--bn-inference", "-o", str(out)],
         ["unfreeze", str(path), "--keep-bn-inference", "--dry-run"],
+        ["apply", str(path), "--plan", str(PLAN), "--set", "block=bn_1", "--dry-run"],
         ["check", str(path), "--expect", "bn-inference"],
         ["diff", str(path), str(hostile.SAMPLES / "sequential.keras")],
     ]
@@ -124,6 +126,8 @@ from click.testing import CliRunner
 from bnfreeze.cli import cli
 runs = lambda m: [["inspect", m, "--all"], ["inspect", m, "--json"],
                   ["freeze", m, "--bn-inference", "-o", m + ".out.keras"],
+                  ["unfreeze", m, "--keep-bn-inference", "-o", m + ".unfrozen.keras"],
+                  ["apply", m, "--plan", {str(PLAN)!r}, "--set", "block=bn_1", "--dry-run"],
                   ["check", m, "--expect", "bn-inference"], ["diff", m, {str(clean)!r}]]
 runner = CliRunner()
 for args in runs({str(clean)!r}):
