@@ -55,6 +55,7 @@ from bnfreeze.records import (
     ModelFormat,
     Report,
     Runtime,
+    WeightIndex,
 )
 from bnfreeze.walk import OTHER_NORMALIZATION_CLASSES, walk
 
@@ -254,6 +255,20 @@ def live_report(
     if compiled:
         with contextlib.suppress(Exception):
             compile_config = model.get_compile_config()
+    # Each layer's own variables, named "<path>/<variable name>", so that the same checks
+    # as for a file (untrained BN statistics) read them off the live model.
+    variables: dict[str, Any] = {}
+    index: dict[str, tuple[str, ...]] = {}
+    for record in live.records:
+        layer = live.layers.get(record.path)
+        if layer is None or _has_own_weights(live, record) is not True:
+            continue
+        names = []
+        for variable in layer.weights:
+            name = f"{record.path}/{variable.name}"
+            variables[name] = variable
+            names.append(name)
+        index[record.path] = tuple(names)
     model_file = ModelFile(
         path=path or f"<in-memory model {model.name!r}>",
         format=fmt,
@@ -262,6 +277,7 @@ def live_report(
         compiled=compiled,
         compile_config=compile_config,
         optimizer_variables=optimizer_variables,
+        weights=WeightIndex(variables=index),
     )
     model_trainable = bool(model.trainable)
     states = modes.resolve(
@@ -270,7 +286,12 @@ def live_report(
         has_weights={r.path: _has_own_weights(live, r) for r in live.records},
         runtime=runtime,
     )
-    findings = diagnostics.find(model_file, states, model_trainable=model_trainable)
+    findings = diagnostics.find(
+        model_file,
+        states,
+        model_trainable=model_trainable,
+        read_values=lambda names: {n: variables[n].numpy() for n in names if n in variables},
+    )
     return Report(
         model=model_file,
         runtime=runtime,
