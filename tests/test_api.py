@@ -265,3 +265,24 @@ def test_recompile_keeps_the_settings_with_a_fresh_optimizer():
 def test_recompile_needs_a_compiled_model():
     with pytest.raises(BnfreezeError, match="not compiled"):
         bnfreeze.recompile(build())
+
+
+# ------------------------------------------------------------------------------ the README
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
+    """The README's Python API example runs as written, and says what it claims."""
+    import re
+    import shutil
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = readme.index("## Python API")
+    code = re.compile(r"^```python\n(.*?)^```", flags=re.M | re.S).search(readme, start).group(1)
+    shutil.copytree(ROOT / "sample_models", tmp_path / "sample_models")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "51 BN layers run in inference mode in fit()"
+    assert printed[1].startswith("100 flags changed; RecompileWarning ")  # as the CLI: 100
+    assert "'Unknown variable'" in printed[1]
+    assert (tmp_path / "frozen.keras").is_file()
