@@ -309,7 +309,14 @@ def run(request: EditRequest) -> EditResult:
                 "only BN layers."
             )
         raise SelectionError("the edit sets no flag on the selected layers.")
-    return _config_route(request, model, walked.layers, targeted)
+    try:
+        return _config_route(request, model, walked.layers, targeted)
+    except BnfreezeError as exc:
+        # A writer that finds, while planning, that only Keras can write this edit safely
+        # (legacy_h5.H5RewriteError) says so; nothing was written yet.
+        if request.engine is Engine.AUTO and getattr(exc, "keras_engine_can_help", False):
+            return _keras_engine(request, exc.message)
+        raise
 
 
 # -- checks shared by both routes -------------------------------------------------------------

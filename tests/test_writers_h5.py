@@ -397,3 +397,55 @@ def test_chunked_weight_names_are_reordered_in_place(tmp_path):
     with h5py.File(path) as h5:
         assert sorted(h5["group"].attrs) == ["weight_names0", "weight_names1", "weight_names2"]
         assert legacy_h5.read_weight_names(h5["group"]) == shuffled
+
+
+@pytest.fixture(scope="module")
+def custom_nested_h5(custom_layers_file, tmp_path_factory) -> Path:
+    """An .h5 whose nested Sequential holds a custom BN subclass next to a Dense."""
+    import keras
+
+    from bnfreeze.engine import load_custom_objects
+
+    my = load_custom_objects(str(custom_layers_file))
+    keras.utils.set_random_seed(9)
+    block = keras.Sequential(
+        [keras.Input((4,)), my["MyBN"](name="mine"), keras.layers.Dense(4, name="dd")],
+        name="blk",
+    )
+    inputs = keras.Input((4,), name="x")
+    model = keras.Model(inputs, keras.layers.Dense(1, name="head")(block(inputs)), name="m")
+    model(np.random.default_rng(9).normal(3, 2, (8, 4)), training=True)  # move the statistics
+    path = tmp_path_factory.mktemp("custom_h5") / "custom.h5"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save(path)
+    return path
+
+
+def test_unknown_layer_kinds_fall_back_to_the_keras_engine(
+    custom_nested_h5, custom_layers_file, tmp_path
+):
+    """Freezing dd next to a trainable custom layer: the config route cannot know the custom
+    layer's variable kinds, so it refuses; auto then edits through Keras, and every value is
+    still where it was."""
+    import keras
+
+    from bnfreeze.engine import load_custom_objects
+
+    out = tmp_path / "out.h5"
+    with pytest.raises(legacy_h5.H5RewriteError, match="--engine keras"):
+        freezing.freeze_file(custom_nested_h5, out, layers=["blk/dd"], engine="config")
+    assert list(tmp_path.iterdir()) == []
+    result = freezing.freeze_file(
+        custom_nested_h5, out, layers=["blk/dd"], custom_objects=str(custom_layers_file)
+    )
+    assert result.engine is freezing.Engine.KERAS
+    assert [c.path for c in result.changes] == ["blk/dd"]
+    objects = load_custom_objects(str(custom_layers_file))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        before = keras.models.load_model(custom_nested_h5, custom_objects=objects)
+        after = keras.models.load_model(out, custom_objects=objects)
+    assert differing(values_by_path(after), values_by_path(before)) == []
+    assert leaves(after)["blk/dd"].trainable is False
+    assert leaves(after)["blk/mine"].trainable is True

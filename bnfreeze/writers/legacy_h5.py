@@ -76,7 +76,13 @@ ALL_TRAINABLE_CLASSES = frozenset(
 
 
 class H5RewriteError(BnfreezeError):
-    """The legacy `.h5` cannot be rewritten consistently without Keras."""
+    """The legacy `.h5` cannot be rewritten consistently without Keras.
+
+    Raised before anything is written; ``freezing.run`` with ``engine=auto`` then falls back
+    to the Keras engine (``keras_engine_can_help``).
+    """
+
+    keras_engine_can_help = True
 
     def __init__(self, message: str) -> None:
         super().__init__(
