@@ -184,6 +184,21 @@ def test_every_value_by_path_survives(nested_h5, nested_values, tmp_path, new):
             assert live[path].trainable is flag, path
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_random_flag_changes_keep_every_value(nested_h5, nested_values, tmp_path, seed):
+    """Random flips of any leaves, at every depth at once (seeded, so a failure reproduces)."""
+    rng = np.random.default_rng(seed)
+    layers = walk(read_model(nested_h5).config).layers
+    leaves_ = [r for r in layers if r.kind.value not in ("container", "input")]
+    new = {r.path: not r.trainable for r in leaves_ if rng.random() < 0.5}
+    out = tmp_path / "out.h5"
+    edit(nested_h5, out, new)
+    loaded = load(out)
+    assert differing(values_by_path(loaded), nested_values) == [], new
+    live = leaves(loaded)
+    assert all(live[p].trainable is flag for p, flag in new.items()), new
+
+
 def assert_scrambled(path: Path, before: dict[str, np.ndarray], *, compile: bool = True) -> None:
     """Keras either loads the file with values in the wrong places or cannot load it."""
     try:
