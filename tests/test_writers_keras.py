@@ -115,6 +115,7 @@ def test_compressed_members_and_assets_are_copied_as_stored(samples, tmp_path):
             zout.writestr(zipfile.ZipInfo(info.filename, (2020, 5, 17, 10, 0, 0)), zin.read(info),
                           compress_type=kind, compresslevel=1)
         zout.writestr("assets/vocab.txt", "a\nb\n" * 500, compress_type=zipfile.ZIP_DEFLATED)
+        zout.comment = b"an archive comment"
     out = tmp_path / "out.keras"
     result = freeze_file(src, out)
     assert result.changes
@@ -122,6 +123,7 @@ def test_compressed_members_and_assets_are_copied_as_stored(samples, tmp_path):
         assert raw_member(src, name) == raw_member(out, name)
     with zipfile.ZipFile(out) as archive:
         assert archive.testzip() is None
+        assert archive.comment == b"an archive comment"
         assert archive.getinfo("config.json").compress_type == zipfile.ZIP_DEFLATED
         assert [i.filename for i in archive.infolist()][-1] == "assets/vocab.txt"
 
@@ -344,5 +346,6 @@ def test_keras_loads_dropped_optimizer_state_with_a_fresh_optimizer(samples, tmp
     from keras_truth import synthetic_batch
 
     x, y = synthetic_batch(model)
+    model.run_eagerly = True  # the same train_step, without tracing a graph: faster
     model.fit(x, y, epochs=1, verbose=0)
     assert int(model.optimizer.iterations.numpy()) == 1

@@ -292,13 +292,15 @@ class KerasZipWriter:
             zin = stack.enter_context(zipfile.ZipFile(source))
             raw = stack.enter_context(open(source, "rb"))
             infos = _infos(zin)
-            weights = next((i for i in infos if i.filename == WEIGHTS), None)
+            # The entry Keras would read, should a damaged archive hold two of that name.
+            weights = zin.getinfo(WEIGHTS) if WEIGHTS in zin.namelist() else None
             rewritten: Path | None = None
             if request.drop_optimizer_state and weights is not None:
                 rewritten = stack.enter_context(scratch_file(dest.parent, "model.weights.h5"))
                 with open_weights(source, weights, dest.parent) as h5_in:
                     dropped = drop_optimizer(h5_in, rewritten)
             with zipfile.ZipFile(dest, "w", allowZip64=True) as zout:
+                zout.comment = zin.comment
                 for info in infos:
                     if info.filename == CONFIG:
                         zout.writestr(clone_info(info), config)
