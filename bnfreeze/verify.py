@@ -269,16 +269,20 @@ def verify_file(
         unsafe=unsafe,
     )
     arrays = _read_npz(data) if data is not None else None
-    objects = (
-        engine.load_custom_objects(custom_objects)
-        if isinstance(custom_objects, str)
-        else dict(custom_objects or {})
-    )
+    spec = custom_objects if isinstance(custom_objects, str) else None
+    if spec is not None and spec.endswith(".py") and not Path(spec).is_file():
+        # Fail now, not after TensorFlow's long import.
+        raise BnfreezeError(f"{engine.CUSTOM_OBJECTS_OPTION} {spec}: no such file.")
 
     with engine.quiet():
         progress("loading TensorFlow")
         keras = engine.keras_module(runtime)
         info = engine.runtime_info(runtime)
+        objects = (
+            engine.load_custom_objects(custom_objects)
+            if isinstance(custom_objects, str)
+            else dict(custom_objects or {})
+        )
         with engine.keras_warnings() as notes:
             progress("loading the model")
             model, reason = _load(path, unsafe=unsafe, custom_objects=objects, runtime=runtime)

@@ -385,6 +385,12 @@ def test_lambda_model_loads_with_unsafe(lambda_model):
     assert doc["summary"]["bn_stats_moved"] == 1
 
 
+def test_missing_custom_objects_file_fails_before_tensorflow(samples, tmp_path):
+    result = invoke(samples / "seed_bn.keras", "--custom-objects", tmp_path / "missing.py")
+    assert result.exit_code == 2
+    assert result.stderr == f"error: --custom-objects {tmp_path / 'missing.py'}: no such file.\n"
+
+
 def test_runtime_tf_keras_without_tf_keras_exit_2(samples):
     import importlib.util
 
