@@ -580,6 +580,25 @@ def test_compare_finds_each_kind_of_disagreement(samples):
     assert report.not_measured == ("out",)
 
 
+def test_without_a_prediction_nothing_is_compared():
+    """--runtime tf-keras measures, but bnfreeze has no tf_keras rule set to compare with."""
+    from rich.console import Console
+
+    from bnfreeze.render.verify import verify_dict, verify_view
+
+    tf_keras = RuntimeInfo(Runtime.TF_KERAS, "2.21.0", "tensorflow", "2.21.0")
+    report = compare(path="m", runtime=tf_keras, setup=SETUP, prediction=None,
+                     measured=[measurement("bn", Movement.MOVED, Movement.MOVED)])
+    assert report.checks == 0 and report.exit_code == 0 and report.not_in_file == ()
+    with open(os.devnull, "w") as sink:
+        console = Console(width=100, record=True, color_system=None, file=sink)
+        console.print(verify_view(report))
+    text = console.export_text()
+    assert "No prediction to compare: bnfreeze has no rule set for tf-keras yet" in text
+    assert "not in file" not in text
+    assert verify_dict(report)["summary"]["compared"] is False
+
+
 def test_zero_update_counts_as_trained():
     assert Movement.ZERO_UPDATE.trained is True
     assert Movement.ZERO_UPDATE.changed is False

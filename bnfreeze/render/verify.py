@@ -126,6 +126,8 @@ def layer_table(report: VerifyReport, all_layers: bool = False) -> Table:
             verdict = Text("disagrees", style=STYLE_DISAGREE)
         elif m.path in predicted:
             verdict = Text("agrees", style="green")
+        elif report.prediction is None:
+            verdict = Text("-", style=STYLE_NONE)
         else:
             verdict = Text("not in file", style=STYLE_NONE)
         table.add_row(
