@@ -126,6 +126,8 @@ def index_member(member: Member, source: str) -> tuple[WeightIndex, int | None]:
                     _hdf5.ByteSource(fh.fileno(), member.start, member.size)
                 )
             except Exception:  # Unsupported, or a damaged file: h5py decides
+                if member.start == 0 and os.fstat(fh.fileno()).st_size == member.size:
+                    return index_weights(member.file, source)  # a whole file (a folder's)
                 return index_weights(MemberFile(fh.fileno(), member), source)
     except OSError as exc:
         reason = exc.strerror or exc
@@ -139,11 +141,34 @@ def index_weights(fileobj: IO[bytes] | str, source: str) -> tuple[WeightIndex, i
 
     Returns the index and the number of saved optimizer variables (None when the file holds
     no optimizer state). Reads HDF5 metadata only.
+
+    A file object is first copied, streaming, to a temporary file that h5py opens by name.
+    When h5py fails to open a *Python file object* (a damaged file), HDF5 keeps the file
+    driver's settings until the process exits, and freeing them then crashes the interpreter
+    (SIGSEGV in h5py's fileobj driver, after ``main`` returned: exit 139 instead of 2). Only
+    files the pure-Python reader cannot index come here, so the copy is rare.
     """
+    if isinstance(fileobj, str):
+        return _index_weights_file(fileobj, source)
+    import shutil
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(prefix="bnfreeze-weights-", suffix=".h5") as tmp:
+            shutil.copyfileobj(fileobj, tmp, 1 << 20)
+            tmp.flush()
+            return _index_weights_file(tmp.name, source)
+    except OSError as exc:
+        raise ModelFormatError(
+            f"{source}: {WEIGHTS} cannot be read ({exc.strerror or exc})."
+        ) from None
+
+
+def _index_weights_file(path: str, source: str) -> tuple[WeightIndex, int | None]:
     import h5py
 
     try:
-        with h5py.File(fileobj, "r") as h5:
+        with h5py.File(path, "r") as h5:
             variables: dict[str, tuple[str, ...]] = {}
             _index_layers(h5, "", variables)
             opt = h5.get("optimizer/vars")
