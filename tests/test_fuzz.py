@@ -269,3 +269,27 @@ def test_folders_this_user_may_not_enter(open_folder, tmp_path):
     exit_code, _, stderr = as_nobody(["freeze", str(readable), "--bn-inference", "-o", str(out)])
     assert (exit_code, stderr) == (2, f"error: {out}: cannot be written (permission denied).\n")
     assert not out.exists()
+
+
+def test_interpreter_exits_cleanly_after_damaged_weights(tmp_path):
+    """Regression: when h5py failed to open a damaged weights member given as a Python file
+    object, HDF5 kept the driver's settings and freed them at process exit, crashing the
+    interpreter (SIGSEGV, exit 139) after every command had already exited 2. Found when the
+    whole corpus ran in one pytest process: the failures only show at exit, so a fresh
+    interpreter runs the commands here and must exit 0."""
+    cases = ["zip:weights-garbage", "zip:weights-empty", "zip:weights-text",
+             "zip:weights-deflated", "flip:seed_bn.keras@2100.3"]
+    paths = [str(hostile.build(case, tmp_path / "in")) for case in cases]
+    script = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from bnfreeze.cli import cli\n"
+        "for path in sys.argv[1:]:\n"
+        "    for args in (['inspect', path], ['check', path, '--expect', 'bn-inference'],\n"
+        "                 ['freeze', path, '--bn-inference', '--dry-run']):\n"
+        "        CliRunner().invoke(cli, args)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(hostile.ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run([sys.executable, "-c", script, *paths], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
