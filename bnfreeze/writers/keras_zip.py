@@ -284,9 +284,19 @@ class KerasZipWriter:
 
     format = ModelFormat.KERAS
 
+    def __init__(self) -> None:
+        # write() and verify() of one request serialize the same config: do it once (2 MB of
+        # JSON for EfficientNetV2L). Keyed by the request itself, which is immutable.
+        self._last: tuple[WriteRequest, bytes] | None = None
+
+    def _config_bytes(self, request: WriteRequest) -> bytes:
+        if self._last is None or self._last[0] is not request:
+            self._last = (request, serialize_config(request.config))
+        return self._last[1]
+
     def write(self, request: WriteRequest, dest: Path) -> WriteOutcome:
         source = Path(request.model.path)
-        config = serialize_config(request.config)
+        config = self._config_bytes(request)
         dropped = 0
         with contextlib.ExitStack() as stack:
             zin = stack.enter_context(zipfile.ZipFile(source))
@@ -328,7 +338,7 @@ class KerasZipWriter:
                     b.CRC, b.file_size, b.compress_size, b.compress_type
                 ):
                     raise OutputError(f"{where}: member {a.filename} was not copied exactly.")
-            if zout.read(CONFIG) != serialize_config(request.config):
+            if zout.read(CONFIG) != self._config_bytes(request):
                 raise OutputError(f"{where}: config.json does not read back as written.")
             if weights_rewritten:
                 w_in, w_out = zin.getinfo(WEIGHTS), zout.getinfo(WEIGHTS)
