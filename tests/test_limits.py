@@ -174,7 +174,7 @@ json_values = st.recursive(
 )
 
 
-@settings(max_examples=300, deadline=None, derandomize=True)
+@settings(max_examples=150, deadline=None, derandomize=True)
 @given(value=json_values, limit=st.integers(min_value=0, max_value=12))
 def test_depth_scan_agrees_with_the_parsed_value(value, limit):
     raw = json.dumps(value).encode()
