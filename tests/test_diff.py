@@ -194,3 +194,25 @@ def test_diff_never_writes(samples, tmp_path):
     run(a, a)
     assert a.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.keras"]
+
+
+def test_damaged_weights_exit_2_and_the_interpreter_exits_cleanly(samples, tmp_path):
+    """A fresh interpreter: h5py must never be left holding a failed Python-file open, which
+    crashes the process at exit (SIGSEGV, exit 139) after the error was printed."""
+    import subprocess
+    import sys
+
+    damaged = tmp_path / "damaged.keras"
+    with zipfile.ZipFile(samples / "seed_bn.keras") as a, zipfile.ZipFile(damaged, "w") as b:
+        for info in a.infolist():
+            data = a.read(info.filename)
+            if info.filename == "model.weights.h5":
+                data = data[:64] + b"\0" * (len(data) - 64)
+            b.writestr(info, data)
+    done = subprocess.run(
+        [sys.executable, "-m", "bnfreeze", "diff", str(samples / "seed_bn.keras"), str(damaged)],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: ")
+    assert "Traceback" not in done.stderr

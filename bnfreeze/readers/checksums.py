@@ -10,6 +10,8 @@ state (``optimizer/`` in a ``.keras`` weights file, ``optimizer_weights/`` in a 
 from __future__ import annotations
 
 import hashlib
+import shutil
+import tempfile
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,12 +44,19 @@ def open_weights(model: ModelFile) -> Iterator[Any]:
     import h5py
 
     if model.format is ModelFormat.KERAS:
+        # h5py never opens the zip member as a Python file object: when that fails (a damaged
+        # member), HDF5 keeps the driver's state until exit and the interpreter crashes there
+        # (SIGSEGV, see bnfreeze.readers._keras_common.index_weights). The member is copied,
+        # streaming, to a temporary file opened by name; diff reads every byte of it anyway.
         with (
             zipfile.ZipFile(model.path) as archive,
             archive.open("model.weights.h5") as fh,
-            h5py.File(fh, "r") as h5,
+            tempfile.NamedTemporaryFile(prefix="bnfreeze-weights-", suffix=".h5") as tmp,
         ):
-            yield h5
+            shutil.copyfileobj(fh, tmp, 1 << 20)
+            tmp.flush()
+            with h5py.File(tmp.name, "r") as h5:
+                yield h5
     elif model.format is ModelFormat.KERAS_DIR:
         with h5py.File(Path(model.path) / "model.weights.h5", "r") as h5:
             yield h5
