@@ -116,34 +116,52 @@ class _Var:
     trainable_kind: bool  # created with trainable=True (tracked in _trainable_variables)
 
 
-def _subtree(layers: Sequence[LayerRecord], group: str) -> list[LayerRecord]:
-    prefix = group + "/"
-    return [r for r in layers if r.path == group or r.path.startswith(prefix)]
+def _by_top_level(layers: Sequence[LayerRecord]) -> dict[str, list[LayerRecord]]:
+    """Each top-level layer's own record and every record below it, in model order."""
+    out: dict[str, list[LayerRecord]] = {}
+    for record in layers:
+        out.setdefault(record.path.split("/", 1)[0], []).append(record)
+    return out
 
 
-def _owner(weight_name: str, group: str, candidates: Sequence[LayerRecord]) -> LayerRecord:
-    """The layer a ``weight_names`` entry belongs to.
+class _Owners:
+    """Finds the layer a ``weight_names`` entry belongs to, by path and by path suffix.
 
     Keras 3 names a variable after the name scope it was built in: ``bn_bn/bn1/gamma`` for a
     Sequential that built its layers itself, ``bn1/gamma`` for a Functional built on its own
-    first, ``lstm/lstm_cell/kernel`` for a layer with an inner cell. The owner is the deepest
-    layer whose path ends with the longest prefix of that scope.
+    first, ``lstm/lstm_cell/kernel`` for a layer with an inner cell. The owner is the layer
+    whose path is, or ends with, the longest prefix of that scope, and it must be unique.
     """
-    scope = weight_name.split("/")[:-1] or [group]
-    for k in range(len(scope), 0, -1):
-        ref = "/".join(scope[:k])
-        exact = [r for r in candidates if r.path in (ref, f"{group}/{ref}")]
-        if len(exact) == 1:
-            return exact[0]
-        suffix = [r for r in candidates if r.path.endswith("/" + ref)]
-        if len(suffix) == 1:
-            return suffix[0]
-        if len(exact) > 1 or len(suffix) > 1:
-            raise H5RewriteError(
-                f"cannot tell which layer of {group!r} owns weight {weight_name!r} "
-                f"(candidates: {', '.join(r.path for r in (exact or suffix)[:4])})."
-            )
-    raise H5RewriteError(f"cannot tell which layer of {group!r} owns weight {weight_name!r}.")
+
+    def __init__(self, group: str, candidates: Sequence[LayerRecord]) -> None:
+        self.group = group
+        self.by_path = {r.path: r for r in candidates}
+        self.by_suffix: dict[str, list[LayerRecord]] = {}
+        for record in candidates:
+            parts = record.path.split("/")
+            for i in range(1, len(parts)):
+                self.by_suffix.setdefault("/".join(parts[i:]), []).append(record)
+
+    def __call__(self, weight_name: str) -> LayerRecord:
+        scope = weight_name.split("/")[:-1] or [self.group]
+        for k in range(len(scope), 0, -1):
+            ref = "/".join(scope[:k])
+            exact = {
+                p: self.by_path[p] for p in (ref, f"{self.group}/{ref}") if p in self.by_path
+            }
+            if len(exact) == 1:
+                return next(iter(exact.values()))
+            suffix = self.by_suffix.get(ref, [])
+            if len(suffix) == 1:
+                return suffix[0]
+            if len(suffix) > 1:
+                raise H5RewriteError(
+                    f"cannot tell which layer of {self.group!r} owns weight {weight_name!r} "
+                    f"(candidates: {', '.join(r.path for r in suffix[:4])})."
+                )
+        raise H5RewriteError(
+            f"cannot tell which layer of {self.group!r} owns weight {weight_name!r}."
+        )
 
 
 def _kind_known(record: LayerRecord, variable: str) -> bool | None:
@@ -221,6 +239,7 @@ def plan_from_names(
     new_order: dict[str, tuple[str, ...]] = {}
     old_trainable: set[str] = set()
     new_trainable: set[str] = set()
+    trees = _by_top_level(layers)
     for group_name, saved in stored.items():
         if not saved:
             continue
@@ -229,7 +248,7 @@ def plan_from_names(
             if group_name == "top_level_model_weights":
                 continue  # the model's own variables: no layer flag orders them
             raise H5RewriteError(f"weight group {group_name!r} matches no top-level layer.")
-        subtree = _subtree(layers, group_name)
+        subtree = trees.get(group_name, [])
         candidates = [r for r in subtree if r.kind not in (LayerKind.CONTAINER, LayerKind.INPUT)]
         touched = any(r.path in changed for r in subtree)
         try:
@@ -268,8 +287,9 @@ def plan_from_names(
 
 def _variables(saved: Sequence[str], group: str, candidates: Sequence[LayerRecord]) -> list[_Var]:
     out = []
+    owner_of = _Owners(group, candidates)
     for name in saved:
-        owner = _owner(name, group, candidates)
+        owner = owner_of(name)
         kind = _kind_known(owner, name.rsplit("/", 1)[-1].split(":")[0])
         out.append(_Var(name=name, leaf=owner.path, trainable_kind=kind is not False))
     # A variable's kind only matters where its own layer trains; unknown kinds are checked
@@ -453,30 +473,37 @@ def verify(
     import h5py
     import numpy as np
 
-    from bnfreeze.readers.legacy_h5 import read as read_h5
+    def objects(h5: Any) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        h5.visititems(lambda name, obj: found.__setitem__(name, obj) and None)
+        return found
 
     try:
-        written = read_h5(target, weights=True)
-    except ModelFormatError as exc:
-        raise OutputError(f"the written file does not read back: {exc}") from None
-    if written.config != json.loads(json.dumps(config)):
-        raise OutputError("the written model_config differs from the planned one.")
-    with h5py.File(source, "r") as src, h5py.File(target, "r") as dst:
-        expected: list[str] = []
-        src.visit(expected.append)
-        if drop_optimizer:
-            expected = [n for n in expected if n.split("/")[0] != "optimizer_weights"]
-        found: list[str] = []
-        dst.visit(found.append)
-        if sorted(expected) != sorted(found):
-            raise OutputError("the written file does not hold the same objects as the input.")
-        for name in expected:
-            a, b = src[name], dst[name]
-            if isinstance(a, h5py.Dataset):
-                if a.shape != b.shape or a.dtype != b.dtype or not np.array_equal(a[()], b[()]):
-                    raise OutputError(f"dataset {name} changed while writing.")
-            elif name.startswith("model_weights/") and name.count("/") == 1:
-                group = name.split("/", 1)[1]
-                want = list(layout.weight_names.get(group, read_weight_names(a)))
-                if read_weight_names(b) != want:
-                    raise OutputError(f"weight_names of {group} were not written as planned.")
+        with h5py.File(source, "r") as src, h5py.File(target, "r") as dst:
+            raw = dst.attrs.get("model_config")
+            text = raw.decode("utf8") if isinstance(raw, bytes) else raw
+            if not isinstance(text, str) or json.loads(text) != json.loads(json.dumps(config)):
+                raise OutputError("the written model_config differs from the planned one.")
+            before, after = objects(src), objects(dst)
+            if drop_optimizer:
+                before = {
+                    k: v for k, v in before.items() if k.split("/")[0] != "optimizer_weights"
+                }
+            if before.keys() != after.keys():
+                raise OutputError("the written file does not hold the same objects as the input.")
+            for name, a in before.items():
+                b = after[name]
+                if isinstance(a, h5py.Dataset):
+                    if a.shape != b.shape or a.dtype != b.dtype or not np.array_equal(
+                        a[()], b[()]
+                    ):
+                        raise OutputError(f"dataset {name} changed while writing.")
+                elif name.startswith("model_weights/") and name.count("/") == 1:
+                    group = name.split("/", 1)[1]
+                    want = list(layout.weight_names.get(group, read_weight_names(a)))
+                    if read_weight_names(b) != want:
+                        raise OutputError(f"weight_names of {group} were not written as planned.")
+    except OutputError:
+        raise
+    except Exception as exc:  # h5py raises OSError, KeyError, ValueError...
+        raise OutputError(f"the written file does not read back ({exc}).") from None
