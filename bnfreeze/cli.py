@@ -2,7 +2,8 @@
 result to a renderer. Errors for users become one line on stderr and an exit code here, in
 :meth:`BnfreezeGroup.invoke`, and nowhere else.
 
-Exit codes: 0 ok, 1 a check found a problem, 2 usage or input error.
+Exit codes: 0 ok, 1 a check found a problem, 2 usage or input error, 3 an internal error
+(a bug), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import click
 
 from bnfreeze import __version__
-from bnfreeze.errors import EXIT_USAGE, BnfreezeError
+from bnfreeze.errors import EXIT_INTERNAL, BnfreezeError
 
 #: A model path argument. Not ``readable=True`` (click's default): click would report an
 #: unreadable file as a usage error, several lines long; the readers say it in one line.
@@ -34,6 +35,19 @@ class BnfreezeGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted; nothing was written.", err=True)
             ctx.exit(130)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            # A bug in bnfreeze, not bad input: still one line, but a distinct exit code and
+            # the traceback on request, so it can be reported and fixed.
+            if os.environ.get("BNFREEZE_DEBUG"):
+                raise
+            click.echo(
+                f"error: internal error ({type(exc).__name__}: {exc}). This is a bug in "
+                "bnfreeze; run again with BNFREEZE_DEBUG=1 for the traceback and report it.",
+                err=True,
+            )
+            ctx.exit(EXIT_INTERNAL)
 
 
 def stdout_console(record: bool = False) -> Any:
@@ -313,132 +327,6 @@ def diff(a: str, b: str, as_json: bool, exit_code: bool, export: str | None) -> 
         click.get_current_context().exit(EXIT_CHECK_FAILED)
 
 
-RUNTIME_CHOICES = ["keras3", "tf-keras"]
-
-
-@cli.command()
-@click.argument("model", type=MODEL_PATH)
-@click.option("--steps", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Training steps to run (train_on_batch, the same step as fit()).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Samples per step.")
-@click.option("--data", type=click.Path(path_type=str), default=None, metavar="FILE.npz",
-              help="Real inputs instead of synthetic ones: arrays x (or x0, x1, ... or the "
-              "input names) and optionally y.")
-@click.option("--expect", "expects", multiple=True, metavar="NAME[=ARG]",
-              help="Exit 1 unless the measurement satisfies it, repeatable: bn-inference, "
-              "bn-train, trains, frozen (each =GLOB optional), min-training=N, max-training=N.")
-@click.option("--runtime", type=click.Choice(RUNTIME_CHOICES), default="keras3",
-              show_default=True,
-              help="tf-keras measures with Keras 2 (the tf_keras package), if installed.")
-@click.option("--unsafe", is_flag=True,
-              help="Load the model even if it holds Python code (a Lambda layer). Only for "
-              "files you trust.")
-@click.option("--custom-objects", type=click.Path(path_type=str), default=None,
-              metavar="MODULE_OR_FILE.py",
-              help="A module or .py file that defines the model's custom classes.")
-@click.option("--all", "all_layers", is_flag=True,
-              help="List every measured layer, not only BN layers.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
-def verify(
-    model: str,
-    steps: int,
-    batch_size: int,
-    data: str | None,
-    expects: tuple[str, ...],
-    runtime: str,
-    unsafe: bool,
-    custom_objects: str | None,
-    all_layers: bool,
-    as_json: bool,
-) -> None:
-    """Train MODEL for real, in memory, and show what actually moved.
-
-    Loads the model with Keras (safe mode), runs --steps training steps on a batch that fits
-    its inputs, and reports per layer whether the BN moving statistics, gamma/beta and other
-    weights moved. A built-in BN layer ran in training mode in fit() exactly when its moving
-    statistics moved. The measurement is compared with what inspect predicts from the file.
-    The file is never written.
-
-    Exit codes: 0 prediction and measurement agree (and every --expect holds), 1 they
-    disagree (or an --expect fails), 2 bad input.
-
-    \b
-    Examples:
-      bnfreeze verify model.keras
-      bnfreeze verify model.keras --expect bn-inference
-      bnfreeze verify model.keras --steps 3 --batch-size 8 --data batch.npz
-      bnfreeze verify model.keras --json | jq .summary
-    """
-    from bnfreeze.engine import progress_on_stderr
-    from bnfreeze.expectations import parse_expectation
-    from bnfreeze.records import Runtime
-    from bnfreeze.verify import verify_file
-
-    expectations = [parse_expectation(spec) for spec in expects]
-    with progress_on_stderr() as progress:
-        report = verify_file(
-            model,
-            steps=steps,
-            batch_size=batch_size,
-            data=data,
-            expectations=expectations,
-            runtime=Runtime(runtime),
-            unsafe=unsafe,
-            custom_objects=custom_objects,
-            progress=progress,
-        )
-    if as_json:
-        from bnfreeze.render.verify import render_verify
-
-        click.echo(render_verify(report))
-    else:
-        from bnfreeze.render.verify import verify_view
-
-        stdout_console().print(verify_view(report, all_layers=all_layers))
-    from bnfreeze.render.verify import note_lines
-
-    for line in note_lines(report):
-        click.echo(line, err=True)
-    if report.exit_code:
-        click.get_current_context().exit(report.exit_code)
-
-
-@cli.command()
-@click.option("--runtime", type=click.Choice(RUNTIME_CHOICES), default="keras3",
-              show_default=True,
-              help="tf-keras runs the experiment with Keras 2 (the tf_keras package), "
-              "if installed.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
-def explain(runtime: str, as_json: bool) -> None:
-    """Run the training/trainable experiment on one BN layer, live, and explain it.
-
-    A (1, 2, 2, 4) image of whole numbers 0-9 goes through a BatchNormalization layer with
-    gamma 2, beta 1, moving mean 0 and moving variance 1, once for each combination of
-    training and trainable. The output, whether the moving statistics moved, and their new
-    values are measured on the installed Keras, followed by the rules that hold there.
-
-    \b
-    Examples:
-      bnfreeze explain
-      bnfreeze explain --json | jq '.cases[] | {training, trainable, moving_stats_updated}'
-    """
-    from bnfreeze.engine import progress_on_stderr
-    from bnfreeze.explain import explain as run_explain
-    from bnfreeze.records import Runtime
-
-    with progress_on_stderr() as progress:
-        report = run_explain(runtime=Runtime(runtime), progress=progress)
-    if as_json:
-        from bnfreeze.render.explain import render_explain
-
-        click.echo(render_explain(report))
-    else:
-        from bnfreeze.render.explain import explain_view
-
-        stdout_console().print(explain_view(report))
-
-
 @cli.command("apply")
 @click.argument("model", type=MODEL_PATH)
 @click.option("--plan", "plan_path", type=click.Path(path_type=str), required=True,
@@ -613,6 +501,132 @@ def unfreeze(model: str, keep_bn_inference: bool, from_layer: str | None, **opti
     output = options.pop("output")
     run_edit(unfreeze_file, output, as_json, path=model, keep_bn_inference=keep_bn_inference,
              from_layer=from_layer, **options)
+
+
+RUNTIME_CHOICES = ["keras3", "tf-keras"]
+
+
+@cli.command()
+@click.argument("model", type=MODEL_PATH)
+@click.option("--steps", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Training steps to run (train_on_batch, the same step as fit()).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Samples per step.")
+@click.option("--data", type=click.Path(path_type=str), default=None, metavar="FILE.npz",
+              help="Real inputs instead of synthetic ones: arrays x (or x0, x1, ... or the "
+              "input names) and optionally y.")
+@click.option("--expect", "expects", multiple=True, metavar="NAME[=ARG]",
+              help="Exit 1 unless the measurement satisfies it, repeatable: bn-inference, "
+              "bn-train, trains, frozen (each =GLOB optional), min-training=N, max-training=N.")
+@click.option("--runtime", type=click.Choice(RUNTIME_CHOICES), default="keras3",
+              show_default=True,
+              help="tf-keras measures with Keras 2 (the tf_keras package), if installed.")
+@click.option("--unsafe", is_flag=True,
+              help="Load the model even if it holds Python code (a Lambda layer). Only for "
+              "files you trust.")
+@click.option("--custom-objects", type=click.Path(path_type=str), default=None,
+              metavar="MODULE_OR_FILE.py",
+              help="A module or .py file that defines the model's custom classes.")
+@click.option("--all", "all_layers", is_flag=True,
+              help="List every measured layer, not only BN layers.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
+def verify(
+    model: str,
+    steps: int,
+    batch_size: int,
+    data: str | None,
+    expects: tuple[str, ...],
+    runtime: str,
+    unsafe: bool,
+    custom_objects: str | None,
+    all_layers: bool,
+    as_json: bool,
+) -> None:
+    """Train MODEL for real, in memory, and show what actually moved.
+
+    Loads the model with Keras (safe mode), runs --steps training steps on a batch that fits
+    its inputs, and reports per layer whether the BN moving statistics, gamma/beta and other
+    weights moved. A built-in BN layer ran in training mode in fit() exactly when its moving
+    statistics moved. The measurement is compared with what inspect predicts from the file.
+    The file is never written.
+
+    Exit codes: 0 prediction and measurement agree (and every --expect holds), 1 they
+    disagree (or an --expect fails), 2 bad input.
+
+    \b
+    Examples:
+      bnfreeze verify model.keras
+      bnfreeze verify model.keras --expect bn-inference
+      bnfreeze verify model.keras --steps 3 --batch-size 8 --data batch.npz
+      bnfreeze verify model.keras --json | jq .summary
+    """
+    from bnfreeze.engine import progress_on_stderr
+    from bnfreeze.expectations import parse_expectation
+    from bnfreeze.records import Runtime
+    from bnfreeze.verify import verify_file
+
+    expectations = [parse_expectation(spec) for spec in expects]
+    with progress_on_stderr() as progress:
+        report = verify_file(
+            model,
+            steps=steps,
+            batch_size=batch_size,
+            data=data,
+            expectations=expectations,
+            runtime=Runtime(runtime),
+            unsafe=unsafe,
+            custom_objects=custom_objects,
+            progress=progress,
+        )
+    if as_json:
+        from bnfreeze.render.verify import render_verify
+
+        click.echo(render_verify(report))
+    else:
+        from bnfreeze.render.verify import verify_view
+
+        stdout_console().print(verify_view(report, all_layers=all_layers))
+    from bnfreeze.render.verify import note_lines
+
+    for line in note_lines(report):
+        click.echo(line, err=True)
+    if report.exit_code:
+        click.get_current_context().exit(report.exit_code)
+
+
+@cli.command()
+@click.option("--runtime", type=click.Choice(RUNTIME_CHOICES), default="keras3",
+              show_default=True,
+              help="tf-keras runs the experiment with Keras 2 (the tf_keras package), "
+              "if installed.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
+def explain(runtime: str, as_json: bool) -> None:
+    """Run the training/trainable experiment on one BN layer, live, and explain it.
+
+    A (1, 2, 2, 4) image of whole numbers 0-9 goes through a BatchNormalization layer with
+    gamma 2, beta 1, moving mean 0 and moving variance 1, once for each combination of
+    training and trainable. The output, whether the moving statistics moved, and their new
+    values are measured on the installed Keras, followed by the rules that hold there.
+
+    \b
+    Examples:
+      bnfreeze explain
+      bnfreeze explain --json | jq '.cases[] | {training, trainable, moving_stats_updated}'
+    """
+    from bnfreeze.engine import progress_on_stderr
+    from bnfreeze.explain import explain as run_explain
+    from bnfreeze.records import Runtime
+
+    with progress_on_stderr() as progress:
+        report = run_explain(runtime=Runtime(runtime), progress=progress)
+    if as_json:
+        from bnfreeze.render.explain import render_explain
+
+        click.echo(render_explain(report))
+    else:
+        from bnfreeze.render.explain import explain_view
+
+        stdout_console().print(explain_view(report))
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ def find_layer(layers: Sequence[LayerRecord], spec: str) -> LayerRecord:
         paths = ", ".join(r.path for r in by_name[:5])
         raise SelectionError(f"layer name {spec!r} is ambiguous: {paths}.", hint="Use a full path.")
     candidates = difflib.get_close_matches(
-        spec, [r.path for r in layers] + [r.name for r in layers], n=3
+        spec, list(dict.fromkeys([r.path for r in layers] + [r.name for r in layers])), n=3
     )
     hint = f"Did you mean {', '.join(repr(c) for c in candidates)}?" if candidates else (
         "Run bnfreeze inspect --all to list layer paths."

@@ -165,3 +165,18 @@ def test_selection_on_a_real_sample(samples):
     assert chosen[0].path == "mobilenetv2_0.35_32/Conv1"
     assert chosen[-1].path == "mobilenetv2_0.35_32/block_1_project_BN"
     assert all(r.path.startswith("mobilenetv2_0.35_32/") for r in chosen)
+
+
+def test_suggestions_never_repeat_a_name():
+    from bnfreeze.errors import SelectionError
+    from bnfreeze.records import LayerKind, LayerRecord
+    from bnfreeze.selection import find_layer
+
+    head = LayerRecord(path="head", name="head", class_name="Dense", kind=LayerKind.LAYER,
+                       depth=0, parent=None, trainable=True)
+    try:
+        find_layer((head,), "haed")
+    except SelectionError as exc:
+        assert str(exc).count("'head'") == 1, str(exc)
+    else:
+        raise AssertionError("expected a SelectionError")
