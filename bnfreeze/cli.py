@@ -76,18 +76,26 @@ def stderr_width() -> int | None:
         return None
 
 
+#: True when this process is the ``bnfreeze`` command itself (``main``), not a host that
+#: imported the CLI (a test's CliRunner, a notebook): only then may a command change
+#: process-wide garbage-collector state for good.
+_OWN_PROCESS = False
+
+
 @contextlib.contextmanager
 def gc_paused() -> Iterator[None]:
     """Pause the cyclic garbage collector. Reading a big model allocates ~10^6 small objects
     (the parsed config) and no cycles worth collecting; the collector's passes over them cost
-    about a third of inspect's time on EfficientNetV2L. On the way out the survivors are
-    frozen (``gc.freeze``), so re-enabling the collector does not scan them all once more."""
+    about a third of inspect's time on EfficientNetV2L. In the bnfreeze process itself the
+    survivors are then frozen (``gc.freeze``), so re-enabling the collector does not scan
+    them all once more; a host process keeps its collector as it was."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
-        gc.freeze()
+        if _OWN_PROCESS:
+            gc.freeze()
         if was_enabled:
             gc.enable()
 
@@ -630,6 +638,8 @@ def explain(runtime: str, as_json: bool) -> None:
 
 
 def main() -> None:
+    global _OWN_PROCESS
+    _OWN_PROCESS = True
     cli.main(prog_name="bnfreeze")
 
 
