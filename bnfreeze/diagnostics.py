@@ -65,16 +65,19 @@ def _model_not_trainable(states: tuple[LayerState, ...], model_trainable: bool) 
 
 def _call_site_training(states: tuple[LayerState, ...]) -> list[Finding]:
     findings = []
+    # BN layers in training mode, found once: a model can record training=False at many call
+    # sites (EfficientNetV2L: 73 Dropout layers), and scanning every layer for each was slow.
+    training_bn = [
+        s
+        for s in states
+        if s.layer.is_batchnorm and s.in_fit.normalizes_with is Normalization.BATCH
+    ]
     for state in states:
         layer = state.layer
         if layer.call_training is not False:
             continue
-        scope = [state, *_below(states, layer.path)]
-        unprotected = [
-            s
-            for s in scope
-            if s.layer.is_batchnorm and s.in_fit.normalizes_with is Normalization.BATCH
-        ]
+        prefix = layer.path + "/"
+        unprotected = [s for s in training_bn if s is state or s.layer.path.startswith(prefix)]
         if not unprotected:
             continue
         target = f"'{layer.path}/*'" if layer.is_container else f"'{layer.path}'"
