@@ -44,6 +44,7 @@ _MSG_SYMBOL_TABLE = 0x0011
 _MSG_ATTRIBUTE_INFO = 0x0015
 
 _MAX_DEPTH = 256  # B-tree levels / recursion guard
+_MSG_V1 = struct.Struct("<HHB")  # a version-1 header message: type, size, flags (+3 reserved)
 _MAX_CHILDREN = 1_000_000
 
 
@@ -156,6 +157,9 @@ class File:
         # A symbol table entry: link name offset, object header address, cache type, and a
         # 16-byte scratch-pad that holds a child group's B-tree and heap when cache type is 1.
         self._entry = struct.Struct(f"<{o}{o}I4x{o}{o}{16 - 2 * self.O}x")
+        # A group B-tree node's (child address, next key) pair, after the first key.
+        self._btree_child = struct.Struct(f"<{o}{self.L}x")
+        self._heap = struct.Struct(f"<4s4x{'QIH'[(8, 4, 2).index(self.L)]}{self.L}x{o}")
 
     @staticmethod
     def _u(buf: bytes, pos: int, size: int) -> int:
@@ -204,7 +208,7 @@ class File:
         while chunks:
             chunk, pos, end = chunks.pop(0)
             while pos + 8 <= end and seen < nmsgs:
-                mtype, msize, mflags = struct.unpack_from("<HHB", chunk, pos)
+                mtype, msize, mflags = _MSG_V1.unpack_from(chunk, pos)
                 pos += 8
                 if pos + msize > end:
                     raise Unsupported("message overruns its header")
@@ -310,11 +314,10 @@ class File:
         return name, self._u(data, pos + length, self.O)
 
     def _symbol_table(self, btree: int, heap: int) -> dict[str, Link]:
-        hbuf = self._read(heap, 8 + 2 * self.L + self.O)
-        if not hbuf.startswith(b"HEAP"):
+        signature, heap_size, data_at = self._heap.unpack(self._read(heap, self._heap.size))
+        if signature != b"HEAP":
             raise Unsupported("bad local heap")
-        heap_size = self._u(hbuf, 8, self.L)
-        heap_data = self._read(self._u(hbuf, 8 + 2 * self.L, self.O), heap_size)
+        heap_data = self._read(data_at, heap_size)
         out: dict[str, Link] = {}
         self._btree(btree, heap_data, out, 0)
         return dict(sorted(out.items(), key=lambda kv: kv[0].encode("utf-8")))
@@ -322,25 +325,32 @@ class File:
     def _btree(self, addr: int, heap: bytes, out: dict[str, Link], depth: int) -> None:
         if depth > _MAX_DEPTH:
             raise Unsupported("B-tree too deep")
-        head = self._read(addr, 8 + 2 * self.O)
-        if not head.startswith(b"TREE") or head[4] != 0:
+        node = self._read_upto(addr, 1024)  # one read covers a node with 32 entries
+        if not node.startswith(b"TREE") or len(node) < 8 or node[4] != 0:
             raise Unsupported("bad group B-tree node")
-        level = head[5]
-        used = struct.unpack_from("<H", head, 6)[0]
-        body = self._read(addr + 8 + 2 * self.O, (used + 1) * self.L + used * self.O)
-        for i in range(used):
-            child = self._u(body, self.L + i * (self.L + self.O), self.O)
+        level = node[5]
+        used = struct.unpack_from("<H", node, 6)[0]
+        # Keys and children alternate: key 0, child 0, ..., key n; skip key 0.
+        start = 8 + 2 * self.O + self.L
+        size = used * (self.L + self.O)
+        body = node[start : start + size]
+        if len(body) != size:
+            body = self._read(addr + start, size)
+        for (child,) in self._btree_child.iter_unpack(body):
             if level > 0:
                 self._btree(child, heap, out, depth + 1)
             else:
                 self._snod(child, heap, out)
 
     def _snod(self, addr: int, heap: bytes, out: dict[str, Link]) -> None:
-        head = self._read(addr, 8)
-        if not head.startswith(b"SNOD"):
+        node = self._read_upto(addr, 8 + 8 * self._entry.size)  # 8 entries: h5py's default
+        if not node.startswith(b"SNOD") or len(node) < 8:
             raise Unsupported("bad symbol table node")
-        n = struct.unpack_from("<H", head, 6)[0]
-        body = self._read(addr + 8, n * self._entry.size)
+        n = struct.unpack_from("<H", node, 6)[0]
+        size = n * self._entry.size
+        body = node[8 : 8 + size]
+        if len(body) != size:
+            body = self._read(addr + 8, size)
         find = heap.find
         for name_at, target, cache_type, btree, local_heap in self._entry.iter_unpack(body):
             end = find(b"\x00", name_at)
