@@ -120,7 +120,8 @@ def _bn_under_frozen_container(
                 layer.path,
                 f"{layer.path} is trainable inside frozen container {frozen.path}: on Keras 3 "
                 "only a layer's own flag counts, so it trains anyway (gamma/beta update and its "
-                "moving statistics move). To freeze it, set its own flag: bnfreeze freeze MODEL "
+                "moving statistics move). That is right for the train-BN recipe (--train-bn); "
+                "otherwise set its own flag: bnfreeze freeze MODEL "
                 f"--layers '{layer.path}' -o OUT.",
             )
         )
