@@ -256,3 +256,140 @@ def test_untrained_check_without_numpy_agrees_with_numpy(array):
     for expected in (0.0, 1.0, None):
         assert _is_constant(array, expected) == numpy_verdict(expected)
         assert _is_constant(flat, expected) == numpy_verdict(expected)
+
+
+# -- crafted files: cycles and bloated claims (issue 6) ---------------------------------------
+# Each case is a valid h5py-written file with pointers patched (tests/hdf5_crafted.py says
+# how). Before the reader's caps, the continuation cases each allocated gigabytes (MemoryError
+# under a 3 GiB limit), long-link-name and group-dag-fanout ran for minutes, and h5py itself
+# also never finished group-dag-fanout and took 6 s and 2 GB on v1-continuation-overlapping.
+
+#: What the lean reader must do with each: "malformed" (refused as damaged, h5py never runs)
+#: or "h5py" (plain Unsupported: h5py decides, quickly).
+CRAFTED_OUTCOME = {
+    "v1-continuation-self-loop": "malformed",
+    "v1-continuation-fanout": "malformed",
+    "v1-continuation-overlapping": "malformed",
+    "shared-continuation-chunk": "malformed",
+    "v2-continuation-fanout": "malformed",
+    "btree-self-loop": "malformed",
+    "group-cycle-fanout": "malformed",
+    "group-dag-fanout": "malformed",
+    "local-heap-huge-size": "h5py",
+    "long-link-name": "h5py",
+}
+CPU_BOUND = 2.0  # seconds of CPU for one crafted file (typical: 0.05 s)
+MEMORY_BOUND = 64 * 2**20  # bytes of Python allocations while the lean reader runs
+
+
+def _crafted(tmp_path: Path, case: str) -> Path:
+    import hdf5_crafted
+
+    build, kwargs = hdf5_crafted.CRAFTED[case]
+    valid = tmp_path / "valid.h5"
+    _write_keras_like(valid, **kwargs)
+    path = tmp_path / f"{case}.h5"
+    path.write_bytes(build(valid.read_bytes()))
+    return path
+
+
+def test_every_crafted_case_has_an_expected_outcome():
+    import hdf5_crafted
+
+    assert set(CRAFTED_OUTCOME) == set(hdf5_crafted.CRAFTED)
+
+
+@pytest.mark.parametrize("case", list(CRAFTED_OUTCOME))
+def test_crafted_file_is_refused_within_cpu_and_memory_bounds(tmp_path, case):
+    import time
+    import tracemalloc
+
+    path = _crafted(tmp_path, case)
+    tracemalloc.start()
+    started = time.process_time()
+    try:
+        with pytest.raises(_hdf5.Unsupported) as caught:
+            _lean(path)
+    finally:
+        spent = time.process_time() - started
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert spent < CPU_BOUND, f"{case}: {spent:.2f} s of CPU"
+    assert peak < MEMORY_BOUND, f"{case}: {peak / 2**20:.0f} MiB allocated"
+    malformed = isinstance(caught.value, _hdf5.Malformed)
+    assert malformed == (CRAFTED_OUTCOME[case] == "malformed"), f"{case}: {caught.value!r}"
+
+
+@pytest.mark.parametrize("case", list(CRAFTED_OUTCOME))
+def test_crafted_file_through_index_member_ends_quickly(tmp_path, case):
+    """The whole route (lean reader, then h5py when it steps aside): a one-line
+    ModelFormatError for the refused ones, h5py's own answer for the others, in bounded CPU."""
+    import time
+
+    from bnfreeze.errors import ModelFormatError
+
+    path = _crafted(tmp_path, case)
+    started = time.process_time()
+    try:
+        index_member(Member(str(path), 0, path.stat().st_size), path.name)
+        outcome = "ok"
+    except ModelFormatError as exc:
+        outcome = str(exc)
+        assert "\n" not in outcome
+    spent = time.process_time() - started
+    assert spent < CPU_BOUND, f"{case}: {spent:.2f} s of CPU"
+    if CRAFTED_OUTCOME[case] == "malformed":
+        assert "is a damaged HDF5 file" in outcome, f"{case}: {outcome}"
+    else:
+        assert "is a damaged HDF5 file" not in outcome, f"{case}: {outcome}"
+
+
+#: Cases whose builders find their targets in any old-style Keras weights file.
+GENERIC_CRAFTED = ["v1-continuation-self-loop", "v1-continuation-fanout",
+                   "v1-continuation-overlapping", "btree-self-loop", "group-cycle-fanout"]
+
+
+@pytest.mark.parametrize("case", GENERIC_CRAFTED)
+def test_crafted_weights_in_a_keras_archive_exit_2_with_one_line(tmp_path, case):
+    """seed_bn.keras with its model.weights.h5 crafted: inspect, check and freeze end with
+    exit 2 and one 'error:' line, quickly, leave no output, and leave the input alone."""
+    import time
+
+    import hdf5_crafted
+    import hostile
+    from click.testing import CliRunner
+
+    from bnfreeze.cli import cli
+
+    with zipfile.ZipFile(hostile.SAMPLES / "seed_bn.keras") as z:
+        weights = z.read("model.weights.h5")
+    build, _ = hdf5_crafted.CRAFTED[case]
+    path = tmp_path / f"{case}.keras"
+    path.write_bytes(hostile.rezip("seed_bn.keras", {"model.weights.h5": build(weights)}))
+    before = path.read_bytes()
+    out = tmp_path / "out.keras"
+    runner = CliRunner()
+    for args in (["inspect", str(path)], ["check", str(path), "--expect", "bn-inference"],
+                 ["freeze", str(path), "--bn-inference", "-o", str(out)]):
+        started = time.process_time()
+        result = runner.invoke(cli, args)
+        spent = time.process_time() - started
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2, (case, args[0], result.exit_code, result.stderr)
+        assert len(lines) == 1 and lines[0].startswith("error: "), (case, args[0], lines)
+        assert "damaged HDF5" in lines[0], (case, args[0], lines)
+        assert spent < CPU_BOUND, f"{args[0]} on {case}: {spent:.2f} s of CPU"
+        assert not out.exists()
+    assert path.read_bytes() == before
+
+
+def test_read_budget_leaves_room_for_valid_files(tmp_path):
+    """Valid files read well under the budget (about 1.5 times their size), so the cap never
+    turns a real model away."""
+    path = tmp_path / "model.weights.h5"
+    _write_keras_like(path, layers=300, optimizer=70)
+    with open(path, "rb") as fh:
+        h5 = _hdf5.File(_hdf5.ByteSource(fh.fileno(), 0, path.stat().st_size))
+        walker = _hdf5._Walker(h5)
+        walker.index_layers(walker.node("/", (h5.root, None)), "", {}, 0)
+    assert 0 < h5._spent <= 2 * path.stat().st_size

@@ -18,6 +18,26 @@ Anything else -- dense link or attribute storage, shared messages, chunked or fi
 or external links, a truncated file -- raises :class:`Unsupported`. Callers then use h5py, which
 either reads the file the slow way or raises its own error, so behaviour never depends on which
 reader ran. Nothing here trusts a size or offset from the file without a bounds check.
+
+The file is untrusted, so every walk is bounded by the file itself, not only by the bounds
+check of each read (a crafted file can point a structure back at itself, or many structures
+at one big block):
+
+* all metadata read from one file, together, is at most :data:`_READ_FACTOR` times its size
+  (plus :data:`_READ_SLACK`), and one object header's chunks at most the file's size;
+* a continuation chunk, B-tree node or symbol table node is read once per file: a second
+  visit is a cycle (or a structure shared between objects, which HDF5 never writes);
+* B-tree levels strictly decrease from a node to its children; at most
+  :data:`_MAX_CONTINUATIONS` continuation messages per object header;
+* a group that contains itself through hard links is a cycle; at most :data:`_MAX_ALIASES`
+  objects reached again through another path (a tree of hard links that doubles at each
+  level would otherwise be walked exponentially);
+* groups nest at most :data:`_MAX_DEPTH` deep, link names are at most :data:`_MAX_NAME` bytes.
+
+A violation of the first four is :class:`Malformed` (a subclass of :class:`Unsupported`):
+callers report the file as damaged instead of handing it to h5py, whose walk of the same links
+would be just as long. The others (legal but never written by Keras) are plain
+:class:`Unsupported`, for h5py to decide.
 """
 
 from __future__ import annotations
@@ -43,13 +63,23 @@ _MSG_CONTINUATION = 0x0010
 _MSG_SYMBOL_TABLE = 0x0011
 _MSG_ATTRIBUTE_INFO = 0x0015
 
-_MAX_DEPTH = 256  # B-tree levels / recursion guard
+_MAX_DEPTH = 256  # B-tree levels / group nesting (recursion guard)
 _MSG_V1 = struct.Struct("<HHB")  # a version-1 header message: type, size, flags (+3 reserved)
 _MAX_CHILDREN = 1_000_000
+_READ_FACTOR = 4  # metadata bytes read per file, at most this many times the file's size...
+_READ_SLACK = 16 * 2**20  # ...plus this (fixed-size reads of small files over-read a little)
+_MAX_CONTINUATIONS = 4096  # continuation messages in one object header (h5py writes a few)
+_MAX_ALIASES = 10_000  # objects reached again through another hard link (Keras writes none)
+_MAX_NAME = 65_536  # bytes in one link name (Keras's are layer names and numbers)
 
 
 class Unsupported(Exception):
     """The file uses an HDF5 feature this reader does not implement, or is damaged."""
+
+
+class Malformed(Unsupported):
+    """The file's structure is cyclic or claims far more than the file holds: damaged or
+    crafted. Not worth handing to h5py (its walk of the same links would not end sooner)."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +155,13 @@ class File:
     def __init__(self, source: ByteSource) -> None:
         self.src = source
         self._gheap: dict[int, dict[int, bytes]] = {}
+        self._spent = 0  # metadata bytes read so far
+        self._budget = _READ_FACTOR * source.size + _READ_SLACK
+        self._headers: dict[int, _Header] = {}
+        self._chunk_owner: dict[int, int] = {}  # continuation chunk -> its object header
+        self._tables: dict[tuple[int, int], dict[str, Link]] = {}
+        self._heaps: dict[int, bytes] = {}
+        self._nodes_seen: set[int] = set()  # B-tree and symbol table nodes read
         head = source.read(0, min(source.size, 128))
         if not head.startswith(SIGNATURE):
             raise Unsupported("no HDF5 signature at offset 0")
@@ -146,6 +183,7 @@ class File:
             raise Unsupported("a base address other than 0")
         if eof == UNDEFINED or eof > source.size:
             raise Unsupported("truncated file")  # h5py refuses it too, with its own message
+        self.end = eof  # HDF5 refuses any address past the end-of-file address
         self.root = root
 
     # -- primitives ---------------------------------------------------------------------------
@@ -173,20 +211,36 @@ class File:
     def _addrs(self, buf: bytes, pos: int, n: int) -> list[int]:
         return [self._u(buf, pos + i * self.O, self.O) for i in range(n)]
 
+    def _charge(self, n: int) -> None:
+        self._spent += n
+        if self._spent > self._budget:
+            raise Malformed(
+                f"metadata reads exceed {_READ_FACTOR} times the file's size (cyclic or "
+                "shared structures)"
+            )
+
     def _read(self, addr: int, n: int) -> bytes:
         if addr == UNDEFINED:
             raise Unsupported("undefined address")
+        if n < 0 or addr + n > self.end:
+            raise Unsupported(f"read past the end-of-file address ({addr}+{n} > {self.end})")
+        self._charge(n)
         return self.src.read(addr, n)
 
     def _read_upto(self, addr: int, n: int) -> bytes:
         """Up to ``n`` bytes at ``addr`` (fewer near the end of the file)."""
-        if addr == UNDEFINED or addr >= self.src.size:
+        if addr == UNDEFINED or addr >= self.end:
             raise Unsupported("address out of range")
-        return self.src.read(addr, min(n, self.src.size - addr))
+        n = min(n, self.end - addr)
+        self._charge(n)
+        return self.src.read(addr, n)
 
     # -- object headers -----------------------------------------------------------------------
 
     def header(self, addr: int) -> _Header:
+        cached = self._headers.get(addr)
+        if cached is not None:
+            return cached
         buf = self._read_upto(addr, 512)
         messages: list[tuple[int, int, bytes]] = []
         if buf.startswith(b"OHDR"):
@@ -195,7 +249,25 @@ class File:
             self._header_v1(addr, buf, messages)
         else:
             raise Unsupported("unknown object header version")
-        return _Header(messages)
+        header = self._headers[addr] = _Header(messages)
+        return header
+
+    def _continuation(self, owner: int, data: bytes, total: list[int]) -> tuple[int, int]:
+        """A continuation message's (address, length), checked before the chunk is read: each
+        chunk belongs to one object header and is read once, an object header has at most
+        :data:`_MAX_CONTINUATIONS` chunks, together no larger than the file."""
+        caddr = self._u(data, 0, self.O)
+        clen = self._u(data, self.O, self.L)
+        if caddr in self._chunk_owner:  # each header is parsed once: a cycle, or shared
+            raise Malformed("an object header's continuation chunk is read twice (a cycle)")
+        self._chunk_owner[caddr] = owner
+        total[1] += 1
+        if total[1] > _MAX_CONTINUATIONS:
+            raise Unsupported(f"more than {_MAX_CONTINUATIONS} continuation chunks")
+        total[0] += clen
+        if total[0] > self.end:
+            raise Malformed("an object header's chunks add up to more than the file")
+        return caddr, clen
 
     def _header_v1(self, addr: int, buf: bytes, out: list[tuple[int, int, bytes]]) -> None:
         if len(buf) < 16:
@@ -204,9 +276,9 @@ class File:
         if 16 + size > len(buf):
             buf = self._read(addr, 16 + size)
         chunks = [(buf, 16, 16 + size)]
+        total = [16 + size, 0]  # bytes in this header's chunks, continuation messages
         seen = 0
-        while chunks:
-            chunk, pos, end = chunks.pop(0)
+        for chunk, pos, end in chunks:  # continuation chunks are appended while iterating
             while pos + 8 <= end and seen < nmsgs:
                 mtype, msize, mflags = _MSG_V1.unpack_from(chunk, pos)
                 pos += 8
@@ -216,10 +288,7 @@ class File:
                 pos += msize
                 seen += 1
                 if mtype == _MSG_CONTINUATION:
-                    caddr = self._u(data, 0, self.O)
-                    clen = self._u(data, self.O, self.L)
-                    if len(chunks) + len(out) > 100_000:
-                        raise Unsupported("too many header chunks")
+                    caddr, clen = self._continuation(addr, data, total)
                     chunks.append((self._read(caddr, clen), 0, clen))
                 else:
                     out.append((mtype, mflags, data))
@@ -241,9 +310,8 @@ class File:
             buf = self._read(addr, end + 4)
         prefix = 6 if flags & 0x04 else 4  # a creation-order field follows each message's flags
         chunks = [(buf, pos, end)]
-        count = 0
-        while chunks:
-            chunk, pos, end = chunks.pop(0)
+        total = [end + 4, 0]  # bytes in this header's chunks, continuation messages
+        for chunk, pos, end in chunks:  # continuation chunks are appended while iterating
             while pos + prefix <= end:
                 mtype, msize, mflags = struct.unpack_from("<BHB", chunk, pos)
                 pos += prefix
@@ -251,12 +319,10 @@ class File:
                     raise Unsupported("message overruns its header")
                 data = chunk[pos : pos + msize]
                 pos += msize
-                count += 1
                 if mtype == _MSG_CONTINUATION:
-                    caddr = self._u(data, 0, self.O)
-                    clen = self._u(data, self.O, self.L)
+                    caddr, clen = self._continuation(addr, data, total)
                     cbuf = self._read(caddr, clen)
-                    if not cbuf.startswith(b"OCHK") or count > 1_000_000:
+                    if not cbuf.startswith(b"OCHK"):
                         raise Unsupported("bad continuation chunk")
                     chunks.append((cbuf, 4, clen - 4))
                 else:
@@ -314,21 +380,38 @@ class File:
         return name, self._u(data, pos + length, self.O)
 
     def _symbol_table(self, btree: int, heap: int) -> dict[str, Link]:
-        signature, heap_size, data_at = self._heap.unpack(self._read(heap, self._heap.size))
-        if signature != b"HEAP":
-            raise Unsupported("bad local heap")
-        heap_data = self._read(data_at, heap_size)
+        """A group's links (the same dict each time it is asked for: callers do not change
+        it), from its B-tree and local heap."""
+        cached = self._tables.get((btree, heap))
+        if cached is not None:
+            return cached
+        heap_data = self._heaps.get(heap)
+        if heap_data is None:
+            signature, heap_size, data_at = self._heap.unpack(self._read(heap, self._heap.size))
+            if signature != b"HEAP":
+                raise Unsupported("bad local heap")
+            heap_data = self._heaps[heap] = self._read(data_at, heap_size)
         out: dict[str, Link] = {}
-        self._btree(btree, heap_data, out, 0)
-        return dict(sorted(out.items(), key=lambda kv: kv[0].encode("utf-8")))
+        self._btree(btree, heap_data, out, None)
+        table = self._tables[(btree, heap)] = dict(
+            sorted(out.items(), key=lambda kv: kv[0].encode("utf-8"))
+        )
+        return table
 
-    def _btree(self, addr: int, heap: bytes, out: dict[str, Link], depth: int) -> None:
-        if depth > _MAX_DEPTH:
-            raise Unsupported("B-tree too deep")
+    def _visit(self, addr: int, what: str) -> None:
+        if addr in self._nodes_seen:
+            raise Malformed(f"a {what} is reached twice (a cycle)")
+        self._nodes_seen.add(addr)
+
+    def _btree(self, addr: int, heap: bytes, out: dict[str, Link], level_wanted: int | None
+               ) -> None:
+        self._visit(addr, "group B-tree node")
         node = self._read_upto(addr, 1024)  # one read covers a node with 32 entries
         if not node.startswith(b"TREE") or len(node) < 8 or node[4] != 0:
             raise Unsupported("bad group B-tree node")
         level = node[5]
+        if level_wanted is not None and level != level_wanted:
+            raise Malformed("a group B-tree node's level is not one below its parent's")
         used = struct.unpack_from("<H", node, 6)[0]
         # Keys and children alternate: key 0, child 0, ..., key n; skip key 0.
         start = 8 + 2 * self.O + self.L
@@ -338,11 +421,12 @@ class File:
             body = self._read(addr + start, size)
         for (child,) in self._btree_child.iter_unpack(body):
             if level > 0:
-                self._btree(child, heap, out, depth + 1)
+                self._btree(child, heap, out, level - 1)
             else:
                 self._snod(child, heap, out)
 
     def _snod(self, addr: int, heap: bytes, out: dict[str, Link]) -> None:
+        self._visit(addr, "symbol table node")
         node = self._read_upto(addr, 8 + 8 * self._entry.size)  # 8 entries: h5py's default
         if not node.startswith(b"SNOD") or len(node) < 8:
             raise Unsupported("bad symbol table node")
@@ -353,9 +437,10 @@ class File:
             body = self._read(addr + 8, size)
         find = heap.find
         for name_at, target, cache_type, btree, local_heap in self._entry.iter_unpack(body):
-            end = find(b"\x00", name_at)
+            end = find(b"\x00", name_at, name_at + _MAX_NAME)
             if name_at >= len(heap) or end < 0:
-                raise Unsupported("bad link name offset")
+                raise Unsupported("bad link name offset, or a name over 64 KiB")
+            self._charge(end - name_at)
             stab = (btree, local_heap) if cache_type == 1 else None
             out[heap[name_at:end].decode("utf-8")] = (target, stab)
         if len(out) > _MAX_CHILDREN:
@@ -516,7 +601,7 @@ class File:
         if layout[1] == 1:  # contiguous
             addr = self._u(layout, 2, self.O)
             nbytes = self._u(layout, 2 + self.O, self.L)
-            if addr == UNDEFINED or nbytes < count * itemsize or addr + nbytes > self.src.size:
+            if addr == UNDEFINED or nbytes < count * itemsize or addr + nbytes > self.end:
                 raise Unsupported("unallocated or out-of-range dataset")
             return DatasetInfo(self.src.start + addr, count * itemsize, typecode, big, count)
         raise Unsupported("chunked or virtual dataset")
@@ -606,6 +691,8 @@ class _Walker:
         self.datasets: dict[str, PendingDataset] = {}
         self._nodes: dict[str, _Node] = {}
         self._count = 0
+        self._paths: dict[int, str] = {}  # object header address -> the first path to it
+        self._aliases = 0
 
     def node(self, path: str, link: Link) -> _Node:
         cached = self._nodes.get(path)
@@ -615,6 +702,9 @@ class _Walker:
         if self._count > 5_000_000:
             raise Unsupported("too many objects")
         addr, stab = link
+        first = self._paths.setdefault(addr, path)
+        if first != path:
+            self._alias(path, addr)
         if stab is not None:
             # An old-style group whose parent cached its symbol table: no need to read its
             # header unless its attributes are wanted.
@@ -631,6 +721,22 @@ class _Walker:
             node = _Node(path, addr, header, children, is_dataset)
         self._nodes[path] = node
         return node
+
+    def _alias(self, path: str, addr: int) -> None:
+        """``path`` leads to an object already reached by another path (a hard link): fine
+        once in a while, but not when the group is its own ancestor, or so often that walking
+        the paths (what h5py would do too) never ends."""
+        self._aliases += 1
+        if self._aliases > _MAX_ALIASES:
+            raise Malformed(f"more than {_MAX_ALIASES} objects reached again through hard links")
+        parent = path.rpartition("/")[0] or "/"
+        while True:
+            node = self._nodes.get(parent)
+            if node is not None and node.addr == addr:
+                raise Malformed(f"the group {parent!r} contains itself (a cycle of hard links)")
+            if parent == "/":
+                return
+            parent = parent.rpartition("/")[0] or "/"
 
     def header(self, node: _Node) -> _Header:
         if node._header is None:

@@ -125,6 +125,10 @@ def index_member(member: Member, source: str) -> tuple[WeightIndex, int | None]:
                 found = _hdf5.index_keras_weights(
                     _hdf5.ByteSource(fh.fileno(), member.start, member.size)
                 )
+            except _hdf5.Malformed as exc:  # cyclic or bloated: h5py's walk would not end
+                raise ModelFormatError(
+                    f"{source}: {WEIGHTS} is a damaged HDF5 file ({exc})."
+                ) from None
             except Exception:  # Unsupported, or a damaged file: h5py decides
                 if member.start == 0 and os.fstat(fh.fileno()).st_size == member.size:
                     return index_weights(member.file, source)  # a whole file (a folder's)
