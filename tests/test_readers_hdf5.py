@@ -393,3 +393,30 @@ def test_read_budget_leaves_room_for_valid_files(tmp_path):
         walker = _hdf5._Walker(h5)
         walker.index_layers(walker.node("/", (h5.root, None)), "", {}, 0)
     assert 0 < h5._spent <= 2 * path.stat().st_size
+
+
+@pytest.mark.parametrize("depth", [300, 1500])
+def test_layers_nested_deeper_than_the_cap_go_to_h5py_and_end_cleanly(tmp_path, depth):
+    """Nesting is legal HDF5, so past the lean reader's cap (256) h5py decides: it reads 300
+    levels, and at 1,500 its recursion ends in a one-line ModelFormatError, not a crash."""
+    import time
+
+    from bnfreeze.errors import ModelFormatError
+
+    path = tmp_path / "model.weights.h5"
+    with h5py.File(path, "w") as f:
+        group = f.create_group("layers").create_group("a")
+        for i in range(depth):
+            group.create_group("vars").attrs["name"] = f"l{i}"
+            group = group.create_group("layers").create_group("a")
+        group.create_group("vars").create_dataset("0", data=np.ones(2, "float32"))
+    with pytest.raises(_hdf5.Unsupported) as caught:
+        _lean(path)
+    assert not isinstance(caught.value, _hdf5.Malformed)
+    started = time.process_time()
+    try:
+        index, _ = index_member(Member(str(path), 0, path.stat().st_size), "m")
+        assert depth == 300 and len(index.variables) == depth + 1
+    except ModelFormatError as exc:
+        assert depth == 1500 and "\n" not in str(exc)
+    assert time.process_time() - started < CPU_BOUND
