@@ -12,7 +12,8 @@ import contextlib
 import errno
 import os
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from bnfreeze.errors import OutputError
@@ -81,6 +82,50 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+#: How often the write-back thread flushes the file being produced (seconds).
+WRITEBACK_INTERVAL = 0.02
+
+
+@contextlib.contextmanager
+def _writing_back(path: Path) -> Iterator[None]:
+    """While the body runs, a thread ``fdatasync``s ``path`` every :data:`WRITEBACK_INTERVAL`
+    seconds (the call releases the GIL), so the disk writes overlap the copy instead of all
+    waiting for the final fsync. Costs nothing for a small file: the first flush comes after
+    the interval.
+
+    On a clean exit the thread is stopped and joined, and its error, if any, is raised: an
+    error it saw is not reported again to a later fsync. When the body raises (a failed
+    verification, Ctrl-C), the thread is told to stop but not waited for; it is a daemon and
+    closes its own descriptor.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        yield  # produce() will fail on its own, or the final fsync will
+        return
+    stop = threading.Event()
+    failure: list[OSError] = []
+
+    def flush() -> None:
+        try:
+            while not stop.wait(WRITEBACK_INTERVAL):
+                os.fdatasync(fd)
+        except OSError as exc:
+            failure.append(exc)
+        finally:
+            os.close(fd)
+
+    thread = threading.Thread(target=flush, name="bnfreeze-writeback", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+    thread.join()
+    if failure:
+        raise failure[0]
+
+
 def _final_mode(dest: Path) -> int:
     """Keep an existing output's permission bits; else what a plain ``open()`` would give."""
     try:
@@ -101,8 +146,9 @@ def write_atomically(
     ``produce(tmp)`` writes the complete file at ``tmp``, a fresh empty file in ``dest``'s
     folder that it may truncate or reopen. ``verify(tmp)`` re-reads it and raises if it is not
     what was meant (an :class:`OutputError`, say). Only then is ``tmp`` fsynced and renamed
-    over ``dest``. On any failure, including ``KeyboardInterrupt``, ``tmp`` is removed and the
-    exception propagates; an ``OSError`` becomes an :class:`OutputError` written for users.
+    over ``dest``; a background thread writes its data to disk while both run. On any
+    failure, including ``KeyboardInterrupt``, ``tmp`` is removed and the exception
+    propagates; an ``OSError`` becomes an :class:`OutputError` written for users.
     """
     dest = Path(dest)
     folder = check_destination(dest)
@@ -113,9 +159,13 @@ def write_atomically(
     os.close(fd)
     tmp = Path(name)
     try:
-        produce(tmp)
-        if verify is not None:
-            verify(tmp)
+        # Writing a big model to disk takes longer than copying it in the page cache: a
+        # thread writes the data back while it is produced and verified, so the fsync before
+        # the rename has little left to do.
+        with _writing_back(tmp):
+            produce(tmp)
+            if verify is not None:
+                verify(tmp)
         _fsync_path(tmp)
         os.chmod(tmp, _final_mode(dest))
         size = tmp.stat().st_size
