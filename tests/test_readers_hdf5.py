@@ -420,3 +420,25 @@ def test_layers_nested_deeper_than_the_cap_go_to_h5py_and_end_cleanly(tmp_path, 
     except ModelFormatError as exc:
         assert depth == 1500 and "\n" not in str(exc)
     assert time.process_time() - started < CPU_BOUND
+
+
+def test_readme_quotes_the_readers_caps():
+    import re
+
+    import hdf5_crafted
+    import hostile
+
+    readme = (hostile.ROOT / "README.md").read_text(encoding="utf-8")
+    found = re.search(r"^## Guarantees\n(.*?)(?=^## )", readme, flags=re.M | re.S)
+    assert found
+    text = " ".join(found.group(1).split())
+    for phrase in (
+        f"at most {_hdf5._READ_FACTOR} times its size plus {_hdf5._READ_SLACK >> 20} MiB",
+        f"{_hdf5._MAX_CONTINUATIONS:,} continuation chunks in one object header",
+        f"{_hdf5._MAX_ALIASES:,} objects reached again through hard links",
+        f"groups nested {_hdf5._MAX_DEPTH} deep",
+        f"a name over {_hdf5._MAX_NAME >> 10} KiB",
+        f"on {len(hdf5_crafted.CRAFTED)} crafted files",
+        f"within {CPU_BOUND:g} CPU seconds and {MEMORY_BOUND >> 20} MiB",
+    ):
+        assert phrase in text, phrase
