@@ -33,6 +33,7 @@ warning, or silently misassign them when the count happens to match).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 from collections.abc import Sequence
@@ -566,24 +567,36 @@ def _config_route(
         else 0
     )
     skip = request.dry_run or output is None or (request.in_place and not changed)
+
+    def result_report(outcome: WriteOutcome) -> Report:
+        # The result's weights are the input's (verified: byte-identical, or dataset by
+        # dataset when the optimizer state was dropped), so its report reads BN values from
+        # the input, which is still in place unless it was rewritten in place.
+        kept = None if outcome.optimizer_variables_dropped else model.optimizer_variables
+        result_model = replace(model, config=new_config, optimizer_variables=kept)
+        if not skip and request.in_place and getattr(model.weights, "locations", None):
+            # Dataset offsets were those of the old file; let the reader find them again.
+            result_model = replace(result_model, weights=replace(model.weights, locations={}))
+        return inspect_model_file(result_model)
+
+    early: list[Report] = []
     if not skip:
         assert output is not None
         done: list[WriteOutcome] = []
+
+        def verify(tmp: Path) -> None:
+            writer.verify(write, tmp)
+            if not request.in_place:
+                # Reads only the input: done while the disk write-back of the output ends. A
+                # failure here must not cost the write: it is raised below, after it, as before.
+                with contextlib.suppress(Exception):
+                    early.append(result_report(done[0]))
+
         output_bytes = write_atomically(
-            output,
-            produce=lambda tmp: done.append(writer.write(write, tmp)),
-            verify=lambda tmp: writer.verify(write, tmp),
+            output, produce=lambda tmp: done.append(writer.write(write, tmp)), verify=verify
         )
         outcome = done[0]
-    # The result's weights are the input's (verified: byte-identical, or dataset by dataset
-    # when the optimizer state was dropped), so its report reads BN values from the input,
-    # which is still in place unless it was rewritten in place.
-    kept = None if outcome.optimizer_variables_dropped else model.optimizer_variables
-    result_model = replace(model, config=new_config, optimizer_variables=kept)
-    if not skip and request.in_place and getattr(model.weights, "locations", None):
-        # Dataset offsets were those of the old file; let the reader find them again.
-        result_model = replace(result_model, weights=replace(model.weights, locations={}))
-    report = inspect_model_file(result_model)
+    report = early[0] if early else result_report(outcome)
     if not skip and output is not None:
         report = replace(report, model=replace(report.model, path=output))
     return EditResult(
