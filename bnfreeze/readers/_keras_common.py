@@ -10,7 +10,7 @@ from typing import IO, Any
 
 from bnfreeze.errors import ModelFormatError
 from bnfreeze.limits import MAX_CONFIG_BYTES, MAX_JSON_DEPTH, json_depth_exceeds
-from bnfreeze.records import WeightIndex
+from bnfreeze.records import ModelFile, ModelFormat, WeightIndex
 
 CONFIG = "config.json"
 METADATA = "metadata.json"
@@ -61,6 +61,31 @@ def keras_version(metadata: Any) -> str | None:
     if isinstance(metadata, dict) and isinstance(metadata.get("keras_version"), str):
         return metadata["keras_version"]
     return None
+
+
+def keras_model_file(
+    source: str,
+    fmt: ModelFormat,
+    config: dict[str, Any],
+    metadata: Any,
+    index: WeightIndex | None,
+    optimizer_variables: int | None,
+) -> ModelFile:
+    """The :class:`ModelFile` of a `.keras` archive or folder (the same three members)."""
+    # Keras writes "compile_config": {} for a model that was never compiled.
+    compile_config = config.get("compile_config")
+    if not isinstance(compile_config, dict) or not compile_config:
+        compile_config = None
+    return ModelFile(
+        path=source,
+        format=fmt,
+        config=config,
+        keras_version=keras_version(metadata),
+        compiled=compile_config is not None,
+        compile_config=compile_config,
+        optimizer_variables=optimizer_variables,
+        weights=index,
+    )
 
 
 @dataclass(frozen=True)

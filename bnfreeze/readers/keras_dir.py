@@ -14,7 +14,7 @@ from bnfreeze.readers._keras_common import (
     Member,
     check_model_config,
     index_member,
-    keras_version,
+    keras_model_file,
     parse_json,
 )
 from bnfreeze.records import ModelFile, ModelFormat
@@ -65,17 +65,6 @@ def read(path: Path, *, weights: bool = True) -> ModelFile:
                 f"{source}: {WEIGHTS} cannot be read ({exc.strerror or exc})."
             ) from None
         index, optimizer_variables = index_member(Member(str(weights_file), 0, size), source)
-    # Keras writes "compile_config": {} for a model that was never compiled.
-    compile_config = config.get("compile_config")
-    if not isinstance(compile_config, dict) or not compile_config:
-        compile_config = None
-    return ModelFile(
-        path=source,
-        format=ModelFormat.KERAS_DIR,
-        config=config,
-        keras_version=keras_version(metadata),
-        compiled=compile_config is not None,
-        compile_config=compile_config,
-        optimizer_variables=optimizer_variables,
-        weights=index,
+    return keras_model_file(
+        source, ModelFormat.KERAS_DIR, config, metadata, index, optimizer_variables
     )

@@ -17,7 +17,7 @@ from bnfreeze.readers._keras_common import (
     check_model_config,
     index_member,
     index_weights,
-    keras_version,
+    keras_model_file,
     parse_json,
 )
 from bnfreeze.records import ModelFile, ModelFormat
@@ -128,17 +128,4 @@ def read(path: Path, *, weights: bool = True) -> ModelFile:
             else:
                 # Stored, as Keras writes it: read it in place, at its offset in the archive.
                 index, optimizer_variables = index_member(stored_member(path, info), source)
-    # Keras writes "compile_config": {} for a model that was never compiled.
-    compile_config = config.get("compile_config")
-    if not isinstance(compile_config, dict) or not compile_config:
-        compile_config = None
-    return ModelFile(
-        path=source,
-        format=ModelFormat.KERAS,
-        config=config,
-        keras_version=keras_version(metadata),
-        compiled=compile_config is not None,
-        compile_config=compile_config,
-        optimizer_variables=optimizer_variables,
-        weights=index,
-    )
+    return keras_model_file(source, ModelFormat.KERAS, config, metadata, index, optimizer_variables)
