@@ -111,14 +111,21 @@ def layer_table(report: VerifyReport, all_layers: bool = False) -> Table:
     """BN layers (every measured layer with ``all_layers``), and any layer that disagrees."""
     disagreeing = {d.path for d in report.disagreements}
     predicted = {s.layer.path for s in report.prediction.layers} if report.prediction else set()
-    table = Table(show_edge=False, pad_edge=False, header_style="bold")
-    table.add_column("path", overflow="fold")
-    table.add_column("class", overflow="fold")
-    table.add_column("moving stats")
-    table.add_column("gamma/beta")
-    table.add_column("other weights")
-    table.add_column("in fit()")
-    table.add_column("prediction")
+    from rich import box
+
+    # The path gets the room: short headers, no class column unless every layer is listed
+    # (without --all the rows are BN layers and disagreements, which name their class below).
+    table = Table(
+        show_edge=False, pad_edge=False, header_style="bold", box=box.SIMPLE_HEAD, padding=(0, 1)
+    )
+    table.add_column("path", overflow="fold", ratio=1)
+    if all_layers:
+        table.add_column("class", overflow="ellipsis", no_wrap=True, max_width=14)
+    table.add_column("stats", no_wrap=True)
+    table.add_column("gamma/beta", no_wrap=True)
+    table.add_column("other", no_wrap=True)
+    table.add_column("in fit()", no_wrap=True)
+    table.add_column("vs file", no_wrap=True)
     for m in report.layers:
         if not (all_layers or m.is_batchnorm or m.path in disagreeing):
             continue
@@ -132,7 +139,7 @@ def layer_table(report: VerifyReport, all_layers: bool = False) -> Table:
             verdict = Text("not in file", style=STYLE_NONE)
         table.add_row(
             m.path,
-            m.class_name,
+            *([m.class_name] if all_layers else []),
             movement_text(m.moving_stats),
             movement_text(m.gamma_beta),
             movement_text(m.other_weights),
