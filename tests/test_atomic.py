@@ -55,3 +55,19 @@ def test_a_write_back_error_fails_the_write_and_leaves_nothing(tmp_path, monkeyp
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
     assert (tmp_path / "out.bin").read_bytes() == b"previous"
 
+
+
+def test_a_descriptor_that_cannot_be_flushed_only_loses_the_overlap(tmp_path, monkeypatch):
+    monkeypatch.setattr(atomic, "WRITEBACK_INTERVAL", 0.001)
+
+    def unsupported(fd: int) -> None:
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(atomic.os, "fdatasync", unsupported)
+
+    def produce(tmp):
+        tmp.write_bytes(b"x" * 4096)
+        time.sleep(0.1)
+
+    assert write_atomically(tmp_path / "out.bin", produce) == 4096
+    assert (tmp_path / "out.bin").read_bytes() == b"x" * 4096

@@ -84,6 +84,7 @@ def _fsync_path(path: Path) -> None:
 
 #: How often the write-back thread flushes the file being produced (seconds).
 WRITEBACK_INTERVAL = 0.02
+_CANNOT_FLUSH = frozenset({errno.EBADF, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP})
 
 
 @contextlib.contextmanager
@@ -107,11 +108,15 @@ def _writing_back(path: Path) -> Iterator[None]:
     failure: list[OSError] = []
 
     def flush() -> None:
+        sync = getattr(os, "fdatasync", None) or os.fsync  # macOS and Windows lack fdatasync
         try:
             while not stop.wait(WRITEBACK_INTERVAL):
-                os.fdatasync(fd)
+                sync(fd)
         except OSError as exc:
-            failure.append(exc)
+            # A descriptor that cannot be flushed (Windows: opened read-only) only loses the
+            # overlap; a write error (EIO, ENOSPC) fails the write.
+            if exc.errno not in _CANNOT_FLUSH:
+                failure.append(exc)
         finally:
             os.close(fd)
 
