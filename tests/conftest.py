@@ -244,3 +244,18 @@ def pytest_terminal_summary(terminalreporter):
     planned = guarantees.planned()
     for key, value in sorted(guarantees.ran.items()):
         terminalreporter.write_line(f"{key}: {value} (README: {planned.get(key, '-')})")
+
+
+@pytest.fixture
+def without_tf_keras(monkeypatch):
+    """Make ``tf_keras`` look not installed, whether or not it is (it is in the test extra)."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+
+    def hidden(name, *args, **kwargs):
+        if name == "tf_keras" or name.startswith("tf_keras."):
+            return None
+        return find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", hidden)

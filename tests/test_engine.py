@@ -342,11 +342,7 @@ def test_runtime_info():
     )
 
 
-def test_tf_keras_missing_is_a_clear_error():
-    import importlib.util
-
-    if importlib.util.find_spec("tf_keras") is not None:
-        pytest.skip("tf_keras is installed here")
+def test_tf_keras_missing_is_a_clear_error(without_tf_keras):
     with pytest.raises(RuntimeUnavailableError) as info:
         engine.require_runtime(Runtime.TF_KERAS)
     assert "tf_keras" in str(info.value) and "not installed" in str(info.value)

@@ -224,11 +224,7 @@ def test_help_has_an_example():
     assert "Examples:" in result.stdout and "bnfreeze explain --json" in result.stdout
 
 
-def test_runtime_tf_keras_without_tf_keras_exit_2():
-    import importlib.util
-
-    if importlib.util.find_spec("tf_keras") is not None:
-        pytest.skip("tf_keras is installed here")
+def test_runtime_tf_keras_without_tf_keras_exit_2(without_tf_keras):
     result = invoke("--runtime", "tf-keras")
     assert result.exit_code == 2
     assert "tf_keras" in result.stderr and "not installed" in result.stderr

@@ -391,11 +391,7 @@ def test_missing_custom_objects_file_fails_before_tensorflow(samples, tmp_path):
     assert result.stderr == f"error: --custom-objects {tmp_path / 'missing.py'}: no such file.\n"
 
 
-def test_runtime_tf_keras_without_tf_keras_exit_2(samples):
-    import importlib.util
-
-    if importlib.util.find_spec("tf_keras") is not None:
-        pytest.skip("tf_keras is installed here")
+def test_runtime_tf_keras_without_tf_keras_exit_2(samples, without_tf_keras):
     result = invoke(samples / "seed_bn.keras", "--runtime", "tf-keras")
     assert result.exit_code == 2
     assert result.stderr.startswith("error: --runtime tf-keras needs the tf_keras package")
@@ -686,3 +682,36 @@ def test_view_matches_golden(samples, monkeypatch, all_layers):
         console.print(verify_view(report, all_layers=all_layers))
     name = f"sequential_{'all' if all_layers else 'bn'}_100.txt"
     check_golden(name, console.export_text())
+
+
+TF_KERAS_BUILD = """
+import os, sys
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+import tf_keras as keras
+inputs = keras.Input((4,))
+x = keras.layers.Dense(4, name="dense")(inputs)
+x = keras.layers.BatchNormalization(name="bn")(x, training=False)
+outputs = keras.layers.Dense(1, name="head")(x)
+keras.Model(inputs, outputs).save(sys.argv[1])
+"""
+
+
+def test_runtime_tf_keras_measures_with_keras_2(tmp_path):
+    """SEMANTICS §2 measured on tf_keras: a recorded call-site training=False WINS there, so
+    the BN's statistics stay put in fit() while its gamma/beta still train; Keras 3 would
+    move them. The model is a tf_keras .h5 (Keras 3 cannot load it)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("tf_keras")
+    model = tmp_path / "keras2.h5"
+    subprocess.run([sys.executable, "-c", TF_KERAS_BUILD, str(model)], check=True,
+                   capture_output=True)
+    code, doc, stderr = verify_json(model, "--runtime", "tf-keras")
+    assert code == 0, stderr
+    assert doc["runtime"]["name"] == "tf-keras"
+    assert doc["runtime"]["keras_version"].startswith("2.")
+    bn = next(layer for layer in doc["layers"] if layer["path"] == "bn")
+    assert bn["moving_stats"] == "unchanged"
+    assert bn["gamma_beta"] == "moved"
+    assert bn["normalizes_with"] == "moving"
