@@ -16,10 +16,11 @@ from bnfreeze.edit import Assignment, apply_to_config, assign, current_flags
 from bnfreeze.errors import OutputError
 from bnfreeze.freezing import edit_file, freeze_file, unfreeze_file
 from bnfreeze.readers import read_model
+from bnfreeze.readers._keras_common import Member, MemberFile
 from bnfreeze.selection import select
 from bnfreeze.walk import walk
 from bnfreeze.writers import WriteRequest, writer_for
-from bnfreeze.writers.keras_zip import WRITER, Window, data_offset, serialize_config
+from bnfreeze.writers.keras_zip import WRITER, data_offset, serialize_config
 
 KERAS_SAMPLES = [
     "seed_bn.keras", "guide_pattern.keras", "bn_under_frozen.keras", "sequential.keras"
@@ -206,11 +207,11 @@ def test_verify_refuses_changed_weights_when_dropping(samples, tmp_path):
         WRITER.verify(request, tampered)
 
 
-def test_window_reads_a_slice(tmp_path):
+def test_member_file_reads_a_slice(tmp_path):
     path = tmp_path / "f"
     path.write_bytes(bytes(range(256)))
     with open(path, "rb") as fh:
-        window = Window(fh, 10, 20)
+        window = MemberFile(fh.fileno(), Member(str(path), 10, 20))
         assert window.read(5) == bytes(range(10, 15))
         window.seek(-3, 2)
         assert window.read() == bytes(range(27, 30))

@@ -20,7 +20,6 @@ models (``layers/<name>/optimizer``) are never loaded by Keras and are kept as t
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import shutil
@@ -31,7 +30,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from bnfreeze.errors import ModelFormatError, OutputError
-from bnfreeze.readers._keras_common import CONFIG, WEIGHTS
+from bnfreeze.readers._keras_common import CONFIG, WEIGHTS, MemberFile
+from bnfreeze.readers.keras_zip import stored_member
 from bnfreeze.records import ModelFormat
 from bnfreeze.writers import WriteOutcome, WriteRequest, verify_flags
 from bnfreeze.writers.atomic import scratch_file
@@ -63,49 +63,17 @@ def data_offset(fh: IO[bytes], info: zipfile.ZipInfo) -> int:
     return info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
 
 
-class Window(io.RawIOBase):
-    """A read-only, seekable view of ``size`` bytes of a file starting at ``start``: a stored
-    zip member, opened by h5py without extracting it (``ZipExtFile`` seeks by re-reading)."""
-
-    def __init__(self, fh: IO[bytes], start: int, size: int) -> None:
-        super().__init__()
-        self._fh, self._start, self._size, self._pos = fh, start, size, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def readinto(self, buffer: Any) -> int:
-        n = max(0, min(len(buffer), self._size - self._pos))
-        if n == 0:
-            return 0
-        self._fh.seek(self._start + self._pos)
-        got = self._fh.readinto(memoryview(buffer)[:n])
-        self._pos += got or 0
-        return got or 0
-
-
 @contextlib.contextmanager
 def open_weights(path: Path, info: zipfile.ZipInfo, scratch_folder: Path) -> Iterator[Any]:
     """An open ``h5py.File`` on a `.keras` archive's weights member, read-only."""
     import h5py
 
-    with open(path, "rb") as fh:
-        if info.compress_type == zipfile.ZIP_STORED:
-            window = Window(fh, data_offset(fh, info), info.file_size)
-            with h5py.File(window, "r") as h5:
-                yield h5
-            return
+    if info.compress_type == zipfile.ZIP_STORED:
+        # Read in place, through the same bounded view the readers use.
+        member = stored_member(path, info)
+        with open(path, "rb") as fh, h5py.File(MemberFile(fh.fileno(), member), "r") as h5:
+            yield h5
+        return
     # A compressed member (not what Keras writes): inflate it to a scratch file, streaming.
     with scratch_file(scratch_folder, "weights") as tmp:
         with zipfile.ZipFile(path) as archive, archive.open(info) as src, open(tmp, "wb") as dst:
