@@ -14,6 +14,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import golden_files
 import pytest
 from click.testing import CliRunner
 
@@ -21,7 +22,6 @@ from bnfreeze.cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).resolve().parent / "golden" / "freeze"
-REGEN = os.environ.get("BNFREEZE_REGEN_GOLDEN") == "1"
 
 ENV = {
     "COLUMNS": "100",
@@ -57,13 +57,7 @@ def invoke(*args: str) -> Any:
 
 
 def check_golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if REGEN:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-        return
-    assert path.exists(), f"{path} is missing: run BNFREEZE_REGEN_GOLDEN=1 pytest {__file__}"
-    assert text == path.read_text(encoding="utf-8"), f"output differs from {path}"
+    golden_files.check(GOLDEN, name, text)
 
 
 def files(folder: Path) -> list[str]:

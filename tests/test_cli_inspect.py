@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import golden_files
 import pytest
 from click.testing import CliRunner
 
@@ -25,7 +26,6 @@ from bnfreeze.cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).resolve().parent / "golden" / "inspect"
-REGEN = os.environ.get("BNFREEZE_REGEN_GOLDEN") == "1"
 
 #: A fixed terminal: 100 columns, no colour, whatever the developer's environment says.
 ENV = {
@@ -60,14 +60,7 @@ def invoke(*args: str, columns: int = 100):
 
 
 def check_golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if REGEN:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-        return
-    assert path.exists(), f"{path} is missing: run BNFREEZE_REGEN_GOLDEN=1 pytest {__file__}"
-    expected = path.read_text(encoding="utf-8")
-    assert text == expected, f"output differs from {path.relative_to(ROOT)}"
+    golden_files.check(GOLDEN, name, text)
 
 
 VIEWS = [

@@ -16,6 +16,7 @@ import os
 import textwrap
 from pathlib import Path
 
+import golden_files
 import pytest
 from click.testing import CliRunner
 
@@ -39,7 +40,6 @@ pytestmark = pytest.mark.keras
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).resolve().parent / "golden" / "verify"
-REGEN = os.environ.get("BNFREEZE_REGEN_GOLDEN") == "1"
 ENV = {"COLUMNS": "100", "NO_COLOR": "1", "FORCE_COLOR": None, "TTY_COMPATIBLE": None}
 
 
@@ -657,13 +657,7 @@ def test_expectations_judge_the_measurement_not_the_prediction(samples):
 
 
 def check_golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if REGEN:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-        return
-    assert path.exists(), f"{path} is missing: run BNFREEZE_REGEN_GOLDEN=1 pytest {__file__}"
-    assert text == path.read_text(encoding="utf-8"), f"output differs from {path}"
+    golden_files.check(GOLDEN, name, text)
 
 
 @pytest.mark.parametrize("all_layers", [False, True], ids=["bn", "all"])
