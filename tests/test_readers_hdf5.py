@@ -305,16 +305,20 @@ def test_crafted_file_is_refused_within_cpu_and_memory_bounds(tmp_path, case):
     import tracemalloc
 
     path = _crafted(tmp_path, case)
-    tracemalloc.start()
+    # CPU and memory are measured in two runs: tracemalloc multiplies the CPU time of an
+    # allocation-heavy walk several times (group-dag-fanout: 0.14 s plain, 0.9-2.3 s traced).
     started = time.process_time()
-    try:
-        with pytest.raises(_hdf5.Unsupported) as caught:
-            _lean(path)
-    finally:
-        spent = time.process_time() - started
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
+    with pytest.raises(_hdf5.Unsupported) as caught:
+        _lean(path)
+    spent = time.process_time() - started
     assert spent < CPU_BOUND, f"{case}: {spent:.2f} s of CPU"
+    tracemalloc.start()
+    try:
+        with pytest.raises(_hdf5.Unsupported):
+            _lean(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
     assert peak < MEMORY_BOUND, f"{case}: {peak / 2**20:.0f} MiB allocated"
     malformed = isinstance(caught.value, _hdf5.Malformed)
     assert malformed == (CRAFTED_OUTCOME[case] == "malformed"), f"{case}: {caught.value!r}"
