@@ -278,3 +278,34 @@ def test_json_report_one_line_per_layer(big_report):
     text = render_report(big_report)
     assert json.loads(text) == report_dict(big_report)
     assert len(text.splitlines()) == len(big_report.layers) + len(big_report.warnings) + 10
+
+
+@pytest.mark.parametrize("all_layers", [False, True])
+def test_plain_columns_draw_what_rich_table_draws(big_report, all_layers):
+    """When every cell fits, LayerTable draws its lines itself (ten times faster than Rich's
+    layout); the text must be exactly what Rich's own table draws at the same widths."""
+    layer_table = table.layer_table(big_report, all_layers)
+    natural = sum(layer_table._natural()) + table._GAPS
+    fast = render(table.Trimmed(layer_table), natural)
+    rich_drawn = render(table.Trimmed(layer_table._table(natural)), natural)
+    assert fast == rich_drawn
+    assert len(fast.splitlines()) == len(layer_table.rows) + 2
+    # One column narrower and Rich lays it out (cutting the class column), still in the width.
+    narrower = render(table.Trimmed(layer_table), natural - 1)
+    assert narrower != fast
+    assert max(len(line) for line in narrower.splitlines()) <= natural - 1
+
+
+def test_change_table_fast_lines_match_rich_table():
+    from bnfreeze.edit import Change
+    from bnfreeze.render.edit import ChangeTable, change_table
+
+    changes = tuple(
+        Change(path=f"backbone/block{i}_bn",
+               class_name="BatchNormalization", before=True, after=False, is_batchnorm=True)
+        for i in range(30)
+    )
+    fast = ChangeTable(changes)
+    assert render(table.Trimmed(fast), fast.width) == render(
+        table.Trimmed(change_table(changes)), fast.width
+    )

@@ -19,7 +19,7 @@ from rich.text import Text
 from bnfreeze.edit import Change
 from bnfreeze.freezing import EditResult
 from bnfreeze.render.json import SCHEMA_VERSION, dumps, finding_dict, report_dict
-from bnfreeze.render.table import STYLE_NONE, Trimmed, inspect_view
+from bnfreeze.render.table import STYLE_NONE, Trimmed, inspect_view, plain_columns
 from bnfreeze.render.table import _flag as flag_text
 
 
@@ -72,16 +72,8 @@ class ChangeTable:
         if self.width > options.max_width:
             yield change_table(self.changes)
             return
-        path_w, class_w, _ = self.widths
-        header = Text("  ".join(h.ljust(w) for h, w in zip(self.HEADERS, self.widths, strict=True)),
-                      style="bold")
-        yield header
-        yield Text("─" * self.width)
-        for change in self.changes:
-            line = Text(change.path.ljust(path_w + 2 - cell_len(change.path) + len(change.path)))
-            line.append(change.class_name + " " * (class_w + 2 - cell_len(change.class_name)))
-            line.append_text(_before_after(change))
-            yield line
+        rows = ((Text(c.path), Text(c.class_name), _before_after(c)) for c in self.changes)
+        yield from plain_columns(self.HEADERS, self.widths, rows)
 
     def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
         return Measurement(self.width, self.width)
