@@ -39,6 +39,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bnfreeze import modes
 from bnfreeze.edit import (
@@ -63,6 +64,9 @@ from bnfreeze.records import (
     WarningCode,
 )
 from bnfreeze.selection import select
+
+if TYPE_CHECKING:
+    from bnfreeze.writers import WriteRequest
 
 #: Output file name endings Keras 3's ``load_model`` accepts, per format.
 OUTPUT_SUFFIXES: dict[ModelFormat, tuple[str, ...]] = {
@@ -276,13 +280,16 @@ def edit_file(
 
 def run(request: EditRequest) -> EditResult:
     """Carry out an :class:`EditRequest` (see :func:`edit_file`)."""
-    from bnfreeze.readers import read_model
+    from bnfreeze.readers import read_model, with_weights
     from bnfreeze.walk import walk
 
     request = check_output(request)
     if request.engine is Engine.KERAS:
         return _keras_engine(request, "requested with --engine keras")
-    model = read_model(request.model)
+    # A .keras archive's weights are indexed by _config_route, while its copy runs.
+    model = read_model(request.model, weights=False)
+    if model.format is not ModelFormat.KERAS:
+        model = with_weights(model)
     _check_output_suffix(request, model)
     walked = walk(model.config, model.path)
     reason = config_route_limit(model, walked.layers, walked.lists_layers)
@@ -530,7 +537,15 @@ def _config_route(
     layers: tuple[LayerRecord, ...],
     selected: tuple[LayerRecord, ...],
 ) -> EditResult:
-    from bnfreeze.inspection import inspect_model_file
+    """Write the edit with the format's writer.
+
+    A ``.keras`` archive comes here unindexed (``read_model(..., weights=False)``): its copy,
+    which the kernel does, starts at once in a worker thread, on the guess that the weights
+    member is copied raw, while this thread indexes the weights, decides about the optimizer
+    state and builds the result's report. When the decision is to drop the optimizer state,
+    the file is written again with the weights rewritten before it is verified.
+    """
+    from bnfreeze.readers import with_weights
     from bnfreeze.writers import WriteOutcome, WriteRequest, writer_for
     from bnfreeze.writers.atomic import write_atomically
 
@@ -543,60 +558,50 @@ def _config_route(
     after = assign(layers, before, selected, request.assignment, without_flag=without_flag)
     changed = changes(layers, before, after)
     new_config = apply_to_config(model.config, layers, after) if changed else model.config
-
-    model_trainable = _model_trainable(model.config)
-    set_changed = trainable_layers(_states(model, layers, model_trainable)) != trainable_layers(
-        _states(model, records_with_flags(layers, after), model_trainable)
-    )
-    optimizer = optimizer_decision(
-        model.optimizer_variables, set_changed, request.keep_optimizer_state
-    )
-    write = WriteRequest(
-        model=model,
-        config=new_config,
-        layers=layers,
-        flags=after,
-        drop_optimizer_state=optimizer is OptimizerState.DROPPED,
-    )
     input_bytes = _size(model.path)
     output = request.output
-    output_bytes: int | None = None
-    outcome = WriteOutcome(
-        optimizer_variables_dropped=(model.optimizer_variables or 0)
-        if optimizer is OptimizerState.DROPPED
-        else 0
-    )
     skip = request.dry_run or output is None or (request.in_place and not changed)
+    raw_copy = WriteRequest(
+        model=model, config=new_config, layers=layers, flags=after, drop_optimizer_state=False
+    )
+    plans: list[_Plan] = []
 
-    def result_report(outcome: WriteOutcome) -> Report:
-        # The result's weights are the input's (verified: byte-identical, or dataset by
-        # dataset when the optimizer state was dropped), so its report reads BN values from
-        # the input, which is still in place unless it was rewritten in place.
-        kept = None if outcome.optimizer_variables_dropped else model.optimizer_variables
-        result_model = replace(model, config=new_config, optimizer_variables=kept)
-        if not skip and request.in_place and getattr(model.weights, "locations", None):
-            # Dataset offsets were those of the old file; let the reader find them again.
-            result_model = replace(result_model, weights=replace(model.weights, locations={}))
-        return inspect_model_file(result_model)
+    def plan() -> None:
+        plans.append(_plan(request, with_weights(model), layers, after, raw_copy))
+        if not skip:
+            writer.prepare(plans[0].write)  # the config's checks, before the copy ends
 
-    early: list[Report] = []
+    # Only an archive read without its index can start its copy first (the other formats'
+    # writers are Python work, which a thread would not overlap).
+    early = model.format is ModelFormat.KERAS and not skip
+    if not early:
+        plan()
+    output_bytes: int | None = None
+    written: list[tuple[WriteRequest, WriteOutcome]] = []
     if not skip:
         assert output is not None
-        done: list[WriteOutcome] = []
+
+        def produce(tmp: Path) -> None:
+            # Before the plan exists, guess the raw copy (see the docstring).
+            write = plans[0].write if plans else raw_copy
+            written[:] = [(write, writer.write(write, tmp))]
 
         def verify(tmp: Path) -> None:
-            writer.verify(write, tmp)
-            if not request.in_place:
-                # Reads only the input: done while the disk write-back of the output ends. A
-                # failure here must not cost the write: it is raised below, after it, as before.
-                with contextlib.suppress(Exception):
-                    early.append(result_report(done[0]))
+            if written[0][0] is not plans[0].write:  # the guess was wrong: write it again
+                produce(tmp)
+            writer.verify(plans[0].write, tmp)
 
         output_bytes = write_atomically(
-            output, produce=lambda tmp: done.append(writer.write(write, tmp)), verify=verify
+            output, produce, verify, meanwhile=plan if early else None
         )
-        outcome = done[0]
-    report = early[0] if early else result_report(outcome)
+    chosen = plans[0]
+    dropped = written[0][1].optimizer_variables_dropped if written else chosen.predicted_dropped
+    report = chosen.report
+    if report is None or dropped != chosen.predicted_dropped:
+        # Read again from what is now on disk: the output replaced the input in place.
+        report = _result_report(
+            chosen.model, new_config, dropped, re_find=not skip and request.in_place
+        )
     if not skip and output is not None:
         report = replace(report, model=replace(report.model, path=output))
     return EditResult(
@@ -609,18 +614,68 @@ def _config_route(
         report=report,
         warnings=edit_warnings(
             changed,
-            optimizer,
-            model.optimizer_variables,
+            chosen.optimizer,
+            chosen.model.optimizer_variables,
             output=output,
             dry_run=request.dry_run,
             model_format=model.format,
         ),
-        optimizer_state=optimizer,
-        optimizer_variables=model.optimizer_variables,
-        optimizer_variables_dropped=outcome.optimizer_variables_dropped,
+        optimizer_state=chosen.optimizer,
+        optimizer_variables=chosen.model.optimizer_variables,
+        optimizer_variables_dropped=dropped,
         input_bytes=input_bytes,
         output_bytes=output_bytes,
     )
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the config route decided once the weights were indexed."""
+
+    model: ModelFile  # the input, indexed
+    optimizer: OptimizerState
+    write: WriteRequest  # the raw-copy request itself when it stands
+    predicted_dropped: int
+    report: Report | None  # the result's report, read from the input while it is in place
+
+
+def _plan(
+    request: EditRequest,
+    model: ModelFile,
+    layers: tuple[LayerRecord, ...],
+    after: dict[str, bool | None],
+    raw_copy: WriteRequest,
+) -> _Plan:
+    model_trainable = _model_trainable(model.config)
+    set_changed = trainable_layers(_states(model, layers, model_trainable)) != trainable_layers(
+        _states(model, records_with_flags(layers, after), model_trainable)
+    )
+    optimizer = optimizer_decision(
+        model.optimizer_variables, set_changed, request.keep_optimizer_state
+    )
+    drop = optimizer is OptimizerState.DROPPED
+    write = replace(raw_copy, model=model, drop_optimizer_state=True) if drop else raw_copy
+    predicted = (model.optimizer_variables or 0) if drop else 0
+    report = None
+    with contextlib.suppress(Exception):
+        # The result's weights are the input's (verified: byte-identical, or dataset by
+        # dataset when the optimizer state is dropped), so its report reads BN values from the
+        # input, still in place. A failure here must not cost the write: it is retried after.
+        report = _result_report(model, raw_copy.config, predicted, re_find=False)
+    return _Plan(model, optimizer, write, predicted, report)
+
+
+def _result_report(
+    model: ModelFile, new_config: dict[str, object], dropped: int, *, re_find: bool
+) -> Report:
+    from bnfreeze.inspection import inspect_model_file
+
+    kept = None if dropped else model.optimizer_variables
+    result_model = replace(model, config=new_config, optimizer_variables=kept)
+    if re_find and getattr(model.weights, "locations", None):
+        # Dataset offsets were those of the old file; let the reader find them again.
+        result_model = replace(result_model, weights=replace(model.weights, locations={}))
+    return inspect_model_file(result_model)
 
 
 def _size(path: str) -> int:

@@ -431,3 +431,61 @@ def test_edit_file_takes_an_assignment(samples, tmp_path):
     result = edit_file(samples / "sequential.keras", tmp_path / "o.keras",
                        Assignment(others=False, batchnorm=None), layers=["dense_*"])
     assert [c.path for c in result.changes] == ["dense_1", "dense_2"]
+
+
+def test_keras_copy_runs_while_the_weights_are_indexed(guide, tmp_path, monkeypatch):
+    """The copy (the kernel's work) starts before the weights are indexed (Python's work) and
+    overlaps it: the index waits here until the copy has begun, which it never would if the
+    two ran one after the other."""
+    import threading
+
+    from bnfreeze.readers import keras_zip as reader
+    from bnfreeze.writers import keras_zip as writer
+
+    copying = threading.Event()
+    real_copy, real_index = writer._copy_range, reader.index
+
+    def copy_range(*args, **kwargs):
+        copying.set()
+        return real_copy(*args, **kwargs)
+
+    def index(path):
+        assert copying.wait(10), "the copy had not started while the weights were indexed"
+        return real_index(path)
+
+    monkeypatch.setattr(writer, "_copy_range", copy_range)
+    monkeypatch.setattr(reader, "index", index)
+    result = freeze_file(guide, tmp_path / "out.keras", layers=["pool"])
+    assert result.changes and (tmp_path / "out.keras").exists()
+
+
+@pytest.mark.parametrize(
+    ("edit", "writes"),
+    [
+        # The trainable set changes: the raw copy guessed first is written again, dropping
+        # the optimizer state, before it is verified.
+        (lambda src, out: unfreeze_file(src, out, keep_bn_inference=True), [False, True]),
+        # It does not: the guess stands, one write.
+        (lambda src, out: freeze_file(src, out, layers=["pool"]), [False]),
+    ],
+    ids=["dropped", "unchanged"],
+)
+def test_the_guessed_raw_copy_is_rewritten_only_when_the_optimizer_state_is_dropped(
+    guide, tmp_path, monkeypatch, edit, writes
+):
+    from bnfreeze.writers import keras_zip as writer
+
+    seen: list[bool] = []
+    real = writer.KerasZipWriter.write
+
+    def write(self, request, dest):
+        seen.append(request.drop_optimizer_state)
+        return real(self, request, dest)
+
+    monkeypatch.setattr(writer.KerasZipWriter, "write", write)
+    out = tmp_path / "out.keras"
+    result = edit(guide, out)
+    assert seen == writes
+    expected = None if writes[-1] else 6
+    assert read_model(out).optimizer_variables == expected
+    assert result.report.model.optimizer_variables == expected

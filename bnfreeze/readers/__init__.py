@@ -69,6 +69,24 @@ def read_model(path: str | os.PathLike[str], *, weights: bool = True) -> ModelFi
     )
 
 
+def with_weights(model: ModelFile) -> ModelFile:
+    """``model``, read with ``weights=False``, with its weights file indexed: what
+    ``read_model(model.path)`` returns. A model that already has its index is returned as is.
+    """
+    from dataclasses import replace
+
+    from bnfreeze.records import ModelFormat
+
+    if model.weights is not None:
+        return model
+    if model.format is ModelFormat.KERAS:
+        from bnfreeze.readers import keras_zip
+
+        index, optimizer_variables = keras_zip.index(Path(model.path))
+        return replace(model, weights=index, optimizer_variables=optimizer_variables)
+    return read_model(model.path)
+
+
 def read_values(model: ModelFile, datasets: list[str]) -> dict[str, object]:
     """Read the values of the named HDF5 datasets from the model's weights.
 

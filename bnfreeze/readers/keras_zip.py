@@ -20,7 +20,7 @@ from bnfreeze.readers._keras_common import (
     keras_model_file,
     parse_json,
 )
-from bnfreeze.records import ModelFile, ModelFormat
+from bnfreeze.records import ModelFile, ModelFormat, WeightIndex
 
 
 def open_archive(path: Path) -> zipfile.ZipFile:
@@ -117,15 +117,26 @@ def read(path: Path, *, weights: bool = True) -> ModelFile:
             metadata = parse_json(
                 read_member(archive, path, METADATA, MAX_CONFIG_BYTES), source, METADATA
             )
-        index, optimizer_variables = None, None
-        if weights and WEIGHTS in names:
-            info = archive.getinfo(WEIGHTS)
-            if info.compress_type != zipfile.ZIP_STORED:
-                data = read_member(archive, path, WEIGHTS, 2**34)
-                import io
-
-                index, optimizer_variables = index_weights(io.BytesIO(data), source)
-            else:
-                # Stored, as Keras writes it: read it in place, at its offset in the archive.
-                index, optimizer_variables = index_member(stored_member(path, info), source)
+        index, optimizer_variables = _index(archive, path) if weights else (None, None)
     return keras_model_file(source, ModelFormat.KERAS, config, metadata, index, optimizer_variables)
+
+
+def index(path: Path) -> tuple[WeightIndex | None, int | None]:
+    """Index the weights of an archive already read with ``weights=False`` (see
+    :func:`bnfreeze.readers.with_weights`)."""
+    with open_archive(path) as archive:
+        return _index(archive, path)
+
+
+def _index(archive: zipfile.ZipFile, path: Path) -> tuple[WeightIndex | None, int | None]:
+    if WEIGHTS not in archive.namelist():
+        return None, None
+    source = str(path)
+    info = archive.getinfo(WEIGHTS)
+    if info.compress_type != zipfile.ZIP_STORED:
+        import io
+
+        data = read_member(archive, path, WEIGHTS, 2**34)
+        return index_weights(io.BytesIO(data), source)
+    # Stored, as Keras writes it: read it in place, at its offset in the archive.
+    return index_member(stored_member(path, info), source)

@@ -88,6 +88,11 @@ class Writer(Protocol):
         part."""
         ...
 
+    def prepare(self, request: WriteRequest) -> None:
+        """Optional early work for ``request`` (checks that need no file), called while
+        ``write`` may be running in another thread; ``verify`` must not depend on it."""
+        ...
+
 
 def writer_for(fmt: ModelFormat) -> Writer | None:
     """The writer for ``fmt``, or None when no module writes that format (yet)."""
@@ -115,16 +120,48 @@ def verify_flags(request: WriteRequest, written: Path) -> None:
     """Re-read ``written`` with bnfreeze's own reader and check that every layer is there,
     in the same order, with exactly the flag the edit asked for."""
     from bnfreeze.readers import read_model
-    from bnfreeze.walk import walk
 
     try:
         reread = read_model(written, weights=False)
-        layers = walk(reread.config, str(written)).layers
     except Exception as exc:
-        raise OutputError(
-            f"the file written for {request.model.path} does not read back ({exc}); nothing was "
-            "replaced. Please report this as a bug."
-        ) from None
+        raise _unreadable(request, exc) from None
+    check_flags(request, reread.config, reread.compiled, str(written))
+
+
+def verify_config_bytes(request: WriteRequest, raw: bytes) -> None:
+    """:func:`verify_flags` for a ``config.json`` about to be written: parse ``raw`` the way
+    the reader does and check it. Whoever calls it must check that the file holds exactly
+    ``raw`` once written."""
+    from bnfreeze.readers._keras_common import CONFIG, check_model_config, parse_json
+
+    source = request.model.path
+    try:
+        config = check_model_config(parse_json(raw, source, CONFIG), source)
+    except Exception as exc:
+        raise _unreadable(request, exc) from None
+    compile_config = config.get("compile_config")
+    compiled = isinstance(compile_config, dict) and bool(compile_config)
+    check_flags(request, config, compiled, source)
+
+
+def _unreadable(request: WriteRequest, exc: Exception) -> OutputError:
+    return OutputError(
+        f"the file written for {request.model.path} does not read back ({exc}); nothing was "
+        "replaced. Please report this as a bug."
+    )
+
+
+def check_flags(
+    request: WriteRequest, config: dict[str, Any], compiled: bool, source: str
+) -> None:
+    """Every layer of ``config`` is there, in the same order, with exactly the flag the edit
+    asked for, and the compile config is kept."""
+    from bnfreeze.walk import walk
+
+    try:
+        layers = walk(config, source).layers
+    except Exception as exc:
+        raise _unreadable(request, exc) from None
     expected = [(r.path, request.flags.get(r.path, r.trainable)) for r in request.layers]
     found = [(r.path, r.trainable) for r in layers]
     if found != expected:
@@ -137,7 +174,7 @@ def verify_flags(request: WriteRequest, written: Path) -> None:
             f"the file written for {request.model.path} does not read back with the intended "
             f"flags ({first}); nothing was replaced. Please report this as a bug."
         )
-    if reread.compiled != request.model.compiled:
+    if compiled != request.model.compiled:
         raise OutputError(
             f"the file written for {request.model.path} lost or gained its compile config; "
             "nothing was replaced. Please report this as a bug."

@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import struct
+import threading
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +34,7 @@ from bnfreeze.errors import ModelFormatError, OutputError
 from bnfreeze.readers._keras_common import CONFIG, WEIGHTS, MemberFile
 from bnfreeze.readers.keras_zip import stored_member
 from bnfreeze.records import ModelFormat
-from bnfreeze.writers import WriteOutcome, WriteRequest, verify_flags
+from bnfreeze.writers import WriteOutcome, WriteRequest, verify_config_bytes
 from bnfreeze.writers.atomic import scratch_file
 
 OPTIMIZER_GROUP = "optimizer"
@@ -254,13 +255,24 @@ class KerasZipWriter:
 
     def __init__(self) -> None:
         # write() and verify() of one request serialize the same config: do it once (2 MB of
-        # JSON for EfficientNetV2L). Keyed by the request itself, which is immutable.
+        # JSON for EfficientNetV2L), and check its flags once. Keyed by the request itself,
+        # which is immutable; write() may run in a worker thread while prepare() runs.
+        self._lock = threading.Lock()
         self._last: tuple[WriteRequest, bytes] | None = None
+        self._checked: WriteRequest | None = None
 
     def _config_bytes(self, request: WriteRequest) -> bytes:
-        if self._last is None or self._last[0] is not request:
-            self._last = (request, serialize_config(request.config))
-        return self._last[1]
+        with self._lock:
+            if self._last is None or self._last[0] is not request:
+                self._last = (request, serialize_config(request.config))
+            return self._last[1]
+
+    def prepare(self, request: WriteRequest) -> None:
+        """Check the new ``config.json`` in memory (every layer's flag, the compile config),
+        so verify() only has to find those exact bytes in the file."""
+        if self._checked is not request:
+            verify_config_bytes(request, self._config_bytes(request))
+            self._checked = request
 
     def write(self, request: WriteRequest, dest: Path) -> WriteOutcome:
         source = Path(request.model.path)
@@ -295,7 +307,7 @@ class KerasZipWriter:
         return WriteOutcome(optimizer_variables_dropped=dropped)
 
     def verify(self, request: WriteRequest, written: Path) -> None:
-        verify_flags(request, written)
+        self.prepare(request)  # the flags of the config about to be found in the file
         source = Path(request.model.path)
         where = f"the file written for {source}"
         with zipfile.ZipFile(source) as zin, zipfile.ZipFile(written) as zout:

@@ -388,6 +388,9 @@ class LegacyH5Writer:
             optimizer_variables_dropped=(request.model.optimizer_variables or 0) if drop else 0
         )
 
+    def prepare(self, request: WriteRequest) -> None:
+        """Nothing to do early: verify() re-reads the whole file."""
+
     def verify(self, request: WriteRequest, written: Path) -> None:
         """Re-read ``written``: the flags, the config, the object list, every group's
         ``weight_names`` and every dataset's value."""
