@@ -1,3 +1,3 @@
-from bnfreeze.cli import main
+from bnfreeze.cli import entry_point
 
-main()
+entry_point()

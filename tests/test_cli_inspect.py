@@ -342,6 +342,29 @@ def test_python_dash_m_json_pipes_into_json_loads():
     assert result.stderr.startswith("warning: ")
 
 
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        (("inspect", "sample_models/guide_pattern.keras"), 0),
+        (("check", "sample_models/guide_pattern.keras", "--expect", "bn-train"), 1),
+        (("inspect", "no/such/model.keras"), 2),
+        (("inspect", "--no-such-option"), 2),
+    ],
+)
+def test_the_process_exits_with_the_command_s_code_and_all_its_output(args, code):
+    """The console script ends the process without the interpreter's teardown
+    (cli.entry_point): the exit code and every line written must still come through."""
+    result = _run("-m", "bnfreeze", *args)
+    assert result.returncode == code, result.stderr
+    last = result.stdout.rstrip().splitlines()[-1] if result.stdout.strip() else ""
+    if code == 0:
+        assert last.endswith("leaves them unchanged")  # the legend, the last line
+    elif code == 1:
+        assert "block_16_project_BN" in last  # the last failing layer, the last line
+    else:
+        assert result.stderr.startswith(("error:", "Usage:"))
+
+
 def test_inspect_json_imports_stay_lean():
     """inspect --json on a .keras file imports neither numpy, h5py, Rich, Keras nor TF."""
     code = (
