@@ -18,8 +18,11 @@ model is changed in place and also returned in the result's report.
 Changing ``trainable`` on a compiled model (SEMANTICS §4, measured on Keras 3.15 / TF 2.21):
 
 * before the first training step, the change takes effect in the next ``fit()``;
-* once ``fit()`` or ``train_on_batch()`` has traced a training step, ``fit()`` keeps using it:
-  the change has **no effect on fit() until compile() is called again with a new optimizer**;
+* once ``fit()`` or ``train_on_batch()`` has traced a training step, ``fit()`` keeps using it
+  for inputs of the same kind and shape: the change has **no effect on fit() until compile()
+  is called again with a new optimizer**. A step traced anew sees it (a new batch shape, the
+  first ``fit()`` after ``train_on_batch()``), so part of a training run can use the old
+  flags and part the new: no reliable effect either way;
 * once the optimizer is built (a model loaded compiled, say), ``fit()`` raises "Unknown
   variable" for every variable that became trainable, until the same.
 
@@ -84,8 +87,11 @@ def recompile_message(
     if state is TrainingState.TRACED:
         return (
             f"{head} and has already traced a training step (fit() or train_on_batch() ran "
-            "since its last compile()): the change has no effect on fit() until compile() is "
-            f"called again with a new optimizer. {fix}"
+            "since its last compile()). fit() reuses a traced step while its inputs keep "
+            "their kind and shape, and that step ignores the change; Keras traces a new one, "
+            "which sees it, for a new batch shape or for fit() after train_on_batch(), so part "
+            "of training may run with the old flags. Take it that the change has no effect on "
+            f"fit() until compile() is called again with a new optimizer. {fix}"
         )
     if state is TrainingState.OPTIMIZER_BUILT and gained_trainable:
         return (

@@ -52,10 +52,10 @@ def compile_(model, lr: float = 1e-2):
     return model
 
 
-def fit_moves(model) -> set[str]:
-    """The layers whose variables one real fit() step changes (no recompile)."""
+def fit_moves(model, batch_size: int = 16) -> set[str]:
+    """The layers whose variables one real fit() epoch changes (no recompile)."""
     before = keras_edit.values_by_path(keras_edit.live_layers(model))
-    model.fit(X, Y, batch_size=16, epochs=1, verbose=0)
+    model.fit(X, Y, batch_size=batch_size, epochs=1, verbose=0)
     after = keras_edit.values_by_path(keras_edit.live_layers(model))
     return {k.split(":")[0] for k in before if not np.array_equal(before[k], after[k])}
 
@@ -223,6 +223,23 @@ def test_after_fit_the_change_has_no_effect_until_recompile():
     assert fit_moves(model) == {"d", "bn", "o"}  # the claim: no effect
     bnfreeze.recompile(model)
     assert fit_moves(model) == {"o"}  # in effect now
+
+
+def test_a_step_traced_anew_sees_the_change_as_the_warning_says():
+    """Measured, and said in the warning: a fit() with a new batch shape traces a new step,
+    which sees the change; so does the first fit() after train_on_batch() (a step traced for
+    tensors, not for fit()'s iterator). "No effect" holds only for the step fit() reuses."""
+    model = compile_(build())
+    model.fit(X, Y, batch_size=16, verbose=0)
+    emitted = recompile_warnings(lambda: bnfreeze.freeze(model, layers=["d", "bn"]))
+    assert len(emitted) == 1 and NO_EFFECT in emitted[0]
+    assert "new batch shape" in emitted[0] and "fit() after train_on_batch()" in emitted[0]
+    assert fit_moves(model, batch_size=8) == {"o"}
+
+    model = compile_(build())
+    model.train_on_batch(X, Y)
+    assert len(recompile_warnings(lambda: bnfreeze.freeze(model, layers=["d", "bn"]))) == 1
+    assert fit_moves(model) == {"o"}
 
 
 def test_built_optimizer_and_newly_trainable_layers(tmp_path):
