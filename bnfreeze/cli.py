@@ -428,19 +428,37 @@ def edit_options(f: Any) -> Any:
 
 
 def run_edit(library_call: Any, output: str | None, as_json: bool, **kwargs: Any) -> None:
-    """Call the library, print the result (stdout) and what the user must know (stderr)."""
+    """Call the library, print the result (stdout) and what the user must know (stderr).
+
+    The view is rendered as soon as the library previews the result, while a big file is
+    still being copied, and printed once the write succeeded."""
     if output is None and not kwargs.get("dry_run") and not kwargs.get("in_place"):
         raise click.UsageError("-o OUT is required unless --dry-run or --in-place is given.")
-    with gc_paused():
-        result = library_call(output=output, **kwargs)
-    if as_json:
-        from bnfreeze.render.edit import render_edit
+    console = None if as_json else stdout_console()
+    rendered: list[tuple[Any, str]] = []
 
-        click.echo(render_edit(result))
-    else:
+    def render(result: Any) -> str:
+        if as_json:
+            from bnfreeze.render.edit import render_edit
+
+            return render_edit(result) + "\n"
         from bnfreeze.render.edit import edit_view
 
-        stdout_console().print(edit_view(result))
+        with console.capture() as capture:
+            console.print(edit_view(result))
+        return capture.get()
+
+    def preview(result: Any) -> None:
+        rendered.append((result.report, render(result)))
+
+    with gc_paused():
+        result = library_call(output=output, preview=preview, **kwargs)
+    text = rendered[0][1] if rendered and rendered[0][0] is result.report else render(result)
+    if console is None:
+        click.echo(text, nl=False)
+    else:
+        console.file.write(text)
+        console.file.flush()
     from bnfreeze.render.edit import status_line
 
     click.echo(status_line(result), err=True)

@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -125,6 +125,8 @@ class EditRequest:
     engine: Engine = Engine.AUTO
     custom_objects: str | None = None
     unsafe: bool = False
+    #: Called once with the result while the file is still being written (see edit_file).
+    preview: Callable[[EditResult], None] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -180,6 +182,7 @@ def freeze_file(
     engine: Engine | str = Engine.AUTO,
     custom_objects: str | None = None,
     unsafe: bool = False,
+    preview: Callable[[EditResult], None] | None = None,
 ) -> EditResult:
     """Freeze the selected layers of a saved model.
 
@@ -202,6 +205,7 @@ def freeze_file(
         engine=engine,
         custom_objects=custom_objects,
         unsafe=unsafe,
+        preview=preview,
     )
 
 
@@ -218,6 +222,7 @@ def unfreeze_file(
     engine: Engine | str = Engine.AUTO,
     custom_objects: str | None = None,
     unsafe: bool = False,
+    preview: Callable[[EditResult], None] | None = None,
 ) -> EditResult:
     """Unfreeze the selected layers of a saved model: ``trainable=True``.
 
@@ -237,6 +242,7 @@ def unfreeze_file(
         engine=engine,
         custom_objects=custom_objects,
         unsafe=unsafe,
+        preview=preview,
     )
 
 
@@ -254,6 +260,7 @@ def edit_file(
     engine: Engine | str = Engine.AUTO,
     custom_objects: str | None = None,
     unsafe: bool = False,
+    preview: Callable[[EditResult], None] | None = None,
 ) -> EditResult:
     """Apply ``assignment`` to the selected layers of the model at ``path``.
 
@@ -262,6 +269,11 @@ def edit_file(
     nothing. Raises :class:`~bnfreeze.errors.BnfreezeError` subclasses, written for users,
     on bad input: an unreadable model, a selection that matches nothing, an output that
     cannot be written or that is the input without ``in_place``.
+
+    ``preview``, when given, is called at most once, with the result, as soon as it is known:
+    for a ``.keras`` file that is while the copy is still running (the CLI renders its tables
+    then). The result returned at the end is that one with ``output_bytes`` filled in (the
+    same ``report`` object), unless the write turned out otherwise.
     """
     request = EditRequest(
         model=os.fspath(path),
@@ -274,6 +286,7 @@ def edit_file(
         engine=Engine(engine),
         custom_objects=custom_objects,
         unsafe=unsafe,
+        preview=preview,
     )
     return run(request)
 
@@ -564,12 +577,43 @@ def _config_route(
     raw_copy = WriteRequest(
         model=model, config=new_config, layers=layers, flags=after, drop_optimizer_state=False
     )
+    # The report names the file it describes: the output once written.
+    report_path = output if not skip and output is not None else None
     plans: list[_Plan] = []
 
+    def result(plan: _Plan, report: Report, dropped: int, size: int | None) -> EditResult:
+        return EditResult(
+            source=model.path,
+            output=None if skip else output,
+            dry_run=request.dry_run,
+            engine=Engine.CONFIG,
+            selected=tuple(r.path for r in selected),
+            changes=changed,
+            report=report,
+            warnings=edit_warnings(
+                changed,
+                plan.optimizer,
+                plan.model.optimizer_variables,
+                output=output,
+                dry_run=request.dry_run,
+                model_format=model.format,
+            ),
+            optimizer_state=plan.optimizer,
+            optimizer_variables=plan.model.optimizer_variables,
+            optimizer_variables_dropped=dropped,
+            input_bytes=input_bytes,
+            output_bytes=size,
+        )
+
+    previewed: list[EditResult] = []
+
     def plan() -> None:
-        plans.append(_plan(request, with_weights(model), layers, after, raw_copy))
+        plans.append(_plan(request, with_weights(model), layers, after, raw_copy, report_path))
         if not skip:
             writer.prepare(plans[0].write)  # the config's checks, before the copy ends
+        if request.preview is not None and plans[0].report is not None:
+            previewed.append(result(plans[0], plans[0].report, plans[0].predicted_dropped, None))
+            request.preview(previewed[0])
 
     # Only an archive read without its index can start its copy first (the other formats'
     # writers are Python work, which a thread would not overlap).
@@ -596,36 +640,16 @@ def _config_route(
         )
     chosen = plans[0]
     dropped = written[0][1].optimizer_variables_dropped if written else chosen.predicted_dropped
+    if previewed and dropped == chosen.predicted_dropped:
+        return replace(previewed[0], output_bytes=output_bytes)
     report = chosen.report
     if report is None or dropped != chosen.predicted_dropped:
         # Read again from what is now on disk: the output replaced the input in place.
         report = _result_report(
-            chosen.model, new_config, dropped, re_find=not skip and request.in_place
+            chosen.model, new_config, dropped, re_find=not skip and request.in_place,
+            path=report_path,
         )
-    if not skip and output is not None:
-        report = replace(report, model=replace(report.model, path=output))
-    return EditResult(
-        source=model.path,
-        output=None if skip else output,
-        dry_run=request.dry_run,
-        engine=Engine.CONFIG,
-        selected=tuple(r.path for r in selected),
-        changes=changed,
-        report=report,
-        warnings=edit_warnings(
-            changed,
-            chosen.optimizer,
-            chosen.model.optimizer_variables,
-            output=output,
-            dry_run=request.dry_run,
-            model_format=model.format,
-        ),
-        optimizer_state=chosen.optimizer,
-        optimizer_variables=chosen.model.optimizer_variables,
-        optimizer_variables_dropped=dropped,
-        input_bytes=input_bytes,
-        output_bytes=output_bytes,
-    )
+    return result(chosen, report, dropped, output_bytes)
 
 
 @dataclass(frozen=True)
@@ -645,6 +669,7 @@ def _plan(
     layers: tuple[LayerRecord, ...],
     after: dict[str, bool | None],
     raw_copy: WriteRequest,
+    report_path: str | None,
 ) -> _Plan:
     model_trainable = _model_trainable(model.config)
     set_changed = trainable_layers(_states(model, layers, model_trainable)) != trainable_layers(
@@ -661,12 +686,19 @@ def _plan(
         # The result's weights are the input's (verified: byte-identical, or dataset by
         # dataset when the optimizer state is dropped), so its report reads BN values from the
         # input, still in place. A failure here must not cost the write: it is retried after.
-        report = _result_report(model, raw_copy.config, predicted, re_find=False)
+        report = _result_report(
+            model, raw_copy.config, predicted, re_find=False, path=report_path
+        )
     return _Plan(model, optimizer, write, predicted, report)
 
 
 def _result_report(
-    model: ModelFile, new_config: dict[str, object], dropped: int, *, re_find: bool
+    model: ModelFile,
+    new_config: dict[str, object],
+    dropped: int,
+    *,
+    re_find: bool,
+    path: str | None,
 ) -> Report:
     from bnfreeze.inspection import inspect_model_file
 
@@ -675,7 +707,10 @@ def _result_report(
     if re_find and getattr(model.weights, "locations", None):
         # Dataset offsets were those of the old file; let the reader find them again.
         result_model = replace(result_model, weights=replace(model.weights, locations={}))
-    return inspect_model_file(result_model)
+    report = inspect_model_file(result_model)
+    if path is not None:
+        report = replace(report, model=replace(report.model, path=path))
+    return report
 
 
 def _size(path: str) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -489,3 +490,35 @@ def test_the_guessed_raw_copy_is_rewritten_only_when_the_optimizer_state_is_drop
     expected = None if writes[-1] else 6
     assert read_model(out).optimizer_variables == expected
     assert result.report.model.optimizer_variables == expected
+
+
+def test_preview_comes_while_the_copy_runs_and_the_result_keeps_its_report(
+    guide, tmp_path, monkeypatch
+):
+    """The CLI renders its tables from the preview, in the time the copy takes: the copy
+    waits here for the preview, which never comes if it is only made after the write."""
+    import threading
+
+    from bnfreeze.writers import keras_zip as writer
+
+    previewed = threading.Event()
+    seen: list[freezing.EditResult] = []
+    real_copy = writer._copy_range
+
+    def copy_range(*args, **kwargs):
+        assert previewed.wait(10), "no preview while the copy ran"
+        return real_copy(*args, **kwargs)
+
+    def preview(result):
+        assert not (tmp_path / "out.keras").exists()  # not written yet
+        seen.append(result)
+        previewed.set()
+
+    monkeypatch.setattr(writer, "_copy_range", copy_range)
+    out = tmp_path / "out.keras"
+    result = unfreeze_file(guide, out, keep_bn_inference=True, preview=preview)
+    (early,) = seen
+    assert early.output_bytes is None and result.output_bytes == out.stat().st_size
+    assert result.report is early.report and result.report.model.path == str(out)
+    assert result == dataclasses.replace(early, output_bytes=result.output_bytes)
+    assert result.optimizer_variables_dropped == 6  # the rewrite after the guess: as previewed
