@@ -434,7 +434,7 @@ def run_edit(library_call: Any, output: str | None, as_json: bool, **kwargs: Any
     still being copied, and printed once the write succeeded."""
     if output is None and not kwargs.get("dry_run") and not kwargs.get("in_place"):
         raise click.UsageError("-o OUT is required unless --dry-run or --in-place is given.")
-    console = None if as_json else stdout_console()
+    consoles: list[Any] = []  # made on first use: importing Rich takes 30 ms
     rendered: list[tuple[Any, str]] = []
 
     def render(result: Any) -> str:
@@ -444,8 +444,10 @@ def run_edit(library_call: Any, output: str | None, as_json: bool, **kwargs: Any
             return render_edit(result) + "\n"
         from bnfreeze.render.edit import edit_view
 
-        with console.capture() as capture:
-            console.print(edit_view(result))
+        if not consoles:
+            consoles.append(stdout_console())
+        with consoles[0].capture() as capture:
+            consoles[0].print(edit_view(result))
         return capture.get()
 
     def preview(result: Any) -> None:
@@ -454,11 +456,11 @@ def run_edit(library_call: Any, output: str | None, as_json: bool, **kwargs: Any
     with gc_paused():
         result = library_call(output=output, preview=preview, **kwargs)
     text = rendered[0][1] if rendered and rendered[0][0] is result.report else render(result)
-    if console is None:
+    if not consoles:
         click.echo(text, nl=False)
     else:
-        console.file.write(text)
-        console.file.flush()
+        consoles[0].file.write(text)
+        consoles[0].file.flush()
     from bnfreeze.render.edit import status_line
 
     click.echo(status_line(result), err=True)
