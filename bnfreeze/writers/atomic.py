@@ -218,8 +218,10 @@ def write_atomically(
             _produce_while(produce, tmp, meanwhile)
             if verify is not None:
                 verify(tmp)
-        if durable:
-            _fsync_path(tmp)
+            if durable:
+                # While the write-back thread may still be in a flush: both wait for the same
+                # disk writes, instead of this one starting only after that one ended.
+                _fsync_path(tmp)
         os.chmod(tmp, _final_mode(dest))
         size = tmp.stat().st_size
         os.replace(tmp, dest)
