@@ -176,3 +176,40 @@ def test_an_error_in_the_worker_reaches_the_caller(tmp_path):
     with pytest.raises(OutputError, match="no space left"):
         write_atomically(tmp_path / "out.bin", produce, meanwhile=lambda: None)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.name != "posix", reason="processes are probed on POSIX only")
+def test_a_killed_run_s_temporary_file_is_removed_by_the_next_write(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(dead.stdout)
+    host = os.uname().nodename
+    names = {
+        "dead": f".out.bin.{host}-{dead_pid}-abc123_x{atomic.TEMP_SUFFIX}",
+        "alive": f".out.bin.{host}-{os.getppid()}-abc123_y{atomic.TEMP_SUFFIX}",
+        "other host": f".out.bin.{host}x-{dead_pid}-abc123_z{atomic.TEMP_SUFFIX}",
+        "old name": f".out.bin.abc123_w{atomic.TEMP_SUFFIX}",
+        "other output": f".out.bin2.{host}-{dead_pid}-abc123_v{atomic.TEMP_SUFFIX}",
+    }
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"partial")
+    write_atomically(tmp_path / "out.bin", lambda tmp: tmp.write_bytes(b"new"))
+    left = {p.name for p in tmp_path.iterdir()}
+    assert names["dead"] not in left
+    assert left == {"out.bin"} | {v for k, v in names.items() if k != "dead"}
+
+
+def test_temporary_files_name_their_machine_and_process(tmp_path):
+    seen = []
+
+    def produce(tmp):
+        seen.append(tmp.name)
+        tmp.write_bytes(b"x")
+
+    write_atomically(tmp_path / "out.bin", produce)
+    (name,) = seen
+    assert name.startswith(f".out.bin.{os.uname().nodename}-{os.getpid()}-")
+    assert name.endswith(atomic.TEMP_SUFFIX)

@@ -126,6 +126,20 @@ def test_sigkill_during_freeze(scenario, large_model, large_model_digest, write_
     print(f"\n{scenario}: destination after SIGKILL: {seen}")
 
 
+def test_the_next_run_removes_what_a_killed_one_left(large_model, tmp_path):
+    """SIGKILL as soon as the temporary file exists leaves it behind; the next freeze to the
+    same output removes it (its process is gone) and leaves only the output."""
+    out = tmp_path / "out.keras"
+    proc = freeze_process(large_model, out)
+    assert wait_for_write(proc, tmp_path) is not None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert temp_files(tmp_path), "the killed run left nothing to clean up"
+    again = freeze_process(large_model, out)
+    assert again.wait(timeout=120) == 0, again.stderr.read().decode() if again.stderr else ""
+    assert [p.name for p in tmp_path.iterdir()] == ["out.keras"]
+
+
 # -- a full disk ------------------------------------------------------------------------------
 
 

@@ -28,8 +28,63 @@ from pathlib import Path
 
 from bnfreeze.errors import OutputError
 
-#: Temporary files are named ``.<output name>.<random>.bnfreeze-tmp`` next to the output.
+#: Temporary files are named ``.<output name>.<host>-<pid>-<random>.bnfreeze-tmp`` next to the
+#: output: which machine and process writes it, so a later run can tell one left behind by a
+#: killed process (:func:`remove_stale`).
 TEMP_SUFFIX = ".bnfreeze-tmp"
+
+
+def _temp_prefix(stem: str) -> str:
+    return f".{stem}.{os.uname().nodename if hasattr(os, 'uname') else ''}-{os.getpid()}-"
+
+
+def _make_temp(folder: Path, stem: str) -> Path:
+    remove_stale(folder, stem)
+    fd, name = tempfile.mkstemp(prefix=_temp_prefix(stem), suffix=TEMP_SUFFIX, dir=folder)
+    os.close(fd)
+    return Path(name)
+
+
+def remove_stale(folder: Path, stem: str) -> list[str]:
+    """Remove the temporary files for ``stem`` in ``folder`` that a process of this machine
+    left behind when it was killed (SIGKILL, a power cut): their process no longer exists.
+    Returns their names. Files of live processes, of other machines (a shared folder) and of
+    older bnfreeze versions, whose names carry no process, are left alone. POSIX only:
+    elsewhere no process can be probed without side effects."""
+    if os.name != "posix":
+        return []
+    start = f".{stem}."
+    here = os.uname().nodename
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(start) and name.endswith(TEMP_SUFFIX)):
+            continue
+        writer = name[len(start) : -len(TEMP_SUFFIX)].rsplit("-", 2)
+        if len(writer) != 3 or writer[0] != here or not writer[1].isdigit():
+            continue
+        if _alive(int(writer[1])):
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(entry.path)
+            removed.append(name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process (EPERM), or anything unclear: assume alive
+        return True
+    return True
 
 
 def check_destination(dest: Path) -> Path:
@@ -205,11 +260,9 @@ def write_atomically(
     if durable is None:
         durable = os.path.lexists(dest)
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=TEMP_SUFFIX, dir=folder)
+        tmp = _make_temp(folder, dest.name)
     except OSError as exc:
         raise OutputError(f"{dest}: cannot create a file in {folder} ({_describe(exc)}).") from None
-    os.close(fd)
-    tmp = Path(name)
     try:
         # Writing a big model to disk takes longer than copying it in the page cache: a
         # thread writes the data back while it is produced and verified, so the fsync before
@@ -241,12 +294,10 @@ def scratch_file(folder: Path, stem: str):  # type: ignore[no-untyped-def]
     """A temporary file in ``folder`` that is always removed, for intermediate data (a
     rewritten weights file on its way into a zip, say)."""
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{stem}.", suffix=TEMP_SUFFIX, dir=folder)
+        path = _make_temp(folder, stem)
     except OSError as exc:
         reason = _describe(exc)
         raise OutputError(f"cannot create a temporary file in {folder} ({reason}).") from None
-    os.close(fd)
-    path = Path(name)
     try:
         yield path
     finally:
