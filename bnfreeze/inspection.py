@@ -34,6 +34,7 @@ def inspect_model_file(model: ModelFile, runtime: Runtime = Runtime.KERAS3) -> R
         model_trainable=model_trainable,
         has_weights=has_weights,
         runtime=runtime,
+        loaded=model.format is not ModelFormat.MEMORY,
     )
     findings = diagnostics.find(
         model,

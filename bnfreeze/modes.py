@@ -23,12 +23,24 @@ What Keras 3 adds, measured (SEMANTICS §1–§3):
   False trains no weights in ``fit()``, but its BN layers still follow their own flags for
   their moving statistics.
 
-Rule sets are values keyed by :class:`Runtime`, so a tf_keras rule set can be added without
-touching the walk.
+What tf_keras 2.21 does differently, measured (SEMANTICS §2-§3, and ``tests/test_verify.py``):
+
+* A call-site ``training=`` recorded in the graph **wins**, in ``fit()`` and ``predict()``: on
+  the BN's own call or on the call of any enclosing sub-model. The nearest recorded value
+  counts (an inner ``training=True`` beats an outer ``training=False``). A layer called at
+  several sites with different values runs in both modes: its moving statistics move.
+* Trainability is hierarchical in memory: a frozen ancestor freezes gamma/beta. But
+  ``tf_keras.models.load_model`` drops the own ``trainable`` flag of every Functional and
+  Sequential model, nested or top-level, in ``.h5`` and ``.keras`` alike (leaves keep theirs),
+  so a model read from a file has no frozen containers left.
+
+Rule sets are values keyed by :class:`Runtime`; each sees a layer's ancestors (nearest first)
+as :func:`resolve` finds them from ``LayerRecord.parent``, so the walk's output never changes.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Protocol
 
 from bnfreeze.records import (
@@ -94,11 +106,29 @@ class RuleSet(Protocol):
         top-level config is ``class_name`` with the flag ``stored``."""
         ...
 
-    def in_fit(
-        self, record: LayerRecord, *, model_trainable: bool, has_weights: bool | None
-    ) -> FitBehaviour: ...
+    def loaded_container_trainable(self, record: LayerRecord) -> bool:
+        """A nested container's (or wrapper's) own ``trainable`` once loaded from a file."""
+        ...
 
-    def in_predict(self, record: LayerRecord, *, has_weights: bool | None) -> FitBehaviour: ...
+    def in_fit(
+        self,
+        record: LayerRecord,
+        *,
+        ancestors: tuple[LayerRecord, ...],
+        model_trainable: bool,
+        has_weights: bool | None,
+    ) -> FitBehaviour:
+        """``ancestors`` are the containers and wrappers above ``record``, nearest first, with
+        the ``trainable`` flags the runtime sees (after loading, for a file)."""
+        ...
+
+    def in_predict(
+        self,
+        record: LayerRecord,
+        *,
+        ancestors: tuple[LayerRecord, ...],
+        has_weights: bool | None,
+    ) -> FitBehaviour: ...
 
 
 class Keras3Rules:
@@ -114,8 +144,17 @@ class Keras3Rules:
             return True
         return stored
 
+    def loaded_container_trainable(self, record: LayerRecord) -> bool:
+        # Keras 3 ignores the flags of intermediate containers, so this never decides anything.
+        return record.trainable is not False
+
     def in_fit(
-        self, record: LayerRecord, *, model_trainable: bool, has_weights: bool | None
+        self,
+        record: LayerRecord,
+        *,
+        ancestors: tuple[LayerRecord, ...] = (),
+        model_trainable: bool,
+        has_weights: bool | None,
     ) -> FitBehaviour:
         own = record.trainable is not False
         if record.kind in (LayerKind.INPUT, LayerKind.CONTAINER, LayerKind.WRAPPER):
@@ -136,7 +175,13 @@ class Keras3Rules:
             trains = own and model_trainable
         return FitBehaviour(trains_weights=trains, normalizes_with=None, updates_moving_stats=None)
 
-    def in_predict(self, record: LayerRecord, *, has_weights: bool | None) -> FitBehaviour:
+    def in_predict(
+        self,
+        record: LayerRecord,
+        *,
+        ancestors: tuple[LayerRecord, ...] = (),
+        has_weights: bool | None,
+    ) -> FitBehaviour:
         if record.kind is LayerKind.BATCHNORM:
             return FitBehaviour(
                 trains_weights=False,
@@ -156,7 +201,98 @@ class Keras3Rules:
         return NOT_APPLICABLE
 
 
-RULES: dict[Runtime, RuleSet] = {Runtime.KERAS3: Keras3Rules()}
+def call_site_training(
+    record: LayerRecord, ancestors: tuple[LayerRecord, ...], outer: bool
+) -> frozenset[bool]:
+    """The ``training`` values ``record`` runs with on tf_keras, where a recorded call-site
+    value wins: walk from the outermost container in, and at each level every call site either
+    sets its recorded True/False or passes on what the level above resolved. ``outer`` is what
+    ``fit()`` (True) or ``predict()`` (False) passes. Two values: called both ways."""
+    resolved = frozenset({outer})
+    for level in (*reversed(ancestors), record):
+        sites = [kwargs.get("training") for kwargs in level.call_kwargs] or [None]
+        values: set[bool] = set()
+        for site in sites:
+            values |= {site} if isinstance(site, bool) else resolved
+        resolved = frozenset(values)
+    return resolved
+
+
+class TfKerasRules:
+    """tf_keras 2 (Keras 2), per SEMANTICS §1-§3 and the measurements in the module doc."""
+
+    runtime = Runtime.TF_KERAS
+
+    def loaded_model_trainable(self, class_name: str, stored: bool) -> bool:
+        # Measured on tf_keras 2.21: load_model restores neither a Functional's nor a
+        # Sequential's own trainable=False (.h5 and .keras); the leaves keep their own flags.
+        return True
+
+    def loaded_container_trainable(self, record: LayerRecord) -> bool:
+        # Measured: a nested Functional/Sequential loses its own flag on load, like the top
+        # level. A wrapper is an ordinary layer, built with its stored flag.
+        if record.kind is LayerKind.CONTAINER:
+            return True
+        return record.trainable is not False
+
+    def in_fit(
+        self,
+        record: LayerRecord,
+        *,
+        ancestors: tuple[LayerRecord, ...] = (),
+        model_trainable: bool,
+        has_weights: bool | None,
+    ) -> FitBehaviour:
+        if record.kind in (LayerKind.INPUT, LayerKind.CONTAINER, LayerKind.WRAPPER):
+            return NOT_APPLICABLE
+        own = record.trainable is not False
+        # Hierarchical: any frozen ancestor, or the frozen model, freezes the weights.
+        reachable = own and model_trainable and all(a.trainable is not False for a in ancestors)
+        if record.kind is LayerKind.BATCHNORM:
+            return FitBehaviour(
+                trains_weights=reachable and (record.scale or record.center),
+                **_bn_mode(own, call_site_training(record, ancestors, outer=True)),
+            )
+        if not has_weights:
+            trains = None
+        elif not record.custom and record.class_name in UNTRAINABLE_STATE_CLASSES:
+            trains = False
+        else:
+            trains = reachable
+        return FitBehaviour(trains_weights=trains, normalizes_with=None, updates_moving_stats=None)
+
+    def in_predict(
+        self,
+        record: LayerRecord,
+        *,
+        ancestors: tuple[LayerRecord, ...] = (),
+        has_weights: bool | None,
+    ) -> FitBehaviour:
+        if record.kind is LayerKind.BATCHNORM:
+            # Measured: a recorded training=True makes predict() normalize with the batch's
+            # statistics and move the moving ones.
+            return FitBehaviour(
+                trains_weights=False,
+                **_bn_mode(
+                    record.trainable is not False,
+                    call_site_training(record, ancestors, outer=False),
+                ),
+            )
+        return Keras3Rules().in_predict(record, ancestors=ancestors, has_weights=has_weights)
+
+
+def _bn_mode(own: bool, training: frozenset[bool]) -> dict[str, Normalization | bool | None]:
+    """A BN's mode from its own flag and the ``training`` values it is called with: batch
+    statistics only if both are True; called both ways, its statistics move but no single
+    mode describes it."""
+    if not own or training == {False}:
+        return {"normalizes_with": Normalization.MOVING, "updates_moving_stats": False}
+    if training == {True}:
+        return {"normalizes_with": Normalization.BATCH, "updates_moving_stats": True}
+    return {"normalizes_with": None, "updates_moving_stats": True}
+
+
+RULES: dict[Runtime, RuleSet] = {Runtime.KERAS3: Keras3Rules(), Runtime.TF_KERAS: TfKerasRules()}
 
 
 def rules_for(runtime: Runtime) -> RuleSet:
@@ -166,7 +302,9 @@ def rules_for(runtime: Runtime) -> RuleSet:
         from bnfreeze.errors import RuntimeUnavailableError
 
         raise RuntimeUnavailableError(
-            f"no rule set for runtime {runtime.value!r} yet; bnfreeze predicts for Keras 3."
+            f"no rule set for runtime {runtime.value!r}; bnfreeze predicts for "
+            + ", ".join(r.value for r in RULES)
+            + "."
         ) from None
 
 
@@ -186,18 +324,47 @@ def resolve(
     model_trainable: bool,
     has_weights: dict[str, bool | None],
     runtime: Runtime = Runtime.KERAS3,
+    loaded: bool = False,
 ) -> tuple[LayerState, ...]:
-    """Attach each layer's effective behaviour in ``fit()`` and ``predict()``."""
+    """Attach each layer's effective behaviour in ``fit()`` and ``predict()``.
+
+    ``loaded``: the layers come from a file, so each container's flag is the one the runtime
+    restores on load (:meth:`RuleSet.loaded_container_trainable`), not the stored one; pass
+    ``model_trainable`` through :func:`loaded_model_trainable` likewise. For an in-memory
+    model the live flags are the truth.
+    """
     rules = rules_for(runtime)
+    by_path: dict[str, LayerRecord] = {}
+    for record in layers:
+        if record.is_container and loaded:
+            flag = rules.loaded_container_trainable(record)
+            if flag != (record.trainable is not False):
+                record = replace(record, trainable=flag)
+        by_path[record.path] = record
     states = []
     for record in layers:
         weights = has_weights.get(record.path)
+        above = tuple(_ancestors(by_path, record))
         states.append(
             LayerState(
                 layer=record,
                 has_weights=weights,
-                in_fit=rules.in_fit(record, model_trainable=model_trainable, has_weights=weights),
-                in_predict=rules.in_predict(record, has_weights=weights),
+                in_fit=rules.in_fit(
+                    record, ancestors=above, model_trainable=model_trainable, has_weights=weights
+                ),
+                in_predict=rules.in_predict(record, ancestors=above, has_weights=weights),
             )
         )
     return tuple(states)
+
+
+def _ancestors(by_path: dict[str, LayerRecord], record: LayerRecord) -> list[LayerRecord]:
+    """The containers and wrappers above ``record``, nearest first (a parent the layers do
+    not list ends the chain)."""
+    out = []
+    parent = record.parent
+    while parent is not None and parent in by_path:
+        node = by_path[parent]
+        out.append(node)
+        parent = node.parent
+    return out

@@ -197,7 +197,7 @@ class VerifyReport:
     runtime: RuntimeInfo
     setup: TrainingSetup
     layers: tuple[LayerMeasurement, ...]
-    prediction: Report | None  # None when bnfreeze has no rule set for the runtime
+    prediction: Report | None  # None only when compare() was given no prediction
     checks: int  # (layer, aspect) pairs compared
     disagreements: tuple[Disagreement, ...]
     not_in_file: tuple[str, ...]  # measured layers the file's layer list does not show

@@ -577,7 +577,8 @@ def test_compare_finds_each_kind_of_disagreement(samples):
 
 
 def test_without_a_prediction_nothing_is_compared():
-    """--runtime tf-keras measures, but bnfreeze has no tf_keras rule set to compare with."""
+    """The library's compare() accepts prediction=None (verify_file itself always predicts now
+    that keras3 and tf-keras both have a rule set): the measurement is shown alone."""
     from rich.console import Console
 
     from bnfreeze.render.verify import verify_dict, verify_view
@@ -590,7 +591,8 @@ def test_without_a_prediction_nothing_is_compared():
         console = Console(width=100, record=True, color_system=None, file=sink)
         console.print(verify_view(report))
     text = console.export_text()
-    assert "No prediction to compare: bnfreeze has no rule set for tf-keras yet" in text
+    assert "No prediction to compare: the report was built without one" in text
+    assert "rule set" not in text
     assert "not in file" not in text
     assert verify_dict(report)["summary"]["compared"] is False
 
@@ -709,3 +711,6 @@ def test_runtime_tf_keras_measures_with_keras_2(tmp_path):
     assert bn["moving_stats"] == "unchanged"
     assert bn["gamma_beta"] == "moved"
     assert bn["normalizes_with"] == "moving"
+    # The tf_keras rule set predicts it (more cases: tests/test_modes_tf_keras.py).
+    assert doc["summary"]["compared"] is True and doc["disagreements"] == []
+    assert bn["predicted"] == {"trains_weights": True, "updates_moving_stats": False}

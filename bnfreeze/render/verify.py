@@ -153,8 +153,8 @@ def verdict(report: VerifyReport) -> Text:
     """One line: does the measurement agree with what ``inspect`` predicted from the file?"""
     if report.prediction is None:
         return Text(
-            "No prediction to compare: bnfreeze has no rule set for "
-            f"{report.runtime.runtime.value} yet; the table is the measurement alone.",
+            "No prediction to compare: the report was built without one (compare() with "
+            "prediction=None); the table is the measurement alone.",
             style=STYLE_NONE,
         )
     layers = len({m.path for m in report.layers if m.path in _predicted_paths(report)})
