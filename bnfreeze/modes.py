@@ -32,7 +32,8 @@ What tf_keras 2.21 does differently, measured (SEMANTICS §2-§3, and ``tests/te
 * Trainability is hierarchical in memory: a frozen ancestor freezes gamma/beta. But
   ``tf_keras.models.load_model`` drops the own ``trainable`` flag of every Functional and
   Sequential model, nested or top-level, in ``.h5`` and ``.keras`` alike (leaves keep theirs),
-  so a model read from a file has no frozen containers left.
+  so a model read from a file has no frozen containers left. A wrapper (``TimeDistributed``)
+  keeps its flag, so there the hierarchy still counts.
 
 Rule sets are values keyed by :class:`Runtime`; each sees a layer's ancestors (nearest first)
 as :func:`resolve` finds them from ``LayerRecord.parent``, so the walk's output never changes.
@@ -230,7 +231,8 @@ class TfKerasRules:
 
     def loaded_container_trainable(self, record: LayerRecord) -> bool:
         # Measured: a nested Functional/Sequential loses its own flag on load, like the top
-        # level. A wrapper is an ordinary layer, built with its stored flag.
+        # level. A wrapper (TimeDistributed) keeps its stored flag, and freezes the gamma/beta
+        # of the BN it wraps even when that BN's own flag is True.
         if record.kind is LayerKind.CONTAINER:
             return True
         return record.trainable is not False

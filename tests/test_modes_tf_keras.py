@@ -130,6 +130,15 @@ def frozen_model(unfreeze_bn):
     return m
 
 
+def wrapper_frozen_bn_unfrozen():
+    i = keras.Input((3, 4))
+    wrapper = L.TimeDistributed(L.BatchNormalization(name="bn"), name="td")
+    wrapper.trainable = False
+    wrapper.layer.trainable = True
+    return keras.Model(i, L.Dense(1, name="head")(wrapper(L.Dense(4, name="dense")(i))),
+                       name="model")
+
+
 cases = {
     "bn_call_false": functional(bn_call_false),
     "sub_call_false": functional(sub_call_false),
@@ -141,15 +150,21 @@ cases = {
     "sequential_frozen_bn_unfrozen": sequential(True),
     "shared_bn_two_calls": functional(shared_bn_two_calls),
     "inner_true_outer_false": functional(inner_true_outer_false),
+    "wrapper_frozen_bn_unfrozen": wrapper_frozen_bn_unfrozen(),
 }
 truth = {"files": {}, "memory": {}}
 for name, model in cases.items():
     path = os.path.join(out, name + ".h5")
     model.save(path)
+    if name in ("sub_call_false", "frozen_sub_bn_unfrozen"):
+        model.save(os.path.join(out, name + ".keras"))  # tf_keras's own zip format
     loaded = keras.models.load_model(path, compile=False)
     found = bns(loaded)
+    if name.startswith("wrapper"):
+        found = {"td/bn": loaded.get_layer("td").layer}
     before = snapshot(found)
-    loaded.predict(X, verbose=0)
+    loaded.predict(X[:, None, :].repeat(3, axis=1) if name.startswith("wrapper") else X,
+                   verbose=0)
     truth["files"][name] = {
         "loaded_trainable": bool(loaded.trainable),
         "predict_stats_moved": {p: changed(before[p], l, ("moving_mean", "moving_variance"))
@@ -201,9 +216,10 @@ def run(built):
 
     def go(case: str) -> dict[str, Any]:
         if case not in _RUNS:
+            name = case if "." in case else f"{case}.h5"
             result = CliRunner().invoke(
                 cli,
-                ["verify", str(built / f"{case}.h5"), "--runtime", "tf-keras", "--json"],
+                ["verify", str(built / name), "--runtime", "tf-keras", "--json"],
                 env=ENV,
                 catch_exceptions=False,
             )
@@ -247,14 +263,19 @@ CASES = {
     "shared_bn_two_calls": {"bn": ("moved", "moved")},
     "inner_true_outer_false": {"sub/sbn1": ("moved", "moved"),
                                "sub/sbn2": ("unchanged", "moved")},
+    # A wrapper keeps its own trainable=False through load_model, and freezes the BN inside
+    # it although that BN's own flag is True: the hierarchical rule, in a file.
+    "wrapper_frozen_bn_unfrozen": {"td/bn": ("moved", "unchanged")},
 }
+#: The same cases saved in tf_keras's own ``.keras`` zip: the same rules, the same verdicts.
+KERAS_ZIP = {f"{case}.keras": CASES[case] for case in ("sub_call_false", "frozen_sub_bn_unfrozen")}
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", sorted(CASES) + sorted(KERAS_ZIP))
 def test_prediction_and_measurement_agree(run, case):
     doc = run(case)
     assert_agrees(doc)
-    for path, (stats, gamma_beta) in CASES[case].items():
+    for path, (stats, gamma_beta) in {**CASES, **KERAS_ZIP}[case].items():
         entry = layer(doc, path)
         assert (entry["moving_stats"], entry["gamma_beta"]) == (stats, gamma_beta), path
         assert entry["predicted"]["updates_moving_stats"] is (stats == "moved"), path
