@@ -49,6 +49,7 @@ HISTORICAL_NOTE = (
 #: SEMANTICS.md §1-§4 in a few lines, per runtime. Measured on Keras 3.15.1 / TF 2.21 and
 #: tf_keras 2.21; ``explain`` says so when the installed versions differ.
 RULES_MEASURED_ON = "Keras 3.15.1 on TensorFlow 2.21"
+TF_KERAS_RULES_MEASURED_ON = "tf_keras 2.21"
 RULES: dict[str, tuple[str, ...]] = {
     "keras3": (
         "§1 A BN layer normalizes with batch statistics and updates its moving statistics only "
@@ -72,7 +73,9 @@ RULES: dict[str, tuple[str, ...]] = {
         "§2 fit() resolves training=True, predict()/evaluate() training=False, but a call-site "
         "training=False recorded in the graph wins, in fit() and predict().",
         "§3 trainable is hierarchical: any frozen ancestor freezes gamma/beta, although the "
-        "moving statistics of a BN whose own flag is True still move.",
+        "moving statistics of a BN whose own flag is True still move. load_model drops the own "
+        "flag of every Functional and Sequential model (a wrapper keeps its), so in a loaded "
+        "file only the layers' and wrappers' own flags count.",
         "§4 A flag changed after compile() is ignored until compile() runs again. After changing "
         "any flag, call compile() again with a new optimizer.",
     ),
@@ -211,10 +214,8 @@ def explain(
 
 
 def _rules_note(info: RuntimeInfo) -> str:
-    note = (
-        f"The rules were measured on {RULES_MEASURED_ON} (SEMANTICS.md); "
-        "the table is measured now."
-    )
+    where = TF_KERAS_RULES_MEASURED_ON if info.runtime is Runtime.TF_KERAS else RULES_MEASURED_ON
+    note = f"The rules were measured on {where} (SEMANTICS.md); the table is measured now."
     if info.runtime is Runtime.KERAS3 and not info.keras_version.startswith("3.15."):
         note += (
             f" You run Keras {info.keras_version}: run bnfreeze verify on your model to measure "

@@ -228,3 +228,16 @@ def test_runtime_tf_keras_without_tf_keras_exit_2(without_tf_keras):
     result = invoke("--runtime", "tf-keras")
     assert result.exit_code == 2
     assert "tf_keras" in result.stderr and "not installed" in result.stderr
+
+
+def test_tf_keras_rules_name_tf_keras():
+    """``--runtime tf-keras`` runs the experiment on Keras 2 and shows the tf_keras rules,
+    measured on tf_keras (tests/test_modes_tf_keras.py measures §2-§3 on files)."""
+    pytest.importorskip("tf_keras")
+    from bnfreeze.records import Runtime
+
+    report = explain(runtime=Runtime.TF_KERAS)
+    assert report.runtime.keras_version.startswith("2.")
+    assert report.rules == RULES["tf-keras"]
+    assert "load_model drops" in report.rules[2]
+    assert report.rules_note.startswith("The rules were measured on tf_keras 2.21 ")
