@@ -23,7 +23,7 @@ What Keras 3 adds, measured (SEMANTICS §1–§3):
   False trains no weights in ``fit()``, but its BN layers still follow their own flags for
   their moving statistics.
 
-What tf_keras 2.21 does differently, measured (SEMANTICS §2-§3, and ``tests/test_verify.py``):
+What tf_keras 2.21 does differently, measured (SEMANTICS §2-§3; ``tests/test_modes_tf_keras.py``):
 
 * A call-site ``training=`` recorded in the graph **wins**, in ``fit()`` and ``predict()``: on
   the BN's own call or on the call of any enclosing sub-model. The nearest recorded value
