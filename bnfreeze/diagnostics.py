@@ -14,6 +14,7 @@ from bnfreeze.records import (
     LayerState,
     ModelFile,
     Normalization,
+    Runtime,
     WarningCode,
 )
 
@@ -27,12 +28,15 @@ def find(
     *,
     model_trainable: bool,
     read_values: Callable[[list[str]], dict[str, object]] | None = None,
+    runtime: Runtime = Runtime.KERAS3,
 ) -> tuple[Finding, ...]:
     findings: list[Finding] = []
     by_path = {s.layer.path: s for s in states}
     findings += _model_not_trainable(states, model_trainable)
-    findings += _call_site_training(states)
-    findings += _bn_under_frozen_container(states, by_path)
+    if runtime is Runtime.KERAS3:
+        # On tf_keras a recorded call-site training=False wins: no trap to warn about.
+        findings += _call_site_training(states)
+    findings += _bn_under_frozen_container(states, by_path, runtime)
     findings += _unknown_layers(states)
     if model is not None:
         findings += _optimizer_state(model)
@@ -97,7 +101,9 @@ def _call_site_training(states: tuple[LayerState, ...]) -> list[Finding]:
 
 
 def _bn_under_frozen_container(
-    states: tuple[LayerState, ...], by_path: dict[str, LayerState]
+    states: tuple[LayerState, ...],
+    by_path: dict[str, LayerState],
+    runtime: Runtime = Runtime.KERAS3,
 ) -> list[Finding]:
     findings = []
     for state in states:
@@ -114,15 +120,32 @@ def _bn_under_frozen_container(
             parent = container.parent
         if frozen is None:
             continue
+        fix = f"set its own flag: bnfreeze freeze MODEL --layers '{layer.path}' -o OUT."
+        if runtime is Runtime.KERAS3:
+            why = (
+                "on Keras 3 only a layer's own flag counts, so it trains anyway (gamma/beta "
+                "update and its moving statistics move). That is right for the train-BN recipe "
+                f"(--train-bn); otherwise {fix}"
+            )
+        elif state.in_fit.trains_weights:
+            why = (
+                "tf_keras's load_model drops the own trainable flag of every Functional and "
+                "Sequential model, so once loaded the container freezes nothing and this layer "
+                f"trains (gamma/beta update and its moving statistics move). To freeze it, {fix}"
+            )
+        elif state.in_fit.updates_moving_stats:
+            why = (
+                "on tf_keras the frozen ancestor keeps its gamma/beta fixed, but its own flag "
+                "is True, so fit() still normalizes with batch statistics and moves its moving "
+                f"statistics. To keep it in inference mode, {fix}"
+            )
+        else:
+            continue
         findings.append(
             Finding(
                 WarningCode.TRAINABLE_BN_UNDER_FROZEN_CONTAINER,
                 layer.path,
-                f"{layer.path} is trainable inside frozen container {frozen.path}: on Keras 3 "
-                "only a layer's own flag counts, so it trains anyway (gamma/beta update and its "
-                "moving statistics move). That is right for the train-BN recipe (--train-bn); "
-                "otherwise set its own flag: bnfreeze freeze MODEL "
-                f"--layers '{layer.path}' -o OUT.",
+                f"{layer.path} is trainable inside frozen container {frozen.path}: {why}",
             )
         )
     return findings

@@ -41,6 +41,7 @@ def inspect_model_file(model: ModelFile, runtime: Runtime = Runtime.KERAS3) -> R
         states,
         model_trainable=model_trainable,
         read_values=(lambda names: read_values(model, names)) if index is not None else None,
+        runtime=runtime,
     )
     return Report(
         model=model,

@@ -197,6 +197,41 @@ def test_no_frozen_container_warning(tmp_path, config):
                     WarningCode.TRAINABLE_BN_UNDER_FROZEN_CONTAINER)
 
 
+# --- the same traps on tf_keras (rules measured in tests/test_modes_tf_keras.py) -------------
+
+
+def tf_keras_warnings(path: Path) -> list[Finding]:
+    from bnfreeze.records import Runtime
+
+    return list(inspect_file(path, Runtime.TF_KERAS).warnings)
+
+
+def test_tf_keras_honours_call_site_training_false_so_no_warning(tmp_path):
+    config = model([input_layer("x"), backbone(trainable=True, bns=(True, True),
+                                               inbound=node(training=False))])
+    path = keras_archive(tmp_path / "m.keras", config)
+    assert only(warnings_of(path), WarningCode.CALL_SITE_TRAINING_IGNORED)
+    assert not only(tf_keras_warnings(path), WarningCode.CALL_SITE_TRAINING_IGNORED)
+
+
+def test_tf_keras_frozen_container_is_dropped_on_load(tmp_path):
+    config = model([input_layer("x"), backbone(trainable=False, bns=(False, True))])
+    (finding,) = only(tf_keras_warnings(keras_archive(tmp_path / "m.keras", config)),
+                      WarningCode.TRAINABLE_BN_UNDER_FROZEN_CONTAINER)
+    assert finding.path == "base/bn1"
+    assert "load_model drops the own trainable flag" in finding.message
+    assert "Keras 3" not in finding.message and "--layers 'base/bn1'" in finding.message
+
+
+def test_tf_keras_frozen_wrapper_keeps_gamma_beta_but_moves_the_statistics(tmp_path):
+    td = layer("TimeDistributed", "td", layer=bn("td_bn"))
+    td["config"]["trainable"] = False
+    (finding,) = only(tf_keras_warnings(keras_archive(tmp_path / "m.keras", model([td]))),
+                      WarningCode.TRAINABLE_BN_UNDER_FROZEN_CONTAINER)
+    assert "keeps its gamma/beta fixed" in finding.message
+    assert "moves its moving statistics" in finding.message
+
+
 def test_bn_under_frozen_sample():
     found = only(warnings_of(SAMPLES / "bn_under_frozen.keras"),
                  WarningCode.TRAINABLE_BN_UNDER_FROZEN_CONTAINER)
