@@ -714,3 +714,27 @@ def test_runtime_tf_keras_measures_with_keras_2(tmp_path):
     # The tf_keras rule set predicts it (more cases: tests/test_modes_tf_keras.py).
     assert doc["summary"]["compared"] is True and doc["disagreements"] == []
     assert bn["predicted"] == {"trains_weights": True, "updates_moving_stats": False}
+
+
+def test_runtime_tf_keras_trains_with_the_model_s_own_compile_config(tmp_path):
+    """tf_keras marks a compiled model with ``_is_compiled`` (Keras 3: ``compiled``): verify
+    must train with the saved optimizer and loss, not fall back to SGD + MSE."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("tf_keras")
+    build = TF_KERAS_BUILD.replace(
+        "keras.Model(inputs, outputs).save(sys.argv[1])",
+        "model = keras.Model(inputs, outputs)\n"
+        "model.compile(keras.optimizers.Adam(0.003), 'mean_absolute_error')\n"
+        "model.save(sys.argv[1])",
+    )
+    assert build != TF_KERAS_BUILD
+    model = tmp_path / "keras2_compiled.h5"
+    subprocess.run([sys.executable, "-c", build, str(model)], check=True, capture_output=True)
+    code, doc, stderr = verify_json(model, "--runtime", "tf-keras")
+    assert code == 0, stderr
+    compiled = doc["run"]["compile"]
+    assert compiled["source"] == "model", compiled
+    assert compiled["optimizer"] == "Adam(learning_rate=0.003)"
+    assert "mean_absolute_error" in compiled["loss"]
