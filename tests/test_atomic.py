@@ -213,3 +213,35 @@ def test_temporary_files_name_their_machine_and_process(tmp_path):
     (name,) = seen
     assert name.startswith(f".out.bin.{os.uname().nodename}-{os.getpid()}-")
     assert name.endswith(atomic.TEMP_SUFFIX)
+
+
+@pytest.mark.parametrize("length", [200, 240, 255])
+def test_a_long_output_name_still_gets_a_temporary_file(tmp_path, length):
+    # The output's name may use all 255 bytes; the temporary file's name must fit too.
+    name = "m" * (length - len(".keras")) + ".keras"
+    seen = []
+
+    def produce(tmp):
+        seen.append(tmp.name)
+        tmp.write_bytes(b"x")
+
+    write_atomically(tmp_path / name, produce)
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+    assert len(seen[0].encode()) <= atomic.NAME_MAX
+    assert seen[0].endswith(atomic.TEMP_SUFFIX)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="processes are probed on POSIX only")
+def test_a_long_name_s_stale_temporary_file_is_found(tmp_path):
+    import subprocess
+    import sys
+
+    name = "n" * 240 + ".keras"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    stale = (f".{atomic._temp_stem(name)}.{os.uname().nodename}-{int(dead.stdout)}-"
+             f"abcd1234{atomic.TEMP_SUFFIX}")
+    assert len(stale.encode()) <= atomic.NAME_MAX
+    (tmp_path / stale).write_bytes(b"partial")
+    write_atomically(tmp_path / name, lambda tmp: tmp.write_bytes(b"x"))
+    assert [p.name for p in tmp_path.iterdir()] == [name]

@@ -34,8 +34,26 @@ from bnfreeze.errors import OutputError
 TEMP_SUFFIX = ".bnfreeze-tmp"
 
 
+#: The longest file name most file systems take (bytes).
+NAME_MAX = 255
+
+
+def _host() -> str:
+    return os.uname().nodename if hasattr(os, "uname") else ""
+
+
+def _temp_stem(stem: str) -> str:
+    """``stem`` as it appears in a temporary file's name: cut, when the output's own name is
+    long, so that the whole name fits in :data:`NAME_MAX` bytes with room for any pid (10
+    digits) and mkstemp's 8 random characters. The same for every process of a machine, so
+    :func:`remove_stale` finds what another one left."""
+    room = NAME_MAX - len(f"..{_host()}-{'9' * 10}-{'x' * 8}{TEMP_SUFFIX}".encode())
+    raw = stem.encode()
+    return stem if len(raw) <= room else raw[: max(room, 1)].decode("utf-8", "ignore")
+
+
 def _temp_prefix(stem: str) -> str:
-    return f".{stem}.{os.uname().nodename if hasattr(os, 'uname') else ''}-{os.getpid()}-"
+    return f".{_temp_stem(stem)}.{_host()}-{os.getpid()}-"
 
 
 def _make_temp(folder: Path, stem: str) -> Path:
@@ -53,8 +71,8 @@ def remove_stale(folder: Path, stem: str) -> list[str]:
     elsewhere no process can be probed without side effects."""
     if os.name != "posix":
         return []
-    start = f".{stem}."
-    here = os.uname().nodename
+    start = f".{_temp_stem(stem)}."
+    here = _host()
     removed = []
     try:
         entries = list(os.scandir(folder))
