@@ -26,8 +26,18 @@ Changing ``trainable`` on a compiled model (SEMANTICS §4, measured on Keras 3.1
 * once the optimizer is built (a model loaded compiled, say), ``fit()`` raises "Unknown
   variable" for every variable that became trainable, until the same.
 
+On tf_keras (Keras 2, measured on tf_keras 2.21) ``compile()`` records the trainable flags and
+``fit()`` trains with those: a change made after ``compile()`` is ignored by ``fit()`` (weights
+and BatchNormalization's mode alike), before the first ``fit()`` and after it, whatever the
+batch shape, until ``compile()`` is called again.
+
 Keras itself does not warn. bnfreeze emits a :class:`RecompileWarning` whenever it changes a
-flag of a compiled model, worded for the case at hand, and :func:`recompile` does the fix.
+flag of a compiled model, worded for the case at hand and the model's Keras, and
+:func:`recompile` does the fix.
+
+In-memory ``tf_keras.Model`` objects are accepted as well as ``keras.Model`` ones: they are
+inspected with the tf_keras rules (:class:`bnfreeze.modes.TfKerasRules`) and edited on the
+live layers; saving one (``output=``) is refused.
 
 Importing :mod:`bnfreeze` or this module never imports TensorFlow or Keras.
 """
@@ -62,11 +72,24 @@ class TrainingState(enum.Enum):
     TRACED = "traced"  # fit()/train_on_batch() traced a training step since compile()
 
 
+def _is_compiled(model: Any) -> bool:
+    """Keras 3 says ``model.compiled``; tf_keras ``model._is_compiled``."""
+    return bool(getattr(model, "compiled", False) or getattr(model, "_is_compiled", False))
+
+
+def _runtime_of(model: Any) -> Runtime:
+    tf_keras = sys.modules.get("tf_keras")
+    if tf_keras is not None and isinstance(model, tf_keras.Model):
+        return Runtime.TF_KERAS
+    return Runtime.KERAS3
+
+
 def training_state(model: Any) -> TrainingState:
     """Where ``model`` stands. ``model.train_function`` is what ``fit()`` and
-    ``train_on_batch()`` set and ``compile()`` resets; ``optimizer.built`` is set by the first
-    step, by ``load_model`` of a compiled model and by ``compile_from_config``."""
-    if not getattr(model, "compiled", False):
+    ``train_on_batch()`` set and ``compile()`` resets (on tf_keras too); ``optimizer.built``
+    is set by the first step, by ``load_model`` of a compiled model and by
+    ``compile_from_config`` (Keras 3; a tf_keras optimizer has no such flag)."""
+    if not _is_compiled(model):
         return TrainingState.UNCOMPILED
     if getattr(model, "train_function", None) is not None:
         return TrainingState.TRACED
@@ -77,13 +100,33 @@ def training_state(model: Any) -> TrainingState:
 
 
 def recompile_message(
-    name: str, changed: int, state: TrainingState, *, gained_trainable: bool
+    name: str,
+    changed: int,
+    state: TrainingState,
+    *,
+    gained_trainable: bool,
+    runtime: Runtime = Runtime.KERAS3,
 ) -> str | None:
     """The :class:`RecompileWarning` text for a change of ``changed`` flags, or None."""
     if state is TrainingState.UNCOMPILED or not changed:
         return None
     head = f"bnfreeze changed {changed} trainable flag(s) of model {name!r}, which is compiled"
     fix = "Call bnfreeze.recompile(model) (or compile() with a new optimizer) before fit()."
+    if runtime is Runtime.TF_KERAS:
+        # Measured on tf_keras 2.21 (SEMANTICS §4): fit() trains with the flags recorded by
+        # compile(), before the first fit() and after it, for any batch shape.
+        when = (
+            " and has already been trained (fit() or train_on_batch() ran since its last "
+            "compile())"
+            if state is TrainingState.TRACED
+            else ""
+        )
+        return (
+            f"{head}{when}. tf_keras trains with the trainable flags the model had when "
+            "compile() ran: fit() ignores this change, for the weights and for "
+            "BatchNormalization's mode alike, until compile() is called again with a new "
+            f"optimizer. {fix}"
+        )
     if state is TrainingState.TRACED:
         return (
             f"{head} and has already traced a training step (fit() or train_on_batch() ran "
@@ -112,32 +155,46 @@ def _is_path(value: Any) -> bool:
 
 
 def _check_model(value: Any) -> None:
-    keras = sys.modules.get("keras")
-    if keras is None or not isinstance(value, keras.Model):
-        raise TypeError(
-            f"expected a keras.Model or a path to a saved model, not {type(value).__name__}"
-        )
+    """A Keras 3 ``keras.Model`` or a tf_keras ``tf_keras.Model``; never imports either (an
+    object of one exists only if the caller imported it)."""
+    for name in ("keras", "tf_keras"):
+        module = sys.modules.get(name)
+        if module is not None and isinstance(value, module.Model):
+            return
+    raise TypeError(
+        "expected a keras.Model, a tf_keras.Model or a path to a saved model, not "
+        f"{type(value).__name__}"
+    )
 
 
 # ------------------------------------------------------------------------------ inspect
 
 
-def inspect(model_or_path: ModelOrPath, *, runtime: Runtime = Runtime.KERAS3) -> Report:
+def inspect(model_or_path: ModelOrPath, *, runtime: Runtime | None = None) -> Report:
     """Each layer's flag and what it really does in ``fit()``: the ``bnfreeze inspect`` report.
 
-    A path is read without Keras (:func:`bnfreeze.inspection.inspect_file`). An in-memory
-    model is serialized as Keras would save it and walked the same way; its format is
-    ``memory``, layers that hold variables are read off the live layers, and a custom
-    BatchNormalization subclass counts as BN (``isinstance``).
+    A path is read without Keras (:func:`bnfreeze.inspection.inspect_file`), for ``runtime``
+    (default Keras 3). An in-memory model is serialized as Keras would save it and walked the
+    same way; its format is ``memory``, layers that hold variables are read off the live
+    layers, and a custom BatchNormalization subclass counts as BN (``isinstance``). Its
+    runtime is its own: a ``tf_keras.Model`` is predicted with the tf_keras rules for a model
+    in memory (a frozen container freezes the gamma/beta below it; a recorded call-site
+    ``training=`` wins); asking for another runtime is an error.
     """
     if _is_path(model_or_path):
         from bnfreeze.inspection import inspect_file
 
-        return inspect_file(model_or_path, runtime)
+        return inspect_file(model_or_path, Runtime.KERAS3 if runtime is None else runtime)
     _check_model(model_or_path)
+    own = _runtime_of(model_or_path)
+    if runtime is not None and runtime is not own:
+        raise BnfreezeError(
+            f"model {model_or_path.name!r} is a {own.value} model in memory; its behaviour is "
+            f"{own.value}'s, not {runtime.value}'s. Leave runtime out for an in-memory model."
+        )
     from bnfreeze import keras_edit
 
-    return keras_edit.live_report(model_or_path, runtime=runtime)
+    return keras_edit.live_report(model_or_path, runtime=own)
 
 
 # ------------------------------------------------------------------------------ edits
@@ -169,7 +226,10 @@ def freeze(
 
     A path is edited like the CLI does (``output``, or ``in_place=True``; ``dry_run``). An
     in-memory model is changed in place, and saved to ``output`` too when one is given; a
-    :class:`RecompileWarning` says what to do when it is compiled.
+    :class:`RecompileWarning` says what to do when it is compiled. A ``tf_keras.Model`` is
+    edited the same way, but ``output=`` is refused for it (save it with its own
+    ``model.save``); on tf_keras ``bn_inference=True`` works too, and a flag change on a
+    compiled tf_keras model is ignored by ``fit()`` until it is compiled again.
     """
     if bn_inference and train_bn:
         raise BnfreezeError("bn_inference and train_bn contradict each other; pick one.")
@@ -267,6 +327,13 @@ def _edit_memory(
     from bnfreeze import engine, freezing, keras_edit
 
     state = training_state(model)
+    runtime = _runtime_of(model)
+    if output is not None and runtime is Runtime.TF_KERAS:
+        raise BnfreezeError(
+            f"output=: bnfreeze saves only Keras 3 models; model {model.name!r} is a tf_keras "
+            "model. Nothing was changed. Edit it without output= and save it with its own "
+            "model.save()."
+        )
     if output is not None:  # a bad name or folder fails before anything changes
         from pathlib import Path
 
@@ -287,7 +354,11 @@ def _edit_memory(
     source = f"<in-memory model {model.name!r}>"
     findings: list[Finding] = []
     text = recompile_message(
-        model.name, len(done.changes), state, gained_trainable=done.gained_trainable
+        model.name,
+        len(done.changes),
+        state,
+        gained_trainable=done.gained_trainable,
+        runtime=runtime,
     )
     if text is not None:
         findings.append(Finding(WarningCode.RECOMPILE_REQUIRED, None, text))
@@ -366,11 +437,12 @@ def recompile(model: Any) -> Any:
 
     This is what makes a flag change take effect after ``fit()`` (SEMANTICS §4). The fresh
     optimizer starts from step 0: its slots (Adam moments, momentum) start empty and a
-    learning-rate schedule starts over. Returns ``model``.
+    learning-rate schedule starts over. Works for a ``tf_keras.Model`` too (its ``compile()``
+    records its arguments the same way). Returns ``model``.
     """
     _check_model(model)
     optimizer = getattr(model, "optimizer", None)
-    if not getattr(model, "compiled", False) or optimizer is None:
+    if not _is_compiled(model) or optimizer is None:
         raise BnfreezeError(
             f"model {model.name!r} is not compiled; call compile() on it yourself.",
         )

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -76,6 +77,24 @@ def _keras() -> Any:
     return engine.keras_module(Runtime.KERAS3)
 
 
+def runtime_of(obj: Any) -> Runtime:
+    """The Keras a live layer or model belongs to: ``tf_keras`` (Keras 2) or Keras 3. Never
+    imports tf_keras: an object of it exists only if the caller imported it."""
+    tf_keras = sys.modules.get("tf_keras")
+    if tf_keras is not None and isinstance(obj, tf_keras.layers.Layer):
+        return Runtime.TF_KERAS
+    return Runtime.KERAS3
+
+
+def _keras_of(obj: Any) -> Any:
+    return engine.keras_module(runtime_of(obj))
+
+
+def is_compiled(model: Any) -> bool:
+    """Keras 3 says ``model.compiled``; tf_keras ``model._is_compiled``."""
+    return bool(getattr(model, "compiled", False) or getattr(model, "_is_compiled", False))
+
+
 def _is_builtin(obj: Any) -> bool:
     return type(obj).__module__.split(".")[0] in _BUILTIN_PREFIXES
 
@@ -87,7 +106,7 @@ def children(layer: Any) -> list[Any]:
     built-in layer made of sublayers (``MultiHeadAttention``, say) is one leaf, as in the
     saved config.
     """
-    keras = _keras()
+    keras = _keras_of(layer)
     if isinstance(layer, keras.Model):
         return list(layer.layers)
     inner = [
@@ -123,7 +142,7 @@ def live_layers(model: Any) -> dict[str, Any]:
 
 
 def _live_kind(layer: Any, has_children: bool) -> LayerKind:
-    keras = _keras()
+    keras = _keras_of(layer)
     if isinstance(layer, keras.layers.InputLayer):
         return LayerKind.INPUT
     if isinstance(layer, keras.layers.BatchNormalization):
@@ -142,8 +161,9 @@ def _live_kind(layer: Any, has_children: bool) -> LayerKind:
 
 def serialized_config(model: Any) -> dict[str, Any]:
     """The model's config as Keras saves it (``serialize_keras_object``); a minimal one for a
-    subclassed model whose ``get_config`` cannot serialize it."""
-    keras = _keras()
+    subclassed model whose ``get_config`` cannot serialize it. A tf_keras model's config has
+    the Keras 2 layout, the one legacy ``.h5`` files hold, which the walk reads too."""
+    keras = _keras_of(model)
     try:
         config = keras.saving.serialize_keras_object(model)
     except Exception:
@@ -192,7 +212,7 @@ def live_model(model: Any) -> LiveModel:
 def _corrected(record: LayerRecord, layer: Any) -> LayerRecord:
     if layer is None:
         return record
-    keras = _keras()
+    keras = _keras_of(layer)
     updates: dict[str, Any] = {}
     is_bn = isinstance(layer, keras.layers.BatchNormalization)
     if is_bn and record.kind is not LayerKind.BATCHNORM:
@@ -240,17 +260,20 @@ def live_report(
     path: str | None = None,
     fmt: ModelFormat = ModelFormat.MEMORY,
     optimizer_variables: int | None = None,
-    runtime: Runtime = Runtime.KERAS3,
+    runtime: Runtime | None = None,
     live: LiveModel | None = None,
 ) -> Report:
     """The inspect :class:`~bnfreeze.records.Report` of a live model.
 
     The same walk, rules and warnings as for a saved file; ``has_weights`` comes from the live
-    layers. ``path`` defaults to ``<in-memory model 'name'>``.
+    layers. ``path`` defaults to ``<in-memory model 'name'>``. ``runtime`` defaults to the
+    model's own (:func:`runtime_of`); its rules are applied to the live flags
+    (``loaded=False``: on tf_keras a frozen container freezes what is below it in memory).
     """
-    keras = _keras()
+    runtime = runtime_of(model) if runtime is None else runtime
+    keras = _keras_of(model)
     live = live if live is not None else live_model(model)
-    compiled = bool(getattr(model, "compiled", False))
+    compiled = is_compiled(model)
     compile_config = None
     if compiled:
         with contextlib.suppress(Exception):
@@ -291,6 +314,7 @@ def live_report(
         states,
         model_trainable=model_trainable,
         read_values=lambda names: {n: variables[n].numpy() for n in names if n in variables},
+        runtime=runtime,
     )
     return Report(
         model=model_file,
