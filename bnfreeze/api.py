@@ -344,10 +344,8 @@ def _edit_memory(
     live = keras_edit.live_model(model)
     done = keras_edit.edit_live(live, assignment, selection.apply, dry_run=dry_run)
     optimizer = getattr(model, "optimizer", None)
-    optimizer_variables = (
-        len(optimizer.variables) if optimizer is not None and getattr(optimizer, "built", False)
-        else None
-    )
+    built = getattr(optimizer, "built", False) or getattr(optimizer, "_built", False)  # tf_keras
+    optimizer_variables = len(optimizer.variables) if optimizer is not None and built else None
     decision = freezing.optimizer_decision(
         optimizer_variables, done.trainable_set_changed, keep_optimizer_state
     )

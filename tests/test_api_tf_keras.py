@@ -210,8 +210,16 @@ def test_compiled_change_is_ignored_until_recompile(tfk):
     assert "tf_keras" in texts[0] and "bnfreeze.recompile(model)" in texts[0]
     assert "d" in step(model)  # ignored, as the warning says
 
-    texts = recompile_warnings(lambda: bnfreeze.freeze(model, layers=["o"]))
+    result = None
+
+    def freeze_o():
+        nonlocal result
+        result = bnfreeze.freeze(model, layers=["o"])
+
+    texts = recompile_warnings(freeze_o)
     assert len(texts) == 1 and IGNORED in texts[0] and "already been trained" in texts[0]
+    assert result.optimizer_variables == len(model.optimizer.variables) > 1  # built by fit()
+    assert [f.code.value for f in result.warnings] == ["recompile-required"]
     assert {"d", "o"} <= set(step(model))  # still ignored after fit()
 
     optimizer = model.optimizer
