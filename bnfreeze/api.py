@@ -72,11 +72,6 @@ class TrainingState(enum.Enum):
     TRACED = "traced"  # fit()/train_on_batch() traced a training step since compile()
 
 
-def _is_compiled(model: Any) -> bool:
-    """Keras 3 says ``model.compiled``; tf_keras ``model._is_compiled``."""
-    return bool(getattr(model, "compiled", False) or getattr(model, "_is_compiled", False))
-
-
 def _runtime_of(model: Any) -> Runtime:
     tf_keras = sys.modules.get("tf_keras")
     if tf_keras is not None and isinstance(model, tf_keras.Model):
@@ -89,7 +84,9 @@ def training_state(model: Any) -> TrainingState:
     ``train_on_batch()`` set and ``compile()`` resets (on tf_keras too); ``optimizer.built``
     is set by the first step, by ``load_model`` of a compiled model and by
     ``compile_from_config`` (Keras 3; a tf_keras optimizer has no such flag)."""
-    if not _is_compiled(model):
+    from bnfreeze.engine import is_compiled
+
+    if not is_compiled(model):
         return TrainingState.UNCOMPILED
     if getattr(model, "train_function", None) is not None:
         return TrainingState.TRACED
@@ -438,9 +435,11 @@ def recompile(model: Any) -> Any:
     learning-rate schedule starts over. Works for a ``tf_keras.Model`` too (its ``compile()``
     records its arguments the same way). Returns ``model``.
     """
+    from bnfreeze.engine import is_compiled
+
     _check_model(model)
     optimizer = getattr(model, "optimizer", None)
-    if not _is_compiled(model) or optimizer is None:
+    if not is_compiled(model) or optimizer is None:
         raise BnfreezeError(
             f"model {model.name!r} is not compiled; call compile() on it yourself.",
         )

@@ -101,6 +101,12 @@ def require_runtime(runtime: Runtime) -> None:
         )
 
 
+def is_compiled(model: Any) -> bool:
+    """Whether a live model is compiled: Keras 3 says ``model.compiled``, tf_keras (Keras 2)
+    only ``model._is_compiled``."""
+    return bool(getattr(model, "compiled", False) or getattr(model, "_is_compiled", False))
+
+
 def keras_module(runtime: Runtime = Runtime.KERAS3) -> ModuleType:
     """Import and return the Keras package for ``runtime`` (``keras`` or ``tf_keras``).
 

@@ -90,11 +90,6 @@ def _keras_of(obj: Any) -> Any:
     return engine.keras_module(runtime_of(obj))
 
 
-def is_compiled(model: Any) -> bool:
-    """Keras 3 says ``model.compiled``; tf_keras ``model._is_compiled``."""
-    return bool(getattr(model, "compiled", False) or getattr(model, "_is_compiled", False))
-
-
 def _is_builtin(obj: Any) -> bool:
     return type(obj).__module__.split(".")[0] in _BUILTIN_PREFIXES
 
@@ -273,7 +268,7 @@ def live_report(
     runtime = runtime_of(model) if runtime is None else runtime
     keras = _keras_of(model)
     live = live if live is not None else live_model(model)
-    compiled = is_compiled(model)
+    compiled = engine.is_compiled(model)
     compile_config = None
     if compiled:
         with contextlib.suppress(Exception):

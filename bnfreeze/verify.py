@@ -837,14 +837,6 @@ def _compile_default(keras: Any, model: Any) -> None:
     )
 
 
-def _is_compiled(model: Any) -> bool:
-    """Keras 3 says ``model.compiled``; tf_keras (Keras 2) only ``model._is_compiled``."""
-    compiled = getattr(model, "compiled", None)
-    if compiled is None:
-        compiled = getattr(model, "_is_compiled", False)
-    return bool(compiled)
-
-
 def _optimizer_name(model: Any) -> str:
     optimizer = getattr(model, "optimizer", None)
     if optimizer is None:
@@ -871,7 +863,7 @@ def _measure(
     owned = _own_variables(layers)
     every = {id(v): v for vs in owned.values() for v in vs}
 
-    if _is_compiled(model) and getattr(model, "optimizer", None) is not None:
+    if engine.is_compiled(model) and getattr(model, "optimizer", None) is not None:
         source, reason = CompileSource.MODEL, None
         model.run_eagerly = True
         model.jit_compile = False
