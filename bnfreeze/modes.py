@@ -168,13 +168,7 @@ class Keras3Rules:
                 normalizes_with=Normalization.BATCH if own else Normalization.MOVING,
                 updates_moving_stats=own,
             )
-        if not has_weights:
-            trains = None
-        elif not record.custom and record.class_name in UNTRAINABLE_STATE_CLASSES:
-            trains = False
-        else:
-            trains = own and model_trainable
-        return FitBehaviour(trains_weights=trains, normalizes_with=None, updates_moving_stats=None)
+        return _weights_in_fit(record, has_weights, trainable=own and model_trainable)
 
     def in_predict(
         self,
@@ -200,6 +194,21 @@ class Keras3Rules:
                 trains_weights=False, normalizes_with=None, updates_moving_stats=None
             )
         return NOT_APPLICABLE
+
+
+def _weights_in_fit(
+    record: LayerRecord, has_weights: bool | None, *, trainable: bool
+) -> FitBehaviour:
+    """A layer that is not BN: its weights train in ``fit()`` when the runtime's rule says
+    ``trainable``, unless it holds none (unknown when it cannot be told) or only untrainable
+    state (the preprocessing ``Normalization``)."""
+    if not has_weights:
+        trains = None
+    elif not record.custom and record.class_name in UNTRAINABLE_STATE_CLASSES:
+        trains = False
+    else:
+        trains = trainable
+    return FitBehaviour(trains_weights=trains, normalizes_with=None, updates_moving_stats=None)
 
 
 def call_site_training(
@@ -255,13 +264,7 @@ class TfKerasRules:
                 trains_weights=reachable and (record.scale or record.center),
                 **_bn_mode(own, call_site_training(record, ancestors, outer=True)),
             )
-        if not has_weights:
-            trains = None
-        elif not record.custom and record.class_name in UNTRAINABLE_STATE_CLASSES:
-            trains = False
-        else:
-            trains = reachable
-        return FitBehaviour(trains_weights=trains, normalizes_with=None, updates_moving_stats=None)
+        return _weights_in_fit(record, has_weights, trainable=reachable)
 
     def in_predict(
         self,
