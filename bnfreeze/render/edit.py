@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from rich import box
 from rich.cells import cell_len
 from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.measure import Measurement
@@ -19,7 +18,13 @@ from rich.text import Text
 from bnfreeze.edit import Change
 from bnfreeze.freezing import EditResult
 from bnfreeze.render.json import SCHEMA_VERSION, dumps, finding_dict, report_dict
-from bnfreeze.render.table import STYLE_NONE, Trimmed, inspect_view, plain_columns
+from bnfreeze.render.table import (
+    STYLE_NONE,
+    Trimmed,
+    inspect_view,
+    plain_columns,
+    simple_table,
+)
 from bnfreeze.render.table import _flag as flag_text
 
 
@@ -33,14 +38,7 @@ def _before_after(change: Change) -> Text:
 def change_table(changes: tuple[Change, ...]) -> Table:
     """One row per changed layer: path, class, trainable before → after (a Rich Table in the
     ``inspect`` look)."""
-    table = Table(
-        box=box.SIMPLE_HEAD,
-        show_edge=False,
-        pad_edge=False,
-        collapse_padding=True,
-        padding=(0, 1),
-        header_style="bold",
-    )
+    table = simple_table()
     table.add_column("path", overflow="fold")
     table.add_column("class", overflow="ellipsis", no_wrap=True)
     table.add_column("trainable", no_wrap=True)

@@ -37,6 +37,7 @@ __all__ = [
     "layer_tree",
     "mode_text",
     "plain_columns",
+    "simple_table",
     "summary",
     "warning_lines",
 ]
@@ -190,6 +191,18 @@ HEADERS = ("path", "class", "trainable", "in fit()", "updates stats")
 _GAPS = 2 * (len(HEADERS) - 1)  # one space of padding each side of a column boundary
 
 
+def simple_table() -> Table:
+    """An empty Rich table in the ``inspect`` look (:func:`plain_columns` draws the same)."""
+    return Table(
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        collapse_padding=True,
+        padding=(0, 1),
+        header_style="bold",
+    )
+
+
 def plain_columns(
     headers: tuple[str, ...], widths: list[int], rows: Iterable[Iterable[Text]]
 ) -> Iterator[Text]:
@@ -267,14 +280,7 @@ class LayerTable:
 
     def _table(self, max_width: int) -> Table:
         widths = self._widths(max_width)
-        table = Table(
-            box=box.SIMPLE_HEAD,
-            show_edge=False,
-            pad_edge=False,
-            collapse_padding=True,
-            padding=(0, 1),
-            header_style="bold",
-        )
+        table = simple_table()
         show_class = widths[1] != 0
         table.add_column(HEADERS[0], overflow="fold", width=widths[0])
         if show_class:
