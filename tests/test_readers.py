@@ -332,3 +332,23 @@ def test_a_copy_of_a_bad_file_under_another_suffix_says_the_same(tmp_path):
     renamed = tmp_path / "model.keras"
     shutil.copy(src, renamed)
     assert_one_line_error(renamed, "an HDF5 file without a Keras model_config")
+
+
+@pytest.mark.parametrize("kind", ["keras", "h5", "keras-dir"])
+def test_with_weights_completes_a_model_read_without_them(kind, tmp_path):
+    """freeze reads a model with weights=False and indexes its weights later
+    (readers.with_weights): the result must be what read_model gives at once."""
+    from bnfreeze.readers import read_model, with_weights
+
+    path = {
+        "keras": SAMPLES / "guide_pattern.keras",
+        "h5": SAMPLES / "nested_legacy.h5",
+        "keras-dir": tmp_path / "guide",
+    }[kind]
+    if kind == "keras-dir":
+        zipfile.ZipFile(SAMPLES / "guide_pattern.keras").extractall(path)
+    light = read_model(path, weights=False)
+    assert light.weights is None
+    full = with_weights(light)
+    assert full == read_model(path)
+    assert full.weights is not None and full.weights.variables == read_model(path).weights.variables

@@ -84,6 +84,16 @@ def with_weights(model: ModelFile) -> ModelFile:
 
         index, optimizer_variables = keras_zip.index(Path(model.path))
         return replace(model, weights=index, optimizer_variables=optimizer_variables)
+    if model.format is ModelFormat.KERAS_DIR:
+        from bnfreeze.readers import keras_dir
+
+        index, optimizer_variables = keras_dir.index(Path(model.path))
+        return replace(model, weights=index, optimizer_variables=optimizer_variables)
+    if model.format is ModelFormat.H5:
+        from bnfreeze.readers import legacy_h5
+
+        # The optimizer variables are counted by read(..., weights=False) already.
+        return replace(model, weights=legacy_h5.index(Path(model.path)))
     return read_model(model.path)
 
 

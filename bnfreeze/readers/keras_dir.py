@@ -17,7 +17,7 @@ from bnfreeze.readers._keras_common import (
     keras_model_file,
     parse_json,
 )
-from bnfreeze.records import ModelFile, ModelFormat
+from bnfreeze.records import ModelFile, ModelFormat, WeightIndex
 
 
 def _read_bounded(path: Path, source: str) -> bytes:
@@ -55,16 +55,22 @@ def read(path: Path, *, weights: bool = True) -> ModelFile:
     metadata = None
     if (path / METADATA).is_file():
         metadata = parse_json(_read_bounded(path / METADATA, source), source, METADATA)
-    index, optimizer_variables = None, None
-    if weights and (path / WEIGHTS).is_file():
-        weights_file = path / WEIGHTS
-        try:
-            size = weights_file.stat().st_size
-        except OSError as exc:
-            raise ModelFormatError(
-                f"{source}: {WEIGHTS} cannot be read ({exc.strerror or exc})."
-            ) from None
-        index, optimizer_variables = index_member(Member(str(weights_file), 0, size), source)
+    found, optimizer_variables = index(path) if weights else (None, None)
     return keras_model_file(
-        source, ModelFormat.KERAS_DIR, config, metadata, index, optimizer_variables
+        source, ModelFormat.KERAS_DIR, config, metadata, found, optimizer_variables
     )
+
+
+def index(path: Path) -> tuple[WeightIndex | None, int | None]:
+    """Index the folder's ``model.weights.h5``, if it has one (see
+    :func:`bnfreeze.readers.with_weights`)."""
+    weights_file = path / WEIGHTS
+    if not weights_file.is_file():
+        return None, None
+    source = str(path)
+    try:
+        size = weights_file.stat().st_size
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise ModelFormatError(f"{source}: {WEIGHTS} cannot be read ({reason}).") from None
+    return index_member(Member(str(weights_file), 0, size), source)

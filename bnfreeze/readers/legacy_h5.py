@@ -5,6 +5,8 @@ of each group's ``weight_names`` attribute (see SEMANTICS §5 for why that order
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +39,23 @@ def layer_path_of(group: str, weight_name: str) -> str:
 
 
 def read(path: Path, *, weights: bool = True) -> ModelFile:
+    with _opened(path) as h5:
+        return _read_open(h5, path, str(path), weights)
+
+
+def index(path: Path) -> WeightIndex | None:
+    """Index the weights of a file already read with ``weights=False`` (see
+    :func:`bnfreeze.readers.with_weights`)."""
+    with _opened(path) as h5:
+        return _index(h5)
+
+
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator[Any]:
+    """The open HDF5 file; h5py's failures, opening it or reading it, become
+    :class:`ModelFormatError`."""
     import h5py
 
-    source = str(path)
     try:
         h5 = h5py.File(path, "r")
     except Exception as exc:
@@ -49,7 +65,7 @@ def read(path: Path, *, weights: bool = True) -> ModelFile:
         ) from None
     try:
         with h5:
-            return _read_open(h5, path, source, weights)
+            yield h5
     except ModelFormatError:
         raise
     except Exception as exc:
