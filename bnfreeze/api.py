@@ -11,8 +11,8 @@
     model.fit(...)
 
 For a path, each function runs the same library code as the CLI command
-(:mod:`bnfreeze.inspection`, :mod:`bnfreeze.freezing`) and returns the same objects. For an
-in-memory model, the flags are set on the live layers (:mod:`bnfreeze.keras_edit`); the
+(:mod:`bnfreeze.ops.inspect`, :mod:`bnfreeze.ops.edit`) and returns the same objects. For an
+in-memory model, the flags are set on the live layers (:mod:`bnfreeze.runtime.keras_route`); the
 model is changed in place and also returned in the result's report.
 
 Changing ``trainable`` on a compiled model (SEMANTICS §4, measured on Keras 3.15 / TF 2.21):
@@ -36,7 +36,7 @@ flag of a compiled model, worded for the case at hand and the model's Keras, and
 :func:`recompile` does the fix.
 
 In-memory ``tf_keras.Model`` objects are accepted as well as ``keras.Model`` ones: they are
-inspected with the tf_keras rules (:class:`bnfreeze.modes.TfKerasRules`) and edited on the
+inspected with the tf_keras rules (:class:`bnfreeze.model.modes.TfKerasRules`) and edited on the
 live layers; saving one (``output=``) is refused.
 
 Importing :mod:`bnfreeze` or this module never imports TensorFlow or Keras.
@@ -51,9 +51,9 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from bnfreeze.edit import Assignment
+from bnfreeze.model.assignments import Assignment
 from bnfreeze.errors import BnfreezeError
-from bnfreeze.records import Finding, ModelFormat, Report, Runtime, WarningCode
+from bnfreeze.model.records import Finding, ModelFormat, Report, Runtime, WarningCode
 
 ModelOrPath = Any  # a keras.Model, or a str / os.PathLike naming a saved model
 
@@ -84,7 +84,7 @@ def training_state(model: Any) -> TrainingState:
     ``train_on_batch()`` set and ``compile()`` resets (on tf_keras too); ``optimizer.built``
     is set by the first step, by ``load_model`` of a compiled model and by
     ``compile_from_config`` (Keras 3; a tf_keras optimizer has no such flag)."""
-    from bnfreeze.engine import is_compiled
+    from bnfreeze.runtime.loading import is_compiled
 
     if not is_compiled(model):
         return TrainingState.UNCOMPILED
@@ -170,7 +170,7 @@ def _check_model(value: Any) -> None:
 def inspect(model_or_path: ModelOrPath, *, runtime: Runtime | None = None) -> Report:
     """Each layer's flag and what it really does in ``fit()``: the ``bnfreeze inspect`` report.
 
-    A path is read without Keras (:func:`bnfreeze.inspection.inspect_file`), for ``runtime``
+    A path is read without Keras (:func:`bnfreeze.ops.inspect.inspect_file`), for ``runtime``
     (default Keras 3). An in-memory model is serialized as Keras would save it and walked the
     same way; its format is ``memory``, layers that hold variables are read off the live
     layers, and a custom BatchNormalization subclass counts as BN (``isinstance``). Its
@@ -179,7 +179,7 @@ def inspect(model_or_path: ModelOrPath, *, runtime: Runtime | None = None) -> Re
     ``training=`` wins); asking for another runtime is an error.
     """
     if _is_path(model_or_path):
-        from bnfreeze.inspection import inspect_file
+        from bnfreeze.ops.inspect import inspect_file
 
         return inspect_file(model_or_path, Runtime.KERAS3 if runtime is None else runtime)
     _check_model(model_or_path)
@@ -189,9 +189,9 @@ def inspect(model_or_path: ModelOrPath, *, runtime: Runtime | None = None) -> Re
             f"model {model_or_path.name!r} is a {own.value} model in memory; its behaviour is "
             f"{own.value}'s, not {runtime.value}'s. Leave runtime out for an in-memory model."
         )
-    from bnfreeze import keras_edit
+    from bnfreeze.runtime import keras_route
 
-    return keras_edit.live_report(model_or_path, runtime=own)
+    return keras_route.live_report(model_or_path, runtime=own)
 
 
 # ------------------------------------------------------------------------------ edits
@@ -213,7 +213,7 @@ def freeze(
     unsafe: bool = False,
 ) -> Any:
     """Freeze the selected layers, as ``bnfreeze freeze`` does; returns an
-    :class:`~bnfreeze.freezing.EditResult`.
+    :class:`~bnfreeze.ops.edit.EditResult`.
 
     With no option every selected layer gets ``trainable=False``, BN included.
     ``bn_inference=True`` sets only the BN layers to False, which on Keras 3 is what keeps
@@ -253,7 +253,7 @@ def unfreeze(
     unsafe: bool = False,
 ) -> Any:
     """Unfreeze the selected layers (``trainable=True``), as ``bnfreeze unfreeze`` does;
-    returns an :class:`~bnfreeze.freezing.EditResult`.
+    returns an :class:`~bnfreeze.ops.edit.EditResult`.
 
     ``keep_bn_inference=True`` keeps every selected BN layer frozen: the fine-tuning step of
     the Keras transfer-learning guide, done right on Keras 3. ``from_`` is a layer path or
@@ -282,18 +282,18 @@ def _edit(
     custom_objects: str | Mapping[str, Any] | None,
     unsafe: bool,
 ) -> Any:
-    from bnfreeze import freezing
+    from bnfreeze.ops import edit as file_edit
 
     if isinstance(layers, str):
         layers = (layers,)
-    selection = freezing.LayerSelection(tuple(layers), up_to, from_layer)
+    selection = file_edit.LayerSelection(tuple(layers), up_to, from_layer)
     if _is_path(model_or_path):
         if custom_objects is not None and not isinstance(custom_objects, str):
             raise BnfreezeError(
                 "for a saved model, custom_objects names a module or .py file (as "
                 "--custom-objects does)."
             )
-        return freezing.edit_file(
+        return file_edit.edit_file(
             model_or_path, output, assignment, layers=selection.layers, up_to=up_to,
             from_layer=from_layer, dry_run=dry_run, in_place=in_place,
             keep_optimizer_state=keep_optimizer_state, engine=engine,
@@ -321,7 +321,9 @@ def _edit_memory(
     custom_objects: str | Mapping[str, Any] | None,
     unsafe: bool,
 ) -> Any:
-    from bnfreeze import engine, freezing, keras_edit
+    from bnfreeze.runtime import loading
+    from bnfreeze.ops import edit as file_edit
+    from bnfreeze.runtime import keras_route
 
     state = training_state(model)
     runtime = _runtime_of(model)
@@ -334,16 +336,16 @@ def _edit_memory(
     if output is not None:  # a bad name or folder fails before anything changes
         from pathlib import Path
 
-        from bnfreeze.writers.atomic import check_destination
+        from bnfreeze.formats.atomic import check_destination
 
-        keras_edit.save_format(output)
+        keras_route.save_format(output)
         check_destination(Path(output))
-    live = keras_edit.live_model(model)
-    done = keras_edit.edit_live(live, assignment, selection.apply, dry_run=dry_run)
+    live = keras_route.live_model(model)
+    done = keras_route.edit_live(live, assignment, selection.apply, dry_run=dry_run)
     optimizer = getattr(model, "optimizer", None)
     built = getattr(optimizer, "built", False) or getattr(optimizer, "_built", False)  # tf_keras
     optimizer_variables = len(optimizer.variables) if optimizer is not None and built else None
-    decision = freezing.optimizer_decision(
+    decision = file_edit.optimizer_decision(
         optimizer_variables, done.trainable_set_changed, keep_optimizer_state
     )
     source = f"<in-memory model {model.name!r}>"
@@ -363,35 +365,35 @@ def _edit_memory(
     written = None
     if output is not None and not dry_run:
         objects = _custom_objects_for(live, custom_objects)
-        keep = decision in (freezing.OptimizerState.UNCHANGED, freezing.OptimizerState.KEPT)
-        with engine.quiet():
-            output_bytes = keras_edit.save(
+        keep = decision in (file_edit.OptimizerState.UNCHANGED, file_edit.OptimizerState.KEPT)
+        with loading.quiet():
+            output_bytes = keras_route.save(
                 model,
                 output,
                 keep_optimizer=keep,
-                reload=lambda p: engine.load_model(
+                reload=lambda p: loading.load_model(
                     p, unsafe=unsafe, custom_objects=objects, compile=False
                 ),
                 live=live,
             )
         written = os.fspath(output)
         findings.extend(
-            f for f in freezing.edit_warnings(
+            f for f in file_edit.edit_warnings(
                 done.changes, decision, optimizer_variables, output=written, dry_run=False
             )
             if f.code is WarningCode.OPTIMIZER_STATE
         )
-    report = keras_edit.live_report(
+    report = keras_route.live_report(
         model,
         path=written,
-        fmt=keras_edit.save_format(written) if written else ModelFormat.MEMORY,
+        fmt=keras_route.save_format(written) if written else ModelFormat.MEMORY,
     )
     dropped = optimizer_variables or 0
-    return freezing.EditResult(
+    return file_edit.EditResult(
         source=source,
         output=written,
         dry_run=dry_run,
-        engine=freezing.Engine.KERAS,
+        engine=file_edit.Engine.KERAS,
         selected=done.selected,
         changes=done.changes,
         report=report,
@@ -399,7 +401,7 @@ def _edit_memory(
         optimizer_state=decision,
         optimizer_variables=optimizer_variables,
         optimizer_variables_dropped=dropped
-        if written and decision is freezing.OptimizerState.DROPPED
+        if written and decision is file_edit.OptimizerState.DROPPED
         else 0,
         input_bytes=0,
         output_bytes=output_bytes,
@@ -411,13 +413,13 @@ def _custom_objects_for(
 ) -> dict[str, Any]:
     """What reloading a saved in-memory model needs: the classes it is made of (they are
     already loaded in this process), plus whatever the caller names."""
-    from bnfreeze import engine
+    from bnfreeze.runtime import loading
 
     objects: dict[str, Any] = {type(live.model).__name__: type(live.model)}
     for layer in live.layers.values():
         objects.setdefault(type(layer).__name__, type(layer))
     if isinstance(given, str):
-        objects.update(engine.load_custom_objects(given))
+        objects.update(loading.load_custom_objects(given))
     elif given:
         objects.update(given)
     return objects
@@ -435,7 +437,7 @@ def recompile(model: Any) -> Any:
     learning-rate schedule starts over. Works for a ``tf_keras.Model`` too (its ``compile()``
     records its arguments the same way). Returns ``model``.
     """
-    from bnfreeze.engine import is_compiled
+    from bnfreeze.runtime.loading import is_compiled
 
     _check_model(model)
     optimizer = getattr(model, "optimizer", None)

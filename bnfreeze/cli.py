@@ -129,7 +129,7 @@ def start_export(export: str | None, as_json: bool) -> None:
         return
     if as_json:
         raise click.UsageError("--export saves the terminal view; it cannot be used with --json.")
-    from bnfreeze.export import check_destination
+    from bnfreeze.formats.export import check_destination
 
     check_destination(export)
 
@@ -137,7 +137,7 @@ def start_export(export: str | None, as_json: bool) -> None:
 def finish_export(console: Any, export: str | None) -> None:
     if export is None:
         return
-    from bnfreeze.export import save_recording
+    from bnfreeze.formats.export import save_recording
 
     # Rich centres the title over the window buttons: keep it short, "bnfreeze check".
     save_recording(console, export, title=click.get_current_context().command_path)
@@ -181,7 +181,7 @@ def inspect(
       bnfreeze inspect model.keras --json | jq .summary
       bnfreeze inspect model.keras --strip --export model.svg
     """
-    from bnfreeze.inspection import inspect_file
+    from bnfreeze.ops.inspect import inspect_file
 
     if strip and (as_json or tree or all_layers):
         raise click.UsageError("--strip is its own view; drop --json, --tree and --all.")
@@ -261,9 +261,9 @@ def check(
       bnfreeze check finetune.keras --plan configs/keras-guide-finetune.toml --strict
       bnfreeze check model.keras --expect bn-inference --json | jq .failures
     """
-    from bnfreeze.check import check_file
+    from bnfreeze.ops.check import check_file
     from bnfreeze.errors import EXIT_CHECK_FAILED
-    from bnfreeze.expectations import parse_expectation
+    from bnfreeze.model.expectations import parse_expectation
 
     if plan_path is None and not expects and not strict:
         raise click.UsageError("give --plan PLAN, --expect NAME or --strict (or several).")
@@ -272,7 +272,7 @@ def check(
     start_export(export, as_json)
     plan = None
     if plan_path is not None:
-        from bnfreeze.plans import load_plan, parse_sets
+        from bnfreeze.ops.plans import load_plan, parse_sets
 
         plan = load_plan(plan_path, parse_sets(sets))
     expectations = [parse_expectation(spec) for spec in expects]
@@ -315,7 +315,7 @@ def diff(a: str, b: str, as_json: bool, exit_code: bool, export: str | None) -> 
       bnfreeze diff model.keras finetune.keras --json | jq .weights.identical
       bnfreeze diff model.keras finetune.keras --export diff.html
     """
-    from bnfreeze.diff import diff_files
+    from bnfreeze.ops.diff import diff_files
     from bnfreeze.errors import EXIT_CHECK_FAILED
 
     start_export(export, as_json)
@@ -371,7 +371,7 @@ def apply_plan(
           --set block=block_13_add -o top.keras
       bnfreeze apply model.keras --plan configs/train-bn.toml --dry-run --json | jq .changes
     """
-    from bnfreeze.plans import apply_plan_file, load_plan, parse_sets
+    from bnfreeze.ops.plans import apply_plan_file, load_plan, parse_sets
 
     if output is None and not dry_run and not in_place:
         raise click.UsageError("-o OUT is required unless --dry-run or --in-place is given.")
@@ -493,7 +493,7 @@ def freeze(
       bnfreeze freeze model.keras --up-to block5_add -o partly_frozen.keras
       bnfreeze freeze model.keras --layers 'mobilenetv2*' --dry-run
     """
-    from bnfreeze.freezing import freeze_file
+    from bnfreeze.ops.edit import freeze_file
 
     if bn_inference and train_bn:
         raise click.UsageError("--bn-inference and --train-bn contradict each other; pick one.")
@@ -524,7 +524,7 @@ def unfreeze(model: str, keep_bn_inference: bool, from_layer: str | None, **opti
       bnfreeze unfreeze model.keras --layers 'mobilenetv2*' --keep-bn-inference --in-place
       bnfreeze unfreeze model.keras --keep-bn-inference --dry-run --json | jq .changes
     """
-    from bnfreeze.freezing import unfreeze_file
+    from bnfreeze.ops.edit import unfreeze_file
 
     as_json = options.pop("as_json")
     output = options.pop("output")
@@ -589,10 +589,10 @@ def verify(
       bnfreeze verify model.keras --steps 3 --batch-size 8 --data batch.npz
       bnfreeze verify model.keras --json | jq .summary
     """
-    from bnfreeze.engine import progress_on_stderr
-    from bnfreeze.expectations import parse_expectation
-    from bnfreeze.records import Runtime
-    from bnfreeze.verify import verify_file
+    from bnfreeze.runtime.loading import progress_on_stderr
+    from bnfreeze.model.expectations import parse_expectation
+    from bnfreeze.model.records import Runtime
+    from bnfreeze.runtime.verify import verify_file
 
     expectations = [parse_expectation(spec) for spec in expects]
     with progress_on_stderr() as progress:
@@ -642,9 +642,9 @@ def explain(runtime: str, as_json: bool) -> None:
       bnfreeze explain
       bnfreeze explain --json | jq '.cases[] | {training, trainable, moving_stats_updated}'
     """
-    from bnfreeze.engine import progress_on_stderr
-    from bnfreeze.explain import explain as run_explain
-    from bnfreeze.records import Runtime
+    from bnfreeze.runtime.loading import progress_on_stderr
+    from bnfreeze.runtime.explain import explain as run_explain
+    from bnfreeze.model.records import Runtime
 
     with progress_on_stderr() as progress:
         report = run_explain(runtime=Runtime(runtime), progress=progress)

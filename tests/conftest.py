@@ -195,7 +195,7 @@ def custom_bn_keras(custom_layers_file, tmp_path_factory) -> Path:
     import keras
     import numpy as np
 
-    from bnfreeze.engine import load_custom_objects
+    from bnfreeze.runtime.loading import load_custom_objects
 
     my = load_custom_objects(str(custom_layers_file))
     keras.utils.set_random_seed(3)
@@ -218,7 +218,7 @@ def subclassed_keras(custom_layers_file, tmp_path_factory) -> Path:
     import keras
     import numpy as np
 
-    from bnfreeze.engine import load_custom_objects
+    from bnfreeze.runtime.loading import load_custom_objects
 
     my = load_custom_objects(str(custom_layers_file))
     keras.utils.set_random_seed(4)

@@ -1,4 +1,4 @@
-"""Crafted HDF5 files for the lean reader (``bnfreeze.readers._hdf5``): each one is a valid
+"""Crafted HDF5 files for the lean reader (``bnfreeze.formats.readers._hdf5``): each one is a valid
 h5py-written file with specific bytes or pointers patched, so nothing binary is committed.
 
 Every builder takes the bytes of a valid file and returns the bytes of the crafted one. The

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 import bnfreeze
-from bnfreeze import freezing, keras_edit
+from bnfreeze.ops import edit as file_edit
+from bnfreeze.runtime import keras_route
 from bnfreeze.errors import BnfreezeError, SelectionError
 from bnfreeze.render.json import layer_dict
 
@@ -54,9 +55,9 @@ def compile_(model, lr: float = 1e-2):
 
 def fit_moves(model, batch_size: int = 16) -> set[str]:
     """The layers whose variables one real fit() epoch changes (no recompile)."""
-    before = keras_edit.values_by_path(keras_edit.live_layers(model))
+    before = keras_route.values_by_path(keras_route.live_layers(model))
     model.fit(X, Y, batch_size=batch_size, epochs=1, verbose=0)
-    after = keras_edit.values_by_path(keras_edit.live_layers(model))
+    after = keras_route.values_by_path(keras_route.live_layers(model))
     return {k.split(":")[0] for k in before if not np.array_equal(before[k], after[k])}
 
 
@@ -113,7 +114,7 @@ def test_inspect_in_memory_matches_the_saved_file(samples):
 
 
 def test_inspect_recognises_custom_bn_and_subclassed_models(custom_layers_file):
-    from bnfreeze.engine import load_custom_objects
+    from bnfreeze.runtime.loading import load_custom_objects
 
     my = load_custom_objects(str(custom_layers_file))
     import keras
@@ -135,11 +136,11 @@ def test_inspect_recognises_custom_bn_and_subclassed_models(custom_layers_file):
 def test_freeze_in_memory_returns_the_same_objects():
     model = build()
     result = bnfreeze.freeze(model, bn_inference=True)
-    assert isinstance(result, freezing.EditResult)
+    assert isinstance(result, file_edit.EditResult)
     assert [(c.path, c.before, c.after) for c in result.changes] == [("bn", True, False)]
     assert model.get_layer("bn").trainable is False
     assert result.report.bn_inference_in_fit == 1
-    assert result.output is None and result.engine is freezing.Engine.KERAS
+    assert result.output is None and result.engine is file_edit.Engine.KERAS
 
 
 def test_selection_options_in_memory():
@@ -173,7 +174,7 @@ def test_in_memory_output_is_saved(tmp_path):
         warnings.simplefilter("ignore", bnfreeze.RecompileWarning)
         result = bnfreeze.freeze(model, bn_inference=True, output=out)
     assert result.output == str(out) and result.output_bytes == out.stat().st_size
-    assert result.optimizer_state is freezing.OptimizerState.DROPPED
+    assert result.optimizer_state is file_edit.OptimizerState.DROPPED
     loaded = keras.models.load_model(out, compile=False)
     assert loaded.get_layer("bn").trainable is False
 
@@ -182,9 +183,9 @@ def test_paths_go_through_the_cli_orchestration(samples, tmp_path):
     out = tmp_path / "out.keras"
     result = bnfreeze.unfreeze(samples / "guide_pattern.keras", keep_bn_inference=True,
                                output=out)
-    same = freezing.unfreeze_file(samples / "guide_pattern.keras", tmp_path / "cli.keras",
+    same = file_edit.unfreeze_file(samples / "guide_pattern.keras", tmp_path / "cli.keras",
                                   keep_bn_inference=True)
-    assert result.engine is freezing.Engine.CONFIG
+    assert result.engine is file_edit.Engine.CONFIG
     assert result.changes == same.changes
     assert out.read_bytes() == (tmp_path / "cli.keras").read_bytes()
     with pytest.raises(BnfreezeError, match="in_place"):

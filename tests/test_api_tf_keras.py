@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 
 import bnfreeze
-from bnfreeze import freezing, keras_edit, modes
+from bnfreeze.ops import edit as file_edit
+from bnfreeze.runtime import keras_route
+from bnfreeze.model import modes
 from bnfreeze.errors import BnfreezeError
-from bnfreeze.records import Normalization, Runtime
+from bnfreeze.model.records import Normalization, Runtime
 
 pytestmark = pytest.mark.keras
 
@@ -30,9 +32,9 @@ IGNORED = "fit() ignores this change"
 def tfk():
     """tf_keras, imported quietly as bnfreeze would import it."""
     pytest.importorskip("tf_keras")
-    from bnfreeze import engine
+    from bnfreeze.runtime import loading
 
-    return engine.keras_module(Runtime.TF_KERAS)
+    return loading.keras_module(Runtime.TF_KERAS)
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -70,10 +72,10 @@ def compile_(tfk, model, lr: float = 1e-2):
 def step(model) -> dict[str, set[str]]:
     """One real fit() epoch (one batch); which variables of which layer moved:
     ``{path: {"gamma", "moving_mean", "kernel", ...}}``."""
-    layers = keras_edit.live_layers(model)
-    before = keras_edit.values_by_path(layers)
+    layers = keras_route.live_layers(model)
+    before = keras_route.values_by_path(layers)
     model.fit(X, Y, batch_size=16, epochs=1, verbose=0)
-    after = keras_edit.values_by_path(layers)
+    after = keras_route.values_by_path(layers)
     moved: dict[str, set[str]] = {}
     for key, value in before.items():
         if not np.array_equal(value, after[key]):
@@ -172,7 +174,7 @@ def test_frozen_container_with_trainable_bn_in_memory(tfk):
 def test_freeze_bn_inference_then_a_measured_step(tfk):
     model = nested(tfk)
     result = bnfreeze.freeze(model, bn_inference=True)
-    assert isinstance(result, freezing.EditResult)
+    assert isinstance(result, file_edit.EditResult)
     assert [(c.path, c.before, c.after) for c in result.changes] == [
         ("bn", True, False), ("sub/sbn", True, False)
     ]

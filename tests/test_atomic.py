@@ -1,4 +1,4 @@
-"""bnfreeze.writers.atomic: when the output is fsynced, and the write-back thread that
+"""bnfreeze.formats.atomic: when the output is fsynced, and the write-back thread that
 overlaps those disk writes with the copy."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import time
 import pytest
 
 from bnfreeze.errors import OutputError
-from bnfreeze.writers import atomic
-from bnfreeze.writers.atomic import write_atomically
+from bnfreeze.formats import atomic
+from bnfreeze.formats.atomic import write_atomically
 
 
 def test_the_file_is_written_back_while_it_is_produced(tmp_path, monkeypatch):

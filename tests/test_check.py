@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from bnfreeze.check import check_file
+from bnfreeze.ops.check import check_file
 from bnfreeze.cli import cli
-from bnfreeze.expectations import (
+from bnfreeze.model.expectations import (
     Expectation,
     ExpectKind,
     GlobScope,
@@ -19,8 +19,8 @@ from bnfreeze.expectations import (
     evaluate,
     parse_expectation,
 )
-from bnfreeze.plans import load_plan
-from bnfreeze.records import Normalization
+from bnfreeze.ops.plans import load_plan
+from bnfreeze.model.records import Normalization
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -47,7 +47,7 @@ def under_frozen(samples):
 def phase2(guide, tmp_path_factory):
     """The guide's phase 2, done the naive way: every layer unfrozen, BN included, while the
     backbone is still called with training=False."""
-    from bnfreeze.freezing import unfreeze_file
+    from bnfreeze.ops.edit import unfreeze_file
 
     out = tmp_path_factory.mktemp("check") / "phase2.keras"
     unfreeze_file(guide, out)
@@ -322,7 +322,7 @@ def test_check_file_library_call(under_frozen):
 
 def test_evaluate_on_measured_observations():
     """verify builds Observed values from measurement; the same evaluate() judges them."""
-    from bnfreeze.records import LayerKind, LayerRecord
+    from bnfreeze.model.records import LayerKind, LayerRecord
 
     records = (
         LayerRecord("bn", "bn", "BatchNormalization", LayerKind.BATCHNORM, 0, None, True),

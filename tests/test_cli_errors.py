@@ -2,7 +2,7 @@
 
 from click.testing import CliRunner
 
-from bnfreeze import inspection
+from bnfreeze.ops import inspect as inspection
 from bnfreeze.cli import cli
 
 

@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from bnfreeze.cli import cli
-from bnfreeze.writers.atomic import TEMP_SUFFIX
+from bnfreeze.formats.atomic import TEMP_SUFFIX
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from keras_configs import functional, input_layer, layer, node, sequential
 
-from bnfreeze import diagnostics
-from bnfreeze.inspection import inspect_file, inspect_model_file
-from bnfreeze.readers import read_model
-from bnfreeze.records import Finding, ModelFile, ModelFormat, WarningCode
+from bnfreeze.model import diagnostics
+from bnfreeze.ops.inspect import inspect_file, inspect_model_file
+from bnfreeze.formats.readers import read_model
+from bnfreeze.model.records import Finding, ModelFile, ModelFormat, WarningCode
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 
@@ -201,7 +201,7 @@ def test_no_frozen_container_warning(tmp_path, config):
 
 
 def tf_keras_warnings(path: Path) -> list[Finding]:
-    from bnfreeze.records import Runtime
+    from bnfreeze.model.records import Runtime
 
     return list(inspect_file(path, Runtime.TF_KERAS).warnings)
 

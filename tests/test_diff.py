@@ -12,10 +12,10 @@ import pytest
 from click.testing import CliRunner
 
 from bnfreeze.cli import cli
-from bnfreeze.diff import LayerStatus, diff_files
-from bnfreeze.inspection import inspect_file
-from bnfreeze.readers import read_model
-from bnfreeze.readers.checksums import SLICE_BYTES, checksums, dataset_digest
+from bnfreeze.ops.diff import LayerStatus, diff_files
+from bnfreeze.ops.inspect import inspect_file
+from bnfreeze.formats.readers import read_model
+from bnfreeze.formats.readers.checksums import SLICE_BYTES, checksums, dataset_digest
 
 
 def run(*args: str):
@@ -27,7 +27,7 @@ def run(*args: str):
 @pytest.fixture(scope="module")
 def frozen_copies(samples, tmp_path_factory):
     """Each sample frozen entirely (every layer trainable=False) with bnfreeze freeze."""
-    from bnfreeze.freezing import freeze_file
+    from bnfreeze.ops.edit import freeze_file
 
     folder = tmp_path_factory.mktemp("diff")
     out = {}

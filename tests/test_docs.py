@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from bnfreeze.cli import cli
 from bnfreeze.errors import EXIT_CHECK_FAILED, EXIT_OK, EXIT_USAGE
-from bnfreeze.records import WarningCode
+from bnfreeze.model.records import WarningCode
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")

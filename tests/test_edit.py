@@ -8,7 +8,7 @@ import json
 import pytest
 from test_selection import nested_config
 
-from bnfreeze.edit import (
+from bnfreeze.model.assignments import (
     Assignment,
     Change,
     apply_to_config,
@@ -19,8 +19,8 @@ from bnfreeze.edit import (
     stores_flag,
     with_flags,
 )
-from bnfreeze.selection import select
-from bnfreeze.walk import walk
+from bnfreeze.model.selection import select
+from bnfreeze.model.walk import walk
 
 
 @pytest.fixture()

@@ -1,4 +1,4 @@
-"""``bnfreeze.engine``: safe loading, custom objects, TensorFlow's noise kept off stdout,
+"""``bnfreeze.runtime.loading``: safe loading, custom objects, TensorFlow's noise kept off stdout,
 progress on stderr, runtimes."""
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from bnfreeze import engine
+from bnfreeze.runtime import loading
 from bnfreeze.errors import (
     BnfreezeError,
     ModelFormatError,
     RuntimeUnavailableError,
     UnsafeModelError,
 )
-from bnfreeze.records import Runtime
+from bnfreeze.model.records import Runtime
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,14 +71,14 @@ TF_KERAS_LAMBDA = {
 
 
 def test_unsafe_layers_keras3_and_tf_keras_styles():
-    assert engine.unsafe_layers(KERAS3_LAMBDA) == ["double"]
-    assert engine.unsafe_layers(TF_KERAS_LAMBDA) == ["old_style"]
+    assert loading.unsafe_layers(KERAS3_LAMBDA) == ["double"]
+    assert loading.unsafe_layers(TF_KERAS_LAMBDA) == ["old_style"]
 
 
 def test_unsafe_content_outside_layers_is_found_too():
     config = {"class_name": "Functional", "config": {"name": "m", "layers": []},
               "compile_config": {"loss": {"class_name": "__lambda__", "config": {}}}}
-    assert engine.unsafe_layers(config) == ["m"]
+    assert loading.unsafe_layers(config) == ["m"]
 
 
 @pytest.mark.parametrize(
@@ -87,21 +87,21 @@ def test_unsafe_content_outside_layers_is_found_too():
      "nested_legacy.h5"],
 )
 def test_samples_are_safe(samples, sample):
-    from bnfreeze.readers import read_model
+    from bnfreeze.formats.readers import read_model
 
-    assert engine.unsafe_layers(read_model(samples / sample, weights=False).config) == []
+    assert loading.unsafe_layers(read_model(samples / sample, weights=False).config) == []
 
 
 def test_refuse_unsafe_names_the_option():
     with pytest.raises(UnsafeModelError) as info:
-        engine.refuse_unsafe(KERAS3_LAMBDA, "m.keras", unsafe=False)
+        loading.refuse_unsafe(KERAS3_LAMBDA, "m.keras", unsafe=False)
     assert str(info.value) == (
         "m.keras: layer double holds a Python lambda; loading the model would run code stored "
         "in the file, so bnfreeze refuses (Keras safe_mode). If you trust the file, pass "
         "--unsafe."
     )
     assert info.value.exit_code == 2
-    engine.refuse_unsafe(KERAS3_LAMBDA, "m.keras", unsafe=True)  # no error
+    loading.refuse_unsafe(KERAS3_LAMBDA, "m.keras", unsafe=True)  # no error
 
 
 @pytest.fixture(scope="module")
@@ -119,17 +119,17 @@ def lambda_keras(tmp_path_factory) -> Path:
 @pytest.mark.keras
 def test_load_model_refuses_lambda_and_loads_it_when_unsafe(lambda_keras):
     with pytest.raises(UnsafeModelError, match="--unsafe"):
-        engine.load_model(lambda_keras)
-    model = engine.load_model(lambda_keras, unsafe=True)
+        loading.load_model(lambda_keras)
+    model = loading.load_model(lambda_keras, unsafe=True)
     assert [layer.name for layer in model.layers] == ["x", "double", "bn"]
 
 
 @pytest.mark.keras
 def test_keras_safe_mode_is_on_even_past_our_own_check(lambda_keras, monkeypatch):
     """Defence in depth: with bnfreeze's config scan disabled, Keras's safe_mode refuses."""
-    monkeypatch.setattr(engine, "refuse_unsafe", lambda *a, **k: None)
+    monkeypatch.setattr(loading, "refuse_unsafe", lambda *a, **k: None)
     with pytest.raises(UnsafeModelError) as info:
-        engine.load_model(lambda_keras)
+        loading.load_model(lambda_keras)
     assert "Keras refused to load it in safe mode" in str(info.value)
     assert str(info.value).endswith("If you trust the file, pass --unsafe.")
 
@@ -137,9 +137,9 @@ def test_keras_safe_mode_is_on_even_past_our_own_check(lambda_keras, monkeypatch
 def test_refusal_happens_before_tensorflow_is_imported(lambda_keras):
     code = (
         "import sys\n"
-        "from bnfreeze import engine\n"
+        "from bnfreeze.runtime import loading\n"
         "from bnfreeze.errors import UnsafeModelError\n"
-        f"try:\n    engine.load_model({str(lambda_keras)!r})\n"
+        f"try:\n    loading.load_model({str(lambda_keras)!r})\n"
         "except UnsafeModelError:\n    print('refused', 'tensorflow' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -153,7 +153,7 @@ def test_load_model_reads_only(samples, tmp_path):
     copy = tmp_path / "sequential.keras"
     copy.write_bytes(source.read_bytes())
     before = (copy.read_bytes(), copy.stat().st_mtime_ns)
-    model = engine.load_model(copy)
+    model = loading.load_model(copy)
     assert [layer.name for layer in model.layers][:2] == ["dense_1", "bn_1"]
     assert (copy.read_bytes(), copy.stat().st_mtime_ns) == before
 
@@ -161,11 +161,11 @@ def test_load_model_reads_only(samples, tmp_path):
 @pytest.mark.keras
 def test_load_model_bad_files_are_bnfreeze_errors(tmp_path):
     with pytest.raises(ModelFormatError, match="no such file"):
-        engine.load_model(tmp_path / "missing.keras")
+        loading.load_model(tmp_path / "missing.keras")
     junk = tmp_path / "junk.keras"
     junk.write_text("junk")
     with pytest.raises(ModelFormatError, match="not a Keras model file"):
-        engine.load_model(junk)
+        loading.load_model(junk)
 
 
 @pytest.mark.parametrize(
@@ -184,7 +184,7 @@ def test_load_model_bad_files_are_bnfreeze_errors(tmp_path):
     ids=["safe-mode", "custom-class", "other"],
 )
 def test_keras_errors_become_one_line(exc, config, kind, text):
-    error = engine._load_error("m.keras", exc, config)
+    error = loading._load_error("m.keras", exc, config)
     assert isinstance(error, kind)
     assert text in str(error)
     assert "\n" not in str(error)
@@ -201,14 +201,14 @@ def test_custom_objects_from_a_file_collects_what_it_defines(tmp_path):
         "def swish(x):\n    return x\n"
         "_private = 1\nCONSTANT = 3\n"
     )
-    objects = engine.load_custom_objects(str(module))
+    objects = loading.load_custom_objects(str(module))
     assert sorted(objects) == ["Scale", "swish"]
 
 
 def test_custom_objects_dict_is_used_as_is(tmp_path):
     module = tmp_path / "declared.py"
     module.write_text("class A:\n    pass\nclass B:\n    pass\nCUSTOM_OBJECTS = {'Alias': A}\n")
-    objects = engine.load_custom_objects(str(module))
+    objects = loading.load_custom_objects(str(module))
     assert list(objects) == ["Alias"] and objects["Alias"].__name__ == "A"
 
 
@@ -216,7 +216,7 @@ def test_custom_objects_from_a_module_in_the_current_directory(tmp_path, monkeyp
     (tmp_path / "team_layers.py").write_text("class Block:\n    pass\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.delitem(sys.modules, "team_layers", raising=False)
-    assert list(engine.load_custom_objects("team_layers")) == ["Block"]
+    assert list(loading.load_custom_objects("team_layers")) == ["Block"]
 
 
 @pytest.mark.parametrize(
@@ -235,7 +235,7 @@ def test_custom_objects_errors(tmp_path, monkeypatch, source, spec, message):
     if source is not None:
         (tmp_path / spec).write_text(source)
     with pytest.raises(BnfreezeError) as info:
-        engine.load_custom_objects(spec)
+        loading.load_custom_objects(spec)
     assert str(info.value).startswith(message)
 
 
@@ -243,7 +243,7 @@ def test_custom_objects_errors(tmp_path, monkeypatch, source, spec, message):
 
 
 def test_quiet_sends_python_and_native_stdout_to_stderr(capfd):
-    with engine.quiet():
+    with loading.quiet():
         print("from python")
         os.write(1, b"from native code\n")
     print("after")
@@ -261,12 +261,12 @@ def test_fresh_process_stays_lean_and_quiet(tmp_path):
     layers.write_text("import keras\n\nclass Scale(keras.layers.Layer):\n    pass\n")
     code = (
         "import sys\n"
-        "import bnfreeze.cli, bnfreeze.verify, bnfreeze.explain, bnfreeze.engine\n"
+        "import bnfreeze.cli, bnfreeze.runtime.verify, bnfreeze.runtime.explain, bnfreeze.runtime.loading\n"
         "import bnfreeze.render.verify, bnfreeze.render.explain\n"
         "heavy = [m for m in ('tensorflow', 'keras', 'numpy') if m in sys.modules]\n"
-        "from bnfreeze import engine\n"
-        f"assert list(engine.load_custom_objects({str(layers)!r})) == ['Scale']\n"
-        "keras = engine.keras_module()\n"
+        "from bnfreeze.runtime import loading\n"
+        f"assert list(loading.load_custom_objects({str(layers)!r})) == ['Scale']\n"
+        "keras = loading.keras_module()\n"
         "keras.ops.ones((2,)) + 1  # the first op initialises the devices\n"
         "print('lean' if not heavy else heavy, keras.__version__)\n"
     )
@@ -281,7 +281,7 @@ def test_fresh_process_stays_lean_and_quiet(tmp_path):
 
 
 def test_progress_lines_when_stderr_is_not_a_terminal(capsys):
-    with engine.progress_on_stderr() as progress:
+    with loading.progress_on_stderr() as progress:
         progress("loading TensorFlow")
         progress("training 1 step")
     captured = capsys.readouterr()
@@ -290,7 +290,7 @@ def test_progress_lines_when_stderr_is_not_a_terminal(capsys):
 
 
 def test_progress_disabled_prints_nothing(capsys):
-    with engine.progress_on_stderr(enabled=False) as progress:
+    with loading.progress_on_stderr(enabled=False) as progress:
         progress("loading")
     assert capsys.readouterr() == ("", "")
 
@@ -301,7 +301,7 @@ def test_spinner_on_a_terminal_turns_and_clears_its_line():
     master, slave = os.openpty()
     output = ""
     try:
-        spinner = engine._Spinner(slave)
+        spinner = loading._Spinner(slave)
         spinner.update("loading TensorFlow")
         deadline = time.monotonic() + 10  # a loaded CI machine may draw slowly
         while output.count("loading TensorFlow") < 2 and time.monotonic() < deadline:
@@ -319,7 +319,7 @@ def test_spinner_on_a_terminal_turns_and_clears_its_line():
 
 
 def test_keras_warnings_are_recorded_once_each():
-    with engine.keras_warnings() as notes:
+    with loading.keras_warnings() as notes:
         warnings.warn("Skipping variable loading for optimizer 'adam'", UserWarning, stacklevel=1)
         warnings.warn("Skipping variable loading for optimizer 'adam'", UserWarning, stacklevel=1)
         warnings.warn("old API", DeprecationWarning, stacklevel=1)
@@ -334,8 +334,8 @@ def test_runtime_info():
     import keras
     import tensorflow as tf
 
-    info = engine.runtime_info()
-    assert info == engine.RuntimeInfo(Runtime.KERAS3, keras.__version__, "tensorflow",
+    info = loading.runtime_info()
+    assert info == loading.RuntimeInfo(Runtime.KERAS3, keras.__version__, "tensorflow",
                                       tf.__version__)
     assert info.label == (
         f"Keras {keras.__version__}, backend tensorflow (TensorFlow {tf.__version__})"
@@ -344,13 +344,13 @@ def test_runtime_info():
 
 def test_tf_keras_missing_is_a_clear_error(without_tf_keras):
     with pytest.raises(RuntimeUnavailableError) as info:
-        engine.require_runtime(Runtime.TF_KERAS)
+        loading.require_runtime(Runtime.TF_KERAS)
     assert "tf_keras" in str(info.value) and "not installed" in str(info.value)
     assert info.value.exit_code == 2
-    engine.require_runtime(Runtime.KERAS3)  # always available
+    loading.require_runtime(Runtime.KERAS3)  # always available
 
 
 @pytest.mark.parametrize("runtime", list(Runtime))
 def test_every_runtime_has_a_label(runtime):
-    info = engine.RuntimeInfo(runtime, "9.9", "tensorflow", "2.0")
+    info = loading.RuntimeInfo(runtime, "9.9", "tensorflow", "2.0")
     assert "Keras 9.9, backend tensorflow (TensorFlow 2.0)" in info.label

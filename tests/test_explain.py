@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from bnfreeze.cli import cli
-from bnfreeze.explain import (
+from bnfreeze.runtime.explain import (
     COMBINATIONS,
     HISTORICAL_NOTE,
     IMAGE_SHAPE,
@@ -22,7 +22,7 @@ from bnfreeze.explain import (
     explain,
     meaning,
 )
-from bnfreeze.records import Normalization
+from bnfreeze.model.records import Normalization
 
 pytestmark = pytest.mark.keras
 
@@ -234,7 +234,7 @@ def test_tf_keras_rules_name_tf_keras():
     """``--runtime tf-keras`` runs the experiment on Keras 2 and shows the tf_keras rules,
     measured on tf_keras (tests/test_modes_tf_keras.py measures §2-§3 on files)."""
     pytest.importorskip("tf_keras")
-    from bnfreeze.records import Runtime
+    from bnfreeze.model.records import Runtime
 
     report = explain(runtime=Runtime.TF_KERAS)
     assert report.runtime.keras_version.startswith("2.")

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from bnfreeze import freezing
-from bnfreeze.edit import Assignment
+from bnfreeze.ops import edit as file_edit
+from bnfreeze.model.assignments import Assignment
 from bnfreeze.errors import BnfreezeError, OutputError, SelectionError
-from bnfreeze.freezing import (
+from bnfreeze.ops.edit import (
     EditRequest,
     Engine,
     OptimizerState,
@@ -26,10 +26,10 @@ from bnfreeze.freezing import (
     optimizer_decision,
     unfreeze_file,
 )
-from bnfreeze.readers import read_model
-from bnfreeze.records import Finding, WarningCode
-from bnfreeze.walk import walk
-from bnfreeze.writers.atomic import TEMP_SUFFIX
+from bnfreeze.formats.readers import read_model
+from bnfreeze.model.records import Finding, WarningCode
+from bnfreeze.model.walk import walk
+from bnfreeze.formats.atomic import TEMP_SUFFIX
 
 
 def flags(path: Path) -> dict[str, bool | None]:
@@ -205,7 +205,7 @@ def test_new_output_gets_default_permissions(guide, tmp_path):
 @pytest.mark.parametrize("failure", [KeyboardInterrupt, OSError(28, "No space left on device")])
 def test_interrupted_write_leaves_previous_output_and_no_temp(guide, tmp_path, monkeypatch,
                                                               failure):
-    from bnfreeze.writers import keras_zip
+    from bnfreeze.formats.writers import keras_zip
 
     out = tmp_path / "out.keras"
     out.write_bytes(b"previous output")
@@ -226,7 +226,7 @@ def test_interrupted_write_leaves_previous_output_and_no_temp(guide, tmp_path, m
 
 
 def test_failed_verification_replaces_nothing(guide, tmp_path, monkeypatch):
-    from bnfreeze.writers import keras_zip
+    from bnfreeze.formats.writers import keras_zip
 
     def corrupt(config: dict[str, Any]) -> bytes:
         return b'{"class_name": "Functional", "config": {"layers": []}}'
@@ -323,7 +323,7 @@ def test_no_optimizer_state(samples, tmp_path):
 
 
 def test_edit_warnings_text_for_a_dry_run():
-    change = freezing.Change("bn", "BatchNormalization", True, True, False)
+    change = file_edit.Change("bn", "BatchNormalization", True, True, False)
     found = edit_warnings([change], OptimizerState.DROPPED, 4, output=None, dry_run=True)
     assert found[0] == Finding(
         WarningCode.RECOMPILE_REQUIRED,
@@ -363,25 +363,25 @@ def custom_layer(samples: Path, tmp_path: Path) -> Path:
 def fake_engine(monkeypatch):
     calls: list[EditRequest] = []
     module = types.SimpleNamespace(edit=lambda request: calls.append(request) or "engine result")
-    monkeypatch.setattr("bnfreeze.writers.keras_engine", lambda: module)
+    monkeypatch.setattr("bnfreeze.formats.writers.keras_engine", lambda: module)
     return calls
 
 
 def test_config_route_limits(samples, tmp_path):
     sub = read_model(subclassed(samples, tmp_path))
     walked = walk(sub.config)
-    reason = freezing.config_route_limit(sub, walked.layers, walked.lists_layers)
+    reason = file_edit.config_route_limit(sub, walked.layers, walked.lists_layers)
     assert reason is not None and "subclassed model" in reason
     seq = read_model(samples / "sequential.keras")
     walked = walk(seq.config)
-    assert freezing.config_route_limit(seq, walked.layers, walked.lists_layers) is None
+    assert file_edit.config_route_limit(seq, walked.layers, walked.lists_layers) is None
 
 
 def test_custom_layers_need_keras_only_when_bn_and_others_differ(samples, tmp_path):
     path = custom_layer(samples, tmp_path)
     layers = walk(read_model(path).config).layers
-    assert freezing.custom_batchnorm_limit(Assignment.freeze(), layers) is None
-    reason = freezing.custom_batchnorm_limit(Assignment.freeze(bn_inference_only=True), layers)
+    assert file_edit.custom_batchnorm_limit(Assignment.freeze(), layers) is None
+    reason = file_edit.custom_batchnorm_limit(Assignment.freeze(bn_inference_only=True), layers)
     assert reason is not None and "MyNorm" in reason
     # A plain freeze goes through the config route and edits the custom layer too.
     result = freeze_file(path, tmp_path / "out.keras")
@@ -415,7 +415,7 @@ def test_config_engine_refuses_what_it_cannot_do(samples, tmp_path, fake_engine)
 
 
 def test_missing_keras_engine_is_a_clear_error(samples, tmp_path, monkeypatch):
-    monkeypatch.setattr("bnfreeze.writers.keras_engine", lambda: None)
+    monkeypatch.setattr("bnfreeze.formats.writers.keras_engine", lambda: None)
     with pytest.raises(BnfreezeError, match="needs the Keras engine"):
         freeze_file(subclassed(samples, tmp_path), tmp_path / "out.keras")
 
@@ -440,8 +440,8 @@ def test_keras_copy_runs_while_the_weights_are_indexed(guide, tmp_path, monkeypa
     two ran one after the other."""
     import threading
 
-    from bnfreeze.readers import keras_zip as reader
-    from bnfreeze.writers import keras_zip as writer
+    from bnfreeze.formats.readers import keras_zip as reader
+    from bnfreeze.formats.writers import keras_zip as writer
 
     copying = threading.Event()
     real_copy, real_index = writer._copy_range, reader.index
@@ -474,7 +474,7 @@ def test_keras_copy_runs_while_the_weights_are_indexed(guide, tmp_path, monkeypa
 def test_the_guessed_raw_copy_is_rewritten_only_when_the_optimizer_state_is_dropped(
     guide, tmp_path, monkeypatch, edit, writes
 ):
-    from bnfreeze.writers import keras_zip as writer
+    from bnfreeze.formats.writers import keras_zip as writer
 
     seen: list[bool] = []
     real = writer.KerasZipWriter.write
@@ -499,10 +499,10 @@ def test_preview_comes_while_the_copy_runs_and_the_result_keeps_its_report(
     waits here for the preview, which never comes if it is only made after the write."""
     import threading
 
-    from bnfreeze.writers import keras_zip as writer
+    from bnfreeze.formats.writers import keras_zip as writer
 
     previewed = threading.Event()
-    seen: list[freezing.EditResult] = []
+    seen: list[file_edit.EditResult] = []
     real_copy = writer._copy_range
 
     def copy_range(*args, **kwargs):

@@ -40,7 +40,7 @@ def heavy(modules: set[str]) -> set[str]:
 
 
 def test_import_bnfreeze_is_lean():
-    modules = imported_after("import bnfreeze, bnfreeze.records, bnfreeze.errors")
+    modules = imported_after("import bnfreeze, bnfreeze.model.records, bnfreeze.errors")
     assert heavy(modules) == set()
     # Not even the libraries that only some commands need.
     assert modules.isdisjoint({"numpy", "h5py", "rich", "click"})
@@ -50,8 +50,8 @@ def test_import_bnfreeze_is_lean():
 def test_read_model_and_inspect_file_do_not_import_keras(path):
     modules = imported_after(
         f"""
-        from bnfreeze.readers import read_model
-        from bnfreeze.inspection import inspect_file
+        from bnfreeze.formats.readers import read_model
+        from bnfreeze.ops.inspect import inspect_file
         assert read_model({path!r}).config
         assert inspect_file({path!r}).layers
         """

@@ -27,7 +27,7 @@ import pytest
 from click.testing import CliRunner
 
 from bnfreeze.cli import cli
-from bnfreeze.writers.atomic import TEMP_SUFFIX
+from bnfreeze.formats.atomic import TEMP_SUFFIX
 
 FRACTIONS = [i / guarantees.KILL_POINTS for i in range(guarantees.KILL_POINTS)]
 
@@ -169,7 +169,7 @@ def no_space(monkeypatch, tmp_path):
     def make(small_disk):
         if small_disk is not None:
             return small_disk, "tmpfs"
-        import bnfreeze.writers.keras_zip as keras_zip
+        import bnfreeze.formats.writers.keras_zip as keras_zip
 
         def full(*args, **kwargs):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

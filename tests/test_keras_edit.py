@@ -1,4 +1,4 @@
-"""The Keras engine route (bnfreeze.keras_edit): what only a loaded model can edit.
+"""The Keras engine route (bnfreeze.runtime.keras_route): what only a loaded model can edit.
 
 Truth comes from Keras: outputs are loaded back, compared value by value with the input, and
 trained one real step to see which variables move.
@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from bnfreeze import freezing, keras_edit
+from bnfreeze.ops import edit as file_edit
+
+from bnfreeze.runtime import keras_route
 from bnfreeze.cli import cli
 from bnfreeze.errors import BnfreezeError, ModelFormatError, UnsafeModelError
-from bnfreeze.inspection import inspect_file
-from bnfreeze.readers import read_model
-from bnfreeze.walk import walk
+from bnfreeze.ops.inspect import inspect_file
+from bnfreeze.formats.readers import read_model
+from bnfreeze.model.walk import walk
 
 pytestmark = pytest.mark.keras
 
@@ -35,13 +37,13 @@ def load(path: Path, objects=None, *, safe_mode: bool = True, compile: bool = Fa
 
 
 def objects_from(file: Path) -> dict:
-    from bnfreeze.engine import load_custom_objects
+    from bnfreeze.runtime.loading import load_custom_objects
 
     return load_custom_objects(str(file))
 
 
 def values(model) -> dict:
-    return keras_edit.values_by_path(keras_edit.live_layers(model))
+    return keras_route.values_by_path(keras_route.live_layers(model))
 
 
 def moved_layers(model, x, y) -> set[str]:
@@ -75,12 +77,12 @@ def test_live_paths_follow_the_walk(samples):
     )
     inputs = keras.Input((3, 4), name="x")
     model = keras.Model(inputs, keras.layers.Dense(1, name="out")(inner(inputs)), name="m")
-    live = keras_edit.live_model(model)
-    walked = walk(keras_edit.serialized_config(model)).layers
+    live = keras_route.live_model(model)
+    walked = walk(keras_route.serialized_config(model)).layers
     assert [r.path for r in live.records] == [r.path for r in walked]
     assert "seq/td/td_d" in live.layers
     on_disk = inspect_file(samples / "bn_under_frozen.keras")
-    loaded = keras_edit.live_report(load(samples / "bn_under_frozen.keras"))
+    loaded = keras_route.live_report(load(samples / "bn_under_frozen.keras"))
     assert [s.layer.path for s in loaded.layers] == [s.layer.path for s in on_disk.layers]
     assert [s.in_fit for s in loaded.layers] == [s.in_fit for s in on_disk.layers]
 
@@ -93,16 +95,16 @@ def test_custom_bn_subclass_is_frozen_by_isinstance(custom_bn_keras, custom_laye
     is BN, so auto picks the Keras engine, which freezes it. Measured: one fit() step moves
     neither BN, while the Dense layers train."""
     out = tmp_path / "out.keras"
-    result = freezing.freeze_file(
+    result = file_edit.freeze_file(
         custom_bn_keras, out, bn_inference=True, custom_objects=str(custom_layers_file)
     )
-    assert result.engine is freezing.Engine.KERAS
+    assert result.engine is file_edit.Engine.KERAS
     assert [(c.path, c.before, c.after) for c in result.changes] == [
         ("my_bn", True, False), ("bn", True, False)
     ]
     assert [s.layer.path for s in result.report.batchnorm] == ["my_bn", "bn"]
     assert result.report.bn_inference_in_fit == 2
-    assert result.optimizer_state is freezing.OptimizerState.DROPPED
+    assert result.optimizer_state is file_edit.OptimizerState.DROPPED
     assert read_model(out).optimizer_variables is None and read_model(out).compiled
     objects = objects_from(custom_layers_file)
     loaded = load(out, objects)
@@ -119,7 +121,7 @@ def test_custom_bn_needs_custom_objects(custom_bn_keras, tmp_path, monkeypatch):
 
     monkeypatch.delitem(keras.saving.get_custom_objects(), "bnfreeze_test>MyBN")
     with pytest.raises(ModelFormatError, match="--custom-objects"):
-        freezing.freeze_file(custom_bn_keras, tmp_path / "out.keras", bn_inference=True)
+        file_edit.freeze_file(custom_bn_keras, tmp_path / "out.keras", bn_inference=True)
     assert files_in(tmp_path) == []
 
 
@@ -128,7 +130,7 @@ def test_h5_output_through_the_engine(custom_bn_keras, custom_layers_file, tmp_p
     import h5py
 
     out = tmp_path / "out.h5"
-    freezing.freeze_file(
+    file_edit.freeze_file(
         custom_bn_keras, out, bn_inference=True, engine="keras",
         custom_objects=str(custom_layers_file),
     )
@@ -145,11 +147,11 @@ def test_h5_output_through_the_engine(custom_bn_keras, custom_layers_file, tmp_p
 
 
 def test_subclassed_model_dry_run_sees_live_layers(subclassed_keras, custom_layers_file):
-    result = freezing.freeze_file(
+    result = file_edit.freeze_file(
         subclassed_keras, None, bn_inference=True, dry_run=True,
         custom_objects=str(custom_layers_file),
     )
-    assert result.engine is freezing.Engine.KERAS
+    assert result.engine is file_edit.Engine.KERAS
     assert [s.layer.path for s in result.report.layers] == ["dense", "bn", "head"]
     assert [c.path for c in result.changes] == ["bn"]
     assert result.output is None
@@ -195,9 +197,9 @@ def lambda_keras(tmp_path_factory) -> Path:
 def test_lambda_refused_unless_unsafe(lambda_keras, tmp_path):
     out = tmp_path / "out.keras"
     with pytest.raises(UnsafeModelError, match="--unsafe"):
-        freezing.freeze_file(lambda_keras, out, bn_inference=True, engine="keras")
+        file_edit.freeze_file(lambda_keras, out, bn_inference=True, engine="keras")
     assert files_in(tmp_path) == []
-    result = freezing.freeze_file(lambda_keras, out, bn_inference=True, engine="keras",
+    result = file_edit.freeze_file(lambda_keras, out, bn_inference=True, engine="keras",
                                   unsafe=True)
     assert [c.path for c in result.changes] == ["bn"]
     assert load(out, safe_mode=False).get_layer("bn").trainable is False
@@ -213,7 +215,7 @@ def guide_both_routes(samples, tmp_path_factory):
     results = {}
     for engine in ("config", "keras"):
         out = folder / f"{engine}.keras"
-        results[engine] = freezing.unfreeze_file(
+        results[engine] = file_edit.unfreeze_file(
             samples / "guide_pattern.keras", out, keep_bn_inference=True, engine=engine
         )
     return results
@@ -221,7 +223,7 @@ def guide_both_routes(samples, tmp_path_factory):
 
 def test_engine_and_config_route_agree(samples, guide_both_routes):
     config, engine = guide_both_routes["config"], guide_both_routes["keras"]
-    assert (config.engine, engine.engine) == (freezing.Engine.CONFIG, freezing.Engine.KERAS)
+    assert (config.engine, engine.engine) == (file_edit.Engine.CONFIG, file_edit.Engine.KERAS)
     assert config.changes == engine.changes
     flags = [
         [(r.path, r.trainable) for r in walk(read_model(res.output).config).layers]
@@ -231,7 +233,7 @@ def test_engine_and_config_route_agree(samples, guide_both_routes):
     for res in (config, engine):
         written = read_model(res.output)
         assert written.compiled and written.optimizer_variables is None
-        assert res.optimizer_state is freezing.OptimizerState.DROPPED
+        assert res.optimizer_state is file_edit.OptimizerState.DROPPED
     source = values(load(samples / "guide_pattern.keras"))
     for res in (config, engine):
         again = values(load(Path(res.output)))
@@ -255,7 +257,7 @@ def compiled_without_optimizer_state(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("no_state")
     model.save(folder / "trained.keras")
     out = folder / "frozen.keras"
-    freezing.freeze_file(folder / "trained.keras", out, bn_inference=True)
+    file_edit.freeze_file(folder / "trained.keras", out, bn_inference=True)
     assert read_model(out).compiled and read_model(out).optimizer_variables is None
     return out
 
@@ -269,8 +271,8 @@ def test_no_zero_filled_optimizer_slots(compiled_without_optimizer_state, tmp_pa
     model.get_layer("bn").trainable = True
     model.save(naive)
     ours = tmp_path / "ours.keras"
-    result = freezing.unfreeze_file(source, ours, engine="keras")
-    assert result.optimizer_state is freezing.OptimizerState.NONE
+    result = file_edit.unfreeze_file(source, ours, engine="keras")
+    assert result.optimizer_state is file_edit.OptimizerState.NONE
     assert [c.path for c in result.changes] == ["bn"]
     assert read_model(naive).optimizer_variables == 2 + 2 * 4  # Adam slots for d and o
     assert read_model(ours).optimizer_variables is None and read_model(ours).compiled
@@ -300,5 +302,5 @@ def test_cli_progress_on_stderr_json_on_stdout(custom_bn_keras, custom_layers_fi
 
 def test_bad_output_name_for_keras(custom_bn_keras, tmp_path):
     with pytest.raises(BnfreezeError, match=r"\.keras"):
-        freezing.freeze_file(custom_bn_keras, tmp_path / "out.model", engine="keras")
+        file_edit.freeze_file(custom_bn_keras, tmp_path / "out.model", engine="keras")
     assert files_in(tmp_path) == []

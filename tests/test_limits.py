@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from bnfreeze import limits
 from bnfreeze.cli import cli
 from bnfreeze.errors import ModelFormatError
-from bnfreeze.readers import read_model
-from bnfreeze.walk import walk
+from bnfreeze.formats.readers import read_model
+from bnfreeze.model.walk import walk
 
 
 def write(tmp_path, name: str, data: bytes):
@@ -134,7 +134,7 @@ def test_depth_exactly_at_the_limit_is_read_and_edited(tmp_path):
         result = runner.invoke(cli, args)
         assert result.exit_code in (0, 1), (args, result.output, result.exception)
     assert out.exists()
-    from bnfreeze.engine import unsafe_layers
+    from bnfreeze.runtime.loading import unsafe_layers
 
     assert unsafe_layers(read_model(out).config) == []
 

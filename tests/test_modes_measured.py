@@ -124,7 +124,7 @@ def test_bn_under_frozen_sub_model_trains_anyway(samples):
 def test_predict_and_evaluate_move_nothing(samples):
     """In predict() every BN uses its moving statistics and nothing changes (the Report's
     in_predict; not part of the JSON)."""
-    from bnfreeze.inspection import inspect_file
+    from bnfreeze.ops.inspect import inspect_file
 
     report = inspect_file(samples / "bn_under_frozen.keras")
     assert {s.in_predict.normalizes_with.value for s in report.batchnorm} == {"moving"}

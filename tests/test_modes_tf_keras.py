@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from bnfreeze import modes
+from bnfreeze.model import modes
 from bnfreeze.cli import cli
-from bnfreeze.inspection import inspect_file
-from bnfreeze.records import Normalization, Runtime
-from bnfreeze.walk import walk
+from bnfreeze.ops.inspect import inspect_file
+from bnfreeze.model.records import Normalization, Runtime
+from bnfreeze.model.walk import walk
 
 pytestmark = pytest.mark.keras
 

@@ -14,11 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bnfreeze.edit import current_flags
+from bnfreeze.model.assignments import current_flags
 from bnfreeze.errors import PlanError
-from bnfreeze.expectations import ExpectKind
-from bnfreeze.inspection import inspect_file
-from bnfreeze.plans import (
+from bnfreeze.model.expectations import ExpectKind
+from bnfreeze.ops.inspect import inspect_file
+from bnfreeze.ops.plans import (
     BnAction,
     Only,
     Selector,

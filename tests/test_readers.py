@@ -21,9 +21,9 @@ from click.testing import CliRunner
 
 from bnfreeze.cli import cli
 from bnfreeze.errors import EXIT_USAGE, ModelFormatError
-from bnfreeze.inspection import inspect_file
-from bnfreeze.readers import read_model
-from bnfreeze.records import ModelFormat
+from bnfreeze.ops.inspect import inspect_file
+from bnfreeze.formats.readers import read_model
+from bnfreeze.model.records import ModelFormat
 from bnfreeze.render.json import report_dict
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
@@ -338,7 +338,7 @@ def test_a_copy_of_a_bad_file_under_another_suffix_says_the_same(tmp_path):
 def test_with_weights_completes_a_model_read_without_them(kind, tmp_path):
     """freeze reads a model with weights=False and indexes its weights later
     (readers.with_weights): the result must be what read_model gives at once."""
-    from bnfreeze.readers import read_model, with_weights
+    from bnfreeze.formats.readers import read_model, with_weights
 
     path = {
         "keras": SAMPLES / "guide_pattern.keras",

@@ -1,6 +1,6 @@
 """The lean pure-Python HDF5 reader must agree with h5py, or step aside.
 
-``bnfreeze.readers._hdf5`` indexes ``model.weights.h5`` without importing h5py. For every file it
+``bnfreeze.formats.readers._hdf5`` indexes ``model.weights.h5`` without importing h5py. For every file it
 either returns exactly what the h5py path returns (same layer paths, same dataset lists in the
 same order, same optimizer variable count, same values) or raises ``Unsupported`` so the h5py
 path runs. These tests build weights files in the layouts h5py can write (old- and new-style
@@ -19,8 +19,8 @@ import h5py
 import numpy as np
 import pytest
 
-from bnfreeze.readers import _hdf5, read_model, read_values
-from bnfreeze.readers._keras_common import Member, MemberFile, index_member, index_weights
+from bnfreeze.formats.readers import _hdf5, read_model, read_values
+from bnfreeze.formats.readers._keras_common import Member, MemberFile, index_member, index_weights
 
 SAMPLE_KERAS = ["seed_bn.keras", "guide_pattern.keras", "bn_under_frozen.keras", "sequential.keras"]
 
@@ -158,7 +158,7 @@ def test_keras_layout_in_a_stored_zip_member(tmp_path):
         z.writestr("metadata.json", "{}")
         z.writestr("padding/" + "x" * 300, b"\0" * 1000)  # pushes the member to an odd offset
         z.write(weights, "model.weights.h5")
-    from bnfreeze.readers.keras_zip import stored_member
+    from bnfreeze.formats.readers.keras_zip import stored_member
 
     with zipfile.ZipFile(archive) as z:
         member = stored_member(archive, z.getinfo("model.weights.h5"))
@@ -244,7 +244,7 @@ def test_metadata_reads_are_bounded(tmp_path):
 def test_untrained_check_without_numpy_agrees_with_numpy(array):
     """diagnostics._is_constant takes the lean reader's tuples (and h5py's arrays) and must
     give numpy's verdict: np.all(|x - expected| <= atol) on float64, non-empty."""
-    from bnfreeze.diagnostics import _UNTRAINED_ATOL, _is_constant
+    from bnfreeze.model.diagnostics import _UNTRAINED_ATOL, _is_constant
 
     def numpy_verdict(expected):
         if expected is None:

@@ -1,4 +1,4 @@
-"""Every member of every Enum in bnfreeze.records is reachable and means what it says.
+"""Every member of every Enum in bnfreeze.model.records is reachable and means what it says.
 
 Each test maps every member of one Enum to a way of producing it, and first checks that the
 mapping covers the whole Enum, so a new member fails here until it is produced somewhere.
@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from keras_configs import functional, input_layer, layer, node
 
-from bnfreeze import records
+from bnfreeze.model import records
 from bnfreeze.errors import EXIT_USAGE, RuntimeUnavailableError
-from bnfreeze.inspection import inspect_file, inspect_model_file
-from bnfreeze.readers import read_model
-from bnfreeze.records import (
+from bnfreeze.ops.inspect import inspect_file, inspect_model_file
+from bnfreeze.formats.readers import read_model
+from bnfreeze.model.records import (
     LayerKind,
     ModelFile,
     ModelFormat,
@@ -28,7 +28,7 @@ from bnfreeze.records import (
     Runtime,
     WarningCode,
 )
-from bnfreeze.walk import walk
+from bnfreeze.model.walk import walk
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 
@@ -150,7 +150,7 @@ def test_every_runtime_has_rules(runtime):
 
 
 def test_a_runtime_without_rules_is_a_clear_error(monkeypatch):
-    from bnfreeze import modes
+    from bnfreeze.model import modes
 
     monkeypatch.delitem(modes.RULES, Runtime.TF_KERAS)
     with pytest.raises(RuntimeUnavailableError, match=r"bnfreeze predicts for keras3\.$") as info:
@@ -176,7 +176,7 @@ def _warnings(path: Path) -> set[WarningCode]:
 
 
 def _recompile_required(tmp: Path) -> set[WarningCode]:
-    from bnfreeze.freezing import freeze_file
+    from bnfreeze.ops.edit import freeze_file
 
     result = freeze_file(SAMPLES / "sequential.keras", bn_inference=True, dry_run=True)
     return {f.code for f in result.warnings}

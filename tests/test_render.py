@@ -13,8 +13,8 @@ import json
 import pytest
 from rich.console import Console
 
-from bnfreeze.inspection import inspect_model_file
-from bnfreeze.records import (
+from bnfreeze.ops.inspect import inspect_model_file
+from bnfreeze.model.records import (
     Finding,
     FitBehaviour,
     LayerKind,
@@ -297,7 +297,7 @@ def test_plain_columns_draw_what_rich_table_draws(big_report, all_layers):
 
 
 def test_change_table_fast_lines_match_rich_table():
-    from bnfreeze.edit import Change
+    from bnfreeze.model.assignments import Change
     from bnfreeze.render.edit import ChangeTable, change_table
 
     changes = tuple(

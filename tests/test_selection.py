@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 
 from bnfreeze.errors import SelectionError
-from bnfreeze.records import LayerKind
-from bnfreeze.selection import find_layer, from_layer, is_leaf, match_glob, select, up_to
-from bnfreeze.walk import walk
+from bnfreeze.model.records import LayerKind
+from bnfreeze.model.selection import find_layer, from_layer, is_leaf, match_glob, select, up_to
+from bnfreeze.model.walk import walk
 
 
 def layer(class_name: str, name: str, trainable: bool | None = True, **config: Any) -> dict:
@@ -61,7 +61,7 @@ def test_model_order_paths(layers):
 
 @pytest.mark.parametrize("kind", list(LayerKind))
 def test_is_leaf_for_every_kind(kind):
-    from bnfreeze.records import LayerRecord
+    from bnfreeze.model.records import LayerRecord
 
     record = LayerRecord("x", "x", "X", kind, 0, None, True)
     not_leaves = (LayerKind.CONTAINER, LayerKind.WRAPPER, LayerKind.INPUT)
@@ -158,7 +158,7 @@ def test_ambiguous_name_asks_for_a_path():
 
 
 def test_selection_on_a_real_sample(samples):
-    from bnfreeze.readers import read_model
+    from bnfreeze.formats.readers import read_model
 
     records = walk(read_model(samples / "guide_pattern.keras").config).layers
     chosen = select(records, globs=["mobilenetv2*"], up_to_layer="block_1_project_BN")
@@ -169,8 +169,8 @@ def test_selection_on_a_real_sample(samples):
 
 def test_suggestions_never_repeat_a_name():
     from bnfreeze.errors import SelectionError
-    from bnfreeze.records import LayerKind, LayerRecord
-    from bnfreeze.selection import find_layer
+    from bnfreeze.model.records import LayerKind, LayerRecord
+    from bnfreeze.model.selection import find_layer
 
     head = LayerRecord(path="head", name="head", class_name="Dense", kind=LayerKind.LAYER,
                        depth=0, parent=None, trainable=True)

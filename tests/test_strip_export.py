@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from rich.console import Console
 
 from bnfreeze.cli import cli
-from bnfreeze.inspection import inspect_file
-from bnfreeze.records import (
+from bnfreeze.ops.inspect import inspect_file
+from bnfreeze.model.records import (
     FitBehaviour,
     LayerKind,
     LayerRecord,
@@ -121,7 +121,7 @@ def _big_report(n: int) -> Report:
                                 trains=not frozen, mode=mode))
         else:
             states.append(state(f"relu_{i}", LayerKind.LAYER, has_weights=False))
-    from bnfreeze.records import ModelFile, ModelFormat
+    from bnfreeze.model.records import ModelFile, ModelFormat
 
     model = ModelFile("big.keras", ModelFormat.KERAS, {}, None, False)
     return Report(model, Runtime.KERAS3, True, tuple(states), ())

@@ -21,11 +21,11 @@ import pytest
 from click.testing import CliRunner
 
 from bnfreeze.cli import cli
-from bnfreeze.engine import RuntimeInfo
-from bnfreeze.expectations import parse_expectation
-from bnfreeze.inspection import inspect_file
-from bnfreeze.records import Normalization, Runtime
-from bnfreeze.verify import (
+from bnfreeze.runtime.loading import RuntimeInfo
+from bnfreeze.model.expectations import parse_expectation
+from bnfreeze.ops.inspect import inspect_file
+from bnfreeze.model.records import Normalization, Runtime
+from bnfreeze.runtime.verify import (
     Aspect,
     CompileSource,
     DataSource,
@@ -176,9 +176,9 @@ def test_sequential_json_document(samples):
     path = samples / "sequential.keras"
     code, doc, _ = verify_json(path)
     assert code == 0
-    from bnfreeze import engine
+    from bnfreeze.runtime import loading
 
-    info = engine.runtime_info()
+    info = loading.runtime_info()
 
     def layer(path, class_name, is_bn, stats, gb, other, trains, mode, p_trains, p_stats):
         return {
@@ -446,7 +446,7 @@ CUSTOM_LAYERS = textwrap.dedent(
 def custom_model(tmp_path_factory):
     import keras
 
-    from bnfreeze.engine import load_custom_objects
+    from bnfreeze.runtime.loading import load_custom_objects
 
     folder = tmp_path_factory.mktemp("custom")
     module = folder / "my_layers.py"
@@ -667,7 +667,7 @@ def test_view_matches_golden(samples, monkeypatch, all_layers):
     from rich.console import Console
 
     from bnfreeze.render.verify import verify_view
-    from bnfreeze.verify import verify_file
+    from bnfreeze.runtime.verify import verify_file
 
     monkeypatch.chdir(ROOT)
     report = verify_file("sample_models/sequential.keras",

@@ -17,8 +17,8 @@ from keras_configs import functional, input_layer, layer, node, sequential
 
 from bnfreeze.errors import ModelFormatError
 from bnfreeze.limits import MAX_NESTING_DEPTH
-from bnfreeze.records import LayerKind
-from bnfreeze.walk import ancestors, call_kwargs, classify, descendants, walk
+from bnfreeze.model.records import LayerKind
+from bnfreeze.model.walk import ancestors, call_kwargs, classify, descendants, walk
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 

@@ -16,14 +16,14 @@ import h5py
 import numpy as np
 import pytest
 
-from bnfreeze import freezing
-from bnfreeze.edit import apply_to_config, current_flags
+from bnfreeze.ops import edit as file_edit
+from bnfreeze.model.assignments import apply_to_config, current_flags
 from bnfreeze.errors import OutputError
-from bnfreeze.readers import read_model
-from bnfreeze.walk import walk
-from bnfreeze.writers import WriteOutcome, WriteRequest, legacy_h5
-from bnfreeze.writers.atomic import write_atomically
-from bnfreeze.writers.legacy_h5 import WRITER
+from bnfreeze.formats.readers import read_model
+from bnfreeze.model.walk import walk
+from bnfreeze.formats.writers import WriteOutcome, WriteRequest, legacy_h5
+from bnfreeze.formats.atomic import write_atomically
+from bnfreeze.formats.writers.legacy_h5 import WRITER
 
 pytestmark = pytest.mark.keras
 
@@ -260,9 +260,9 @@ def test_guide_recipe_on_h5(guide_h5, tmp_path):
     import keras
 
     out = tmp_path / "out.h5"
-    result = freezing.unfreeze_file(guide_h5, out, keep_bn_inference=True)
-    assert result.engine is freezing.Engine.CONFIG
-    assert result.optimizer_state is freezing.OptimizerState.DROPPED
+    result = file_edit.unfreeze_file(guide_h5, out, keep_bn_inference=True)
+    assert result.engine is file_edit.Engine.CONFIG
+    assert result.optimizer_state is file_edit.OptimizerState.DROPPED
     assert result.optimizer_variables_dropped == 6
     assert result.report.bn_inference_in_fit == 51
     before = values_by_path(load(guide_h5))
@@ -297,8 +297,8 @@ def _optimizer_logs(path: Path, caplog) -> list[str]:
 
 def test_optimizer_state_dropped_when_trainable_set_changes(nested_h5, tmp_path, caplog):
     out = tmp_path / "out.h5"
-    result = freezing.freeze_file(nested_h5, out, layers=["bn_bn/bn1"])
-    assert result.optimizer_state is freezing.OptimizerState.DROPPED
+    result = file_edit.freeze_file(nested_h5, out, layers=["bn_bn/bn1"])
+    assert result.optimizer_state is file_edit.OptimizerState.DROPPED
     assert result.optimizer_variables_dropped == read_model(nested_h5).optimizer_variables > 0
     with h5py.File(out) as h5:
         assert "optimizer_weights" not in h5
@@ -310,10 +310,10 @@ def test_optimizer_state_dropped_when_trainable_set_changes(nested_h5, tmp_path,
 
 def test_keep_optimizer_state(nested_h5, nested_values, tmp_path):
     out = tmp_path / "out.h5"
-    result = freezing.freeze_file(
+    result = file_edit.freeze_file(
         nested_h5, out, layers=["bn_bn/bn1"], keep_optimizer_state=True
     )
-    assert result.optimizer_state is freezing.OptimizerState.KEPT
+    assert result.optimizer_state is file_edit.OptimizerState.KEPT
     assert result.optimizer_variables_dropped == 0
     assert read_model(out).optimizer_variables == read_model(nested_h5).optimizer_variables
     assert differing(values_by_path(load(out)), nested_values) == []
@@ -419,7 +419,7 @@ def custom_nested_h5(custom_layers_file, tmp_path_factory) -> Path:
     """An .h5 whose nested Sequential holds a custom BN subclass next to a Dense."""
     import keras
 
-    from bnfreeze.engine import load_custom_objects
+    from bnfreeze.runtime.loading import load_custom_objects
 
     my = load_custom_objects(str(custom_layers_file))
     keras.utils.set_random_seed(9)
@@ -445,16 +445,16 @@ def test_unknown_layer_kinds_fall_back_to_the_keras_engine(
     still where it was."""
     import keras
 
-    from bnfreeze.engine import load_custom_objects
+    from bnfreeze.runtime.loading import load_custom_objects
 
     out = tmp_path / "out.h5"
     with pytest.raises(legacy_h5.H5RewriteError, match="--engine keras"):
-        freezing.freeze_file(custom_nested_h5, out, layers=["blk/dd"], engine="config")
+        file_edit.freeze_file(custom_nested_h5, out, layers=["blk/dd"], engine="config")
     assert list(tmp_path.iterdir()) == []
-    result = freezing.freeze_file(
+    result = file_edit.freeze_file(
         custom_nested_h5, out, layers=["blk/dd"], custom_objects=str(custom_layers_file)
     )
-    assert result.engine is freezing.Engine.KERAS
+    assert result.engine is file_edit.Engine.KERAS
     assert [c.path for c in result.changes] == ["blk/dd"]
     objects = load_custom_objects(str(custom_layers_file))
     with warnings.catch_warnings():

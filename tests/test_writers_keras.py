@@ -12,15 +12,15 @@ from typing import Any
 
 import pytest
 
-from bnfreeze.edit import Assignment, apply_to_config, assign, current_flags
+from bnfreeze.model.assignments import Assignment, apply_to_config, assign, current_flags
 from bnfreeze.errors import OutputError
-from bnfreeze.freezing import edit_file, freeze_file, unfreeze_file
-from bnfreeze.readers import read_model
-from bnfreeze.readers._keras_common import Member, MemberFile
-from bnfreeze.selection import select
-from bnfreeze.walk import walk
-from bnfreeze.writers import WriteRequest, writer_for
-from bnfreeze.writers.keras_zip import WRITER, data_offset, serialize_config
+from bnfreeze.ops.edit import edit_file, freeze_file, unfreeze_file
+from bnfreeze.formats.readers import read_model
+from bnfreeze.formats.readers._keras_common import Member, MemberFile
+from bnfreeze.model.selection import select
+from bnfreeze.model.walk import walk
+from bnfreeze.formats.writers import WriteRequest, writer_for
+from bnfreeze.formats.writers.keras_zip import WRITER, data_offset, serialize_config
 
 KERAS_SAMPLES = [
     "seed_bn.keras", "guide_pattern.keras", "bn_under_frozen.keras", "sequential.keras"
@@ -62,7 +62,7 @@ def edited_request(path: Path, assignment: Assignment, **kw: Any) -> WriteReques
 
 
 def test_dispatch_by_format():
-    from bnfreeze.records import ModelFormat
+    from bnfreeze.model.records import ModelFormat
 
     assert writer_for(ModelFormat.KERAS) is WRITER
     assert writer_for(ModelFormat.MEMORY) is None

@@ -14,8 +14,8 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from bnfreeze.records import LayerKind, LayerRecord
-from bnfreeze.selection import is_leaf
+from bnfreeze.model.records import LayerKind, LayerRecord
+from bnfreeze.model.selection import is_leaf
 
 Flags = dict[str, bool | None]
 

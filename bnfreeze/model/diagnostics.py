@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from bnfreeze.records import (
+from bnfreeze.model.records import (
     Finding,
     LayerKind,
     LayerState,

@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from bnfreeze.errors import ExpectationError
-from bnfreeze.records import LayerRecord, LayerState, Normalization
-from bnfreeze.selection import is_leaf, match_glob
+from bnfreeze.model.records import LayerRecord, LayerState, Normalization
+from bnfreeze.model.selection import is_leaf, match_glob
 
 
 class ExpectKind(enum.Enum):

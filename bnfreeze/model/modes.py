@@ -44,7 +44,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Protocol
 
-from bnfreeze.records import (
+from bnfreeze.model.records import (
     FitBehaviour,
     LayerKind,
     LayerRecord,
@@ -52,7 +52,7 @@ from bnfreeze.records import (
     Normalization,
     Runtime,
 )
-from bnfreeze.walk import OPERATION_MODULE_PREFIXES
+from bnfreeze.model.walk import OPERATION_MODULE_PREFIXES
 
 NOT_APPLICABLE = FitBehaviour(trains_weights=None, normalizes_with=None, updates_moving_stats=None)
 

@@ -13,7 +13,7 @@ import fnmatch
 from collections.abc import Sequence
 
 from bnfreeze.errors import SelectionError
-from bnfreeze.records import LayerKind, LayerRecord
+from bnfreeze.model.records import LayerKind, LayerRecord
 
 
 def is_leaf(record: LayerRecord) -> bool:

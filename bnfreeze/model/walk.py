@@ -7,7 +7,7 @@ down, e.g. ``mobilenetv2_1.00_224/block_1_expand_BN``. Custom or unknown classes
 marked :attr:`LayerKind.UNKNOWN`, never dropped.
 
 The walk knows config structure, not modes: deciding what a layer does in ``fit()`` is
-``bnfreeze.modes``'s job.
+``bnfreeze.model.modes``'s job.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 from bnfreeze.errors import ModelFormatError
 from bnfreeze.limits import MAX_LAYERS, MAX_NESTING_DEPTH
-from bnfreeze.records import LayerKind, LayerRecord
+from bnfreeze.model.records import LayerKind, LayerRecord
 
 #: Class names of BatchNormalization layers. ``BatchNormalization(synchronized=True)`` keeps
 #: its class name; tf_keras's ``SyncBatchNormalization`` has its own (SEMANTICS §6).

@@ -4,7 +4,7 @@ plan or ``--expect`` says? No Keras needed: the prediction comes from ``inspect`
 Three kinds of outcome, each a list of failures (layer, expected, actual):
 
 * **expectations**, from ``--expect`` or a plan's ``[[expect]]`` tables
-  (:mod:`bnfreeze.expectations`, the same vocabulary ``verify --expect`` measures);
+  (:mod:`bnfreeze.model.expectations`, the same vocabulary ``verify --expect`` measures);
 * **plan flags**: with a plan, every leaf layer's ``trainable`` must be what the plan's rules
   would set, i.e. applying the plan would change no layer's behaviour (containers' own flags
   are not compared: Keras 3 ignores them, SEMANTICS §3);
@@ -20,12 +20,12 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from bnfreeze.edit import current_flags
-from bnfreeze.expectations import Expectation, Failure, evaluate, observed_from_states
-from bnfreeze.inspection import inspect_file
-from bnfreeze.plans import Plan, apply_rules, flagless
-from bnfreeze.records import Report, WarningCode
-from bnfreeze.selection import is_leaf
+from bnfreeze.model.assignments import current_flags
+from bnfreeze.model.expectations import Expectation, Failure, evaluate, observed_from_states
+from bnfreeze.ops.inspect import inspect_file
+from bnfreeze.ops.plans import Plan, apply_rules, flagless
+from bnfreeze.model.records import Report, WarningCode
+from bnfreeze.model.selection import is_leaf
 
 #: The warning codes ``--strict`` turns into failures.
 STRICT_CODES = (

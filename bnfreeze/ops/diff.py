@@ -9,9 +9,9 @@ import enum
 import os
 from dataclasses import dataclass
 
-from bnfreeze.inspection import inspect_file
-from bnfreeze.readers.checksums import checksums
-from bnfreeze.records import LayerState, Report
+from bnfreeze.ops.inspect import inspect_file
+from bnfreeze.formats.readers.checksums import checksums
+from bnfreeze.model.records import LayerState, Report
 
 
 class LayerStatus(enum.Enum):

@@ -4,23 +4,23 @@ result atomically, and say what changed and what the user must do next.
 This is the library behind ``bnfreeze freeze`` / ``bnfreeze unfreeze`` (the CLI only adapts)
 and behind the Python API for paths. The public entry points:
 
-* :func:`edit_file` — one :class:`~bnfreeze.edit.Assignment` applied to a selection;
+* :func:`edit_file` — one :class:`~bnfreeze.model.assignments.Assignment` applied to a selection;
 * :func:`freeze_file` / :func:`unfreeze_file` — the two recipes, by name;
 
 each returns an :class:`EditResult`: the changes (before → after per layer), the inspect
-:class:`~bnfreeze.records.Report` of the result, the warnings, what happened to the saved
+:class:`~bnfreeze.model.records.Report` of the result, the warnings, what happened to the saved
 optimizer state, and the output path and size.
 
 Two routes (:class:`Engine`):
 
 * **config** (the default, no TensorFlow): edit ``trainable`` in the saved config and let the
-  format's writer (:mod:`bnfreeze.writers`) rewrite the file, every other byte kept.
+  format's writer (:mod:`bnfreeze.formats.writers`) rewrite the file, every other byte kept.
 * **keras**: load with Keras, set flags on the live layers, save. It handles what a config
   cannot show: subclassed models whose config does not list their layers, custom BN subclasses
   (only ``isinstance`` can tell) and formats no writer rewrites. It lives in the module named
-  by :data:`bnfreeze.writers.KERAS_ENGINE_MODULE`, whose ``edit(request: EditRequest) ->
+  by :data:`bnfreeze.formats.writers.KERAS_ENGINE_MODULE`, whose ``edit(request: EditRequest) ->
   EditResult`` receives the same request; :func:`check_output`, :func:`optimizer_decision`,
-  :func:`edit_warnings` and :func:`bnfreeze.writers.atomic.write_atomically` are there for it
+  :func:`edit_warnings` and :func:`bnfreeze.formats.atomic.write_atomically` are there for it
   to reuse. ``Engine.AUTO`` picks keras only when :func:`config_route_limit` names a reason.
 
 Semantics (SEMANTICS §4–§5). Containers are never edited alone: every selected leaf is
@@ -41,8 +41,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bnfreeze import modes
-from bnfreeze.edit import (
+from bnfreeze.model import modes
+from bnfreeze.model.assignments import (
     Assignment,
     Change,
     apply_to_config,
@@ -51,9 +51,9 @@ from bnfreeze.edit import (
     current_flags,
     editable,
 )
-from bnfreeze.edit import with_flags as records_with_flags
+from bnfreeze.model.assignments import with_flags as records_with_flags
 from bnfreeze.errors import BnfreezeError, OutputError, SelectionError
-from bnfreeze.records import (
+from bnfreeze.model.records import (
     Finding,
     LayerKind,
     LayerRecord,
@@ -63,10 +63,10 @@ from bnfreeze.records import (
     Report,
     WarningCode,
 )
-from bnfreeze.selection import select
+from bnfreeze.model.selection import select
 
 if TYPE_CHECKING:
-    from bnfreeze.writers import WriteRequest
+    from bnfreeze.formats.writers import WriteRequest
 
 #: Output file name endings Keras 3's ``load_model`` accepts, per format.
 OUTPUT_SUFFIXES: dict[ModelFormat, tuple[str, ...]] = {
@@ -95,7 +95,7 @@ class OptimizerState(enum.Enum):
 @dataclass(frozen=True)
 class LayerSelection:
     """Which layers an edit applies to: the intersection of the given selectors; all leaves
-    when none is given (see :func:`bnfreeze.selection.select`)."""
+    when none is given (see :func:`bnfreeze.model.selection.select`)."""
 
     layers: tuple[str, ...] = ()  # globs on layer paths or names (--layers)
     up_to: str | None = None  # a layer path or name, inclusive (--up-to)
@@ -293,8 +293,8 @@ def edit_file(
 
 def run(request: EditRequest) -> EditResult:
     """Carry out an :class:`EditRequest` (see :func:`edit_file`)."""
-    from bnfreeze.readers import read_model, with_weights
-    from bnfreeze.walk import walk
+    from bnfreeze.formats.readers import read_model, with_weights
+    from bnfreeze.model.walk import walk
 
     request = check_output(request)
     if request.engine is Engine.KERAS:
@@ -351,7 +351,7 @@ def check_output(request: EditRequest) -> EditRequest:
     output; an output that is the input without ``in_place``; an output in a folder that is
     missing or not writable, or that is a directory.
     """
-    from bnfreeze.writers.atomic import check_destination
+    from bnfreeze.formats.atomic import check_destination
 
     source = Path(request.model)
     output = request.output
@@ -400,7 +400,7 @@ def config_route_limit(
     model: ModelFile, layers: Sequence[LayerRecord], lists_layers: bool
 ) -> str | None:
     """Why the config route cannot edit ``model`` (None when it can), before selection."""
-    from bnfreeze.writers import writer_for
+    from bnfreeze.formats.writers import writer_for
 
     if writer_for(model.format) is None:
         return f"bnfreeze does not rewrite {model.format.json_name} files without Keras"
@@ -431,7 +431,7 @@ def custom_batchnorm_limit(
 
 
 def _keras_engine(request: EditRequest, reason: str) -> EditResult:
-    from bnfreeze.writers import KERAS_ENGINE_MODULE, keras_engine
+    from bnfreeze.formats.writers import KERAS_ENGINE_MODULE, keras_engine
 
     engine = keras_engine()
     if engine is None:
@@ -558,9 +558,9 @@ def _config_route(
     state and builds the result's report. When the decision is to drop the optimizer state,
     the file is written again with the weights rewritten before it is verified.
     """
-    from bnfreeze.readers import with_weights
-    from bnfreeze.writers import WriteOutcome, WriteRequest, writer_for
-    from bnfreeze.writers.atomic import write_atomically
+    from bnfreeze.formats.readers import with_weights
+    from bnfreeze.formats.writers import WriteOutcome, WriteRequest, writer_for
+    from bnfreeze.formats.atomic import write_atomically
 
     writer = writer_for(model.format)
     assert writer is not None  # config_route_limit() checked
@@ -700,7 +700,7 @@ def _result_report(
     re_find: bool,
     path: str | None,
 ) -> Report:
-    from bnfreeze.inspection import inspect_model_file
+    from bnfreeze.ops.inspect import inspect_model_file
 
     kept = None if dropped else model.optimizer_variables
     result_model = replace(model, config=new_config, optimizer_variables=kept)

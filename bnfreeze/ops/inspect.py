@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 
-from bnfreeze import diagnostics, modes
-from bnfreeze.readers import read_model, read_values
-from bnfreeze.records import ModelFile, ModelFormat, Report, Runtime
-from bnfreeze.walk import walk
+from bnfreeze.model import diagnostics
+
+from bnfreeze.model import modes
+from bnfreeze.formats.readers import read_model, read_values
+from bnfreeze.model.records import ModelFile, ModelFormat, Report, Runtime
+from bnfreeze.model.walk import walk
 
 
 def inspect_file(path: str | os.PathLike[str], runtime: Runtime = Runtime.KERAS3) -> Report:

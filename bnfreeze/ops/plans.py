@@ -2,7 +2,7 @@
 
 A plan is read with the standard library's ``tomllib`` and validated into frozen values:
 :class:`Plan` holds :class:`Rule` values, each a :class:`Selector` (which layers) and an
-action (``trainable`` and ``bn``), and :class:`~bnfreeze.expectations.Expectation` values for
+action (``trainable`` and ``bn``), and :class:`~bnfreeze.model.expectations.Expectation` values for
 ``bnfreeze check``. The schema is documented in ``configs/README.md``; in short::
 
     [plan]
@@ -22,8 +22,8 @@ action (``trainable`` and ``bn``), and :class:`~bnfreeze.expectations.Expectatio
     [[expect]]
     bn = "inference"
 
-Each rule maps onto an :class:`~bnfreeze.edit.Assignment` and is applied with
-:func:`~bnfreeze.edit.assign` in file order, so a later rule overrides an earlier one for the
+Each rule maps onto an :class:`~bnfreeze.model.assignments.Assignment` and is applied with
+:func:`~bnfreeze.model.assignments.assign` in file order, so a later rule overrides an earlier one for the
 layers both select. Selecting a container selects every layer below it: a container's own flag
 does not propagate when Keras loads a saved model (SEMANTICS §5), so every leaf is edited.
 
@@ -46,12 +46,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bnfreeze.edit import Assignment, Flags, assign, current_flags, stores_flag
+from bnfreeze.model.assignments import Assignment, Flags, assign, current_flags, stores_flag
 from bnfreeze.errors import BnfreezeError, PlanError
-from bnfreeze.expectations import Expectation, ExpectKind
-from bnfreeze.freezing import EditResult, LayerSelection
-from bnfreeze.records import LayerKind, LayerRecord
-from bnfreeze.selection import find_layer, from_layer, is_leaf, match_glob, up_to
+from bnfreeze.model.expectations import Expectation, ExpectKind
+from bnfreeze.ops.edit import EditResult, LayerSelection
+from bnfreeze.model.records import LayerKind, LayerRecord
+from bnfreeze.model.selection import find_layer, from_layer, is_leaf, match_glob, up_to
 
 #: The largest plan file read. Plans are a few hundred bytes; anything near this is a mistake.
 MAX_PLAN_BYTES = 1 * 2**20
@@ -159,7 +159,7 @@ class Selector:
         return result
 
     def paths(self, layers: Sequence[LayerRecord]) -> set[str]:
-        """The :class:`~bnfreeze.expectations.Scope` protocol."""
+        """The :class:`~bnfreeze.model.expectations.Scope` protocol."""
         return {r.path for r in self.leaves(layers)}
 
     def _keeps(self, record: LayerRecord) -> bool:
@@ -224,7 +224,7 @@ class Rule:
     where: Where | None = field(default=None, compare=False)
 
     def assignment(self) -> Assignment:
-        """The rule as an :class:`~bnfreeze.edit.Assignment` (None: left as it is)."""
+        """The rule as an :class:`~bnfreeze.model.assignments.Assignment` (None: left as it is)."""
         batchnorm = {
             BnAction.INFERENCE: False,
             BnAction.TRAIN: True,
@@ -283,7 +283,7 @@ def apply_rules(
 ) -> PlanOutcome:
     """Apply every rule in order to ``flags`` (later rules win). A rule that selects nothing
     raises :class:`PlanError` with its file and line. ``without_flag`` names layers whose
-    saved config stores no flag (see :func:`bnfreeze.edit.stores_flag`): never set."""
+    saved config stores no flag (see :func:`bnfreeze.model.assignments.stores_flag`): never set."""
     if not plan.rules:
         raise PlanError(
             f"{plan.path}: the plan has no [[rule]] table, so it changes nothing.",
@@ -800,7 +800,7 @@ class PlanAssignment(Assignment):
     """A plan resolved against one model, as the assignment the freeze orchestration applies:
     each selected layer's final flag after every rule, later rules winning.
 
-    ``others`` and ``batchnorm`` are None, so :func:`~bnfreeze.edit.assign` sets exactly these
+    ``others`` and ``batchnorm`` are None, so :func:`~bnfreeze.model.assignments.assign` sets exactly these
     flags and applies no container rule of its own (the plan's rules already did).
     """
 
@@ -812,14 +812,14 @@ class PlanAssignment(Assignment):
 
 def flagless(config: dict[str, Any], layers: Sequence[LayerRecord]) -> set[str]:
     """Leaves whose saved config stores no ``trainable`` (operations recorded as layers):
-    a plan never sets them (see :func:`bnfreeze.edit.stores_flag`)."""
+    a plan never sets them (see :func:`bnfreeze.model.assignments.stores_flag`)."""
     return {r.path for r in layers if is_leaf(r) and not stores_flag(config, r)}
 
 
 def resolve_plan(
     plan: Plan, layers: Sequence[LayerRecord], *, without_flag: Collection[str] = ()
 ) -> tuple[PlanSelection, PlanAssignment, PlanOutcome]:
-    """The plan as one selection and one assignment for :mod:`bnfreeze.freezing`.
+    """The plan as one selection and one assignment for :mod:`bnfreeze.ops.edit`.
 
     Refuses (``PlanError``) a plan that treats BN and other layers differently in a rule
     that selects a custom layer class: only a loaded model can tell whether it subclasses
@@ -854,7 +854,7 @@ def resolve_plan(
 @dataclass(frozen=True)
 class PlanApplication:
     """What ``apply`` did: the plan, how many layers each rule selected, and the
-    :class:`~bnfreeze.freezing.EditResult` of the write (or of the dry run)."""
+    :class:`~bnfreeze.ops.edit.EditResult` of the write (or of the dry run)."""
 
     plan: Plan
     matches: tuple[RuleMatch, ...]
@@ -872,14 +872,14 @@ def apply_plan_file(
 ) -> PlanApplication:
     """Apply ``plan`` to the saved model at ``path`` and write ``output``.
 
-    The same orchestration as ``freeze`` (:func:`bnfreeze.freezing.run`): the output is
+    The same orchestration as ``freeze`` (:func:`bnfreeze.ops.edit.run`): the output is
     checked before any work, written atomically and verified by re-reading; every byte but
     the config is kept; saved optimizer state is dropped when the set of trainable variables
     changes (unless ``keep_optimizer_state``); ``dry_run`` writes nothing.
     """
-    from bnfreeze.freezing import EditRequest, run
-    from bnfreeze.readers import read_model
-    from bnfreeze.walk import walk
+    from bnfreeze.ops.edit import EditRequest, run
+    from bnfreeze.formats.readers import read_model
+    from bnfreeze.model.walk import walk
 
     model = read_model(path, weights=False)
     walked = walk(model.config, model.path)

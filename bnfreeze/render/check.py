@@ -9,8 +9,8 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from bnfreeze.check import CheckResult, Outcome
-from bnfreeze.expectations import Failure
+from bnfreeze.ops.check import CheckResult, Outcome
+from bnfreeze.model.expectations import Failure
 from bnfreeze.render.json import SCHEMA_VERSION, dumps
 
 STYLE_PASS = "bold green"

@@ -9,8 +9,8 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from bnfreeze.diff import DiffResult, LayerDiff, LayerStatus
-from bnfreeze.records import LayerState
+from bnfreeze.ops.diff import DiffResult, LayerDiff, LayerStatus
+from bnfreeze.model.records import LayerState
 from bnfreeze.render.json import SCHEMA_VERSION, behaviour_dict, dumps
 from bnfreeze.render.table import STYLE_NONE, mode_text
 

@@ -1,5 +1,5 @@
 """Renderers for ``freeze`` / ``unfreeze``: pure functions from an
-:class:`~bnfreeze.freezing.EditResult` to a Rich renderable or a JSON string.
+:class:`~bnfreeze.ops.edit.EditResult` to a Rich renderable or a JSON string.
 
 The view is what changed (before → after per layer, then counts), then the new effective
 modes in the ``inspect`` style (:func:`bnfreeze.render.table.inspect_view` of the result).
@@ -15,8 +15,8 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from bnfreeze.edit import Change
-from bnfreeze.freezing import EditResult
+from bnfreeze.model.assignments import Change
+from bnfreeze.ops.edit import EditResult
 from bnfreeze.render.json import SCHEMA_VERSION, dumps, finding_dict, report_dict
 from bnfreeze.render.table import (
     STYLE_NONE,

@@ -1,6 +1,6 @@
 """Renderers for ``explain``: the four measured cases, the rules, and the JSON contract.
 
-Pure functions of an :class:`~bnfreeze.explain.ExplainReport`: they never print.
+Pure functions of an :class:`~bnfreeze.runtime.explain.ExplainReport`: they never print.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from bnfreeze.explain import IMAGE_SHAPE, Case, ExplainReport
-from bnfreeze.records import Normalization
+from bnfreeze.runtime.explain import IMAGE_SHAPE, Case, ExplainReport
+from bnfreeze.model.records import Normalization
 from bnfreeze.render.json import SCHEMA_VERSION, dumps
 from bnfreeze.render.table import STYLE_INFERENCE, STYLE_NONE, STYLE_TRAINING
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Iterable
 
-from bnfreeze.records import Finding, WarningCode
+from bnfreeze.model.records import Finding, WarningCode
 
 #: Up to this many warnings of one kind are shown in full. A larger group shows its first
 #: warning in full and names the other layers on one summary line.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from bnfreeze.records import Finding, FitBehaviour, LayerState, Report
+from bnfreeze.model.records import Finding, FitBehaviour, LayerState, Report
 
 SCHEMA_VERSION = 1
 

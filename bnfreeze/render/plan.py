@@ -10,7 +10,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from bnfreeze.plans import PlanApplication, RuleMatch
+from bnfreeze.ops.plans import PlanApplication, RuleMatch
 from bnfreeze.render.edit import edit_dict, edit_view
 from bnfreeze.render.json import dumps
 from bnfreeze.render.table import STYLE_NONE

@@ -18,7 +18,7 @@ from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.measure import Measurement
 from rich.text import Text
 
-from bnfreeze.records import LayerState, Normalization, Report
+from bnfreeze.model.records import LayerState, Normalization, Report
 
 
 class Cell(enum.Enum):

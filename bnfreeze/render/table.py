@@ -24,7 +24,7 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
-from bnfreeze.records import LayerKind, LayerState, Normalization, Report
+from bnfreeze.model.records import LayerKind, LayerState, Normalization, Report
 from bnfreeze.render.findings import WARNINGS_SHOWN_PER_CODE, warning_lines
 
 __all__ = [

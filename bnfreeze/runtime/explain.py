@@ -21,9 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bnfreeze import engine
-from bnfreeze.engine import ProgressFn, RuntimeInfo, no_progress
-from bnfreeze.records import Normalization, Runtime
+from bnfreeze.runtime import loading
+from bnfreeze.runtime.loading import ProgressFn, RuntimeInfo, no_progress
+from bnfreeze.model.records import Normalization, Runtime
 
 #: The seed's image: one 2x2 picture with 4 channels of whole numbers 0-9.
 IMAGE_SHAPE = (1, 2, 2, 4)
@@ -189,13 +189,13 @@ def explain(
         epsilon=float(epsilon),
         seed=used_seed,
     )
-    engine.require_runtime(runtime)
-    with engine.quiet():
+    loading.require_runtime(runtime)
+    with loading.quiet():
         progress("loading TensorFlow")
-        keras = engine.keras_module(runtime)
-        info = engine.runtime_info(runtime)
+        keras = loading.keras_module(runtime)
+        info = loading.runtime_info(runtime)
         progress("running the four cases")
-        with engine.keras_warnings():
+        with loading.keras_warnings():
             cases = tuple(
                 _run_case(keras, setup, pixels, training, trainable)
                 for training, trainable in COMBINATIONS

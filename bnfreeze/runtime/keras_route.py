@@ -1,6 +1,6 @@
 """The Keras engine route: set ``trainable`` flags on a loaded (or in-memory) ``keras.Model``.
 
-The config route (:mod:`bnfreeze.freezing`) edits saved files without TensorFlow. This module
+The config route (:mod:`bnfreeze.ops.edit`) edits saved files without TensorFlow. This module
 does what only a live model can:
 
 * **subclassed models** whose config does not list their layers: the layers are found on the
@@ -11,11 +11,11 @@ does what only a live model can:
 * **formats the readers do not rewrite**, and in-memory models (the Python API,
   :mod:`bnfreeze.api`).
 
-Layer paths follow the walk's scheme (:mod:`bnfreeze.walk`): names joined by ``/`` from the
+Layer paths follow the walk's scheme (:mod:`bnfreeze.model.walk`): names joined by ``/`` from the
 outermost container down, through nested models, wrappers (``TimeDistributed.layer``,
 ``Bidirectional.forward_layer`` / ``backward_layer``) and the sublayers of custom layers.
 
-Loading goes through :func:`bnfreeze.engine.load_model`: ``safe_mode=True``, custom objects
+Loading goes through :func:`bnfreeze.runtime.loading.load_model`: ``safe_mode=True``, custom objects
 only from an explicit ``--custom-objects`` module or file, a ``Lambda`` refused unless
 ``--unsafe``. Flags are applied the way Keras's own setter would leave them: a container's
 flag first (``container.trainable = X`` reaches every layer below it), then every leaf's own
@@ -46,10 +46,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bnfreeze import diagnostics, engine, modes
-from bnfreeze.edit import Assignment, Change, Flags, assign, changes, current_flags
+from bnfreeze.model import diagnostics
+
+from bnfreeze.runtime import loading
+
+from bnfreeze.model import modes
+from bnfreeze.model.assignments import Assignment, Change, Flags, assign, changes, current_flags
 from bnfreeze.errors import BnfreezeError, ModelFormatError, OutputError, SelectionError
-from bnfreeze.records import (
+from bnfreeze.model.records import (
     LayerKind,
     LayerRecord,
     ModelFile,
@@ -58,7 +62,7 @@ from bnfreeze.records import (
     Runtime,
     WeightIndex,
 )
-from bnfreeze.walk import OTHER_NORMALIZATION_CLASSES, walk
+from bnfreeze.model.walk import OTHER_NORMALIZATION_CLASSES, walk
 
 #: Output endings Keras 3 ``model.save`` understands, and the format each one writes.
 SAVE_FORMATS: dict[str, ModelFormat] = {
@@ -74,7 +78,7 @@ _BUILTIN_PREFIXES = ("keras", "tf_keras", "tensorflow")
 
 
 def _keras() -> Any:
-    return engine.keras_module(Runtime.KERAS3)
+    return loading.keras_module(Runtime.KERAS3)
 
 
 def runtime_of(obj: Any) -> Runtime:
@@ -87,7 +91,7 @@ def runtime_of(obj: Any) -> Runtime:
 
 
 def _keras_of(obj: Any) -> Any:
-    return engine.keras_module(runtime_of(obj))
+    return loading.keras_module(runtime_of(obj))
 
 
 def _is_builtin(obj: Any) -> bool:
@@ -185,7 +189,7 @@ class LiveModel:
 
 
 def live_model(model: Any) -> LiveModel:
-    """Records for a live model, the same as :func:`bnfreeze.walk.walk` gives for its saved
+    """Records for a live model, the same as :func:`bnfreeze.model.walk.walk` gives for its saved
     config, with two corrections only a live model allows: a custom BN subclass is a BN
     (``isinstance``), and layers the config does not list (a subclassed model's, a custom
     layer's sublayers) are found on the object."""
@@ -258,7 +262,7 @@ def live_report(
     runtime: Runtime | None = None,
     live: LiveModel | None = None,
 ) -> Report:
-    """The inspect :class:`~bnfreeze.records.Report` of a live model.
+    """The inspect :class:`~bnfreeze.model.records.Report` of a live model.
 
     The same walk, rules and warnings as for a saved file; ``has_weights`` comes from the live
     layers. ``path`` defaults to ``<in-memory model 'name'>``. ``runtime`` defaults to the
@@ -268,7 +272,7 @@ def live_report(
     runtime = runtime_of(model) if runtime is None else runtime
     keras = _keras_of(model)
     live = live if live is not None else live_model(model)
-    compiled = engine.is_compiled(model)
+    compiled = loading.is_compiled(model)
     compile_config = None
     if compiled:
         with contextlib.suppress(Exception):
@@ -349,7 +353,7 @@ def edit_live(
 ) -> LiveEdit:
     """Apply ``assignment`` to the layers ``select_fn`` picks, on the live model.
 
-    ``select_fn`` is a selection (:meth:`bnfreeze.freezing.LayerSelection.apply`). Records with
+    ``select_fn`` is a selection (:meth:`bnfreeze.ops.edit.LayerSelection.apply`). Records with
     no live layer (operations a Functional records as layers, ``keras.ops.add``, say) carry no
     flag and are skipped. With ``dry_run`` nothing is changed.
     """
@@ -446,7 +450,7 @@ def _optimizer_for_saving(model: Any, fmt: ModelFormat, keep: bool) -> Iterator[
     ``.keras``: the optimizer is detached for the save (Keras writes its compile config from
     the arguments of ``compile()``). Legacy ``.h5``: its ``training_config`` needs an
     optimizer, so an unbuilt one of the same class and settings stands in; its two counters
-    are removed afterwards (:func:`bnfreeze.writers.legacy_h5.strip_optimizer`).
+    are removed afterwards (:func:`bnfreeze.formats.writers.legacy_h5.strip_optimizer`).
     """
     optimizer = getattr(model, "optimizer", None)
     if keep or optimizer is None:
@@ -469,14 +473,14 @@ def save(
     keep_optimizer: bool,
     reload: Callable[[Path], Any],
     live: LiveModel | None = None,
-    progress: engine.ProgressFn = engine.no_progress,
+    progress: loading.ProgressFn = loading.no_progress,
 ) -> int:
     """Save ``model`` to ``output`` atomically and return the size written.
 
     The file is written beside ``output``, loaded back with ``reload`` and compared with
     ``model`` (every flag and every variable, by path) before it replaces ``output``.
     """
-    from bnfreeze.writers.atomic import write_atomically
+    from bnfreeze.formats.atomic import write_atomically
 
     fmt = save_format(output)
     suffix = Path(output).suffix.lower()
@@ -489,7 +493,7 @@ def save(
             with _optimizer_for_saving(model, fmt, keep_optimizer):
                 model.save(scratch)
             if fmt is ModelFormat.H5 and not keep_optimizer:
-                from bnfreeze.writers.legacy_h5 import strip_optimizer
+                from bnfreeze.formats.writers.legacy_h5 import strip_optimizer
 
                 stripped = tmp.with_name(tmp.name + ".stripped" + suffix)
                 try:
@@ -504,7 +508,7 @@ def save(
             scratch.unlink(missing_ok=True)
 
     def verify(tmp: Path) -> None:
-        from bnfreeze.readers import read_model
+        from bnfreeze.formats.readers import read_model
 
         written = read_model(tmp, weights=False)
         if written.compiled != bool(getattr(model, "compiled", False)):
@@ -552,35 +556,35 @@ def check_saved(live: LiveModel, reloaded: Any, output: str) -> None:
 # -------------------------------------------------------------------------- the file route
 
 
-def edit(request: Any, progress: engine.ProgressFn | None = None) -> Any:
-    """The Keras engine route for :func:`bnfreeze.freezing.run`: an
-    :class:`~bnfreeze.freezing.EditRequest` in, an :class:`~bnfreeze.freezing.EditResult` out.
+def edit(request: Any, progress: loading.ProgressFn | None = None) -> Any:
+    """The Keras engine route for :func:`bnfreeze.ops.edit.run`: an
+    :class:`~bnfreeze.ops.edit.EditRequest` in, an :class:`~bnfreeze.ops.edit.EditResult` out.
 
-    Loads the model with Keras (see :func:`bnfreeze.engine.load_model`), applies the request's
+    Loads the model with Keras (see :func:`bnfreeze.runtime.loading.load_model`), applies the request's
     assignment to the selected live layers, and saves it (see :func:`save`). ``progress``
-    defaults to a spinner or progress lines on stderr (:func:`engine.progress_on_stderr`);
+    defaults to a spinner or progress lines on stderr (:func:`loading.progress_on_stderr`);
     nothing goes to stdout.
     """
     if progress is None:
-        with engine.progress_on_stderr() as shown:
+        with loading.progress_on_stderr() as shown:
             return edit(request, shown)
-    from bnfreeze import freezing
-    from bnfreeze.readers import read_model
+    from bnfreeze.ops import edit as file_edit
+    from bnfreeze.formats.readers import read_model
 
     source = request.model
     out_fmt = save_format(request.output) if request.output is not None else None
     saved = read_model(source)  # bad files get the readers' errors, before TensorFlow
-    engine.refuse_unsafe(saved.config, source, unsafe=request.unsafe)
+    loading.refuse_unsafe(saved.config, source, unsafe=request.unsafe)
 
-    with engine.quiet():
+    with loading.quiet():
         progress("loading TensorFlow")
         _keras()  # first, so that a --custom-objects module importing keras stays quiet too
         objects = None
         if request.custom_objects:
-            objects = engine.load_custom_objects(request.custom_objects)
+            objects = loading.load_custom_objects(request.custom_objects)
 
         def load(path: str | os.PathLike[str], compile: bool) -> Any:
-            return engine.load_model(
+            return loading.load_model(
                 path, unsafe=request.unsafe, custom_objects=objects, compile=compile
             )
 
@@ -588,10 +592,10 @@ def edit(request: Any, progress: engine.ProgressFn | None = None) -> Any:
         model = load(source, True)
         live = live_model(model)
         done = edit_live(live, request.assignment, request.selection.apply, dry_run=request.dry_run)
-        optimizer = freezing.optimizer_decision(
+        optimizer = file_edit.optimizer_decision(
             saved.optimizer_variables, done.trainable_set_changed, request.keep_optimizer_state
         )
-        keep = optimizer in (freezing.OptimizerState.UNCHANGED, freezing.OptimizerState.KEPT)
+        keep = optimizer in (file_edit.OptimizerState.UNCHANGED, file_edit.OptimizerState.KEPT)
         write = not request.dry_run and request.output is not None and not (
             request.in_place and not done.changes
         )
@@ -613,17 +617,17 @@ def edit(request: Any, progress: engine.ProgressFn | None = None) -> Any:
             live=live_model(model),
         )
     dropped = 0
-    if optimizer is freezing.OptimizerState.DROPPED:
+    if optimizer is file_edit.OptimizerState.DROPPED:
         dropped = saved.optimizer_variables or 0
-    return freezing.EditResult(
+    return file_edit.EditResult(
         source=source,
         output=request.output if write else None,
         dry_run=request.dry_run,
-        engine=freezing.Engine.KERAS,
+        engine=file_edit.Engine.KERAS,
         selected=done.selected,
         changes=done.changes,
         report=report,
-        warnings=freezing.edit_warnings(
+        warnings=file_edit.edit_warnings(
             done.changes,
             optimizer,
             saved.optimizer_variables,

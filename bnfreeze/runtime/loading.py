@@ -16,13 +16,13 @@ Every function imports TensorFlow / Keras lazily, when called; importing this mo
 
 Typical use::
 
-    from bnfreeze import engine
+    from bnfreeze.runtime import loading
 
-    with engine.quiet():
-        model = engine.load_model("model.keras")            # keras.Model, safe_mode=True
-        model = engine.load_model("m.keras", unsafe=True)    # the user trusts the file
-        objs = engine.load_custom_objects("my_layers.py")
-        model = engine.load_model("m.keras", custom_objects=objs)
+    with loading.quiet():
+        model = loading.load_model("model.keras")            # keras.Model, safe_mode=True
+        model = loading.load_model("m.keras", unsafe=True)    # the user trusts the file
+        objs = loading.load_custom_objects("my_layers.py")
+        model = loading.load_model("m.keras", custom_objects=objs)
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from bnfreeze.errors import (
     RuntimeUnavailableError,
     UnsafeModelError,
 )
-from bnfreeze.records import Runtime
+from bnfreeze.model.records import Runtime
 
 #: The option a user passes to load a model whose config carries Python code.
 UNSAFE_OPTION = "--unsafe"
@@ -449,7 +449,7 @@ def load_model(
     Any failure is a :class:`~bnfreeze.errors.BnfreezeError` with a one-line message. The
     file is only read. Call it inside :func:`quiet` to keep TensorFlow's noise off stdout.
     """
-    from bnfreeze.readers import read_model
+    from bnfreeze.formats.readers import read_model
 
     # Read the config ourselves first: bad files get bnfreeze's specific errors, and
     # unsafe content is refused before TensorFlow is even imported.
@@ -489,7 +489,7 @@ def _load_error(path: Any, exc: Exception, config: Any) -> BnfreezeError:
 
 
 def _custom_classes(config: Any) -> set[str]:
-    from bnfreeze.walk import is_builtin
+    from bnfreeze.model.walk import is_builtin
 
     found: set[str] = set()
 

@@ -17,7 +17,7 @@ average of the mean and standard deviation of the batches it has seen during tra
 leaves them alone. So the moving statistics moved exactly when the layer normalized with batch
 statistics. A custom subclass may override ``call``, so its mode is reported as not measured.
 
-The measurement is then compared with the prediction :func:`bnfreeze.inspection.inspect_file`
+The measurement is then compared with the prediction :func:`bnfreeze.ops.inspect.inspect_file`
 makes from the same file; every disagreement names the layer.
 
 A variable that ``fit()`` trains can still come out bit-identical when its gradient is exactly
@@ -40,11 +40,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bnfreeze import engine
-from bnfreeze.engine import ProgressFn, RuntimeInfo, no_progress
+from bnfreeze.runtime import loading
+from bnfreeze.runtime.loading import ProgressFn, RuntimeInfo, no_progress
 from bnfreeze.errors import DataError
-from bnfreeze.expectations import Expectation, Failure, Observed, evaluate
-from bnfreeze.records import LayerState, Normalization, Report, Runtime
+from bnfreeze.model.expectations import Expectation, Failure, Observed, evaluate
+from bnfreeze.model.records import LayerState, Normalization, Report, Runtime
 
 #: Synthetic inputs are standard-normal values scaled to this mean and standard deviation:
 #: far from freshly initialised moving statistics (0, 1), as real image or feature data is.
@@ -248,22 +248,22 @@ def verify_file(
     """Train a saved model for ``steps`` steps in memory and compare with ``inspect``.
 
     ``custom_objects`` is a module name or ``.py`` path (see
-    :func:`bnfreeze.engine.load_custom_objects`) or a ready dict. The file is never written.
+    :func:`bnfreeze.runtime.loading.load_custom_objects`) or a ready dict. The file is never written.
     Bad input raises a :class:`~bnfreeze.errors.BnfreezeError`.
     """
-    from bnfreeze import modes
+    from bnfreeze.model import modes
     from bnfreeze.errors import BnfreezeError
-    from bnfreeze.inspection import inspect_file
+    from bnfreeze.ops.inspect import inspect_file
 
     if steps < 1 or batch_size < 1:
         raise BnfreezeError("--steps and --batch-size must be at least 1.")
-    engine.require_runtime(runtime)
+    loading.require_runtime(runtime)
     # The prediction first: it reads the file without Keras, so a bad file fails in
     # milliseconds, and expectation globs are checked before the slow part.
     prediction = inspect_file(path, runtime) if runtime in modes.RULES else None
     if prediction is not None:
         _check_scopes(expectations, prediction)
-    engine.refuse_unsafe(
+    loading.refuse_unsafe(
         prediction.model.config if prediction is not None else _config_of(path),
         str(path),
         unsafe=unsafe,
@@ -272,18 +272,18 @@ def verify_file(
     spec = custom_objects if isinstance(custom_objects, str) else None
     if spec is not None and spec.endswith(".py") and not Path(spec).is_file():
         # Fail now, not after TensorFlow's long import.
-        raise BnfreezeError(f"{engine.CUSTOM_OBJECTS_OPTION} {spec}: no such file.")
+        raise BnfreezeError(f"{loading.CUSTOM_OBJECTS_OPTION} {spec}: no such file.")
 
-    with engine.quiet():
+    with loading.quiet():
         progress("loading TensorFlow")
-        keras = engine.keras_module(runtime)
-        info = engine.runtime_info(runtime)
+        keras = loading.keras_module(runtime)
+        info = loading.runtime_info(runtime)
         objects = (
-            engine.load_custom_objects(custom_objects)
+            loading.load_custom_objects(custom_objects)
             if isinstance(custom_objects, str)
             else dict(custom_objects or {})
         )
-        with engine.keras_warnings() as notes:
+        with loading.keras_warnings() as notes:
             progress("loading the model")
             model, reason = _load(path, unsafe=unsafe, custom_objects=objects, runtime=runtime)
             file_config = prediction.model.config if prediction is not None else None
@@ -395,7 +395,7 @@ def observed(measured: Iterable[LayerMeasurement]) -> dict[str, Observed]:
 def _judge(
     expectation: Expectation, measured: Sequence[LayerMeasurement], prediction: Report | None
 ) -> tuple[Failure, ...]:
-    from bnfreeze.records import LayerKind, LayerRecord
+    from bnfreeze.model.records import LayerKind, LayerRecord
 
     seen = observed(measured)
     records: list[LayerRecord] = [s.layer for s in prediction.layers] if prediction else []
@@ -425,7 +425,7 @@ def _check_scopes(expectations: Sequence[Expectation], prediction: Report) -> No
 
 
 def _config_of(path: str | os.PathLike[str]) -> Any:
-    from bnfreeze.readers import read_model
+    from bnfreeze.formats.readers import read_model
 
     return read_model(path, weights=False).config
 
@@ -445,14 +445,14 @@ def _load(
     from bnfreeze.errors import BnfreezeError, UnsafeModelError
 
     try:
-        return engine.load_model(
+        return loading.load_model(
             path, unsafe=unsafe, custom_objects=custom_objects, compile=True, runtime=runtime
         ), None
     except UnsafeModelError:
         raise
     except BnfreezeError as first:
         try:
-            model = engine.load_model(
+            model = loading.load_model(
                 path, unsafe=unsafe, custom_objects=custom_objects, compile=False, runtime=runtime
             )
         except BnfreezeError:
@@ -863,7 +863,7 @@ def _measure(
     owned = _own_variables(layers)
     every = {id(v): v for vs in owned.values() for v in vs}
 
-    if engine.is_compiled(model) and getattr(model, "optimizer", None) is not None:
+    if loading.is_compiled(model) and getattr(model, "optimizer", None) is not None:
         source, reason = CompileSource.MODEL, None
         model.run_eagerly = True
         model.jit_compile = False
@@ -890,13 +890,13 @@ def _measure(
     except Exception as exc:
         if source is not CompileSource.MODEL:
             raise DataError(
-                f"a training step failed: {type(exc).__name__}: {engine._one_line(exc)}",
+                f"a training step failed: {type(exc).__name__}: {loading._one_line(exc)}",
                 hint="Pass real data with --data FILE.npz.",
             ) from None
         reason = (
             f"training with its compile config ({_loss_name(model.loss)}) failed on "
             f"{'the given' if batches.given_ys is not None else 'synthetic'} data: "
-            f"{type(exc).__name__}: {engine._one_line(exc, 160)}"
+            f"{type(exc).__name__}: {loading._one_line(exc, 160)}"
         )
         source = CompileSource.FALLBACK
         _compile_default(keras, model)
@@ -906,7 +906,7 @@ def _measure(
             raise
         except Exception as exc2:
             raise DataError(
-                f"a training step failed: {type(exc2).__name__}: {engine._one_line(exc2)}",
+                f"a training step failed: {type(exc2).__name__}: {loading._one_line(exc2)}",
                 hint="Pass real data with --data FILE.npz.",
             ) from None
 

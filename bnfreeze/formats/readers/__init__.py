@@ -1,4 +1,4 @@
-"""Readers: turn a path into a :class:`~bnfreeze.records.ModelFile`.
+"""Readers: turn a path into a :class:`~bnfreeze.model.records.ModelFile`.
 
 One module per format, one entry point here. Reading never imports TensorFlow or Keras: a
 `.keras` archive is a zip of JSON and HDF5, and a legacy `.h5` keeps its architecture as a
@@ -14,7 +14,7 @@ import stat
 from pathlib import Path
 
 from bnfreeze.errors import ModelFormatError
-from bnfreeze.records import ModelFile
+from bnfreeze.model.records import ModelFile
 
 ZIP_MAGIC = b"PK\x03\x04"
 EMPTY_ZIP_MAGIC = b"PK\x05\x06"
@@ -38,7 +38,7 @@ def read_model(path: str | os.PathLike[str], *, weights: bool = True) -> ModelFi
         raise ModelFormatError(f"{p}: cannot be opened ({exc.strerror or exc}).") from None
 
     if stat.S_ISDIR(st.st_mode):
-        from bnfreeze.readers import keras_dir
+        from bnfreeze.formats.readers import keras_dir
 
         return keras_dir.read(p, weights=weights)
     if not stat.S_ISREG(st.st_mode):
@@ -56,11 +56,11 @@ def read_model(path: str | os.PathLike[str], *, weights: bool = True) -> ModelFi
         raise ModelFormatError(f"{p}: cannot be read ({exc.strerror or exc}).") from None
 
     if head.startswith(ZIP_MAGIC) or head.startswith(EMPTY_ZIP_MAGIC):
-        from bnfreeze.readers import keras_zip
+        from bnfreeze.formats.readers import keras_zip
 
         return keras_zip.read(p, weights=weights)
     if head == HDF5_MAGIC:
-        from bnfreeze.readers import legacy_h5
+        from bnfreeze.formats.readers import legacy_h5
 
         return legacy_h5.read(p, weights=weights)
     raise ModelFormatError(
@@ -75,22 +75,22 @@ def with_weights(model: ModelFile) -> ModelFile:
     """
     from dataclasses import replace
 
-    from bnfreeze.records import ModelFormat
+    from bnfreeze.model.records import ModelFormat
 
     if model.weights is not None:
         return model
     if model.format is ModelFormat.KERAS:
-        from bnfreeze.readers import keras_zip
+        from bnfreeze.formats.readers import keras_zip
 
         index, optimizer_variables = keras_zip.index(Path(model.path))
         return replace(model, weights=index, optimizer_variables=optimizer_variables)
     if model.format is ModelFormat.KERAS_DIR:
-        from bnfreeze.readers import keras_dir
+        from bnfreeze.formats.readers import keras_dir
 
         index, optimizer_variables = keras_dir.index(Path(model.path))
         return replace(model, weights=index, optimizer_variables=optimizer_variables)
     if model.format is ModelFormat.H5:
-        from bnfreeze.readers import legacy_h5
+        from bnfreeze.formats.readers import legacy_h5
 
         # The optimizer variables are counted by read(..., weights=False) already.
         return replace(model, weights=legacy_h5.index(Path(model.path)))
@@ -106,14 +106,14 @@ def read_values(model: ModelFile, datasets: list[str]) -> dict[str, object]:
     array h5py returns. ``numpy.asarray`` accepts both. Datasets that are missing or
     unreadable are left out; callers treat them as unknown.
     """
-    from bnfreeze.records import ModelFormat
+    from bnfreeze.model.records import ModelFormat
 
     if not datasets:
         return {}
     found: dict[str, object] = {}
     locations = model.weights.locations if model.weights is not None else {}
     if locations:
-        from bnfreeze.readers import _hdf5
+        from bnfreeze.formats.readers import _hdf5
 
         weights_file = model.path
         if model.format is ModelFormat.KERAS_DIR:
@@ -136,7 +136,7 @@ def read_values(model: ModelFile, datasets: list[str]) -> dict[str, object]:
 def _read_values_h5py(model: ModelFile, datasets: list[str]) -> dict[str, object]:
     import h5py
 
-    from bnfreeze.records import ModelFormat
+    from bnfreeze.model.records import ModelFormat
 
     def pull(h5: h5py.File) -> dict[str, object]:
         out: dict[str, object] = {}
@@ -153,8 +153,8 @@ def _read_values_h5py(model: ModelFile, datasets: list[str]) -> dict[str, object
         if model.format is ModelFormat.KERAS:
             import zipfile
 
-            from bnfreeze.readers._keras_common import MemberFile
-            from bnfreeze.readers.keras_zip import stored_member
+            from bnfreeze.formats.readers._keras_common import MemberFile
+            from bnfreeze.formats.readers.keras_zip import stored_member
 
             with zipfile.ZipFile(model.path) as archive:
                 info = archive.getinfo("model.weights.h5")

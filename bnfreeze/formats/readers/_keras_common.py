@@ -10,7 +10,7 @@ from typing import IO, Any
 
 from bnfreeze.errors import ModelFormatError
 from bnfreeze.limits import MAX_CONFIG_BYTES, MAX_JSON_DEPTH, json_depth_exceeds
-from bnfreeze.records import ModelFile, ModelFormat, WeightIndex
+from bnfreeze.model.records import ModelFile, ModelFormat, WeightIndex
 
 CONFIG = "config.json"
 METADATA = "metadata.json"
@@ -138,11 +138,11 @@ def index_member(member: Member, source: str) -> tuple[WeightIndex, int | None]:
     """Index the ``model.weights.h5`` at ``member`` (see :func:`index_weights`).
 
     A small pure-Python HDF5 reader does it when it can, without importing h5py or numpy, and
-    records where each dataset's bytes are so :func:`bnfreeze.readers.read_values` can read BN
+    records where each dataset's bytes are so :func:`bnfreeze.formats.readers.read_values` can read BN
     statistics directly. Files it does not understand go to h5py, so the result is the same
     either way.
     """
-    from bnfreeze.readers import _hdf5
+    from bnfreeze.formats.readers import _hdf5
 
     try:
         with open(member.file, "rb") as fh:

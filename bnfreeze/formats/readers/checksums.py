@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bnfreeze.errors import ModelFormatError
-from bnfreeze.records import ModelFile, ModelFormat
+from bnfreeze.model.records import ModelFile, ModelFormat
 
 #: At most this many bytes of one dataset are in memory at a time.
 SLICE_BYTES = 8 * 2**20
@@ -46,7 +46,7 @@ def open_weights(model: ModelFile) -> Iterator[Any]:
     if model.format is ModelFormat.KERAS:
         # h5py never opens the zip member as a Python file object: when that fails (a damaged
         # member), HDF5 keeps the driver's state until exit and the interpreter crashes there
-        # (SIGSEGV, see bnfreeze.readers._keras_common.index_weights). The member is copied,
+        # (SIGSEGV, see bnfreeze.formats.readers._keras_common.index_weights). The member is copied,
         # streaming, to a temporary file opened by name; diff reads every byte of it anyway.
         with (
             zipfile.ZipFile(model.path) as archive,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from bnfreeze.errors import ModelFormatError
 from bnfreeze.limits import MAX_CONFIG_BYTES
-from bnfreeze.readers._keras_common import (
+from bnfreeze.formats.readers._keras_common import (
     CONFIG,
     METADATA,
     WEIGHTS,
@@ -17,7 +17,7 @@ from bnfreeze.readers._keras_common import (
     keras_model_file,
     parse_json,
 )
-from bnfreeze.records import ModelFile, ModelFormat, WeightIndex
+from bnfreeze.model.records import ModelFile, ModelFormat, WeightIndex
 
 
 def _read_bounded(path: Path, source: str) -> bytes:
@@ -63,7 +63,7 @@ def read(path: Path, *, weights: bool = True) -> ModelFile:
 
 def index(path: Path) -> tuple[WeightIndex | None, int | None]:
     """Index the folder's ``model.weights.h5``, if it has one (see
-    :func:`bnfreeze.readers.with_weights`)."""
+    :func:`bnfreeze.formats.readers.with_weights`)."""
     weights_file = path / WEIGHTS
     if not weights_file.is_file():
         return None, None

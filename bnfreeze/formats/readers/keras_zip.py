@@ -9,7 +9,7 @@ from pathlib import Path
 
 from bnfreeze.errors import ModelFormatError
 from bnfreeze.limits import MAX_CONFIG_BYTES, MAX_EXPANSION_RATIO
-from bnfreeze.readers._keras_common import (
+from bnfreeze.formats.readers._keras_common import (
     CONFIG,
     METADATA,
     WEIGHTS,
@@ -20,7 +20,7 @@ from bnfreeze.readers._keras_common import (
     keras_model_file,
     parse_json,
 )
-from bnfreeze.records import ModelFile, ModelFormat, WeightIndex
+from bnfreeze.model.records import ModelFile, ModelFormat, WeightIndex
 
 
 def open_archive(path: Path) -> zipfile.ZipFile:
@@ -123,7 +123,7 @@ def read(path: Path, *, weights: bool = True) -> ModelFile:
 
 def index(path: Path) -> tuple[WeightIndex | None, int | None]:
     """Index the weights of an archive already read with ``weights=False`` (see
-    :func:`bnfreeze.readers.with_weights`)."""
+    :func:`bnfreeze.formats.readers.with_weights`)."""
     with open_archive(path) as archive:
         return _index(archive, path)
 

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from bnfreeze.errors import ModelFormatError
-from bnfreeze.readers._keras_common import check_model_config, parse_json
-from bnfreeze.records import ModelFile, ModelFormat, WeightIndex
+from bnfreeze.formats.readers._keras_common import check_model_config, parse_json
+from bnfreeze.model.records import ModelFile, ModelFormat, WeightIndex
 
 
 def _text(value: Any) -> str | None:
@@ -45,7 +45,7 @@ def read(path: Path, *, weights: bool = True) -> ModelFile:
 
 def index(path: Path) -> WeightIndex | None:
     """Index the weights of a file already read with ``weights=False`` (see
-    :func:`bnfreeze.readers.with_weights`)."""
+    :func:`bnfreeze.formats.readers.with_weights`)."""
     with _opened(path) as h5:
         return _index(h5)
 

@@ -4,24 +4,24 @@ One interface, one module per format (like the readers):
 
 * :class:`WriteRequest` says what to write: the input as read, the complete new config, every
   layer's flag after the edit, and whether to drop the saved optimizer state.
-* A :class:`Writer` (``bnfreeze.writers.<module>.WRITER``) writes it to a temporary path and
+* A :class:`Writer` (``bnfreeze.formats.writers.<module>.WRITER``) writes it to a temporary path and
   verifies what it wrote. It never touches the input and never renames anything: the
-  orchestration (:mod:`bnfreeze.freezing`) wraps it in
-  :func:`bnfreeze.writers.atomic.write_atomically`.
-* :func:`writer_for` dispatches by :class:`~bnfreeze.records.ModelFormat`. A format with no
+  orchestration (:mod:`bnfreeze.ops.edit`) wraps it in
+  :func:`bnfreeze.formats.atomic.write_atomically`.
+* :func:`writer_for` dispatches by :class:`~bnfreeze.model.records.ModelFormat`. A format with no
   writer module returns ``None``; the orchestration then uses the Keras engine route or says
   the format cannot be rewritten.
 
 Hooks for other modules (add the module, nothing else needs to change):
 
-* ``bnfreeze/writers/legacy_h5.py`` must define ``WRITER``, a :class:`Writer` for
+* ``bnfreeze/formats/writers/legacy_h5.py`` must define ``WRITER``, a :class:`Writer` for
   :attr:`ModelFormat.H5`. It must honour ``drop_optimizer_state`` (the ``optimizer_weights``
   group and the matching ``training_config``) and keep each group's ``weight_names`` order
   consistent with the new flags (SEMANTICS §5).
-* ``bnfreeze/keras_edit.py`` is the Keras engine route (issue 3 item 4). It must
-  define ``edit(request: bnfreeze.freezing.EditRequest) -> bnfreeze.freezing.EditResult``.
+* ``bnfreeze/runtime/keras_route.py`` is the Keras route. It must
+  define ``edit(request: bnfreeze.ops.edit.EditRequest) -> bnfreeze.ops.edit.EditResult``.
   :func:`keras_engine` returns that module, or ``None`` while it does not exist. See
-  :mod:`bnfreeze.freezing` for when it is chosen and for the helpers it can reuse.
+  :mod:`bnfreeze.ops.edit` for when it is chosen and for the helpers it can reuse.
 """
 
 from __future__ import annotations
@@ -33,16 +33,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bnfreeze.errors import OutputError
-from bnfreeze.records import LayerRecord, ModelFile, ModelFormat
+from bnfreeze.model.records import LayerRecord, ModelFile, ModelFormat
 
 #: The module that holds each format's ``WRITER``. Imported lazily, on first use.
 WRITER_MODULES: dict[ModelFormat, str] = {
-    ModelFormat.KERAS: "bnfreeze.writers.keras_zip",
-    ModelFormat.H5: "bnfreeze.writers.legacy_h5",
+    ModelFormat.KERAS: "bnfreeze.formats.writers.keras_zip",
+    ModelFormat.H5: "bnfreeze.formats.writers.legacy_h5",
 }
 
 #: The Keras engine route: a module with ``edit(request) -> EditResult``.
-KERAS_ENGINE_MODULE = "bnfreeze.keras_edit"
+KERAS_ENGINE_MODULE = "bnfreeze.runtime.keras_route"
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ def _optional_module(name: str | None) -> types.ModuleType | None:
 def verify_flags(request: WriteRequest, written: Path) -> None:
     """Re-read ``written`` with bnfreeze's own reader and check that every layer is there,
     in the same order, with exactly the flag the edit asked for."""
-    from bnfreeze.readers import read_model
+    from bnfreeze.formats.readers import read_model
 
     try:
         reread = read_model(written, weights=False)
@@ -132,7 +132,7 @@ def verify_config_bytes(request: WriteRequest, raw: bytes) -> None:
     """:func:`verify_flags` for a ``config.json`` about to be written: parse ``raw`` the way
     the reader does and check it. Whoever calls it must check that the file holds exactly
     ``raw`` once written."""
-    from bnfreeze.readers._keras_common import CONFIG, check_model_config, parse_json
+    from bnfreeze.formats.readers._keras_common import CONFIG, check_model_config, parse_json
 
     source = request.model.path
     try:
@@ -156,7 +156,7 @@ def check_flags(
 ) -> None:
     """Every layer of ``config`` is there, in the same order, with exactly the flag the edit
     asked for, and the compile config is kept."""
-    from bnfreeze.walk import walk
+    from bnfreeze.model.walk import walk
 
     try:
         layers = walk(config, source).layers

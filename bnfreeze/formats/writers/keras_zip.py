@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import IO, Any
 
 from bnfreeze.errors import ModelFormatError, OutputError
-from bnfreeze.readers._keras_common import CONFIG, WEIGHTS, MemberFile
-from bnfreeze.readers.keras_zip import stored_member
-from bnfreeze.records import ModelFormat
-from bnfreeze.writers import WriteOutcome, WriteRequest, verify_config_bytes
-from bnfreeze.writers.atomic import scratch_file
+from bnfreeze.formats.readers._keras_common import CONFIG, WEIGHTS, MemberFile
+from bnfreeze.formats.readers.keras_zip import stored_member
+from bnfreeze.model.records import ModelFormat
+from bnfreeze.formats.writers import WriteOutcome, WriteRequest, verify_config_bytes
+from bnfreeze.formats.atomic import scratch_file
 
 OPTIMIZER_GROUP = "optimizer"
 _CHUNK = 1 << 20

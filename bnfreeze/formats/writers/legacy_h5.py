@@ -11,7 +11,7 @@ moving statistics, silently.
 
 So this writer rewrites the file consistently, without TensorFlow:
 
-* ``model_config``: the new flags (``bnfreeze.edit.apply_to_config``);
+* ``model_config``: the new flags (``bnfreeze.model.assignments.apply_to_config``);
 * each affected group's ``weight_names``: the order the Keras 3 loader will expect after the
   change. The datasets stay where they are; the loader looks them up by name, so only the
   list is permuted;
@@ -48,11 +48,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bnfreeze.edit import Flags, current_flags
+from bnfreeze.model.assignments import Flags, current_flags
 from bnfreeze.errors import BnfreezeError, ModelFormatError, OutputError
-from bnfreeze.readers.legacy_h5 import names as attr_names
-from bnfreeze.records import LayerKind, LayerRecord, ModelFile, ModelFormat
-from bnfreeze.writers import WriteOutcome, WriteRequest, verify_flags
+from bnfreeze.formats.readers.legacy_h5 import names as attr_names
+from bnfreeze.model.records import LayerKind, LayerRecord, ModelFile, ModelFormat
+from bnfreeze.formats.writers import WriteOutcome, WriteRequest, verify_flags
 
 #: Variables a built-in layer creates with ``trainable=False``. They never train, so a flag
 #: change never moves them into the trainable part of the list.
@@ -365,7 +365,7 @@ def write_weight_names(group: Any, names: Sequence[str]) -> None:
 
 
 class LegacyH5Writer:
-    """The :class:`~bnfreeze.writers.Writer` for :attr:`ModelFormat.H5`."""
+    """The :class:`~bnfreeze.formats.writers.Writer` for :attr:`ModelFormat.H5`."""
 
     format = ModelFormat.H5
 
@@ -419,7 +419,7 @@ def damaged_input(path: str) -> Iterator[None]:
 
 
 def plan_request(request: WriteRequest) -> H5Plan:
-    """:func:`plan` for a :class:`~bnfreeze.writers.WriteRequest`."""
+    """:func:`plan` for a :class:`~bnfreeze.formats.writers.WriteRequest`."""
     inner = request.model.config.get("config")
     model_trainable = not (isinstance(inner, dict) and inner.get("trainable") is False)
     return plan(
