@@ -12,7 +12,7 @@
 
 For a path, each function runs the same library code as the CLI command
 (:mod:`bnfreeze.ops.inspect`, :mod:`bnfreeze.ops.edit`) and returns the same objects. For an
-in-memory model, the flags are set on the live layers (:mod:`bnfreeze.runtime.keras_route`); the
+in-memory model, the flags are set on the live layers (:mod:`bnfreeze.runtime.keras_engine`); the
 model is changed in place and also returned in the result's report.
 
 Changing ``trainable`` on a compiled model (SEMANTICS §4, measured on Keras 3.15 / TF 2.21):
@@ -189,9 +189,9 @@ def inspect(model_or_path: ModelOrPath, *, runtime: Runtime | None = None) -> Re
             f"model {model_or_path.name!r} is a {own.value} model in memory; its behaviour is "
             f"{own.value}'s, not {runtime.value}'s. Leave runtime out for an in-memory model."
         )
-    from bnfreeze.runtime import keras_route
+    from bnfreeze.runtime import keras_engine
 
-    return keras_route.live_report(model_or_path, runtime=own)
+    return keras_engine.live_report(model_or_path, runtime=own)
 
 
 # ------------------------------------------------------------------------------ edits
@@ -323,7 +323,7 @@ def _edit_memory(
 ) -> Any:
     from bnfreeze.runtime import loading
     from bnfreeze.ops import edit as file_edit
-    from bnfreeze.runtime import keras_route
+    from bnfreeze.runtime import keras_engine
 
     state = training_state(model)
     runtime = _runtime_of(model)
@@ -338,10 +338,10 @@ def _edit_memory(
 
         from bnfreeze.formats.atomic import check_destination
 
-        keras_route.save_format(output)
+        keras_engine.save_format(output)
         check_destination(Path(output))
-    live = keras_route.live_model(model)
-    done = keras_route.edit_live(live, assignment, selection.apply, dry_run=dry_run)
+    live = keras_engine.live_model(model)
+    done = keras_engine.edit_live(live, assignment, selection.apply, dry_run=dry_run)
     optimizer = getattr(model, "optimizer", None)
     built = getattr(optimizer, "built", False) or getattr(optimizer, "_built", False)  # tf_keras
     optimizer_variables = len(optimizer.variables) if optimizer is not None and built else None
@@ -367,7 +367,7 @@ def _edit_memory(
         objects = _custom_objects_for(live, custom_objects)
         keep = decision in (file_edit.OptimizerState.UNCHANGED, file_edit.OptimizerState.KEPT)
         with loading.quiet():
-            output_bytes = keras_route.save(
+            output_bytes = keras_engine.save(
                 model,
                 output,
                 keep_optimizer=keep,
@@ -383,10 +383,10 @@ def _edit_memory(
             )
             if f.code is WarningCode.OPTIMIZER_STATE
         )
-    report = keras_route.live_report(
+    report = keras_engine.live_report(
         model,
         path=written,
-        fmt=keras_route.save_format(written) if written else ModelFormat.MEMORY,
+        fmt=keras_engine.save_format(written) if written else ModelFormat.MEMORY,
     )
     dropped = optimizer_variables or 0
     return file_edit.EditResult(

@@ -16,7 +16,7 @@ import pytest
 
 import bnfreeze
 from bnfreeze.ops import edit as file_edit
-from bnfreeze.runtime import keras_route
+from bnfreeze.runtime import keras_engine
 from bnfreeze.errors import BnfreezeError, SelectionError
 from bnfreeze.render.json import layer_dict
 
@@ -55,9 +55,9 @@ def compile_(model, lr: float = 1e-2):
 
 def fit_moves(model, batch_size: int = 16) -> set[str]:
     """The layers whose variables one real fit() epoch changes (no recompile)."""
-    before = keras_route.values_by_path(keras_route.live_layers(model))
+    before = keras_engine.values_by_path(keras_engine.live_layers(model))
     model.fit(X, Y, batch_size=batch_size, epochs=1, verbose=0)
-    after = keras_route.values_by_path(keras_route.live_layers(model))
+    after = keras_engine.values_by_path(keras_engine.live_layers(model))
     return {k.split(":")[0] for k in before if not np.array_equal(before[k], after[k])}
 
 

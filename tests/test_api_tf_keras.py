@@ -15,7 +15,7 @@ import pytest
 
 import bnfreeze
 from bnfreeze.ops import edit as file_edit
-from bnfreeze.runtime import keras_route
+from bnfreeze.runtime import keras_engine
 from bnfreeze.model import modes
 from bnfreeze.errors import BnfreezeError
 from bnfreeze.model.records import Normalization, Runtime
@@ -72,10 +72,10 @@ def compile_(tfk, model, lr: float = 1e-2):
 def step(model) -> dict[str, set[str]]:
     """One real fit() epoch (one batch); which variables of which layer moved:
     ``{path: {"gamma", "moving_mean", "kernel", ...}}``."""
-    layers = keras_route.live_layers(model)
-    before = keras_route.values_by_path(layers)
+    layers = keras_engine.live_layers(model)
+    before = keras_engine.values_by_path(layers)
     model.fit(X, Y, batch_size=16, epochs=1, verbose=0)
-    after = keras_route.values_by_path(layers)
+    after = keras_engine.values_by_path(layers)
     moved: dict[str, set[str]] = {}
     for key, value in before.items():
         if not np.array_equal(value, after[key]):

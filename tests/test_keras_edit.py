@@ -1,4 +1,4 @@
-"""The Keras engine route (bnfreeze.runtime.keras_route): what only a loaded model can edit.
+"""The Keras engine route (bnfreeze.runtime.keras_engine): what only a loaded model can edit.
 
 Truth comes from Keras: outputs are loaded back, compared value by value with the input, and
 trained one real step to see which variables move.
@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from bnfreeze.ops import edit as file_edit
 
-from bnfreeze.runtime import keras_route
+from bnfreeze.runtime import keras_engine
 from bnfreeze.cli import cli
 from bnfreeze.errors import BnfreezeError, ModelFormatError, UnsafeModelError
 from bnfreeze.ops.inspect import inspect_file
@@ -43,7 +43,7 @@ def objects_from(file: Path) -> dict:
 
 
 def values(model) -> dict:
-    return keras_route.values_by_path(keras_route.live_layers(model))
+    return keras_engine.values_by_path(keras_engine.live_layers(model))
 
 
 def moved_layers(model, x, y) -> set[str]:
@@ -77,12 +77,12 @@ def test_live_paths_follow_the_walk(samples):
     )
     inputs = keras.Input((3, 4), name="x")
     model = keras.Model(inputs, keras.layers.Dense(1, name="out")(inner(inputs)), name="m")
-    live = keras_route.live_model(model)
-    walked = walk(keras_route.serialized_config(model)).layers
+    live = keras_engine.live_model(model)
+    walked = walk(keras_engine.serialized_config(model)).layers
     assert [r.path for r in live.records] == [r.path for r in walked]
     assert "seq/td/td_d" in live.layers
     on_disk = inspect_file(samples / "bn_under_frozen.keras")
-    loaded = keras_route.live_report(load(samples / "bn_under_frozen.keras"))
+    loaded = keras_engine.live_report(load(samples / "bn_under_frozen.keras"))
     assert [s.layer.path for s in loaded.layers] == [s.layer.path for s in on_disk.layers]
     assert [s.in_fit for s in loaded.layers] == [s.in_fit for s in on_disk.layers]
 

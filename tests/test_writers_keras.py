@@ -257,7 +257,7 @@ def _one_step(model: Any) -> dict[str, bytes]:
     return _weights(model)
 
 
-def _keras_route(src: Path, dst: Path, flags: dict[str, bool | None]) -> None:
+def _keras_engine(src: Path, dst: Path, flags: dict[str, bool | None]) -> None:
     """What a user would do in Python: load, set the flags in model order (a container
     before what is below it), save."""
     from keras_truth import layer_paths
@@ -286,7 +286,7 @@ def _equivalence(src: Path, tmp_path: Path, recipe) -> None:
     assert result.changes
     # Every layer's final flag, set in model order: a container's assignment propagates to
     # everything below it, and the layers below are set after it.
-    _keras_route(src, theirs, {r.path: r.trainable for r in walk(read_model(ours).config).layers})
+    _keras_engine(src, theirs, {r.path: r.trainable for r in walk(read_model(ours).config).layers})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the optimizer-skipping message, measured elsewhere
         a, b = _load(ours), _load(theirs)

@@ -18,7 +18,7 @@ Hooks for other modules (add the module, nothing else needs to change):
   :attr:`ModelFormat.H5`. It must honour ``drop_optimizer_state`` (the ``optimizer_weights``
   group and the matching ``training_config``) and keep each group's ``weight_names`` order
   consistent with the new flags (SEMANTICS §5).
-* ``bnfreeze/runtime/keras_route.py`` is the Keras route. It must
+* ``bnfreeze/runtime/keras_engine.py`` is the Keras route. It must
   define ``edit(request: bnfreeze.ops.edit.EditRequest) -> bnfreeze.ops.edit.EditResult``.
   :func:`keras_engine` returns that module, or ``None`` while it does not exist. See
   :mod:`bnfreeze.ops.edit` for when it is chosen and for the helpers it can reuse.
@@ -42,7 +42,7 @@ WRITER_MODULES: dict[ModelFormat, str] = {
 }
 
 #: The Keras engine route: a module with ``edit(request) -> EditResult``.
-KERAS_ENGINE_MODULE = "bnfreeze.runtime.keras_route"
+KERAS_ENGINE_MODULE = "bnfreeze.runtime.keras_engine"
 
 
 @dataclass(frozen=True)
