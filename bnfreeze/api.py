@@ -51,8 +51,8 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from bnfreeze.model.assignments import Assignment
 from bnfreeze.errors import BnfreezeError
+from bnfreeze.model.assignments import Assignment
 from bnfreeze.model.records import Finding, ModelFormat, Report, Runtime, WarningCode
 
 ModelOrPath = Any  # a keras.Model, or a str / os.PathLike naming a saved model
@@ -113,8 +113,7 @@ def recompile_message(
         # Measured on tf_keras 2.21 (SEMANTICS §4): fit() trains with the flags recorded by
         # compile(), before the first fit() and after it, for any batch shape.
         when = (
-            " and has already been trained (fit() or train_on_batch() ran since its last "
-            "compile())"
+            " and has already been trained (fit() or train_on_batch() ran since its last compile())"
             if state is TrainingState.TRACED
             else ""
         )
@@ -232,9 +231,18 @@ def freeze(
         raise BnfreezeError("bn_inference and train_bn contradict each other; pick one.")
     assignment = Assignment.freeze(bn_inference_only=bn_inference, train_bn=train_bn)
     return _edit(
-        model_or_path, assignment, layers=layers, up_to=up_to, from_layer=None, output=output,
-        dry_run=dry_run, in_place=in_place, keep_optimizer_state=keep_optimizer_state,
-        engine=engine, custom_objects=custom_objects, unsafe=unsafe,
+        model_or_path,
+        assignment,
+        layers=layers,
+        up_to=up_to,
+        from_layer=None,
+        output=output,
+        dry_run=dry_run,
+        in_place=in_place,
+        keep_optimizer_state=keep_optimizer_state,
+        engine=engine,
+        custom_objects=custom_objects,
+        unsafe=unsafe,
     )
 
 
@@ -261,9 +269,18 @@ def unfreeze(
     """
     assignment = Assignment.unfreeze(keep_bn_inference=keep_bn_inference)
     return _edit(
-        model_or_path, assignment, layers=layers, up_to=None, from_layer=from_, output=output,
-        dry_run=dry_run, in_place=in_place, keep_optimizer_state=keep_optimizer_state,
-        engine=engine, custom_objects=custom_objects, unsafe=unsafe,
+        model_or_path,
+        assignment,
+        layers=layers,
+        up_to=None,
+        from_layer=from_,
+        output=output,
+        dry_run=dry_run,
+        in_place=in_place,
+        keep_optimizer_state=keep_optimizer_state,
+        engine=engine,
+        custom_objects=custom_objects,
+        unsafe=unsafe,
     )
 
 
@@ -294,18 +311,32 @@ def _edit(
                 "--custom-objects does)."
             )
         return file_edit.edit_file(
-            model_or_path, output, assignment, layers=selection.layers, up_to=up_to,
-            from_layer=from_layer, dry_run=dry_run, in_place=in_place,
-            keep_optimizer_state=keep_optimizer_state, engine=engine,
-            custom_objects=custom_objects, unsafe=unsafe,
+            model_or_path,
+            output,
+            assignment,
+            layers=selection.layers,
+            up_to=up_to,
+            from_layer=from_layer,
+            dry_run=dry_run,
+            in_place=in_place,
+            keep_optimizer_state=keep_optimizer_state,
+            engine=engine,
+            custom_objects=custom_objects,
+            unsafe=unsafe,
         )
     _check_model(model_or_path)
     if in_place:
-        raise BnfreezeError("in_place applies to saved files; an in-memory model is always "
-                            "changed in place.")
+        raise BnfreezeError(
+            "in_place applies to saved files; an in-memory model is always changed in place."
+        )
     return _edit_memory(
-        model_or_path, assignment, selection, output=output, dry_run=dry_run,
-        keep_optimizer_state=keep_optimizer_state, custom_objects=custom_objects,
+        model_or_path,
+        assignment,
+        selection,
+        output=output,
+        dry_run=dry_run,
+        keep_optimizer_state=keep_optimizer_state,
+        custom_objects=custom_objects,
         unsafe=unsafe,
     )
 
@@ -321,9 +352,8 @@ def _edit_memory(
     custom_objects: str | Mapping[str, Any] | None,
     unsafe: bool,
 ) -> Any:
-    from bnfreeze.runtime import loading
     from bnfreeze.ops import edit as file_edit
-    from bnfreeze.runtime import keras_engine
+    from bnfreeze.runtime import keras_engine, loading
 
     state = training_state(model)
     runtime = _runtime_of(model)
@@ -378,7 +408,8 @@ def _edit_memory(
             )
         written = os.fspath(output)
         findings.extend(
-            f for f in file_edit.edit_warnings(
+            f
+            for f in file_edit.edit_warnings(
                 done.changes, decision, optimizer_variables, output=written, dry_run=False
             )
             if f.code is WarningCode.OPTIMIZER_STATE
@@ -408,9 +439,7 @@ def _edit_memory(
     )
 
 
-def _custom_objects_for(
-    live: Any, given: str | Mapping[str, Any] | None
-) -> dict[str, Any]:
+def _custom_objects_for(live: Any, given: str | Mapping[str, Any] | None) -> dict[str, Any]:
     """What reloading a saved in-memory model needs: the classes it is made of (they are
     already loaded in this process), plus whatever the caller names."""
     from bnfreeze.runtime import loading

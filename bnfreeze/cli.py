@@ -161,7 +161,8 @@ def cli() -> None:
 @click.option("--all", "all_layers", is_flag=True, help="List every layer, not only BN layers.")
 @click.option("--tree", is_flag=True, help="Show the nesting as a tree.")
 @click.option(
-    "--strip", is_flag=True,
+    "--strip",
+    is_flag=True,
     help="Draw the model as one line of cells, one per layer, coloured by what it does in fit().",
 )
 @export_option
@@ -213,7 +214,10 @@ def inspect(
 
 def set_option(f: Any) -> Any:
     return click.option(
-        "--set", "sets", multiple=True, metavar="NAME=VALUE",
+        "--set",
+        "sets",
+        multiple=True,
+        metavar="NAME=VALUE",
         help="Set a plan parameter declared in its [params] table. Repeatable.",
     )(f)
 
@@ -221,17 +225,24 @@ def set_option(f: Any) -> Any:
 @cli.command()
 @click.argument("model", type=MODEL_PATH)
 @click.option(
-    "--plan", "plan_path", type=click.Path(path_type=str), default=None,
+    "--plan",
+    "plan_path",
+    type=click.Path(path_type=str),
+    default=None,
     help="A TOML plan: its [[expect]] tables must hold, and every layer's flag must be what "
     "its [[rule]] tables set.",
 )
 @click.option(
-    "--expect", "expects", multiple=True, metavar="NAME[=ARG]",
+    "--expect",
+    "expects",
+    multiple=True,
+    metavar="NAME[=ARG]",
     help="An expectation, repeatable: bn-inference[=GLOB], bn-train[=GLOB], trains[=GLOB], "
     "frozen[=GLOB], min-training=N, max-training=N.",
 )
 @click.option(
-    "--strict", is_flag=True,
+    "--strict",
+    is_flag=True,
     help="Also fail on the Keras 3 traps: a call-site training=False relied on, or a "
     "trainable BN layer under a frozen container.",
 )
@@ -261,9 +272,9 @@ def check(
       bnfreeze check finetune.keras --plan configs/keras-guide-finetune.toml --strict
       bnfreeze check model.keras --expect bn-inference --json | jq .failures
     """
-    from bnfreeze.ops.check import check_file
     from bnfreeze.errors import EXIT_CHECK_FAILED
     from bnfreeze.model.expectations import parse_expectation
+    from bnfreeze.ops.check import check_file
 
     if plan_path is None and not expects and not strict:
         raise click.UsageError("give --plan PLAN, --expect NAME or --strict (or several).")
@@ -299,7 +310,8 @@ def check(
 @click.argument("b", type=MODEL_PATH)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
 @click.option(
-    "--exit-code", is_flag=True,
+    "--exit-code",
+    is_flag=True,
     help="Exit 1 when the models differ (a layer or any weight), like git diff --exit-code.",
 )
 @export_option
@@ -315,8 +327,8 @@ def diff(a: str, b: str, as_json: bool, exit_code: bool, export: str | None) -> 
       bnfreeze diff model.keras finetune.keras --json | jq .weights.identical
       bnfreeze diff model.keras finetune.keras --export diff.html
     """
-    from bnfreeze.ops.diff import diff_files
     from bnfreeze.errors import EXIT_CHECK_FAILED
+    from bnfreeze.ops.diff import diff_files
 
     start_export(export, as_json)
     with stderr_console().status("comparing the models and checksumming their weights..."):
@@ -337,16 +349,30 @@ def diff(a: str, b: str, as_json: bool, exit_code: bool, export: str | None) -> 
 
 @cli.command("apply")
 @click.argument("model", type=MODEL_PATH)
-@click.option("--plan", "plan_path", type=click.Path(path_type=str), required=True,
-              help="The TOML plan to apply (see configs/README.md).")
+@click.option(
+    "--plan",
+    "plan_path",
+    type=click.Path(path_type=str),
+    required=True,
+    help="The TOML plan to apply (see configs/README.md).",
+)
 @set_option
-@click.option("-o", "--output", type=click.Path(path_type=str), default=None, metavar="OUT",
-              help="Where to write the result (atomically).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=str),
+    default=None,
+    metavar="OUT",
+    help="Where to write the result (atomically).",
+)
 @click.option("--dry-run", is_flag=True, help="Print what would change; write nothing.")
 @click.option("--in-place", is_flag=True, help="Rewrite MODEL itself (atomically).")
-@click.option("--keep-optimizer-state", is_flag=True,
-              help="Keep the saved optimizer variables even when the set of trainable "
-              "variables changes (they are matched by position; dropped by default).")
+@click.option(
+    "--keep-optimizer-state",
+    is_flag=True,
+    help="Keep the saved optimizer variables even when the set of trainable "
+    "variables changes (they are matched by position; dropped by default).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
 def apply_plan(
     model: str,
@@ -401,26 +427,51 @@ def apply_plan(
 def edit_options(f: Any) -> Any:
     """The options ``freeze`` and ``unfreeze`` share (selection, output, engine)."""
     options = [
-        click.option("-o", "--output", type=click.Path(path_type=str), default=None,
-                     metavar="OUT", help="Where to write the result (atomically)."),
-        click.option("--layers", "layers", multiple=True, metavar="GLOB",
-                     help="Only layers whose path or name matches GLOB. Repeatable; a container "
-                     "selects every layer below it."),
+        click.option(
+            "-o",
+            "--output",
+            type=click.Path(path_type=str),
+            default=None,
+            metavar="OUT",
+            help="Where to write the result (atomically).",
+        ),
+        click.option(
+            "--layers",
+            "layers",
+            multiple=True,
+            metavar="GLOB",
+            help="Only layers whose path or name matches GLOB. Repeatable; a container "
+            "selects every layer below it.",
+        ),
         click.option("--dry-run", is_flag=True, help="Print what would change; write nothing."),
         click.option("--in-place", is_flag=True, help="Rewrite MODEL itself (atomically)."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout."),
-        click.option("--keep-optimizer-state", is_flag=True,
-                     help="Keep the saved optimizer variables even when the set of trainable "
-                     "variables changes (they are matched by position; dropped by default)."),
-        click.option("--engine", type=click.Choice(["auto", "config", "keras"]), default="auto",
-                     show_default=True,
-                     help="config: rewrite the saved config, no TensorFlow; keras: load, set "
-                     "flags and save through Keras; auto: config unless the model needs Keras."),
-        click.option("--custom-objects", type=click.Path(path_type=str), default=None,
-                     metavar="MODULE_OR_FILE.py",
-                     help="Keras engine: custom classes to load the model with."),
-        click.option("--unsafe", is_flag=True,
-                     help="Keras engine: allow loading unsafe content such as Lambda layers."),
+        click.option(
+            "--keep-optimizer-state",
+            is_flag=True,
+            help="Keep the saved optimizer variables even when the set of trainable "
+            "variables changes (they are matched by position; dropped by default).",
+        ),
+        click.option(
+            "--engine",
+            type=click.Choice(["auto", "config", "keras"]),
+            default="auto",
+            show_default=True,
+            help="config: rewrite the saved config, no TensorFlow; keras: load, set "
+            "flags and save through Keras; auto: config unless the model needs Keras.",
+        ),
+        click.option(
+            "--custom-objects",
+            type=click.Path(path_type=str),
+            default=None,
+            metavar="MODULE_OR_FILE.py",
+            help="Keras engine: custom classes to load the model with.",
+        ),
+        click.option(
+            "--unsafe",
+            is_flag=True,
+            help="Keras engine: allow loading unsafe content such as Lambda layers.",
+        ),
     ]
     for option in reversed(options):
         f = option(f)
@@ -469,12 +520,23 @@ def run_edit(library_call: Any, output: str | None, as_json: bool, **kwargs: Any
 
 @cli.command()
 @click.argument("model", type=MODEL_PATH)
-@click.option("--bn-inference", is_flag=True,
-              help="Only BN layers: trainable=False, which puts them in inference mode in fit().")
-@click.option("--train-bn", is_flag=True,
-              help="Freeze the selected layers but keep BN layers trainable (fastai train_bn).")
-@click.option("--up-to", "up_to", metavar="LAYER", default=None,
-              help="Only layers up to and including LAYER (a path or name), in model order.")
+@click.option(
+    "--bn-inference",
+    is_flag=True,
+    help="Only BN layers: trainable=False, which puts them in inference mode in fit().",
+)
+@click.option(
+    "--train-bn",
+    is_flag=True,
+    help="Freeze the selected layers but keep BN layers trainable (fastai train_bn).",
+)
+@click.option(
+    "--up-to",
+    "up_to",
+    metavar="LAYER",
+    default=None,
+    help="Only layers up to and including LAYER (a path or name), in model order.",
+)
 @edit_options
 def freeze(
     model: str, bn_inference: bool, train_bn: bool, up_to: str | None, **options: Any
@@ -499,17 +561,33 @@ def freeze(
         raise click.UsageError("--bn-inference and --train-bn contradict each other; pick one.")
     as_json = options.pop("as_json")
     output = options.pop("output")
-    run_edit(freeze_file, output, as_json, path=model, bn_inference=bn_inference,
-             train_bn=train_bn, up_to=up_to, **options)
+    run_edit(
+        freeze_file,
+        output,
+        as_json,
+        path=model,
+        bn_inference=bn_inference,
+        train_bn=train_bn,
+        up_to=up_to,
+        **options,
+    )
 
 
 @cli.command()
 @click.argument("model", type=MODEL_PATH)
-@click.option("--keep-bn-inference", is_flag=True,
-              help="Keep every selected BN layer at trainable=False (inference mode in fit()): "
-              "the fine-tuning step of the Keras guide, done right on Keras 3.")
-@click.option("--from", "from_layer", metavar="LAYER", default=None,
-              help="Only LAYER (a path or name) and the layers after it, in model order.")
+@click.option(
+    "--keep-bn-inference",
+    is_flag=True,
+    help="Keep every selected BN layer at trainable=False (inference mode in fit()): "
+    "the fine-tuning step of the Keras guide, done right on Keras 3.",
+)
+@click.option(
+    "--from",
+    "from_layer",
+    metavar="LAYER",
+    default=None,
+    help="Only LAYER (a path or name) and the layers after it, in model order.",
+)
 @edit_options
 def unfreeze(model: str, keep_bn_inference: bool, from_layer: str | None, **options: Any) -> None:
     """Set trainable=True on the selected layers (all by default).
@@ -528,8 +606,15 @@ def unfreeze(model: str, keep_bn_inference: bool, from_layer: str | None, **opti
 
     as_json = options.pop("as_json")
     output = options.pop("output")
-    run_edit(unfreeze_file, output, as_json, path=model, keep_bn_inference=keep_bn_inference,
-             from_layer=from_layer, **options)
+    run_edit(
+        unfreeze_file,
+        output,
+        as_json,
+        path=model,
+        keep_bn_inference=keep_bn_inference,
+        from_layer=from_layer,
+        **options,
+    )
 
 
 RUNTIME_CHOICES = ["keras3", "tf-keras"]
@@ -537,27 +622,58 @@ RUNTIME_CHOICES = ["keras3", "tf-keras"]
 
 @cli.command()
 @click.argument("model", type=MODEL_PATH)
-@click.option("--steps", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Training steps to run (train_on_batch, the same step as fit()).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Samples per step.")
-@click.option("--data", type=click.Path(path_type=str), default=None, metavar="FILE.npz",
-              help="Real inputs instead of synthetic ones: arrays x (or x0, x1, ... or the "
-              "input names) and optionally y.")
-@click.option("--expect", "expects", multiple=True, metavar="NAME[=ARG]",
-              help="Exit 1 unless the measurement satisfies it, repeatable: bn-inference, "
-              "bn-train, trains, frozen (each =GLOB optional), min-training=N, max-training=N.")
-@click.option("--runtime", type=click.Choice(RUNTIME_CHOICES), default="keras3",
-              show_default=True,
-              help="tf-keras measures with Keras 2 (the tf_keras package), if installed.")
-@click.option("--unsafe", is_flag=True,
-              help="Load the model even if it holds Python code (a Lambda layer). Only for "
-              "files you trust.")
-@click.option("--custom-objects", type=click.Path(path_type=str), default=None,
-              metavar="MODULE_OR_FILE.py",
-              help="A module or .py file that defines the model's custom classes.")
-@click.option("--all", "all_layers", is_flag=True,
-              help="List every measured layer, not only BN layers.")
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Training steps to run (train_on_batch, the same step as fit()).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Samples per step.",
+)
+@click.option(
+    "--data",
+    type=click.Path(path_type=str),
+    default=None,
+    metavar="FILE.npz",
+    help="Real inputs instead of synthetic ones: arrays x (or x0, x1, ... or the "
+    "input names) and optionally y.",
+)
+@click.option(
+    "--expect",
+    "expects",
+    multiple=True,
+    metavar="NAME[=ARG]",
+    help="Exit 1 unless the measurement satisfies it, repeatable: bn-inference, "
+    "bn-train, trains, frozen (each =GLOB optional), min-training=N, max-training=N.",
+)
+@click.option(
+    "--runtime",
+    type=click.Choice(RUNTIME_CHOICES),
+    default="keras3",
+    show_default=True,
+    help="tf-keras measures with Keras 2 (the tf_keras package), if installed.",
+)
+@click.option(
+    "--unsafe",
+    is_flag=True,
+    help="Load the model even if it holds Python code (a Lambda layer). Only for files you trust.",
+)
+@click.option(
+    "--custom-objects",
+    type=click.Path(path_type=str),
+    default=None,
+    metavar="MODULE_OR_FILE.py",
+    help="A module or .py file that defines the model's custom classes.",
+)
+@click.option(
+    "--all", "all_layers", is_flag=True, help="List every measured layer, not only BN layers."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
 def verify(
     model: str,
@@ -589,9 +705,9 @@ def verify(
       bnfreeze verify model.keras --steps 3 --batch-size 8 --data batch.npz
       bnfreeze verify model.keras --json | jq .summary
     """
-    from bnfreeze.runtime.loading import progress_on_stderr
     from bnfreeze.model.expectations import parse_expectation
     from bnfreeze.model.records import Runtime
+    from bnfreeze.runtime.loading import progress_on_stderr
     from bnfreeze.runtime.verify import verify_file
 
     expectations = [parse_expectation(spec) for spec in expects]
@@ -624,10 +740,13 @@ def verify(
 
 
 @cli.command()
-@click.option("--runtime", type=click.Choice(RUNTIME_CHOICES), default="keras3",
-              show_default=True,
-              help="tf-keras runs the experiment with Keras 2 (the tf_keras package), "
-              "if installed.")
+@click.option(
+    "--runtime",
+    type=click.Choice(RUNTIME_CHOICES),
+    default="keras3",
+    show_default=True,
+    help="tf-keras runs the experiment with Keras 2 (the tf_keras package), if installed.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
 def explain(runtime: str, as_json: bool) -> None:
     """Run the training/trainable experiment on one BN layer, live, and explain it.
@@ -642,9 +761,9 @@ def explain(runtime: str, as_json: bool) -> None:
       bnfreeze explain
       bnfreeze explain --json | jq '.cases[] | {training, trainable, moving_stats_updated}'
     """
-    from bnfreeze.runtime.loading import progress_on_stderr
-    from bnfreeze.runtime.explain import explain as run_explain
     from bnfreeze.model.records import Runtime
+    from bnfreeze.runtime.explain import explain as run_explain
+    from bnfreeze.runtime.loading import progress_on_stderr
 
     with progress_on_stderr() as progress:
         report = run_explain(runtime=Runtime(runtime), progress=progress)

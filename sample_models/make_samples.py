@@ -114,21 +114,32 @@ def nested_h5():
 
     inputs = keras.Input((4,), name="x")
     s1 = keras.Sequential(
-        [keras.Input((4,)), keras.layers.BatchNormalization(name="bn1"),
-         keras.layers.BatchNormalization(name="bn2")],
+        [
+            keras.Input((4,)),
+            keras.layers.BatchNormalization(name="bn1"),
+            keras.layers.BatchNormalization(name="bn2"),
+        ],
         name="bn_bn",
     )
     s2 = keras.Sequential(
-        [keras.Input((4,)), keras.layers.BatchNormalization(name="bn3"),
-         keras.layers.Dense(4, name="d1")],
+        [
+            keras.Input((4,)),
+            keras.layers.BatchNormalization(name="bn3"),
+            keras.layers.Dense(4, name="d1"),
+        ],
         name="bn_dense",
     )
     outputs = keras.layers.Dense(1, name="head")(s2(s1(inputs)))
     model = keras.Model(inputs, outputs, name="nested")
     model.compile(optimizer="adam", loss="mse")
     rng = np.random.default_rng(1)
-    model.fit(rng.normal(3.0, 2.0, (16, 4)).astype("float32"), rng.normal(size=(16, 1)),
-              epochs=1, verbose=0, batch_size=8)
+    model.fit(
+        rng.normal(3.0, 2.0, (16, 4)).astype("float32"),
+        rng.normal(size=(16, 1)),
+        epochs=1,
+        verbose=0,
+        batch_size=8,
+    )
     return model
 
 

@@ -187,9 +187,11 @@ def v1_continuation_overlapping(valid: bytes, count: int = 40_000) -> bytes:
     data = bytearray(valid)
     at = len(data)
     region = 24 * count
-    chunk = b"".join(
-        _cont_v1(at + 24 * (i + 1), region - 24 * (i + 1)) for i in range(count - 1)
-    ) + struct.pack("<HHB3x", 0, 16, 0) + bytes(16)
+    chunk = (
+        b"".join(_cont_v1(at + 24 * (i + 1), region - 24 * (i + 1)) for i in range(count - 1))
+        + struct.pack("<HHB3x", 0, 16, 0)
+        + bytes(16)
+    )
     root = root_header(data)
     _as_continuation(data, v1_messages(data, root)[0][0], at, region)
     struct.pack_into("<H", data, root + 2, 0xFFFF)
@@ -286,9 +288,10 @@ def group_dag_fanout(valid: bytes, levels: int = 40) -> bytes:
     h5py's walk (and the old reader's, up to 5 million objects) follows one by one."""
     data = bytearray(valid)
     groups = [
-        (header, entries) for header, entries in _groups(data)
-        if len(entries) >= 2 and all(struct.unpack_from("<I", data, e + 16)[0] == 0
-                                     for e in entries)
+        (header, entries)
+        for header, entries in _groups(data)
+        if len(entries) >= 2
+        and all(struct.unpack_from("<I", data, e + 16)[0] == 0 for e in entries)
     ]
     assert len(groups) > levels, f"only {len(groups)} groups of datasets"
     for (_, entries), (next_header, _) in itertools.pairwise(groups[: levels + 1]):
@@ -305,8 +308,10 @@ CRAFTED: dict[str, tuple[Callable[[bytes], bytes], dict]] = {
     "v1-continuation-fanout": (v1_continuation_fanout, {}),
     "v1-continuation-overlapping": (v1_continuation_overlapping, {}),
     "shared-continuation-chunk": (shared_continuation_chunk, {"layers": 300}),
-    "v2-continuation-fanout": (v2_continuation_fanout, {"libver": "latest", "layers": 3,
-                                                        "inner_count": 4}),
+    "v2-continuation-fanout": (
+        v2_continuation_fanout,
+        {"libver": "latest", "layers": 3, "inner_count": 4},
+    ),
     "btree-self-loop": (btree_self_loop, {}),
     "group-cycle-fanout": (group_cycle_fanout, {}),
     "group-dag-fanout": (group_dag_fanout, {"layers": 45}),

@@ -559,8 +559,14 @@ def problems(case: str, outcome: Outcome, *, output: Path | None = None) -> list
 # -- a large model, synthesized without Keras ------------------------------------------------
 
 
-def large_keras(path: str | os.PathLike[str], *, inputs: int = 1024, hidden: int = 8192,
-                optimizer: bool = True, seed: int = 0) -> Path:
+def large_keras(
+    path: str | os.PathLike[str],
+    *,
+    inputs: int = 1024,
+    hidden: int = 8192,
+    optimizer: bool = True,
+    seed: int = 0,
+) -> Path:
     """sequential.keras scaled up: Dense(inputs -> hidden) holds ``inputs * hidden`` random
     float32s (32 MiB by default, incompressible), written with h5py in Keras 3's layout.
 
@@ -591,8 +597,14 @@ def large_keras(path: str | os.PathLike[str], *, inputs: int = 1024, hidden: int
         "batch_normalization_1": [(8,)] * 4,
         "dense_2": [(8, 1), (1,)],
     }
-    names = {"dense": "dense_1", "batch_normalization": "bn_1", "activation": "relu_1",
-             "dense_1": "dense_2", "batch_normalization_1": "bn_2", "dense_2": "out"}
+    names = {
+        "dense": "dense_1",
+        "batch_normalization": "bn_1",
+        "activation": "relu_1",
+        "dense_1": "dense_2",
+        "batch_normalization_1": "bn_2",
+        "dense_2": "out",
+    }
     weights = io.BytesIO()
     with h5py.File(weights, "w") as h5:
         for group, variables in shapes.items():
@@ -610,8 +622,9 @@ def large_keras(path: str | os.PathLike[str], *, inputs: int = 1024, hidden: int
                 opt.create_dataset(str(i), data=rng.standard_normal((8,), "float32"))
     path = Path(path)
     with zipfile.ZipFile(path, "w") as z:
-        z.writestr("metadata.json", zipfile.ZipFile(SAMPLES / "sequential.keras")
-                   .read("metadata.json"))
+        z.writestr(
+            "metadata.json", zipfile.ZipFile(SAMPLES / "sequential.keras").read("metadata.json")
+        )
         z.writestr("config.json", json.dumps(config))
         z.writestr("model.weights.h5", weights.getvalue())
     return path
@@ -622,9 +635,11 @@ def weights_digest(path: str | os.PathLike[str]) -> dict[str, str]:
     equal digests mean the model's weights were carried over exactly."""
     import h5py
 
-    with zipfile.ZipFile(path) as z, z.open("model.weights.h5") as fh, h5py.File(
-        io.BytesIO(fh.read()), "r"
-    ) as h5:
+    with (
+        zipfile.ZipFile(path) as z,
+        z.open("model.weights.h5") as fh,
+        h5py.File(io.BytesIO(fh.read()), "r") as h5,
+    ):
         found: dict[str, str] = {}
 
         def visit(name: str, obj: object) -> None:

@@ -7,8 +7,15 @@ from __future__ import annotations
 from typing import Any
 
 
-def layer(class_name: str, name: str, *, module: str = "keras.layers",
-          inbound: Any = None, registered_name: str | None = None, **config: Any) -> dict:
+def layer(
+    class_name: str,
+    name: str,
+    *,
+    module: str = "keras.layers",
+    inbound: Any = None,
+    registered_name: str | None = None,
+    **config: Any,
+) -> dict:
     entry: dict[str, Any] = {
         "module": module,
         "class_name": class_name,
@@ -21,14 +28,23 @@ def layer(class_name: str, name: str, *, module: str = "keras.layers",
 
 
 def input_layer(name: str) -> dict:
-    return {"module": "keras.layers", "class_name": "InputLayer",
-            "config": {"batch_shape": [None, 4], "dtype": "float32", "name": name},
-            "registered_name": None, "inbound_nodes": []}
+    return {
+        "module": "keras.layers",
+        "class_name": "InputLayer",
+        "config": {"batch_shape": [None, 4], "dtype": "float32", "name": name},
+        "registered_name": None,
+        "inbound_nodes": [],
+    }
 
 
 def functional(name: str, layers: list, *, trainable: bool = True, inbound: Any = None) -> dict:
-    entry = layer("Functional", name, module="keras.src.models.functional",
-                  registered_name="Functional", layers=layers)
+    entry = layer(
+        "Functional",
+        name,
+        module="keras.src.models.functional",
+        registered_name="Functional",
+        layers=layers,
+    )
     entry["config"]["trainable"] = trainable
     if inbound is not None:
         entry["inbound_nodes"] = inbound
@@ -36,8 +52,13 @@ def functional(name: str, layers: list, *, trainable: bool = True, inbound: Any 
 
 
 def sequential(name: str, layers: list, *, trainable: bool = True) -> dict:
-    entry = layer("Sequential", name, module="keras.src.models.sequential",
-                  registered_name="Sequential", layers=layers)
+    entry = layer(
+        "Sequential",
+        name,
+        module="keras.src.models.sequential",
+        registered_name="Sequential",
+        layers=layers,
+    )
     entry["config"]["trainable"] = trainable
     return entry
 

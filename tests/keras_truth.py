@@ -249,6 +249,7 @@ def edit_keras_config(src: Any, dst: Any, edit: Any) -> None:
 
 def set_every_flag(config: dict[str, Any], value: bool) -> None:
     """Set ``trainable`` on every layer dict of a saved config, recursively (not the root)."""
+
     def visit(layer: dict[str, Any]) -> None:
         inner = layer.get("config", {})
         if "trainable" in inner:

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 import bnfreeze
-from bnfreeze.ops import edit as file_edit
-from bnfreeze.runtime import keras_engine
 from bnfreeze.errors import BnfreezeError, SelectionError
+from bnfreeze.ops import edit as file_edit
 from bnfreeze.render.json import layer_dict
+from bnfreeze.runtime import keras_engine
 
 pytestmark = pytest.mark.keras
 
@@ -89,8 +89,13 @@ def test_import_is_lazy():
 
 
 def test_public_names():
-    assert set(bnfreeze.__all__) >= {"inspect", "freeze", "unfreeze", "recompile",
-                                      "RecompileWarning"}
+    assert set(bnfreeze.__all__) >= {
+        "inspect",
+        "freeze",
+        "unfreeze",
+        "recompile",
+        "RecompileWarning",
+    }
     assert "freeze" in dir(bnfreeze)
     with pytest.raises(AttributeError):
         bnfreeze.no_such_name  # noqa: B018
@@ -126,7 +131,9 @@ def test_inspect_recognises_custom_bn_and_subclassed_models(custom_layers_file):
     tiny(np.zeros((1, 3), "float32"))
     report = bnfreeze.inspect(tiny)
     assert [(s.layer.path, s.layer.is_batchnorm) for s in report.layers] == [
-        ("dense", False), ("bn", True), ("head", False)
+        ("dense", False),
+        ("bn", True),
+        ("head", False),
     ]
 
 
@@ -181,10 +188,10 @@ def test_in_memory_output_is_saved(tmp_path):
 
 def test_paths_go_through_the_cli_orchestration(samples, tmp_path):
     out = tmp_path / "out.keras"
-    result = bnfreeze.unfreeze(samples / "guide_pattern.keras", keep_bn_inference=True,
-                               output=out)
-    same = file_edit.unfreeze_file(samples / "guide_pattern.keras", tmp_path / "cli.keras",
-                                  keep_bn_inference=True)
+    result = bnfreeze.unfreeze(samples / "guide_pattern.keras", keep_bn_inference=True, output=out)
+    same = file_edit.unfreeze_file(
+        samples / "guide_pattern.keras", tmp_path / "cli.keras", keep_bn_inference=True
+    )
     assert result.engine is file_edit.Engine.CONFIG
     assert result.changes == same.changes
     assert out.read_bytes() == (tmp_path / "cli.keras").read_bytes()
@@ -267,8 +274,11 @@ def test_recompile_keeps_the_settings_with_a_fresh_optimizer():
     import keras
 
     model = build()
-    model.compile(optimizer=keras.optimizers.Adam(0.0123, beta_1=0.8),
-                  loss=keras.losses.MeanSquaredError(), metrics=["mae"])
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.0123, beta_1=0.8),
+        loss=keras.losses.MeanSquaredError(),
+        metrics=["mae"],
+    )
     model.fit(X, Y, verbose=0)
     old = model.optimizer
     assert bnfreeze.recompile(model) is model

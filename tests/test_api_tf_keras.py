@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 import bnfreeze
+from bnfreeze.errors import BnfreezeError
+from bnfreeze.model import modes
+from bnfreeze.model.records import Normalization, Runtime
 from bnfreeze.ops import edit as file_edit
 from bnfreeze.runtime import keras_engine
-from bnfreeze.model import modes
-from bnfreeze.errors import BnfreezeError
-from bnfreeze.model.records import Normalization, Runtime
 
 pytestmark = pytest.mark.keras
 
@@ -176,7 +176,8 @@ def test_freeze_bn_inference_then_a_measured_step(tfk):
     result = bnfreeze.freeze(model, bn_inference=True)
     assert isinstance(result, file_edit.EditResult)
     assert [(c.path, c.before, c.after) for c in result.changes] == [
-        ("bn", True, False), ("sub/sbn", True, False)
+        ("bn", True, False),
+        ("sub/sbn", True, False),
     ]
     assert result.report.runtime is Runtime.TF_KERAS
     assert result.warnings == ()  # not compiled: nothing to recompile

@@ -58,7 +58,6 @@ def test_a_write_back_error_fails_the_write_and_leaves_nothing(tmp_path, monkeyp
     assert (tmp_path / "out.bin").read_bytes() == b"previous"
 
 
-
 def test_a_descriptor_that_cannot_be_flushed_only_loses_the_overlap(tmp_path, monkeypatch):
     monkeypatch.setattr(atomic, "WRITEBACK_INTERVAL", 0.001)
 
@@ -98,15 +97,11 @@ class _SyncLog:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name descriptors")
-def test_replacing_a_file_fsyncs_it_before_the_rename_and_the_folder_after(
-    tmp_path, monkeypatch
-):
+def test_replacing_a_file_fsyncs_it_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
     (tmp_path / "out.bin").write_bytes(b"previous")
     log = _SyncLog(monkeypatch, tmp_path)
     write_atomically(tmp_path / "out.bin", lambda tmp: tmp.write_bytes(b"new"))
-    assert [e for e in log.events if e != "writeback"] == [
-        "fsync file", "replace", "fsync folder"
-    ]
+    assert [e for e in log.events if e != "writeback"] == ["fsync file", "replace", "fsync folder"]
     assert (tmp_path / "out.bin").read_bytes() == b"new"
 
 
@@ -124,9 +119,7 @@ def test_a_new_file_is_not_fsynced(tmp_path, monkeypatch):
 def test_durable_true_fsyncs_a_new_file_too(tmp_path, monkeypatch):
     log = _SyncLog(monkeypatch, tmp_path)
     write_atomically(tmp_path / "out.bin", lambda tmp: tmp.write_bytes(b"new"), durable=True)
-    assert [e for e in log.events if e != "writeback"] == [
-        "fsync file", "replace", "fsync folder"
-    ]
+    assert [e for e in log.events if e != "writeback"] == ["fsync file", "replace", "fsync folder"]
 
 
 def test_meanwhile_runs_while_the_file_is_produced(tmp_path):
@@ -183,8 +176,12 @@ def test_a_killed_run_s_temporary_file_is_removed_by_the_next_write(tmp_path):
     import subprocess
     import sys
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     dead_pid = int(dead.stdout)
     host = os.uname().nodename
     names = {
@@ -237,10 +234,16 @@ def test_a_long_name_s_stale_temporary_file_is_found(tmp_path):
     import sys
 
     name = "n" * 240 + ".keras"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
-    stale = (f".{atomic._temp_stem(name)}.{os.uname().nodename}-{int(dead.stdout)}-"
-             f"abcd1234{atomic.TEMP_SUFFIX}")
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    stale = (
+        f".{atomic._temp_stem(name)}.{os.uname().nodename}-{int(dead.stdout)}-"
+        f"abcd1234{atomic.TEMP_SUFFIX}"
+    )
     assert len(stale.encode()) <= atomic.NAME_MAX
     (tmp_path / stale).write_bytes(b"partial")
     write_atomically(tmp_path / name, lambda tmp: tmp.write_bytes(b"x"))

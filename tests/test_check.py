@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from bnfreeze.ops.check import check_file
 from bnfreeze.cli import cli
 from bnfreeze.model.expectations import (
     Expectation,
@@ -19,8 +18,9 @@ from bnfreeze.model.expectations import (
     evaluate,
     parse_expectation,
 )
-from bnfreeze.ops.plans import load_plan
 from bnfreeze.model.records import Normalization
+from bnfreeze.ops.check import check_file
+from bnfreeze.ops.plans import load_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -80,20 +80,42 @@ def test_expectation_holds_exit_0_and_quiet(request, model, spec):
 
 
 FAILS = [
-    ("under_frozen", "bn-inference",
-     [("bn-inference", "backbone/inner_bn", "inference", "training"),
-      ("bn-inference", "head_bn", "inference", "training")]),
-    ("guide", "bn-train=*block_16_*",
-     [("bn-train=*block_16_*", f"mobilenetv2_0.35_32/block_16_{k}_BN", "training", "inference")
-      for k in ("expand", "depthwise", "project")]),
-    ("guide", "trains=*block_16_*",
-     [("trains=*block_16_*", f"mobilenetv2_0.35_32/block_16_{k}", "trains", "frozen")
-      for k in ("expand", "expand_BN", "depthwise", "depthwise_BN", "project", "project_BN")]),
+    (
+        "under_frozen",
+        "bn-inference",
+        [
+            ("bn-inference", "backbone/inner_bn", "inference", "training"),
+            ("bn-inference", "head_bn", "inference", "training"),
+        ],
+    ),
+    (
+        "guide",
+        "bn-train=*block_16_*",
+        [
+            (
+                "bn-train=*block_16_*",
+                f"mobilenetv2_0.35_32/block_16_{k}_BN",
+                "training",
+                "inference",
+            )
+            for k in ("expand", "depthwise", "project")
+        ],
+    ),
+    (
+        "guide",
+        "trains=*block_16_*",
+        [
+            ("trains=*block_16_*", f"mobilenetv2_0.35_32/block_16_{k}", "trains", "frozen")
+            for k in ("expand", "expand_BN", "depthwise", "depthwise_BN", "project", "project_BN")
+        ],
+    ),
     ("guide", "frozen=head", [("frozen=head", "head", "frozen", "trains")]),
-    ("guide", "min-training=2",
-     [("min-training=2", None, "at least 2 layers train", "1 train")]),
-    ("under_frozen", "max-training=2",
-     [("max-training=2", None, "at most 2 layers train", "3 train")]),
+    ("guide", "min-training=2", [("min-training=2", None, "at least 2 layers train", "1 train")]),
+    (
+        "under_frozen",
+        "max-training=2",
+        [("max-training=2", None, "at most 2 layers train", "3 train")],
+    ),
 ]
 
 
@@ -168,8 +190,9 @@ def test_plan_flags_fail_on_a_model_the_plan_would_change(guide):
 
 def test_plan_set_changes_what_is_checked(guide):
     default = json.loads(run(guide, "--plan", CONFIGS / "freeze-up-to.toml", "--json").stdout)
-    result = run(guide, "--plan", CONFIGS / "freeze-up-to.toml", "--set",
-                 "block=block_16_project", "--json")
+    result = run(
+        guide, "--plan", CONFIGS / "freeze-up-to.toml", "--set", "block=block_16_project", "--json"
+    )
     # Frozen up to the backbone's last layer, head training: exactly the guide sample.
     assert result.exit_code == 0
     assert json.loads(result.stdout)["failures"] == []
@@ -185,8 +208,9 @@ def test_plan_expectations_fail_with_their_file_and_line(guide, tmp_path):
     result = run(guide, "--plan", plan, "--json")
     assert result.exit_code == 1
     checks = json.loads(result.stdout)["checks"]
-    assert [(c["check"], c["source"], c["description"], c["passed"], c["failures"])
-            for c in checks] == [
+    assert [
+        (c["check"], c["source"], c["description"], c["passed"], c["failures"]) for c in checks
+    ] == [
         ("bn-train", f"{plan}:1: expect 1", "BN must train", False, 51),
         ("frozen [max_depth=0]", f"{plan}:5: expect 2", None, False, 1),
     ]
@@ -237,18 +261,37 @@ def test_json_document_is_exact(under_frozen):
         "strict": True,
         "passed": False,
         "checks": [
-            {"check": "bn-train", "source": "--expect", "description": None, "passed": True,
-             "failures": 0},
-            {"check": "strict: call-site-training-ignored", "source": "--strict",
-             "description": "no BN layer relies on a call-site training=False (Keras 3 "
-             "overrides it in fit())", "passed": True, "failures": 0},
-            {"check": "strict: trainable-bn-under-frozen-container", "source": "--strict",
-             "description": "no trainable BN layer sits under a frozen container (it trains "
-             "anyway on Keras 3)", "passed": False, "failures": 1},
+            {
+                "check": "bn-train",
+                "source": "--expect",
+                "description": None,
+                "passed": True,
+                "failures": 0,
+            },
+            {
+                "check": "strict: call-site-training-ignored",
+                "source": "--strict",
+                "description": "no BN layer relies on a call-site training=False (Keras 3 "
+                "overrides it in fit())",
+                "passed": True,
+                "failures": 0,
+            },
+            {
+                "check": "strict: trainable-bn-under-frozen-container",
+                "source": "--strict",
+                "description": "no trainable BN layer sits under a frozen container (it trains "
+                "anyway on Keras 3)",
+                "passed": False,
+                "failures": 1,
+            },
         ],
         "failures": [
-            {"check": "strict: trainable-bn-under-frozen-container", "path": "backbone/inner_bn",
-             "expected": "frozen, like backbone", "actual": "trains in fit()"},
+            {
+                "check": "strict: trainable-bn-under-frozen-container",
+                "path": "backbone/inner_bn",
+                "expected": "frozen, like backbone",
+                "actual": "trains in fit()",
+            },
         ],
     }
 
@@ -266,25 +309,44 @@ def test_json_on_success_too(guide):
     ("args", "message"),
     [
         (["missing.keras", "--expect", "bn-inference"], "error: missing.keras: no such file."),
-        (["{guide}", "--expect", "bn-infernce"], "error: --expect 'bn-infernce': unknown "
-         "expectation 'bn-infernce'."),
-        (["{guide}", "--expect", "min-training=x"], "error: --expect 'min-training=x': "
-         "min-training needs a whole number, e.g. min-training=1."),
-        (["{guide}", "--expect", "trains=nothing*"], "error: --expect: 'nothing*' matches no "
-         "layer path or name."),
-        (["{guide}", "--expect", "trains=pool"], "error: --expect trains=pool: the layers it "
-         "names have no weights, so they neither train nor stay frozen."),
-        (["{guide}", "--expect", "bn-train=head"], "error: --expect bn-train=head: the layers "
-         "it names include no BatchNormalization layer."),
+        (
+            ["{guide}", "--expect", "bn-infernce"],
+            "error: --expect 'bn-infernce': unknown expectation 'bn-infernce'.",
+        ),
+        (
+            ["{guide}", "--expect", "min-training=x"],
+            "error: --expect 'min-training=x': "
+            "min-training needs a whole number, e.g. min-training=1.",
+        ),
+        (
+            ["{guide}", "--expect", "trains=nothing*"],
+            "error: --expect: 'nothing*' matches no layer path or name.",
+        ),
+        (
+            ["{guide}", "--expect", "trains=pool"],
+            "error: --expect trains=pool: the layers it "
+            "names have no weights, so they neither train nor stay frozen.",
+        ),
+        (
+            ["{guide}", "--expect", "bn-train=head"],
+            "error: --expect bn-train=head: the layers "
+            "it names include no BatchNormalization layer.",
+        ),
         (["{guide}"], "Error: give --plan PLAN, --expect NAME or --strict (or several)."),
-        (["{guide}", "--expect", "bn-inference", "--set", "a=b"],
-         "Error: --set sets parameters of a --plan."),
+        (
+            ["{guide}", "--expect", "bn-inference", "--set", "a=b"],
+            "Error: --set sets parameters of a --plan.",
+        ),
         (["{guide}", "--plan", "missing.toml"], "error: missing.toml: no such plan file."),
-        (["{sequential}", "--plan", "{configs}/freeze-backbone.toml"],
-         "error: {configs}/freeze-backbone.toml:23: rule 2: min_depth=1 matches no layer whose "
-         "flag can be set."),
-        (["{guide}", "--plan", "{configs}/freeze-up-to.toml", "--set", "blok=x"],
-         "error: --set blok=...: {configs}/freeze-up-to.toml has no parameter 'blok'"),
+        (
+            ["{sequential}", "--plan", "{configs}/freeze-backbone.toml"],
+            "error: {configs}/freeze-backbone.toml:23: rule 2: min_depth=1 matches no layer whose "
+            "flag can be set.",
+        ),
+        (
+            ["{guide}", "--plan", "{configs}/freeze-up-to.toml", "--set", "blok=x"],
+            "error: --set blok=...: {configs}/freeze-up-to.toml has no parameter 'blok'",
+        ),
     ],
 )
 def test_bad_input_exits_2_with_one_line(samples, guide, args, message):
@@ -303,7 +365,7 @@ def test_malformed_plan_exits_2_naming_the_problem(guide, tmp_path):
     assert result.exit_code == 2
     assert result.stderr == (
         f"error: {plan}:3: rule 1, key 'bn': 'inferense' is not one of \"inference\", "
-        "\"train\", \"follow\".\n"
+        '"train", "follow".\n'
     )
 
 
@@ -333,20 +395,27 @@ def test_evaluate_on_measured_observations():
         "d": Observed("d", False, trains_weights=False, normalizes_with=None),
     }
     assert evaluate(Expectation(ExpectKind.BN_TRAIN), records, observed) == ()
-    assert [f.path for f in evaluate(Expectation(ExpectKind.BN_INFERENCE), records, observed)
-            ] == ["bn"]
-    assert [f.path for f in evaluate(Expectation(ExpectKind.TRAINS, GlobScope("d")), records,
-                                     observed)] == ["d"]
+    assert [f.path for f in evaluate(Expectation(ExpectKind.BN_INFERENCE), records, observed)] == [
+        "bn"
+    ]
+    assert [
+        f.path for f in evaluate(Expectation(ExpectKind.TRAINS, GlobScope("d")), records, observed)
+    ] == ["d"]
     assert evaluate(Expectation(ExpectKind.MIN_TRAINING, count=1), records, observed) == ()
 
 
 def test_readme_check_example_is_current(monkeypatch):
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     start = readme.index("The third command above prints")
-    block = readme[readme.index("```text\n", start) + len("```text\n"):]
+    block = readme[readme.index("```text\n", start) + len("```text\n") :]
     shown = block[: block.index("```")]
     monkeypatch.chdir(ROOT)
-    result = run("sample_models/bn_under_frozen.keras", "--expect", "bn-inference",
-                 "--expect", "min-training=1")
+    result = run(
+        "sample_models/bn_under_frozen.keras",
+        "--expect",
+        "bn-inference",
+        "--expect",
+        "min-training=1",
+    )
     assert result.exit_code == 1
     assert shown == result.stdout

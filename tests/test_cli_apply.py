@@ -95,13 +95,15 @@ def outputs(samples, tmp_path_factory):
         "finetune": apply(guide, "keras-guide-finetune.toml", folder / "finetune.keras"),
         "train-bn": apply(guide, "train-bn.toml", folder / "train_bn.keras"),
         "up-to": apply(guide, "freeze-up-to.toml", folder / "up_to.keras"),
-        "up-to-14": apply(guide, "freeze-up-to.toml", folder / "up_to_14.keras",
-                          "--set", "block=block_14_add"),
+        "up-to-14": apply(
+            guide, "freeze-up-to.toml", folder / "up_to_14.keras", "--set", "block=block_14_add"
+        ),
     }
     # freeze-backbone on a model whose backbone trains: the guide after fine-tuning.
     out["backbone"] = apply(out["finetune"], "freeze-backbone.toml", folder / "backbone.keras")
-    out["backbone-trap"] = apply(samples / "bn_under_frozen.keras", "freeze-backbone.toml",
-                                 folder / "backbone_trap.keras")
+    out["backbone-trap"] = apply(
+        samples / "bn_under_frozen.keras", "freeze-backbone.toml", folder / "backbone_trap.keras"
+    )
     return out
 
 
@@ -133,8 +135,9 @@ def test_freeze_backbone_measured(measured):
     moved = measured("backbone")
     inside = {p: m for p, m in moved.items() if p.startswith(BACKBONE + "/")}
     assert len(inside) == 102
-    assert not any(m.get("stats") or m.get("gamma_beta") or m.get("weights")
-                   for m in inside.values()), "nothing inside the backbone moves"
+    assert not any(
+        m.get("stats") or m.get("gamma_beta") or m.get("weights") for m in inside.values()
+    ), "nothing inside the backbone moves"
     assert moved["head"]["weights"] is True
 
 
@@ -170,7 +173,9 @@ def test_train_bn_on_a_nested_legacy_h5_measured(samples, tmp_path):
     assert diff["weights"]["identical"] is True
     moved = measure(out)
     assert {p: (m["stats"], m["gamma_beta"]) for p, m in bn(moved).items()} == {
-        "bn_bn/bn1": (True, True), "bn_bn/bn2": (True, True), "bn_dense/bn3": (True, True),
+        "bn_bn/bn1": (True, True),
+        "bn_bn/bn2": (True, True),
+        "bn_dense/bn3": (True, True),
     }
     assert moved["bn_dense/d1"]["weights"] is False
     assert moved["head"]["weights"] is True
@@ -199,8 +204,12 @@ def test_freeze_up_to_measured(measured, name, last_frozen):
 
 @pytest.mark.parametrize(
     ("name", "plan"),
-    [("finetune", "keras-guide-finetune.toml"), ("train-bn", "train-bn.toml"),
-     ("up-to", "freeze-up-to.toml"), ("backbone", "freeze-backbone.toml")],
+    [
+        ("finetune", "keras-guide-finetune.toml"),
+        ("train-bn", "train-bn.toml"),
+        ("up-to", "freeze-up-to.toml"),
+        ("backbone", "freeze-backbone.toml"),
+    ],
 )
 def test_each_output_passes_its_own_plan_check(outputs, name, plan):
     result = invoke("check", outputs[name], "--plan", CONFIGS / plan)
@@ -223,15 +232,23 @@ def test_weights_member_is_byte_identical(samples, tmp_path):
 
 def test_compiled_model_drops_mismatched_optimizer_state(samples, tmp_path):
     src = samples / "guide_pattern.keras"
-    result = invoke("apply", src, "--plan", CONFIGS / "keras-guide-finetune.toml",
-                    "-o", tmp_path / "a.keras")
+    result = invoke(
+        "apply", src, "--plan", CONFIGS / "keras-guide-finetune.toml", "-o", tmp_path / "a.keras"
+    )
     assert result.exit_code == 0
     assert "The 6 saved optimizer variables were dropped" in result.stderr
     diff = json.loads(invoke("diff", src, tmp_path / "a.keras", "--json").stdout)
     assert diff["weights"]["identical"] is True
     assert diff["optimizer_state"]["b"] == 0
-    kept = invoke("apply", src, "--plan", CONFIGS / "keras-guide-finetune.toml",
-                  "-o", tmp_path / "k.keras", "--keep-optimizer-state")
+    kept = invoke(
+        "apply",
+        src,
+        "--plan",
+        CONFIGS / "keras-guide-finetune.toml",
+        "-o",
+        tmp_path / "k.keras",
+        "--keep-optimizer-state",
+    )
     assert kept.exit_code == 0
     diff = json.loads(invoke("diff", src, tmp_path / "k.keras", "--json").stdout)
     assert diff["optimizer_state"] == {"a": 6, "b": 6, "identical": True}
@@ -239,8 +256,16 @@ def test_compiled_model_drops_mismatched_optimizer_state(samples, tmp_path):
 
 def test_dry_run_writes_nothing_and_json_is_the_freeze_document(samples, tmp_path):
     out = tmp_path / "never.keras"
-    result = invoke("apply", samples / "bn_under_frozen.keras", "--plan",
-                    CONFIGS / "freeze-backbone.toml", "-o", out, "--dry-run", "--json")
+    result = invoke(
+        "apply",
+        samples / "bn_under_frozen.keras",
+        "--plan",
+        CONFIGS / "freeze-backbone.toml",
+        "-o",
+        out,
+        "--dry-run",
+        "--json",
+    )
     assert result.exit_code == 0
     assert not out.exists()
     document = json.loads(result.stdout)
@@ -254,19 +279,39 @@ def test_dry_run_writes_nothing_and_json_is_the_freeze_document(samples, tmp_pat
         "name": "freeze-backbone",
         "params": {},
         "rules": [
-            {"rule": 1, "line": 19, "name": "start from every layer trainable",
-             "selects": "every layer", "trainable": True, "bn": "follow", "selected": 4},
-            {"rule": 2, "line": 23,
-             "name": "freeze the backbone (every layer inside a nested model), BN included",
-             "selects": "min_depth=1", "trainable": False, "bn": "follow", "selected": 2},
+            {
+                "rule": 1,
+                "line": 19,
+                "name": "start from every layer trainable",
+                "selects": "every layer",
+                "trainable": True,
+                "bn": "follow",
+                "selected": 4,
+            },
+            {
+                "rule": 2,
+                "line": 23,
+                "name": "freeze the backbone (every layer inside a nested model), BN included",
+                "selects": "min_depth=1",
+                "trainable": False,
+                "bn": "follow",
+                "selected": 2,
+            },
         ],
     }
     assert "dry run: nothing was written." in result.stderr
 
 
 def test_table_output_names_the_rules(samples, tmp_path):
-    result = invoke("apply", samples / "guide_pattern.keras", "--plan",
-                    CONFIGS / "freeze-up-to.toml", "--set", "block=block_14_add", "--dry-run")
+    result = invoke(
+        "apply",
+        samples / "guide_pattern.keras",
+        "--plan",
+        CONFIGS / "freeze-up-to.toml",
+        "--set",
+        "block=block_14_add",
+        "--dry-run",
+    )
     assert result.exit_code == 0
     lines = [line.rstrip() for line in result.stdout.splitlines()]
     assert lines[:2] == [
@@ -294,10 +339,14 @@ def test_in_place_and_same_output(samples, tmp_path):
 @pytest.mark.parametrize(
     ("plan_text", "message"),
     [
-        ('[[rule]]\ntrainable = "yes"\n',
-         "{plan}:2: rule 1, key 'trainable': must be true or false, not the string 'yes'."),
-        ("[[rule]]\nlayers = \"nothing*\"\ntrainable = false\n",
-         "{plan}:2: rule 1, key 'layers': layers 'nothing*' matches no layer."),
+        (
+            '[[rule]]\ntrainable = "yes"\n',
+            "{plan}:2: rule 1, key 'trainable': must be true or false, not the string 'yes'.",
+        ),
+        (
+            '[[rule]]\nlayers = "nothing*"\ntrainable = false\n',
+            "{plan}:2: rule 1, key 'layers': layers 'nothing*' matches no layer.",
+        ),
         ("[[rule]]\ntrainable = false\n[[rule\n", "{plan}:3: not valid TOML"),
         ('[[expect]]\nbn = "inference"\n', "{plan}: the plan has no [[rule]] table"),
     ],
@@ -319,16 +368,23 @@ def test_malformed_plans_exit_2_naming_the_problem(samples, tmp_path, plan_text,
     [
         (["{guide}", "--plan", "{configs}/train-bn.toml"], "-o OUT is required"),
         (["{guide}"], "Missing option '--plan'"),
-        (["{guide}", "--plan", "{configs}/train-bn.toml", "--set", "x=y", "--dry-run"],
-         "has no parameter 'x'"),
-        (["{seq}", "--plan", "{configs}/train-bn.toml", "--dry-run"],
-         "rule 2: only=non-bn,min_depth=1 matches no layer whose flag can be set."),
+        (
+            ["{guide}", "--plan", "{configs}/train-bn.toml", "--set", "x=y", "--dry-run"],
+            "has no parameter 'x'",
+        ),
+        (
+            ["{seq}", "--plan", "{configs}/train-bn.toml", "--dry-run"],
+            "rule 2: only=non-bn,min_depth=1 matches no layer whose flag can be set.",
+        ),
         (["missing.keras", "--plan", "{configs}/train-bn.toml", "--dry-run"], "no such file"),
     ],
 )
 def test_bad_input_exits_2(samples, args, message):
-    fmt = {"guide": samples / "guide_pattern.keras", "configs": CONFIGS,
-           "seq": samples / "sequential.keras"}
+    fmt = {
+        "guide": samples / "guide_pattern.keras",
+        "configs": CONFIGS,
+        "seq": samples / "sequential.keras",
+    }
     result = invoke("apply", *[a.format(**fmt) for a in args])
     assert result.exit_code == 2
     assert message in result.stderr
@@ -366,8 +422,12 @@ def test_shell_completion_as_documented():
     assert script.returncode == 0
     assert "_bnfreeze_completion()" in script.stdout
     assert "_BNFREEZE_COMPLETE=bash_source bnfreeze" in (ROOT / "README.md").read_text()
-    env = {**os.environ, "_BNFREEZE_COMPLETE": "bash_complete", "COMP_WORDS": "bnfreeze ap",
-           "COMP_CWORD": "1"}
+    env = {
+        **os.environ,
+        "_BNFREEZE_COMPLETE": "bash_complete",
+        "COMP_WORDS": "bnfreeze ap",
+        "COMP_CWORD": "1",
+    }
     done = subprocess.run(exe, env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.stdout.split() == ["plain,apply"]
     env.update(COMP_WORDS="bnfreeze check m.keras --exp", COMP_CWORD="3")
@@ -395,7 +455,8 @@ for args in (
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras", "tf_keras"))
 print(heavy)
 """
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"

@@ -2,8 +2,8 @@
 
 from click.testing import CliRunner
 
-from bnfreeze.ops import inspect as inspection
 from bnfreeze.cli import cli
+from bnfreeze.ops import inspect as inspection
 
 
 def _boom(*args, **kwargs):

@@ -73,8 +73,15 @@ def test_help_has_examples(command):
     assert result.exit_code == 0
     assert "Examples:" in result.stdout
     assert f"bnfreeze {command} model.keras" in result.stdout
-    for option in ("--layers", "--dry-run", "--in-place", "--json", "--keep-optimizer-state",
-                   "--engine", "-o, --output"):
+    for option in (
+        "--layers",
+        "--dry-run",
+        "--in-place",
+        "--json",
+        "--keep-optimizer-state",
+        "--engine",
+        "-o, --output",
+    ):
         assert option in result.stdout
     assert ("--up-to" if command == "freeze" else "--from") in result.stdout
 
@@ -86,12 +93,23 @@ def test_help_has_examples(command):
     ("name", "args"),
     [
         ("seed_bn_bn_inference", ("freeze", "seed_bn.keras", "--bn-inference", "-o", "out.keras")),
-        ("bn_under_frozen_unfreeze_backbone_dry_run",
-         ("unfreeze", "bn_under_frozen.keras", "--layers", "backbone", "--dry-run")),
+        (
+            "bn_under_frozen_unfreeze_backbone_dry_run",
+            ("unfreeze", "bn_under_frozen.keras", "--layers", "backbone", "--dry-run"),
+        ),
         ("sequential_train_bn", ("freeze", "sequential.keras", "--train-bn", "-o", "out.keras")),
-        ("guide_keep_bn_inference",
-         ("unfreeze", "guide_pattern.keras", "--keep-bn-inference", "--from", "block_16_expand",
-          "-o", "out.keras")),
+        (
+            "guide_keep_bn_inference",
+            (
+                "unfreeze",
+                "guide_pattern.keras",
+                "--keep-bn-inference",
+                "--from",
+                "block_16_expand",
+                "-o",
+                "out.keras",
+            ),
+        ),
     ],
 )
 def test_view_matches_golden(work, name, args):
@@ -129,28 +147,48 @@ def test_json_whole_document(work):
                 "optimizer_variables": None,
             },
             "runtime": "keras3",
-            "summary": {"layers": 2, "batchnorm": 1, "bn_training_in_fit": 0,
-                        "bn_inference_in_fit": 1},
+            "summary": {
+                "layers": 2,
+                "batchnorm": 1,
+                "bn_training_in_fit": 0,
+                "bn_inference_in_fit": 1,
+            },
             "layers": [
                 {
-                    "path": "image", "name": "image", "class_name": "InputLayer", "depth": 0,
-                    "trainable": None, "is_batchnorm": False,
-                    "in_fit": {"trains_weights": None, "normalizes_with": None,
-                               "updates_moving_stats": None},
+                    "path": "image",
+                    "name": "image",
+                    "class_name": "InputLayer",
+                    "depth": 0,
+                    "trainable": None,
+                    "is_batchnorm": False,
+                    "in_fit": {
+                        "trains_weights": None,
+                        "normalizes_with": None,
+                        "updates_moving_stats": None,
+                    },
                 },
                 {
-                    "path": "batch_normalization", "name": "batch_normalization",
-                    "class_name": "BatchNormalization", "depth": 0, "trainable": False,
+                    "path": "batch_normalization",
+                    "name": "batch_normalization",
+                    "class_name": "BatchNormalization",
+                    "depth": 0,
+                    "trainable": False,
                     "is_batchnorm": True,
-                    "in_fit": {"trains_weights": False, "normalizes_with": "moving",
-                               "updates_moving_stats": False},
+                    "in_fit": {
+                        "trains_weights": False,
+                        "normalizes_with": "moving",
+                        "updates_moving_stats": False,
+                    },
                 },
             ],
             "warnings": [],
         },
         "warnings": [
-            {"code": "recompile-required", "path": None,
-             "message": RECOMPILE.format(n=1, out="out.keras")},
+            {
+                "code": "recompile-required",
+                "path": None,
+                "message": RECOMPILE.format(n=1, out="out.keras"),
+            },
         ],
     }
     # The report is exactly inspect's JSON of the written file.
@@ -161,8 +199,7 @@ def test_json_whole_document(work):
 
 def test_json_dry_run_with_optimizer_state(work):
     before = files(work)
-    result = invoke("unfreeze", "guide_pattern.keras", "--keep-bn-inference", "--dry-run",
-                    "--json")
+    result = invoke("unfreeze", "guide_pattern.keras", "--keep-bn-inference", "--dry-run", "--json")
     assert result.exit_code == 0
     assert files(work) == before
     doc = json.loads(result.stdout)
@@ -185,40 +222,78 @@ def test_json_dry_run_with_optimizer_state(work):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("freeze", "guide_pattern.keras", "--bn-inference", "--train-bn", "-o", "out.keras"),
-         "Error: --bn-inference and --train-bn contradict each other; pick one."),
-        (("freeze", "guide_pattern.keras"),
-         "Error: -o OUT is required unless --dry-run or --in-place is given."),
-        (("freeze", "guide_pattern.keras", "-o", "guide_pattern.keras"),
-         "error: -o guide_pattern.keras is the input file; refusing to overwrite it. Pass "
-         "--in-place to rewrite the input itself, or pick another -o."),
-        (("freeze", "guide_pattern.keras", "-o", "./guide_pattern.keras"),
-         "error: -o ./guide_pattern.keras is the input file; refusing to overwrite it."),
-        (("freeze", "guide_pattern.keras", "-o", "missing/out.keras"),
-         "error: missing/out.keras: the folder missing does not exist. Create it first, or "
-         "pick another -o."),
-        (("freeze", "guide_pattern.keras", "--up-to", "block_99_add", "-o", "out.keras"),
-         "error: no layer named 'block_99_add' in the model. Did you mean"),
-        (("unfreeze", "guide_pattern.keras", "--from", "nope", "-o", "out.keras"),
-         "error: no layer named 'nope' in the model."),
-        (("freeze", "guide_pattern.keras", "--layers", "nothing*", "-o", "out.keras"),
-         "error: --layers 'nothing*' matches no layer path or name. Run bnfreeze inspect --all "
-         "to list layer paths."),
-        (("freeze", "guide_pattern.keras", "--layers", "head", "--up-to", "Conv1", "-o",
-          "out.keras"),
-         "error: the selection matches no layer whose flag can be set."),
-        (("freeze", "missing.keras", "-o", "out.keras"),
-         "error: missing.keras: no such file. Check the path."),
-        (("freeze", "not_a_model.keras", "-o", "out.keras"),
-         "error: not_a_model.keras: not a Keras model file"),
-        (("freeze", "truncated.keras", "-o", "out.keras"),
-         "error: truncated.keras: a damaged or truncated zip archive"),
-        (("freeze", "guide_pattern.keras", "-o", "out.h5"),
-         "error: -o out.h5: a keras model must be saved under a name ending in .keras"),
-        (("freeze", "guide_pattern.keras", "--in-place", "-o", "other.keras"),
-         "error: --in-place rewrites guide_pattern.keras itself, but -o names other.keras."),
-        (("freeze", "guide_pattern.keras", "--engine", "turbo", "-o", "out.keras"),
-         "Error: Invalid value for '--engine'"),
+        (
+            ("freeze", "guide_pattern.keras", "--bn-inference", "--train-bn", "-o", "out.keras"),
+            "Error: --bn-inference and --train-bn contradict each other; pick one.",
+        ),
+        (
+            ("freeze", "guide_pattern.keras"),
+            "Error: -o OUT is required unless --dry-run or --in-place is given.",
+        ),
+        (
+            ("freeze", "guide_pattern.keras", "-o", "guide_pattern.keras"),
+            "error: -o guide_pattern.keras is the input file; refusing to overwrite it. Pass "
+            "--in-place to rewrite the input itself, or pick another -o.",
+        ),
+        (
+            ("freeze", "guide_pattern.keras", "-o", "./guide_pattern.keras"),
+            "error: -o ./guide_pattern.keras is the input file; refusing to overwrite it.",
+        ),
+        (
+            ("freeze", "guide_pattern.keras", "-o", "missing/out.keras"),
+            "error: missing/out.keras: the folder missing does not exist. Create it first, or "
+            "pick another -o.",
+        ),
+        (
+            ("freeze", "guide_pattern.keras", "--up-to", "block_99_add", "-o", "out.keras"),
+            "error: no layer named 'block_99_add' in the model. Did you mean",
+        ),
+        (
+            ("unfreeze", "guide_pattern.keras", "--from", "nope", "-o", "out.keras"),
+            "error: no layer named 'nope' in the model.",
+        ),
+        (
+            ("freeze", "guide_pattern.keras", "--layers", "nothing*", "-o", "out.keras"),
+            "error: --layers 'nothing*' matches no layer path or name. Run bnfreeze inspect --all "
+            "to list layer paths.",
+        ),
+        (
+            (
+                "freeze",
+                "guide_pattern.keras",
+                "--layers",
+                "head",
+                "--up-to",
+                "Conv1",
+                "-o",
+                "out.keras",
+            ),
+            "error: the selection matches no layer whose flag can be set.",
+        ),
+        (
+            ("freeze", "missing.keras", "-o", "out.keras"),
+            "error: missing.keras: no such file. Check the path.",
+        ),
+        (
+            ("freeze", "not_a_model.keras", "-o", "out.keras"),
+            "error: not_a_model.keras: not a Keras model file",
+        ),
+        (
+            ("freeze", "truncated.keras", "-o", "out.keras"),
+            "error: truncated.keras: a damaged or truncated zip archive",
+        ),
+        (
+            ("freeze", "guide_pattern.keras", "-o", "out.h5"),
+            "error: -o out.h5: a keras model must be saved under a name ending in .keras",
+        ),
+        (
+            ("freeze", "guide_pattern.keras", "--in-place", "-o", "other.keras"),
+            "error: --in-place rewrites guide_pattern.keras itself, but -o names other.keras.",
+        ),
+        (
+            ("freeze", "guide_pattern.keras", "--engine", "turbo", "-o", "out.keras"),
+            "Error: Invalid value for '--engine'",
+        ),
     ],
 )
 def test_bad_input(work, args, message):
@@ -287,8 +362,14 @@ def test_in_place(work):
 
 
 def test_keep_optimizer_state_weights_byte_identical(work):
-    result = invoke("unfreeze", "guide_pattern.keras", "--keep-bn-inference",
-                    "--keep-optimizer-state", "-o", "out.keras")
+    result = invoke(
+        "unfreeze",
+        "guide_pattern.keras",
+        "--keep-bn-inference",
+        "--keep-optimizer-state",
+        "-o",
+        "out.keras",
+    )
     assert result.exit_code == 0
     assert "were kept (--keep-optimizer-state)" in result.stderr
     with zipfile.ZipFile(work / "guide_pattern.keras") as a, zipfile.ZipFile("out.keras") as b:
@@ -312,7 +393,8 @@ def _measure(path: Path) -> tuple[dict[str, Any], dict[str, bool]]:
         warnings.simplefilter("ignore")  # "Skipping variable loading for optimizer": expected
         model = keras.models.load_model(path)
     convs = {
-        p: layer for p, layer in layer_paths(model).items()
+        p: layer
+        for p, layer in layer_paths(model).items()
         if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D))
     }
     kernels = {p: np.array(layer.kernel.numpy(), copy=True) for p, layer in convs.items()}
@@ -329,8 +411,10 @@ def test_acceptance_guide_recipe_keep_bn_inference(guide_phase2_trained_keras, t
     move; every conv kernel trains."""
     out = tmp_path / "finetune.keras"
     result = CliRunner().invoke(
-        cli, ["unfreeze", str(guide_phase2_trained_keras), "--keep-bn-inference", "-o", str(out)],
-        env=ENV, catch_exceptions=False,
+        cli,
+        ["unfreeze", str(guide_phase2_trained_keras), "--keep-bn-inference", "-o", str(out)],
+        env=ENV,
+        catch_exceptions=False,
     )
     assert result.exit_code == 0, result.stderr
     assert "saved optimizer variables were dropped" in result.stderr
@@ -349,8 +433,10 @@ def test_acceptance_train_bn(guide_phase2_trained_keras, tmp_path):
     """fastai's train_bn: BN gamma/beta and statistics move, nothing else does."""
     out = tmp_path / "train_bn.keras"
     result = CliRunner().invoke(
-        cli, ["freeze", str(guide_phase2_trained_keras), "--train-bn", "-o", str(out)],
-        env=ENV, catch_exceptions=False,
+        cli,
+        ["freeze", str(guide_phase2_trained_keras), "--train-bn", "-o", str(out)],
+        env=ENV,
+        catch_exceptions=False,
     )
     assert result.exit_code == 0, result.stderr
     moved, kernel_moved = _measure(out)
@@ -362,8 +448,9 @@ def test_acceptance_train_bn(guide_phase2_trained_keras, tmp_path):
 
 
 @pytest.mark.keras
-def test_acceptance_weights_identical_but_the_dropped_optimizer(guide_phase2_trained_keras,
-                                                                 tmp_path):
+def test_acceptance_weights_identical_but_the_dropped_optimizer(
+    guide_phase2_trained_keras, tmp_path
+):
     """Every weight dataset is bit-identical; only the optimizer's are gone; smaller file."""
     import io
 
@@ -371,8 +458,17 @@ def test_acceptance_weights_identical_but_the_dropped_optimizer(guide_phase2_tra
 
     out = tmp_path / "finetune.keras"
     result = CliRunner().invoke(
-        cli, ["unfreeze", str(guide_phase2_trained_keras), "--keep-bn-inference", "-o", str(out),
-              "--json"], env=ENV, catch_exceptions=False,
+        cli,
+        [
+            "unfreeze",
+            str(guide_phase2_trained_keras),
+            "--keep-bn-inference",
+            "-o",
+            str(out),
+            "--json",
+        ],
+        env=ENV,
+        catch_exceptions=False,
     )
     assert result.exit_code == 0
 
@@ -381,8 +477,13 @@ def test_acceptance_weights_identical_but_the_dropped_optimizer(guide_phase2_tra
             data = io.BytesIO(archive.read("model.weights.h5"))
         found: dict[str, bytes] = {}
         with h5py.File(data, "r") as h5:
-            h5.visititems(lambda name, obj: found.__setitem__(name, obj[()].tobytes())
-                          if isinstance(obj, h5py.Dataset) else None)
+            h5.visititems(
+                lambda name, obj: (
+                    found.__setitem__(name, obj[()].tobytes())
+                    if isinstance(obj, h5py.Dataset)
+                    else None
+                )
+            )
         return found
 
     before, after = datasets(guide_phase2_trained_keras), datasets(out)

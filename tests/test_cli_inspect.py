@@ -55,8 +55,9 @@ def _at_repo_root(monkeypatch):
 
 def invoke(*args: str, columns: int = 100):
     runner = CliRunner()
-    return runner.invoke(cli, list(args), env={**ENV, "COLUMNS": str(columns)},
-                         catch_exceptions=False)
+    return runner.invoke(
+        cli, list(args), env={**ENV, "COLUMNS": str(columns)}, catch_exceptions=False
+    )
 
 
 def check_golden(name: str, text: str) -> None:
@@ -113,12 +114,14 @@ def test_colour_only_when_forced_on_a_terminal():
     """Rich colours the mode words on a terminal; FORCE_COLOR stands in for one here."""
     runner = CliRunner()
     env = {**ENV, "NO_COLOR": None, "FORCE_COLOR": "1"}
-    result = runner.invoke(cli, ["inspect", "sample_models/sequential.keras"], env=env,
-                           catch_exceptions=False)
+    result = runner.invoke(
+        cli, ["inspect", "sample_models/sequential.keras"], env=env, catch_exceptions=False
+    )
     assert "\x1b[" in result.stdout and "inference" in result.stdout
     env["NO_COLOR"] = "1"
-    result = runner.invoke(cli, ["inspect", "sample_models/sequential.keras"], env=env,
-                           catch_exceptions=False)
+    result = runner.invoke(
+        cli, ["inspect", "sample_models/sequential.keras"], env=env, catch_exceptions=False
+    )
     # NO_COLOR removes colour; bold and dim are not colours (https://no-color.org).
     assert "\x1b[3" not in result.stdout and "\x1b[9" not in result.stdout
 
@@ -156,8 +159,11 @@ def test_json_seed_sample_whole_document():
                 "depth": 0,
                 "trainable": None,
                 "is_batchnorm": False,
-                "in_fit": {"trains_weights": None, "normalizes_with": None,
-                           "updates_moving_stats": None},
+                "in_fit": {
+                    "trains_weights": None,
+                    "normalizes_with": None,
+                    "updates_moving_stats": None,
+                },
             },
             {
                 "path": "batch_normalization",
@@ -166,8 +172,11 @@ def test_json_seed_sample_whole_document():
                 "depth": 0,
                 "trainable": True,
                 "is_batchnorm": True,
-                "in_fit": {"trains_weights": True, "normalizes_with": "batch",
-                           "updates_moving_stats": True},
+                "in_fit": {
+                    "trains_weights": True,
+                    "normalizes_with": "batch",
+                    "updates_moving_stats": True,
+                },
             },
         ],
         "warnings": [],
@@ -179,10 +188,19 @@ def test_json_keys_are_the_contract(sample):
     doc = inspect_json(sample)
     assert set(doc) == {"schema_version", "model", "runtime", "summary", "layers", "warnings"}
     assert doc["schema_version"] == 1 and doc["runtime"] == "keras3"
-    assert set(doc["model"]) == {"path", "format", "keras_version", "compiled",
-                                 "optimizer_variables"}
-    assert set(doc["summary"]) == {"layers", "batchnorm", "bn_training_in_fit",
-                                   "bn_inference_in_fit"}
+    assert set(doc["model"]) == {
+        "path",
+        "format",
+        "keras_version",
+        "compiled",
+        "optimizer_variables",
+    }
+    assert set(doc["summary"]) == {
+        "layers",
+        "batchnorm",
+        "bn_training_in_fit",
+        "bn_inference_in_fit",
+    }
     for layer in doc["layers"]:
         assert set(layer) == LAYER_KEYS
         assert set(layer["in_fit"]) == IN_FIT_KEYS
@@ -207,34 +225,57 @@ def test_json_guide_pattern():
         "compiled": True,
         "optimizer_variables": 6,
     }
-    assert doc["summary"] == {"layers": 155, "batchnorm": 51, "bn_training_in_fit": 0,
-                              "bn_inference_in_fit": 51}
+    assert doc["summary"] == {
+        "layers": 155,
+        "batchnorm": 51,
+        "bn_training_in_fit": 0,
+        "bn_inference_in_fit": 51,
+    }
     by_path = {layer["path"]: layer for layer in doc["layers"]}
     assert by_path["mobilenetv2_0.35_32"] == {
-        "path": "mobilenetv2_0.35_32", "name": "mobilenetv2_0.35_32",
-        "class_name": "Functional", "depth": 0, "trainable": False, "is_batchnorm": False,
-        "in_fit": {"trains_weights": None, "normalizes_with": None,
-                   "updates_moving_stats": None},
+        "path": "mobilenetv2_0.35_32",
+        "name": "mobilenetv2_0.35_32",
+        "class_name": "Functional",
+        "depth": 0,
+        "trainable": False,
+        "is_batchnorm": False,
+        "in_fit": {"trains_weights": None, "normalizes_with": None, "updates_moving_stats": None},
     }
     assert by_path["mobilenetv2_0.35_32/block_1_expand_BN"] == {
-        "path": "mobilenetv2_0.35_32/block_1_expand_BN", "name": "block_1_expand_BN",
-        "class_name": "BatchNormalization", "depth": 1, "trainable": False,
+        "path": "mobilenetv2_0.35_32/block_1_expand_BN",
+        "name": "block_1_expand_BN",
+        "class_name": "BatchNormalization",
+        "depth": 1,
+        "trainable": False,
         "is_batchnorm": True,
-        "in_fit": {"trains_weights": False, "normalizes_with": "moving",
-                   "updates_moving_stats": False},
+        "in_fit": {
+            "trains_weights": False,
+            "normalizes_with": "moving",
+            "updates_moving_stats": False,
+        },
     }
     assert by_path["mobilenetv2_0.35_32/Conv1"]["in_fit"] == {
-        "trains_weights": False, "normalizes_with": None, "updates_moving_stats": None}
+        "trains_weights": False,
+        "normalizes_with": None,
+        "updates_moving_stats": None,
+    }
     assert by_path["head"]["in_fit"] == {
-        "trains_weights": True, "normalizes_with": None, "updates_moving_stats": None}
+        "trains_weights": True,
+        "normalizes_with": None,
+        "updates_moving_stats": None,
+    }
     assert by_path["pool"]["in_fit"]["trains_weights"] is None  # no weights: not applicable
     assert [(w["code"], w["path"]) for w in doc["warnings"]] == [("optimizer-state", None)]
 
 
 def test_json_bn_under_frozen_warnings():
     doc = inspect_json("bn_under_frozen.keras")
-    assert doc["summary"] == {"layers": 7, "batchnorm": 2, "bn_training_in_fit": 2,
-                              "bn_inference_in_fit": 0}
+    assert doc["summary"] == {
+        "layers": 7,
+        "batchnorm": 2,
+        "bn_training_in_fit": 2,
+        "bn_inference_in_fit": 0,
+    }
     assert [(w["code"], w["path"]) for w in doc["warnings"]] == [
         ("trainable-bn-under-frozen-container", "backbone/inner_bn"),
         ("untrained-bn-statistics", "backbone/inner_bn"),
@@ -244,21 +285,37 @@ def test_json_bn_under_frozen_warnings():
 
 def test_json_legacy_h5_nested():
     doc = inspect_json("nested_legacy.h5")
-    assert doc["model"] == {"path": "sample_models/nested_legacy.h5", "format": "h5",
-                            "keras_version": "3.15.1", "compiled": True,
-                            "optimizer_variables": 22}
-    paths = [(layer["path"], layer["depth"], layer["in_fit"]["normalizes_with"])
-             for layer in doc["layers"] if layer["is_batchnorm"]]
-    assert paths == [("bn_bn/bn1", 1, "batch"), ("bn_bn/bn2", 1, "batch"),
-                     ("bn_dense/bn3", 1, "batch")]
+    assert doc["model"] == {
+        "path": "sample_models/nested_legacy.h5",
+        "format": "h5",
+        "keras_version": "3.15.1",
+        "compiled": True,
+        "optimizer_variables": 22,
+    }
+    paths = [
+        (layer["path"], layer["depth"], layer["in_fit"]["normalizes_with"])
+        for layer in doc["layers"]
+        if layer["is_batchnorm"]
+    ]
+    assert paths == [
+        ("bn_bn/bn1", 1, "batch"),
+        ("bn_bn/bn2", 1, "batch"),
+        ("bn_dense/bn3", 1, "batch"),
+    ]
 
 
 def test_json_sequential_flags():
     doc = inspect_json("sequential.keras")
-    assert [(layer["path"], layer["trainable"], layer["in_fit"]["normalizes_with"])
-            for layer in doc["layers"]] == [
-        ("x", None, None), ("dense_1", True, None), ("bn_1", True, "batch"),
-        ("relu_1", True, None), ("dense_2", True, None), ("bn_2", False, "moving"),
+    assert [
+        (layer["path"], layer["trainable"], layer["in_fit"]["normalizes_with"])
+        for layer in doc["layers"]
+    ] == [
+        ("x", None, None),
+        ("dense_1", True, None),
+        ("bn_1", True, "batch"),
+        ("relu_1", True, None),
+        ("dense_2", True, None),
+        ("bn_2", False, "moving"),
         ("out", True, None),
     ]
 
@@ -278,7 +335,8 @@ def test_table_view_warnings_only_on_stderr():
     assert "warning" not in result.stdout
     assert result.stderr.count("warning: ") == 3
     assert "backbone/inner_bn is trainable inside frozen container backbone" in " ".join(
-        result.stderr.split())
+        result.stderr.split()
+    )
 
 
 # -- exit codes and errors --------------------------------------------------------------------
@@ -325,8 +383,14 @@ def test_version():
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR",)}
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**env, "COLUMNS": "100", "NO_COLOR": "1"}, timeout=120)
+    return subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**env, "COLUMNS": "100", "NO_COLOR": "1"},
+        timeout=120,
+    )
 
 
 def test_python_dash_m_help():

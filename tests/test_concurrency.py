@@ -34,9 +34,11 @@ def two_models(tmp_path_factory) -> list[tuple[Path, dict[str, str]]]:
 def start_freeze(model: Path, out: Path) -> subprocess.Popen:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(hostile.ROOT)}
     return subprocess.Popen(
-        [sys.executable, "-m", "bnfreeze", "freeze", str(model), "--bn-inference", "-o",
-         str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+        [sys.executable, "-m", "bnfreeze", "freeze", str(model), "--bn-inference", "-o", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
 
 
@@ -49,8 +51,9 @@ def test_two_writers_one_output(round_, two_models, tmp_path):
     procs = [start_freeze(path, out) for path, _ in two_models]
     most_temps = 0
     while any(p.poll() is None for p in procs):
-        most_temps = max(most_temps, len([p for p in tmp_path.iterdir()
-                                          if p.name.startswith(".out.keras.")]))
+        most_temps = max(
+            most_temps, len([p for p in tmp_path.iterdir() if p.name.startswith(".out.keras.")])
+        )
         time.sleep(0.002)
     for proc in procs:
         assert proc.wait() == 0, proc.stderr.read() if proc.stderr else ""
@@ -58,9 +61,11 @@ def test_two_writers_one_output(round_, two_models, tmp_path):
     result = CliRunner().invoke(cli, ["check", str(out), "--expect", "bn-inference"])
     assert result.exit_code == 0, f"{where}: {result.stderr or result.stdout}"
     assert hostile.weights_digest(out) in [digest for _, digest in two_models], (
-        f"{where}: the output's weights are neither model's: a mix")
+        f"{where}: the output's weights are neither model's: a mix"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.keras"], (
-        f"{where}: temporary files left")
+        f"{where}: temporary files left"
+    )
     assert [hostile.fingerprint(path) for path, _ in two_models] == inputs_before
     guarantees.count("race_rounds")
     # Whether both temporary files existed at once (a real overlap) depends on the machine.

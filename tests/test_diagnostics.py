@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from keras_configs import functional, input_layer, layer, node, sequential
 
-from bnfreeze.model import diagnostics
-from bnfreeze.ops.inspect import inspect_file, inspect_model_file
 from bnfreeze.formats.readers import read_model
+from bnfreeze.model import diagnostics
 from bnfreeze.model.records import Finding, ModelFile, ModelFormat, WarningCode
+from bnfreeze.ops.inspect import inspect_file, inspect_model_file
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 
@@ -41,9 +41,13 @@ def keras_archive(
     import h5py
     import numpy as np
 
-    root = {"module": "keras.src.models.functional", "class_name": "Functional",
-            "registered_name": "Functional", **config,
-            "compile_config": {"optimizer": "adam", "loss": "mse"} if compiled else {}}
+    root = {
+        "module": "keras.src.models.functional",
+        "class_name": "Functional",
+        "registered_name": "Functional",
+        **config,
+        "compile_config": {"optimizer": "adam", "loss": "mse"} if compiled else {},
+    }
     buffer = io.BytesIO()
     with h5py.File(buffer, "w") as h5:
         h5.create_group("layers")
@@ -110,10 +114,16 @@ def backbone(*, trainable: bool, bns: tuple[bool, ...], inbound: Any = None) -> 
     [((True, True, True), 3), ((True, False, True), 2), ((False, False, False), None)],
 )
 def test_call_site_training_false_counts_the_bn_it_fails_to_protect(tmp_path, bns, expected):
-    config = model([input_layer("x"), backbone(trainable=True, bns=bns,
-                                               inbound=node(training=False, mask=None))])
-    found = only(warnings_of(keras_archive(tmp_path / "m.keras", config)),
-                 WarningCode.CALL_SITE_TRAINING_IGNORED)
+    config = model(
+        [
+            input_layer("x"),
+            backbone(trainable=True, bns=bns, inbound=node(training=False, mask=None)),
+        ]
+    )
+    found = only(
+        warnings_of(keras_archive(tmp_path / "m.keras", config)),
+        WarningCode.CALL_SITE_TRAINING_IGNORED,
+    )
     if expected is None:
         assert found == []
         return
@@ -125,10 +135,17 @@ def test_call_site_training_false_counts_the_bn_it_fails_to_protect(tmp_path, bn
 
 
 def test_call_site_training_false_on_a_bn_leaf(tmp_path):
-    config = model([input_layer("x"), bn("top", inbound=node(training=False)),
-                    bn("frozen", trainable=False, inbound=node(training=False))])
-    found = only(warnings_of(keras_archive(tmp_path / "m.keras", config)),
-                 WarningCode.CALL_SITE_TRAINING_IGNORED)
+    config = model(
+        [
+            input_layer("x"),
+            bn("top", inbound=node(training=False)),
+            bn("frozen", trainable=False, inbound=node(training=False)),
+        ]
+    )
+    found = only(
+        warnings_of(keras_archive(tmp_path / "m.keras", config)),
+        WarningCode.CALL_SITE_TRAINING_IGNORED,
+    )
     assert codes(found) == [("call-site-training-ignored", "top")]
     assert "1 BN layer(s)" in found[0].message and "--layers 'top'" in found[0].message
 
@@ -137,20 +154,24 @@ def test_call_site_training_false_on_a_bn_leaf(tmp_path):
 def test_no_call_site_warning_without_training_false(tmp_path, kwargs):
     base = backbone(trainable=True, bns=(True,), inbound=node(**kwargs))
     config = model([input_layer("x"), base])
-    assert not only(warnings_of(keras_archive(tmp_path / "m.keras", config)),
-                    WarningCode.CALL_SITE_TRAINING_IGNORED)
+    assert not only(
+        warnings_of(keras_archive(tmp_path / "m.keras", config)),
+        WarningCode.CALL_SITE_TRAINING_IGNORED,
+    )
 
 
 def test_call_site_training_false_on_a_layer_that_is_not_bn(tmp_path):
-    config = model([input_layer("x"), layer("Dropout", "drop", rate=0.5,
-                                            inbound=node(training=False))])
+    config = model(
+        [input_layer("x"), layer("Dropout", "drop", rate=0.5, inbound=node(training=False))]
+    )
     assert not warnings_of(keras_archive(tmp_path / "m.keras", config))
 
 
 def test_guide_pattern_sample_is_protected_by_its_bn_flags():
     """The sample's backbone is frozen leaf by leaf, so its training=False costs nothing."""
-    assert not only(warnings_of(SAMPLES / "guide_pattern.keras"),
-                    WarningCode.CALL_SITE_TRAINING_IGNORED)
+    assert not only(
+        warnings_of(SAMPLES / "guide_pattern.keras"), WarningCode.CALL_SITE_TRAINING_IGNORED
+    )
 
 
 # --- trainable BN under a frozen container -----------------------------------------------------
@@ -158,8 +179,10 @@ def test_guide_pattern_sample_is_protected_by_its_bn_flags():
 
 def test_trainable_bn_under_frozen_container(tmp_path):
     config = model([input_layer("x"), backbone(trainable=False, bns=(False, True))])
-    found = only(warnings_of(keras_archive(tmp_path / "m.keras", config)),
-                 WarningCode.TRAINABLE_BN_UNDER_FROZEN_CONTAINER)
+    found = only(
+        warnings_of(keras_archive(tmp_path / "m.keras", config)),
+        WarningCode.TRAINABLE_BN_UNDER_FROZEN_CONTAINER,
+    )
     assert codes(found) == [("trainable-bn-under-frozen-container", "base/bn1")]
     assert "frozen container base" in found[0].message
     assert "--layers 'base/bn1'" in found[0].message
@@ -168,8 +191,10 @@ def test_trainable_bn_under_frozen_container(tmp_path):
 def test_frozen_grandparent_counts(tmp_path):
     inner = sequential("inner", [bn("deep")])
     outer = functional("outer", [input_layer("in"), inner], trainable=False)
-    found = only(warnings_of(keras_archive(tmp_path / "m.keras", model([outer]))),
-                 WarningCode.TRAINABLE_BN_UNDER_FROZEN_CONTAINER)
+    found = only(
+        warnings_of(keras_archive(tmp_path / "m.keras", model([outer]))),
+        WarningCode.TRAINABLE_BN_UNDER_FROZEN_CONTAINER,
+    )
     assert codes(found) == [("trainable-bn-under-frozen-container", "outer/inner/deep")]
     assert "frozen container outer" in found[0].message
 
@@ -177,8 +202,10 @@ def test_frozen_grandparent_counts(tmp_path):
 def test_frozen_wrapper_with_a_trainable_bn(tmp_path):
     td = layer("TimeDistributed", "td", layer=bn("td_bn"))
     td["config"]["trainable"] = False
-    found = only(warnings_of(keras_archive(tmp_path / "m.keras", model([td]))),
-                 WarningCode.TRAINABLE_BN_UNDER_FROZEN_CONTAINER)
+    found = only(
+        warnings_of(keras_archive(tmp_path / "m.keras", model([td]))),
+        WarningCode.TRAINABLE_BN_UNDER_FROZEN_CONTAINER,
+    )
     assert codes(found) == [("trainable-bn-under-frozen-container", "td/td_bn")]
 
 
@@ -187,14 +214,17 @@ def test_frozen_wrapper_with_a_trainable_bn(tmp_path):
     [
         model([backbone(trainable=True, bns=(True, False))]),
         model([backbone(trainable=False, bns=(False, False))]),
-        model([functional("base", [input_layer("in"), layer("Dense", "d", units=2)],
-                          trainable=False)]),
+        model(
+            [functional("base", [input_layer("in"), layer("Dense", "d", units=2)], trainable=False)]
+        ),
     ],
     ids=["container-trainable", "bn-frozen-too", "not-bn"],
 )
 def test_no_frozen_container_warning(tmp_path, config):
-    assert not only(warnings_of(keras_archive(tmp_path / "m.keras", config)),
-                    WarningCode.TRAINABLE_BN_UNDER_FROZEN_CONTAINER)
+    assert not only(
+        warnings_of(keras_archive(tmp_path / "m.keras", config)),
+        WarningCode.TRAINABLE_BN_UNDER_FROZEN_CONTAINER,
+    )
 
 
 # --- the same traps on tf_keras (rules measured in tests/test_modes_tf_keras.py) -------------
@@ -207,8 +237,9 @@ def tf_keras_warnings(path: Path) -> list[Finding]:
 
 
 def test_tf_keras_honours_call_site_training_false_so_no_warning(tmp_path):
-    config = model([input_layer("x"), backbone(trainable=True, bns=(True, True),
-                                               inbound=node(training=False))])
+    config = model(
+        [input_layer("x"), backbone(trainable=True, bns=(True, True), inbound=node(training=False))]
+    )
     path = keras_archive(tmp_path / "m.keras", config)
     assert only(warnings_of(path), WarningCode.CALL_SITE_TRAINING_IGNORED)
     assert not only(tf_keras_warnings(path), WarningCode.CALL_SITE_TRAINING_IGNORED)
@@ -216,8 +247,10 @@ def test_tf_keras_honours_call_site_training_false_so_no_warning(tmp_path):
 
 def test_tf_keras_frozen_container_is_dropped_on_load(tmp_path):
     config = model([input_layer("x"), backbone(trainable=False, bns=(False, True))])
-    (finding,) = only(tf_keras_warnings(keras_archive(tmp_path / "m.keras", config)),
-                      WarningCode.TRAINABLE_BN_UNDER_FROZEN_CONTAINER)
+    (finding,) = only(
+        tf_keras_warnings(keras_archive(tmp_path / "m.keras", config)),
+        WarningCode.TRAINABLE_BN_UNDER_FROZEN_CONTAINER,
+    )
     assert finding.path == "base/bn1"
     assert "load_model drops the own trainable flag" in finding.message
     assert "Keras 3" not in finding.message and "--layers 'base/bn1'" in finding.message
@@ -226,15 +259,19 @@ def test_tf_keras_frozen_container_is_dropped_on_load(tmp_path):
 def test_tf_keras_frozen_wrapper_keeps_gamma_beta_but_moves_the_statistics(tmp_path):
     td = layer("TimeDistributed", "td", layer=bn("td_bn"))
     td["config"]["trainable"] = False
-    (finding,) = only(tf_keras_warnings(keras_archive(tmp_path / "m.keras", model([td]))),
-                      WarningCode.TRAINABLE_BN_UNDER_FROZEN_CONTAINER)
+    (finding,) = only(
+        tf_keras_warnings(keras_archive(tmp_path / "m.keras", model([td]))),
+        WarningCode.TRAINABLE_BN_UNDER_FROZEN_CONTAINER,
+    )
     assert "keeps its gamma/beta fixed" in finding.message
     assert "moves its moving statistics" in finding.message
 
 
 def test_bn_under_frozen_sample():
-    found = only(warnings_of(SAMPLES / "bn_under_frozen.keras"),
-                 WarningCode.TRAINABLE_BN_UNDER_FROZEN_CONTAINER)
+    found = only(
+        warnings_of(SAMPLES / "bn_under_frozen.keras"),
+        WarningCode.TRAINABLE_BN_UNDER_FROZEN_CONTAINER,
+    )
     assert codes(found) == [("trainable-bn-under-frozen-container", "backbone/inner_bn")]
 
 
@@ -242,8 +279,9 @@ def test_bn_under_frozen_sample():
 
 
 def test_optimizer_state_warning(tmp_path):
-    path = keras_archive(tmp_path / "m.keras", model([bn("b")]), optimizer_variables=4,
-                         compiled=True)
+    path = keras_archive(
+        tmp_path / "m.keras", model([bn("b")]), optimizer_variables=4, compiled=True
+    )
     (finding,) = only(warnings_of(path), WarningCode.OPTIMIZER_STATE)
     assert finding.path is None
     assert finding.message.startswith("The file carries 4 saved optimizer variables")
@@ -257,8 +295,10 @@ def test_no_optimizer_state_warning_without_optimizer_variables(tmp_path, compil
     assert not only(warnings_of(path), WarningCode.OPTIMIZER_STATE)
 
 
-@pytest.mark.parametrize(("name", "count"), [("guide_pattern.keras", 6), ("nested_legacy.h5", 22),
-                                             ("seed_bn.keras", None)])
+@pytest.mark.parametrize(
+    ("name", "count"),
+    [("guide_pattern.keras", 6), ("nested_legacy.h5", 22), ("seed_bn.keras", None)],
+)
 def test_optimizer_state_on_samples(name, count):
     found = only(warnings_of(SAMPLES / name), WarningCode.OPTIMIZER_STATE)
     if count is None:
@@ -274,10 +314,15 @@ def test_optimizer_state_on_samples(name, count):
 def test_untrained_statistics_fire_only_for_initializer_values(tmp_path):
     config = model([input_layer("x"), bn("fresh"), bn("trained"), bn("half")])
     half = dict(UNTRAINED, moving_variance=3.0)
-    weights = {"fresh": bn_values(UNTRAINED), "trained": bn_values(TRAINED),
-               "half": bn_values(half)}
-    found = only(warnings_of(keras_archive(tmp_path / "m.keras", config, weights)),
-                 WarningCode.UNTRAINED_BN_STATISTICS)
+    weights = {
+        "fresh": bn_values(UNTRAINED),
+        "trained": bn_values(TRAINED),
+        "half": bn_values(half),
+    }
+    found = only(
+        warnings_of(keras_archive(tmp_path / "m.keras", config, weights)),
+        WarningCode.UNTRAINED_BN_STATISTICS,
+    )
     assert codes(found) == [("untrained-bn-statistics", "fresh")]
     assert "disables batch normalization" in found[0].message
 
@@ -285,14 +330,19 @@ def test_untrained_statistics_fire_only_for_initializer_values(tmp_path):
 @pytest.mark.parametrize(("scale", "center"), [(False, False), (False, True), (True, False)])
 def test_untrained_statistics_without_gamma_or_beta(tmp_path, scale, center):
     """The weights file numbers its datasets; scale/center decide which is which."""
-    config = model([bn("fresh", scale=scale, center=center),
-                    bn("trained", scale=scale, center=center)])
+    config = model(
+        [bn("fresh", scale=scale, center=center), bn("trained", scale=scale, center=center)]
+    )
     # A trained layer whose gamma/beta happen to be initial: only the statistics tell.
     trained = dict(TRAINED, gamma=1.0, beta=0.0)
-    weights = {"fresh": bn_values(UNTRAINED, scale=scale, center=center),
-               "trained": bn_values(trained, scale=scale, center=center)}
-    found = only(warnings_of(keras_archive(tmp_path / "m.keras", config, weights)),
-                 WarningCode.UNTRAINED_BN_STATISTICS)
+    weights = {
+        "fresh": bn_values(UNTRAINED, scale=scale, center=center),
+        "trained": bn_values(trained, scale=scale, center=center),
+    }
+    found = only(
+        warnings_of(keras_archive(tmp_path / "m.keras", config, weights)),
+        WarningCode.UNTRAINED_BN_STATISTICS,
+    )
     assert codes(found) == [("untrained-bn-statistics", "fresh")]
 
 
@@ -345,8 +395,10 @@ def test_untrained_statistics_in_a_legacy_h5(tmp_path):
     import numpy as np
 
     path = tmp_path / "fresh.h5"
-    cfg = {"class_name": "Functional", "config": {"name": "m", "trainable": True,
-                                                  "layers": [bn("b")]}}
+    cfg = {
+        "class_name": "Functional",
+        "config": {"name": "m", "trainable": True, "layers": [bn("b")]},
+    }
     with h5py.File(path, "w") as h5:
         h5.attrs["model_config"] = json.dumps(cfg)
         h5.attrs["keras_version"] = "3.15.1"
@@ -385,8 +437,9 @@ def test_unknown_layer(tmp_path):
 
 
 def test_model_not_trainable(tmp_path):
-    config = model([bn("b"), bn("frozen", trainable=False), layer("Dense", "d", units=2)],
-                   trainable=False)
+    config = model(
+        [bn("b"), bn("frozen", trainable=False), layer("Dense", "d", units=2)], trainable=False
+    )
     found = warnings_of(keras_archive(tmp_path / "m.keras", config))
     (finding,) = only(found, WarningCode.MODEL_NOT_TRAINABLE)
     assert finding.path is None
@@ -396,8 +449,9 @@ def test_model_not_trainable(tmp_path):
 
 def test_model_not_trainable_without_trainable_bn(tmp_path):
     config = model([bn("frozen", trainable=False)], trainable=False)
-    (finding,) = only(warnings_of(keras_archive(tmp_path / "m.keras", config)),
-                      WarningCode.MODEL_NOT_TRAINABLE)
+    (finding,) = only(
+        warnings_of(keras_archive(tmp_path / "m.keras", config)), WarningCode.MODEL_NOT_TRAINABLE
+    )
     assert "Yet" not in finding.message
 
 
@@ -407,8 +461,9 @@ def _sequential_root(tmp_path: Path, trainable: bool) -> Path:
     with zipfile.ZipFile(path) as archive:
         members = {n: archive.read(n) for n in archive.namelist()}
     config = json.loads(members["config.json"])
-    config.update(class_name="Sequential", module="keras.src.models.sequential",
-                  registered_name="Sequential")
+    config.update(
+        class_name="Sequential", module="keras.src.models.sequential", registered_name="Sequential"
+    )
     members["config.json"] = json.dumps(config).encode()
     with zipfile.ZipFile(path, "w") as archive:
         for name, data in members.items():
@@ -427,8 +482,13 @@ def test_a_sequential_file_is_trainable_whatever_its_flag(tmp_path):
 def test_an_in_memory_sequential_keeps_its_flag(tmp_path):
     """In memory the flag is live: model.trainable=False trains nothing."""
     on_disk = read_model(_sequential_root(tmp_path, trainable=False))
-    in_memory = ModelFile(path="<memory>", format=ModelFormat.MEMORY, config=on_disk.config,
-                          keras_version=None, compiled=False)
+    in_memory = ModelFile(
+        path="<memory>",
+        format=ModelFormat.MEMORY,
+        config=on_disk.config,
+        keras_version=None,
+        compiled=False,
+    )
     report = inspect_model_file(in_memory)
     assert report.model_trainable is False
     assert only(list(report.warnings), WarningCode.MODEL_NOT_TRAINABLE)
@@ -443,8 +503,14 @@ def test_no_model_not_trainable_on_samples(name):
 
 
 def test_bn_without_gamma_and_beta_trains_no_weights(tmp_path):
-    config = model([bn("bare", scale=False, center=False), bn("beta", scale=False),
-                    bn("gamma", center=False), bn("both")])
+    config = model(
+        [
+            bn("bare", scale=False, center=False),
+            bn("beta", scale=False),
+            bn("gamma", center=False),
+            bn("both"),
+        ]
+    )
     report = inspect_file(keras_archive(tmp_path / "m.keras", config))
     fit = {s.layer.path: s.in_fit for s in report.layers}
     assert fit["bare"].trains_weights is False

@@ -12,10 +12,10 @@ import pytest
 from click.testing import CliRunner
 
 from bnfreeze.cli import cli
-from bnfreeze.ops.diff import LayerStatus, diff_files
-from bnfreeze.ops.inspect import inspect_file
 from bnfreeze.formats.readers import read_model
 from bnfreeze.formats.readers.checksums import SLICE_BYTES, checksums, dataset_digest
+from bnfreeze.ops.diff import LayerStatus, diff_files
+from bnfreeze.ops.inspect import inspect_file
 
 
 def run(*args: str):
@@ -64,19 +64,29 @@ def test_diff_of_the_guide_sample_and_its_frozen_copy(samples, frozen_copies):
     result = run(a, frozen_copies["guide_pattern.keras"], "--json")
     assert result.exit_code == 0
     document = json.loads(result.stdout)
-    trainable_before = {
-        s.layer.path for s in inspect_file(a).layers if s.layer.trainable is True
-    }
+    trainable_before = {s.layer.path for s in inspect_file(a).layers if s.layer.trainable is True}
     assert trainable_before == {"pool", "head"}  # the backbone was already frozen
     assert [row["path"] for row in document["layers"]] == ["pool", "head"]
     assert document["layers"][1] == {
         "path": "head",
         "class_name": "Dense",
         "status": "changed",
-        "a": {"trainable": True, "in_fit": {"trains_weights": True, "normalizes_with": None,
-                                              "updates_moving_stats": None}},
-        "b": {"trainable": False, "in_fit": {"trains_weights": False, "normalizes_with": None,
-                                               "updates_moving_stats": None}},
+        "a": {
+            "trainable": True,
+            "in_fit": {
+                "trains_weights": True,
+                "normalizes_with": None,
+                "updates_moving_stats": None,
+            },
+        },
+        "b": {
+            "trainable": False,
+            "in_fit": {
+                "trains_weights": False,
+                "normalizes_with": None,
+                "updates_moving_stats": None,
+            },
+        },
     }
     assert document["training_layers"] == {"a": 1, "b": 0, "change": -1}
     assert document["weights"]["identical"] is True
@@ -211,7 +221,10 @@ def test_damaged_weights_exit_2_and_the_interpreter_exits_cleanly(samples, tmp_p
             b.writestr(info, data)
     done = subprocess.run(
         [sys.executable, "-m", "bnfreeze", "diff", str(samples / "seed_bn.keras"), str(damaged)],
-        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
     )
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("error: ")

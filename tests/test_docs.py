@@ -26,8 +26,13 @@ from bnfreeze.model.records import WarningCode
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
-ENV = {"COLUMNS": "100", "NO_COLOR": "1", "FORCE_COLOR": None, "TTY_COMPATIBLE": None,
-       "TTY_INTERACTIVE": None}
+ENV = {
+    "COLUMNS": "100",
+    "NO_COLOR": "1",
+    "FORCE_COLOR": None,
+    "TTY_COMPATIBLE": None,
+    "TTY_INTERACTIVE": None,
+}
 
 FIRST_COMMAND = "pip install -e . && bnfreeze inspect sample_models/guide_pattern.keras"
 SECOND_COMMAND = "pip install -e '.[test]' && pytest"
@@ -96,8 +101,9 @@ def workdir(tmp_path, monkeypatch):
     """A scratch copy of what the README's commands refer to, so they can write files."""
     for folder in ("sample_models", "configs"):
         if (ROOT / folder).is_dir():
-            shutil.copytree(ROOT / folder, tmp_path / folder,
-                            ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(
+                ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__")
+            )
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -129,16 +135,18 @@ def _example_after(marker: str, language: str) -> str:
 def test_inspect_example_output_is_current(monkeypatch):
     monkeypatch.chdir(ROOT)
     shown = _example_after("The first command above prints", "text")
-    result = CliRunner().invoke(cli, ["inspect", "sample_models/bn_under_frozen.keras"],
-                                env=ENV, catch_exceptions=False)
+    result = CliRunner().invoke(
+        cli, ["inspect", "sample_models/bn_under_frozen.keras"], env=ENV, catch_exceptions=False
+    )
     assert shown == result.stdout + result.stderr
 
 
 def test_json_example_is_current(monkeypatch):
     monkeypatch.chdir(ROOT)
     shown = _example_after("For `sample_models/seed_bn.keras`:", "json")
-    result = CliRunner().invoke(cli, ["inspect", "--json", "sample_models/seed_bn.keras"],
-                                env=ENV, catch_exceptions=False)
+    result = CliRunner().invoke(
+        cli, ["inspect", "--json", "sample_models/seed_bn.keras"], env=ENV, catch_exceptions=False
+    )
     assert shown == result.stdout
 
 
@@ -159,8 +167,12 @@ def _keys(document: dict, prefix: str = "") -> set[str]:
 
 def test_every_json_key_is_documented(monkeypatch):
     monkeypatch.chdir(ROOT)
-    result = CliRunner().invoke(cli, ["inspect", "--json", "sample_models/bn_under_frozen.keras"],
-                                env=ENV, catch_exceptions=False)
+    result = CliRunner().invoke(
+        cli,
+        ["inspect", "--json", "sample_models/bn_under_frozen.keras"],
+        env=ENV,
+        catch_exceptions=False,
+    )
     documented = set(re.findall(r"^\| `([^`]+)`", README, flags=re.M))
     documented |= {f"layers[].{k}" for k in ("name", "class_name")}  # one row for both
     for key in _keys(json.loads(result.stdout)):
@@ -177,5 +189,5 @@ def test_every_warning_code_is_documented(code):
 
 @pytest.mark.parametrize("exit_code", [EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, 130])
 def test_every_exit_code_is_documented(exit_code):
-    section = README[README.index("## Exit codes"):]
+    section = README[README.index("## Exit codes") :]
     assert re.search(rf"^\| {exit_code} \|", section, flags=re.M)

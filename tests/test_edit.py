@@ -52,7 +52,10 @@ def test_bn_inference_touches_only_bn(layers):
     before = current_flags(layers)
     after = assign(layers, before, select(layers), Assignment.freeze(bn_inference_only=True))
     assert [c.path for c in changes(layers, before, after)] == [
-        "bn1", "backbone/bn2", "backbone/inner/bn3", "head_bn",
+        "bn1",
+        "backbone/bn2",
+        "backbone/inner/bn3",
+        "head_bn",
     ]
     # No container flag changes: only BN leaves were set.
     assert after["backbone"] is True and after["backbone/inner"] is True
@@ -66,8 +69,15 @@ def test_full_selection_sets_containers_as_keras_would(layers):
     got = changes(layers, before, after)
     assert got[0] == Change("conv1", "Conv2D", False, True, False)
     assert [c.path for c in got] == [
-        "conv1", "bn1", "backbone", "backbone/conv2", "backbone/bn2", "backbone/inner",
-        "backbone/inner/bn3", "head_bn", "head",
+        "conv1",
+        "bn1",
+        "backbone",
+        "backbone/conv2",
+        "backbone/bn2",
+        "backbone/inner",
+        "backbone/inner/bn3",
+        "head_bn",
+        "head",
     ]
 
 
@@ -129,8 +139,13 @@ def test_layers_without_a_stored_flag_are_never_given_one():
     ]
     assert not stores_flag(config, next(r for r in records if r.path == "backbone/add"))
     selected = editable(config, select(records))
-    after = assign(records, current_flags(records), selected, Assignment.freeze(),
-                   without_flag={"backbone/add"})
+    after = assign(
+        records,
+        current_flags(records),
+        selected,
+        Assignment.freeze(),
+        without_flag={"backbone/add"},
+    )
     assert after["backbone"] is False  # the op does not keep its container from being set
     assert after["backbone/add"] is None  # unchanged: an operation has no flag
     new = apply_to_config(config, records, after)

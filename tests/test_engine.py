@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from bnfreeze.runtime import loading
 from bnfreeze.errors import (
     BnfreezeError,
     ModelFormatError,
@@ -20,6 +19,7 @@ from bnfreeze.errors import (
     UnsafeModelError,
 )
 from bnfreeze.model.records import Runtime
+from bnfreeze.runtime import loading
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,15 +76,23 @@ def test_unsafe_layers_keras3_and_tf_keras_styles():
 
 
 def test_unsafe_content_outside_layers_is_found_too():
-    config = {"class_name": "Functional", "config": {"name": "m", "layers": []},
-              "compile_config": {"loss": {"class_name": "__lambda__", "config": {}}}}
+    config = {
+        "class_name": "Functional",
+        "config": {"name": "m", "layers": []},
+        "compile_config": {"loss": {"class_name": "__lambda__", "config": {}}},
+    }
     assert loading.unsafe_layers(config) == ["m"]
 
 
 @pytest.mark.parametrize(
     "sample",
-    ["seed_bn.keras", "guide_pattern.keras", "bn_under_frozen.keras", "sequential.keras",
-     "nested_legacy.h5"],
+    [
+        "seed_bn.keras",
+        "guide_pattern.keras",
+        "bn_under_frozen.keras",
+        "sequential.keras",
+        "nested_legacy.h5",
+    ],
 )
 def test_samples_are_safe(samples, sample):
     from bnfreeze.formats.readers import read_model
@@ -142,8 +150,9 @@ def test_refusal_happens_before_tensorflow_is_imported(lambda_keras):
         f"try:\n    loading.load_model({str(lambda_keras)!r})\n"
         "except UnsafeModelError:\n    print('refused', 'tensorflow' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
     assert out.stdout == "refused False\n"
 
 
@@ -171,15 +180,32 @@ def test_load_model_bad_files_are_bnfreeze_errors(tmp_path):
 @pytest.mark.parametrize(
     ("exc", "config", "kind", "text"),
     [
-        (ValueError("Requested the deserialization of a `Lambda` ... `safe_mode=False` ..."),
-         {}, UnsafeModelError, "--unsafe"),
-        (TypeError("<class Functional> could not be deserialized properly.\n\nconfig={...}"),
-         {"class_name": "Functional", "config": {"layers": [
-             {"class_name": "MyBN", "module": "my_layers", "config": {"name": "b"}}]}},
-         ModelFormatError, "custom class(es) MyBN. Pass the module or .py file that defines "
-         "them: --custom-objects my_layers.py."),
-        (OSError("Unable to synchronously open file\n\nlots of detail"), {}, ModelFormatError,
-         "m.keras: Keras could not load the model: OSError: Unable to synchronously open file"),
+        (
+            ValueError("Requested the deserialization of a `Lambda` ... `safe_mode=False` ..."),
+            {},
+            UnsafeModelError,
+            "--unsafe",
+        ),
+        (
+            TypeError("<class Functional> could not be deserialized properly.\n\nconfig={...}"),
+            {
+                "class_name": "Functional",
+                "config": {
+                    "layers": [
+                        {"class_name": "MyBN", "module": "my_layers", "config": {"name": "b"}}
+                    ]
+                },
+            },
+            ModelFormatError,
+            "custom class(es) MyBN. Pass the module or .py file that defines "
+            "them: --custom-objects my_layers.py.",
+        ),
+        (
+            OSError("Unable to synchronously open file\n\nlots of detail"),
+            {},
+            ModelFormatError,
+            "m.keras: Keras could not load the model: OSError: Unable to synchronously open file",
+        ),
     ],
     ids=["safe-mode", "custom-class", "other"],
 )
@@ -224,10 +250,16 @@ def test_custom_objects_from_a_module_in_the_current_directory(tmp_path, monkeyp
     [
         (None, "missing.py", "--custom-objects missing.py: no such file."),
         (None, "no_such_module_xyz", "--custom-objects no_such_module_xyz: cannot import it"),
-        ("raise RuntimeError('boom')\n", "broken.py",
-         "--custom-objects broken.py: importing it raised RuntimeError: boom"),
-        ("CUSTOM_OBJECTS = [1]\n", "listed.py",
-         "--custom-objects listed.py: CUSTOM_OBJECTS must be a dict"),
+        (
+            "raise RuntimeError('boom')\n",
+            "broken.py",
+            "--custom-objects broken.py: importing it raised RuntimeError: boom",
+        ),
+        (
+            "CUSTOM_OBJECTS = [1]\n",
+            "listed.py",
+            "--custom-objects listed.py: CUSTOM_OBJECTS must be a dict",
+        ),
     ],
 )
 def test_custom_objects_errors(tmp_path, monkeypatch, source, spec, message):
@@ -261,7 +293,8 @@ def test_fresh_process_stays_lean_and_quiet(tmp_path):
     layers.write_text("import keras\n\nclass Scale(keras.layers.Layer):\n    pass\n")
     code = (
         "import sys\n"
-        "import bnfreeze.cli, bnfreeze.runtime.verify, bnfreeze.runtime.explain, bnfreeze.runtime.loading\n"
+        "import bnfreeze.cli, bnfreeze.runtime.verify, bnfreeze.runtime.explain\n"
+        "import bnfreeze.runtime.loading\n"
         "import bnfreeze.render.verify, bnfreeze.render.explain\n"
         "heavy = [m for m in ('tensorflow', 'keras', 'numpy') if m in sys.modules]\n"
         "from bnfreeze.runtime import loading\n"
@@ -271,8 +304,14 @@ def test_fresh_process_stays_lean_and_quiet(tmp_path):
         "print('lean' if not heavy else heavy, keras.__version__)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300, check=True, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+        env=env,
+    )
     import keras
 
     assert out.stdout == f"lean {keras.__version__}\n"
@@ -335,8 +374,9 @@ def test_runtime_info():
     import tensorflow as tf
 
     info = loading.runtime_info()
-    assert info == loading.RuntimeInfo(Runtime.KERAS3, keras.__version__, "tensorflow",
-                                      tf.__version__)
+    assert info == loading.RuntimeInfo(
+        Runtime.KERAS3, keras.__version__, "tensorflow", tf.__version__
+    )
     assert info.label == (
         f"Keras {keras.__version__}, backend tensorflow (TensorFlow {tf.__version__})"
     )

@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from bnfreeze.cli import cli
+from bnfreeze.model.records import Normalization
 from bnfreeze.runtime.explain import (
     COMBINATIONS,
     HISTORICAL_NOTE,
@@ -22,7 +23,6 @@ from bnfreeze.runtime.explain import (
     explain,
     meaning,
 )
-from bnfreeze.model.records import Normalization
 
 pytestmark = pytest.mark.keras
 
@@ -61,12 +61,14 @@ def check_numbers(report: ExplainReport) -> None:
             np.testing.assert_allclose(
                 case.moving_mean,
                 s.momentum * np.asarray(s.moving_mean) + (1 - s.momentum) * mean,
-                rtol=1e-5, atol=1e-6,
+                rtol=1e-5,
+                atol=1e-6,
             )
             np.testing.assert_allclose(
                 case.moving_variance,
                 s.momentum * np.asarray(s.moving_variance) + (1 - s.momentum) * var,
-                rtol=1e-5, atol=1e-6,
+                rtol=1e-5,
+                atol=1e-6,
             )
         else:
             np.testing.assert_allclose(out, inference(report), rtol=1e-5, atol=1e-5)
@@ -87,7 +89,10 @@ def test_seed_setup(seed_report):
     assert image.shape == (1, 2, 2, 4)
     assert np.all(image == np.round(image)) and image.min() >= 0 and image.max() <= 9
     assert (s.gamma, s.beta, s.moving_mean, s.moving_variance) == (
-        (2.0,) * 4, (1.0,) * 4, (0.0,) * 4, (1.0,) * 4
+        (2.0,) * 4,
+        (1.0,) * 4,
+        (0.0,) * 4,
+        (1.0,) * 4,
     )
     assert (s.momentum, s.epsilon, s.seed) == (0.99, 1e-3, 0)
 
@@ -109,8 +114,12 @@ def test_seed_numbers(seed_report):
     "values",
     [
         {"gamma": 3.0, "beta": -1.0, "moving_mean": 0.5, "moving_variance": 4.0, "seed": 7},
-        {"gamma": [1.0, 2.0, 3.0, 4.0], "beta": [0.0, 0.5, 1.0, 1.5], "momentum": 0.9,
-         "moving_mean": [1.0, -1.0, 2.0, 0.0]},
+        {
+            "gamma": [1.0, 2.0, 3.0, 4.0],
+            "beta": [0.0, 0.5, 1.0, 1.5],
+            "momentum": 0.9,
+            "moving_mean": [1.0, -1.0, 2.0, 0.0],
+        },
         {"image": np.arange(16).reshape(IMAGE_SHAPE), "epsilon": 0.1, "moving_variance": 2.0},
     ],
     ids=["scalars", "per-channel", "given-image"],
@@ -176,11 +185,22 @@ def test_json_document(seed_report):
     assert doc == {
         "schema_version": 1,
         "command": "explain",
-        "runtime": {"name": "keras3", "keras_version": r.runtime.keras_version,
-                    "backend": "tensorflow", "tensorflow_version": r.runtime.tensorflow_version},
-        "setup": {"image": nested(r.setup.image), "seed": 0, "gamma": [2.0] * 4,
-                  "beta": [1.0] * 4, "moving_mean": [0.0] * 4, "moving_variance": [1.0] * 4,
-                  "momentum": 0.99, "epsilon": 0.001},
+        "runtime": {
+            "name": "keras3",
+            "keras_version": r.runtime.keras_version,
+            "backend": "tensorflow",
+            "tensorflow_version": r.runtime.tensorflow_version,
+        },
+        "setup": {
+            "image": nested(r.setup.image),
+            "seed": 0,
+            "gamma": [2.0] * 4,
+            "beta": [1.0] * 4,
+            "moving_mean": [0.0] * 4,
+            "moving_variance": [1.0] * 4,
+            "momentum": 0.99,
+            "epsilon": 0.001,
+        },
         "cases": [
             {
                 "training": c.training,

@@ -13,9 +13,13 @@ from typing import Any
 
 import pytest
 
-from bnfreeze.ops import edit as file_edit
-from bnfreeze.model.assignments import Assignment
 from bnfreeze.errors import BnfreezeError, OutputError, SelectionError
+from bnfreeze.formats.atomic import TEMP_SUFFIX
+from bnfreeze.formats.readers import read_model
+from bnfreeze.model.assignments import Assignment
+from bnfreeze.model.records import Finding, WarningCode
+from bnfreeze.model.walk import walk
+from bnfreeze.ops import edit as file_edit
 from bnfreeze.ops.edit import (
     EditRequest,
     Engine,
@@ -26,10 +30,6 @@ from bnfreeze.ops.edit import (
     optimizer_decision,
     unfreeze_file,
 )
-from bnfreeze.formats.readers import read_model
-from bnfreeze.model.records import Finding, WarningCode
-from bnfreeze.model.walk import walk
-from bnfreeze.formats.atomic import TEMP_SUFFIX
 
 
 def flags(path: Path) -> dict[str, bool | None]:
@@ -203,8 +203,9 @@ def test_new_output_gets_default_permissions(guide, tmp_path):
 
 
 @pytest.mark.parametrize("failure", [KeyboardInterrupt, OSError(28, "No space left on device")])
-def test_interrupted_write_leaves_previous_output_and_no_temp(guide, tmp_path, monkeypatch,
-                                                              failure):
+def test_interrupted_write_leaves_previous_output_and_no_temp(
+    guide, tmp_path, monkeypatch, failure
+):
     from bnfreeze.formats.writers import keras_zip
 
     out = tmp_path / "out.keras"
@@ -343,9 +344,14 @@ def test_edit_warnings_text_for_a_dry_run():
 def subclassed(samples: Path, tmp_path: Path) -> Path:
     def edit(config: dict[str, Any]) -> None:
         config.clear()
-        config.update({"module": "mypkg", "class_name": "MyModel",
-                       "registered_name": "mypkg>MyModel",
-                       "config": {"name": "my_model", "trainable": True}})
+        config.update(
+            {
+                "module": "mypkg",
+                "class_name": "MyModel",
+                "registered_name": "mypkg>MyModel",
+                "config": {"name": "my_model", "trainable": True},
+            }
+        )
 
     return rewrite_config(samples / "seed_bn.keras", tmp_path / "sub.keras", edit)
 
@@ -353,8 +359,9 @@ def subclassed(samples: Path, tmp_path: Path) -> Path:
 def custom_layer(samples: Path, tmp_path: Path) -> Path:
     def edit(config: dict[str, Any]) -> None:
         layer = config["config"]["layers"][1]  # dense_1
-        layer.update({"module": "mypkg.layers", "class_name": "MyNorm",
-                      "registered_name": "mypkg>MyNorm"})
+        layer.update(
+            {"module": "mypkg.layers", "class_name": "MyNorm", "registered_name": "mypkg>MyNorm"}
+        )
 
     return rewrite_config(samples / "sequential.keras", tmp_path / "custom.keras", edit)
 
@@ -408,8 +415,9 @@ def test_keras_engine_receives_the_request(samples, tmp_path, fake_engine, make,
 
 
 def test_config_engine_refuses_what_it_cannot_do(samples, tmp_path, fake_engine):
-    with pytest.raises(BnfreezeError, match="the config route cannot edit this model: it is a "
-                                            "subclassed model"):
+    with pytest.raises(
+        BnfreezeError, match="the config route cannot edit this model: it is a subclassed model"
+    ):
         freeze_file(subclassed(samples, tmp_path), tmp_path / "out.keras", engine="config")
     assert fake_engine == []
 
@@ -429,8 +437,12 @@ def test_all_warnings_says_each_thing_once(guide, tmp_path):
 
 
 def test_edit_file_takes_an_assignment(samples, tmp_path):
-    result = edit_file(samples / "sequential.keras", tmp_path / "o.keras",
-                       Assignment(others=False, batchnorm=None), layers=["dense_*"])
+    result = edit_file(
+        samples / "sequential.keras",
+        tmp_path / "o.keras",
+        Assignment(others=False, batchnorm=None),
+        layers=["dense_*"],
+    )
     assert [c.path for c in result.changes] == ["dense_1", "dense_2"]
 
 

@@ -68,8 +68,10 @@ def run_commands(case: str, folder: Path) -> list[str]:
         if command == "freeze" and result.exit_code == 0:
             reread = runner.invoke(cli, ["inspect", str(out)])
             if reread.exit_code != 0:
-                found.append(f"freeze on {case}: wrote {out.name}, which inspect rejects: "
-                              f"{reread.stderr.strip()}")
+                found.append(
+                    f"freeze on {case}: wrote {out.name}, which inspect rejects: "
+                    f"{reread.stderr.strip()}"
+                )
             out.unlink()
     if hostile.fingerprint(path) != before:
         found.append(f"{case}: the input was modified")
@@ -127,8 +129,9 @@ def test_mutations(case, tmp_path_factory):
 
 def test_every_planned_input_ran(request):
     """The counts the README quotes are the counts this run tried (when the whole module ran)."""
-    selected = {item.originalname for item in request.session.items
-                if item.module is request.module}
+    selected = {
+        item.originalname for item in request.session.items if item.module is request.module
+    }
     if not {"test_corpus", "test_regression", "test_mutations"} <= selected:
         pytest.skip("only part of test_fuzz.py was selected")
     plan = guarantees.planned()
@@ -143,19 +146,33 @@ def test_every_planned_input_ran(request):
 
 def bnfreeze(*args: str, **kwargs) -> subprocess.CompletedProcess:
     # PYTHONPATH: this checkout, whatever an editable install elsewhere points at.
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "COLUMNS": "100", "NO_COLOR": "1",
-           "PYTHONPATH": str(hostile.ROOT)}
-    return subprocess.run([sys.executable, "-m", "bnfreeze", *args], capture_output=True,
-                          text=True, env=env, timeout=120, **kwargs)
+    env = {
+        **os.environ,
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "COLUMNS": "100",
+        "NO_COLOR": "1",
+        "PYTHONPATH": str(hostile.ROOT),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "bnfreeze", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        **kwargs,
+    )
 
 
-@pytest.mark.parametrize("case", [
-    "truncate:seed_bn.keras@2048",
-    "zip:nested-json-10000",
-    "zip:weights-bomb-1GiB",
-    "h5:weights-only-keras3",
-    "fs:symlink-loop",
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "truncate:seed_bn.keras@2048",
+        "zip:nested-json-10000",
+        "zip:weights-bomb-1GiB",
+        "h5:weights-only-keras3",
+        "fs:symlink-loop",
+    ],
+)
 def test_no_traceback_reaches_a_real_terminal(case, tmp_path):
     """The in-process runs above prove the exit codes; these prove what a user's terminal
     shows: one line on stderr, nothing on stdout, no traceback (TensorFlow's noise included)."""
@@ -223,9 +240,11 @@ def warm_up(folder: Path) -> None:
     readable.write_bytes(hostile.sample_bytes("seed_bn.keras"))
     out = folder / "warm.keras"
     runner = CliRunner()
-    for args in (["inspect", str(readable)],
-                 ["freeze", str(readable), "--bn-inference", "-o", str(out)],
-                 ["check", str(readable), "--expect", "bn-inference"]):
+    for args in (
+        ["inspect", str(readable)],
+        ["freeze", str(readable), "--bn-inference", "-o", str(out)],
+        ["check", str(readable), "--expect", "bn-inference"],
+    ):
         assert runner.invoke(cli, args).exit_code in (0, 1), args
     out.unlink()
     readable.unlink()
@@ -246,8 +265,11 @@ def test_unreadable_file(open_folder):
     path.write_bytes(hostile.sample_bytes("seed_bn.keras"))
     path.chmod(0o000)
     out = open_folder / "out.keras"
-    for args in (["inspect", str(path)], ["freeze", str(path), "--bn-inference", "-o", str(out)],
-                 ["check", str(path), "--expect", "bn-inference"]):
+    for args in (
+        ["inspect", str(path)],
+        ["freeze", str(path), "--bn-inference", "-o", str(out)],
+        ["check", str(path), "--expect", "bn-inference"],
+    ):
         exit_code, _, stderr = as_nobody(args)
         assert (exit_code, stderr) == (2, f"error: {path}: permission denied.\n"), args
         assert not out.exists()
@@ -277,8 +299,13 @@ def test_interpreter_exits_cleanly_after_damaged_weights(tmp_path):
     interpreter (SIGSEGV, exit 139) after every command had already exited 2. Found when the
     whole corpus ran in one pytest process: the failures only show at exit, so a fresh
     interpreter runs the commands here and must exit 0."""
-    cases = ["zip:weights-garbage", "zip:weights-empty", "zip:weights-text",
-             "zip:weights-deflated", "flip:seed_bn.keras@2100.3"]
+    cases = [
+        "zip:weights-garbage",
+        "zip:weights-empty",
+        "zip:weights-text",
+        "zip:weights-deflated",
+        "flip:seed_bn.keras@2100.3",
+    ]
     paths = [str(hostile.build(case, tmp_path / "in")) for case in cases]
     script = (
         "import sys\n"
@@ -290,6 +317,7 @@ def test_interpreter_exits_cleanly_after_damaged_weights(tmp_path):
         "        CliRunner().invoke(cli, args)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(hostile.ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.run([sys.executable, "-c", script, *paths], capture_output=True,
-                          text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *paths], capture_output=True, text=True, env=env, timeout=120
+    )
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])

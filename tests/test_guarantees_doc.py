@@ -24,32 +24,36 @@ def section() -> str:
 PLAN = guarantees.planned()
 
 
-@pytest.mark.parametrize("phrase", [
-    f"**{PLAN['bad_inputs']} bad inputs**",
-    f"{PLAN['corpus_cases']} generated from the sample models",
-    f"each of {len(hostile.MUTATED_SAMPLES)} samples cut at {hostile.TRUNCATIONS_PER_SAMPLE} "
-    f"offsets and with {hostile.FLIPS_PER_SAMPLE} bits flipped",
-    f"{PLAN['fuzz_examples']} hypothesis mutations",
-    f"{PLAN['regression_cases']} regression cases",
-    f"through {PLAN['commands_per_input']} commands",
-    f"**{PLAN['kill_points']} interruption points**",
-    f"({guarantees.KILL_POINTS} with no previous output, {guarantees.KILL_POINTS} with one)",
-    f"{PLAN['full_disk_cases']} full-disk cases",
-    f"({PLAN['race_rounds']} rounds)",
-    "within 5 CPU seconds",
-    f"| {PLAN['max_config_mib']} MiB |",
-    f"| {PLAN['max_expansion_ratio']}:1 |",
-    f"| {PLAN['max_json_depth']} levels |",
-    f"| {PLAN['max_nesting_depth']} |",
-    f"| {PLAN['max_layers']:,} |",
-])
+@pytest.mark.parametrize(
+    "phrase",
+    [
+        f"**{PLAN['bad_inputs']} bad inputs**",
+        f"{PLAN['corpus_cases']} generated from the sample models",
+        f"each of {len(hostile.MUTATED_SAMPLES)} samples cut at {hostile.TRUNCATIONS_PER_SAMPLE} "
+        f"offsets and with {hostile.FLIPS_PER_SAMPLE} bits flipped",
+        f"{PLAN['fuzz_examples']} hypothesis mutations",
+        f"{PLAN['regression_cases']} regression cases",
+        f"through {PLAN['commands_per_input']} commands",
+        f"**{PLAN['kill_points']} interruption points**",
+        f"({guarantees.KILL_POINTS} with no previous output, {guarantees.KILL_POINTS} with one)",
+        f"{PLAN['full_disk_cases']} full-disk cases",
+        f"({PLAN['race_rounds']} rounds)",
+        "within 5 CPU seconds",
+        f"| {PLAN['max_config_mib']} MiB |",
+        f"| {PLAN['max_expansion_ratio']}:1 |",
+        f"| {PLAN['max_json_depth']} levels |",
+        f"| {PLAN['max_nesting_depth']} |",
+        f"| {PLAN['max_layers']:,} |",
+    ],
+)
 def test_readme_quotes_the_suite(phrase):
     assert phrase in section()
 
 
 def test_figures_add_up():
     assert PLAN["bad_inputs"] == (
-        PLAN["corpus_cases"] + PLAN["fuzz_examples"] + PLAN["regression_cases"])
+        PLAN["corpus_cases"] + PLAN["fuzz_examples"] + PLAN["regression_cases"]
+    )
     assert PLAN["corpus_cases"] == len(hostile.corpus_names())
     assert PLAN["max_json_depth"] == limits.MAX_JSON_DEPTH
 

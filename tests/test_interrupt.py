@@ -45,9 +45,10 @@ def large_model_digest(large_model) -> dict[str, str]:
 def freeze_process(model: Path, out: Path) -> subprocess.Popen:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(hostile.ROOT)}
     return subprocess.Popen(
-        [sys.executable, "-m", "bnfreeze", "freeze", str(model), "--bn-inference", "-o",
-         str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+        [sys.executable, "-m", "bnfreeze", "freeze", str(model), "--bn-inference", "-o", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
     )
 
 
@@ -117,8 +118,7 @@ def test_sigkill_during_freeze(scenario, large_model, large_model_digest, write_
         # Nothing can clean up after SIGKILL: hidden temporary files may remain (the output's
         # and the rewritten weights'), never anything a user could take for a model.
         others = {p.name for p in folder.iterdir()} - {out.name}
-        assert all(n.startswith(".") and n.endswith(TEMP_SUFFIX) for n in others), (
-            where, others)
+        assert all(n.startswith(".") and n.endswith(TEMP_SUFFIX) for n in others), (where, others)
         assert len(others) <= 2, (where, others)
         assert hostile.fingerprint(large_model) == input_before, f"{where}: the input changed"
         guarantees.count("kill_points")
@@ -151,8 +151,9 @@ def small_disk(tmp_path):
     if sys.platform != "linux" or os.geteuid() != 0 or shutil.which("mount") is None:
         yield None
         return
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)],
-                             capture_output=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)], capture_output=True
+    )
     if mounted.returncode != 0:
         yield None
         return
@@ -198,12 +199,14 @@ def test_full_disk(case, small_disk, no_space, large_model, tmp_path):
     where = f"full disk ({how}), {case}"
     assert result.exit_code == 2, (where, result.stderr, result.exception)
     assert result.stderr == f"error: {out}: cannot be written (no space left on the device).\n", (
-        where)
+        where
+    )
     if case == "existing output":
         assert out.read_bytes() == previous, where
     else:
         assert not out.exists(), where
     assert sorted(p.name for p in folder.iterdir()) == (
-        ["out.keras"] if case == "existing output" else []), f"{where}: temporary files left"
+        ["out.keras"] if case == "existing output" else []
+    ), f"{where}: temporary files left"
     assert hostile.fingerprint(model) == input_before, where
     guarantees.count("full_disk_cases")

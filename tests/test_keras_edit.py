@@ -14,14 +14,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from bnfreeze.ops import edit as file_edit
-
-from bnfreeze.runtime import keras_engine
 from bnfreeze.cli import cli
 from bnfreeze.errors import BnfreezeError, ModelFormatError, UnsafeModelError
-from bnfreeze.ops.inspect import inspect_file
 from bnfreeze.formats.readers import read_model
 from bnfreeze.model.walk import walk
+from bnfreeze.ops import edit as file_edit
+from bnfreeze.ops.inspect import inspect_file
+from bnfreeze.runtime import keras_engine
 
 pytestmark = pytest.mark.keras
 
@@ -70,9 +69,11 @@ def test_live_paths_follow_the_walk(samples):
     import keras
 
     inner = keras.Sequential(
-        [keras.Input((3, 4)), keras.layers.TimeDistributed(keras.layers.Dense(4, name="td_d"),
-                                                           name="td"),
-         keras.layers.BatchNormalization(name="inner_bn")],
+        [
+            keras.Input((3, 4)),
+            keras.layers.TimeDistributed(keras.layers.Dense(4, name="td_d"), name="td"),
+            keras.layers.BatchNormalization(name="inner_bn"),
+        ],
         name="seq",
     )
     inputs = keras.Input((3, 4), name="x")
@@ -100,7 +101,8 @@ def test_custom_bn_subclass_is_frozen_by_isinstance(custom_bn_keras, custom_laye
     )
     assert result.engine is file_edit.Engine.KERAS
     assert [(c.path, c.before, c.after) for c in result.changes] == [
-        ("my_bn", True, False), ("bn", True, False)
+        ("my_bn", True, False),
+        ("bn", True, False),
     ]
     assert [s.layer.path for s in result.report.batchnorm] == ["my_bn", "bn"]
     assert result.report.bn_inference_in_fit == 2
@@ -131,7 +133,10 @@ def test_h5_output_through_the_engine(custom_bn_keras, custom_layers_file, tmp_p
 
     out = tmp_path / "out.h5"
     file_edit.freeze_file(
-        custom_bn_keras, out, bn_inference=True, engine="keras",
+        custom_bn_keras,
+        out,
+        bn_inference=True,
+        engine="keras",
         custom_objects=str(custom_layers_file),
     )
     with h5py.File(out) as h5:
@@ -148,7 +153,10 @@ def test_h5_output_through_the_engine(custom_bn_keras, custom_layers_file, tmp_p
 
 def test_subclassed_model_dry_run_sees_live_layers(subclassed_keras, custom_layers_file):
     result = file_edit.freeze_file(
-        subclassed_keras, None, bn_inference=True, dry_run=True,
+        subclassed_keras,
+        None,
+        bn_inference=True,
+        dry_run=True,
         custom_objects=str(custom_layers_file),
     )
     assert result.engine is file_edit.Engine.KERAS
@@ -166,8 +174,15 @@ def test_subclassed_model_flags_that_keras_cannot_save_are_refused(
     out = tmp_path / "out.keras"
     result = runner.invoke(
         cli,
-        ["freeze", str(subclassed_keras), "-o", str(out), "--bn-inference",
-         "--custom-objects", str(custom_layers_file)],
+        [
+            "freeze",
+            str(subclassed_keras),
+            "-o",
+            str(out),
+            "--bn-inference",
+            "--custom-objects",
+            str(custom_layers_file),
+        ],
         catch_exceptions=False,
     )
     assert result.exit_code == 2
@@ -199,8 +214,9 @@ def test_lambda_refused_unless_unsafe(lambda_keras, tmp_path):
     with pytest.raises(UnsafeModelError, match="--unsafe"):
         file_edit.freeze_file(lambda_keras, out, bn_inference=True, engine="keras")
     assert files_in(tmp_path) == []
-    result = file_edit.freeze_file(lambda_keras, out, bn_inference=True, engine="keras",
-                                  unsafe=True)
+    result = file_edit.freeze_file(
+        lambda_keras, out, bn_inference=True, engine="keras", unsafe=True
+    )
     assert [c.path for c in result.changes] == ["bn"]
     assert load(out, safe_mode=False).get_layer("bn").trainable is False
 
@@ -289,8 +305,16 @@ def test_cli_progress_on_stderr_json_on_stdout(custom_bn_keras, custom_layers_fi
     out = tmp_path / "out.keras"
     result = CliRunner().invoke(
         cli,
-        ["freeze", str(custom_bn_keras), "-o", str(out), "--bn-inference", "--json",
-         "--custom-objects", str(custom_layers_file)],
+        [
+            "freeze",
+            str(custom_bn_keras),
+            "-o",
+            str(out),
+            "--bn-inference",
+            "--json",
+            "--custom-objects",
+            str(custom_layers_file),
+        ],
         catch_exceptions=False,
     )
     assert result.exit_code == 0, result.stderr

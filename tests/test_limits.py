@@ -129,8 +129,11 @@ def test_depth_exactly_at_the_limit_is_read_and_edited(tmp_path):
     assert not limits.json_depth_exceeds(zipfile.ZipFile(path).read("config.json"))
     out = tmp_path / "out.keras"
     runner = CliRunner()
-    for args in (["inspect", str(path)], ["freeze", str(path), "--bn-inference", "-o", str(out)],
-                 ["check", str(path), "--expect", "bn-inference"]):
+    for args in (
+        ["inspect", str(path)],
+        ["freeze", str(path), "--bn-inference", "-o", str(out)],
+        ["check", str(path), "--expect", "bn-inference"],
+    ):
         result = runner.invoke(cli, args)
         assert result.exit_code in (0, 1), (args, result.output, result.exception)
     assert out.exists()
@@ -139,9 +142,16 @@ def test_depth_exactly_at_the_limit_is_read_and_edited(tmp_path):
     assert unsafe_layers(read_model(out).config) == []
 
 
-@pytest.mark.parametrize("case", ["zip:nested-json-10000", "zip:nested-json-10000-objects",
-                                  "zip:nested-json-in-layer-990", "zip:nested-json-in-layer-600",
-                                  "h5:model-config-nested-10000"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "zip:nested-json-10000",
+        "zip:nested-json-10000-objects",
+        "zip:nested-json-in-layer-990",
+        "zip:nested-json-in-layer-600",
+        "h5:model-config-nested-10000",
+    ],
+)
 def test_too_deep_is_refused_before_parsing(tmp_path, monkeypatch, case):
     path = hostile.build(case, tmp_path)
 
@@ -181,26 +191,36 @@ def test_depth_scan_agrees_with_the_parsed_value(value, limit):
     assert limits.json_depth_exceeds(raw, limit) == (_depth(value) > limit), raw
 
 
-@pytest.mark.parametrize("raw, limit, expected", [
-    (b"[" * 257 + b"]" * 257, 256, True),
-    (b"[" * 256 + b"]" * 256, 256, False),
-    # Brackets in a string do not count...
-    (b'["' + b"[" * 300 + b'"]', 256, False),
-    # ...nor can a string of closing brackets hide real depth behind it.
-    (b"[" * 5 + b'"' + b"]" * 4 + b'"' + b"[" * 5 + b"]" * 10, 8, True),
-    (b'["\\"' + b"[" * 20 + b'"]', 8, False),
-    (b"[}", 8, False),  # not JSON: json.loads says so
-])
+@pytest.mark.parametrize(
+    "raw, limit, expected",
+    [
+        (b"[" * 257 + b"]" * 257, 256, True),
+        (b"[" * 256 + b"]" * 256, 256, False),
+        # Brackets in a string do not count...
+        (b'["' + b"[" * 300 + b'"]', 256, False),
+        # ...nor can a string of closing brackets hide real depth behind it.
+        (b"[" * 5 + b'"' + b"]" * 4 + b'"' + b"[" * 5 + b"]" * 10, 8, True),
+        (b'["\\"' + b"[" * 20 + b'"]', 8, False),
+        (b"[}", 8, False),  # not JSON: json.loads says so
+    ],
+)
 def test_depth_scan_examples(raw, limit, expected):
     assert limits.json_depth_exceeds(raw, limit) is expected
 
 
 def test_depth_scan_is_fast_on_a_large_config():
     """About 1 MiB of real-looking config (EfficientNet-sized): a fraction of parsing it."""
-    layer = {"class_name": "Conv2D", "config": {"name": "c", "kernel_size": [3, 3],
-             "kernel_initializer": {"class_name": "GlorotUniform", "config": {"seed": None}}},
-             "inbound_nodes": [{"args": [{"class_name": "__keras_tensor__",
-                                          "config": {"shape": [None, 8, 8, 3]}}]}]}
+    layer = {
+        "class_name": "Conv2D",
+        "config": {
+            "name": "c",
+            "kernel_size": [3, 3],
+            "kernel_initializer": {"class_name": "GlorotUniform", "config": {"seed": None}},
+        },
+        "inbound_nodes": [
+            {"args": [{"class_name": "__keras_tensor__", "config": {"shape": [None, 8, 8, 3]}}]}
+        ],
+    }
     raw = json.dumps({"config": {"layers": [layer] * 5000}}).encode()
     assert len(raw) > 1 << 20
 
@@ -237,8 +257,9 @@ def test_nesting_limit_fits_in_the_json_depth_limit():
 
 
 def test_too_many_layers_are_refused():
-    layers = [{"class_name": "ReLU", "config": {"name": f"r{i}"}}
-              for i in range(limits.MAX_LAYERS + 1)]
+    layers = [
+        {"class_name": "ReLU", "config": {"name": f"r{i}"}} for i in range(limits.MAX_LAYERS + 1)
+    ]
     config = {"class_name": "Sequential", "config": {"name": "s", "layers": layers}}
     with pytest.raises(ModelFormatError, match=f"more than {limits.MAX_LAYERS} layers"):
         walk(config)
@@ -246,8 +267,13 @@ def test_too_many_layers_are_refused():
 
 def test_limits_are_what_the_module_documents():
     doc = limits.__doc__ or ""
-    for name in ("MAX_CONFIG_BYTES", "MAX_EXPANSION_RATIO", "MAX_JSON_DEPTH",
-                 "MAX_NESTING_DEPTH", "MAX_LAYERS"):
+    for name in (
+        "MAX_CONFIG_BYTES",
+        "MAX_EXPANSION_RATIO",
+        "MAX_JSON_DEPTH",
+        "MAX_NESTING_DEPTH",
+        "MAX_LAYERS",
+    ):
         assert f":data:`{name}`" in doc
         assert isinstance(getattr(limits, name), int)
     assert os.fspath(limits.__file__).endswith("limits.py")

@@ -156,8 +156,11 @@ def test_mobilenetv3small_half_frozen(mobilenetv3small_keras):
     op_name = re.compile(r"(add|multiply)(_\d+)?")
     ops = [layer for layer in doc["layers"] if op_name.fullmatch(layer["name"])]
     assert len(ops) == 18 and all(op["trainable"] is None for op in ops)
-    assert all(op["in_fit"] == {"trains_weights": None, "normalizes_with": None,
-                                "updates_moving_stats": None} for op in ops)
+    assert all(
+        op["in_fit"]
+        == {"trains_weights": None, "normalizes_with": None, "updates_moving_stats": None}
+        for op in ops
+    )
 
 
 def test_efficientnetb0_bn_inference(efficientnetb0_keras):
@@ -272,7 +275,11 @@ def test_augmentation_and_dropout_hold_no_weights(tmp_path):
     doc, _ = check(path)
     fit = {layer["path"]: layer["in_fit"]["trains_weights"] for layer in doc["layers"]}
     assert [fit[p] for p in ("flip", "rotate", "noise", "drop", "conv")] == [
-        None, None, None, None, True
+        None,
+        None,
+        None,
+        None,
+        True,
     ]
 
 
@@ -284,8 +291,12 @@ def _deep_model(keras):
     h = keras.layers.BatchNormalization(name="deep_bn")(h)
     inner = keras.Model(inner_in, h, name="inner")
     middle = keras.Sequential(
-        [keras.Input((4,)), keras.layers.BatchNormalization(name="mid_bn"), inner,
-         keras.layers.BatchNormalization(name="mid_bn_frozen")],
+        [
+            keras.Input((4,)),
+            keras.layers.BatchNormalization(name="mid_bn"),
+            inner,
+            keras.layers.BatchNormalization(name="mid_bn_frozen"),
+        ],
         name="middle",
     )
     outer_in = keras.Input((4,), name="outer_in")
@@ -347,9 +358,12 @@ def test_bn_variants(tmp_path):
 
 def _nested_h5_model(keras):
     sub = keras.Sequential(
-        [keras.Input((4,)), keras.layers.Dense(4, name="d1"),
-         keras.layers.BatchNormalization(name="bn1"),
-         keras.layers.BatchNormalization(name="bn2")],
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(4, name="d1"),
+            keras.layers.BatchNormalization(name="bn1"),
+            keras.layers.BatchNormalization(name="bn2"),
+        ],
         name="sub",
     )
     inputs = keras.Input((4,), name="x")

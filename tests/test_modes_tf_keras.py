@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from bnfreeze.model import modes
 from bnfreeze.cli import cli
-from bnfreeze.ops.inspect import inspect_file
+from bnfreeze.model import modes
 from bnfreeze.model.records import Normalization, Runtime
 from bnfreeze.model.walk import walk
+from bnfreeze.ops.inspect import inspect_file
 
 pytestmark = pytest.mark.keras
 
@@ -31,7 +31,7 @@ ENV = {"COLUMNS": "100", "NO_COLOR": "1", "FORCE_COLOR": None, "TTY_COMPATIBLE":
 #: process what tf_keras does after loading that file: the top-level flag it restores, and
 #: which BN statistics ``predict()`` moves. The in-memory cases (``memory_*``) are trained one
 #: ``fit()`` step without saving. Everything measured goes to ``<dir>/truth.json``.
-BUILD = r'''
+BUILD = r"""
 import json, os, sys
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 import numpy as np
@@ -188,7 +188,7 @@ for name, model in {"memory_frozen_sub_bn_unfrozen": functional(frozen_sub_bn_un
     }
 with open(os.path.join(out, "truth.json"), "w") as f:
     json.dump(truth, f)
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -253,16 +253,17 @@ CASES = {
     # tf_keras's load_model drops the sub-model's own trainable=False, so the BN set trainable
     # after freezing trains gamma/beta too once loaded from the file (in memory it would not:
     # test_in_memory_frozen_ancestor_freezes_gamma_beta).
-    "frozen_sub_bn_unfrozen": {"sub/sbn1": ("moved", "moved"),
-                               "sub/sbn2": ("unchanged", "unchanged")},
+    "frozen_sub_bn_unfrozen": {
+        "sub/sbn1": ("moved", "moved"),
+        "sub/sbn2": ("unchanged", "unchanged"),
+    },
     "bn_frozen": {"bn": ("unchanged", "unchanged")},
     "functional_frozen": {"bn": ("unchanged", "unchanged")},
     "functional_frozen_bn_unfrozen": {"bn": ("moved", "moved")},
     "sequential_frozen": {"bn": ("unchanged", "unchanged")},
     "sequential_frozen_bn_unfrozen": {"bn": ("moved", "moved")},
     "shared_bn_two_calls": {"bn": ("moved", "moved")},
-    "inner_true_outer_false": {"sub/sbn1": ("moved", "moved"),
-                               "sub/sbn2": ("unchanged", "moved")},
+    "inner_true_outer_false": {"sub/sbn1": ("moved", "moved"), "sub/sbn2": ("unchanged", "moved")},
     # A wrapper keeps its own trainable=False through load_model, and freezes the BN inside
     # it although that BN's own flag is True: the hierarchical rule, in a file.
     "wrapper_frozen_bn_unfrozen": {"td/bn": ("moved", "unchanged")},

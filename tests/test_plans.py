@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bnfreeze.model.assignments import current_flags
 from bnfreeze.errors import PlanError
+from bnfreeze.model.assignments import current_flags
 from bnfreeze.model.expectations import ExpectKind
 from bnfreeze.ops.inspect import inspect_file
 from bnfreeze.ops.plans import (
@@ -177,15 +177,18 @@ def test_bn_only_without_trainable_leaves_other_layers(guide_layers):
     [
         ('layers = "head"', {"head"}),
         ('layers = ["head", "pool"]', {"head", "pool"}),
-        ('regex = "block_1[0-9]_project$"', {f"mobilenetv2_0.35_32/block_{i}_project"
-                                              for i in range(10, 17)}),
+        (
+            'regex = "block_1[0-9]_project$"',
+            {f"mobilenetv2_0.35_32/block_{i}_project" for i in range(10, 17)},
+        ),
         ('class = "Dense"', {"head"}),
-        ('class = "Depthwise*"\nregex = "block_16"',
-         {"mobilenetv2_0.35_32/block_16_depthwise"}),
-        ('only = "bn"\nregex = "block_16"', {f"mobilenetv2_0.35_32/block_16_{k}_BN"
-                                             for k in ("expand", "depthwise", "project")}),
-        ('depth = 0', {"pool", "head"}),
-        ('max_depth = 0', {"pool", "head"}),
+        ('class = "Depthwise*"\nregex = "block_16"', {"mobilenetv2_0.35_32/block_16_depthwise"}),
+        (
+            'only = "bn"\nregex = "block_16"',
+            {f"mobilenetv2_0.35_32/block_16_{k}_BN" for k in ("expand", "depthwise", "project")},
+        ),
+        ("depth = 0", {"pool", "head"}),
+        ("max_depth = 0", {"pool", "head"}),
         ('from = "pool"', {"pool", "head"}),
         ('up_to = "bn_Conv1"', {"mobilenetv2_0.35_32/Conv1", "mobilenetv2_0.35_32/bn_Conv1"}),
     ],
@@ -218,8 +221,7 @@ def test_min_depth_selects_the_nested_backbone(nested_layers):
 def test_a_rule_covering_a_whole_container_sets_the_container_flag(nested_layers):
     flags = flags_after("[[rule]]\nmin_depth = 1\ntrainable = false\n", nested_layers)
     assert flags["backbone"] is False
-    flags = flags_after('[[rule]]\nmin_depth = 1\nonly = "bn"\ntrainable = true\n',
-                        nested_layers)
+    flags = flags_after('[[rule]]\nmin_depth = 1\nonly = "bn"\ntrainable = true\n', nested_layers)
     assert flags["backbone"] is False  # untouched: only its BN leaf was selected
 
 
@@ -296,68 +298,110 @@ def test_parse_sets():
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("[[rule]]\ntrainabel = true\n",
-         "p.toml:2: rule 1, key 'trainabel': unknown key 'trainabel'. Did you mean 'trainable'?"),
-        ("[[rule]]\ntrainable = 1\n",
-         "p.toml:2: rule 1, key 'trainable': must be true or false, not the number 1."),
-        ('[[rule]]\ntrainable = true\nbn = "infer"\n',
-         "p.toml:3: rule 1, key 'bn': 'infer' is not one of \"inference\", \"train\", "
-         "\"follow\"."),
-        ('\n[[rule]]\ntrainable = true\n\n[[rule]]\nregex = "(("\ntrainable = true\n',
-         "p.toml:6: rule 2, key 'regex': bad regex '((': missing ), unterminated subpattern "
-         "at position 1."),
-        ('[[rule]]\nlayers = "block_[12"\ntrainable = true\n',
-         "p.toml:2: rule 1, key 'layers': bad glob 'block_[12': '[' at position 6 is never "
-         "closed."),
-        ('[[rule]]\nlayers = []\ntrainable = true\n',
-         "p.toml:2: rule 1, key 'layers': must be a string or a non-empty list of strings, "
-         "not an array."),
-        ("[[rule]]\nlayers = \"x\"\n",
-         "p.toml:1: rule 1: the rule has no action: give trainable = true/false, bn = "
-         "\"inference\" | \"train\", or both."),
-        ('[[rule]]\nbn = "follow"\n',
-         "p.toml:2: rule 1, key 'bn': bn = \"follow\" takes the rule's trainable value, but the "
-         "rule sets none."),
-        ('[[rule]]\nonly = "non-bn"\nbn = "train"\n',
-         "p.toml:3: rule 1, key 'bn': the rule selects only non-BN layers (only = \"non-bn\"), "
-         "so bn has no effect."),
-        ("[[rule]]\ndepth = -1\ntrainable = true\n",
-         "p.toml:2: rule 1, key 'depth': must be a whole number >= 0, not the number -1."),
-        ("[[rule]]\ndepth = 1\nmax_depth = 2\ntrainable = true\n",
-         "p.toml:2: rule 1, key 'depth': give depth, or min_depth / max_depth, not both."),
-        ("[[rule]]\nmin_depth = 3\nmax_depth = 2\ntrainable = true\n",
-         "p.toml:2: rule 1, key 'min_depth': min_depth 3 is greater than max_depth 2."),
-        ('[[rule]]\nup_to = "${block}"\ntrainable = true\n',
-         "p.toml:2: rule 1, key 'up_to': unknown parameter ${block} (parameters: none; "
-         "declare them in [params])."),
-        ("[rule]\ntrainable = true\n",
-         "p.toml:1: [rule]: write [[rule]] (an array of tables), not [rule]."),
+        (
+            "[[rule]]\ntrainabel = true\n",
+            "p.toml:2: rule 1, key 'trainabel': unknown key 'trainabel'. Did you mean 'trainable'?",
+        ),
+        (
+            "[[rule]]\ntrainable = 1\n",
+            "p.toml:2: rule 1, key 'trainable': must be true or false, not the number 1.",
+        ),
+        (
+            '[[rule]]\ntrainable = true\nbn = "infer"\n',
+            'p.toml:3: rule 1, key \'bn\': \'infer\' is not one of "inference", "train", "follow".',
+        ),
+        (
+            '\n[[rule]]\ntrainable = true\n\n[[rule]]\nregex = "(("\ntrainable = true\n',
+            "p.toml:6: rule 2, key 'regex': bad regex '((': missing ), unterminated subpattern "
+            "at position 1.",
+        ),
+        (
+            '[[rule]]\nlayers = "block_[12"\ntrainable = true\n',
+            "p.toml:2: rule 1, key 'layers': bad glob 'block_[12': '[' at position 6 is never "
+            "closed.",
+        ),
+        (
+            "[[rule]]\nlayers = []\ntrainable = true\n",
+            "p.toml:2: rule 1, key 'layers': must be a string or a non-empty list of strings, "
+            "not an array.",
+        ),
+        (
+            '[[rule]]\nlayers = "x"\n',
+            "p.toml:1: rule 1: the rule has no action: give trainable = true/false, bn = "
+            '"inference" | "train", or both.',
+        ),
+        (
+            '[[rule]]\nbn = "follow"\n',
+            "p.toml:2: rule 1, key 'bn': bn = \"follow\" takes the rule's trainable value, but the "
+            "rule sets none.",
+        ),
+        (
+            '[[rule]]\nonly = "non-bn"\nbn = "train"\n',
+            "p.toml:3: rule 1, key 'bn': the rule selects only non-BN layers (only = \"non-bn\"), "
+            "so bn has no effect.",
+        ),
+        (
+            "[[rule]]\ndepth = -1\ntrainable = true\n",
+            "p.toml:2: rule 1, key 'depth': must be a whole number >= 0, not the number -1.",
+        ),
+        (
+            "[[rule]]\ndepth = 1\nmax_depth = 2\ntrainable = true\n",
+            "p.toml:2: rule 1, key 'depth': give depth, or min_depth / max_depth, not both.",
+        ),
+        (
+            "[[rule]]\nmin_depth = 3\nmax_depth = 2\ntrainable = true\n",
+            "p.toml:2: rule 1, key 'min_depth': min_depth 3 is greater than max_depth 2.",
+        ),
+        (
+            '[[rule]]\nup_to = "${block}"\ntrainable = true\n',
+            "p.toml:2: rule 1, key 'up_to': unknown parameter ${block} (parameters: none; "
+            "declare them in [params]).",
+        ),
+        (
+            "[rule]\ntrainable = true\n",
+            "p.toml:1: [rule]: write [[rule]] (an array of tables), not [rule].",
+        ),
         ("rules = 1\n", "p.toml:1: key 'rules': unknown key 'rules'. Did you mean 'rule'?"),
         ("[plan]\nname = 3\n", "p.toml:2: [plan], key 'name': must be a string, not the number 3."),
-        ("[plan]\nschema = 2\n[[rule]]\ntrainable=true\n",
-         "p.toml:2: [plan], key 'schema': schema 2 is not supported; this bnfreeze reads "
-         "schema 1."),
-        ("[params]\nblock = 12\n",
-         "p.toml:2: [params], key 'block': parameter 'block' must be a string, not the number "
-         "12."),
-        ('[[expect]]\nbn = "inference"\ntrains = true\n',
-         "p.toml:3: expect 1, key 'trains': an [[expect]] states exactly one of bn, trains, "
-         "min_training, max_training (found: bn, trains)."),
-        ("[[expect]]\nlayers = \"x\"\n",
-         "p.toml:1: expect 1: an [[expect]] states exactly one of bn, trains, min_training, "
-         "max_training (found: none)."),
-        ('[[expect]]\nbn = "follow"\n',
-         "p.toml:2: expect 1, key 'bn': an expectation's bn is \"inference\" or \"train\"."),
-        ("[[expect]]\nmin_training = true\n",
-         "p.toml:2: expect 1, key 'min_training': must be a whole number >= 0, not the boolean "
-         "true."),
-        ("[plan]\nname = \"empty\"\n",
-         "p.toml: the plan has neither a [[rule]] nor an [[expect]] table. See "
-         "configs/README.md for the plan schema."),
-        ("[[rule]]\ntrainable = true\nx = \n",
-         "p.toml:3: not valid TOML: Invalid value."),
-        ("[[rule]\n", "p.toml:1: not valid TOML: Expected ']]' at the end of an array "
-         "declaration."),
+        (
+            "[plan]\nschema = 2\n[[rule]]\ntrainable=true\n",
+            "p.toml:2: [plan], key 'schema': schema 2 is not supported; this bnfreeze reads "
+            "schema 1.",
+        ),
+        (
+            "[params]\nblock = 12\n",
+            "p.toml:2: [params], key 'block': parameter 'block' must be a string, not the number "
+            "12.",
+        ),
+        (
+            '[[expect]]\nbn = "inference"\ntrains = true\n',
+            "p.toml:3: expect 1, key 'trains': an [[expect]] states exactly one of bn, trains, "
+            "min_training, max_training (found: bn, trains).",
+        ),
+        (
+            '[[expect]]\nlayers = "x"\n',
+            "p.toml:1: expect 1: an [[expect]] states exactly one of bn, trains, min_training, "
+            "max_training (found: none).",
+        ),
+        (
+            '[[expect]]\nbn = "follow"\n',
+            'p.toml:2: expect 1, key \'bn\': an expectation\'s bn is "inference" or "train".',
+        ),
+        (
+            "[[expect]]\nmin_training = true\n",
+            "p.toml:2: expect 1, key 'min_training': must be a whole number >= 0, not the boolean "
+            "true.",
+        ),
+        (
+            '[plan]\nname = "empty"\n',
+            "p.toml: the plan has neither a [[rule]] nor an [[expect]] table. See "
+            "configs/README.md for the plan schema.",
+        ),
+        ("[[rule]]\ntrainable = true\nx = \n", "p.toml:3: not valid TOML: Invalid value."),
+        (
+            "[[rule]\n",
+            "p.toml:1: not valid TOML: Expected ']]' at the end of an array declaration.",
+        ),
     ],
 )
 def test_errors_name_file_line_and_key(text, message):
@@ -367,22 +411,36 @@ def test_errors_name_file_line_and_key(text, message):
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ('[[rule]]\ntrainable = true\n[[rule]]\nlayers = ["head", "nope*"]\ntrainable = false\n',
-         "p.toml:4: rule 2, key 'layers': layers 'nope*' matches no layer."),
-        ('[[rule]]\n\nregex = "^nope"\ntrainable = false\n',
-         "p.toml:3: rule 1, key 'regex': regex '^nope' matches no layer."),
-        ('[[rule]]\nclass = "Conv3D"\ntrainable = false\n',
-         "p.toml:2: rule 1, key 'class': class 'Conv3D' matches no layer."),
-        ('[[rule]]\nup_to = "zzz"\ntrainable = false\n',
-         "p.toml:2: rule 1, key 'up_to': no layer named 'zzz' in the model. "
-         "Run bnfreeze inspect --all to list layer paths."),
-        ('[[rule]]\nfrom = "block_13_expnd"\ntrainable = false\n',
-         "p.toml:2: rule 1, key 'from': no layer named 'block_13_expnd' in the model. "
-         "Did you mean 'block_13_expand'"),
-        ("[[rule]]\ndepth = 5\ntrainable = false\n",
-         "p.toml:1: rule 1: depth=5 matches no layer whose flag can be set."),
-        ('[[rule]]\nlayers = "head"\nonly = "bn"\ntrainable = false\n',
-         "p.toml:1: rule 1: layers=head,only=bn matches no layer whose flag can be set."),
+        (
+            '[[rule]]\ntrainable = true\n[[rule]]\nlayers = ["head", "nope*"]\ntrainable = false\n',
+            "p.toml:4: rule 2, key 'layers': layers 'nope*' matches no layer.",
+        ),
+        (
+            '[[rule]]\n\nregex = "^nope"\ntrainable = false\n',
+            "p.toml:3: rule 1, key 'regex': regex '^nope' matches no layer.",
+        ),
+        (
+            '[[rule]]\nclass = "Conv3D"\ntrainable = false\n',
+            "p.toml:2: rule 1, key 'class': class 'Conv3D' matches no layer.",
+        ),
+        (
+            '[[rule]]\nup_to = "zzz"\ntrainable = false\n',
+            "p.toml:2: rule 1, key 'up_to': no layer named 'zzz' in the model. "
+            "Run bnfreeze inspect --all to list layer paths.",
+        ),
+        (
+            '[[rule]]\nfrom = "block_13_expnd"\ntrainable = false\n',
+            "p.toml:2: rule 1, key 'from': no layer named 'block_13_expnd' in the model. "
+            "Did you mean 'block_13_expand'",
+        ),
+        (
+            "[[rule]]\ndepth = 5\ntrainable = false\n",
+            "p.toml:1: rule 1: depth=5 matches no layer whose flag can be set.",
+        ),
+        (
+            '[[rule]]\nlayers = "head"\nonly = "bn"\ntrainable = false\n',
+            "p.toml:1: rule 1: layers=head,only=bn matches no layer whose flag can be set.",
+        ),
     ],
 )
 def test_a_rule_that_matches_nothing_is_an_error(guide_layers, text, message):
@@ -417,12 +475,51 @@ def test_deep_nesting_is_a_plan_error():
 
 # ----------------------------------------------------------------------------- hypothesis
 
-_KEYS = ["rule", "expect", "plan", "params", "layers", "regex", "class", "only", "up_to",
-         "from", "depth", "min_depth", "max_depth", "trainable", "bn", "name", "trains",
-         "min_training", "max_training", "schema", "block"]
-_VALUES = ["true", "false", "1", "-1", '"inference"', '"train"', '"follow"', '"bn"',
-           '"non-bn"', '"*"', '"(("', '"a["', '["x", 1]', "[]", "{}", '"${block}"', '"${x}"',
-           "1.5", '""', '"head"']
+_KEYS = [
+    "rule",
+    "expect",
+    "plan",
+    "params",
+    "layers",
+    "regex",
+    "class",
+    "only",
+    "up_to",
+    "from",
+    "depth",
+    "min_depth",
+    "max_depth",
+    "trainable",
+    "bn",
+    "name",
+    "trains",
+    "min_training",
+    "max_training",
+    "schema",
+    "block",
+]
+_VALUES = [
+    "true",
+    "false",
+    "1",
+    "-1",
+    '"inference"',
+    '"train"',
+    '"follow"',
+    '"bn"',
+    '"non-bn"',
+    '"*"',
+    '"(("',
+    '"a["',
+    '["x", 1]',
+    "[]",
+    "{}",
+    '"${block}"',
+    '"${x}"',
+    "1.5",
+    '""',
+    '"head"',
+]
 
 toml_lines = st.one_of(
     st.sampled_from(["[[rule]]", "[[expect]]", "[plan]", "[params]", "[rule]", "[[plan]]"]),
@@ -432,8 +529,10 @@ toml_lines = st.one_of(
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(toml_lines, max_size=12), st.dictionaries(
-    st.sampled_from(["block", "x", "bad name"]), st.text(max_size=5), max_size=2))
+@given(
+    st.lists(toml_lines, max_size=12),
+    st.dictionaries(st.sampled_from(["block", "x", "bad name"]), st.text(max_size=5), max_size=2),
+)
 def test_parsing_raises_only_plan_error(lines, params):
     try:
         parse_plan("\n".join(lines), "h.toml", params)
@@ -448,8 +547,11 @@ def test_arbitrary_text_raises_only_plan_error(text):
         parse_plan(text, "h.toml")
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                   HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(st.lists(toml_lines, max_size=10))
 def test_applying_raises_only_plan_error(guide_layers, lines):
     try:

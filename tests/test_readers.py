@@ -21,9 +21,9 @@ from click.testing import CliRunner
 
 from bnfreeze.cli import cli
 from bnfreeze.errors import EXIT_USAGE, ModelFormatError
-from bnfreeze.ops.inspect import inspect_file
 from bnfreeze.formats.readers import read_model
 from bnfreeze.model.records import ModelFormat
+from bnfreeze.ops.inspect import inspect_file
 from bnfreeze.render.json import report_dict
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
@@ -68,7 +68,10 @@ def test_bn_weights_are_indexed_by_layer_path():
     assert keras_file["features"] == ()
     h5 = read_model(SAMPLES / "nested_legacy.h5").weights.variables
     assert [d.rsplit("/", 1)[-1] for d in h5["bn_bn/bn1"]] == [
-        "gamma", "beta", "moving_mean", "moving_variance"
+        "gamma",
+        "beta",
+        "moving_mean",
+        "moving_variance",
     ]
 
 
@@ -223,9 +226,10 @@ def make_wrong_shape_json(tmp: Path) -> Path:
 def make_string_trainable(tmp: Path) -> Path:
     config = {
         "class_name": "Functional",
-        "config": {"name": "m", "layers": [
-            {"class_name": "Dense", "config": {"name": "d", "trainable": "no"}}
-        ]},
+        "config": {
+            "name": "m",
+            "layers": [{"class_name": "Dense", "config": {"name": "d", "trainable": "no"}}],
+        },
     }
     return _zip(tmp / "string_flag.keras", {"config.json": json.dumps(config)})
 

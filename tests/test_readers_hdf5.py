@@ -1,11 +1,11 @@
 """The lean pure-Python HDF5 reader must agree with h5py, or step aside.
 
-``bnfreeze.formats.readers._hdf5`` indexes ``model.weights.h5`` without importing h5py. For every file it
-either returns exactly what the h5py path returns (same layer paths, same dataset lists in the
-same order, same optimizer variable count, same values) or raises ``Unsupported`` so the h5py
-path runs. These tests build weights files in the layouts h5py can write (old- and new-style
-groups, big groups with multi-level B-trees, compact/contiguous/chunked/compressed datasets,
-fixed and variable-length string attributes, soft links) and compare the two readers.
+``bnfreeze.formats.readers._hdf5`` indexes ``model.weights.h5`` without importing h5py. For
+every file it either returns exactly what the h5py path returns (same layer paths, same dataset
+lists in the same order, same optimizer variable count, same values) or raises ``Unsupported``
+so the h5py path runs. These tests build weights files in the layouts h5py can write (old- and
+new-style groups, big groups with multi-level B-trees, compact/contiguous/chunked/compressed
+datasets, fixed and variable-length string attributes, soft links) and compare the two readers.
 """
 
 from __future__ import annotations
@@ -35,11 +35,21 @@ def _reference(path: Path):
     return index.variables, count
 
 
-def _write_keras_like(path: Path, *, libver: str = "earliest", track_order: bool = False,
-                      layers: int = 5, fixed_names: bool = False, compact: bool = False,
-                      chunked: bool = False, compression: str | None = None,
-                      soft_link: bool = False, optimizer: int = 0, wrapper: bool = False,
-                      inner_count: int = 12) -> None:
+def _write_keras_like(
+    path: Path,
+    *,
+    libver: str = "earliest",
+    track_order: bool = False,
+    layers: int = 5,
+    fixed_names: bool = False,
+    compact: bool = False,
+    chunked: bool = False,
+    compression: str | None = None,
+    soft_link: bool = False,
+    optimizer: int = 0,
+    wrapper: bool = False,
+    inner_count: int = 12,
+) -> None:
     """A file shaped like Keras 3's model.weights.h5: layers/<key>/vars/<i> + a name attr."""
     rng = np.random.default_rng(0)
     with h5py.File(path, "w", libver=libver, track_order=track_order) as f:
@@ -65,8 +75,9 @@ def _write_keras_like(path: Path, *, libver: str = "earliest", track_order: bool
                     space = h5py.h5s.create_simple(data.shape)
                     plist = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
                     plist.set_layout(h5py.h5d.COMPACT)
-                    dsid = h5py.h5d.create(v.id, str(j).encode(), h5py.h5t.IEEE_F32LE, space,
-                                           dcpl=plist)
+                    dsid = h5py.h5d.create(
+                        v.id, str(j).encode(), h5py.h5t.IEEE_F32LE, space, dcpl=plist
+                    )
                     dsid.write(h5py.h5s.ALL, h5py.h5s.ALL, data.astype("float32"))
                 else:
                     v.create_dataset(str(j), data=data.astype("float32"), **kwargs)
@@ -234,10 +245,17 @@ def test_metadata_reads_are_bounded(tmp_path):
 @pytest.mark.parametrize(
     "array",
     [
-        np.ones(5, "float32"), np.zeros(3, "float32"), np.array([], "float32"), np.float32(1),
-        np.array([1, 1 + 1e-7], "float32"), np.array([1 - 6e-8] * 3, "float32"),
-        np.array([np.nan], "float32"), np.array([1e-8, -1e-8], "float32"),
-        np.array([-0.0], "float32"), np.ones((2, 2), "float32"), np.array([np.inf], "float32"),
+        np.ones(5, "float32"),
+        np.zeros(3, "float32"),
+        np.array([], "float32"),
+        np.float32(1),
+        np.array([1, 1 + 1e-7], "float32"),
+        np.array([1 - 6e-8] * 3, "float32"),
+        np.array([np.nan], "float32"),
+        np.array([1e-8, -1e-8], "float32"),
+        np.array([-0.0], "float32"),
+        np.ones((2, 2), "float32"),
+        np.array([np.inf], "float32"),
         np.random.default_rng(0).normal(size=10).astype("float32"),
     ],
 )
@@ -349,8 +367,13 @@ def test_crafted_file_through_index_member_ends_quickly(tmp_path, case):
 
 
 #: Cases whose builders find their targets in any old-style Keras weights file.
-GENERIC_CRAFTED = ["v1-continuation-self-loop", "v1-continuation-fanout",
-                   "v1-continuation-overlapping", "btree-self-loop", "group-cycle-fanout"]
+GENERIC_CRAFTED = [
+    "v1-continuation-self-loop",
+    "v1-continuation-fanout",
+    "v1-continuation-overlapping",
+    "btree-self-loop",
+    "group-cycle-fanout",
+]
 
 
 @pytest.mark.parametrize("case", GENERIC_CRAFTED)
@@ -373,8 +396,11 @@ def test_crafted_weights_in_a_keras_archive_exit_2_with_one_line(tmp_path, case)
     before = path.read_bytes()
     out = tmp_path / "out.keras"
     runner = CliRunner()
-    for args in (["inspect", str(path)], ["check", str(path), "--expect", "bn-inference"],
-                 ["freeze", str(path), "--bn-inference", "-o", str(out)]):
+    for args in (
+        ["inspect", str(path)],
+        ["check", str(path), "--expect", "bn-inference"],
+        ["freeze", str(path), "--bn-inference", "-o", str(out)],
+    ):
         started = time.process_time()
         result = runner.invoke(cli, args)
         spent = time.process_time() - started

@@ -16,10 +16,9 @@ from pathlib import Path
 import pytest
 from keras_configs import functional, input_layer, layer, node
 
-from bnfreeze.model import records
 from bnfreeze.errors import EXIT_USAGE, RuntimeUnavailableError
-from bnfreeze.ops.inspect import inspect_file, inspect_model_file
 from bnfreeze.formats.readers import read_model
+from bnfreeze.model import records
 from bnfreeze.model.records import (
     LayerKind,
     ModelFile,
@@ -29,6 +28,7 @@ from bnfreeze.model.records import (
     WarningCode,
 )
 from bnfreeze.model.walk import walk
+from bnfreeze.ops.inspect import inspect_file, inspect_model_file
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 
@@ -62,8 +62,13 @@ def _unzipped(tmp_path: Path) -> Path:
 
 def _memory(tmp_path: Path) -> ModelFile:
     on_disk = read_model(SAMPLES / "seed_bn.keras")
-    return ModelFile(path="<memory>", format=ModelFormat.MEMORY, config=on_disk.config,
-                     keras_version=None, compiled=False)
+    return ModelFile(
+        path="<memory>",
+        format=ModelFormat.MEMORY,
+        config=on_disk.config,
+        keras_version=None,
+        compiled=False,
+    )
 
 
 FORMATS: dict[ModelFormat, tuple[Callable[[Path], ModelFile], str]] = {
@@ -163,9 +168,12 @@ def test_a_runtime_without_rules_is_a_clear_error(monkeypatch):
 
 def _archive(tmp: Path, layers: list, *, trainable: bool = True) -> Path:
     path = tmp / "m.keras"
-    config = {"class_name": "Functional", "module": "keras.src.models.functional",
-              "registered_name": "Functional",
-              "config": {"name": "m", "trainable": trainable, "layers": layers}}
+    config = {
+        "class_name": "Functional",
+        "module": "keras.src.models.functional",
+        "registered_name": "Functional",
+        "config": {"name": "m", "trainable": trainable, "layers": layers},
+    }
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("config.json", json.dumps(config))
     return path
@@ -183,8 +191,9 @@ def _recompile_required(tmp: Path) -> set[WarningCode]:
 
 
 def _call_site(tmp: Path) -> set[WarningCode]:
-    sub = functional("sub", [input_layer("i"), layer("BatchNormalization", "bn")],
-                     inbound=node(training=False))
+    sub = functional(
+        "sub", [input_layer("i"), layer("BatchNormalization", "bn")], inbound=node(training=False)
+    )
     return _warnings(_archive(tmp, [input_layer("x"), sub]))
 
 
@@ -198,8 +207,9 @@ def _not_trainable(tmp: Path) -> set[WarningCode]:
 
 WARNINGS: dict[WarningCode, Callable[[Path], set[WarningCode]]] = {
     WarningCode.CALL_SITE_TRAINING_IGNORED: _call_site,
-    WarningCode.TRAINABLE_BN_UNDER_FROZEN_CONTAINER:
-        lambda tmp: _warnings(SAMPLES / "bn_under_frozen.keras"),
+    WarningCode.TRAINABLE_BN_UNDER_FROZEN_CONTAINER: lambda tmp: _warnings(
+        SAMPLES / "bn_under_frozen.keras"
+    ),
     WarningCode.OPTIMIZER_STATE: lambda tmp: _warnings(SAMPLES / "guide_pattern.keras"),
     WarningCode.UNTRAINED_BN_STATISTICS: lambda tmp: _warnings(SAMPLES / "sequential.keras"),
     WarningCode.UNKNOWN_LAYER: _unknown,
@@ -222,8 +232,15 @@ def test_every_warning_code_is_produced(tmp_path, code):
 
 @pytest.mark.parametrize(
     "cls",
-    [records.ModelFile, records.WeightIndex, records.LayerRecord, records.FitBehaviour,
-     records.LayerState, records.Finding, records.Report],
+    [
+        records.ModelFile,
+        records.WeightIndex,
+        records.LayerRecord,
+        records.FitBehaviour,
+        records.LayerState,
+        records.Finding,
+        records.Report,
+    ],
     ids=lambda c: c.__name__,
 )
 def test_records_are_frozen_dataclasses(cls):

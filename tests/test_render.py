@@ -13,7 +13,6 @@ import json
 import pytest
 from rich.console import Console
 
-from bnfreeze.ops.inspect import inspect_model_file
 from bnfreeze.model.records import (
     Finding,
     FitBehaviour,
@@ -25,14 +24,22 @@ from bnfreeze.model.records import (
     Normalization,
     WarningCode,
 )
+from bnfreeze.ops.inspect import inspect_model_file
 from bnfreeze.render import findings as findings_render
 from bnfreeze.render import table
 from bnfreeze.render.json import dumps_by_line, render_report, report_dict
 
 
 def render(renderable, width: int) -> str:
-    console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False,
-                      highlight=False, soft_wrap=False, legacy_windows=False)
+    console = Console(
+        file=io.StringIO(),
+        width=width,
+        color_system=None,
+        force_terminal=False,
+        highlight=False,
+        soft_wrap=False,
+        legacy_windows=False,
+    )
     console.print(renderable)
     return console.file.getvalue()
 
@@ -53,8 +60,7 @@ def _container(name: str, layers: list[dict], trainable: bool = True) -> dict:
 def big_model(blocks: int = 92) -> ModelFile:
     """~1,000 layers: an EfficientNet-like backbone with long names, a nested sub-model, and
     a head. Every fourth block is frozen, so containers mix training and inference BN."""
-    layers = [{"class_name": "InputLayer", "config": {"name": "input_1"},
-               "module": "keras.layers"}]
+    layers = [{"class_name": "InputLayer", "config": {"name": "input_1"}, "module": "keras.layers"}]
     for b in range(blocks):
         frozen = b % 4 == 0
         prefix = f"block{b // 7 + 1}{chr(ord('a') + b % 7)}"
@@ -73,18 +79,31 @@ def big_model(blocks: int = 92) -> ModelFile:
         ]
     inner = _container(
         "feature_pyramid_with_a_rather_long_name",
-        [_layer("Conv2D", "lateral_conv_p5"), _layer("BatchNormalization", "lateral_bn_p5"),
-         _container("deeper", [_layer("BatchNormalization", "deepest_bn_with_long_name")])],
+        [
+            _layer("Conv2D", "lateral_conv_p5"),
+            _layer("BatchNormalization", "lateral_bn_p5"),
+            _container("deeper", [_layer("BatchNormalization", "deepest_bn_with_long_name")]),
+        ],
         trainable=False,
     )
     backbone = _container("efficientnetv2-l", [*layers, inner], trainable=False)
     head = [_layer("GlobalAveragePooling2D", "avg_pool"), _layer("Dense", "predictions")]
-    config = _container("fine_tuned_model", [
-        {"class_name": "InputLayer", "config": {"name": "image"}, "module": "keras.layers"},
-        backbone, *head])
-    return ModelFile(path="synthetic/fine_tuned_model.keras", format=ModelFormat.KERAS,
-                     config=config, keras_version="3.15.1", compiled=True,
-                     optimizer_variables=None)
+    config = _container(
+        "fine_tuned_model",
+        [
+            {"class_name": "InputLayer", "config": {"name": "image"}, "module": "keras.layers"},
+            backbone,
+            *head,
+        ],
+    )
+    return ModelFile(
+        path="synthetic/fine_tuned_model.keras",
+        format=ModelFormat.KERAS,
+        config=config,
+        keras_version="3.15.1",
+        compiled=True,
+        optimizer_variables=None,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -158,12 +177,21 @@ def test_tree_nests_and_fits(big_report):
     assert "deepest_bn_with_long_name (BatchNormalization)  training" in out
 
 
-def _state(kind: LayerKind, *, trains=None, normalizes=None, updates=None, trainable=True,
-           class_name="X") -> LayerState:
-    record = LayerRecord(path="p", name="p", class_name=class_name, kind=kind, depth=0,
-                         parent=None, trainable=trainable)
-    fit = FitBehaviour(trains_weights=trains, normalizes_with=normalizes,
-                       updates_moving_stats=updates)
+def _state(
+    kind: LayerKind, *, trains=None, normalizes=None, updates=None, trainable=True, class_name="X"
+) -> LayerState:
+    record = LayerRecord(
+        path="p",
+        name="p",
+        class_name=class_name,
+        kind=kind,
+        depth=0,
+        parent=None,
+        trainable=trainable,
+    )
+    fit = FitBehaviour(
+        trains_weights=trains, normalizes_with=normalizes, updates_moving_stats=updates
+    )
     return LayerState(layer=record, has_weights=None, in_fit=fit, in_predict=fit)
 
 
@@ -173,8 +201,12 @@ def test_mode_words_for_every_normalization(normalization):
     expected = {Normalization.BATCH: "training", Normalization.MOVING: "inference"}
     text = table.mode_text(state)
     assert text.plain == expected[normalization]
-    assert text.style == {Normalization.BATCH: table.STYLE_TRAINING,
-                          Normalization.MOVING: table.STYLE_INFERENCE}[normalization]
+    assert (
+        text.style
+        == {Normalization.BATCH: table.STYLE_TRAINING, Normalization.MOVING: table.STYLE_INFERENCE}[
+            normalization
+        ]
+    )
 
 
 @pytest.mark.parametrize("kind", list(LayerKind))
@@ -232,8 +264,15 @@ def test_table_module_still_exports_warning_lines():
 
 def test_no_bn_layers_says_so():
     config = _container("plain", [_layer("Dense", "d")])
-    report = inspect_model_file(ModelFile(path="plain.keras", format=ModelFormat.KERAS,
-                                          config=config, keras_version=None, compiled=False))
+    report = inspect_model_file(
+        ModelFile(
+            path="plain.keras",
+            format=ModelFormat.KERAS,
+            config=config,
+            keras_version=None,
+            compiled=False,
+        )
+    )
     out = render(table.inspect_view(report), 100)
     assert "No BatchNormalization layers. Use --all to list every layer." in out
     assert "Keras unknown, not compiled" in out
@@ -245,8 +284,15 @@ def test_no_bn_layers_says_so():
 
 def test_model_not_trainable_is_in_the_summary():
     config = _container("frozen_model", [_layer("BatchNormalization", "bn")], trainable=False)
-    report = inspect_model_file(ModelFile(path="f.keras", format=ModelFormat.KERAS,
-                                          config=config, keras_version="3.15.1", compiled=False))
+    report = inspect_model_file(
+        ModelFile(
+            path="f.keras",
+            format=ModelFormat.KERAS,
+            config=config,
+            keras_version="3.15.1",
+            compiled=False,
+        )
+    )
     assert "trainable=False: fit() trains no weights" in render(table.summary(report), 100)
 
 
@@ -301,8 +347,13 @@ def test_change_table_fast_lines_match_rich_table():
     from bnfreeze.render.edit import ChangeTable, change_table
 
     changes = tuple(
-        Change(path=f"backbone/block{i}_bn",
-               class_name="BatchNormalization", before=True, after=False, is_batchnorm=True)
+        Change(
+            path=f"backbone/block{i}_bn",
+            class_name="BatchNormalization",
+            before=True,
+            after=False,
+            is_batchnorm=True,
+        )
         for i in range(30)
     )
     fast = ChangeTable(changes)

@@ -32,14 +32,23 @@ def nested_config() -> dict:
     inner = model("inner", [layer("BatchNormalization", "bn3")], "Sequential")
     backbone = model(
         "backbone",
-        [layer("InputLayer", "bb_in", None), layer("Conv2D", "conv2"),
-         layer("BatchNormalization", "bn2"), inner],
+        [
+            layer("InputLayer", "bb_in", None),
+            layer("Conv2D", "conv2"),
+            layer("BatchNormalization", "bn2"),
+            inner,
+        ],
     )
     return model(
         "top",
-        [layer("InputLayer", "image", None), layer("Conv2D", "conv1"),
-         layer("BatchNormalization", "bn1"), backbone, layer("BatchNormalization", "head_bn"),
-         layer("Dense", "head")],
+        [
+            layer("InputLayer", "image", None),
+            layer("Conv2D", "conv1"),
+            layer("BatchNormalization", "bn1"),
+            backbone,
+            layer("BatchNormalization", "head_bn"),
+            layer("Dense", "head"),
+        ],
     )
 
 
@@ -54,8 +63,17 @@ def paths(records) -> list[str]:
 
 def test_model_order_paths(layers):
     assert paths(layers) == [
-        "image", "conv1", "bn1", "backbone", "backbone/bb_in", "backbone/conv2",
-        "backbone/bn2", "backbone/inner", "backbone/inner/bn3", "head_bn", "head",
+        "image",
+        "conv1",
+        "bn1",
+        "backbone",
+        "backbone/bb_in",
+        "backbone/conv2",
+        "backbone/bn2",
+        "backbone/inner",
+        "backbone/inner/bn3",
+        "head_bn",
+        "head",
     ]
 
 
@@ -70,20 +88,29 @@ def test_is_leaf_for_every_kind(kind):
 
 def test_no_selector_selects_every_leaf(layers):
     assert paths(select(layers)) == [
-        "conv1", "bn1", "backbone/conv2", "backbone/bn2", "backbone/inner/bn3", "head_bn", "head",
+        "conv1",
+        "bn1",
+        "backbone/conv2",
+        "backbone/bn2",
+        "backbone/inner/bn3",
+        "head_bn",
+        "head",
     ]
 
 
 def test_glob_on_container_selects_every_leaf_below(layers):
     assert paths(select(layers, globs=["backbone"])) == [
-        "backbone/conv2", "backbone/bn2", "backbone/inner/bn3",
+        "backbone/conv2",
+        "backbone/bn2",
+        "backbone/inner/bn3",
     ]
 
 
 def test_glob_matches_names_and_paths_and_repeats_union(layers):
     assert paths(select(layers, globs=["bn*"])) == ["bn1", "backbone/bn2", "backbone/inner/bn3"]
     assert paths(select(layers, globs=["backbone/inner/*", "head"])) == [
-        "backbone/inner/bn3", "head",
+        "backbone/inner/bn3",
+        "head",
     ]
     assert match_glob(layers, "*conv*") == {"conv1", "backbone/conv2"}
 
@@ -97,24 +124,33 @@ def test_up_to_is_inclusive_and_covers_a_container(layers):
     assert paths(select(layers, up_to_layer="bn1")) == ["conv1", "bn1"]
     # Up to a container: everything below it too.
     assert paths(select(layers, up_to_layer="backbone")) == [
-        "conv1", "bn1", "backbone/conv2", "backbone/bn2", "backbone/inner/bn3",
+        "conv1",
+        "bn1",
+        "backbone/conv2",
+        "backbone/bn2",
+        "backbone/inner/bn3",
     ]
     assert up_to(layers, "conv1") == {"image", "conv1"}
 
 
 def test_from_is_inclusive(layers):
     assert paths(select(layers, from_layer_spec="backbone/inner")) == [
-        "backbone/inner/bn3", "head_bn", "head",
+        "backbone/inner/bn3",
+        "head_bn",
+        "head",
     ]
     assert from_layer(layers, "head") == {"head"}
 
 
 def test_selectors_intersect(layers):
     assert paths(select(layers, globs=["*bn*"], up_to_layer="backbone")) == [
-        "bn1", "backbone/bn2", "backbone/inner/bn3",
+        "bn1",
+        "backbone/bn2",
+        "backbone/inner/bn3",
     ]
     assert paths(select(layers, globs=["backbone"], from_layer_spec="backbone/bn2")) == [
-        "backbone/bn2", "backbone/inner/bn3",
+        "backbone/bn2",
+        "backbone/inner/bn3",
     ]
 
 
@@ -148,8 +184,11 @@ def test_unknown_layer_without_close_names_points_to_inspect(layers):
 def test_ambiguous_name_asks_for_a_path():
     config = model(
         "top",
-        [layer("InputLayer", "x", None), model("a", [layer("BatchNormalization", "bn")]),
-         model("b", [layer("BatchNormalization", "bn")])],
+        [
+            layer("InputLayer", "x", None),
+            model("a", [layer("BatchNormalization", "bn")]),
+            model("b", [layer("BatchNormalization", "bn")]),
+        ],
     )
     records = walk(config).layers
     with pytest.raises(SelectionError, match=r"ambiguous: a/bn, b/bn\. Use a full path\."):
@@ -172,8 +211,15 @@ def test_suggestions_never_repeat_a_name():
     from bnfreeze.model.records import LayerKind, LayerRecord
     from bnfreeze.model.selection import find_layer
 
-    head = LayerRecord(path="head", name="head", class_name="Dense", kind=LayerKind.LAYER,
-                       depth=0, parent=None, trainable=True)
+    head = LayerRecord(
+        path="head",
+        name="head",
+        class_name="Dense",
+        kind=LayerKind.LAYER,
+        depth=0,
+        parent=None,
+        trainable=True,
+    )
     try:
         find_layer((head,), "haed")
     except SelectionError as exc:

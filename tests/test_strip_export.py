@@ -13,7 +13,6 @@ from click.testing import CliRunner
 from rich.console import Console
 
 from bnfreeze.cli import cli
-from bnfreeze.ops.inspect import inspect_file
 from bnfreeze.model.records import (
     FitBehaviour,
     LayerKind,
@@ -23,6 +22,7 @@ from bnfreeze.model.records import (
     Report,
     Runtime,
 )
+from bnfreeze.ops.inspect import inspect_file
 from bnfreeze.render.strip import GLYPH, LABEL, STYLE, Cell, Strip, cell_of, runs, strip_cells
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,11 +40,16 @@ def render(renderable, width: int = 100) -> str:
     return console.file.getvalue()
 
 
-def state(path: str, kind: LayerKind, *, trainable: bool | None = True,
-          has_weights: bool | None = True, trains: bool | None = None,
-          mode: Normalization | None = None) -> LayerState:
-    record = LayerRecord(path, path.rsplit("/", 1)[-1], "X", kind, path.count("/"), None,
-                         trainable)
+def state(
+    path: str,
+    kind: LayerKind,
+    *,
+    trainable: bool | None = True,
+    has_weights: bool | None = True,
+    trains: bool | None = None,
+    mode: Normalization | None = None,
+) -> LayerState:
+    record = LayerRecord(path, path.rsplit("/", 1)[-1], "X", kind, path.count("/"), None, trainable)
     fit = FitBehaviour(trains, mode, None if mode is None else mode is Normalization.BATCH)
     return LayerState(record, has_weights, fit, fit)
 
@@ -54,8 +59,9 @@ def state(path: str, kind: LayerKind, *, trainable: bool | None = True,
 CELL_CASES = {
     Cell.TRAINING: state("conv", LayerKind.LAYER, trains=True),
     Cell.FROZEN: state("conv", LayerKind.LAYER, trainable=False, trains=False),
-    Cell.BN_INFERENCE: state("bn", LayerKind.BATCHNORM, trainable=False, trains=False,
-                             mode=Normalization.MOVING),
+    Cell.BN_INFERENCE: state(
+        "bn", LayerKind.BATCHNORM, trainable=False, trains=False, mode=Normalization.MOVING
+    ),
     Cell.NO_WEIGHTS: state("relu", LayerKind.LAYER, has_weights=False),
     Cell.UNKNOWN: state("custom", LayerKind.UNKNOWN, has_weights=None),
 }
@@ -80,8 +86,13 @@ def test_guide_sample_cells_and_boundary(samples):
     report = inspect_file(samples / "guide_pattern.keras")
     cells = strip_cells(report)
     counts = {c: sum(1 for _, x in cells if x is c) for c in Cell}
-    assert counts == {Cell.TRAINING: 1, Cell.FROZEN: 51, Cell.BN_INFERENCE: 51,
-                      Cell.NO_WEIGHTS: 51, Cell.UNKNOWN: 0}
+    assert counts == {
+        Cell.TRAINING: 1,
+        Cell.FROZEN: 51,
+        Cell.BN_INFERENCE: 51,
+        Cell.NO_WEIGHTS: 51,
+        Cell.UNKNOWN: 0,
+    }
     assert len(cells) == len(report.layers) - 1  # the backbone container is not a cell
     found = runs(cells)
     assert [(r.training, r.first, r.last, r.first_path, r.last_path) for r in found] == [
@@ -113,12 +124,20 @@ def _big_report(n: int) -> Report:
         frozen = i < n * 0.6
         kind = i % 3
         if kind == 0:
-            states.append(state(f"conv_{i}", LayerKind.LAYER, trainable=not frozen,
-                                trains=not frozen))
+            states.append(
+                state(f"conv_{i}", LayerKind.LAYER, trainable=not frozen, trains=not frozen)
+            )
         elif kind == 1:
             mode = Normalization.MOVING if frozen else Normalization.BATCH
-            states.append(state(f"bn_{i}", LayerKind.BATCHNORM, trainable=not frozen,
-                                trains=not frozen, mode=mode))
+            states.append(
+                state(
+                    f"bn_{i}",
+                    LayerKind.BATCHNORM,
+                    trainable=not frozen,
+                    trains=not frozen,
+                    mode=mode,
+                )
+            )
         else:
             states.append(state(f"relu_{i}", LayerKind.LAYER, has_weights=False))
     from bnfreeze.model.records import ModelFile, ModelFormat
@@ -161,8 +180,13 @@ def _commands(samples: Path) -> dict[str, list[str]]:
     return {
         "inspect": ["inspect", str(guide)],
         "inspect --strip": ["inspect", str(guide), "--strip"],
-        "check": ["check", str(samples / "bn_under_frozen.keras"), "--expect", "bn-inference",
-                  "-v"],
+        "check": [
+            "check",
+            str(samples / "bn_under_frozen.keras"),
+            "--expect",
+            "bn-inference",
+            "-v",
+        ],
         "diff": ["diff", str(guide), str(samples / "sequential.keras")],
     }
 
@@ -188,8 +212,9 @@ def test_export_saves_what_the_terminal_shows(samples, tmp_path, command, suffix
 
 def test_check_export_on_success_records_the_verbose_view(samples, tmp_path):
     out = tmp_path / "gate.svg"
-    result = invoke("check", samples / "guide_pattern.keras", "--expect", "bn-inference",
-                    "--export", out)
+    result = invoke(
+        "check", samples / "guide_pattern.keras", "--expect", "bn-inference", "--export", out
+    )
     assert result.exit_code == 0
     assert "PASS" in result.stdout and "holds" in result.stdout
     assert "PASS" in out.read_text()

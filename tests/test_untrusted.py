@@ -40,15 +40,25 @@ def payload_model(folder: Path, marker: Path, *, legacy: bool = False) -> Path:
         members = {i.filename: z.read(i) for i in z.infolist()}
     config = json.loads(members["config.json"])
     if legacy:
-        function = {"function": code, "function_type": "lambda", "output_shape": None,
-                    "arguments": {}, "module": "__main__"}
+        function = {
+            "function": code,
+            "function_type": "lambda",
+            "output_shape": None,
+            "arguments": {},
+            "module": "__main__",
+        }
     else:
-        function = {"function": {"class_name": "__lambda__",
-                                 "config": {"code": code, "defaults": None,
-                                            "closure": None}},
-                    "arguments": {}}
+        function = {
+            "function": {
+                "class_name": "__lambda__",
+                "config": {"code": code, "defaults": None, "closure": None},
+            },
+            "arguments": {},
+        }
     lambda_layer = {
-        "module": "keras.layers", "class_name": "Lambda", "registered_name": None,
+        "module": "keras.layers",
+        "class_name": "Lambda",
+        "registered_name": None,
         "config": {"name": "payload", "trainable": True, "dtype": "float32", **function},
         "build_config": {"input_shape": [None, 6]},
     }
@@ -145,8 +155,9 @@ sys.stdout.write(json.dumps({{"codes": codes, "events": events,
                                         ("keras", "tensorflow", "tf_keras")]}}))
 """
     env = {**os.environ, "PYTHONPATH": str(hostile.ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout)
     assert all(code in (0, 1) for code in report["codes"]), report

@@ -21,10 +21,10 @@ import pytest
 from click.testing import CliRunner
 
 from bnfreeze.cli import cli
-from bnfreeze.runtime.loading import RuntimeInfo
 from bnfreeze.model.expectations import parse_expectation
-from bnfreeze.ops.inspect import inspect_file
 from bnfreeze.model.records import Normalization, Runtime
+from bnfreeze.ops.inspect import inspect_file
+from bnfreeze.runtime.loading import RuntimeInfo
 from bnfreeze.runtime.verify import (
     Aspect,
     CompileSource,
@@ -64,8 +64,14 @@ def phase2(guide_phase2_keras):
     """One verify run of the guide's phase 2, with the file's bytes and mtime around it."""
     before = fingerprint(guide_phase2_keras)
     code, doc, stderr = verify_json(guide_phase2_keras)
-    return {"code": code, "doc": doc, "stderr": stderr, "before": before,
-            "after": fingerprint(guide_phase2_keras), "path": guide_phase2_keras}
+    return {
+        "code": code,
+        "doc": doc,
+        "stderr": stderr,
+        "before": before,
+        "after": fingerprint(guide_phase2_keras),
+        "path": guide_phase2_keras,
+    }
 
 
 def test_phase2_prediction_and_measurement_agree(phase2):
@@ -81,7 +87,8 @@ def test_phase2_reports_the_bn_layers_whose_stats_move_as_inspect_predicted(phas
     report = inspect_file(phase2["path"])
     predicted = {s.layer.path for s in report.batchnorm if s.in_fit.updates_moving_stats}
     measured = {
-        layer["path"] for layer in doc["layers"]
+        layer["path"]
+        for layer in doc["layers"]
         if layer["is_batchnorm"] and layer["moving_stats"] == "moved"
     }
     bn_paths = {layer["path"] for layer in doc["layers"] if layer["is_batchnorm"]}
@@ -99,13 +106,16 @@ def test_phase2_both_differ_from_the_naive_reading(phase2):
     report = inspect_file(phase2["path"])
     backbone = [s.layer for s in report.layers if s.layer.is_container]
     assert [c.call_training for c in backbone] == [False]
-    naive_frozen = {s.layer.path for s in report.batchnorm
-                    if s.layer.path.startswith(backbone[0].path + "/")}
-    moved = {layer["path"] for layer in phase2["doc"]["layers"]
-             if layer["moving_stats"] == "moved"}
+    naive_frozen = {
+        s.layer.path for s in report.batchnorm if s.layer.path.startswith(backbone[0].path + "/")
+    }
+    moved = {layer["path"] for layer in phase2["doc"]["layers"] if layer["moving_stats"] == "moved"}
     assert naive_frozen and naive_frozen <= moved
-    assert all(layer["predicted"]["updates_moving_stats"] for layer in phase2["doc"]["layers"]
-               if layer["is_batchnorm"])
+    assert all(
+        layer["predicted"]["updates_moving_stats"]
+        for layer in phase2["doc"]["layers"]
+        if layer["is_batchnorm"]
+    )
 
 
 def test_phase2_convolutions_train_too(phase2):
@@ -128,8 +138,12 @@ def test_phase2_uses_the_models_own_compile_config(phase2):
     assert run["compile"]["source"] == "model"
     assert run["compile"]["optimizer"].startswith("Adam(")
     assert run["compile"]["loss"] == "mse"
-    assert run["data"] == {"source": "synthetic", "path": None, "seed": 0,
-                           "input_shapes": [[2, 32, 32, 3]]}
+    assert run["data"] == {
+        "source": "synthetic",
+        "path": None,
+        "seed": 0,
+        "input_shapes": [[2, 32, 32, 3]],
+    }
 
 
 # --------------------------------------------------------------------------- acceptance (b)
@@ -152,13 +166,15 @@ def test_bn_inference_recipe_verifies_with_zero_bn_movement(guide_phase2_bn_infe
 @pytest.mark.parametrize(
     "sample", ["sequential.keras", "bn_under_frozen.keras", "nested_legacy.h5"]
 )
-def test_a_model_frozen_with_bn_inference_verifies_with_zero_bn_movement(
-    samples, tmp_path, sample
-):
+def test_a_model_frozen_with_bn_inference_verifies_with_zero_bn_movement(samples, tmp_path, sample):
     """The recipe through bnfreeze's own freeze command, then measured by Keras."""
     out = tmp_path / sample
-    frozen = CliRunner().invoke(cli, ["freeze", str(samples / sample), "--bn-inference",
-                                      "-o", str(out)], env=ENV, catch_exceptions=False)
+    frozen = CliRunner().invoke(
+        cli,
+        ["freeze", str(samples / sample), "--bn-inference", "-o", str(out)],
+        env=ENV,
+        catch_exceptions=False,
+    )
     assert frozen.exit_code == 0, frozen.stderr
     code, doc, _ = verify_json(out, "--expect", "bn-inference")
     assert code == 0
@@ -182,9 +198,16 @@ def test_sequential_json_document(samples):
 
     def layer(path, class_name, is_bn, stats, gb, other, trains, mode, p_trains, p_stats):
         return {
-            "path": path, "class_name": class_name, "is_batchnorm": is_bn, "in_file": True,
-            "moving_stats": stats, "gamma_beta": gb, "other_weights": other,
-            "trains_weights": trains, "normalizes_with": mode, "mode_measured": is_bn,
+            "path": path,
+            "class_name": class_name,
+            "is_batchnorm": is_bn,
+            "in_file": True,
+            "moving_stats": stats,
+            "gamma_beta": gb,
+            "other_weights": other,
+            "trains_weights": trains,
+            "normalizes_with": mode,
+            "mode_measured": is_bn,
             "predicted": {"trains_weights": p_trains, "updates_moving_stats": p_stats},
         }
 
@@ -192,27 +215,64 @@ def test_sequential_json_document(samples):
         "schema_version": 1,
         "command": "verify",
         "model": str(path),
-        "runtime": {"name": "keras3", "keras_version": info.keras_version,
-                    "backend": info.backend, "tensorflow_version": info.tensorflow_version},
+        "runtime": {
+            "name": "keras3",
+            "keras_version": info.keras_version,
+            "backend": info.backend,
+            "tensorflow_version": info.tensorflow_version,
+        },
         "run": {
-            "steps": 1, "batch_size": 2, "execution": "eager",
+            "steps": 1,
+            "batch_size": 2,
+            "execution": "eager",
             "data": {"source": "synthetic", "path": None, "seed": 0, "input_shapes": [[2, 6]]},
-            "compile": {"source": "default", "optimizer": "SGD(learning_rate=0.01)",
-                        "loss": "mse", "reason": None},
+            "compile": {
+                "source": "default",
+                "optimizer": "SGD(learning_rate=0.01)",
+                "loss": "mse",
+                "reason": None,
+            },
         },
         "summary": {
-            "batchnorm": 2, "bn_stats_moved": 1, "bn_stats_unchanged": 1,
-            "bn_mode_not_measured": 0, "layers_trained": 4, "layers_frozen": 1,
-            "compared": True, "checks": 7, "disagreements": 0, "agree": True,
+            "batchnorm": 2,
+            "bn_stats_moved": 1,
+            "bn_stats_unchanged": 1,
+            "bn_mode_not_measured": 0,
+            "layers_trained": 4,
+            "layers_frozen": 1,
+            "compared": True,
+            "checks": 7,
+            "disagreements": 0,
+            "agree": True,
             "expectations_hold": True,
         },
         "layers": [
             layer("dense_1", "Dense", False, "none", "none", "moved", True, None, True, None),
-            layer("bn_1", "BatchNormalization", True, "moved", "moved", "none", True, "batch",
-                  True, True),
+            layer(
+                "bn_1",
+                "BatchNormalization",
+                True,
+                "moved",
+                "moved",
+                "none",
+                True,
+                "batch",
+                True,
+                True,
+            ),
             layer("dense_2", "Dense", False, "none", "none", "moved", True, None, True, None),
-            layer("bn_2", "BatchNormalization", True, "unchanged", "unchanged", "none", False,
-                  "moving", False, False),
+            layer(
+                "bn_2",
+                "BatchNormalization",
+                True,
+                "unchanged",
+                "unchanged",
+                "none",
+                False,
+                "moving",
+                False,
+                False,
+            ),
             layer("out", "Dense", False, "none", "none", "moved", True, None, True, None),
         ],
         "disagreements": [],
@@ -270,7 +330,11 @@ def test_nested_legacy_h5_paths(samples):
     code, doc, _ = verify_json(samples / "nested_legacy.h5")
     assert code == 0
     assert [layer["path"] for layer in doc["layers"]] == [
-        "bn_bn/bn1", "bn_bn/bn2", "bn_dense/bn3", "bn_dense/d1", "head"
+        "bn_bn/bn1",
+        "bn_bn/bn2",
+        "bn_dense/bn3",
+        "bn_dense/d1",
+        "head",
     ]
     assert doc["summary"]["bn_stats_moved"] == 3
 
@@ -291,12 +355,19 @@ def test_data_file(samples, tmp_path):
 
     data = tmp_path / "batch.npz"
     rng = np.random.default_rng(3)
-    np.savez(data, x=rng.normal(size=(6, 6)).astype("float32"),
-             y=rng.normal(size=(6, 1)).astype("float32"))
+    np.savez(
+        data,
+        x=rng.normal(size=(6, 6)).astype("float32"),
+        y=rng.normal(size=(6, 1)).astype("float32"),
+    )
     code, doc, _ = verify_json(samples / "sequential.keras", "--data", data, "--batch-size", "4")
     assert code == 0
-    assert doc["run"]["data"] == {"source": "file", "path": str(data), "seed": None,
-                                  "input_shapes": [[4, 6]]}
+    assert doc["run"]["data"] == {
+        "source": "file",
+        "path": str(data),
+        "seed": None,
+        "input_shapes": [[4, 6]],
+    }
 
 
 @pytest.mark.parametrize(
@@ -524,8 +595,7 @@ def test_custom_classes_without_custom_objects_exit_2(custom_model):
     assert len(errors) == 1 and errors[0].startswith("error: ")
 
 
-def test_subclassed_model_is_measured_from_its_build_config(subclassed_keras,
-                                                             custom_layers_file):
+def test_subclassed_model_is_measured_from_its_build_config(subclassed_keras, custom_layers_file):
     """A subclassed model declares no inputs and its config lists no layers: the batch is
     built from the saved build_config, and every measured layer is reported as not in the
     file, with nothing to compare."""
@@ -544,16 +614,28 @@ def test_subclassed_model_is_measured_from_its_build_config(subclassed_keras,
 
 RUNTIME = RuntimeInfo(Runtime.KERAS3, "3.15.1", "tensorflow", "2.21.0")
 SETUP = TrainingSetup(
-    compile_source=CompileSource.DEFAULT, optimizer="SGD(learning_rate=0.01)", loss="mse",
-    steps=1, batch_size=2, data_source=DataSource.SYNTHETIC, data_path=None, seed=0,
+    compile_source=CompileSource.DEFAULT,
+    optimizer="SGD(learning_rate=0.01)",
+    loss="mse",
+    steps=1,
+    batch_size=2,
+    data_source=DataSource.SYNTHETIC,
+    data_path=None,
+    seed=0,
     input_shapes=((2, 6),),
 )
 
 
-def measurement(path: str, stats: Movement, gamma_beta: Movement, other: Movement = Movement.NONE,
-                bn: bool = True) -> LayerMeasurement:
-    return LayerMeasurement(path, "BatchNormalization" if bn else "Dense", bn, True, True,
-                            stats, gamma_beta, other)
+def measurement(
+    path: str,
+    stats: Movement,
+    gamma_beta: Movement,
+    other: Movement = Movement.NONE,
+    bn: bool = True,
+) -> LayerMeasurement:
+    return LayerMeasurement(
+        path, "BatchNormalization" if bn else "Dense", bn, True, True, stats, gamma_beta, other
+    )
 
 
 def test_compare_finds_each_kind_of_disagreement(samples):
@@ -564,8 +646,9 @@ def test_compare_finds_each_kind_of_disagreement(samples):
         measurement("dense_1", Movement.NONE, Movement.NONE, Movement.UNCHANGED, bn=False),
         measurement("dense_2", Movement.NONE, Movement.NONE, Movement.ZERO_UPDATE, bn=False),
     ]
-    report = compare(path="m", runtime=RUNTIME, setup=SETUP, measured=measured,
-                     prediction=prediction)
+    report = compare(
+        path="m", runtime=RUNTIME, setup=SETUP, measured=measured, prediction=prediction
+    )
     assert report.disagreements == (
         Disagreement("bn_1", Aspect.MOVING_STATS, True, Movement.UNCHANGED),
         Disagreement("bn_2", Aspect.GAMMA_BETA, False, Movement.MOVED),
@@ -584,8 +667,13 @@ def test_without_a_prediction_nothing_is_compared():
     from bnfreeze.render.verify import verify_dict, verify_view
 
     tf_keras = RuntimeInfo(Runtime.TF_KERAS, "2.21.0", "tensorflow", "2.21.0")
-    report = compare(path="m", runtime=tf_keras, setup=SETUP, prediction=None,
-                     measured=[measurement("bn", Movement.MOVED, Movement.MOVED)])
+    report = compare(
+        path="m",
+        runtime=tf_keras,
+        setup=SETUP,
+        prediction=None,
+        measured=[measurement("bn", Movement.MOVED, Movement.MOVED)],
+    )
     assert report.checks == 0 and report.exit_code == 0 and report.not_in_file == ()
     with open(os.devnull, "w") as sink:
         console = Console(width=100, record=True, color_system=None, file=sink)
@@ -607,8 +695,9 @@ def test_every_movement_has_words_and_a_verdict(movement):
     from bnfreeze.render.verify import movement_text
 
     assert movement_text(movement).plain
-    assert movement.trained is (None if movement is Movement.NONE else movement.changed
-                                or movement is Movement.ZERO_UPDATE)
+    assert movement.trained is (
+        None if movement is Movement.NONE else movement.changed or movement is Movement.ZERO_UPDATE
+    )
 
 
 @pytest.mark.parametrize("aspect", list(Aspect))
@@ -648,9 +737,14 @@ def test_expectations_judge_the_measurement_not_the_prediction(samples):
         measurement("bn_1", Movement.UNCHANGED, Movement.UNCHANGED),
         measurement("bn_2", Movement.UNCHANGED, Movement.UNCHANGED),
     ]
-    report = compare(path="m", runtime=RUNTIME, setup=SETUP, measured=measured,
-                     prediction=prediction,
-                     expectations=[parse_expectation("bn-inference")])
+    report = compare(
+        path="m",
+        runtime=RUNTIME,
+        setup=SETUP,
+        measured=measured,
+        prediction=prediction,
+        expectations=[parse_expectation("bn-inference")],
+    )
     assert report.expectations_hold  # although inspect predicts bn_1 trains
     assert not report.agree
 
@@ -670,8 +764,9 @@ def test_view_matches_golden(samples, monkeypatch, all_layers):
     from bnfreeze.runtime.verify import verify_file
 
     monkeypatch.chdir(ROOT)
-    report = verify_file("sample_models/sequential.keras",
-                         expectations=[parse_expectation("bn-inference")])
+    report = verify_file(
+        "sample_models/sequential.keras", expectations=[parse_expectation("bn-inference")]
+    )
     report = dataclasses.replace(report, runtime=RUNTIME)  # the golden file pins versions
     with open(os.devnull, "w") as sink:
         console = Console(width=100, record=True, color_system=None, file=sink)
@@ -701,8 +796,9 @@ def test_runtime_tf_keras_measures_with_keras_2(tmp_path):
 
     pytest.importorskip("tf_keras")
     model = tmp_path / "keras2.h5"
-    subprocess.run([sys.executable, "-c", TF_KERAS_BUILD, str(model)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-c", TF_KERAS_BUILD, str(model)], check=True, capture_output=True
+    )
     code, doc, stderr = verify_json(model, "--runtime", "tf-keras")
     assert code == 0, stderr
     assert doc["runtime"]["name"] == "tf-keras"

@@ -90,11 +90,17 @@ def test_ancestors_and_descendants():
     layers = walk(deep_config()).layers
     bn = next(r for r in layers if r.name == "bn")
     assert [r.path for r in ancestors(layers, bn)] == [
-        "outer/middle/inner", "outer/middle", "outer"
+        "outer/middle/inner",
+        "outer/middle",
+        "outer",
     ]
     middle = next(r for r in layers if r.path == "outer/middle")
     assert [r.name for r in descendants(layers, middle)] == [
-        "mid_in", "inner", "inner_in", "bn", "dense"
+        "mid_in",
+        "inner",
+        "inner_in",
+        "bn",
+        "dense",
     ]
 
 
@@ -119,9 +125,13 @@ def test_time_distributed_bn():
 
 def test_bidirectional_has_two_inner_layers():
     """Keras 3 saves the forward layer under "layer" with its own name (forward_lstm)."""
-    bidi = layer("Bidirectional", "bidi", merge_mode="concat",
-                 layer=layer("LSTM", "forward_lstm", units=3),
-                 backward_layer=layer("LSTM", "backward_lstm", units=3, go_backwards=True))
+    bidi = layer(
+        "Bidirectional",
+        "bidi",
+        merge_mode="concat",
+        layer=layer("LSTM", "forward_lstm", units=3),
+        backward_layer=layer("LSTM", "backward_lstm", units=3, go_backwards=True),
+    )
     paths = [r.path for r in walk(functional("m", [bidi])).layers]
     assert paths == ["bidi", "bidi/forward_lstm", "bidi/backward_lstm"]
 
@@ -134,8 +144,16 @@ def test_wrapper_of_a_nested_model():
 
 def test_dtype_policy_dict_is_not_a_wrapped_layer():
     """Keras 3 serializes dtype as {"class_name": "DTypePolicy", ...}: not a layer."""
-    dense = layer("Dense", "d", dtype={"module": "keras", "class_name": "DTypePolicy",
-                                       "config": {"name": "float32"}, "registered_name": None})
+    dense = layer(
+        "Dense",
+        "d",
+        dtype={
+            "module": "keras",
+            "class_name": "DTypePolicy",
+            "config": {"name": "float32"},
+            "registered_name": None,
+        },
+    )
     assert classify(dense) is LayerKind.LAYER
 
 
@@ -190,15 +208,19 @@ def test_odd_inbound_nodes_are_ignored_not_fatal(nodes):
     [
         (layer("BatchNormalization", "b"), LayerKind.BATCHNORM),
         (layer("BatchNormalization", "b", synchronized=True), LayerKind.BATCHNORM),
-        (layer("SyncBatchNormalization", "b", module="keras.layers.experimental"),
-         LayerKind.BATCHNORM),
+        (
+            layer("SyncBatchNormalization", "b", module="keras.layers.experimental"),
+            LayerKind.BATCHNORM,
+        ),
         (layer("LayerNormalization", "n"), LayerKind.NORMALIZATION),
         (layer("GroupNormalization", "n", groups=2), LayerKind.NORMALIZATION),
         (layer("UnitNormalization", "n"), LayerKind.NORMALIZATION),
         (layer("RMSNormalization", "n"), LayerKind.NORMALIZATION),
         (layer("Normalization", "n"), LayerKind.NORMALIZATION),
-        (layer("SpectralNormalization", "n", layer=layer("Dense", "d", units=2)),
-         LayerKind.WRAPPER),
+        (
+            layer("SpectralNormalization", "n", layer=layer("Dense", "d", units=2)),
+            LayerKind.WRAPPER,
+        ),
         (layer("Dense", "d", units=2), LayerKind.LAYER),
         (layer("Add", "add", module="keras.src.ops.numpy"), LayerKind.LAYER),
         (input_layer("i"), LayerKind.INPUT),
@@ -214,8 +236,14 @@ def test_classify(entry, kind):
 
 def test_a_keras_operation_has_no_flag():
     """``x + 3`` in a Functional graph, exactly as MobileNetV3's config saves it."""
-    op = {"module": "keras.src.ops.numpy", "class_name": "Add", "config": {"name": "add"},
-          "registered_name": "Add", "name": "add", "inbound_nodes": []}
+    op = {
+        "module": "keras.src.ops.numpy",
+        "class_name": "Add",
+        "config": {"name": "add"},
+        "registered_name": "Add",
+        "name": "add",
+        "inbound_nodes": [],
+    }
     dense = layer("Dense", "d", units=2)
     del dense["config"]["trainable"]
     records = walk(functional("m", [op, dense])).layers
@@ -251,8 +279,12 @@ def test_synchronized_scale_center_renorm_are_recorded():
         layer("MyLayer", "mine", module="my_package.layers", registered_name="my_package>MyLayer"),
         # A custom BN subclass saved under the built-in name from its own module: only a
         # loaded model could tell what it does, so it is unknown, not BN.
-        layer("BatchNormalization", "bn", module="my_package.layers",
-              registered_name="my_package>BatchNormalization"),
+        layer(
+            "BatchNormalization",
+            "bn",
+            module="my_package.layers",
+            registered_name="my_package>BatchNormalization",
+        ),
         layer("FancyBN", "fancy", module=None, registered_name="Custom>FancyBN"),
     ],
     ids=["custom-layer", "custom-bn-subclass", "registered-only"],
@@ -307,37 +339,60 @@ def _with(mutate) -> dict:
 
 
 def _bn(config: dict) -> dict:
-    return config["config"]["layers"][1]["config"]["layers"][1]["config"]["layers"][1][
-        "config"]["layers"][1]
+    return config["config"]["layers"][1]["config"]["layers"][1]["config"]["layers"][1]["config"][
+        "layers"
+    ][1]
 
 
 @pytest.mark.parametrize(
     ("mutate", "words"),
     [
-        (lambda c: c["config"].__setitem__("trainable", "false"),
-         "model 'model' has trainable='false'; it must be true or false"),
-        (lambda c: _bn(c)["config"].__setitem__("trainable", "yes"),
-         "layer 'outer/middle/inner/bn' has trainable='yes'"),
+        (
+            lambda c: c["config"].__setitem__("trainable", "false"),
+            "model 'model' has trainable='false'; it must be true or false",
+        ),
+        (
+            lambda c: _bn(c)["config"].__setitem__("trainable", "yes"),
+            "layer 'outer/middle/inner/bn' has trainable='yes'",
+        ),
         (lambda c: _bn(c)["config"].__setitem__("trainable", 1), "has trainable=1"),
         (lambda c: _bn(c).pop("class_name"), "a layer of outer/middle/inner has no class_name"),
         (lambda c: _bn(c).__setitem__("class_name", ["BatchNormalization"]), "has no class_name"),
         (lambda c: _bn(c).__setitem__("config", []), "has no config"),
         (lambda c: _bn(c)["config"].pop("name"), "has no name"),
         (lambda c: _bn(c)["config"].__setitem__("name", ""), "has no name"),
-        (lambda c: c["config"].__setitem__("layers", {"0": {}}),
-         "'layers' of the model is not a list"),
-        (lambda c: c["config"]["layers"][1]["config"].__setitem__("layers", {}),
-         "'layers' of outer is not a list"),
-        (lambda c: c["config"]["layers"].__setitem__(2, ["Dense", "head"]),
-         "a layer of the model is not an object"),
-        (lambda c: c["config"]["layers"].append(layer("Dense", "head")),
-         "two layers have the path 'head'"),
+        (
+            lambda c: c["config"].__setitem__("layers", {"0": {}}),
+            "'layers' of the model is not a list",
+        ),
+        (
+            lambda c: c["config"]["layers"][1]["config"].__setitem__("layers", {}),
+            "'layers' of outer is not a list",
+        ),
+        (
+            lambda c: c["config"]["layers"].__setitem__(2, ["Dense", "head"]),
+            "a layer of the model is not an object",
+        ),
+        (
+            lambda c: c["config"]["layers"].append(layer("Dense", "head")),
+            "two layers have the path 'head'",
+        ),
         (lambda c: c.__setitem__("config", []), "the model config is not an object"),
     ],
     ids=[
-        "root-trainable-string", "trainable-string", "trainable-int", "missing-class-name",
-        "class-name-list", "config-list", "missing-name", "empty-name", "root-layers-dict",
-        "nested-layers-dict", "layer-list", "duplicate-path", "root-config-list",
+        "root-trainable-string",
+        "trainable-string",
+        "trainable-int",
+        "missing-class-name",
+        "class-name-list",
+        "config-list",
+        "missing-name",
+        "empty-name",
+        "root-layers-dict",
+        "nested-layers-dict",
+        "layer-list",
+        "duplicate-path",
+        "root-config-list",
     ],
 )
 def test_config_errors(mutate, words):

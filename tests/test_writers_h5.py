@@ -16,14 +16,14 @@ import h5py
 import numpy as np
 import pytest
 
-from bnfreeze.ops import edit as file_edit
-from bnfreeze.model.assignments import apply_to_config, current_flags
 from bnfreeze.errors import OutputError
-from bnfreeze.formats.readers import read_model
-from bnfreeze.model.walk import walk
-from bnfreeze.formats.writers import WriteOutcome, WriteRequest, legacy_h5
 from bnfreeze.formats.atomic import write_atomically
+from bnfreeze.formats.readers import read_model
+from bnfreeze.formats.writers import WriteOutcome, WriteRequest, legacy_h5
 from bnfreeze.formats.writers.legacy_h5 import WRITER
+from bnfreeze.model.assignments import apply_to_config, current_flags
+from bnfreeze.model.walk import walk
+from bnfreeze.ops import edit as file_edit
 
 pytestmark = pytest.mark.keras
 
@@ -124,21 +124,28 @@ def build_nested():
     f = keras.layers.Dense(4, name="fd")(deep(f))
     func = keras.Model(f_in, keras.layers.BatchNormalization(name="fb2")(f), name="func")
     bn_bn = keras.Sequential(
-        [keras.Input((4,)), keras.layers.BatchNormalization(name="bn1"),
-         keras.layers.BatchNormalization(name="bn2")],
+        [
+            keras.Input((4,)),
+            keras.layers.BatchNormalization(name="bn1"),
+            keras.layers.BatchNormalization(name="bn2"),
+        ],
         name="bn_bn",
     )
     bn_dense = keras.Sequential(
-        [keras.Input((4,)), keras.layers.BatchNormalization(name="bn3"),
-         keras.layers.Dense(4, name="d1")],
+        [
+            keras.Input((4,)),
+            keras.layers.BatchNormalization(name="bn3"),
+            keras.layers.Dense(4, name="d1"),
+        ],
         name="bn_dense",
     )
     x = keras.layers.BatchNormalization(name="top_bn")(bn_dense(bn_bn(func(inputs))))
     model = keras.Model(inputs, keras.layers.Dense(1, name="head")(x), name="nested")
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=keras.losses.MeanSquaredError())
     rng = np.random.default_rng(7)
-    model.fit(rng.normal(3, 2, (32, 4)), rng.normal(size=(32, 1)), epochs=2, batch_size=8,
-              verbose=0)
+    model.fit(
+        rng.normal(3, 2, (32, 4)), rng.normal(size=(32, 1)), epochs=2, batch_size=8, verbose=0
+    )
     func.trainable = False  # a frozen Functional group: stored unpartitioned
     func.get_layer("fb2").trainable = True  # ...with a trainable BN inside it
     return model
@@ -310,9 +317,7 @@ def test_optimizer_state_dropped_when_trainable_set_changes(nested_h5, tmp_path,
 
 def test_keep_optimizer_state(nested_h5, nested_values, tmp_path):
     out = tmp_path / "out.h5"
-    result = file_edit.freeze_file(
-        nested_h5, out, layers=["bn_bn/bn1"], keep_optimizer_state=True
-    )
+    result = file_edit.freeze_file(nested_h5, out, layers=["bn_bn/bn1"], keep_optimizer_state=True)
     assert result.optimizer_state is file_edit.OptimizerState.KEPT
     assert result.optimizer_variables_dropped == 0
     assert read_model(out).optimizer_variables == read_model(nested_h5).optimizer_variables
@@ -343,8 +348,9 @@ def test_refuses_what_it_cannot_order(nested_h5, tmp_path):
     node["module"] = "my_layers"
     custom = walk(config).layers
     flags = {**current_flags(custom), "bn_dense/bn3": False}
-    req = WriteRequest(model=model, config=apply_to_config(config, custom, flags),
-                       layers=custom, flags=flags)
+    req = WriteRequest(
+        model=model, config=apply_to_config(config, custom, flags), layers=custom, flags=flags
+    )
     out = tmp_path / "out.h5"
     with pytest.raises(legacy_h5.H5RewriteError, match="--engine keras"):
         write_atomically(out, produce=lambda tmp: WRITER.write(req, tmp))
@@ -354,25 +360,69 @@ def test_refuses_what_it_cannot_order(nested_h5, tmp_path):
 def test_refuses_a_weight_order_it_cannot_replay():
     """If the stored order is not what bnfreeze's model of Keras predicts, it refuses."""
     model_layers = walk(
-        {"class_name": "Functional", "config": {"name": "m", "trainable": True, "layers": [
-            {"class_name": "Sequential", "config": {"name": "s", "trainable": True, "layers": [
-                {"class_name": "BatchNormalization", "config": {"name": "a", "trainable": True}},
-                {"class_name": "BatchNormalization", "config": {"name": "b", "trainable": True}},
-            ]}}]}}
+        {
+            "class_name": "Functional",
+            "config": {
+                "name": "m",
+                "trainable": True,
+                "layers": [
+                    {
+                        "class_name": "Sequential",
+                        "config": {
+                            "name": "s",
+                            "trainable": True,
+                            "layers": [
+                                {
+                                    "class_name": "BatchNormalization",
+                                    "config": {"name": "a", "trainable": True},
+                                },
+                                {
+                                    "class_name": "BatchNormalization",
+                                    "config": {"name": "b", "trainable": True},
+                                },
+                            ],
+                        },
+                    }
+                ],
+            },
+        }
     ).layers
-    stored = {"s": ["s/a/gamma", "s/a/beta", "s/a/moving_mean", "s/a/moving_variance",
-                    "s/b/gamma", "s/b/beta", "s/b/moving_mean", "s/b/moving_variance"]}
+    stored = {
+        "s": [
+            "s/a/gamma",
+            "s/a/beta",
+            "s/a/moving_mean",
+            "s/a/moving_variance",
+            "s/b/gamma",
+            "s/b/beta",
+            "s/b/moving_mean",
+            "s/b/moving_variance",
+        ]
+    }
     old = current_flags(model_layers)
     with pytest.raises(legacy_h5.H5RewriteError, match="does not follow"):
         legacy_h5.plan_from_names(stored, model_layers, old, {**old, "s/a": False})
     # The order Keras really writes for two trainable BNs: gamma/beta first.
-    stored["s"] = ["s/a/gamma", "s/a/beta", "s/b/gamma", "s/b/beta",
-                   "s/a/moving_mean", "s/a/moving_variance", "s/b/moving_mean",
-                   "s/b/moving_variance"]
+    stored["s"] = [
+        "s/a/gamma",
+        "s/a/beta",
+        "s/b/gamma",
+        "s/b/beta",
+        "s/a/moving_mean",
+        "s/a/moving_variance",
+        "s/b/moving_mean",
+        "s/b/moving_variance",
+    ]
     layout = legacy_h5.plan_from_names(stored, model_layers, old, {**old, "s/a": False})
     assert layout.weight_names["s"] == (
-        "s/b/gamma", "s/b/beta", "s/a/gamma", "s/a/beta", "s/a/moving_mean",
-        "s/a/moving_variance", "s/b/moving_mean", "s/b/moving_variance",
+        "s/b/gamma",
+        "s/b/beta",
+        "s/a/gamma",
+        "s/a/beta",
+        "s/a/moving_mean",
+        "s/a/moving_variance",
+        "s/b/moving_mean",
+        "s/b/moving_variance",
     )
 
 

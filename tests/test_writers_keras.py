@@ -12,18 +12,21 @@ from typing import Any
 
 import pytest
 
-from bnfreeze.model.assignments import Assignment, apply_to_config, assign, current_flags
 from bnfreeze.errors import OutputError
-from bnfreeze.ops.edit import edit_file, freeze_file, unfreeze_file
 from bnfreeze.formats.readers import read_model
 from bnfreeze.formats.readers._keras_common import Member, MemberFile
-from bnfreeze.model.selection import select
-from bnfreeze.model.walk import walk
 from bnfreeze.formats.writers import WriteRequest, writer_for
 from bnfreeze.formats.writers.keras_zip import WRITER, data_offset, serialize_config
+from bnfreeze.model.assignments import Assignment, apply_to_config, assign, current_flags
+from bnfreeze.model.selection import select
+from bnfreeze.model.walk import walk
+from bnfreeze.ops.edit import edit_file, freeze_file, unfreeze_file
 
 KERAS_SAMPLES = [
-    "seed_bn.keras", "guide_pattern.keras", "bn_under_frozen.keras", "sequential.keras"
+    "seed_bn.keras",
+    "guide_pattern.keras",
+    "bn_under_frozen.keras",
+    "sequential.keras",
 ]
 
 
@@ -45,11 +48,13 @@ def h5_datasets(path: Path) -> dict[str, tuple[bytes, str, tuple[int, ...], dict
         data = archive.read("model.weights.h5")
     out: dict[str, Any] = {}
     with h5py.File(io.BytesIO(data), "r") as h5:
+
         def visit(name: str, obj: Any) -> None:
             if isinstance(obj, h5py.Dataset):
                 value = obj[()]
                 raw = value.tobytes() if hasattr(value, "tobytes") else bytes(value)
                 out[name] = (raw, str(obj.dtype), obj.shape, dict(obj.attrs))
+
         h5.visititems(visit)
     return out
 
@@ -78,8 +83,9 @@ def test_no_change_is_byte_identical(samples, tmp_path, name):
     out = tmp_path / name
     # Give the first BN layer the flag it already has.
     bn = next(r for r in walk(read_model(samples / name).config).layers if r.is_batchnorm)
-    result = edit_file(samples / name, out, Assignment(others=None, batchnorm=bn.trainable),
-                       layers=[bn.path])
+    result = edit_file(
+        samples / name, out, Assignment(others=None, batchnorm=bn.trainable), layers=[bn.path]
+    )
     assert result.changes == () and result.selected == (bn.path,)
     assert out.read_bytes() == (samples / name).read_bytes()
 
@@ -94,7 +100,10 @@ def test_only_config_json_changes(samples, tmp_path, name):
         assert [i.filename for i in before] == [i.filename for i in after]
         for x, y in zip(before, after, strict=True):
             assert (x.date_time, x.compress_type, x.external_attr, x.create_system) == (
-                y.date_time, y.compress_type, y.external_attr, y.create_system
+                y.date_time,
+                y.compress_type,
+                y.external_attr,
+                y.create_system,
             )
             if x.filename == "config.json":
                 config = json.loads(b.read(y))
@@ -113,8 +122,12 @@ def test_compressed_members_and_assets_are_copied_as_stored(samples, tmp_path):
         for info in zin.infolist():
             stored = info.filename == "model.weights.h5"
             kind = zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED
-            zout.writestr(zipfile.ZipInfo(info.filename, (2020, 5, 17, 10, 0, 0)), zin.read(info),
-                          compress_type=kind, compresslevel=1)
+            zout.writestr(
+                zipfile.ZipInfo(info.filename, (2020, 5, 17, 10, 0, 0)),
+                zin.read(info),
+                compress_type=kind,
+                compresslevel=1,
+            )
         zout.writestr("assets/vocab.txt", "a\nb\n" * 500, compress_type=zipfile.ZIP_DEFLATED)
         zout.comment = b"an archive comment"
     out = tmp_path / "out.keras"
@@ -162,8 +175,9 @@ def test_verify_refuses_a_file_with_other_flags(samples, tmp_path):
     written = tmp_path / "w.keras"
     WRITER.write(request, written)
     WRITER.verify(request, written)  # what was asked
-    wrong = WriteRequest(request.model, request.config, request.layers,
-                         {**request.flags, "dense_1": True})
+    wrong = WriteRequest(
+        request.model, request.config, request.layers, {**request.flags, "dense_1": True}
+    )
     with pytest.raises(OutputError, match="does not read back with the intended flags"):
         WRITER.verify(wrong, written)
 
@@ -251,8 +265,7 @@ def _one_step(model: Any) -> dict[str, bytes]:
 
     x, y = synthetic_batch(model, batch_size=4, seed=0)
     keras.utils.set_random_seed(7)
-    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.01), loss="mse",
-                  run_eagerly=True)
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.01), loss="mse", run_eagerly=True)
     model.fit(x, y, batch_size=4, epochs=1, steps_per_epoch=1, verbose=0, shuffle=False)
     return _weights(model)
 

@@ -59,17 +59,59 @@ NOT_APPLICABLE = FitBehaviour(trains_weights=None, normalizes_with=None, updates
 #: Built-in layers that never hold variables: used when the weights file is not readable.
 WEIGHTLESS_CLASSES = frozenset(
     {
-        "InputLayer", "Activation", "ReLU", "LeakyReLU", "ELU", "Softmax", "Add", "Subtract",
-        "Multiply", "Average", "Maximum", "Minimum", "Concatenate", "Dot", "Flatten", "Reshape",
-        "Permute", "RepeatVector", "Dropout", "SpatialDropout1D", "SpatialDropout2D",
-        "SpatialDropout3D", "GaussianNoise", "GaussianDropout", "AlphaDropout",
-        "MaxPooling1D", "MaxPooling2D", "MaxPooling3D", "AveragePooling1D",
-        "AveragePooling2D", "AveragePooling3D", "GlobalAveragePooling1D",
-        "GlobalAveragePooling2D", "GlobalAveragePooling3D", "GlobalMaxPooling1D",
-        "GlobalMaxPooling2D", "GlobalMaxPooling3D", "ZeroPadding1D", "ZeroPadding2D",
-        "ZeroPadding3D", "Cropping1D", "Cropping2D", "Cropping3D", "UpSampling1D",
-        "UpSampling2D", "UpSampling3D", "Rescaling", "Resizing", "CenterCrop", "Identity",
-        "Masking", "ActivityRegularization", "UnitNormalization",
+        "InputLayer",
+        "Activation",
+        "ReLU",
+        "LeakyReLU",
+        "ELU",
+        "Softmax",
+        "Add",
+        "Subtract",
+        "Multiply",
+        "Average",
+        "Maximum",
+        "Minimum",
+        "Concatenate",
+        "Dot",
+        "Flatten",
+        "Reshape",
+        "Permute",
+        "RepeatVector",
+        "Dropout",
+        "SpatialDropout1D",
+        "SpatialDropout2D",
+        "SpatialDropout3D",
+        "GaussianNoise",
+        "GaussianDropout",
+        "AlphaDropout",
+        "MaxPooling1D",
+        "MaxPooling2D",
+        "MaxPooling3D",
+        "AveragePooling1D",
+        "AveragePooling2D",
+        "AveragePooling3D",
+        "GlobalAveragePooling1D",
+        "GlobalAveragePooling2D",
+        "GlobalAveragePooling3D",
+        "GlobalMaxPooling1D",
+        "GlobalMaxPooling2D",
+        "GlobalMaxPooling3D",
+        "ZeroPadding1D",
+        "ZeroPadding2D",
+        "ZeroPadding3D",
+        "Cropping1D",
+        "Cropping2D",
+        "Cropping3D",
+        "UpSampling1D",
+        "UpSampling2D",
+        "UpSampling3D",
+        "Rescaling",
+        "Resizing",
+        "CenterCrop",
+        "Identity",
+        "Masking",
+        "ActivityRegularization",
+        "UnitNormalization",
     }
 )
 
@@ -77,6 +119,7 @@ WEIGHTLESS_CLASSES = frozenset(
 #: Built-in layers whose variables are all non-trainable state, never trained by ``fit()``:
 #: the preprocessing ``Normalization`` keeps the mean and variance that ``adapt()`` computed.
 UNTRAINABLE_STATE_CLASSES = frozenset({"Normalization"})
+
 
 def is_operation(record: LayerRecord) -> bool:
     """Whether the config entry is a Keras operation applied to tensors (``x + 3`` is saved as

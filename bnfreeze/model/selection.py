@@ -35,8 +35,10 @@ def find_layer(layers: Sequence[LayerRecord], spec: str) -> LayerRecord:
     candidates = difflib.get_close_matches(
         spec, list(dict.fromkeys([r.path for r in layers] + [r.name for r in layers])), n=3
     )
-    hint = f"Did you mean {', '.join(repr(c) for c in candidates)}?" if candidates else (
-        "Run bnfreeze inspect --all to list layer paths."
+    hint = (
+        f"Did you mean {', '.join(repr(c) for c in candidates)}?"
+        if candidates
+        else ("Run bnfreeze inspect --all to list layer paths.")
     )
     raise SelectionError(f"no layer named {spec!r} in the model.", hint=hint)
 

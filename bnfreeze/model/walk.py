@@ -158,9 +158,7 @@ def _flag(config: dict[str, Any], source: str, what: str) -> bool | None:
     value = config.get("trainable")
     if value is None or isinstance(value, bool):
         return value
-    raise ModelFormatError(
-        f"{source}: {what} has trainable={value!r}; it must be true or false."
-    )
+    raise ModelFormatError(f"{source}: {what} has trainable={value!r}; it must be true or false.")
 
 
 def _walk_list(

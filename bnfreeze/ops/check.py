@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 from bnfreeze.model.assignments import current_flags
 from bnfreeze.model.expectations import Expectation, Failure, evaluate, observed_from_states
-from bnfreeze.ops.inspect import inspect_file
-from bnfreeze.ops.plans import Plan, apply_rules, flagless
 from bnfreeze.model.records import Report, WarningCode
 from bnfreeze.model.selection import is_leaf
+from bnfreeze.ops.inspect import inspect_file
+from bnfreeze.ops.plans import Plan, apply_rules, flagless
 
 #: The warning codes ``--strict`` turns into failures.
 STRICT_CODES = (
@@ -106,8 +106,11 @@ def check_report(
                     source="--strict",
                     description=_STRICT_DESCRIPTIONS[code],
                     failures=tuple(
-                        Failure(f"strict: {code.value}", f.path,
-                                *_strict_expected_actual(code, f.path, report))
+                        Failure(
+                            f"strict: {code.value}",
+                            f.path,
+                            *_strict_expected_actual(code, f.path, report),
+                        )
                         for f in findings
                     ),
                 )

@@ -9,9 +9,9 @@ import enum
 import os
 from dataclasses import dataclass
 
-from bnfreeze.ops.inspect import inspect_file
 from bnfreeze.formats.readers.checksums import checksums
 from bnfreeze.model.records import LayerState, Report
+from bnfreeze.ops.inspect import inspect_file
 
 
 class LayerStatus(enum.Enum):
@@ -35,8 +35,10 @@ class LayerDiff:
 
     @property
     def flag_changed(self) -> bool:
-        return self.a is not None and self.b is not None and (
-            self.a.layer.trainable != self.b.layer.trainable
+        return (
+            self.a is not None
+            and self.b is not None
+            and (self.a.layer.trainable != self.b.layer.trainable)
         )
 
     @property

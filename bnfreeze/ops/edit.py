@@ -41,6 +41,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bnfreeze.errors import BnfreezeError, OutputError, SelectionError
 from bnfreeze.model import modes
 from bnfreeze.model.assignments import (
     Assignment,
@@ -52,7 +53,6 @@ from bnfreeze.model.assignments import (
     editable,
 )
 from bnfreeze.model.assignments import with_flags as records_with_flags
-from bnfreeze.errors import BnfreezeError, OutputError, SelectionError
 from bnfreeze.model.records import (
     Finding,
     LayerKind,
@@ -409,9 +409,7 @@ def config_route_limit(
     return None
 
 
-def custom_batchnorm_limit(
-    assignment: Assignment, selected: Sequence[LayerRecord]
-) -> str | None:
+def custom_batchnorm_limit(assignment: Assignment, selected: Sequence[LayerRecord]) -> str | None:
     """Why the config route cannot apply ``assignment`` to ``selected`` (None when it can).
 
     When BN layers and other layers get different flags (``--bn-inference``, ``--train-bn``,
@@ -532,7 +530,8 @@ def _states(
 ) -> tuple[LayerState, ...]:
     index = model.weights.variables if model.weights is not None else None
     has_weights = {
-        r.path: bool(index[r.path]) if index is not None and r.path in index
+        r.path: bool(index[r.path])
+        if index is not None and r.path in index
         else modes.has_weights_by_class(r)
         for r in layers
     }
@@ -558,9 +557,9 @@ def _config_route(
     state and builds the result's report. When the decision is to drop the optimizer state,
     the file is written again with the weights rewritten before it is verified.
     """
+    from bnfreeze.formats.atomic import write_atomically
     from bnfreeze.formats.readers import with_weights
     from bnfreeze.formats.writers import WriteOutcome, WriteRequest, writer_for
-    from bnfreeze.formats.atomic import write_atomically
 
     writer = writer_for(model.format)
     assert writer is not None  # config_route_limit() checked
@@ -635,9 +634,7 @@ def _config_route(
                 produce(tmp)
             writer.verify(plans[0].write, tmp)
 
-        output_bytes = write_atomically(
-            output, produce, verify, meanwhile=plan if early else None
-        )
+        output_bytes = write_atomically(output, produce, verify, meanwhile=plan if early else None)
     chosen = plans[0]
     dropped = written[0][1].optimizer_variables_dropped if written else chosen.predicted_dropped
     if previewed and dropped == chosen.predicted_dropped:
@@ -646,7 +643,10 @@ def _config_route(
     if report is None or dropped != chosen.predicted_dropped:
         # Read again from what is now on disk: the output replaced the input in place.
         report = _result_report(
-            chosen.model, new_config, dropped, re_find=not skip and request.in_place,
+            chosen.model,
+            new_config,
+            dropped,
+            re_find=not skip and request.in_place,
             path=report_path,
         )
     return result(chosen, report, dropped, output_bytes)
@@ -686,9 +686,7 @@ def _plan(
         # The result's weights are the input's (verified: byte-identical, or dataset by
         # dataset when the optimizer state is dropped), so its report reads BN values from the
         # input, still in place. A failure here must not cost the write: it is retried after.
-        report = _result_report(
-            model, raw_copy.config, predicted, re_find=False, path=report_path
-        )
+        report = _result_report(model, raw_copy.config, predicted, re_find=False, path=report_path)
     return _Plan(model, optimizer, write, predicted, report)
 
 

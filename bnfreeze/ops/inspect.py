@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 
-from bnfreeze.model import diagnostics
-
-from bnfreeze.model import modes
 from bnfreeze.formats.readers import read_model, read_values
+from bnfreeze.model import diagnostics, modes
 from bnfreeze.model.records import ModelFile, ModelFormat, Report, Runtime
 from bnfreeze.model.walk import walk
 
@@ -28,9 +26,7 @@ def inspect_model_file(model: ModelFile, runtime: Runtime = Runtime.KERAS3) -> R
             has_weights[record.path] = modes.has_weights_by_class(record)
     model_trainable = walked.trainable
     if model.format is not ModelFormat.MEMORY:
-        model_trainable = modes.loaded_model_trainable(
-            walked.class_name, walked.trainable, runtime
-        )
+        model_trainable = modes.loaded_model_trainable(walked.class_name, walked.trainable, runtime)
     states = modes.resolve(
         walked.layers,
         model_trainable=model_trainable,

@@ -23,9 +23,10 @@ action (``trainable`` and ``bn``), and :class:`~bnfreeze.model.expectations.Expe
     bn = "inference"
 
 Each rule maps onto an :class:`~bnfreeze.model.assignments.Assignment` and is applied with
-:func:`~bnfreeze.model.assignments.assign` in file order, so a later rule overrides an earlier one for the
-layers both select. Selecting a container selects every layer below it: a container's own flag
-does not propagate when Keras loads a saved model (SEMANTICS §5), so every leaf is edited.
+:func:`~bnfreeze.model.assignments.assign` in file order, so a later rule overrides an earlier
+one for the layers both select. Selecting a container selects every layer below it: a
+container's own flag does not propagate when Keras loads a saved model (SEMANTICS §5), so every
+leaf is edited.
 
 Every problem raises :class:`~bnfreeze.errors.PlanError` naming the file, the line where it
 can be recovered (``tomllib`` reports lines for syntax errors; for semantic errors the line of
@@ -46,12 +47,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bnfreeze.model.assignments import Assignment, Flags, assign, current_flags, stores_flag
 from bnfreeze.errors import BnfreezeError, PlanError
+from bnfreeze.model.assignments import Assignment, Flags, assign, current_flags, stores_flag
 from bnfreeze.model.expectations import Expectation, ExpectKind
-from bnfreeze.ops.edit import EditResult, LayerSelection
 from bnfreeze.model.records import LayerKind, LayerRecord
 from bnfreeze.model.selection import find_layer, from_layer, is_leaf, match_glob, up_to
+from bnfreeze.ops.edit import EditResult, LayerSelection
 
 #: The largest plan file read. Plans are a few hundred bytes; anything near this is a mistake.
 MAX_PLAN_BYTES = 1 * 2**20
@@ -60,8 +61,17 @@ SCHEMA = 1
 
 TOP_KEYS = ("plan", "params", "rule", "expect")
 PLAN_KEYS = ("name", "description", "schema")
-SELECTOR_KEYS = ("layers", "regex", "class", "only", "up_to", "from", "depth", "min_depth",
-                 "max_depth")
+SELECTOR_KEYS = (
+    "layers",
+    "regex",
+    "class",
+    "only",
+    "up_to",
+    "from",
+    "depth",
+    "min_depth",
+    "max_depth",
+)
 RULE_KEYS = ("name", *SELECTOR_KEYS, "trainable", "bn")
 EXPECT_ASSERTIONS = ("bn", "trains", "min_training", "max_training")
 EXPECT_KEYS = ("name", *SELECTOR_KEYS, *EXPECT_ASSERTIONS)
@@ -129,8 +139,11 @@ class Selector:
     def leaves(self, layers: Sequence[LayerRecord]) -> tuple[LayerRecord, ...]:
         """The selected leaves in model order; a selector that matches nothing is an error."""
         chosen = {r.path for r in layers}
-        for key, patterns in (("layers", self.layers), ("regex", self.regex),
-                              ("class", self.classes)):
+        for key, patterns in (
+            ("layers", self.layers),
+            ("regex", self.regex),
+            ("class", self.classes),
+        ):
             if not patterns:
                 continue
             union: set[str] = set()
@@ -151,9 +164,7 @@ class Selector:
                 chosen &= resolve(layers, spec)
             except BnfreezeError as exc:
                 raise self._error(str(exc), key) from None
-        result = tuple(
-            r for r in layers if r.path in chosen and is_leaf(r) and self._keeps(r)
-        )
+        result = tuple(r for r in layers if r.path in chosen and is_leaf(r) and self._keeps(r))
         if not result:
             raise self._error(f"{self.describe()} matches no layer whose flag can be set.", None)
         return result
@@ -175,8 +186,11 @@ class Selector:
 
     def describe(self) -> str:
         parts: list[str] = []
-        for key, values in (("layers", self.layers), ("regex", self.regex),
-                            ("class", self.classes)):
+        for key, values in (
+            ("layers", self.layers),
+            ("regex", self.regex),
+            ("class", self.classes),
+        ):
             if values:
                 parts.append(f"{key}={'|'.join(values)}")
         if self.only is not None:
@@ -307,9 +321,7 @@ def parse_sets(items: Sequence[str]) -> dict[str, str]:
         name, sep, value = item.partition("=")
         name = name.strip()
         if not sep or not _PARAM_NAME.match(name):
-            raise PlanError(
-                f"--set {item!r}: write NAME=VALUE, e.g. --set block=block_12_add."
-            )
+            raise PlanError(f"--set {item!r}: write NAME=VALUE, e.g. --set block=block_12_add.")
         out[name] = value
     return out
 
@@ -448,12 +460,11 @@ class _Parser:
         if schema != SCHEMA or isinstance(schema, bool):
             raise self.error(
                 f"schema {schema!r} is not supported; this bnfreeze reads schema {SCHEMA}.",
-                table="plan", key="schema",
+                table="plan",
+                key="schema",
             )
         self.read_params(data.get("params", {}))
-        rules = tuple(
-            self.rule(table, i) for i, table in enumerate(self.tables(data, "rule"))
-        )
+        rules = tuple(self.rule(table, i) for i, table in enumerate(self.tables(data, "rule")))
         expectations = tuple(
             self.expectation(table, i) for i, table in enumerate(self.tables(data, "expect"))
         )
@@ -478,12 +489,14 @@ class _Parser:
             if not _PARAM_NAME.match(name):
                 raise self.error(
                     f"parameter name {name!r} must be letters, digits and underscores.",
-                    table="params", key=name,
+                    table="params",
+                    key=name,
                 )
             if not isinstance(value, str):
                 raise self.error(
                     f"parameter {name!r} must be a string, not {_type(value)}.",
-                    table="params", key=name,
+                    table="params",
+                    key=name,
                 )
             self.params[name] = value
         for name, value in self.overrides.items():
@@ -499,7 +512,8 @@ class _Parser:
         value = data.get(key, [])
         if isinstance(value, dict):
             raise self.error(
-                f"write [[{key}]] (an array of tables), not [{key}].", table=key,
+                f"write [[{key}]] (an array of tables), not [{key}].",
+                table=key,
             )
         if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
             raise self.error(f"'{key}' must be [[{key}]] tables.", key=key)
@@ -514,7 +528,9 @@ class _Parser:
         if trainable is not None and not isinstance(trainable, bool):
             raise self.error(
                 f"must be true or false, not {_type(trainable)}.",
-                table="rule", index=index, key="trainable",
+                table="rule",
+                index=index,
+                key="trainable",
             )
         bn_value = table.get("bn")
         if bn_value is None:
@@ -523,19 +539,24 @@ class _Parser:
             bn = self.enum(BnAction, bn_value, "rule", index, "bn")
         if trainable is None and bn_value is None:
             raise self.error(
-                "the rule has no action: give trainable = true/false, bn = \"inference\" | "
-                "\"train\", or both.",
-                table="rule", index=index,
+                'the rule has no action: give trainable = true/false, bn = "inference" | '
+                '"train", or both.',
+                table="rule",
+                index=index,
             )
         if trainable is None and bn is BnAction.FOLLOW:
             raise self.error(
-                "bn = \"follow\" takes the rule's trainable value, but the rule sets none.",
-                table="rule", index=index, key="bn",
+                'bn = "follow" takes the rule\'s trainable value, but the rule sets none.',
+                table="rule",
+                index=index,
+                key="bn",
             )
         if selector.only is Only.NON_BN and bn is not BnAction.FOLLOW:
             raise self.error(
-                "the rule selects only non-BN layers (only = \"non-bn\"), so bn has no effect.",
-                table="rule", index=index, key="bn",
+                'the rule selects only non-BN layers (only = "non-bn"), so bn has no effect.',
+                table="rule",
+                index=index,
+                key="bn",
             )
         where = Where(self.source, self.lines.table("rule", index), _label("rule", index))
         return Rule(selector=selector, trainable=trainable, bn=bn, name=name, where=where)
@@ -550,7 +571,9 @@ class _Parser:
             raise self.error(
                 f"an [[expect]] states exactly one of bn, trains, min_training, max_training "
                 f"(found: {what}).",
-                table="expect", index=index, key=given[1] if len(given) > 1 else None,
+                table="expect",
+                index=index,
+                key=given[1] if len(given) > 1 else None,
             )
         key = given[0]
         value = table[key]
@@ -559,20 +582,27 @@ class _Parser:
             action = self.enum(BnAction, value, "expect", index, "bn")
             if action is BnAction.FOLLOW:
                 raise self.error(
-                    "an expectation's bn is \"inference\" or \"train\".",
-                    table="expect", index=index, key="bn",
+                    'an expectation\'s bn is "inference" or "train".',
+                    table="expect",
+                    index=index,
+                    key="bn",
                 )
             if selector.only is Only.NON_BN:
                 raise self.error(
-                    "only = \"non-bn\" selects no BN layer, so a bn expectation has nothing "
-                    "to check.", table="expect", index=index, key="bn",
+                    'only = "non-bn" selects no BN layer, so a bn expectation has nothing '
+                    "to check.",
+                    table="expect",
+                    index=index,
+                    key="bn",
                 )
             kind = ExpectKind.BN_INFERENCE if action is BnAction.INFERENCE else ExpectKind.BN_TRAIN
         elif key == "trains":
             if not isinstance(value, bool):
                 raise self.error(
                     f"must be true or false, not {_type(value)}.",
-                    table="expect", index=index, key=key,
+                    table="expect",
+                    index=index,
+                    key=key,
                 )
             kind = ExpectKind.TRAINS if value else ExpectKind.FROZEN
         else:
@@ -607,12 +637,16 @@ class _Parser:
         if depth is not None and (min_depth is not None or max_depth is not None):
             raise self.error(
                 "give depth, or min_depth / max_depth, not both.",
-                table=kind, index=index, key="depth",
+                table=kind,
+                index=index,
+                key="depth",
             )
         if min_depth is not None and max_depth is not None and min_depth > max_depth:
             raise self.error(
                 f"min_depth {min_depth} is greater than max_depth {max_depth}.",
-                table=kind, index=index, key="min_depth",
+                table=kind,
+                index=index,
+                key="min_depth",
             )
         return Selector(
             layers=layers,
@@ -635,8 +669,8 @@ class _Parser:
             if key in allowed:
                 continue
             close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f"Did you mean {close[0]!r}?" if close else (
-                f"Allowed keys: {', '.join(allowed)}."
+            hint = (
+                f"Did you mean {close[0]!r}?" if close else (f"Allowed keys: {', '.join(allowed)}.")
             )
             raise self.error(f"unknown key {key!r}.", table=kind, index=index, key=key, hint=hint)
 
@@ -647,7 +681,9 @@ class _Parser:
                 known = ", ".join(sorted(self.params)) or "none; declare them in [params]"
                 raise self.error(
                     f"unknown parameter ${{{name}}} (parameters: {known}).",
-                    table=kind, index=index, key=key,
+                    table=kind,
+                    index=index,
+                    key=key,
                 )
             return self.params[name]
 
@@ -681,7 +717,9 @@ class _Parser:
         if not isinstance(items, list) or not items or not all(isinstance(v, str) for v in items):
             raise self.error(
                 f"must be a string or a non-empty list of strings, not {_type(value)}.",
-                table=kind, index=index, key=key,
+                table=kind,
+                index=index,
+                key=key,
             )
         out = []
         for item in items:
@@ -709,7 +747,9 @@ class _Parser:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise self.error(
                 f"must be a whole number >= 0, not {_type(value)}.",
-                table=kind, index=index, key=key,
+                table=kind,
+                index=index,
+                key=key,
             )
         return value
 
@@ -800,8 +840,8 @@ class PlanAssignment(Assignment):
     """A plan resolved against one model, as the assignment the freeze orchestration applies:
     each selected layer's final flag after every rule, later rules winning.
 
-    ``others`` and ``batchnorm`` are None, so :func:`~bnfreeze.model.assignments.assign` sets exactly these
-    flags and applies no container rule of its own (the plan's rules already did).
+    ``others`` and ``batchnorm`` are None, so :func:`~bnfreeze.model.assignments.assign` sets
+    exactly these flags and applies no container rule of its own (the plan's rules already did).
     """
 
     flags: tuple[tuple[str, bool | None], ...] = ()
@@ -877,9 +917,9 @@ def apply_plan_file(
     the config is kept; saved optimizer state is dropped when the set of trainable variables
     changes (unless ``keep_optimizer_state``); ``dry_run`` writes nothing.
     """
-    from bnfreeze.ops.edit import EditRequest, run
     from bnfreeze.formats.readers import read_model
     from bnfreeze.model.walk import walk
+    from bnfreeze.ops.edit import EditRequest, run
 
     model = read_model(path, weights=False)
     walked = walk(model.config, model.path)

@@ -9,8 +9,8 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from bnfreeze.ops.check import CheckResult, Outcome
 from bnfreeze.model.expectations import Failure
+from bnfreeze.ops.check import CheckResult, Outcome
 from bnfreeze.render.json import SCHEMA_VERSION, dumps
 
 STYLE_PASS = "bold green"
@@ -62,8 +62,9 @@ def failures_table(failures: tuple[Failure, ...]) -> Table:
     table.add_column("expected", overflow="fold")
     table.add_column("actual", overflow="fold", style="red")
     for failure in failures:
-        table.add_row(failure.expectation, failure.path or "(model)", failure.expected,
-                      failure.actual)
+        table.add_row(
+            failure.expectation, failure.path or "(model)", failure.expected, failure.actual
+        )
     return table
 
 

@@ -9,8 +9,8 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from bnfreeze.ops.diff import DiffResult, LayerDiff, LayerStatus
 from bnfreeze.model.records import LayerState
+from bnfreeze.ops.diff import DiffResult, LayerDiff, LayerStatus
 from bnfreeze.render.json import SCHEMA_VERSION, behaviour_dict, dumps
 from bnfreeze.render.table import STYLE_NONE, mode_text
 
@@ -116,8 +116,11 @@ def diff_view(result: DiffResult) -> RenderableType:
     if result.layers:
         count = len(result.layers)
         body: RenderableType = Group(
-            Text(f"{count} layer{'s differ' if count != 1 else ' differs'} in flag or fit() "
-                 "behaviour:", style="bold"),
+            Text(
+                f"{count} layer{'s differ' if count != 1 else ' differs'} in flag or fit() "
+                "behaviour:",
+                style="bold",
+            ),
             layers_table(result),
         )
     else:

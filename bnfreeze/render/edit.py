@@ -78,7 +78,7 @@ class ChangeTable:
 
 
 def change_counts(result: EditResult) -> Text:
-    """"12 layers changed (10 BN, 2 other) of 14 selected.", or why nothing changed."""
+    """ "12 layers changed (10 BN, 2 other) of 14 selected.", or why nothing changed."""
     selected = len(result.selected)
     if not result.changes:
         return Text(

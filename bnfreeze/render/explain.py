@@ -12,10 +12,10 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from bnfreeze.runtime.explain import IMAGE_SHAPE, Case, ExplainReport
 from bnfreeze.model.records import Normalization
 from bnfreeze.render.json import SCHEMA_VERSION, dumps
 from bnfreeze.render.table import STYLE_INFERENCE, STYLE_NONE, STYLE_TRAINING
+from bnfreeze.runtime.explain import IMAGE_SHAPE, Case, ExplainReport
 
 
 def numbers(values: Sequence[float], digits: int = 3) -> str:

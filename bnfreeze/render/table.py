@@ -142,8 +142,10 @@ def summary(report: Report) -> Table:
     trains = sum(1 for s in report.layers if s.in_fit.trains_weights)
     frozen = sum(1 for s in report.layers if s.in_fit.trains_weights is False)
     weights = Text()
-    weights.append(f"{_plural(trains, 'layer')} {'trains' if trains == 1 else 'train'}",
-                   style=STYLE_TRAINS if trains else "")
+    weights.append(
+        f"{_plural(trains, 'layer')} {'trains' if trains == 1 else 'train'}",
+        style=STYLE_TRAINS if trains else "",
+    )
     weights.append(", ")
     weights.append(f"{frozen} frozen", style=STYLE_FROZEN if frozen else "")
     weights.append(f" in fit() ({_plural(len(report.layers), 'layer')} in all)")

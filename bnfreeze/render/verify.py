@@ -85,8 +85,7 @@ def summary(report: VerifyReport) -> Table:
     steps = f"{setup.steps} step{'s' if setup.steps != 1 else ''}"
     grid.add_row(
         "Training",
-        f"{steps} of train_on_batch, batch {setup.batch_size}, {data_words(setup)}, "
-        f"run eagerly",
+        f"{steps} of train_on_batch, batch {setup.batch_size}, {data_words(setup)}, run eagerly",
     )
     grid.add_row("Compile", compile_words(setup))
     bns = report.batchnorm
@@ -101,9 +100,7 @@ def summary(report: VerifyReport) -> Table:
     grid.add_row("BatchNorm", line)
     weighted = [m for m in report.layers if m.trains_weights is not None]
     trained = sum(1 for m in weighted if m.trains_weights)
-    grid.add_row(
-        "Weights", f"{trained} layers trained, {len(weighted) - trained} frozen in fit()"
-    )
+    grid.add_row("Weights", f"{trained} layers trained, {len(weighted) - trained} frozen in fit()")
     return grid
 
 

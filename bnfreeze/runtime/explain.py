@@ -21,9 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bnfreeze.model.records import Normalization, Runtime
 from bnfreeze.runtime import loading
 from bnfreeze.runtime.loading import ProgressFn, RuntimeInfo, no_progress
-from bnfreeze.model.records import Normalization, Runtime
 
 #: The seed's image: one 2x2 picture with 4 channels of whole numbers 0-9.
 IMAGE_SHAPE = (1, 2, 2, 4)
@@ -41,9 +41,9 @@ HISTORICAL_NOTE = (
     "Historical, not measured here: on TF1 / Keras 1, trainable=False only froze gamma and "
     "beta; it did not switch BN to inference mode, so training=True with trainable=False "
     "still normalized with the batch's statistics. TensorFlow 2.0 changed that (Keras's "
-    "docstring: \"This behavior only occurs as of TensorFlow 2.0. In 1.*, setting "
+    'docstring: "This behavior only occurs as of TensorFlow 2.0. In 1.*, setting '
     "layer.trainable = False would freeze the layer but would not switch it to inference "
-    "mode.\")."
+    'mode.").'
 )
 
 #: SEMANTICS.md §1-§4 in a few lines, per runtime. Measured on Keras 3.15.1 / TF 2.21 and
@@ -200,8 +200,10 @@ def explain(
                 _run_case(keras, setup, pixels, training, trainable)
                 for training, trainable in COMBINATIONS
             )
-    key = "tf-keras" if runtime is Runtime.TF_KERAS else (
-        "keras3-jax" if info.backend == "jax" else "keras3"
+    key = (
+        "tf-keras"
+        if runtime is Runtime.TF_KERAS
+        else ("keras3-jax" if info.backend == "jax" else "keras3")
     )
     return ExplainReport(
         setup=setup,

@@ -46,13 +46,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bnfreeze.model import diagnostics
-
-from bnfreeze.runtime import loading
-
-from bnfreeze.model import modes
-from bnfreeze.model.assignments import Assignment, Change, Flags, assign, changes, current_flags
 from bnfreeze.errors import BnfreezeError, ModelFormatError, OutputError, SelectionError
+from bnfreeze.model import diagnostics, modes
+from bnfreeze.model.assignments import Assignment, Change, Flags, assign, changes, current_flags
 from bnfreeze.model.records import (
     LayerKind,
     LayerRecord,
@@ -63,6 +59,7 @@ from bnfreeze.model.records import (
     WeightIndex,
 )
 from bnfreeze.model.walk import OTHER_NORMALIZATION_CLASSES, walk
+from bnfreeze.runtime import loading
 
 #: Output endings Keras 3 ``model.save`` understands, and the format each one writes.
 SAVE_FORMATS: dict[str, ModelFormat] = {
@@ -388,7 +385,8 @@ def apply_flags(live: LiveModel, flags: Flags) -> None:
     """Set ``flags`` on the live layers: changed containers first, outermost first (their
     setter reaches every layer below), then every leaf's own flag."""
     containers = [
-        r for r in live.records
+        r
+        for r in live.records
         if r.kind in (LayerKind.CONTAINER, LayerKind.WRAPPER) and r.path in live.layers
     ]
     for record in sorted(containers, key=lambda r: r.depth):
@@ -560,16 +558,16 @@ def edit(request: Any, progress: loading.ProgressFn | None = None) -> Any:
     """The Keras engine route for :func:`bnfreeze.ops.edit.run`: an
     :class:`~bnfreeze.ops.edit.EditRequest` in, an :class:`~bnfreeze.ops.edit.EditResult` out.
 
-    Loads the model with Keras (see :func:`bnfreeze.runtime.loading.load_model`), applies the request's
-    assignment to the selected live layers, and saves it (see :func:`save`). ``progress``
+    Loads the model with Keras (see :func:`bnfreeze.runtime.loading.load_model`), applies the
+    request's assignment to the selected live layers, and saves it (see :func:`save`). ``progress``
     defaults to a spinner or progress lines on stderr (:func:`loading.progress_on_stderr`);
     nothing goes to stdout.
     """
     if progress is None:
         with loading.progress_on_stderr() as shown:
             return edit(request, shown)
-    from bnfreeze.ops import edit as file_edit
     from bnfreeze.formats.readers import read_model
+    from bnfreeze.ops import edit as file_edit
 
     source = request.model
     out_fmt = save_format(request.output) if request.output is not None else None
@@ -596,8 +594,10 @@ def edit(request: Any, progress: loading.ProgressFn | None = None) -> Any:
             saved.optimizer_variables, done.trainable_set_changed, request.keep_optimizer_state
         )
         keep = optimizer in (file_edit.OptimizerState.UNCHANGED, file_edit.OptimizerState.KEPT)
-        write = not request.dry_run and request.output is not None and not (
-            request.in_place and not done.changes
+        write = (
+            not request.dry_run
+            and request.output is not None
+            and not (request.in_place and not done.changes)
         )
         output_bytes = None
         if write:

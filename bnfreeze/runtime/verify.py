@@ -40,11 +40,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bnfreeze.runtime import loading
-from bnfreeze.runtime.loading import ProgressFn, RuntimeInfo, no_progress
 from bnfreeze.errors import DataError
 from bnfreeze.model.expectations import Expectation, Failure, Observed, evaluate
 from bnfreeze.model.records import LayerState, Normalization, Report, Runtime
+from bnfreeze.runtime import loading
+from bnfreeze.runtime.loading import ProgressFn, RuntimeInfo, no_progress
 
 #: Synthetic inputs are standard-normal values scaled to this mean and standard deviation:
 #: far from freshly initialised moving statistics (0, 1), as real image or feature data is.
@@ -248,11 +248,12 @@ def verify_file(
     """Train a saved model for ``steps`` steps in memory and compare with ``inspect``.
 
     ``custom_objects`` is a module name or ``.py`` path (see
-    :func:`bnfreeze.runtime.loading.load_custom_objects`) or a ready dict. The file is never written.
+    :func:`bnfreeze.runtime.loading.load_custom_objects`) or a ready dict. The file is never
+    written.
     Bad input raises a :class:`~bnfreeze.errors.BnfreezeError`.
     """
-    from bnfreeze.model import modes
     from bnfreeze.errors import BnfreezeError
+    from bnfreeze.model import modes
     from bnfreeze.ops.inspect import inspect_file
 
     if steps < 1 or batch_size < 1:
@@ -522,8 +523,10 @@ def _built_shapes(file_config: Any) -> list[tuple[int | None, ...]]:
     shape = build.get("input_shape") if isinstance(build, dict) else None
 
     def one(value: Any) -> tuple[int | None, ...] | None:
-        if isinstance(value, list) and value and all(
-            d is None or isinstance(d, int) for d in value
+        if (
+            isinstance(value, list)
+            and value
+            and all(d is None or isinstance(d, int) for d in value)
         ):
             return tuple(value[1:])
         return None
@@ -602,8 +605,10 @@ def _batches(
         if any(d is None for _, shape, _ in specs for d in shape):
             notes.append(f"input dimensions the model leaves open were set to {OPEN_DIMENSION}.")
     first = xs[0]
-    flat = list(first.values()) if isinstance(first, dict) else (
-        first if isinstance(first, list) else [first]
+    flat = (
+        list(first.values())
+        if isinstance(first, dict)
+        else (first if isinstance(first, list) else [first])
     )
     input_shapes = tuple(tuple(int(d) for d in a.shape) for a in flat)
     target_rng = np.random.default_rng(seed + 1)
@@ -616,8 +621,13 @@ def _batches(
                 _target_kinds(model, len(shapes)) if policy == "model" else ["real"] * len(shapes)
             )
             cache[policy] = [
-                _pack(model, [_target(target_rng, kind, shape) for kind, shape in
-                              zip(kinds, shapes, strict=True)])
+                _pack(
+                    model,
+                    [
+                        _target(target_rng, kind, shape)
+                        for kind, shape in zip(kinds, shapes, strict=True)
+                    ],
+                )
                 for _ in range(steps)
             ]
         return cache[policy]
@@ -680,8 +690,10 @@ def _output_shapes(model: Any, x: Any) -> list[tuple[int, ...]]:
     import numpy as np
 
     out = model(x, training=False)
-    flat = list(out.values()) if isinstance(out, dict) else (
-        list(out) if isinstance(out, list | tuple) else [out]
+    flat = (
+        list(out.values())
+        if isinstance(out, dict)
+        else (list(out) if isinstance(out, list | tuple) else [out])
     )
     return [tuple(int(d) for d in np.shape(o)) for o in flat]
 

@@ -162,9 +162,10 @@ def _read_values_h5py(model: ModelFile, datasets: list[str]) -> dict[str, object
                     with archive.open(info) as fh, h5py.File(fh, "r") as h5:
                         return pull(h5)
             member = stored_member(Path(model.path), info)
-            with open(member.file, "rb") as raw, h5py.File(
-                MemberFile(raw.fileno(), member), "r"
-            ) as h5:
+            with (
+                open(member.file, "rb") as raw,
+                h5py.File(MemberFile(raw.fileno(), member), "r") as h5,
+            ):
                 return pull(h5)
         if model.format is ModelFormat.KERAS_DIR:
             with h5py.File(Path(model.path) / "model.weights.h5", "r") as h5:

@@ -403,8 +403,9 @@ class File:
             raise Malformed(f"a {what} is reached twice (a cycle)")
         self._nodes_seen.add(addr)
 
-    def _btree(self, addr: int, heap: bytes, out: dict[str, Link], level_wanted: int | None
-               ) -> None:
+    def _btree(
+        self, addr: int, heap: bytes, out: dict[str, Link], level_wanted: int | None
+    ) -> None:
         self._visit(addr, "group B-tree node")
         node = self._read_upto(addr, 1024)  # one read covers a node with 32 entries
         if not node.startswith(b"TREE") or len(node) < 8 or node[4] != 0:
@@ -674,8 +675,14 @@ class KerasIndex:
 class _Node:
     __slots__ = ("_header", "addr", "children", "is_dataset", "path")
 
-    def __init__(self, path: str, addr: int, header: _Header | None,
-                 children: dict[str, Link] | None, is_dataset: bool) -> None:
+    def __init__(
+        self,
+        path: str,
+        addr: int,
+        header: _Header | None,
+        children: dict[str, Link] | None,
+        is_dataset: bool,
+    ) -> None:
         self.path = path
         self.addr = addr
         self._header = header
@@ -777,8 +784,9 @@ class _Walker:
         visit(group, 0)
         return found
 
-    def index_layers(self, group: _Node, prefix: str, out: dict[str, tuple[str, ...]],
-                     depth: int) -> None:
+    def index_layers(
+        self, group: _Node, prefix: str, out: dict[str, tuple[str, ...]], depth: int
+    ) -> None:
         layers = self.get(group, "layers")
         if layers is None:
             return
@@ -788,8 +796,9 @@ class _Walker:
             child = self.node(_join(layers.path, key), link)
             self.index_layer(child, prefix + self.group_name(child, key), out, depth + 1)
 
-    def index_layer(self, group: _Node, path: str, out: dict[str, tuple[str, ...]],
-                    depth: int) -> None:
+    def index_layer(
+        self, group: _Node, path: str, out: dict[str, tuple[str, ...]], depth: int
+    ) -> None:
         if depth > _MAX_DEPTH:
             raise Unsupported("layers nested too deeply")
         out[path] = tuple(self.own_datasets(group, ("layers", *INNER_LAYER_GROUPS)))

@@ -138,9 +138,9 @@ def index_member(member: Member, source: str) -> tuple[WeightIndex, int | None]:
     """Index the ``model.weights.h5`` at ``member`` (see :func:`index_weights`).
 
     A small pure-Python HDF5 reader does it when it can, without importing h5py or numpy, and
-    records where each dataset's bytes are so :func:`bnfreeze.formats.readers.read_values` can read BN
-    statistics directly. Files it does not understand go to h5py, so the result is the same
-    either way.
+    records where each dataset's bytes are so :func:`bnfreeze.formats.readers.read_values` can
+    read BN statistics directly. Files it does not understand go to h5py, so the result is the
+    same either way.
     """
     from bnfreeze.formats.readers import _hdf5
 

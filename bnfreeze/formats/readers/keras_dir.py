@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from bnfreeze.errors import ModelFormatError
-from bnfreeze.limits import MAX_CONFIG_BYTES
 from bnfreeze.formats.readers._keras_common import (
     CONFIG,
     METADATA,
@@ -17,6 +16,7 @@ from bnfreeze.formats.readers._keras_common import (
     keras_model_file,
     parse_json,
 )
+from bnfreeze.limits import MAX_CONFIG_BYTES
 from bnfreeze.model.records import ModelFile, ModelFormat, WeightIndex
 
 

@@ -8,7 +8,6 @@ import zipfile
 from pathlib import Path
 
 from bnfreeze.errors import ModelFormatError
-from bnfreeze.limits import MAX_CONFIG_BYTES, MAX_EXPANSION_RATIO
 from bnfreeze.formats.readers._keras_common import (
     CONFIG,
     METADATA,
@@ -20,6 +19,7 @@ from bnfreeze.formats.readers._keras_common import (
     keras_model_file,
     parse_json,
 )
+from bnfreeze.limits import MAX_CONFIG_BYTES, MAX_EXPANSION_RATIO
 from bnfreeze.model.records import ModelFile, ModelFormat, WeightIndex
 
 
@@ -76,7 +76,7 @@ def stored_member(path: Path, info: zipfile.ZipInfo) -> Member:
             file_size = os.fstat(fh.fileno()).st_size
             if len(header) < 30 or not header.startswith(b"PK\x03\x04"):
                 raise ModelFormatError(f"{path}: {info.filename} is damaged (bad local header).")
-            flags, = struct.unpack_from("<H", header, 6)
+            (flags,) = struct.unpack_from("<H", header, 6)
             name_len, extra_len = struct.unpack_from("<HH", header, 26)
             name = fh.read(name_len).decode("utf-8" if flags & 0x800 else "cp437", "replace")
     except OSError as exc:

@@ -151,9 +151,7 @@ def _unreadable(request: WriteRequest, exc: Exception) -> OutputError:
     )
 
 
-def check_flags(
-    request: WriteRequest, config: dict[str, Any], compiled: bool, source: str
-) -> None:
+def check_flags(request: WriteRequest, config: dict[str, Any], compiled: bool, source: str) -> None:
     """Every layer of ``config`` is there, in the same order, with exactly the flag the edit
     asked for, and the compile config is kept."""
     from bnfreeze.model.walk import walk

@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import IO, Any
 
 from bnfreeze.errors import ModelFormatError, OutputError
+from bnfreeze.formats.atomic import scratch_file
 from bnfreeze.formats.readers._keras_common import CONFIG, WEIGHTS, MemberFile
 from bnfreeze.formats.readers.keras_zip import stored_member
-from bnfreeze.model.records import ModelFormat
 from bnfreeze.formats.writers import WriteOutcome, WriteRequest, verify_config_bytes
-from bnfreeze.formats.atomic import scratch_file
+from bnfreeze.model.records import ModelFormat
 
 OPTIMIZER_GROUP = "optimizer"
 _CHUNK = 1 << 20
@@ -314,23 +314,27 @@ class KerasZipWriter:
             before, after = zin.infolist(), zout.infolist()
             if [i.filename for i in before] != [i.filename for i in after]:
                 raise OutputError(f"{where} does not have the input's members.")
-            weights_rewritten = request.drop_optimizer_state and (
-                request.model.optimizer_variables or 0
-            ) > 0
+            weights_rewritten = (
+                request.drop_optimizer_state and (request.model.optimizer_variables or 0) > 0
+            )
             for a, b in zip(before, after, strict=True):
                 if a.filename == CONFIG or (weights_rewritten and a.filename == WEIGHTS):
                     continue
                 if (a.CRC, a.file_size, a.compress_size, a.compress_type) != (
-                    b.CRC, b.file_size, b.compress_size, b.compress_type
+                    b.CRC,
+                    b.file_size,
+                    b.compress_size,
+                    b.compress_type,
                 ):
                     raise OutputError(f"{where}: member {a.filename} was not copied exactly.")
             if zout.read(CONFIG) != self._config_bytes(request):
                 raise OutputError(f"{where}: config.json does not read back as written.")
             if weights_rewritten:
                 w_in, w_out = zin.getinfo(WEIGHTS), zout.getinfo(WEIGHTS)
-                with open_weights(source, w_in, written.parent) as h5_in, open_weights(
-                    written, w_out, written.parent
-                ) as h5_out:
+                with (
+                    open_weights(source, w_in, written.parent) as h5_in,
+                    open_weights(written, w_out, written.parent) as h5_out,
+                ):
                     compare_weights(h5_in, h5_out, where)
 
 

@@ -48,11 +48,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bnfreeze.model.assignments import Flags, current_flags
 from bnfreeze.errors import BnfreezeError, ModelFormatError, OutputError
 from bnfreeze.formats.readers.legacy_h5 import names as attr_names
-from bnfreeze.model.records import LayerKind, LayerRecord, ModelFile, ModelFormat
 from bnfreeze.formats.writers import WriteOutcome, WriteRequest, verify_flags
+from bnfreeze.model.assignments import Flags, current_flags
+from bnfreeze.model.records import LayerKind, LayerRecord, ModelFile, ModelFormat
 
 #: Variables a built-in layer creates with ``trainable=False``. They never train, so a flag
 #: change never moves them into the trainable part of the list.
@@ -67,10 +67,22 @@ NON_TRAINABLE_VARIABLES: Mapping[str, frozenset[str]] = {
 #: :data:`NON_TRAINABLE_VARIABLES` cannot be reordered safely once its flag is True.
 ALL_TRAINABLE_CLASSES = frozenset(
     {
-        "Dense", "Conv1D", "Conv2D", "Conv3D", "Conv1DTranspose", "Conv2DTranspose",
-        "Conv3DTranspose", "DepthwiseConv1D", "DepthwiseConv2D", "SeparableConv1D",
-        "SeparableConv2D", "Embedding", "LayerNormalization", "GroupNormalization",
-        "RMSNormalization", "PReLU",
+        "Dense",
+        "Conv1D",
+        "Conv2D",
+        "Conv3D",
+        "Conv1DTranspose",
+        "Conv2DTranspose",
+        "Conv3DTranspose",
+        "DepthwiseConv1D",
+        "DepthwiseConv2D",
+        "SeparableConv1D",
+        "SeparableConv2D",
+        "Embedding",
+        "LayerNormalization",
+        "GroupNormalization",
+        "RMSNormalization",
+        "PReLU",
     }
 )
 
@@ -146,9 +158,7 @@ class _Owners:
         scope = weight_name.split("/")[:-1] or [self.group]
         for k in range(len(scope), 0, -1):
             ref = "/".join(scope[:k])
-            exact = {
-                p: self.by_path[p] for p in (ref, f"{self.group}/{ref}") if p in self.by_path
-            }
+            exact = {p: self.by_path[p] for p in (ref, f"{self.group}/{ref}") if p in self.by_path}
             if len(exact) == 1:
                 return next(iter(exact.values()))
             suffix = self.by_suffix.get(ref, [])
@@ -184,8 +194,12 @@ def _group_flag(record: LayerRecord, flags: Flags, *, on_load: bool) -> bool:
 
 
 def _order(
-    group: LayerRecord, variables: Sequence[_Var], leaf_order: Sequence[str], flags: Flags,
-    *, on_load: bool
+    group: LayerRecord,
+    variables: Sequence[_Var],
+    leaf_order: Sequence[str],
+    flags: Flags,
+    *,
+    on_load: bool,
 ) -> list[str]:
     rank = {path: i for i, path in enumerate(leaf_order)}
     weights = sorted(variables, key=lambda v: rank[v.leaf])  # stable: own order kept
@@ -219,7 +233,11 @@ def plan(
     except OSError as exc:
         raise ModelFormatError(f"{model.path}: cannot be read ({exc}).") from None
     return plan_from_names(
-        stored, layers, old_flags, new_flags, model_trainable=model_trainable,
+        stored,
+        layers,
+        old_flags,
+        new_flags,
+        model_trainable=model_trainable,
         optimizer_variables=model.optimizer_variables,
     )
 
@@ -381,9 +399,7 @@ class LegacyH5Writer:
         layout = plan_request(request)
         drop = request.drop_optimizer_state and bool(request.model.optimizer_variables)
         with damaged_input(request.model.path):
-            _write_copy(
-                Path(request.model.path), dest, request.config, layout, drop_optimizer=drop
-            )
+            _write_copy(Path(request.model.path), dest, request.config, layout, drop_optimizer=drop)
         return WriteOutcome(
             optimizer_variables_dropped=(request.model.optimizer_variables or 0) if drop else 0
         )
@@ -397,8 +413,13 @@ class LegacyH5Writer:
         verify_flags(request, written)
         drop = request.drop_optimizer_state and bool(request.model.optimizer_variables)
         with damaged_input(request.model.path):
-            verify(Path(request.model.path), written, request.config, plan_request(request),
-                   drop_optimizer=drop)
+            verify(
+                Path(request.model.path),
+                written,
+                request.config,
+                plan_request(request),
+                drop_optimizer=drop,
+            )
 
 
 @contextlib.contextmanager
@@ -445,8 +466,8 @@ def _write_copy(
                 dst.attrs.create(key, src.attrs[key], dtype=src.attrs.get_id(key).dtype)
         text = json.dumps(config)
         # Keep the attribute's type: Keras writes bytes, which h5py reads back as str.
-        dst.attrs["model_config"] = text if isinstance(src.attrs["model_config"], str) else (
-            text.encode("utf8")
+        dst.attrs["model_config"] = (
+            text if isinstance(src.attrs["model_config"], str) else (text.encode("utf8"))
         )
         for key in src:
             if drop_optimizer and key == "optimizer_weights":
@@ -489,17 +510,13 @@ def verify(
                 raise OutputError("the written model_config differs from the planned one.")
             before, after = objects(src), objects(dst)
             if drop_optimizer:
-                before = {
-                    k: v for k, v in before.items() if k.split("/")[0] != "optimizer_weights"
-                }
+                before = {k: v for k, v in before.items() if k.split("/")[0] != "optimizer_weights"}
             if before.keys() != after.keys():
                 raise OutputError("the written file does not hold the same objects as the input.")
             for name, a in before.items():
                 b = after[name]
                 if isinstance(a, h5py.Dataset):
-                    if a.shape != b.shape or a.dtype != b.dtype or not np.array_equal(
-                        a[()], b[()]
-                    ):
+                    if a.shape != b.shape or a.dtype != b.dtype or not np.array_equal(a[()], b[()]):
                         raise OutputError(f"dataset {name} changed while writing.")
                 elif name.startswith("model_weights/") and name.count("/") == 1:
                     group = name.split("/", 1)[1]
