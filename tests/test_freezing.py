@@ -370,7 +370,7 @@ def custom_layer(samples: Path, tmp_path: Path) -> Path:
 def fake_engine(monkeypatch):
     calls: list[EditRequest] = []
     module = types.SimpleNamespace(edit=lambda request: calls.append(request) or "engine result")
-    monkeypatch.setattr("bnfreeze.formats.writers.keras_engine", lambda: module)
+    monkeypatch.setattr("bnfreeze.ops.edit.keras_engine", lambda: module)
     return calls
 
 
@@ -423,7 +423,7 @@ def test_config_engine_refuses_what_it_cannot_do(samples, tmp_path, fake_engine)
 
 
 def test_missing_keras_engine_is_a_clear_error(samples, tmp_path, monkeypatch):
-    monkeypatch.setattr("bnfreeze.formats.writers.keras_engine", lambda: None)
+    monkeypatch.setattr("bnfreeze.ops.edit.keras_engine", lambda: None)
     with pytest.raises(BnfreezeError, match="needs the Keras engine"):
         freeze_file(subclassed(samples, tmp_path), tmp_path / "out.keras")
 

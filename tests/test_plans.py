@@ -18,15 +18,8 @@ from bnfreeze.errors import PlanError
 from bnfreeze.model.assignments import current_flags
 from bnfreeze.model.expectations import ExpectKind
 from bnfreeze.ops.inspect import inspect_file
-from bnfreeze.ops.plans import (
-    BnAction,
-    Only,
-    Selector,
-    apply_rules,
-    load_plan,
-    parse_plan,
-    parse_sets,
-)
+from bnfreeze.ops.plan_schema import BnAction, Only, Selector
+from bnfreeze.ops.plans import apply_rules, load_plan, parse_plan, parse_sets
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"

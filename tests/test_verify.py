@@ -24,8 +24,9 @@ from bnfreeze.cli import cli
 from bnfreeze.model.expectations import parse_expectation
 from bnfreeze.model.records import Normalization, Runtime
 from bnfreeze.ops.inspect import inspect_file
+from bnfreeze.runtime.compare import compare
 from bnfreeze.runtime.loading import RuntimeInfo
-from bnfreeze.runtime.verify import (
+from bnfreeze.runtime.measured import (
     Aspect,
     CompileSource,
     DataSource,
@@ -33,7 +34,6 @@ from bnfreeze.runtime.verify import (
     LayerMeasurement,
     Movement,
     TrainingSetup,
-    compare,
 )
 
 pytestmark = pytest.mark.keras

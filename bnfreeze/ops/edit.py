@@ -18,7 +18,7 @@ Two routes (:class:`Engine`):
 * **keras**: load with Keras, set flags on the live layers, save. It handles what a config
   cannot show: subclassed models whose config does not list their layers, custom BN subclasses
   (only ``isinstance`` can tell) and formats no writer rewrites. It lives in the module named
-  by :data:`bnfreeze.formats.writers.KERAS_ENGINE_MODULE`, whose ``edit(request: EditRequest) ->
+  by :data:`KERAS_ENGINE_MODULE`, whose ``edit(request: EditRequest) ->
   EditResult`` receives the same request; :func:`check_output`, :func:`optimizer_decision`,
   :func:`edit_warnings` and :func:`bnfreeze.formats.atomic.write_atomically` are there for it
   to reuse. ``Engine.AUTO`` picks keras only when :func:`config_route_limit` names a reason.
@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import importlib
 import os
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -61,9 +63,10 @@ from bnfreeze.model.records import (
     ModelFile,
     ModelFormat,
     Report,
-    WarningCode,
 )
 from bnfreeze.model.selection import select
+from bnfreeze.ops.edit_warnings import edit_warnings
+from bnfreeze.ops.optimizer_state import OptimizerState, optimizer_decision, trainable_layers
 
 if TYPE_CHECKING:
     from bnfreeze.formats.writers import WriteRequest
@@ -74,6 +77,9 @@ OUTPUT_SUFFIXES: dict[ModelFormat, tuple[str, ...]] = {
     ModelFormat.H5: (".h5", ".hdf5"),
 }
 
+#: The Keras engine route: a module with ``edit(request) -> EditResult``.
+KERAS_ENGINE_MODULE = "bnfreeze.runtime.keras_engine"
+
 
 class Engine(enum.Enum):
     """How a saved model is edited."""
@@ -81,15 +87,6 @@ class Engine(enum.Enum):
     AUTO = "auto"  # config, unless config_route_limit() names a reason to load with Keras
     CONFIG = "config"  # rewrite the saved config; no TensorFlow
     KERAS = "keras"  # load with Keras, set flags on the live layers, save
-
-
-class OptimizerState(enum.Enum):
-    """What happened to the saved optimizer variables."""
-
-    NONE = "none"  # the input holds none
-    UNCHANGED = "unchanged"  # the set of trainable variables did not change: kept as they were
-    KEPT = "kept"  # it changed, and they were kept on request (keep_optimizer_state=True)
-    DROPPED = "dropped"  # it changed, so they were dropped (the default)
 
 
 @dataclass(frozen=True)
@@ -428,9 +425,19 @@ def custom_batchnorm_limit(assignment: Assignment, selected: Sequence[LayerRecor
     )
 
 
-def _keras_engine(request: EditRequest, reason: str) -> EditResult:
-    from bnfreeze.formats.writers import KERAS_ENGINE_MODULE, keras_engine
+def keras_engine() -> types.ModuleType | None:
+    """The ``--engine keras`` route, :mod:`bnfreeze.runtime.keras_engine`, imported only when
+    chosen (the one place an edit of a file reaches the Keras runtime), or None when this
+    build does not include it."""
+    try:
+        return importlib.import_module(KERAS_ENGINE_MODULE)
+    except ModuleNotFoundError as exc:
+        if exc.name == KERAS_ENGINE_MODULE:  # the module itself is missing, not an import
+            return None
+        raise
 
+
+def _keras_engine(request: EditRequest, reason: str) -> EditResult:
     engine = keras_engine()
     if engine is None:
         raise BnfreezeError(
@@ -442,84 +449,6 @@ def _keras_engine(request: EditRequest, reason: str) -> EditResult:
 
 
 # -- optimizer state and warnings -----------------------------------------------------------
-
-
-def trainable_layers(states: Sequence[LayerState]) -> frozenset[str]:
-    """The layers whose variables ``fit()`` trains: the set the saved optimizer slots follow."""
-    return frozenset(
-        s.layer.path for s in states if s.in_fit.trains_weights and s.has_weights is not False
-    )
-
-
-def optimizer_decision(
-    optimizer_variables: int | None, trainable_set_changed: bool, keep_optimizer_state: bool
-) -> OptimizerState:
-    """What to do with the saved optimizer variables: drop them only when they exist and the
-    set of trainable variables changed, unless asked to keep them."""
-    if not optimizer_variables:
-        return OptimizerState.NONE
-    if not trainable_set_changed:
-        return OptimizerState.UNCHANGED
-    return OptimizerState.KEPT if keep_optimizer_state else OptimizerState.DROPPED
-
-
-def edit_warnings(
-    changes_made: Sequence[Change],
-    optimizer: OptimizerState,
-    optimizer_variables: int | None,
-    *,
-    output: str | None,
-    dry_run: bool,
-    model_format: ModelFormat = ModelFormat.KERAS,
-) -> tuple[Finding, ...]:
-    """What the user must know after an edit: compile() again, and the optimizer state."""
-    if not changes_made:
-        return ()
-    target = output or "the model"
-    would = "would be" if dry_run else "were"
-    findings = [
-        Finding(
-            WarningCode.RECOMPILE_REQUIRED,
-            None,
-            f"{len(changes_made)} trainable flag(s) changed. Load {target} with "
-            "keras.models.load_model and call compile() again with a NEW optimizer before "
-            "fit(): a model already compiled or trained in memory ignores flag changes until "
-            "it is recompiled, and reusing its built optimizer fails with 'Unknown variable' "
-            "(SEMANTICS §4).",
-        )
-    ]
-    expected = ""
-    if model_format is ModelFormat.KERAS:
-        # Measured on Keras 3.15: one UserWarning on load, then training works.
-        expected = (
-            "; its message 'Skipping variable loading for optimizer ... the saved optimizer "
-            "has 0 variables' is expected"
-        )
-    if optimizer is OptimizerState.DROPPED:
-        findings.append(
-            Finding(
-                WarningCode.OPTIMIZER_STATE,
-                None,
-                f"The {optimizer_variables} saved optimizer variables {would} dropped: they are "
-                "matched to trainable variables by position, and the set of trainable "
-                "variables changed. Keras will compile the loaded model from its saved compile "
-                f"config with a fresh optimizer{expected}. Pass --keep-optimizer-state to keep "
-                "them.",
-            )
-        )
-    elif optimizer is OptimizerState.KEPT:
-        findings.append(
-            Finding(
-                WarningCode.OPTIMIZER_STATE,
-                None,
-                f"The {optimizer_variables} saved optimizer variables {would} kept "
-                "(--keep-optimizer-state) although the set of trainable variables changed: "
-                "they are matched by position, so Keras will drop them on load with a warning "
-                "or, when the count happens to match, silently assign them to the wrong "
-                "variables. Compile with a new optimizer before fit().",
-            )
-        )
-    return tuple(findings)
 
 
 # -- the config route -----------------------------------------------------------------------

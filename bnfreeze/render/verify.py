@@ -1,6 +1,6 @@
 """Renderers for ``verify``: the measured table, the verdict, and the JSON contract.
 
-Pure functions of a :class:`~bnfreeze.runtime.verify.VerifyReport`: they never print.
+Pure functions of a :class:`~bnfreeze.runtime.measured.VerifyReport`: they never print.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from bnfreeze.model.expectations import Failure
 from bnfreeze.model.records import LayerState, Normalization
 from bnfreeze.render.json import SCHEMA_VERSION, dumps
 from bnfreeze.render.table import STYLE_FROZEN, STYLE_INFERENCE, STYLE_NONE, STYLE_TRAINING
-from bnfreeze.runtime.verify import (
+from bnfreeze.runtime.measured import (
     CompileSource,
     DataSource,
     LayerMeasurement,
@@ -58,7 +58,7 @@ def mode_text(m: LayerMeasurement) -> Text:
 def data_words(setup: TrainingSetup) -> str:
     if setup.data_source is DataSource.FILE:
         return f"data from {setup.data_path}"
-    from bnfreeze.runtime.verify import SYNTHETIC_MEAN, SYNTHETIC_STD
+    from bnfreeze.runtime.batches import SYNTHETIC_MEAN, SYNTHETIC_STD
 
     return (
         f"synthetic data (normal, mean {SYNTHETIC_MEAN:g}, std {SYNTHETIC_STD:g}, "

@@ -18,10 +18,6 @@ Hooks for other modules (add the module, nothing else needs to change):
   :attr:`ModelFormat.H5`. It must honour ``drop_optimizer_state`` (the ``optimizer_weights``
   group and the matching ``training_config``) and keep each group's ``weight_names`` order
   consistent with the new flags (SEMANTICS §5).
-* ``bnfreeze/runtime/keras_engine.py`` is the Keras route. It must
-  define ``edit(request: bnfreeze.ops.edit.EditRequest) -> bnfreeze.ops.edit.EditResult``.
-  :func:`keras_engine` returns that module, or ``None`` while it does not exist. See
-  :mod:`bnfreeze.ops.edit` for when it is chosen and for the helpers it can reuse.
 """
 
 from __future__ import annotations
@@ -40,9 +36,6 @@ WRITER_MODULES: dict[ModelFormat, str] = {
     ModelFormat.KERAS: "bnfreeze.formats.writers.keras_zip",
     ModelFormat.H5: "bnfreeze.formats.writers.legacy_h5",
 }
-
-#: The Keras engine route: a module with ``edit(request) -> EditResult``.
-KERAS_ENGINE_MODULE = "bnfreeze.runtime.keras_engine"
 
 
 @dataclass(frozen=True)
@@ -98,11 +91,6 @@ def writer_for(fmt: ModelFormat) -> Writer | None:
     """The writer for ``fmt``, or None when no module writes that format (yet)."""
     module = _optional_module(WRITER_MODULES.get(fmt))
     return getattr(module, "WRITER", None) if module is not None else None
-
-
-def keras_engine() -> types.ModuleType | None:
-    """The Keras engine route module, or None when it is not installed in this build."""
-    return _optional_module(KERAS_ENGINE_MODULE)
 
 
 def _optional_module(name: str | None) -> types.ModuleType | None:

@@ -1,0 +1,540 @@
+"""Reading a TOML plan: ``tomllib`` for the syntax, then a validating pass that turns the
+tables into :mod:`bnfreeze.ops.plan_schema` values, substitutes ``${param}`` references and
+reports every problem as a :class:`~bnfreeze.errors.PlanError` with the file, line and key."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from bnfreeze.errors import PlanError
+from bnfreeze.model.expectations import Expectation, ExpectKind
+from bnfreeze.ops.plan_schema import (
+    EXPECT_ASSERTIONS,
+    EXPECT_KEYS,
+    PLAN_KEYS,
+    RULE_KEYS,
+    SCHEMA,
+    SELECTOR_KEYS,
+    TOP_KEYS,
+    BnAction,
+    Only,
+    Plan,
+    Rule,
+    Selector,
+    Where,
+)
+
+#: The largest plan file read. Plans are a few hundred bytes; anything near this is a mistake.
+MAX_PLAN_BYTES = 1 * 2**20
+
+
+_PARAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+_PARAM_REF = re.compile(r"\$\{([^}]*)\}")
+
+
+def parse_sets(items: Sequence[str]) -> dict[str, str]:
+    """``--set name=value`` options as a dict."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or not _PARAM_NAME.match(name):
+            raise PlanError(f"--set {item!r}: write NAME=VALUE, e.g. --set block=block_12_add.")
+        out[name] = value
+    return out
+
+
+def load_plan(path: str | os.PathLike[str], params: Mapping[str, str] | None = None) -> Plan:
+    """Read and validate a plan file; ``params`` override the plan's ``[params]`` defaults."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as fh:
+            raw = fh.read(MAX_PLAN_BYTES + 1)
+    except FileNotFoundError:
+        raise PlanError(f"{p}: no such plan file.", hint="Shipped plans are in configs/.") from None
+    except IsADirectoryError:
+        raise PlanError(f"{p}: is a directory, not a plan file.") from None
+    except OSError as exc:
+        raise PlanError(f"{p}: cannot be read ({exc.strerror or exc}).") from None
+    if len(raw) > MAX_PLAN_BYTES:
+        raise PlanError(f"{p}: larger than {MAX_PLAN_BYTES // 2**20} MiB; not a plan file.")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PlanError(f"{p}: not UTF-8 text (byte {exc.start}); a plan is a TOML file.") from None
+    return parse_plan(text, str(p), params)
+
+
+def parse_plan(text: str, source: str = "<plan>", params: Mapping[str, str] | None = None) -> Plan:
+    """Parse and validate plan text. Raises only :class:`PlanError`."""
+    try:
+        return _Parser(text, source, params or {}).plan()
+    except RecursionError:  # tomllib recurses into nested arrays and inline tables
+        raise PlanError(f"{source}: nested too deeply to be a plan.") from None
+
+
+class _Lines:
+    """Find the line of a table header or a key by scanning the text (tomllib has no
+    positions). Best effort: returns None when the layout is unusual (inline tables)."""
+
+    _HEADER = re.compile(r"^\s*\[\[?\s*([^\]]*?)\s*\]\]?")
+
+    def __init__(self, text: str) -> None:
+        self.lines = text.splitlines()
+        self.headers: list[tuple[int, str, bool]] = []  # (line number, name, is array)
+        for number, line in enumerate(self.lines, start=1):
+            match = self._HEADER.match(line)
+            if match and not _inside_string(line, match.start(1)):
+                array = line.lstrip().startswith("[[")
+                self.headers.append((number, match.group(1).replace('"', "").strip(), array))
+
+    def table(self, name: str, index: int | None = None) -> int | None:
+        """The header line of ``[name]``, or of the index-th ``[[name]]`` (0-based)."""
+        seen = 0
+        for number, header, array in self.headers:
+            if header != name:
+                continue
+            if index is None and not array:
+                return number
+            if index is not None and array:
+                if seen == index:
+                    return number
+                seen += 1
+        return None
+
+    def key(self, key: str, table: str | None, index: int | None = None) -> int | None:
+        """The line of ``key = ...`` inside a table (None: top level)."""
+        if table is None:
+            start, end = 1, (self.headers[0][0] - 1 if self.headers else len(self.lines))
+        else:
+            start_line = self.table(table, index)
+            if start_line is None:
+                return None
+            later = [n for n, _, _ in self.headers if n > start_line]
+            start, end = start_line, (later[0] - 1 if later else len(self.lines))
+        pattern = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*[=.]")
+        for number in range(start, end + 1):
+            if pattern.match(self.lines[number - 1]):
+                return number
+        return start if table is not None else None
+
+
+def _inside_string(line: str, pos: int) -> bool:
+    return line[:pos].count('"') % 2 == 1
+
+
+class _Parser:
+    def __init__(self, text: str, source: str, params: Mapping[str, str]) -> None:
+        self.text = text
+        self.source = source
+        self.overrides = dict(params)
+        self.lines = _Lines(text)
+        self.params: dict[str, str] = {}
+
+    # errors ---------------------------------------------------------------------------
+    def error(
+        self,
+        message: str,
+        *,
+        table: str | None = None,
+        index: int | None = None,
+        key: str | None = None,
+        hint: str | None = None,
+    ) -> PlanError:
+        line = None
+        if key is not None:
+            line = self.lines.key(key, table, index)
+        elif table is not None:
+            line = self.lines.table(table, index)
+        label = _label(table, index)
+        where = str(Where(self.source, line, label))
+        if key is not None:
+            where += f", key {key!r}" if label else f": key {key!r}"
+        return PlanError(f"{where}: {message}", hint=hint)
+
+    # top level ------------------------------------------------------------------------
+    def plan(self) -> Plan:
+        if len(self.text) > MAX_PLAN_BYTES:
+            raise PlanError(f"{self.source}: larger than {MAX_PLAN_BYTES // 2**20} MiB.")
+        try:
+            data = tomllib.loads(self.text)
+        except tomllib.TOMLDecodeError as exc:
+            message = str(exc)
+            match = re.search(r"\(at line (\d+), column (\d+)\)", message)
+            text = re.sub(r"\s*\(at (line \d+, column \d+|end of document)\)", "", message)
+            where = f"{self.source}:{match.group(1)}" if match else self.source
+            raise PlanError(f"{where}: not valid TOML: {text}.") from None
+        return self.plan_from(data)
+
+    def plan_from(self, data: dict[str, Any]) -> Plan:
+        self.unknown_keys(data, TOP_KEYS, None, None)
+        meta = data.get("plan", {})
+        if not isinstance(meta, dict):
+            raise self.error("'plan' must be a table: [plan].", key="plan")
+        self.unknown_keys(meta, PLAN_KEYS, "plan", None)
+        name = self.opt_str(meta, "name", "plan", None)
+        description = self.opt_str(meta, "description", "plan", None)
+        schema = meta.get("schema", SCHEMA)
+        if schema != SCHEMA or isinstance(schema, bool):
+            raise self.error(
+                f"schema {schema!r} is not supported; this bnfreeze reads schema {SCHEMA}.",
+                table="plan",
+                key="schema",
+            )
+        self.read_params(data.get("params", {}))
+        rules = tuple(self.rule(table, i) for i, table in enumerate(self.tables(data, "rule")))
+        expectations = tuple(
+            self.expectation(table, i) for i, table in enumerate(self.tables(data, "expect"))
+        )
+        if not rules and not expectations:
+            raise self.error(
+                "the plan has neither a [[rule]] nor an [[expect]] table.",
+                hint="See configs/README.md for the plan schema.",
+            )
+        return Plan(
+            path=self.source,
+            name=name,
+            description=description,
+            params=tuple(sorted(self.params.items())),
+            rules=rules,
+            expectations=expectations,
+        )
+
+    def read_params(self, params: Any) -> None:
+        if not isinstance(params, dict):
+            raise self.error("'params' must be a table: [params].", key="params")
+        for name, value in params.items():
+            if not _PARAM_NAME.match(name):
+                raise self.error(
+                    f"parameter name {name!r} must be letters, digits and underscores.",
+                    table="params",
+                    key=name,
+                )
+            if not isinstance(value, str):
+                raise self.error(
+                    f"parameter {name!r} must be a string, not {_type(value)}.",
+                    table="params",
+                    key=name,
+                )
+            self.params[name] = value
+        for name, value in self.overrides.items():
+            if name not in self.params:
+                known = ", ".join(sorted(self.params)) or "none"
+                raise PlanError(
+                    f"--set {name}=...: {self.source} has no parameter {name!r} "
+                    f"(its parameters: {known})."
+                )
+            self.params[name] = value
+
+    def tables(self, data: dict[str, Any], key: str) -> list[dict[str, Any]]:
+        value = data.get(key, [])
+        if isinstance(value, dict):
+            raise self.error(
+                f"write [[{key}]] (an array of tables), not [{key}].",
+                table=key,
+            )
+        if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+            raise self.error(f"'{key}' must be [[{key}]] tables.", key=key)
+        return value
+
+    # rules and expectations -----------------------------------------------------------
+    def rule(self, table: dict[str, Any], index: int) -> Rule:
+        self.unknown_keys(table, RULE_KEYS, "rule", index)
+        selector = self.selector(table, "rule", index)
+        name = self.opt_str(table, "name", "rule", index)
+        trainable = table.get("trainable")
+        if trainable is not None and not isinstance(trainable, bool):
+            raise self.error(
+                f"must be true or false, not {_type(trainable)}.",
+                table="rule",
+                index=index,
+                key="trainable",
+            )
+        bn_value = table.get("bn")
+        if bn_value is None:
+            bn = BnAction.FOLLOW
+        else:
+            bn = self.enum(BnAction, bn_value, "rule", index, "bn")
+        if trainable is None and bn_value is None:
+            raise self.error(
+                'the rule has no action: give trainable = true/false, bn = "inference" | '
+                '"train", or both.',
+                table="rule",
+                index=index,
+            )
+        if trainable is None and bn is BnAction.FOLLOW:
+            raise self.error(
+                'bn = "follow" takes the rule\'s trainable value, but the rule sets none.',
+                table="rule",
+                index=index,
+                key="bn",
+            )
+        if selector.only is Only.NON_BN and bn is not BnAction.FOLLOW:
+            raise self.error(
+                'the rule selects only non-BN layers (only = "non-bn"), so bn has no effect.',
+                table="rule",
+                index=index,
+                key="bn",
+            )
+        where = Where(self.source, self.lines.table("rule", index), _label("rule", index))
+        return Rule(selector=selector, trainable=trainable, bn=bn, name=name, where=where)
+
+    def expectation(self, table: dict[str, Any], index: int) -> Expectation:
+        self.unknown_keys(table, EXPECT_KEYS, "expect", index)
+        selector = self.selector(table, "expect", index)
+        name = self.opt_str(table, "name", "expect", index)
+        given = [k for k in EXPECT_ASSERTIONS if k in table]
+        if len(given) != 1:
+            what = "none" if not given else ", ".join(given)
+            raise self.error(
+                f"an [[expect]] states exactly one of bn, trains, min_training, max_training "
+                f"(found: {what}).",
+                table="expect",
+                index=index,
+                key=given[1] if len(given) > 1 else None,
+            )
+        key = given[0]
+        value = table[key]
+        count = None
+        if key == "bn":
+            action = self.enum(BnAction, value, "expect", index, "bn")
+            if action is BnAction.FOLLOW:
+                raise self.error(
+                    'an expectation\'s bn is "inference" or "train".',
+                    table="expect",
+                    index=index,
+                    key="bn",
+                )
+            if selector.only is Only.NON_BN:
+                raise self.error(
+                    'only = "non-bn" selects no BN layer, so a bn expectation has nothing '
+                    "to check.",
+                    table="expect",
+                    index=index,
+                    key="bn",
+                )
+            kind = ExpectKind.BN_INFERENCE if action is BnAction.INFERENCE else ExpectKind.BN_TRAIN
+        elif key == "trains":
+            if not isinstance(value, bool):
+                raise self.error(
+                    f"must be true or false, not {_type(value)}.",
+                    table="expect",
+                    index=index,
+                    key=key,
+                )
+            kind = ExpectKind.TRAINS if value else ExpectKind.FROZEN
+        else:
+            count = self.count(value, "expect", index, key)
+            kind = ExpectKind.MIN_TRAINING if key == "min_training" else ExpectKind.MAX_TRAINING
+        line = self.lines.table("expect", index)
+        return Expectation(
+            kind=kind,
+            scope=None if selector.is_everything else selector,
+            count=count,
+            source=str(Where(self.source, line, _label("expect", index))),
+            label=name,
+        )
+
+    def selector(self, table: dict[str, Any], kind: str, index: int) -> Selector:
+        label = _label(kind, index)
+        key_lines = tuple(
+            (key, line)
+            for key in SELECTOR_KEYS
+            if key in table and (line := self.lines.key(key, kind, index)) is not None
+        )
+        layers = self.patterns(table, "layers", kind, index, _check_glob)
+        regex = self.patterns(table, "regex", kind, index, _check_regex)
+        classes = self.patterns(table, "class", kind, index, _check_glob)
+        only = table.get("only")
+        only_value = None if only is None else self.enum(Only, only, kind, index, "only")
+        up_to_spec = self.layer_name(table, "up_to", kind, index)
+        from_spec = self.layer_name(table, "from", kind, index)
+        depth = self.opt_count(table, "depth", kind, index)
+        min_depth = self.opt_count(table, "min_depth", kind, index)
+        max_depth = self.opt_count(table, "max_depth", kind, index)
+        if depth is not None and (min_depth is not None or max_depth is not None):
+            raise self.error(
+                "give depth, or min_depth / max_depth, not both.",
+                table=kind,
+                index=index,
+                key="depth",
+            )
+        if min_depth is not None and max_depth is not None and min_depth > max_depth:
+            raise self.error(
+                f"min_depth {min_depth} is greater than max_depth {max_depth}.",
+                table=kind,
+                index=index,
+                key="min_depth",
+            )
+        return Selector(
+            layers=layers,
+            regex=regex,
+            classes=classes,
+            only=only_value,
+            up_to=up_to_spec,
+            from_layer=from_spec,
+            depth=depth,
+            min_depth=min_depth,
+            max_depth=max_depth,
+            where=Where(self.source, self.lines.table(kind, index), label, key_lines),
+        )
+
+    # values ---------------------------------------------------------------------------
+    def unknown_keys(
+        self, table: dict[str, Any], allowed: Sequence[str], kind: str | None, index: int | None
+    ) -> None:
+        for key in table:
+            if key in allowed:
+                continue
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = (
+                f"Did you mean {close[0]!r}?" if close else (f"Allowed keys: {', '.join(allowed)}.")
+            )
+            raise self.error(f"unknown key {key!r}.", table=kind, index=index, key=key, hint=hint)
+
+    def substitute(self, value: str, kind: str | None, index: int | None, key: str) -> str:
+        def replace(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in self.params:
+                known = ", ".join(sorted(self.params)) or "none; declare them in [params]"
+                raise self.error(
+                    f"unknown parameter ${{{name}}} (parameters: {known}).",
+                    table=kind,
+                    index=index,
+                    key=key,
+                )
+            return self.params[name]
+
+        return _PARAM_REF.sub(replace, value)
+
+    def opt_str(
+        self, table: dict[str, Any], key: str, kind: str | None, index: int | None
+    ) -> str | None:
+        value = table.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise self.error(
+                f"must be a string, not {_type(value)}.", table=kind, index=index, key=key
+            )
+        return self.substitute(value, kind, index, key)
+
+    def layer_name(self, table: dict[str, Any], key: str, kind: str, index: int) -> str | None:
+        value = self.opt_str(table, key, kind, index)
+        if value is not None and not value.strip():
+            raise self.error("names no layer (empty).", table=kind, index=index, key=key)
+        return value
+
+    def patterns(
+        self, table: dict[str, Any], key: str, kind: str, index: int, check: Any
+    ) -> tuple[str, ...]:
+        value = table.get(key)
+        if value is None:
+            return ()
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not items or not all(isinstance(v, str) for v in items):
+            raise self.error(
+                f"must be a string or a non-empty list of strings, not {_type(value)}.",
+                table=kind,
+                index=index,
+                key=key,
+            )
+        out = []
+        for item in items:
+            pattern = self.substitute(item, kind, index, key)
+            problem = check(pattern)
+            if problem:
+                raise self.error(problem, table=kind, index=index, key=key)
+            out.append(pattern)
+        return tuple(out)
+
+    def enum(self, cls: Any, value: Any, kind: str, index: int, key: str) -> Any:
+        choices = ", ".join(f'"{m.value}"' for m in cls)
+        if not isinstance(value, str):
+            raise self.error(
+                f"must be one of {choices}, not {_type(value)}.", table=kind, index=index, key=key
+            )
+        try:
+            return cls(value)
+        except ValueError:
+            raise self.error(
+                f"{value!r} is not one of {choices}.", table=kind, index=index, key=key
+            ) from None
+
+    def count(self, value: Any, kind: str, index: int, key: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise self.error(
+                f"must be a whole number >= 0, not {_type(value)}.",
+                table=kind,
+                index=index,
+                key=key,
+            )
+        return value
+
+    def opt_count(self, table: dict[str, Any], key: str, kind: str, index: int) -> int | None:
+        if key not in table:
+            return None
+        return self.count(table[key], kind, index, key)
+
+
+def _label(table: str | None, index: int | None) -> str | None:
+    if table is None:
+        return None
+    if index is None:
+        return f"[{table}]"
+    return f"{table} {index + 1}"
+
+
+def _type(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, int | float):
+        return f"the number {value!r}"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return type(value).__name__
+
+
+def _check_glob(pattern: str) -> str | None:
+    """A glob is bad when it is empty or opens a ``[...]`` class it never closes."""
+    if not pattern:
+        return "an empty pattern matches nothing."
+    i = 0
+    while i < len(pattern):
+        if pattern[i] == "[":
+            j = i + 1
+            if j < len(pattern) and pattern[j] in "!^":
+                j += 1
+            if j < len(pattern) and pattern[j] == "]":
+                j += 1
+            close = pattern.find("]", j)
+            if close == -1:
+                return f"bad glob {pattern!r}: '[' at position {i} is never closed."
+            i = close + 1
+            continue
+        i += 1
+    return None
+
+
+def _check_regex(pattern: str) -> str | None:
+    if not pattern:
+        return "an empty regex matches every layer; leave regex out instead."
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return f"bad regex {pattern!r}: {exc}."
+    except (OverflowError, RecursionError, ValueError) as exc:
+        return f"bad regex {pattern!r}: {exc}."
+    return None

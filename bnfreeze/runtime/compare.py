@@ -1,0 +1,131 @@
+"""Comparing a measurement with ``inspect``'s prediction, and judging expectations on it.
+
+Pure: no Keras. Only what both sides know is compared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from bnfreeze.model.expectations import Expectation, Failure, Observed, evaluate
+from bnfreeze.model.records import LayerState, Report
+from bnfreeze.runtime.loading import RuntimeInfo
+from bnfreeze.runtime.measured import (
+    Aspect,
+    Disagreement,
+    LayerMeasurement,
+    Movement,
+    TrainingSetup,
+    VerifyReport,
+)
+
+
+def compare(
+    *,
+    path: str,
+    runtime: RuntimeInfo,
+    setup: TrainingSetup,
+    measured: Sequence[LayerMeasurement],
+    prediction: Report | None,
+    expectations: Sequence[Expectation] = (),
+    notes: tuple[str, ...] = (),
+) -> VerifyReport:
+    """Compare a measurement with ``inspect``'s prediction and judge the expectations.
+
+    Pure: no Keras. Only what both sides know is compared: a prediction of None (a custom
+    class's moving statistics, say) or a layer without such variables is skipped.
+    """
+    checks = 0
+    disagreements: list[Disagreement] = []
+    predicted: dict[str, LayerState] = (
+        {s.layer.path: s for s in prediction.layers} if prediction is not None else {}
+    )
+    for m in measured:
+        state = predicted.get(m.path)
+        if state is None:
+            continue
+        for aspect, said, did in _pairs(m, state):
+            checks += 1
+            agrees = did.changed is said if aspect is Aspect.MOVING_STATS else did.trained is said
+            if not agrees:
+                disagreements.append(Disagreement(m.path, aspect, said, did))
+    measured_paths = {m.path for m in measured}
+    not_in_file = tuple(
+        m.path for m in measured if prediction is not None and m.path not in predicted
+    )
+    not_measured = tuple(
+        s.layer.path
+        for s in (prediction.layers if prediction is not None else ())
+        if s.has_weights and not s.layer.is_container and s.layer.path not in measured_paths
+    )
+    judged = tuple((e, _judge(e, measured, prediction)) for e in expectations)
+    return VerifyReport(
+        path=path,
+        runtime=runtime,
+        setup=setup,
+        layers=tuple(measured),
+        prediction=prediction,
+        checks=checks,
+        disagreements=tuple(disagreements),
+        not_in_file=not_in_file,
+        not_measured=not_measured,
+        expectations=judged,
+        notes=notes,
+    )
+
+
+def _pairs(m: LayerMeasurement, state: LayerState) -> Iterable[tuple[Aspect, bool, Movement]]:
+    fit = state.in_fit
+    if m.moving_stats is not Movement.NONE and fit.updates_moving_stats is not None:
+        yield Aspect.MOVING_STATS, fit.updates_moving_stats, m.moving_stats
+    if fit.trains_weights is None:
+        return
+    if m.gamma_beta is not Movement.NONE:
+        yield Aspect.GAMMA_BETA, fit.trains_weights, m.gamma_beta
+    if m.other_weights is not Movement.NONE:
+        yield Aspect.WEIGHTS, fit.trains_weights, m.other_weights
+
+
+def observed(measured: Iterable[LayerMeasurement]) -> dict[str, Observed]:
+    """The measurement in the expectation vocabulary's terms (shared with ``check``)."""
+    return {
+        m.path: Observed(
+            path=m.path,
+            is_batchnorm=m.is_batchnorm,
+            trains_weights=m.trains_weights,
+            normalizes_with=m.normalizes_with,
+        )
+        for m in measured
+    }
+
+
+def _judge(
+    expectation: Expectation, measured: Sequence[LayerMeasurement], prediction: Report | None
+) -> tuple[Failure, ...]:
+    from bnfreeze.model.records import LayerKind, LayerRecord
+
+    seen = observed(measured)
+    records: list[LayerRecord] = [s.layer for s in prediction.layers] if prediction else []
+    known = {r.path for r in records}
+    # Layers Keras showed but the file does not list (a BN inside a custom layer) count too.
+    for m in measured:
+        if m.path not in known:
+            records.append(
+                LayerRecord(
+                    path=m.path,
+                    name=m.path.rsplit("/", 1)[-1],
+                    class_name=m.class_name,
+                    kind=LayerKind.BATCHNORM if m.is_batchnorm else LayerKind.LAYER,
+                    depth=m.path.count("/"),
+                    parent=m.path.rsplit("/", 1)[0] if "/" in m.path else None,
+                    trainable=None,
+                )
+            )
+    return evaluate(expectation, records, seen)
+
+
+def check_scopes(expectations: Sequence[Expectation], prediction: Report) -> None:
+    layers = [s.layer for s in prediction.layers]
+    for expectation in expectations:
+        if expectation.scope is not None:
+            expectation.scope.paths(layers)  # raises when the glob matches nothing

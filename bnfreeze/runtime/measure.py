@@ -1,0 +1,236 @@
+"""Measuring one training step: which of each layer's own variables moved.
+
+Layers are found by path on the live model (:func:`layer_paths`), each layer's own variables
+are snapshot before the step and compared after it (:func:`measure`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bnfreeze.errors import DataError
+from bnfreeze.runtime import loading
+from bnfreeze.runtime.batches import Batches, loss_name, pack
+from bnfreeze.runtime.measured import (
+    CompileSource,
+    DataSource,
+    LayerMeasurement,
+    Movement,
+    TrainingSetup,
+)
+
+#: The optimizer used when the file has no compile config (or it cannot train).
+DEFAULT_LEARNING_RATE = 0.01
+
+
+def layer_children(keras: Any, layer: Any) -> list[Any]:
+    """The layers bnfreeze's walk descends into: a nested model's layers, a wrapper's inner
+    layer(s) (``Bidirectional.forward_layer``/``backward_layer``, else ``.layer``)."""
+    if isinstance(layer, keras.Model):
+        return list(layer.layers)
+    children = [
+        inner
+        for attr in ("forward_layer", "backward_layer")
+        if isinstance(inner := getattr(layer, attr, None), keras.layers.Layer)
+    ]
+    if not children and isinstance(inner := getattr(layer, "layer", None), keras.layers.Layer):
+        children.append(inner)
+    return children
+
+
+def layer_paths(keras: Any, model: Any) -> dict[str, tuple[Any, bool]]:
+    """Every layer below ``model`` by path (names joined by "/"), in model order, with
+    whether the file's layer list shows it. BN layers hidden inside a custom layer's Python
+    code get a path below that layer and ``False``."""
+    out: dict[str, tuple[Any, bool]] = {}
+
+    def visit(layer: Any, prefix: str) -> None:
+        for child in layer_children(keras, layer):
+            path = prefix + child.name
+            out.setdefault(path, (child, True))
+            if layer_children(keras, child):
+                visit(child, path + "/")
+            elif not isinstance(child, keras.layers.BatchNormalization):
+                for inner in _hidden_batchnorm(keras, child):
+                    out.setdefault(f"{path}/{inner.name}", (inner, False))
+
+    visit(model, "")
+    return out
+
+
+def _hidden_batchnorm(keras: Any, layer: Any) -> list[Any]:
+    flatten = getattr(layer, "_flatten_layers", None)
+    if flatten is None:
+        return []
+    try:
+        inner = list(flatten(include_self=False, recursive=True))
+    except TypeError:
+        return []
+    return [sub for sub in inner if isinstance(sub, keras.layers.BatchNormalization)]
+
+
+def _own_variables(layers: dict[str, tuple[Any, bool]]) -> dict[str, list[Any]]:
+    """Each layer's variables less those of the layers listed below it (by identity)."""
+    owned: dict[str, list[Any]] = {}
+    for path, (layer, _) in layers.items():
+        prefix = path + "/"
+        below = {
+            id(v)
+            for other, (sub, _) in layers.items()
+            if other.startswith(prefix)
+            for v in sub.weights
+        }
+        seen: set[int] = set()
+        own = []
+        for v in layer.weights:
+            if id(v) not in below and id(v) not in seen:
+                seen.add(id(v))
+                own.append(v)
+        owned[path] = own
+    return owned
+
+
+def _is_builtin(layer: Any) -> bool:
+    module = type(layer).__module__ or ""
+    return module.split(".")[0] in ("keras", "tf_keras", "tensorflow")
+
+
+def _compile_default(keras: Any, model: Any) -> None:
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate=DEFAULT_LEARNING_RATE),
+        loss="mse",
+        run_eagerly=True,
+        jit_compile=False,
+    )
+
+
+def _optimizer_name(model: Any) -> str:
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None:
+        return "none"
+    name = type(optimizer).__name__
+    try:
+        rate = float(optimizer.learning_rate)
+        return f"{name}(learning_rate={rate:g})"
+    except Exception:
+        return name
+
+
+def measure(
+    keras: Any,
+    model: Any,
+    batches: Batches,
+    steps: int,
+    batch_size: int,
+    load_reason: str | None,
+) -> tuple[list[LayerMeasurement], TrainingSetup]:
+    import numpy as np
+
+    layers = layer_paths(keras, model)
+    owned = _own_variables(layers)
+    every = {id(v): v for vs in owned.values() for v in vs}
+
+    if loading.is_compiled(model) and getattr(model, "optimizer", None) is not None:
+        source, reason = CompileSource.MODEL, None
+        model.run_eagerly = True
+        model.jit_compile = False
+    else:
+        source = CompileSource.DEFAULT if load_reason is None else CompileSource.FALLBACK
+        reason = load_reason
+        _compile_default(keras, model)
+
+    def run(policy: str) -> tuple[dict[int, Any], dict[int, Any], set[int]]:
+        ys = batches.given_ys if batches.given_ys is not None else batches.ys_for(policy)
+        if batches.given_ys is not None:
+            ys = [pack(model, y) for y in ys]
+        trained = {id(v) for v in model.trainable_variables}
+        before = {k: np.array(v.numpy(), copy=True) for k, v in every.items()}
+        for x, y in zip(batches.xs, ys, strict=True):
+            model.train_on_batch(x, y)
+        after = {k: np.asarray(v.numpy()) for k, v in every.items()}
+        return before, after, trained
+
+    try:
+        before, after, trained = run("model" if source is CompileSource.MODEL else "real")
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:
+        if source is not CompileSource.MODEL:
+            raise DataError(
+                f"a training step failed: {type(exc).__name__}: {loading._one_line(exc)}",
+                hint="Pass real data with --data FILE.npz.",
+            ) from None
+        reason = (
+            f"training with its compile config ({loss_name(model.loss)}) failed on "
+            f"{'the given' if batches.given_ys is not None else 'synthetic'} data: "
+            f"{type(exc).__name__}: {loading._one_line(exc, 160)}"
+        )
+        source = CompileSource.FALLBACK
+        _compile_default(keras, model)
+        try:
+            before, after, trained = run("real")
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as exc2:
+            raise DataError(
+                f"a training step failed: {type(exc2).__name__}: {loading._one_line(exc2)}",
+                hint="Pass real data with --data FILE.npz.",
+            ) from None
+
+    def movement(variables: list[Any]) -> Movement:
+        if not variables:
+            return Movement.NONE
+        if any(not np.array_equal(before[id(v)], after[id(v)]) for v in variables):
+            return Movement.MOVED
+        if any(id(v) in trained for v in variables):
+            return Movement.ZERO_UPDATE
+        return Movement.UNCHANGED
+
+    measured: list[LayerMeasurement] = []
+    for path, (layer, in_file) in layers.items():
+        own = owned[path]
+        if layer_children(keras, layer) and not own:
+            continue  # a container: its layers are measured one by one
+        if isinstance(layer, keras.layers.BatchNormalization):
+            stats = [v for v in (layer.moving_mean, layer.moving_variance) if v is not None]
+            gamma_beta = [v for v in (layer.gamma, layer.beta) if v is not None]
+            special = {id(v) for v in stats + gamma_beta}
+            other = [v for v in own if id(v) not in special]
+            measured.append(
+                LayerMeasurement(
+                    path=path,
+                    class_name=type(layer).__name__,
+                    is_batchnorm=True,
+                    builtin=_is_builtin(layer),
+                    in_file=in_file,
+                    moving_stats=movement(stats),
+                    gamma_beta=movement(gamma_beta),
+                    other_weights=movement(other),
+                )
+            )
+        elif own:
+            measured.append(
+                LayerMeasurement(
+                    path=path,
+                    class_name=type(layer).__name__,
+                    is_batchnorm=False,
+                    builtin=_is_builtin(layer),
+                    in_file=in_file,
+                    moving_stats=Movement.NONE,
+                    gamma_beta=Movement.NONE,
+                    other_weights=movement(own),
+                )
+            )
+    setup = TrainingSetup(
+        compile_source=source,
+        optimizer=_optimizer_name(model),
+        loss=loss_name(getattr(model, "loss", None)),
+        steps=steps,
+        batch_size=batch_size,
+        data_source=DataSource.SYNTHETIC,
+        data_path=None,
+        seed=None,
+        input_shapes=batches.input_shapes,
+        reason=reason,
+    )
+    return measured, setup

@@ -1,0 +1,184 @@
+"""The values a ``verify`` run produces: what moved per layer (:class:`LayerMeasurement`),
+how the steps were set up (:class:`TrainingSetup`), and the verdict (:class:`VerifyReport`).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from bnfreeze.model.expectations import Expectation, Failure
+from bnfreeze.model.records import Normalization, Report
+from bnfreeze.runtime.loading import RuntimeInfo
+
+
+class Movement(enum.Enum):
+    """What one group of a layer's variables did during the training steps."""
+
+    MOVED = "moved"
+    #: Among the variables ``fit()`` trains, but the update left it unchanged (zero gradient).
+    ZERO_UPDATE = "zero-update"
+    #: Not trained, and unchanged.
+    UNCHANGED = "unchanged"
+    #: The layer has no such variables.
+    NONE = "none"
+
+    @property
+    def changed(self) -> bool:
+        return self is Movement.MOVED
+
+    @property
+    def trained(self) -> bool | None:
+        """Whether ``fit()`` trained this group (moved, or trained with a zero update)."""
+        if self is Movement.NONE:
+            return None
+        return self in (Movement.MOVED, Movement.ZERO_UPDATE)
+
+
+class Aspect(enum.Enum):
+    """What a prediction and a measurement are compared on."""
+
+    MOVING_STATS = "moving-stats"
+    GAMMA_BETA = "gamma-beta"
+    WEIGHTS = "weights"
+
+    @property
+    def words(self) -> str:
+        return {
+            Aspect.MOVING_STATS: "its moving statistics",
+            Aspect.GAMMA_BETA: "gamma/beta",
+            Aspect.WEIGHTS: "its weights",
+        }[self]
+
+
+class CompileSource(enum.Enum):
+    """Where the optimizer and loss of the measured steps came from."""
+
+    MODEL = "model"  # the file's own compile config
+    DEFAULT = "default"  # SGD + mean squared error: the file has none
+    FALLBACK = "fallback"  # SGD + mean squared error: the file's own could not train
+
+
+class DataSource(enum.Enum):
+    SYNTHETIC = "synthetic"
+    FILE = "file"
+
+
+@dataclass(frozen=True)
+class LayerMeasurement:
+    """What one layer's own variables did in the measured training steps."""
+
+    path: str
+    class_name: str
+    is_batchnorm: bool  # an instance of BatchNormalization, built-in or subclass
+    builtin: bool  # a Keras built-in class (for BN: its mode can be read off its statistics)
+    in_file: bool  # False for a BN found inside a custom layer, which the file does not list
+    moving_stats: Movement
+    gamma_beta: Movement
+    other_weights: Movement
+
+    @property
+    def mode_measured(self) -> bool:
+        return self.is_batchnorm and self.builtin and self.moving_stats is not Movement.NONE
+
+    @property
+    def normalizes_with(self) -> Normalization | None:
+        """The statistics a built-in BN normalized with in ``fit()``; None when not measured."""
+        if not self.mode_measured:
+            return None
+        return Normalization.BATCH if self.moving_stats.changed else Normalization.MOVING
+
+    @property
+    def trains_weights(self) -> bool | None:
+        """Whether ``fit()`` trained any of the layer's weights (None: it has none)."""
+        groups = [
+            m.trained for m in (self.gamma_beta, self.other_weights) if m is not Movement.NONE
+        ]
+        if not groups:
+            return None
+        return any(groups)
+
+
+@dataclass(frozen=True)
+class Disagreement:
+    """A layer where the prediction from the file and the measurement differ."""
+
+    path: str
+    aspect: Aspect
+    predicted: bool  # predicted to move / train
+    measured: Movement
+
+    @property
+    def message(self) -> str:
+        what = self.aspect.words
+        if self.aspect is Aspect.MOVING_STATS:
+            said = "move" if self.predicted else "stay unchanged"
+            did = "moved" if self.measured.changed else "stayed unchanged"
+        else:
+            said = "train" if self.predicted else "stay frozen"
+            did = {
+                Movement.MOVED: "moved",
+                Movement.ZERO_UPDATE: "were trained (with a zero update)",
+                Movement.UNCHANGED: "stayed frozen",
+            }.get(self.measured, self.measured.value)
+        return f"{self.path}: inspect predicted {what} {said} in fit(), but they {did}."
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """How the measured steps were run."""
+
+    compile_source: CompileSource
+    optimizer: str
+    loss: str
+    steps: int
+    batch_size: int
+    data_source: DataSource
+    data_path: str | None
+    seed: int | None
+    input_shapes: tuple[tuple[int, ...], ...]
+    reason: str | None = None  # why the file's own compile config was not used
+
+    @property
+    def execution(self) -> str:
+        return "eager"
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """A measurement, the prediction it is compared with, and the verdict."""
+
+    path: str
+    runtime: RuntimeInfo
+    setup: TrainingSetup
+    layers: tuple[LayerMeasurement, ...]
+    prediction: Report | None  # None only when compare() was given no prediction
+    checks: int  # (layer, aspect) pairs compared
+    disagreements: tuple[Disagreement, ...]
+    not_in_file: tuple[str, ...]  # measured layers the file's layer list does not show
+    not_measured: tuple[str, ...]  # layers the file says hold weights, not found in Keras
+    expectations: tuple[tuple[Expectation, tuple[Failure, ...]], ...]
+    notes: tuple[str, ...]  # Keras's own warnings, and how the run was adapted
+
+    @property
+    def batchnorm(self) -> tuple[LayerMeasurement, ...]:
+        return tuple(m for m in self.layers if m.is_batchnorm)
+
+    @property
+    def bn_stats_moved(self) -> int:
+        return sum(1 for m in self.batchnorm if m.moving_stats.changed)
+
+    @property
+    def agree(self) -> bool:
+        return not self.disagreements
+
+    @property
+    def expectations_hold(self) -> bool:
+        return all(not failures for _, failures in self.expectations)
+
+    @property
+    def exit_code(self) -> int:
+        """0 when prediction and measurement agree and every expectation holds, else 1."""
+        from bnfreeze.errors import EXIT_CHECK_FAILED, EXIT_OK
+
+        return EXIT_OK if self.agree and self.expectations_hold else EXIT_CHECK_FAILED
