@@ -1,0 +1,51 @@
+"""The public API surface is pinned: the names ``bnfreeze`` exports and each function's
+signature. A change here is a change to users' code, so it must be made on purpose, here."""
+
+from __future__ import annotations
+
+import inspect
+
+import bnfreeze
+
+EXPORTS = ["__version__", "inspect", "freeze", "unfreeze", "recompile", "RecompileWarning"]
+
+SIGNATURES = {
+    "inspect": "(model_or_path: 'ModelOrPath', *, runtime: 'Runtime | None' = None) -> 'Report'",
+    "freeze": (
+        "(model_or_path: 'ModelOrPath', *, layers: 'Sequence[str]' = (), "
+        "up_to: 'str | None' = None, bn_inference: 'bool' = False, train_bn: 'bool' = False, "
+        "output: 'str | os.PathLike[str] | None' = None, dry_run: 'bool' = False, "
+        "in_place: 'bool' = False, keep_optimizer_state: 'bool' = False, "
+        "engine: 'str' = 'auto', custom_objects: 'str | Mapping[str, Any] | None' = None, "
+        "unsafe: 'bool' = False) -> 'Any'"
+    ),
+    "unfreeze": (
+        "(model_or_path: 'ModelOrPath', *, layers: 'Sequence[str]' = (), "
+        "from_: 'str | None' = None, keep_bn_inference: 'bool' = False, "
+        "output: 'str | os.PathLike[str] | None' = None, dry_run: 'bool' = False, "
+        "in_place: 'bool' = False, keep_optimizer_state: 'bool' = False, "
+        "engine: 'str' = 'auto', custom_objects: 'str | Mapping[str, Any] | None' = None, "
+        "unsafe: 'bool' = False) -> 'Any'"
+    ),
+    "recompile": "(model: 'Any') -> 'Any'",
+}
+
+
+def test_exports():
+    assert bnfreeze.__all__ == EXPORTS
+    assert set(EXPORTS) <= set(dir(bnfreeze))
+
+
+def test_signatures():
+    found = {name: str(inspect.signature(getattr(bnfreeze, name))) for name in SIGNATURES}
+    assert found == SIGNATURES
+
+
+def test_recompile_warning_is_a_user_warning():
+    assert issubclass(bnfreeze.RecompileWarning, UserWarning)
+    assert bnfreeze.RecompileWarning.__module__ == "bnfreeze.api"
+
+
+def test_every_export_resolves():
+    for name in EXPORTS:
+        assert getattr(bnfreeze, name) is not None
