@@ -33,7 +33,9 @@ def usage_line(exc: click.UsageError) -> str:
         message += "."
     if message[:1].isupper() and message[1:2].islower():
         message = message[0].lower() + message[1:]
-    command = exc.ctx.command_path if exc.ctx is not None else "bnfreeze"
+    # Named "bnfreeze" however it was started (python -m bnfreeze, a test's CliRunner).
+    words = exc.ctx.command_path.split()[1:] if exc.ctx is not None else []
+    command = " ".join(["bnfreeze", *words])
     return f"error: {message} Try '{command} --help'."
 
 

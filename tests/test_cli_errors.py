@@ -74,7 +74,7 @@ USAGE_ERRORS = [
 @pytest.mark.parametrize(("args", "line"), USAGE_ERRORS, ids=[" ".join(a) for a, _ in USAGE_ERRORS])
 def test_usage_error_is_one_line_exit_2(args, line):
     """Click's own display is three lines (usage, hint, error); bnfreeze prints one."""
-    result = CliRunner().invoke(cli, args, prog_name="bnfreeze")
+    result = CliRunner().invoke(cli, args)
     assert result.exit_code == 2
     assert result.stdout == ""
     assert result.stderr == line + "\n"
