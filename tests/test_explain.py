@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import json_schemas
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -182,11 +183,13 @@ def test_json_document(seed_report):
     def nested(flat):
         return np.asarray(flat).reshape(IMAGE_SHAPE).tolist()
 
+    json_schemas.validate("explain", doc)
     assert doc == {
-        "schema_version": 1,
+        "schema_version": 2,
         "command": "explain",
         "runtime": {
             "name": "keras3",
+            "measured": True,
             "keras_version": r.runtime.keras_version,
             "backend": "tensorflow",
             "tensorflow_version": r.runtime.tensorflow_version,
@@ -226,8 +229,9 @@ def test_table_view(seed_report):
     result = invoke()
     assert result.exit_code == 0
     out = result.stdout
-    assert "training ┃ trainable ┃ output[0,0,0,:]" in out
-    assert "True     │ True      │" in out
+    assert "training  trainable  output[0,0,0,:] and what it means" in out
+    assert "\nTrue      True       [" in out
+    assert all(line == line.rstrip() for line in out.splitlines())
     pixel = ", ".join(f"{round(v, 3):g}" for v in seed_report.cases[0].first_row)
     assert f"[{pixel}]" in out
     assert "moving mean [0, 0, 0, 0] -> [" in out
