@@ -60,7 +60,7 @@ def failures_table(failures: tuple[Failure, ...]) -> ColumnTable:
     """Each failure: the check, the layer, what was expected and what the model does."""
     columns = (
         Column("check", Kind.WRAP, wrap_first=True),
-        Column("layer", Kind.PATH),
+        Column("layer", Kind.PATH, group=True),
         Column("expected", Kind.WRAP),
         Column("actual", Kind.WRAP),
     )

@@ -11,11 +11,14 @@ does not fit, columns give up room in this order, each only as much as needed:
    columns with an ellipsis;
 2. ``WRAP`` columns of free text (``wrap_first``) wrap at spaces, down to their
    ``min_width``;
-3. a ``PATH`` column breaks its longest paths before a ``/`` (or at a space), onto a
+3. a ``PATH`` column of full paths (``group``) shows each layer by its name, indented under a
+   row for its container, as the ``inspect`` table does (the full path is the container's
+   path, "/", the name);
+4. a ``PATH`` column breaks its longest paths before a ``/`` (or at a space), onto a
    continuation line indented by two: every name stays whole;
-4. the other ``WRAP`` columns wrap, rightmost first;
-5. a ``CLASS`` column is cut with an ellipsis (down to 10 columns), then hidden;
-6. as a last resort a ``PATH`` column narrows further, and a piece longer than the column is
+5. the other ``WRAP`` columns wrap, rightmost first;
+6. a ``CLASS`` column is cut with an ellipsis (down to 10 columns), then hidden;
+7. as a last resort a ``PATH`` column narrows further, and a piece longer than the column is
    cut from the left with an ellipsis, ``…depthwise_BN``. A path never breaks mid-word.
 
 No line ends with a space.
@@ -51,6 +54,8 @@ CLASS_MIN_WIDTH = 10
 PATH_MIN_WIDTH = 16
 #: Two spaces between columns, as Rich's collapsed padding draws them.
 GAP = 2
+#: Spaces of indentation per level of nesting, as in the inspect table.
+INDENT = 2
 #: The short labels a narrow class column shows: every table says "BN layers".
 SHORT_CLASS = {"BatchNormalization": "BN", "SyncBatchNormalization": "SyncBN"}
 ELLIPSIS = "…"
@@ -74,6 +79,8 @@ class Column:
     justify: str = "left"  # or "right"
     #: WRAP: wrap before a path breaks (free text, such as a check's name).
     wrap_first: bool = False
+    #: PATH: full layer paths, which may show as names under a row for their container.
+    group: bool = False
 
 
 def _pieces(text: Text) -> list[Text]:
@@ -199,9 +206,35 @@ class ColumnTable:
             len(self.columns) - 1
         )
 
-    def widths(self, max_width: int) -> tuple[list[int], bool]:
-        """Column widths that fit ``max_width`` (0: hidden), and whether class names are
-        shortened."""
+    def _grouped(self, index: int) -> ColumnTable:
+        """This table with the full paths of column ``index`` shown as in ``inspect``: each
+        layer's name, indented under a (bold) row for its container, which is added where the
+        row above is not that container already."""
+        columns = list(self.columns)
+        columns[index] = Column(columns[index].header, Kind.PATH)
+        rows: list[tuple[Text, ...]] = []
+        above: list[str] = []
+        for row in self.rows:
+            cell = row[index]
+            parts = cell.plain.split("/")
+            ancestors = parts[:-1]
+            common = 0
+            while common < min(len(ancestors), len(above)) and ancestors[common] == above[common]:
+                common += 1
+            for level in range(common, len(ancestors)):
+                header = [Text("") for _ in columns]
+                header[index] = Text(" " * (INDENT * level) + ancestors[level], style="bold")
+                rows.append(tuple(header))
+            name = cell[len(cell.plain) - len(parts[-1]) :]
+            if ancestors:
+                name = Text(" " * (INDENT * len(ancestors))).append_text(name)
+            rows.append((*row[:index], name, *row[index + 1 :]))
+            above = parts
+        return ColumnTable(columns, rows, spaced=self.spaced)
+
+    def layout(self, max_width: int) -> tuple[ColumnTable, list[int], bool]:
+        """The table to draw (this one, or :meth:`_grouped`), its column widths for
+        ``max_width`` (0: hidden), and whether class names are shortened."""
         widths = [self._natural(i) for i in range(len(self.columns))]
         short = False
 
@@ -219,31 +252,35 @@ class ColumnTable:
         for i in classes:
             if excess() > 0 and widths[i] > CLASS_SOFT_WIDTH:
                 widths[i] = max(CLASS_SOFT_WIDTH, widths[i] - excess())
-        paths = [i for i, c in enumerate(self.columns) if c.kind is Kind.PATH]
         wraps = [i for i in reversed(range(len(self.columns))) if self.columns[i].kind is Kind.WRAP]
         # 3. Wrap free text.
         for i in wraps:
             if self.columns[i].wrap_first and excess() > 0:
                 widths[i] = max(min(widths[i], self._wrap_floor(i)), widths[i] - excess())
-        # 4. Break paths before a "/": every name stays whole.
+        paths = [i for i, c in enumerate(self.columns) if c.kind is Kind.PATH]
+        # 4. Names under their containers, as inspect shows them (laid out afresh).
+        for i in paths:
+            if self.columns[i].group and excess() > 0:
+                return self._grouped(i).layout(max_width)
+        # 5. Break paths before a "/": every name stays whole.
         for i in paths:
             if excess() > 0:
                 widths[i] = max(self._unbreakable(i), widths[i] - excess())
-        # 5. Wrap the other WRAP columns, rightmost first.
+        # 6. Wrap the other WRAP columns, rightmost first.
         for i in wraps:
             if excess() > 0:
                 widths[i] = max(min(widths[i], self._wrap_floor(i)), widths[i] - excess())
-        # 6. Cut, then hide CLASS columns.
+        # 7. Cut, then hide CLASS columns.
         for i in classes:
             if excess() > 0:
                 widths[i] = max(CLASS_MIN_WIDTH, widths[i] - excess())
             if excess() > 0:
                 widths[i] = 0
-        # 7. Cut paths from the left.
+        # 8. Cut paths from the left.
         for i in paths:
             if excess() > 0:
                 widths[i] = max(min(PATH_MIN_WIDTH, widths[i]), widths[i] - excess())
-        return widths, short
+        return self, widths, short
 
     # -- drawing ----------------------------------------------------------------------------
 
@@ -263,7 +300,9 @@ class ColumnTable:
         return list(cell.split("\n"))
 
     def lines(self, console: Console, max_width: int) -> list[Text]:
-        widths, short = self.widths(max_width)
+        table, widths, short = self.layout(max_width)
+        if table is not self:
+            return table.lines(console, max_width)
         shown = [i for i, w in enumerate(widths) if w]
         header = [
             Text(self.columns[i].header).wrap(console, widths[i], overflow="fold") for i in shown

@@ -62,7 +62,7 @@ def layers_table(result: DiffResult) -> ColumnTable:
             )
         )
     columns = (
-        Column("path", Kind.PATH),
+        Column("path", Kind.PATH, group=True),
         Column("class", Kind.CLASS),
         Column("trainable A → B", Kind.WRAP, min_width=15),
         Column("in fit() A → B", Kind.WRAP, min_width=14),

@@ -34,7 +34,11 @@ def _before_after(change: Change) -> Text:
     return cell
 
 
-CHANGE_COLUMNS = (Column("path", Kind.PATH), Column("class", Kind.CLASS), Column("trainable"))
+CHANGE_COLUMNS = (
+    Column("path", Kind.PATH, group=True),
+    Column("class", Kind.CLASS),
+    Column("trainable"),
+)
 
 
 def change_table(changes: tuple[Change, ...]) -> ColumnTable:

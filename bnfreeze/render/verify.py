@@ -120,7 +120,7 @@ def layer_table(report: VerifyReport, all_layers: bool = False) -> ColumnTable:
     disagreeing = {d.path for d in report.disagreements}
     predicted = {s.layer.path for s in report.prediction.layers} if report.prediction else set()
     columns = [
-        Column("path", Kind.PATH),
+        Column("path", Kind.PATH, group=True),
         *([Column("class", Kind.CLASS)] if all_layers else []),
         Column("stats", Kind.WRAP, min_width=9),
         Column("gamma/beta", Kind.WRAP, min_width=10),
@@ -209,7 +209,7 @@ def failures_table(failures: list[Failure]) -> ColumnTable:
     return ColumnTable(
         (
             Column("expectation", Kind.WRAP, wrap_first=True),
-            Column("layer", Kind.PATH),
+            Column("layer", Kind.PATH, group=True),
             Column("expected", Kind.WRAP),
             Column("measured", Kind.WRAP),
         ),
