@@ -265,3 +265,31 @@ def test_tf_keras_rules_name_tf_keras():
     assert report.rules == RULES["tf-keras"]
     assert "load_model drops" in report.rules[2]
     assert report.rules_note.startswith("The rules were measured on tf_keras 2.21 ")
+
+
+@pytest.mark.parametrize("columns", [80, 100])
+def test_view_matches_golden(seed_report, columns):
+    """The whole view at 80 and 100 columns, with the runtime's versions pinned: within the
+    width, and no line ends with a space."""
+    import dataclasses
+    import os
+    from pathlib import Path
+
+    import golden_files
+    from rich.console import Console
+
+    from bnfreeze.model.records import Runtime
+    from bnfreeze.render.explain import explain_view
+    from bnfreeze.runtime.loading import RuntimeInfo
+
+    pinned = RuntimeInfo(Runtime.KERAS3, "3.15.1", "tensorflow", "2.21.0")
+    report = dataclasses.replace(seed_report, runtime=pinned)
+    with open(os.devnull, "w") as sink:
+        console = Console(width=columns, record=True, color_system=None, file=sink)
+        console.print(explain_view(report))
+    text = console.export_text()
+    golden = Path(__file__).resolve().parent / "golden" / "explain"
+    golden_files.check(golden, f"seed_{columns}.txt", text)
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= columns
+    assert all(line == line.rstrip() for line in lines)
