@@ -161,6 +161,7 @@ class ColumnTable:
         self.columns = tuple(columns)
         self.rows = [tuple(row) for row in rows]
         self.spaced = spaced
+        self._naturals: dict[tuple[int, bool], int] = {}
         for row in self.rows:
             if len(row) != len(self.columns):
                 raise ValueError(f"a row has {len(row)} cells for {len(self.columns)} columns")
@@ -171,12 +172,19 @@ class ColumnTable:
         return (row[index] for row in self.rows)
 
     def _natural(self, index: int, short: bool = False) -> int:
-        widths = [len(self.columns[index].header)]
-        for cell in self._cells(index):
-            if short:
-                cell = _short(cell)
-            widths.extend(cell_len(line) for line in cell.plain.split("\n"))
-        return max(widths)
+        key = (index, short)
+        if key not in self._naturals:  # a 1,000-row table is measured more than once
+            widest = len(self.columns[index].header)
+            for cell in self._cells(index):
+                if short:
+                    cell = _short(cell)
+                plain = cell.plain
+                if "\n" in plain:
+                    widest = max(widest, *(cell_len(line) for line in plain.split("\n")))
+                else:
+                    widest = max(widest, cell.cell_len)
+            self._naturals[key] = widest
+        return self._naturals[key]
 
     def _wrap_floor(self, index: int) -> int:
         column = self.columns[index]
@@ -285,6 +293,9 @@ class ColumnTable:
     # -- drawing ----------------------------------------------------------------------------
 
     def _lines(self, console: Console, cell: Text, column: Column, width: int) -> list[Text]:
+        plain = cell.plain
+        if "\n" not in plain and (plain.isascii() and len(plain) <= width):
+            return [cell]  # the common case, checked cheaply
         if column.kind is Kind.PATH:
             out: list[Text] = []
             for line in cell.split("\n"):
