@@ -845,3 +845,13 @@ def test_runtime_tf_keras_trains_with_the_model_s_own_compile_config(tmp_path):
     assert compiled["source"] == "model", compiled
     assert compiled["optimizer"] == "Adam(learning_rate=0.003)"
     assert "mean_absolute_error" in compiled["loss"]
+
+
+def test_quiet_prints_no_progress_and_no_notes(samples):
+    """-q: stdout unchanged, nothing on stderr (the progress lines and the notes go)."""
+    loud = invoke(samples / "sequential.keras", "--json")
+    quiet = invoke(samples / "sequential.keras", "--json", "-q")
+    assert "bnfreeze: training 1 step (batch 2)" in loud.stderr
+    assert quiet.stderr == ""
+    assert quiet.exit_code == loud.exit_code == 0
+    assert json.loads(quiet.stdout) == json.loads(loud.stdout)
