@@ -271,10 +271,10 @@ def inspect(
         from rich.text import Text
 
         from bnfreeze.render.strip import strip_view
-        from bnfreeze.render.table import summary
+        from bnfreeze.render.table import Trimmed, summary
 
         console = stdout_console(record=export is not None)
-        console.print(Group(summary(report), Text(""), strip_view(report)))
+        console.print(Trimmed(Group(summary(report), Text(""), strip_view(report))))
         finish_export(console, export)
     else:
         from bnfreeze.render.table import inspect_view

@@ -90,6 +90,7 @@ def freeze_copy(work: Path) -> str:
 
 COMMANDS = {
     "inspect_guide": ("inspect", "guide_pattern.keras"),
+    "inspect_guide_strip": ("inspect", "guide_pattern.keras", "--strip"),
     "unfreeze_guide": (
         "unfreeze",
         "guide_pattern.keras",
