@@ -315,7 +315,7 @@ def test_expect_failure_is_listed_in_the_table_view(samples):
     result = invoke(samples / "sequential.keras", "--expect", "bn-inference")
     assert result.exit_code == 1
     assert "FAILS  --expect bn-inference: 1 layer measured otherwise" in result.stdout
-    assert "bn-inference │ bn_1  │ inference │ training" in result.stdout
+    assert "\nbn-inference  bn_1   inference  training\n" in result.stdout
 
 
 def test_expect_glob_that_matches_nothing_fails_before_keras_runs(samples):
