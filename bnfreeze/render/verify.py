@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Group, RenderableType
+from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
@@ -236,7 +237,8 @@ def verify_view(report: VerifyReport, *, all_layers: bool = False) -> Renderable
         ]
     parts.append(verdict(report))
     for d in report.disagreements:
-        parts.append(Text(f"  {d.message}", style="red"))
+        # Indented, and so is every line it wraps to.
+        parts.append(Padding(Text(d.message, style="red"), (0, 0, 0, 2)))
     if report.expectations:
         parts += [Text(""), *expectation_lines(report)]
         failures = [f for _, fs in report.expectations for f in fs]
