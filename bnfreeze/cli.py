@@ -25,10 +25,45 @@ from bnfreeze.errors import EXIT_INTERNAL, BnfreezeError
 MODEL_PATH = click.Path(path_type=str, readable=False)
 
 
+def usage_line(exc: click.UsageError) -> str:
+    """A usage error as one line, ending with where to look: ``error: Missing argument
+    'MODEL'. Try 'bnfreeze inspect --help'.`` (Click's own display takes three lines)."""
+    message = " ".join(exc.format_message().split())
+    if message and message[-1] not in ".?!":
+        message += "."
+    if message[:1].isupper() and message[1:2].islower():
+        message = message[0].lower() + message[1:]
+    # Named "bnfreeze" however it was started (python -m bnfreeze, a test's CliRunner).
+    words = exc.ctx.command_path.split()[1:] if exc.ctx is not None else []
+    command = " ".join(["bnfreeze", *words])
+    return f"error: {message} Try '{command} --help'."
+
+
 class BnfreezeGroup(click.Group):
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        # The group's own options (``bnfreeze --bogus``) are parsed here, before invoke.
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise  # bare ``bnfreeze``: Click prints the help
+        except click.UsageError as exc:
+            click.echo(usage_line(exc), err=True)
+            raise click.exceptions.Exit(exc.exit_code) from None
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as exc:
+            click.echo(usage_line(exc), err=True)
+            ctx.exit(exc.exit_code)
         except BnfreezeError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
@@ -48,6 +83,40 @@ class BnfreezeGroup(click.Group):
                 err=True,
             )
             ctx.exit(EXIT_INTERNAL)
+
+
+QUIET_KEY = "bnfreeze.quiet"
+
+
+def _set_quiet(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    ctx.meta[QUIET_KEY] = value
+
+
+def quiet_option(f: Any) -> Any:
+    """``-q/--quiet``, on every command: stderr gets errors only (see :func:`is_quiet`)."""
+    return click.option(
+        "-q",
+        "--quiet",
+        is_flag=True,
+        expose_value=False,
+        callback=_set_quiet,
+        help="Print nothing on stderr but errors: no progress, no status line, no notes, "
+        "no warnings (--json still lists the warnings). stdout and the exit code do not "
+        "change.",
+    )(f)
+
+
+def is_quiet() -> bool:
+    """Whether the current command runs with ``-q``: then only errors reach stderr (the
+    usage and input errors :class:`BnfreezeGroup` prints are never silenced)."""
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.meta.get(QUIET_KEY))
+
+
+def note(line: str) -> None:
+    """A line for people on stderr (status, notes), unless ``-q``."""
+    if not is_quiet():
+        click.echo(line, err=True)
 
 
 def stdout_console(record: bool = False) -> Any:
@@ -101,7 +170,10 @@ def gc_paused() -> Iterator[None]:
 
 
 def emit_warnings(findings: Any) -> None:
-    """Warnings to stderr, grouped per code (``render.findings``; no Rich import)."""
+    """Warnings to stderr, grouped per code (``render.findings``; no Rich import); none
+    with ``-q``."""
+    if is_quiet():
+        return
     from bnfreeze.render.findings import warning_lines
 
     lines = warning_lines(findings, width=stderr_width())
@@ -141,7 +213,7 @@ def finish_export(console: Any, export: str | None) -> None:
 
     # Rich centres the title over the window buttons: keep it short, "bnfreeze check".
     save_recording(console, export, title=click.get_current_context().command_path)
-    click.echo(f"saved {export}", err=True)
+    note(f"saved {export}")
 
 
 @click.group(cls=BnfreezeGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -156,6 +228,7 @@ def cli() -> None:
 
 
 @cli.command()
+@quiet_option
 @click.argument("model", type=MODEL_PATH)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
 @click.option("--all", "all_layers", is_flag=True, help="List every layer, not only BN layers.")
@@ -198,10 +271,10 @@ def inspect(
         from rich.text import Text
 
         from bnfreeze.render.strip import strip_view
-        from bnfreeze.render.table import summary
+        from bnfreeze.render.table import Trimmed, summary
 
         console = stdout_console(record=export is not None)
-        console.print(Group(summary(report), Text(""), strip_view(report)))
+        console.print(Trimmed(Group(summary(report), Text(""), strip_view(report))))
         finish_export(console, export)
     else:
         from bnfreeze.render.table import inspect_view
@@ -223,6 +296,7 @@ def set_option(f: Any) -> Any:
 
 
 @cli.command()
+@quiet_option
 @click.argument("model", type=MODEL_PATH)
 @click.option(
     "--plan",
@@ -306,6 +380,7 @@ def check(
 
 
 @cli.command()
+@quiet_option
 @click.argument("a", type=MODEL_PATH)
 @click.argument("b", type=MODEL_PATH)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
@@ -331,8 +406,11 @@ def diff(a: str, b: str, as_json: bool, exit_code: bool, export: str | None) -> 
     from bnfreeze.ops.diff import diff_files
 
     start_export(export, as_json)
-    with stderr_console().status("comparing the models and checksumming their weights..."):
+    if is_quiet():
         result = diff_files(a, b)
+    else:
+        with stderr_console().status("comparing the models and checksumming their weights..."):
+            result = diff_files(a, b)
     if as_json:
         from bnfreeze.render.diff import render_diff
 
@@ -348,6 +426,7 @@ def diff(a: str, b: str, as_json: bool, exit_code: bool, export: str | None) -> 
 
 
 @cli.command("apply")
+@quiet_option
 @click.argument("model", type=MODEL_PATH)
 @click.option(
     "--plan",
@@ -420,7 +499,7 @@ def apply_plan(
         stdout_console().print(apply_view(application))
     from bnfreeze.render.edit import status_line
 
-    click.echo(status_line(application.result), err=True)
+    note(status_line(application.result))
     emit_warnings(application.result.all_warnings)
 
 
@@ -492,7 +571,7 @@ def run_edit(library_call: Any, output: str | None, as_json: bool, **kwargs: Any
         if as_json:
             from bnfreeze.render.edit import render_edit
 
-            return render_edit(result) + "\n"
+            return render_edit(result, click.get_current_context().info_name or "freeze") + "\n"
         from bnfreeze.render.edit import edit_view
 
         if not consoles:
@@ -514,11 +593,12 @@ def run_edit(library_call: Any, output: str | None, as_json: bool, **kwargs: Any
         consoles[0].file.flush()
     from bnfreeze.render.edit import status_line
 
-    click.echo(status_line(result), err=True)
+    note(status_line(result))
     emit_warnings(result.all_warnings)
 
 
 @cli.command()
+@quiet_option
 @click.argument("model", type=MODEL_PATH)
 @click.option(
     "--bn-inference",
@@ -574,6 +654,7 @@ def freeze(
 
 
 @cli.command()
+@quiet_option
 @click.argument("model", type=MODEL_PATH)
 @click.option(
     "--keep-bn-inference",
@@ -621,6 +702,7 @@ RUNTIME_CHOICES = ["keras3", "tf-keras"]
 
 
 @cli.command()
+@quiet_option
 @click.argument("model", type=MODEL_PATH)
 @click.option(
     "--steps",
@@ -711,7 +793,7 @@ def verify(
     from bnfreeze.runtime.verify import verify_file
 
     expectations = [parse_expectation(spec) for spec in expects]
-    with progress_on_stderr() as progress:
+    with progress_on_stderr(enabled=not is_quiet()) as progress:
         report = verify_file(
             model,
             steps=steps,
@@ -734,12 +816,13 @@ def verify(
     from bnfreeze.render.verify import note_lines
 
     for line in note_lines(report):
-        click.echo(line, err=True)
+        note(line)
     if report.exit_code:
         click.get_current_context().exit(report.exit_code)
 
 
 @cli.command()
+@quiet_option
 @click.option(
     "--runtime",
     type=click.Choice(RUNTIME_CHOICES),
@@ -765,7 +848,7 @@ def explain(runtime: str, as_json: bool) -> None:
     from bnfreeze.runtime.explain import explain as run_explain
     from bnfreeze.runtime.loading import progress_on_stderr
 
-    with progress_on_stderr() as progress:
+    with progress_on_stderr(enabled=not is_quiet()) as progress:
         report = run_explain(runtime=Runtime(runtime), progress=progress)
     if as_json:
         from bnfreeze.render.explain import render_explain

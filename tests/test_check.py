@@ -148,10 +148,10 @@ def test_failure_table_is_exact(under_frozen):
     assert result.stdout == (
         f"FAIL  {under_frozen}: 1 of 2 checks fail, 2 failures.\n"
         "\n"
-        "check          layer               expected    actual  \n"
-        "───────────────────────────────────────────────────────\n"
-        "bn-inference   backbone/inner_bn   inference   training\n"
-        "bn-inference   head_bn             inference   training\n"
+        "check         layer              expected   actual\n"
+        "────────────────────────────────────────────────────\n"
+        "bn-inference  backbone/inner_bn  inference  training\n"
+        "bn-inference  head_bn            inference  training\n"
     )
 
 
@@ -255,8 +255,22 @@ def test_json_document_is_exact(under_frozen):
     result = run(under_frozen, "--expect", "bn-train", "--strict", "--json")
     assert result.exit_code == 1
     assert json.loads(result.stdout) == {
-        "schema_version": 1,
-        "model": str(under_frozen),
+        "schema_version": 2,
+        "command": "check",
+        "model": {
+            "path": str(under_frozen),
+            "format": "keras",
+            "keras_version": "3.15.1",
+            "compiled": False,
+            "optimizer_variables": None,
+        },
+        "runtime": {
+            "name": "keras3",
+            "measured": False,
+            "keras_version": None,
+            "backend": None,
+            "tensorflow_version": None,
+        },
         "plan": None,
         "strict": True,
         "passed": False,
@@ -332,10 +346,10 @@ def test_json_on_success_too(guide):
             "error: --expect bn-train=head: the layers "
             "it names include no BatchNormalization layer.",
         ),
-        (["{guide}"], "Error: give --plan PLAN, --expect NAME or --strict (or several)."),
+        (["{guide}"], "error: give --plan PLAN, --expect NAME or --strict (or several)."),
         (
             ["{guide}", "--expect", "bn-inference", "--set", "a=b"],
-            "Error: --set sets parameters of a --plan.",
+            "error: --set sets parameters of a --plan. Try 'bnfreeze check --help'.",
         ),
         (["{guide}", "--plan", "missing.toml"], "error: missing.toml: no such plan file."),
         (

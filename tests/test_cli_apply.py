@@ -9,6 +9,7 @@ import json
 import zipfile
 from pathlib import Path
 
+import json_schemas
 import pytest
 from click.testing import CliRunner
 
@@ -269,8 +270,22 @@ def test_dry_run_writes_nothing_and_json_is_the_freeze_document(samples, tmp_pat
     assert result.exit_code == 0
     assert not out.exists()
     document = json.loads(result.stdout)
-    assert set(document) == {"schema_version", "changes", "report", "warnings", "plan"}
-    assert document["schema_version"] == 1
+    json_schemas.validate("apply", document)
+    assert set(document) == {
+        "schema_version",
+        "command",
+        "model",
+        "runtime",
+        "input",
+        "output",
+        "dry_run",
+        "changes",
+        "report",
+        "warnings",
+        "plan",
+    }
+    assert document["schema_version"] == 2 and document["command"] == "apply"
+    assert (document["output"], document["dry_run"]) == (None, True)
     assert document["changes"] == [
         {"path": "backbone/inner_bn", "before": True, "after": False},
     ]
@@ -319,7 +334,7 @@ def test_table_output_names_the_rules(samples, tmp_path):
         "Parameters: block=block_14_add",
     ]
     assert "freeze everything up to and including block_14_add" in result.stdout
-    assert "12 layer(s) changed (0 BN, 12 other)" in result.stdout
+    assert "12 layer(s) would change (0 BN, 12 other)" in result.stdout
 
 
 def test_in_place_and_same_output(samples, tmp_path):
@@ -367,7 +382,7 @@ def test_malformed_plans_exit_2_naming_the_problem(samples, tmp_path, plan_text,
     ("args", "message"),
     [
         (["{guide}", "--plan", "{configs}/train-bn.toml"], "-o OUT is required"),
-        (["{guide}"], "Missing option '--plan'"),
+        (["{guide}"], "missing option '--plan'"),
         (
             ["{guide}", "--plan", "{configs}/train-bn.toml", "--set", "x=y", "--dry-run"],
             "has no parameter 'x'",

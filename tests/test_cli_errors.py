@@ -1,5 +1,6 @@
 """The one place errors become exit codes: bad input is 2, a bug is 3, never a traceback."""
 
+import pytest
 from click.testing import CliRunner
 
 from bnfreeze.cli import cli
@@ -35,3 +36,65 @@ def test_bad_input_is_exit_2(tmp_path):
     result = CliRunner().invoke(cli, ["inspect", str(tmp_path / "missing.keras")])
     assert result.exit_code == 2
     assert result.stderr.startswith("error: ")
+
+
+# -- usage errors: one line, as the README's "Exit codes" section says -------------------------
+
+USAGE_ERRORS = [
+    (["inspect"], "error: missing argument 'MODEL'. Try 'bnfreeze inspect --help'."),
+    (
+        ["inspect", "--bogus", "x.keras"],
+        "error: no such option '--bogus'. Try 'bnfreeze inspect --help'.",
+    ),
+    (["--bogus"], "error: no such option '--bogus'. Try 'bnfreeze --help'."),
+    (["nope"], "error: no such command 'nope'. Try 'bnfreeze --help'."),
+    (
+        ["verify", "m.keras", "--steps", "0"],
+        "error: invalid value for '--steps': 0 is not in the range x>=1. "
+        "Try 'bnfreeze verify --help'.",
+    ),
+    (
+        ["freeze", "m.keras", "--engine", "torch"],
+        "error: invalid value for '--engine': 'torch' is not one of 'auto', 'config', 'keras'. "
+        "Try 'bnfreeze freeze --help'.",
+    ),
+    (
+        ["freeze", "m.keras"],
+        "error: -o OUT is required unless --dry-run or --in-place is given. "
+        "Try 'bnfreeze freeze --help'.",
+    ),
+    (
+        ["check", "m.keras"],
+        "error: give --plan PLAN, --expect NAME or --strict (or several). "
+        "Try 'bnfreeze check --help'.",
+    ),
+]
+
+
+@pytest.mark.parametrize(("args", "line"), USAGE_ERRORS, ids=[" ".join(a) for a, _ in USAGE_ERRORS])
+def test_usage_error_is_one_line_exit_2(args, line):
+    """Click's own display is three lines (usage, hint, error); bnfreeze prints one."""
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert result.stderr == line + "\n"
+
+
+def test_usage_error_in_a_real_process_is_one_line():
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "bnfreeze", "diff", "only-one.keras"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr == "error: missing argument 'B'. Try 'bnfreeze diff --help'.\n"
+
+
+def test_bare_command_still_prints_the_help():
+    result = CliRunner().invoke(cli, [])
+    assert result.exit_code == 2
+    assert "Commands:" in result.output

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import golden_files
+import json_schemas
 import pytest
 from click.testing import CliRunner
 
@@ -131,22 +132,39 @@ def test_no_change(work):
 # --- JSON ----------------------------------------------------------------------------------
 
 
+RUNTIME_PREDICTED = {
+    "name": "keras3",
+    "measured": False,
+    "keras_version": None,
+    "backend": None,
+    "tensorflow_version": None,
+}
+OUT_MODEL = {
+    "path": "out.keras",
+    "format": "keras",
+    "keras_version": "3.15.1",
+    "compiled": False,
+    "optimizer_variables": None,
+}
+
+
 def test_json_whole_document(work):
     result = invoke("freeze", "seed_bn.keras", "--bn-inference", "-o", "out.keras", "--json")
     assert result.exit_code == 0
     assert json.loads(result.stdout) == {
-        "schema_version": 1,
+        "schema_version": 2,
+        "command": "freeze",
+        "model": OUT_MODEL,
+        "runtime": RUNTIME_PREDICTED,
+        "input": "seed_bn.keras",
+        "output": "out.keras",
+        "dry_run": False,
         "changes": [{"path": "batch_normalization", "before": True, "after": False}],
         "report": {
-            "schema_version": 1,
-            "model": {
-                "path": "out.keras",
-                "format": "keras",
-                "keras_version": "3.15.1",
-                "compiled": False,
-                "optimizer_variables": None,
-            },
-            "runtime": "keras3",
+            "schema_version": 2,
+            "command": "inspect",
+            "model": OUT_MODEL,
+            "runtime": RUNTIME_PREDICTED,
             "summary": {
                 "layers": 2,
                 "batchnorm": 1,
@@ -194,6 +212,7 @@ def test_json_whole_document(work):
     # The report is exactly inspect's JSON of the written file.
     inspected = json.loads(invoke("inspect", "out.keras", "--json").stdout)
     assert json.loads(result.stdout)["report"] == inspected
+    json_schemas.validate("freeze", json.loads(result.stdout))
     assert result.stderr.startswith("wrote out.keras (14471 bytes; input 14470 bytes).\n")
 
 
@@ -203,7 +222,21 @@ def test_json_dry_run_with_optimizer_state(work):
     assert result.exit_code == 0
     assert files(work) == before
     doc = json.loads(result.stdout)
-    assert set(doc) == {"schema_version", "changes", "report", "warnings"}
+    json_schemas.validate("unfreeze", doc)
+    assert set(doc) == {
+        "schema_version",
+        "command",
+        "model",
+        "runtime",
+        "input",
+        "output",
+        "dry_run",
+        "changes",
+        "report",
+        "warnings",
+    }
+    assert (doc["input"], doc["output"], doc["dry_run"]) == ("guide_pattern.keras", None, True)
+    assert doc["model"] == doc["report"]["model"]
     assert len(doc["changes"]) == 100
     assert doc["changes"][0] == {"path": "mobilenetv2_0.35_32", "before": False, "after": True}
     assert all(c["after"] is True for c in doc["changes"])  # BN layers were already False
@@ -224,11 +257,12 @@ def test_json_dry_run_with_optimizer_state(work):
     [
         (
             ("freeze", "guide_pattern.keras", "--bn-inference", "--train-bn", "-o", "out.keras"),
-            "Error: --bn-inference and --train-bn contradict each other; pick one.",
+            "error: --bn-inference and --train-bn contradict each other; pick one. "
+            "Try 'bnfreeze freeze --help'.",
         ),
         (
             ("freeze", "guide_pattern.keras"),
-            "Error: -o OUT is required unless --dry-run or --in-place is given.",
+            "error: -o OUT is required unless --dry-run or --in-place is given.",
         ),
         (
             ("freeze", "guide_pattern.keras", "-o", "guide_pattern.keras"),
@@ -292,7 +326,7 @@ def test_json_dry_run_with_optimizer_state(work):
         ),
         (
             ("freeze", "guide_pattern.keras", "--engine", "turbo", "-o", "out.keras"),
-            "Error: Invalid value for '--engine'",
+            "error: invalid value for '--engine'",
         ),
     ],
 )
@@ -348,7 +382,10 @@ def test_dry_run_writes_nothing(work):
     before = {p.name: p.read_bytes() for p in work.iterdir()}
     result = invoke("freeze", "sequential.keras", "--dry-run", "-o", "out.keras")
     assert result.exit_code == 0
-    assert "Dry run: nothing was written." in result.stdout
+    assert "would change" in result.stdout
+    # Said once, on stderr: stdout is the data.
+    assert "nothing was written" not in result.stdout.lower()
+    assert result.stderr.lower().count("nothing was written") == 1
     assert {p.name: p.read_bytes() for p in work.iterdir()} == before
 
 

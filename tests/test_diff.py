@@ -8,6 +8,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
+import json_schemas
 import pytest
 from click.testing import CliRunner
 
@@ -47,11 +48,11 @@ def test_diff_against_own_frozen_copy_lists_exactly_the_changed_layers(samples, 
         f"B  {b}",
         "",
         "3 layers differ in flag or fit() behaviour:",
-        "path                class                trainable A → B   in fit() A → B",
-        "───────────────────────────────────────────────────────────────────────────────",
-        "backbone/inner_bn   BatchNormalization   True → False      training → inference",
-        "head_bn             BatchNormalization   True → False      training → inference",
-        "head                Dense                True → False      trains → frozen",
+        "path               class               trainable A → B  in fit() A → B",
+        "────────────────────────────────────────────────────────────────────────────",
+        "backbone/inner_bn  BatchNormalization  True → False     training → inference",
+        "head_bn            BatchNormalization  True → False     training → inference",
+        "head               Dense               True → False     trains → frozen",
         "",
         "Training layers  3 → 0 (-3) layers whose weights train in fit()",
         "BN in fit()      2 training / 0 inference → 0 training / 2 inference",
@@ -64,6 +65,16 @@ def test_diff_of_the_guide_sample_and_its_frozen_copy(samples, frozen_copies):
     result = run(a, frozen_copies["guide_pattern.keras"], "--json")
     assert result.exit_code == 0
     document = json.loads(result.stdout)
+    json_schemas.validate("diff", document)
+    assert document["a"] == {
+        "path": str(a),
+        "format": "keras",
+        "keras_version": "3.15.1",
+        "compiled": True,
+        "optimizer_variables": 6,
+    }
+    assert document["b"]["path"] == str(frozen_copies["guide_pattern.keras"])
+    assert document["runtime"]["name"] == "keras3" and document["runtime"]["measured"] is False
     trainable_before = {s.layer.path for s in inspect_file(a).layers if s.layer.trainable is True}
     assert trainable_before == {"pool", "head"}  # the backbone was already frozen
     assert [row["path"] for row in document["layers"]] == ["pool", "head"]

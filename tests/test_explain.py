@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import json_schemas
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -182,11 +183,13 @@ def test_json_document(seed_report):
     def nested(flat):
         return np.asarray(flat).reshape(IMAGE_SHAPE).tolist()
 
+    json_schemas.validate("explain", doc)
     assert doc == {
-        "schema_version": 1,
+        "schema_version": 2,
         "command": "explain",
         "runtime": {
             "name": "keras3",
+            "measured": True,
             "keras_version": r.runtime.keras_version,
             "backend": "tensorflow",
             "tensorflow_version": r.runtime.tensorflow_version,
@@ -226,8 +229,9 @@ def test_table_view(seed_report):
     result = invoke()
     assert result.exit_code == 0
     out = result.stdout
-    assert "training ┃ trainable ┃ output[0,0,0,:]" in out
-    assert "True     │ True      │" in out
+    assert "training  trainable  output[0,0,0,:] and what it means" in out
+    assert "\nTrue      True       [" in out
+    assert all(line == line.rstrip() for line in out.splitlines())
     pixel = ", ".join(f"{round(v, 3):g}" for v in seed_report.cases[0].first_row)
     assert f"[{pixel}]" in out
     assert "moving mean [0, 0, 0, 0] -> [" in out
@@ -261,3 +265,31 @@ def test_tf_keras_rules_name_tf_keras():
     assert report.rules == RULES["tf-keras"]
     assert "load_model drops" in report.rules[2]
     assert report.rules_note.startswith("The rules were measured on tf_keras 2.21 ")
+
+
+@pytest.mark.parametrize("columns", [80, 100])
+def test_view_matches_golden(seed_report, columns):
+    """The whole view at 80 and 100 columns, with the runtime's versions pinned: within the
+    width, and no line ends with a space."""
+    import dataclasses
+    import os
+    from pathlib import Path
+
+    import golden_files
+    from rich.console import Console
+
+    from bnfreeze.model.records import Runtime
+    from bnfreeze.render.explain import explain_view
+    from bnfreeze.runtime.loading import RuntimeInfo
+
+    pinned = RuntimeInfo(Runtime.KERAS3, "3.15.1", "tensorflow", "2.21.0")
+    report = dataclasses.replace(seed_report, runtime=pinned)
+    with open(os.devnull, "w") as sink:
+        console = Console(width=columns, record=True, color_system=None, file=sink)
+        console.print(explain_view(report))
+    text = console.export_text()
+    golden = Path(__file__).resolve().parent / "golden" / "explain"
+    golden_files.check(golden, f"seed_{columns}.txt", text)
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= columns
+    assert all(line == line.rstrip() for line in lines)

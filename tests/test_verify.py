@@ -17,6 +17,7 @@ import textwrap
 from pathlib import Path
 
 import golden_files
+import json_schemas
 import pytest
 from click.testing import CliRunner
 
@@ -130,7 +131,8 @@ def test_the_file_is_never_written(phase2):
 def test_progress_and_keras_notes_go_to_stderr_only(phase2):
     assert "bnfreeze: loading TensorFlow" in phase2["stderr"]
     assert "bnfreeze: training 1 step (batch 2)" in phase2["stderr"]
-    assert phase2["doc"]["schema_version"] == 1  # stdout parsed as pure JSON
+    assert phase2["doc"]["schema_version"] == 2  # stdout parsed as pure JSON
+    json_schemas.validate("verify", phase2["doc"])
 
 
 def test_phase2_uses_the_models_own_compile_config(phase2):
@@ -211,12 +213,20 @@ def test_sequential_json_document(samples):
             "predicted": {"trains_weights": p_trains, "updates_moving_stats": p_stats},
         }
 
+    json_schemas.validate("verify", doc)
     assert doc == {
-        "schema_version": 1,
+        "schema_version": 2,
         "command": "verify",
-        "model": str(path),
+        "model": {
+            "path": str(path),
+            "format": "keras",
+            "keras_version": "3.15.1",
+            "compiled": False,
+            "optimizer_variables": None,
+        },
         "runtime": {
             "name": "keras3",
+            "measured": True,
             "keras_version": info.keras_version,
             "backend": info.backend,
             "tensorflow_version": info.tensorflow_version,
@@ -305,7 +315,7 @@ def test_expect_failure_is_listed_in_the_table_view(samples):
     result = invoke(samples / "sequential.keras", "--expect", "bn-inference")
     assert result.exit_code == 1
     assert "FAILS  --expect bn-inference: 1 layer measured otherwise" in result.stdout
-    assert "bn-inference │ bn_1  │ inference │ training" in result.stdout
+    assert "\nbn-inference  bn_1   inference  training\n" in result.stdout
 
 
 def test_expect_glob_that_matches_nothing_fails_before_keras_runs(samples):
@@ -756,8 +766,9 @@ def check_golden(name: str, text: str) -> None:
     golden_files.check(GOLDEN, name, text)
 
 
+@pytest.mark.parametrize("columns", [100, 80])
 @pytest.mark.parametrize("all_layers", [False, True], ids=["bn", "all"])
-def test_view_matches_golden(samples, monkeypatch, all_layers):
+def test_view_matches_golden(samples, monkeypatch, all_layers, columns):
     from rich.console import Console
 
     from bnfreeze.render.verify import verify_view
@@ -769,9 +780,9 @@ def test_view_matches_golden(samples, monkeypatch, all_layers):
     )
     report = dataclasses.replace(report, runtime=RUNTIME)  # the golden file pins versions
     with open(os.devnull, "w") as sink:
-        console = Console(width=100, record=True, color_system=None, file=sink)
+        console = Console(width=columns, record=True, color_system=None, file=sink)
         console.print(verify_view(report, all_layers=all_layers))
-    name = f"sequential_{'all' if all_layers else 'bn'}_100.txt"
+    name = f"sequential_{'all' if all_layers else 'bn'}_{columns}.txt"
     check_golden(name, console.export_text())
 
 
@@ -834,3 +845,13 @@ def test_runtime_tf_keras_trains_with_the_model_s_own_compile_config(tmp_path):
     assert compiled["source"] == "model", compiled
     assert compiled["optimizer"] == "Adam(learning_rate=0.003)"
     assert "mean_absolute_error" in compiled["loss"]
+
+
+def test_quiet_prints_no_progress_and_no_notes(samples):
+    """-q: stdout unchanged, nothing on stderr (the progress lines and the notes go)."""
+    loud = invoke(samples / "sequential.keras", "--json")
+    quiet = invoke(samples / "sequential.keras", "--json", "-q")
+    assert "bnfreeze: training 1 step (batch 2)" in loud.stderr
+    assert quiet.stderr == ""
+    assert quiet.exit_code == loud.exit_code == 0
+    assert json.loads(quiet.stdout) == json.loads(loud.stdout)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from rich import box
 from rich.console import Group, RenderableType
-from rich.table import Table
 from rich.text import Text
 
 from bnfreeze.model.expectations import Failure
 from bnfreeze.ops.check import CheckResult, Outcome
-from bnfreeze.render.json import SCHEMA_VERSION, dumps
+from bnfreeze.render.columns import Column, ColumnTable, Kind
+from bnfreeze.render.json import SCHEMA_VERSION, dumps, model_dict, runtime_dict
+from bnfreeze.render.table import Trimmed
 
 STYLE_PASS = "bold green"
 STYLE_FAIL = "bold red"
@@ -35,12 +35,9 @@ def headline(result: CheckResult) -> Text:
     return text
 
 
-def outcomes_table(result: CheckResult) -> Table:
+def outcomes_table(result: CheckResult) -> ColumnTable:
     """Every check and whether it holds (the ``-v`` view)."""
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
-    table.add_column("check", overflow="fold")
-    table.add_column("result")
-    table.add_column("from", overflow="fold")
+    rows = []
     for outcome in result.outcomes:
         name = Text(outcome.name)
         if outcome.description:
@@ -50,22 +47,33 @@ def outcomes_table(result: CheckResult) -> Table:
         else:
             count = len(outcome.failures)
             verdict = Text(f"{count} failure{'s' if count != 1 else ''}", style=STYLE_FAIL)
-        table.add_row(name, verdict, Text(outcome.source or "", style="dim"))
-    return table
+        rows.append((name, verdict, Text(outcome.source or "", style="dim")))
+    columns = (
+        Column("check", Kind.WRAP, wrap_first=True),
+        Column("result"),
+        Column("from", Kind.PATH),
+    )
+    return ColumnTable(columns, rows)
 
 
-def failures_table(failures: tuple[Failure, ...]) -> Table:
+def failures_table(failures: tuple[Failure, ...]) -> ColumnTable:
     """Each failure: the check, the layer, what was expected and what the model does."""
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
-    table.add_column("check", overflow="fold")
-    table.add_column("layer", overflow="fold")
-    table.add_column("expected", overflow="fold")
-    table.add_column("actual", overflow="fold", style="red")
-    for failure in failures:
-        table.add_row(
-            failure.expectation, failure.path or "(model)", failure.expected, failure.actual
+    columns = (
+        Column("check", Kind.WRAP, wrap_first=True),
+        Column("layer", Kind.PATH, group=True),
+        Column("expected", Kind.WRAP),
+        Column("actual", Kind.WRAP),
+    )
+    rows = (
+        (
+            Text(f.expectation),
+            Text(f.path or "(model)"),
+            Text(f.expected),
+            Text(f.actual, style="red"),
         )
-    return table
+        for f in failures
+    )
+    return ColumnTable(columns, rows)
 
 
 def check_view(result: CheckResult, *, verbose: bool = False) -> RenderableType:
@@ -75,7 +83,7 @@ def check_view(result: CheckResult, *, verbose: bool = False) -> RenderableType:
         parts += [Text(""), outcomes_table(result)]
     if result.failures:
         parts += [Text(""), failures_table(result.failures)]
-    return Group(*parts)
+    return Trimmed(Group(*parts))
 
 
 def failure_dict(failure: Failure) -> dict[str, Any]:
@@ -100,7 +108,9 @@ def outcome_dict(outcome: Outcome) -> dict[str, Any]:
 def check_dict(result: CheckResult) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
-        "model": result.report.model.path,
+        "command": "check",
+        "model": model_dict(result.report.model),
+        "runtime": runtime_dict(result.report.runtime),
         "plan": result.plan.path if result.plan is not None else None,
         "strict": result.strict,
         "passed": result.passed,

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from rich import box
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
 from bnfreeze.model.records import LayerState
 from bnfreeze.ops.diff import DiffResult, LayerDiff, LayerStatus
-from bnfreeze.render.json import SCHEMA_VERSION, behaviour_dict, dumps
-from bnfreeze.render.table import STYLE_NONE, mode_text
+from bnfreeze.render.columns import Column, ColumnTable, Kind
+from bnfreeze.render.json import (
+    SCHEMA_VERSION,
+    behaviour_dict,
+    dumps,
+    model_dict,
+    runtime_dict,
+)
+from bnfreeze.render.table import STYLE_NONE, Trimmed, mode_text
 
 #: At most this many changed dataset names are listed in the terminal (all are in --json).
 DATASETS_SHOWN = 5
@@ -39,25 +45,29 @@ def _arrow(a: Text, b: Text, changed: bool) -> Text:
     return text
 
 
-def layers_table(result: DiffResult) -> Table:
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
-    table.add_column("path", overflow="fold")
-    table.add_column("class", overflow="fold")
-    table.add_column("trainable A → B")
-    table.add_column("in fit() A → B")
+def layers_table(result: DiffResult) -> ColumnTable:
+    """One row per differing layer, laid out for the width (:mod:`bnfreeze.render.columns`):
+    a layer only in one model reads "absent" on the other side."""
+    rows = []
     for row in result.layers:
         path = Text(row.path)
-        if row.status is not LayerStatus.CHANGED:
-            path.append(f"  ({row.status.value})", style=STYLE_NONE)
         flag_changed = row.status is not LayerStatus.CHANGED or row.flag_changed
         mode_changed = row.status is not LayerStatus.CHANGED or row.fit_changed
-        table.add_row(
-            path,
-            row.class_name,
-            _arrow(_flag(row.a), _flag(row.b), flag_changed),
-            _arrow(_mode(row.a), _mode(row.b), mode_changed),
+        rows.append(
+            (
+                path,
+                Text(row.class_name),
+                _arrow(_flag(row.a), _flag(row.b), flag_changed),
+                _arrow(_mode(row.a), _mode(row.b), mode_changed),
+            )
         )
-    return table
+    columns = (
+        Column("path", Kind.PATH, group=True),
+        Column("class", Kind.CLASS),
+        Column("trainable A → B", Kind.WRAP, min_width=15),
+        Column("in fit() A → B", Kind.WRAP, min_width=14),
+    )
+    return ColumnTable(columns, rows)
 
 
 def facts(result: DiffResult) -> Table:
@@ -125,7 +135,7 @@ def diff_view(result: DiffResult) -> RenderableType:
         )
     else:
         body = Text("No layer differs in flag or fit() behaviour.", style=STYLE_NONE)
-    return Group(head, Text(""), body, Text(""), facts(result))
+    return Trimmed(Group(head, Text(""), body, Text(""), facts(result)))
 
 
 def _side(state: LayerState | None) -> dict[str, Any] | None:
@@ -148,8 +158,10 @@ def diff_dict(result: DiffResult) -> dict[str, Any]:
     weights = result.weights
     return {
         "schema_version": SCHEMA_VERSION,
-        "a": result.a.model.path,
-        "b": result.b.model.path,
+        "command": "diff",
+        "a": model_dict(result.a.model),
+        "b": model_dict(result.b.model),
+        "runtime": runtime_dict(result.a.runtime),
         "layers": [layer_dict(row) for row in result.layers],
         "training_layers": {
             "a": result.training_layers_a,

@@ -9,22 +9,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from rich.cells import cell_len
-from rich.console import Console, ConsoleOptions, Group, RenderResult
-from rich.measure import Measurement
-from rich.table import Table
+from rich.console import Group
 from rich.text import Text
 
 from bnfreeze.model.assignments import Change
 from bnfreeze.ops.edit import EditResult
-from bnfreeze.render.json import SCHEMA_VERSION, dumps, finding_dict, report_dict
-from bnfreeze.render.table import (
-    STYLE_NONE,
-    Trimmed,
-    inspect_view,
-    plain_columns,
-    simple_table,
+from bnfreeze.render.columns import Column, ColumnTable, Kind
+from bnfreeze.render.json import (
+    SCHEMA_VERSION,
+    dumps,
+    finding_dict,
+    model_dict,
+    report_dict,
+    runtime_dict,
 )
+from bnfreeze.render.table import STYLE_NONE, Trimmed, inspect_view
 from bnfreeze.render.table import _flag as flag_text
 
 
@@ -35,50 +34,24 @@ def _before_after(change: Change) -> Text:
     return cell
 
 
-def change_table(changes: tuple[Change, ...]) -> Table:
-    """One row per changed layer: path, class, trainable before → after (a Rich Table in the
-    ``inspect`` look)."""
-    table = simple_table()
-    table.add_column("path", overflow="fold")
-    table.add_column("class", overflow="ellipsis", no_wrap=True)
-    table.add_column("trainable", no_wrap=True)
-    for change in changes:
-        table.add_row(change.path, change.class_name, _before_after(change))
-    return table
+CHANGE_COLUMNS = (
+    Column("path", Kind.PATH, group=True),
+    Column("class", Kind.CLASS),
+    Column("trainable"),
+)
 
 
-class ChangeTable:
-    """:func:`change_table`, drawn line by line when it fits the width: the same text, ten
-    times faster than Rich's table layout for the hundreds of rows of a big model. When it
-    does not fit, Rich's table folds the paths."""
-
-    HEADERS = ("path", "class", "trainable")
-
-    def __init__(self, changes: tuple[Change, ...]) -> None:
-        self.changes = changes
-        self.widths = [
-            max([len(self.HEADERS[0])] + [cell_len(c.path) for c in changes]),
-            max([len(self.HEADERS[1])] + [cell_len(c.class_name) for c in changes]),
-            max([len(self.HEADERS[2])] + [_before_after(c).cell_len for c in changes]),
-        ]
-
-    @property
-    def width(self) -> int:
-        return sum(self.widths) + 2 * (len(self.widths) - 1)
-
-    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        if self.width > options.max_width:
-            yield change_table(self.changes)
-            return
-        rows = ((Text(c.path), Text(c.class_name), _before_after(c)) for c in self.changes)
-        yield from plain_columns(self.HEADERS, self.widths, rows)
-
-    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
-        return Measurement(self.width, self.width)
+def change_table(changes: tuple[Change, ...]) -> ColumnTable:
+    """One row per changed layer: path, class, trainable before → after, laid out for the
+    width as the ``inspect`` table is (:mod:`bnfreeze.render.columns`)."""
+    return ColumnTable(
+        CHANGE_COLUMNS, ((Text(c.path), Text(c.class_name), _before_after(c)) for c in changes)
+    )
 
 
 def change_counts(result: EditResult) -> Text:
-    """ "12 layers changed (10 BN, 2 other) of 14 selected.", or why nothing changed."""
+    """ "12 layers changed (10 BN, 2 other) of 14 selected." ("would change" on a dry run),
+    or why nothing changed."""
     selected = len(result.selected)
     if not result.changes:
         return Text(
@@ -86,10 +59,10 @@ def change_counts(result: EditResult) -> Text:
             style=STYLE_NONE,
         )
     bn = sum(1 for c in result.changes if c.is_batchnorm)
-    text = Text(f"{len(result.changes)} layer(s) changed ", style="bold")
+    # A dry run says so once, on stderr (status_line); here the verb carries it.
+    verb = "would change" if result.dry_run else "changed"
+    text = Text(f"{len(result.changes)} layer(s) {verb} ", style="bold")
     text.append(f"({bn} BN, {len(result.changes) - bn} other) of {selected} selected.")
-    if result.dry_run:
-        text.append(" Dry run: nothing was written.", style="bold")
     return text
 
 
@@ -97,7 +70,7 @@ def edit_view(result: EditResult, *, all_layers: bool = False) -> Trimmed:
     """Changes, counts, then the result in the ``inspect`` style."""
     parts: list[Any] = []
     if result.changes:
-        parts += [ChangeTable(result.changes), Text("")]
+        parts += [change_table(result.changes), Text("")]
     parts += [change_counts(result), Text(""), inspect_view(result.report, all_layers=all_layers)]
     return Trimmed(Group(*parts))
 
@@ -120,15 +93,25 @@ def change_dict(change: Change) -> dict[str, Any]:
     return {"path": change.path, "before": change.before, "after": change.after}
 
 
-def edit_dict(result: EditResult) -> dict[str, Any]:
-    """The ``--json`` document (``schema_version`` 1)."""
+def edit_dict(result: EditResult, command: str = "freeze") -> dict[str, Any]:
+    """The ``--json`` document of ``freeze``, ``unfreeze`` (and ``apply``): ``model`` and
+    ``runtime`` are those of ``report``, the result (the written file, or on a dry run the
+    input with the edit planned); ``input`` is the path given, ``output`` the file written
+    (``null`` when nothing was)."""
+    report = result.report
     return {
         "schema_version": SCHEMA_VERSION,
+        "command": command,
+        "model": model_dict(report.model),
+        "runtime": runtime_dict(report.runtime),
+        "input": result.source,
+        "output": result.output,
+        "dry_run": result.dry_run,
         "changes": [change_dict(c) for c in result.changes],
         "report": report_dict(result.report),
         "warnings": [finding_dict(f) for f in result.warnings],
     }
 
 
-def render_edit(result: EditResult) -> str:
-    return dumps(edit_dict(result))
+def render_edit(result: EditResult, command: str = "freeze") -> str:
+    return dumps(edit_dict(result, command))

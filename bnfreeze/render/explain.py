@@ -13,8 +13,9 @@ from rich.table import Table
 from rich.text import Text
 
 from bnfreeze.model.records import Normalization
-from bnfreeze.render.json import SCHEMA_VERSION, dumps
-from bnfreeze.render.table import STYLE_INFERENCE, STYLE_NONE, STYLE_TRAINING
+from bnfreeze.render.columns import Column, ColumnTable, Kind
+from bnfreeze.render.json import SCHEMA_VERSION, dumps, measured_runtime_dict
+from bnfreeze.render.table import STYLE_INFERENCE, STYLE_NONE, STYLE_TRAINING, Trimmed
 from bnfreeze.runtime.explain import IMAGE_SHAPE, Case, ExplainReport
 
 
@@ -65,29 +66,31 @@ def _mode_cell(case: Case) -> Text:
     return Text("?", style=STYLE_NONE)
 
 
-def cases_table(report: ExplainReport) -> Table:
+def cases_table(report: ExplainReport) -> ColumnTable:
     """One row per case: the flags, the first output pixel with what it means below it, which
     statistics the output was normalized with (moving or batch), and whether the moving
     statistics were updated."""
-    table = Table(show_edge=False, pad_edge=False, header_style="bold")
-    table.add_column("training", no_wrap=True)
-    table.add_column("trainable", no_wrap=True)
-    table.add_column("output[0,0,0,:] and what it means", overflow="fold", min_width=32)
-    table.add_column("stats used", no_wrap=True)
-    table.add_column("updated", no_wrap=True)
-    last = len(report.cases) - 1
-    for index, case in enumerate(report.cases):
+    rows = []
+    for case in report.cases:
         cell = Text(numbers(case.first_row))
         cell.append(f"\n{case.meaning}", style="italic")
-        table.add_row(
-            str(case.training),
-            str(case.trainable),
-            cell,
-            _mode_cell(case),
-            _stats_cell(case),
-            end_section=index != last,
+        rows.append(
+            (
+                Text(str(case.training)),
+                Text(str(case.trainable)),
+                cell,
+                _mode_cell(case),
+                _stats_cell(case),
+            )
         )
-    return table
+    columns = (
+        Column("training"),
+        Column("trainable"),
+        Column("output[0,0,0,:] and what it means", Kind.WRAP, min_width=32),
+        Column("stats used"),
+        Column("updated"),
+    )
+    return ColumnTable(columns, rows, spaced=True)
 
 
 def updated_lines(report: ExplainReport) -> list[Text]:
@@ -121,21 +124,24 @@ def rules_grid(report: ExplainReport) -> Table:
 
 
 def explain_view(report: ExplainReport) -> RenderableType:
-    return Group(
-        Text(
-            "One BatchNormalization layer, called once per combination of training and trainable",
-            style="bold",
-        ),
-        setup_grid(report),
-        Text(""),
-        cases_table(report),
-        Text(""),
-        *updated_lines(report),
-        Text(""),
-        Text(f"The rules on this runtime ({report.runtime.label})", style="bold"),
-        rules_grid(report),
-        Text(""),
-        Text(report.historical_note, style="italic"),
+    return Trimmed(
+        Group(
+            Text(
+                "One BatchNormalization layer, called once per combination of training and "
+                "trainable",
+                style="bold",
+            ),
+            setup_grid(report),
+            Text(""),
+            cases_table(report),
+            Text(""),
+            *updated_lines(report),
+            Text(""),
+            Text(f"The rules on this runtime ({report.runtime.label})", style="bold"),
+            rules_grid(report),
+            Text(""),
+            Text(report.historical_note, style="italic"),
+        )
     )
 
 
@@ -159,12 +165,7 @@ def explain_dict(report: ExplainReport) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
         "command": "explain",
-        "runtime": {
-            "name": info.runtime.value,
-            "keras_version": info.keras_version,
-            "backend": info.backend,
-            "tensorflow_version": info.tensorflow_version,
-        },
+        "runtime": measured_runtime_dict(info),
         "setup": {
             "image": _nested(s.image, IMAGE_SHAPE),
             "seed": s.seed,

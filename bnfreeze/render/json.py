@@ -1,13 +1,64 @@
-"""The JSON contract (``schema_version`` 1). Keys are stable; tests compare by equality."""
+"""The JSON contract (``schema_version`` 2). Keys are stable; tests compare by equality.
+
+Every document carries ``schema_version``, ``command``, a ``runtime`` object
+(:func:`runtime_dict`) and, for each model file it is about, a model object
+(:func:`model_dict`): ``model``, or ``a`` and ``b`` for ``diff``. The JSON Schema of each
+document ships in ``bnfreeze/schemas/`` (see the README's "JSON output" section).
+"""
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bnfreeze.model.records import Finding, FitBehaviour, LayerState, Report
+from bnfreeze.model.records import Finding, FitBehaviour, LayerState, ModelFile, Report, Runtime
 
-SCHEMA_VERSION = 1
+if TYPE_CHECKING:
+    from bnfreeze.runtime.loading import RuntimeInfo
+
+#: 2: ``model`` is an object and ``runtime`` an object in every document, and every document
+#: names its ``command`` (see the README's "JSON output" section).
+SCHEMA_VERSION = 2
+
+
+def model_dict(model: ModelFile | None, path: str | None = None) -> dict[str, Any]:
+    """A model file, the same object in every document; ``None`` (with ``path``): a file whose
+    config was not read, every other key ``null``."""
+    if model is None:
+        return {
+            "path": path,
+            "format": None,
+            "keras_version": None,
+            "compiled": None,
+            "optimizer_variables": None,
+        }
+    return {
+        "path": model.path,
+        "format": model.format.json_name,
+        "keras_version": model.keras_version,
+        "compiled": model.compiled,
+        "optimizer_variables": model.optimizer_variables,
+    }
+
+
+def runtime_dict(
+    runtime: Runtime,
+    *,
+    measured: bool = False,
+    keras_version: str | None = None,
+    backend: str | None = None,
+    tensorflow_version: str | None = None,
+) -> dict[str, Any]:
+    """The rules a document follows, the same object in every document. ``measured`` False:
+    predicted from the file, nothing loaded, so the versions are ``null``; True: measured on
+    the Keras that ran (``verify``, ``explain``)."""
+    return {
+        "name": runtime.value,
+        "measured": measured,
+        "keras_version": keras_version,
+        "backend": backend,
+        "tensorflow_version": tensorflow_version,
+    }
 
 
 def behaviour_dict(b: FitBehaviour) -> dict[str, Any]:
@@ -35,18 +86,24 @@ def finding_dict(finding: Finding) -> dict[str, Any]:
     return {"code": finding.code.value, "path": finding.path, "message": finding.message}
 
 
+def measured_runtime_dict(info: RuntimeInfo) -> dict[str, Any]:
+    """The Keras a measurement ran on (``verify``, ``explain``)."""
+    return runtime_dict(
+        info.runtime,
+        measured=True,
+        keras_version=info.keras_version,
+        backend=info.backend,
+        tensorflow_version=info.tensorflow_version,
+    )
+
+
 def report_dict(report: Report) -> dict[str, Any]:
-    model = report.model
+    """The ``inspect --json`` document (also the ``report`` of ``freeze --json``)."""
     return {
         "schema_version": SCHEMA_VERSION,
-        "model": {
-            "path": model.path,
-            "format": model.format.json_name,
-            "keras_version": model.keras_version,
-            "compiled": model.compiled,
-            "optimizer_variables": model.optimizer_variables,
-        },
-        "runtime": report.runtime.value,
+        "command": "inspect",
+        "model": model_dict(report.model),
+        "runtime": runtime_dict(report.runtime),
         "summary": {
             "layers": len(report.layers),
             "batchnorm": len(report.batchnorm),

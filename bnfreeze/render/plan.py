@@ -5,23 +5,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from rich import box
 from rich.console import Group
-from rich.table import Table
 from rich.text import Text
 
 from bnfreeze.ops.plans import PlanApplication, RuleMatch
+from bnfreeze.render.columns import Column, ColumnTable, Kind
 from bnfreeze.render.edit import edit_dict, edit_view
 from bnfreeze.render.json import dumps
-from bnfreeze.render.table import STYLE_NONE
+from bnfreeze.render.table import STYLE_NONE, Trimmed
 
 
-def rules_table(matches: tuple[RuleMatch, ...]) -> Table:
+def rules_table(matches: tuple[RuleMatch, ...]) -> ColumnTable:
     """One row per rule, in order (later rules win): where, what, how many layers."""
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
-    table.add_column("#", justify="right")
-    table.add_column("rule", overflow="fold")
-    table.add_column("layers", justify="right")
+    rows = []
     for number, match in enumerate(matches, start=1):
         rule = match.rule
         text = Text(rule.name or rule.describe())
@@ -29,11 +25,16 @@ def rules_table(matches: tuple[RuleMatch, ...]) -> Table:
             text.append(f"\n{rule.describe()}", style=STYLE_NONE)
         if rule.where is not None and rule.where.line is not None:
             text.append(f"  (line {rule.where.line})", style=STYLE_NONE)
-        table.add_row(str(number), text, str(match.selected))
-    return table
+        rows.append((Text(str(number)), text, Text(str(match.selected))))
+    columns = (
+        Column("#", justify="right"),
+        Column("rule", Kind.WRAP, wrap_first=True),
+        Column("layers", justify="right"),
+    )
+    return ColumnTable(columns, rows)
 
 
-def apply_view(application: PlanApplication) -> Group:
+def apply_view(application: PlanApplication) -> Trimmed:
     plan = application.plan
     title = Text("Plan ", style="bold")
     title.append(plan.name or plan.path)
@@ -44,7 +45,7 @@ def apply_view(application: PlanApplication) -> Group:
     if params:
         parts.append(Text(f"Parameters: {params}", style=STYLE_NONE))
     parts += [rules_table(application.matches), Text(""), edit_view(application.result)]
-    return Group(*parts)
+    return Trimmed(Group(*parts))
 
 
 def rule_dict(number: int, match: RuleMatch) -> dict[str, Any]:
@@ -62,7 +63,7 @@ def rule_dict(number: int, match: RuleMatch) -> dict[str, Any]:
 
 def apply_dict(application: PlanApplication) -> dict[str, Any]:
     """The ``freeze --json`` document, plus ``plan``: its path, parameters and rules."""
-    document = edit_dict(application.result)
+    document = edit_dict(application.result, command="apply")
     plan = application.plan
     document["plan"] = {
         "path": plan.path,

@@ -7,13 +7,13 @@ for the width it is finally rendered at, so it stays readable at 80-100 columns 
 * a layer under a container shows its name, indented under the container's row, not its full
   path (the full path is the container's path, "/", the name; ``--json`` has it);
 * when space runs out, the path column keeps priority: the "updates stats" header and long
-  container summaries wrap, then the class column is cut with an ellipsis (to 10 columns),
-  then hidden; the path column folds only as a last resort.
+  container summaries wrap, then the class column shows "BN" for BatchNormalization, is cut
+  with an ellipsis (to 10 columns), then hidden; the path column breaks only as a last resort,
+  before a "/", or cut from the left with an ellipsis (:mod:`bnfreeze.render.columns`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from rich import box
@@ -25,9 +25,12 @@ from rich.text import Text
 from rich.tree import Tree
 
 from bnfreeze.model.records import LayerKind, LayerState, Normalization, Report
+from bnfreeze.render.columns import CLASS_MIN_WIDTH, PATH_MIN_WIDTH, Column, ColumnTable, Kind
 from bnfreeze.render.findings import WARNINGS_SHOWN_PER_CODE, warning_lines
 
 __all__ = [
+    "CLASS_MIN_WIDTH",
+    "PATH_MIN_WIDTH",
     "WARNINGS_SHOWN_PER_CODE",
     "LayerTable",
     "Trimmed",
@@ -36,7 +39,6 @@ __all__ = [
     "layer_table",
     "layer_tree",
     "mode_text",
-    "plain_columns",
     "simple_table",
     "summary",
     "warning_lines",
@@ -50,10 +52,6 @@ STYLE_NONE = "dim"
 
 #: Spaces of indentation per level of nesting in the path column.
 INDENT = 2
-#: The class column is never cut below this ("BatchNorm…").
-CLASS_MIN_WIDTH = 10
-#: Nor the path column, unless the console is too narrow for anything.
-PATH_MIN_WIDTH = 16
 #: A container's "in fit()" summary wraps to at most this width ("1 training," / "50 inference").
 SUMMARY_MAX_WIDTH = 13
 
@@ -189,12 +187,20 @@ class _Row:
     updates_stats: Text
 
 
-HEADERS = ("path", "class", "trainable", "in fit()", "updates stats")
-_GAPS = 2 * (len(HEADERS) - 1)  # one space of padding each side of a column boundary
+#: The layer table's columns, and how each gives up room (see :mod:`bnfreeze.render.columns`).
+COLUMNS = (
+    Column("path", Kind.PATH),
+    Column("class", Kind.CLASS),
+    Column("trainable"),
+    Column("in fit()", Kind.WRAP, min_width=SUMMARY_MAX_WIDTH),
+    Column("updates stats", Kind.WRAP),
+)
+HEADERS = tuple(c.header for c in COLUMNS)
 
 
 def simple_table() -> Table:
-    """An empty Rich table in the ``inspect`` look (:func:`plain_columns` draws the same)."""
+    """An empty Rich table in the look :class:`~bnfreeze.render.columns.ColumnTable` draws
+    (``SIMPLE_HEAD``, no edge, collapsed padding), for a table of free text."""
     return Table(
         box=box.SIMPLE_HEAD,
         show_edge=False,
@@ -205,97 +211,17 @@ def simple_table() -> Table:
     )
 
 
-def plain_columns(
-    headers: tuple[str, ...], widths: list[int], rows: Iterable[Iterable[Text]]
-) -> Iterator[Text]:
-    """The lines Rich's ``SIMPLE_HEAD`` table (no edge, collapsed padding) draws when every
-    cell fits its column: a bold header, a rule, then one line per row. Ten times faster than
-    Rich's table layout for the hundreds of rows of a big model; callers fall back to a Rich
-    ``Table`` when something must be cut or folded."""
-    yield Text("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)), style="bold")
-    yield Text("─" * (sum(widths) + 2 * (len(widths) - 1)))
-    for cells in rows:
-        line = Text()
-        for i, (cell, width) in enumerate(zip(cells, widths, strict=True)):
-            if i:
-                line.append("  ")
-            line.append_text(cell)
-            line.append(" " * (width - cell.cell_len))
-        yield line
-
-
 def _cells(row: _Row) -> tuple[Text, ...]:
     return (row.path, row.class_name, row.trainable, row.in_fit, row.updates_stats)
 
 
-class LayerTable:
+class LayerTable(ColumnTable):
     """The table of layers: path, class, trainable, "in fit()" mode, "updates stats".
 
-    A Rich renderable that picks its column widths when rendered (see the module docstring).
-    """
+    Picks its column widths when rendered (see the module docstring)."""
 
     def __init__(self, rows: list[_Row]) -> None:
-        self.rows = rows
-
-    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        widths = self._natural()
-        if sum(widths) + _GAPS <= options.max_width:
-            yield from plain_columns(HEADERS, widths, (_cells(row) for row in self.rows))
-            return
-        yield self._table(options.max_width)
-
-    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
-        natural = sum(self._natural()) + _GAPS
-        if natural <= options.max_width:
-            return Measurement(natural, natural)
-        return Measurement.get(console, options, self._table(options.max_width))
-
-    def _natural(self) -> list[int]:
-        widths = [len(h) for h in HEADERS]
-        for row in self.rows:
-            for i, cell in enumerate(_cells(row)):
-                widths[i] = max(widths[i], cell.cell_len)
-        return widths
-
-    def _widths(self, max_width: int) -> list[int]:
-        """Column widths that fit ``max_width``, cutting the least useful space first; 0 hides
-        the class column. Every width is explicit, which also spares Rich from measuring every
-        cell of a 1,000-row table again."""
-        widths = self._natural()
-        path, klass, trainable, in_fit, stats = widths
-        if sum(widths) + _GAPS <= max_width:
-            return widths
-        # 1. Wrap the "updates stats" header, and long container summaries in "in fit()".
-        stats = widths[4] = max([len("updates")] + [r.updates_stats.cell_len for r in self.rows])
-        in_fit = widths[3] = min(in_fit, SUMMARY_MAX_WIDTH)
-        room = max_width - trainable - in_fit - stats - _GAPS  # for path and class
-        if path + klass <= room:
-            return widths
-        # 2. Cut the class column, down to CLASS_MIN_WIDTH; 3. then hide it.
-        if path + CLASS_MIN_WIDTH <= room:
-            widths[1] = room - path
-            return widths
-        widths[1] = 0
-        # 4. Fold the path column, as a last resort.
-        widths[0] = max(PATH_MIN_WIDTH, min(path, room + 2))
-        return widths
-
-    def _table(self, max_width: int) -> Table:
-        widths = self._widths(max_width)
-        table = simple_table()
-        show_class = widths[1] != 0
-        table.add_column(HEADERS[0], overflow="fold", width=widths[0])
-        if show_class:
-            table.add_column(HEADERS[1], overflow="ellipsis", no_wrap=True, width=widths[1])
-        table.add_column(HEADERS[2], no_wrap=True, width=widths[2])
-        table.add_column(HEADERS[3], width=widths[3])
-        table.add_column(HEADERS[4], width=widths[4])
-        for row in self.rows:
-            cells = list(_cells(row))
-            if not show_class:
-                del cells[1]
-            table.add_row(*cells)
-        return table
+        super().__init__(COLUMNS, (_cells(row) for row in rows))
 
 
 def layer_table(report: Report, all_layers: bool = False) -> LayerTable:

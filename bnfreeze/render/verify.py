@@ -8,13 +8,21 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Group, RenderableType
+from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
 from bnfreeze.model.expectations import Failure
 from bnfreeze.model.records import LayerState, Normalization
-from bnfreeze.render.json import SCHEMA_VERSION, dumps
-from bnfreeze.render.table import STYLE_FROZEN, STYLE_INFERENCE, STYLE_NONE, STYLE_TRAINING
+from bnfreeze.render.columns import Column, ColumnTable, Kind
+from bnfreeze.render.json import SCHEMA_VERSION, dumps, measured_runtime_dict, model_dict
+from bnfreeze.render.table import (
+    STYLE_FROZEN,
+    STYLE_INFERENCE,
+    STYLE_NONE,
+    STYLE_TRAINING,
+    Trimmed,
+)
 from bnfreeze.runtime.measured import (
     CompileSource,
     DataSource,
@@ -104,25 +112,24 @@ def summary(report: VerifyReport) -> Table:
     return grid
 
 
-def layer_table(report: VerifyReport, all_layers: bool = False) -> Table:
-    """BN layers (every measured layer with ``all_layers``), and any layer that disagrees."""
+def layer_table(report: VerifyReport, all_layers: bool = False) -> ColumnTable:
+    """BN layers (every measured layer with ``all_layers``), and any layer that disagrees.
+
+    The path gets the room: short headers, no class column unless every layer is listed
+    (without --all the rows are BN layers and disagreements, which name their class below);
+    the words wrap at narrow widths (:mod:`bnfreeze.render.columns`)."""
     disagreeing = {d.path for d in report.disagreements}
     predicted = {s.layer.path for s in report.prediction.layers} if report.prediction else set()
-    from rich import box
-
-    # The path gets the room: short headers, no class column unless every layer is listed
-    # (without --all the rows are BN layers and disagreements, which name their class below).
-    table = Table(
-        show_edge=False, pad_edge=False, header_style="bold", box=box.SIMPLE_HEAD, padding=(0, 1)
-    )
-    table.add_column("path", overflow="fold", ratio=1)
-    if all_layers:
-        table.add_column("class", overflow="ellipsis", no_wrap=True, max_width=14)
-    table.add_column("stats", no_wrap=True)
-    table.add_column("gamma/beta", no_wrap=True)
-    table.add_column("other", no_wrap=True)
-    table.add_column("in fit()", no_wrap=True)
-    table.add_column("vs file", no_wrap=True)
+    columns = [
+        Column("path", Kind.PATH, group=True),
+        *([Column("class", Kind.CLASS)] if all_layers else []),
+        Column("stats", Kind.WRAP, min_width=9),
+        Column("gamma/beta", Kind.WRAP, min_width=10),
+        Column("other", Kind.WRAP, min_width=9),
+        Column("in fit()", Kind.WRAP, min_width=9),
+        Column("vs file", Kind.WRAP, min_width=9),
+    ]
+    rows = []
     for m in report.layers:
         if not (all_layers or m.is_batchnorm or m.path in disagreeing):
             continue
@@ -134,16 +141,18 @@ def layer_table(report: VerifyReport, all_layers: bool = False) -> Table:
             verdict = Text("-", style=STYLE_NONE)
         else:
             verdict = Text("not in file", style=STYLE_NONE)
-        table.add_row(
-            m.path,
-            *([m.class_name] if all_layers else []),
-            movement_text(m.moving_stats),
-            movement_text(m.gamma_beta),
-            movement_text(m.other_weights),
-            mode_text(m),
-            verdict,
+        rows.append(
+            (
+                Text(m.path),
+                *([Text(m.class_name)] if all_layers else []),
+                movement_text(m.moving_stats),
+                movement_text(m.gamma_beta),
+                movement_text(m.other_weights),
+                mode_text(m),
+                verdict,
+            )
         )
-    return table
+    return ColumnTable(columns, rows)
 
 
 def verdict(report: VerifyReport) -> Text:
@@ -197,15 +206,24 @@ def expectation_lines(report: VerifyReport) -> list[Text]:
     return lines
 
 
-def failures_table(failures: list[Failure]) -> Table:
-    table = Table(show_edge=False, pad_edge=False, header_style="bold")
-    table.add_column("expectation", overflow="fold")
-    table.add_column("layer", overflow="fold")
-    table.add_column("expected", overflow="fold")
-    table.add_column("measured", overflow="fold", style="red")
-    for f in failures:
-        table.add_row(f.expectation, f.path or "(model)", f.expected, f.actual)
-    return table
+def failures_table(failures: list[Failure]) -> ColumnTable:
+    return ColumnTable(
+        (
+            Column("expectation", Kind.WRAP, wrap_first=True),
+            Column("layer", Kind.PATH, group=True),
+            Column("expected", Kind.WRAP),
+            Column("measured", Kind.WRAP),
+        ),
+        (
+            (
+                Text(f.expectation),
+                Text(f.path or "(model)"),
+                Text(f.expected),
+                Text(f.actual, style="red"),
+            )
+            for f in failures
+        ),
+    )
 
 
 def verify_view(report: VerifyReport, *, all_layers: bool = False) -> RenderableType:
@@ -219,13 +237,14 @@ def verify_view(report: VerifyReport, *, all_layers: bool = False) -> Renderable
         ]
     parts.append(verdict(report))
     for d in report.disagreements:
-        parts.append(Text(f"  {d.message}", style="red"))
+        # Indented, and so is every line it wraps to.
+        parts.append(Padding(Text(d.message, style="red"), (0, 0, 0, 2)))
     if report.expectations:
         parts += [Text(""), *expectation_lines(report)]
         failures = [f for _, fs in report.expectations for f in fs]
         if failures:
             parts += [Text(""), failures_table(failures)]
-    return Group(*parts)
+    return Trimmed(Group(*parts))
 
 
 def note_lines(report: VerifyReport) -> list[str]:
@@ -272,16 +291,6 @@ def layer_dict(m: LayerMeasurement, state: LayerState | None) -> dict[str, Any]:
     }
 
 
-def runtime_dict(report: VerifyReport) -> dict[str, Any]:
-    info = report.runtime
-    return {
-        "name": info.runtime.value,
-        "keras_version": info.keras_version,
-        "backend": info.backend,
-        "tensorflow_version": info.tensorflow_version,
-    }
-
-
 def verify_dict(report: VerifyReport) -> dict[str, Any]:
     setup = report.setup
     bns = report.batchnorm
@@ -290,8 +299,10 @@ def verify_dict(report: VerifyReport) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
         "command": "verify",
-        "model": report.path,
-        "runtime": runtime_dict(report),
+        "model": model_dict(
+            report.prediction.model if report.prediction is not None else None, report.path
+        ),
+        "runtime": measured_runtime_dict(report.runtime),
         "run": {
             "steps": setup.steps,
             "batch_size": setup.batch_size,
