@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from bnfreeze.cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ROOT / "configs"
+CONFIGS = ROOT / "bnfreeze" / "recipes"
 BACKBONE = "mobilenetv2_0.35_32"
 
 
@@ -444,10 +444,10 @@ import sys
 from click.testing import CliRunner
 from bnfreeze.cli import cli
 for args in (
-    ["check", "sample_models/guide_pattern.keras", "--plan", "configs/freeze-backbone.toml",
+    ["check", "sample_models/guide_pattern.keras", "--plan", "freeze-backbone",
      "--strict", "--expect", "bn-inference"],
     ["diff", "sample_models/guide_pattern.keras", "sample_models/bn_under_frozen.keras"],
-    ["apply", "sample_models/guide_pattern.keras", "--plan", "configs/train-bn.toml",
+    ["apply", "sample_models/guide_pattern.keras", "--plan", "train-bn",
      "--dry-run"],
     ["inspect", "sample_models/guide_pattern.keras", "--strip"],
 ):

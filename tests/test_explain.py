@@ -219,7 +219,7 @@ def test_json_document(seed_report):
         "rules_note": r.rules_note,
         "historical_note": HISTORICAL_NOTE,
     }
-    assert "bnfreeze: loading TensorFlow" in result.stderr
+    assert "bnfreeze: loading Keras (TensorFlow backend)" in result.stderr
 
 
 def test_table_view(seed_report):

@@ -320,7 +320,7 @@ def test_cli_progress_on_stderr_json_on_stdout(custom_bn_keras, custom_layers_fi
     assert result.exit_code == 0, result.stderr
     document = json.loads(result.stdout)
     assert [c["path"] for c in document["changes"]] == ["my_bn", "bn"]
-    assert "bnfreeze: loading TensorFlow" in result.stderr
+    assert "bnfreeze: loading Keras (TensorFlow backend)" in result.stderr
     assert "bnfreeze: loading the saved model back to check it" in result.stderr
 
 

@@ -22,7 +22,7 @@ from bnfreeze.ops.plan_schema import BnAction, Only, Selector
 from bnfreeze.ops.plans import apply_rules, load_plan, parse_plan, parse_sets
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ROOT / "configs"
+CONFIGS = ROOT / "bnfreeze" / "recipes"
 SHIPPED = sorted(CONFIGS.glob("*.toml"))
 
 
@@ -387,8 +387,8 @@ def test_parse_sets():
         ),
         (
             '[plan]\nname = "empty"\n',
-            "p.toml: the plan has neither a [[rule]] nor an [[expect]] table. See "
-            "configs/README.md for the plan schema.",
+            "p.toml: the plan has neither a [[rule]] nor an [[expect]] table. See the shipped "
+            "plans (bnfreeze plans) and bnfreeze's docs/plans.md for the schema.",
         ),
         ("[[rule]]\ntrainable = true\nx = \n", "p.toml:3: not valid TOML: Invalid value."),
         (

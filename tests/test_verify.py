@@ -128,7 +128,7 @@ def test_the_file_is_never_written(phase2):
 
 
 def test_progress_and_keras_notes_go_to_stderr_only(phase2):
-    assert "bnfreeze: loading TensorFlow" in phase2["stderr"]
+    assert "bnfreeze: loading Keras (TensorFlow backend)" in phase2["stderr"]
     assert "bnfreeze: training 1 step (batch 2)" in phase2["stderr"]
     assert phase2["doc"]["schema_version"] == 1  # stdout parsed as pure JSON
 
@@ -312,7 +312,7 @@ def test_expect_glob_that_matches_nothing_fails_before_keras_runs(samples):
     result = invoke(samples / "sequential.keras", "--expect", "bn-train=nope*")
     assert result.exit_code == 2
     assert "nope*" in result.stderr
-    assert "loading TensorFlow" not in result.stderr
+    assert "loading Keras" not in result.stderr
 
 
 def test_bn_under_frozen_container_trains_as_predicted(samples):
@@ -467,7 +467,7 @@ def test_runtime_tf_keras_without_tf_keras_exit_2(samples, without_tf_keras):
     assert result.exit_code == 2
     assert result.stderr.startswith("error: --runtime tf-keras needs the tf_keras package")
     assert "pip install tf_keras" in result.stderr
-    assert "loading TensorFlow" not in result.stderr
+    assert "loading Keras" not in result.stderr
 
 
 # --------------------------------------------------------------------------- disagreements

@@ -39,7 +39,7 @@ class Outcome:
     """One thing that was checked and its failures (none: it holds)."""
 
     name: str  # "bn-inference", "plan flags", "strict: call-site-training-ignored"
-    source: str | None  # "--expect", "configs/x.toml:12: expect 1", "--strict"
+    source: str | None  # "--expect", "plans/x.toml:12: expect 1", "--strict"
     description: str | None
     failures: tuple[Failure, ...]
 

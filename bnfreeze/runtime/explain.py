@@ -191,7 +191,7 @@ def explain(
     )
     loading.require_runtime(runtime)
     with loading.quiet():
-        progress("loading TensorFlow")
+        progress(loading.loading_message(runtime))
         keras = loading.keras_module(runtime)
         info = loading.runtime_info(runtime)
         progress("running the four cases")
@@ -238,9 +238,11 @@ def _run_case(
     layer.moving_mean.assign(np.asarray(setup.moving_mean, dtype="float32"))
     layer.moving_variance.assign(np.asarray(setup.moving_variance, dtype="float32"))
     layer.trainable = trainable
-    output = np.asarray(layer(pixels, training=training), dtype="float64")
-    mean_after = np.asarray(layer.moving_mean.numpy(), dtype="float64")
-    var_after = np.asarray(layer.moving_variance.numpy(), dtype="float64")
+    # convert_to_numpy, not np.asarray or .numpy(): on the torch backend the output is a
+    # tensor that requires grad, which torch refuses to turn into an array directly.
+    output = _to_numpy(keras, layer(pixels, training=training))
+    mean_after = _to_numpy(keras, layer.moving_mean)
+    var_after = _to_numpy(keras, layer.moving_variance)
     updated = not (
         np.array_equal(mean_after, np.asarray(setup.moving_mean, dtype="float32"))
         and np.array_equal(var_after, np.asarray(setup.moving_variance, dtype="float32"))
@@ -256,6 +258,15 @@ def _run_case(
         normalizes_with=mode,
         meaning=meaning(training, trainable, mode, updated, setup.momentum),
     )
+
+
+def _to_numpy(keras: Any, value: Any) -> Any:
+    """A tensor or variable of any backend as a float64 array (Keras 3's
+    ``keras.ops.convert_to_numpy``; tf_keras has no ``keras.ops`` and takes ``np.asarray``)."""
+    import numpy as np
+
+    convert = getattr(getattr(keras, "ops", None), "convert_to_numpy", None)
+    return np.asarray(convert(value) if convert is not None else value, dtype="float64")
 
 
 def _which_statistics(setup: ExplainSetup, pixels: Any, output: Any) -> Normalization | None:

@@ -575,7 +575,7 @@ def edit(request: Any, progress: loading.ProgressFn | None = None) -> Any:
     loading.refuse_unsafe(saved.config, source, unsafe=request.unsafe)
 
     with loading.quiet():
-        progress("loading TensorFlow")
+        progress(loading.loading_message(Runtime.KERAS3))
         _keras()  # first, so that a --custom-objects module importing keras stays quiet too
         objects = None
         if request.custom_objects:
