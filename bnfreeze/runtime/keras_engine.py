@@ -573,6 +573,7 @@ def edit(request: Any, progress: loading.ProgressFn | None = None) -> Any:
     out_fmt = save_format(request.output) if request.output is not None else None
     saved = read_model(source)  # bad files get the readers' errors, before TensorFlow
     loading.refuse_unsafe(saved.config, source, unsafe=request.unsafe)
+    loading.require_runtime(Runtime.KERAS3)  # one line naming the extra, before any progress
 
     with loading.quiet():
         progress(loading.loading_message(Runtime.KERAS3))

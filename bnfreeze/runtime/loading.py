@@ -210,8 +210,7 @@ def require_runtime(runtime: Runtime) -> None:
         others = [b for b in others if b in BACKEND_EXTRAS and b != choice.name]
         switch = f", or pick an installed one: KERAS_BACKEND={others[0]}" if others else ""
         raise RuntimeUnavailableError(
-            f"Keras is set to the {label} backend (by {choice.source}), which is not "
-            "installed.",
+            f"Keras is set to the {label} backend (by {choice.source}), which is not installed.",
             hint=f"Install it ({how}){switch}.",
         )
 
