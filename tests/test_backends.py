@@ -164,7 +164,7 @@ def test_the_backend_keras_resolves_is_the_one_used_and_reported(measured):
 
 
 def test_jax_runs_without_tensorflow(measured):
-    name, backend, results = measured
+    name, _, results = measured
     if not name.startswith("jax"):
         pytest.skip("JAX configurations only")
     assert results["tensorflow_imported"] is False

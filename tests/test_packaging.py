@@ -109,6 +109,9 @@ def test_metadata():
 # -------------------------------------------------------------------------- the wheel
 
 
+PIP_WHEEL = (sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q")
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     """A wheel built from a copy of the source tree (a build writes build/ and egg-info next
@@ -121,8 +124,7 @@ def wheel(tmp_path_factory) -> Path:
     )
     out = tmp_path_factory.mktemp("dist")
     done = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
-        + ["-w", str(out), str(src)],
+        [*PIP_WHEEL, "-w", str(out), str(src)],
         capture_output=True,
         text=True,
         timeout=300,
