@@ -49,13 +49,36 @@ import os
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from bnfreeze.errors import BnfreezeError
 from bnfreeze.model.assignments import Assignment
 from bnfreeze.model.records import Finding, ModelFormat, Report, Runtime, WarningCode
 
-ModelOrPath = Any  # a keras.Model, or a str / os.PathLike naming a saved model
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs  # typing.TypeIs is Python 3.13+
+
+    from bnfreeze.ops.edit import EditResult
+
+
+class KerasModel(Protocol):
+    """What the API needs of an in-memory model: a ``keras.Model`` or a ``tf_keras.Model``.
+
+    Keras ships no type information, so a type checker sees a real model as ``Any``, which
+    fits; this protocol is what rules out a number or a list where a model belongs."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def layers(self) -> Any: ...
+
+    def compile(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+#: A live model, or a ``str`` / ``os.PathLike`` naming a saved one.
+ModelOrPath = str | os.PathLike[str] | KerasModel
+_Model = TypeVar("_Model", bound=KerasModel)
 
 
 class RecompileWarning(UserWarning):
@@ -146,7 +169,7 @@ def recompile_message(
     )
 
 
-def _is_path(value: Any) -> bool:
+def _is_path(value: object) -> TypeIs[str | os.PathLike[str]]:
     return isinstance(value, (str, os.PathLike))
 
 
@@ -210,7 +233,7 @@ def freeze(
     engine: str = "auto",
     custom_objects: str | Mapping[str, Any] | None = None,
     unsafe: bool = False,
-) -> Any:
+) -> EditResult:
     """Freeze the selected layers, as ``bnfreeze freeze`` does; returns an
     :class:`~bnfreeze.ops.edit.EditResult`.
 
@@ -259,7 +282,7 @@ def unfreeze(
     engine: str = "auto",
     custom_objects: str | Mapping[str, Any] | None = None,
     unsafe: bool = False,
-) -> Any:
+) -> EditResult:
     """Unfreeze the selected layers (``trainable=True``), as ``bnfreeze unfreeze`` does;
     returns an :class:`~bnfreeze.ops.edit.EditResult`.
 
@@ -298,7 +321,7 @@ def _edit(
     engine: str,
     custom_objects: str | Mapping[str, Any] | None,
     unsafe: bool,
-) -> Any:
+) -> EditResult:
     from bnfreeze.ops import edit as file_edit
 
     if isinstance(layers, str):
@@ -351,7 +374,7 @@ def _edit_memory(
     keep_optimizer_state: bool,
     custom_objects: str | Mapping[str, Any] | None,
     unsafe: bool,
-) -> Any:
+) -> EditResult:
     from bnfreeze.ops import edit as file_edit
     from bnfreeze.runtime import keras_engine, loading
 
@@ -457,7 +480,7 @@ def _custom_objects_for(live: Any, given: str | Mapping[str, Any] | None) -> dic
 # ------------------------------------------------------------------------------ recompile
 
 
-def recompile(model: Any) -> Any:
+def recompile(model: _Model) -> _Model:
     """Compile ``model`` again with its own compile arguments and a **fresh** optimizer of the
     same class and settings (``optimizer.__class__.from_config(optimizer.get_config())``).
 

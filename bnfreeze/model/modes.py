@@ -303,9 +303,10 @@ class TfKerasRules:
         # Hierarchical: any frozen ancestor, or the frozen model, freezes the weights.
         reachable = own and model_trainable and all(a.trainable is not False for a in ancestors)
         if record.kind is LayerKind.BATCHNORM:
-            return FitBehaviour(
-                trains_weights=reachable and (record.scale or record.center),
-                **_bn_mode(own, call_site_training(record, ancestors, outer=True)),
+            return _bn_mode(
+                reachable and (record.scale or record.center),
+                own,
+                call_site_training(record, ancestors, outer=True),
             )
         return _weights_in_fit(record, has_weights, trainable=reachable)
 
@@ -319,25 +320,23 @@ class TfKerasRules:
         if record.kind is LayerKind.BATCHNORM:
             # Measured: a recorded training=True makes predict() normalize with the batch's
             # statistics and move the moving ones.
-            return FitBehaviour(
-                trains_weights=False,
-                **_bn_mode(
-                    record.trainable is not False,
-                    call_site_training(record, ancestors, outer=False),
-                ),
+            return _bn_mode(
+                False,
+                record.trainable is not False,
+                call_site_training(record, ancestors, outer=False),
             )
         return Keras3Rules().in_predict(record, ancestors=ancestors, has_weights=has_weights)
 
 
-def _bn_mode(own: bool, training: frozenset[bool]) -> dict[str, Normalization | bool | None]:
+def _bn_mode(trains_weights: bool, own: bool, training: frozenset[bool]) -> FitBehaviour:
     """A BN's mode from its own flag and the ``training`` values it is called with: batch
     statistics only if both are True; called both ways, its statistics move but no single
     mode describes it."""
     if not own or training == {False}:
-        return {"normalizes_with": Normalization.MOVING, "updates_moving_stats": False}
+        return FitBehaviour(trains_weights, Normalization.MOVING, updates_moving_stats=False)
     if training == {True}:
-        return {"normalizes_with": Normalization.BATCH, "updates_moving_stats": True}
-    return {"normalizes_with": None, "updates_moving_stats": True}
+        return FitBehaviour(trains_weights, Normalization.BATCH, updates_moving_stats=True)
+    return FitBehaviour(trains_weights, None, updates_moving_stats=True)
 
 
 RULES: dict[Runtime, RuleSet] = {Runtime.KERAS3: Keras3Rules(), Runtime.TF_KERAS: TfKerasRules()}

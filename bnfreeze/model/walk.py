@@ -84,7 +84,8 @@ def is_operation(layer: dict[str, Any]) -> bool:
 
 def classify(layer: dict[str, Any]) -> LayerKind:
     class_name = layer.get("class_name")
-    config = layer.get("config") if isinstance(layer.get("config"), dict) else {}
+    raw = layer.get("config")
+    config: dict[str, Any] = raw if isinstance(raw, dict) else {}
     if class_name == "InputLayer":
         return LayerKind.INPUT
     if isinstance(config.get("layers"), list):

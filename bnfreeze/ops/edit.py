@@ -631,7 +631,7 @@ def _result_report(
 
     kept = None if dropped else model.optimizer_variables
     result_model = replace(model, config=new_config, optimizer_variables=kept)
-    if re_find and getattr(model.weights, "locations", None):
+    if re_find and model.weights is not None and getattr(model.weights, "locations", None):
         # Dataset offsets were those of the old file; let the reader find them again.
         result_model = replace(result_model, weights=replace(model.weights, locations={}))
     report = inspect_model_file(result_model)

@@ -156,7 +156,7 @@ def copy_raw(src: IO[bytes], info: zipfile.ZipInfo, zout: zipfile.ZipFile) -> No
     zout.filelist.append(new)
     zout.NameToInfo[new.filename] = new
     zout.start_dir = fp.tell()
-    zout._didModify = True
+    zout._didModify = True  # type: ignore[attr-defined]  # private, set by ZipFile.write()
 
 
 def copy_file_into(zout: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> None:

@@ -499,7 +499,11 @@ def verify(
 
     def objects(h5: Any) -> dict[str, Any]:
         found: dict[str, Any] = {}
-        h5.visititems(lambda name, obj: found.__setitem__(name, obj) and None)
+
+        def keep(name: str, obj: Any) -> None:
+            found[name] = obj
+
+        h5.visititems(keep)
         return found
 
     try:
