@@ -62,5 +62,5 @@ def test_the_top_level_api_is_typed(tmp_path):
     assert '"keep_bn_inference" to "unfreeze" has incompatible type "float"' in errors[6]
     assert 'Argument 1 to "inspect" has incompatible type "list[str]"' in errors[7]
     revealed = re.search(r"use_bnfreeze\.py:13: note: Revealed type is \"(.*)\"", done.stdout)
-    assert revealed and "bn_inference: builtins.bool" in revealed.group(1), done.stdout
+    assert revealed and "bn_inference: bool =" in revealed.group(1), done.stdout
     assert "EditResult" in revealed.group(1)
