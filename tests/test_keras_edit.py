@@ -280,7 +280,7 @@ def compiled_without_optimizer_state(tmp_path_factory) -> Path:
 
 def test_no_zero_filled_optimizer_slots(compiled_without_optimizer_state, tmp_path):
     """Keras's load builds a fresh optimizer for a compiled model, and a naive save writes
-    its zero-filled slots (SEMANTICS §7: 103 MB -> 308 MB on ResNet50). The engine does not."""
+    its zero-filled slots (measured: 103 MB -> 308 MB on ResNet50). The engine does not."""
     source = compiled_without_optimizer_state
     naive = tmp_path / "naive.keras"
     model = load(source, compile=True)

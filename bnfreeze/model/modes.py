@@ -11,7 +11,7 @@ Keras's own rule, from the ``BatchNormalization`` docstring, section "About sett
     will use the moving mean and the moving variance to normalize the current batch, rather
     than using the mean and variance of the current batch)."
 
-What Keras 3 adds, measured (SEMANTICS §1–§3):
+What Keras 3 adds, measured (docs/semantics.md, rules 1-3):
 
 * A BN layer normalizes with batch statistics and updates its moving statistics if and only
   if **its own** ``trainable`` is True and its resolved ``training`` argument is True.
@@ -23,7 +23,8 @@ What Keras 3 adds, measured (SEMANTICS §1–§3):
   False trains no weights in ``fit()``, but its BN layers still follow their own flags for
   their moving statistics.
 
-What tf_keras 2.21 does differently, measured (SEMANTICS §2-§3; ``tests/test_modes_tf_keras.py``):
+What tf_keras 2.21 does differently, measured (docs/semantics.md, rules 2-3;
+``tests/test_modes_tf_keras.py``):
 
 * A call-site ``training=`` recorded in the graph **wins**, in ``fit()`` and ``predict()``: on
   the BN's own call or on the call of any enclosing sub-model. The nearest recorded value
@@ -176,7 +177,7 @@ class RuleSet(Protocol):
 
 
 class Keras3Rules:
-    """Keras 3 (TensorFlow and JAX backends), per SEMANTICS §1–§3."""
+    """Keras 3 (TensorFlow and JAX backends), per docs/semantics.md, rules 1-3."""
 
     runtime = Runtime.KERAS3
 
@@ -272,7 +273,7 @@ def call_site_training(
 
 
 class TfKerasRules:
-    """tf_keras 2 (Keras 2), per SEMANTICS §1-§3 and the measurements in the module doc."""
+    """tf_keras 2 (Keras 2), per docs/semantics.md, rules 1-3, and the measurements in the module doc."""
 
     runtime = Runtime.TF_KERAS
 

@@ -61,7 +61,7 @@ class WarningCode(enum.Enum):
     UNTRAINED_BN_STATISTICS = "untrained-bn-statistics"
     UNKNOWN_LAYER = "unknown-layer"
     MODEL_NOT_TRAINABLE = "model-not-trainable"
-    RECOMPILE_REQUIRED = "recompile-required"  # freeze/unfreeze changed flags (SEMANTICS §4)
+    RECOMPILE_REQUIRED = "recompile-required"  # freeze/unfreeze changed flags (docs/semantics.md, rule 4)
 
 
 @dataclass(frozen=True)

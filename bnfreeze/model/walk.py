@@ -21,10 +21,10 @@ from bnfreeze.limits import MAX_LAYERS, MAX_NESTING_DEPTH
 from bnfreeze.model.records import LayerKind, LayerRecord
 
 #: Class names of BatchNormalization layers. ``BatchNormalization(synchronized=True)`` keeps
-#: its class name; tf_keras's ``SyncBatchNormalization`` has its own (SEMANTICS §6).
+#: its class name; tf_keras's ``SyncBatchNormalization`` has its own (docs/semantics.md, rule 7).
 BATCHNORM_CLASSES = frozenset({"BatchNormalization", "SyncBatchNormalization"})
 
-#: Normalization layers that are *not* BN: they have no moving statistics (SEMANTICS §6).
+#: Normalization layers that are *not* BN: they have no moving statistics (docs/semantics.md, rule 7).
 OTHER_NORMALIZATION_CLASSES = frozenset(
     {
         "LayerNormalization",

@@ -25,7 +25,7 @@ action (``trainable`` and ``bn``), and :class:`~bnfreeze.model.expectations.Expe
 Each rule maps onto an :class:`~bnfreeze.model.assignments.Assignment` and is applied with
 :func:`~bnfreeze.model.assignments.assign` in file order, so a later rule overrides an earlier
 one for the layers both select. Selecting a container selects every layer below it: a
-container's own flag does not propagate when Keras loads a saved model (SEMANTICS §5), so every
+container's own flag does not propagate when Keras loads a saved model (docs/semantics.md, rule 6), so every
 leaf is edited.
 
 Every problem raises :class:`~bnfreeze.errors.PlanError` naming the file, the line where it
@@ -152,7 +152,7 @@ def resolve_plan(
 
     Refuses (``PlanError``) a plan that treats BN and other layers differently in a rule
     that selects a custom layer class: only a loaded model can tell whether it subclasses
-    BatchNormalization (SEMANTICS §6), and a plan is resolved from the file.
+    BatchNormalization (docs/semantics.md, rule 7), and a plan is resolved from the file.
     """
     before = current_flags(layers)
     outcome = apply_rules(plan, layers, before, without_flag=without_flag)
