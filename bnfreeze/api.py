@@ -15,7 +15,8 @@ For a path, each function runs the same library code as the CLI command
 in-memory model, the flags are set on the live layers (:mod:`bnfreeze.runtime.keras_engine`); the
 model is changed in place and also returned in the result's report.
 
-Changing ``trainable`` on a compiled model (docs/semantics.md, rule 4, measured on Keras 3.15 / TF 2.21):
+Changing ``trainable`` on a compiled model (docs/semantics.md, rule 4; measured on Keras 3.15 /
+TF 2.21):
 
 * before the first training step, the change takes effect in the next ``fit()``;
 * once ``fit()`` or ``train_on_batch()`` has traced a training step, ``fit()`` keeps using it
@@ -133,8 +134,8 @@ def recompile_message(
     head = f"bnfreeze changed {changed} trainable flag(s) of model {name!r}, which is compiled"
     fix = "Call bnfreeze.recompile(model) (or compile() with a new optimizer) before fit()."
     if runtime is Runtime.TF_KERAS:
-        # Measured on tf_keras 2.21 (docs/semantics.md, rule 4): fit() trains with the flags recorded by
-        # compile(), before the first fit() and after it, for any batch shape.
+        # Measured on tf_keras 2.21 (docs/semantics.md, rule 4): fit() trains with the flags
+        # recorded by compile(), before the first fit() and after it, for any batch shape.
         when = (
             " and has already been trained (fit() or train_on_batch() ran since its last compile())"
             if state is TrainingState.TRACED
@@ -484,8 +485,8 @@ def recompile(model: _Model) -> _Model:
     """Compile ``model`` again with its own compile arguments and a **fresh** optimizer of the
     same class and settings (``optimizer.__class__.from_config(optimizer.get_config())``).
 
-    This is what makes a flag change take effect after ``fit()`` (docs/semantics.md, rule 4). The fresh
-    optimizer starts from step 0: its slots (Adam moments, momentum) start empty and a
+    This is what makes a flag change take effect after ``fit()`` (docs/semantics.md, rule 4).
+    The fresh optimizer starts from step 0: its slots (Adam moments, momentum) start empty and a
     learning-rate schedule starts over. Works for a ``tf_keras.Model`` too (its ``compile()``
     records its arguments the same way). Returns ``model``.
     """

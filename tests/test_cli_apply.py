@@ -165,8 +165,9 @@ def test_train_bn_measured(measured):
 
 @pytest.mark.keras
 def test_train_bn_on_a_nested_legacy_h5_measured(samples, tmp_path):
-    """The legacy .h5 whose weight order depends on the flags (docs/semantics.md, rule 6): the plan goes
-    through the h5 writer, values stay identical by path, and training behaves as planned."""
+    """The legacy .h5 whose weight order depends on the flags (docs/semantics.md, rule 6): the
+    plan goes through the h5 writer, values stay identical by path, and training behaves as
+    planned."""
     out = apply(samples / "nested_legacy.h5", "train-bn.toml", tmp_path / "train_bn.h5")
     diff = json.loads(invoke("diff", samples / "nested_legacy.h5", out, "--json").stdout)
     assert [row["path"] for row in diff["layers"]] == ["bn_dense/d1"]

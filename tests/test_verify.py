@@ -316,7 +316,8 @@ def test_expect_glob_that_matches_nothing_fails_before_keras_runs(samples):
 
 
 def test_bn_under_frozen_container_trains_as_predicted(samples):
-    """Rule 3 (docs/semantics.md) measured: a trainable BN inside a frozen sub-model trains anyway."""
+    """Rule 3 (docs/semantics.md) measured: a trainable BN inside a frozen sub-model trains
+    anyway."""
     code, doc, _ = verify_json(samples / "bn_under_frozen.keras")
     assert code == 0
     by_path = {layer["path"]: layer for layer in doc["layers"]}
@@ -788,8 +789,8 @@ keras.Model(inputs, outputs).save(sys.argv[1])
 
 
 def test_runtime_tf_keras_measures_with_keras_2(tmp_path):
-    """Rule 2 (docs/semantics.md) measured on tf_keras: a recorded call-site training=False WINS there, so
-    the BN's statistics stay put in fit() while its gamma/beta still train; Keras 3 would
+    """Rule 2 (docs/semantics.md) measured on tf_keras: a recorded call-site training=False WINS
+    there, so the BN's statistics stay put in fit() while its gamma/beta still train; Keras 3 would
     move them. The model is a tf_keras .h5 (Keras 3 cannot load it)."""
     import subprocess
     import sys

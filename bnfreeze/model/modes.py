@@ -273,7 +273,8 @@ def call_site_training(
 
 
 class TfKerasRules:
-    """tf_keras 2 (Keras 2), per docs/semantics.md, rules 1-3, and the measurements in the module doc."""
+    """tf_keras 2 (Keras 2), per docs/semantics.md, rules 1-3, and the measurements in the
+    module doc."""
 
     runtime = Runtime.TF_KERAS
 

@@ -24,7 +24,8 @@ from bnfreeze.model.records import LayerKind, LayerRecord
 #: its class name; tf_keras's ``SyncBatchNormalization`` has its own (docs/semantics.md, rule 7).
 BATCHNORM_CLASSES = frozenset({"BatchNormalization", "SyncBatchNormalization"})
 
-#: Normalization layers that are *not* BN: they have no moving statistics (docs/semantics.md, rule 7).
+#: Normalization layers that are *not* BN: they have no moving statistics (docs/semantics.md,
+#: rule 7).
 OTHER_NORMALIZATION_CLASSES = frozenset(
     {
         "LayerNormalization",

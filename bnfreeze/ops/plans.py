@@ -25,8 +25,8 @@ action (``trainable`` and ``bn``), and :class:`~bnfreeze.model.expectations.Expe
 Each rule maps onto an :class:`~bnfreeze.model.assignments.Assignment` and is applied with
 :func:`~bnfreeze.model.assignments.assign` in file order, so a later rule overrides an earlier
 one for the layers both select. Selecting a container selects every layer below it: a
-container's own flag does not propagate when Keras loads a saved model (docs/semantics.md, rule 6), so every
-leaf is edited.
+container's own flag does not propagate when Keras loads a saved model (docs/semantics.md,
+rule 6), so every leaf is edited.
 
 Every problem raises :class:`~bnfreeze.errors.PlanError` naming the file, the line where it
 can be recovered (``tomllib`` reports lines for syntax errors; for semantic errors the line of

@@ -21,7 +21,8 @@ only from an explicit ``--custom-objects`` module or file, a ``Lambda`` refused 
 flag first (``container.trainable = X`` reaches every layer below it), then every leaf's own
 flag, because on Keras 3 the last assignment that reaches a layer wins (docs/semantics.md, rule 3).
 
-Saving, and the optimizer (docs/semantics.md, rules 4-5). Loading a compiled model builds its optimizer;
+Saving, and the optimizer (docs/semantics.md, rules 4-5). Loading a compiled model builds its
+optimizer;
 saving it again writes that optimizer's slot variables, zero-filled when the file had none,
 which tripled a ResNet50 file (103 MB -> 308 MB, measured). So the model is saved **without
 optimizer variables** unless the input's saved state is still valid (the set of trainable
