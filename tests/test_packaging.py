@@ -251,3 +251,13 @@ def test_a_configured_backend_that_is_not_installed_names_its_extra(tmp_path):
         "installed. Install it (pip install 'bnfreeze[jax]'), or pick an installed one: "
         "KERAS_BACKEND=tensorflow."
     ]
+
+
+def test_the_readme_quotes_a_lean_install_within_200_mb():
+    """The README's measured fresh-venv numbers: the core install stays at most 200 MB."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    head = readme[: readme.index("## Installing Keras and choosing a backend")]
+    took, before, after = re.search(
+        r"`pip install \.` took\s+(\d+) s and grew the venv from (\d+) MB to (\d+) MB", head
+    ).groups()
+    assert int(after) <= 200 and int(before) < int(after) and int(took) > 0
