@@ -126,24 +126,34 @@ Path(out_file).write_text(json.dumps(results))
 """
 
 
-def measure(tmp_path: Path, hidden: str = "", **env: str) -> dict:
+def start(tmp_path: Path, hidden: str = "", **env: str) -> subprocess.Popen[str]:
+    """Start one configuration's measurement; :func:`finish` collects it. They run side by
+    side (a process holds one backend, and CI has two cores)."""
     # The configuration decides the backend, never the caller's own KERAS_BACKEND/KERAS_HOME.
     inherited = {k: v for k, v in os.environ.items() if k not in ("KERAS_BACKEND", "KERAS_HOME")}
     full_env = {**inherited, "TF_CPP_MIN_LOG_LEVEL": "3", "COLUMNS": "100", **env}
     full_env["PYTHONPATH"] = os.pathsep.join(
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
     )
-    out = tmp_path / "results.json"
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, hidden, str(out), str(tmp_path), str(SAMPLES)],
-        capture_output=True,
+    paths = (str(tmp_path), str(SAMPLES))
+    return subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, hidden, str(tmp_path / "results.json"), *paths],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         text=True,
         env=full_env,
         cwd=tmp_path,
-        timeout=900,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(out.read_text())
+
+
+def finish(process: subprocess.Popen[str], tmp_path: Path) -> dict:
+    try:
+        _, stderr = process.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    assert process.returncode == 0, stderr[-3000:]
+    return json.loads((tmp_path / "results.json").read_text())
 
 
 def _keras_json(folder: Path, backend: str) -> dict[str, str]:
@@ -165,14 +175,33 @@ CONFIGURATIONS = {
 }
 
 
-@pytest.fixture(scope="module", params=list(CONFIGURATIONS))
-def measured(request, tmp_path_factory):
-    hidden, env, json_backend, expected = CONFIGURATIONS[request.param]
-    if expected == "torch" and importlib.util.find_spec("torch") is None:
+def _available(name: str) -> bool:
+    return CONFIGURATIONS[name][3] != "torch" or importlib.util.find_spec("torch") is not None
+
+
+@pytest.fixture(scope="module")
+def all_measured(tmp_path_factory):
+    """Every available configuration, measured in parallel subprocesses."""
+    started = {}
+    for name, (hidden, env, json_backend, _) in CONFIGURATIONS.items():
+        if _available(name):
+            tmp = tmp_path_factory.mktemp(name)
+            env = {**env, **_keras_json(tmp / "keras-home", json_backend)}
+            started[name] = (start(tmp, hidden, **env), tmp)
+    try:
+        return {name: finish(process, tmp) for name, (process, tmp) in started.items()}
+    finally:
+        for process, _ in started.values():
+            if process.poll() is None:
+                process.kill()
+
+
+@pytest.fixture(params=list(CONFIGURATIONS))
+def measured(request):
+    if not _available(request.param):
         pytest.skip("torch is not installed (its wheels are several GB; measured when present)")
-    tmp = tmp_path_factory.mktemp(request.param)
-    env = {**env, **_keras_json(tmp / "keras-home", json_backend)}
-    return request.param, expected, measure(tmp, hidden, **env)
+    results = request.getfixturevalue("all_measured")
+    return request.param, CONFIGURATIONS[request.param][3], results[request.param]
 
 
 def test_the_backend_keras_resolves_is_the_one_used_and_reported(measured):

@@ -148,7 +148,7 @@ def configured_backend() -> BackendChoice:
             return BackendChoice(str(keras.backend.backend()), "the Keras already imported")
     variable = os.environ.get("KERAS_BACKEND")
     if variable:
-        return BackendChoice(variable.lower(), "KERAS_BACKEND")
+        return BackendChoice(variable, "KERAS_BACKEND")
     path = keras_json_path()
     if path.exists():
         try:
@@ -157,7 +157,7 @@ def configured_backend() -> BackendChoice:
             config = {}
         backend = config.get("backend") if isinstance(config, dict) else None
         if isinstance(backend, str) and backend:
-            return BackendChoice(backend.lower(), str(path))
+            return BackendChoice(backend, str(path))
     return BackendChoice("tensorflow", "Keras's default")
 
 
