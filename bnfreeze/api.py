@@ -79,7 +79,7 @@ class KerasModel(Protocol):
 
 #: A live model, or a ``str`` / ``os.PathLike`` naming a saved one.
 ModelOrPath = str | os.PathLike[str] | KerasModel
-_Model = TypeVar("_Model", bound=KerasModel)
+ModelT = TypeVar("ModelT", bound=KerasModel)
 
 
 class RecompileWarning(UserWarning):
@@ -481,7 +481,7 @@ def _custom_objects_for(live: Any, given: str | Mapping[str, Any] | None) -> dic
 # ------------------------------------------------------------------------------ recompile
 
 
-def recompile(model: _Model) -> _Model:
+def recompile(model: ModelT) -> ModelT:
     """Compile ``model`` again with its own compile arguments and a **fresh** optimizer of the
     same class and settings (``optimizer.__class__.from_config(optimizer.get_config())``).
 
