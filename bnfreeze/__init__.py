@@ -16,7 +16,16 @@ first use, and only the functions that need Keras import it, when called.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    # What a type checker sees: the real signatures. At run time the names are loaded from
+    # bnfreeze.api on first use (__getattr__ below), so `import bnfreeze` stays cheap.
+    from bnfreeze.api import RecompileWarning as RecompileWarning
+    from bnfreeze.api import freeze as freeze
+    from bnfreeze.api import inspect as inspect
+    from bnfreeze.api import recompile as recompile
+    from bnfreeze.api import unfreeze as unfreeze
 
 __version__ = "0.1.0"
 

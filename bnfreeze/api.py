@@ -15,7 +15,8 @@ For a path, each function runs the same library code as the CLI command
 in-memory model, the flags are set on the live layers (:mod:`bnfreeze.runtime.keras_engine`); the
 model is changed in place and also returned in the result's report.
 
-Changing ``trainable`` on a compiled model (SEMANTICS §4, measured on Keras 3.15 / TF 2.21):
+Changing ``trainable`` on a compiled model (docs/semantics.md, rule 4; measured on Keras 3.15 /
+TF 2.21):
 
 * before the first training step, the change takes effect in the next ``fit()``;
 * once ``fit()`` or ``train_on_batch()`` has traced a training step, ``fit()`` keeps using it
@@ -49,13 +50,36 @@ import os
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from bnfreeze.errors import BnfreezeError
 from bnfreeze.model.assignments import Assignment
 from bnfreeze.model.records import Finding, ModelFormat, Report, Runtime, WarningCode
 
-ModelOrPath = Any  # a keras.Model, or a str / os.PathLike naming a saved model
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs  # typing.TypeIs is Python 3.13+
+
+    from bnfreeze.ops.edit import EditResult
+
+
+class KerasModel(Protocol):
+    """What the API needs of an in-memory model: a ``keras.Model`` or a ``tf_keras.Model``.
+
+    Keras ships no type information, so a type checker sees a real model as ``Any``, which
+    fits; this protocol is what rules out a number or a list where a model belongs."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def layers(self) -> Any: ...
+
+    def compile(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+#: A live model, or a ``str`` / ``os.PathLike`` naming a saved one.
+ModelOrPath = str | os.PathLike[str] | KerasModel
+ModelT = TypeVar("ModelT", bound=KerasModel)
 
 
 class RecompileWarning(UserWarning):
@@ -110,8 +134,8 @@ def recompile_message(
     head = f"bnfreeze changed {changed} trainable flag(s) of model {name!r}, which is compiled"
     fix = "Call bnfreeze.recompile(model) (or compile() with a new optimizer) before fit()."
     if runtime is Runtime.TF_KERAS:
-        # Measured on tf_keras 2.21 (SEMANTICS §4): fit() trains with the flags recorded by
-        # compile(), before the first fit() and after it, for any batch shape.
+        # Measured on tf_keras 2.21 (docs/semantics.md, rule 4): fit() trains with the flags
+        # recorded by compile(), before the first fit() and after it, for any batch shape.
         when = (
             " and has already been trained (fit() or train_on_batch() ran since its last compile())"
             if state is TrainingState.TRACED
@@ -146,7 +170,7 @@ def recompile_message(
     )
 
 
-def _is_path(value: Any) -> bool:
+def _is_path(value: object) -> TypeIs[str | os.PathLike[str]]:
     return isinstance(value, (str, os.PathLike))
 
 
@@ -210,7 +234,7 @@ def freeze(
     engine: str = "auto",
     custom_objects: str | Mapping[str, Any] | None = None,
     unsafe: bool = False,
-) -> Any:
+) -> EditResult:
     """Freeze the selected layers, as ``bnfreeze freeze`` does; returns an
     :class:`~bnfreeze.ops.edit.EditResult`.
 
@@ -259,7 +283,7 @@ def unfreeze(
     engine: str = "auto",
     custom_objects: str | Mapping[str, Any] | None = None,
     unsafe: bool = False,
-) -> Any:
+) -> EditResult:
     """Unfreeze the selected layers (``trainable=True``), as ``bnfreeze unfreeze`` does;
     returns an :class:`~bnfreeze.ops.edit.EditResult`.
 
@@ -298,7 +322,7 @@ def _edit(
     engine: str,
     custom_objects: str | Mapping[str, Any] | None,
     unsafe: bool,
-) -> Any:
+) -> EditResult:
     from bnfreeze.ops import edit as file_edit
 
     if isinstance(layers, str):
@@ -351,7 +375,7 @@ def _edit_memory(
     keep_optimizer_state: bool,
     custom_objects: str | Mapping[str, Any] | None,
     unsafe: bool,
-) -> Any:
+) -> EditResult:
     from bnfreeze.ops import edit as file_edit
     from bnfreeze.runtime import keras_engine, loading
 
@@ -457,12 +481,12 @@ def _custom_objects_for(live: Any, given: str | Mapping[str, Any] | None) -> dic
 # ------------------------------------------------------------------------------ recompile
 
 
-def recompile(model: Any) -> Any:
+def recompile(model: ModelT) -> ModelT:
     """Compile ``model`` again with its own compile arguments and a **fresh** optimizer of the
     same class and settings (``optimizer.__class__.from_config(optimizer.get_config())``).
 
-    This is what makes a flag change take effect after ``fit()`` (SEMANTICS §4). The fresh
-    optimizer starts from step 0: its slots (Adam moments, momentum) start empty and a
+    This is what makes a flag change take effect after ``fit()`` (docs/semantics.md, rule 4).
+    The fresh optimizer starts from step 0: its slots (Adam moments, momentum) start empty and a
     learning-rate schedule starts over. Works for a ``tf_keras.Model`` too (its ``compile()``
     records its arguments the same way). Returns ``model``.
     """

@@ -303,8 +303,9 @@ def set_option(f: Any) -> Any:
     "plan_path",
     type=click.Path(path_type=str),
     default=None,
-    help="A TOML plan: its [[expect]] tables must hold, and every layer's flag must be what "
-    "its [[rule]] tables set.",
+    metavar="PLAN",
+    help="A TOML plan file, or a shipped plan's name (bnfreeze plans): its [[expect]] tables "
+    "must hold, and every layer's flag must be what its [[rule]] tables set.",
 )
 @click.option(
     "--expect",
@@ -343,7 +344,7 @@ def check(
     Examples:
       bnfreeze check finetune.keras --expect bn-inference
       bnfreeze check model.keras --expect 'frozen=mobilenetv2*' --expect trains=head
-      bnfreeze check finetune.keras --plan configs/keras-guide-finetune.toml --strict
+      bnfreeze check finetune.keras --plan keras-guide-finetune --strict
       bnfreeze check model.keras --expect bn-inference --json | jq .failures
     """
     from bnfreeze.errors import EXIT_CHECK_FAILED
@@ -433,7 +434,8 @@ def diff(a: str, b: str, as_json: bool, exit_code: bool, export: str | None) -> 
     "plan_path",
     type=click.Path(path_type=str),
     required=True,
-    help="The TOML plan to apply (see configs/README.md).",
+    metavar="PLAN",
+    help="The TOML plan file to apply, or a shipped plan's name (bnfreeze plans lists them).",
 )
 @set_option
 @click.option(
@@ -471,10 +473,9 @@ def apply_plan(
 
     \b
     Examples:
-      bnfreeze apply model.keras --plan configs/keras-guide-finetune.toml -o finetune.keras
-      bnfreeze apply model.keras --plan configs/freeze-up-to.toml \\
-          --set block=block_13_add -o top.keras
-      bnfreeze apply model.keras --plan configs/train-bn.toml --dry-run --json | jq .changes
+      bnfreeze apply model.keras --plan keras-guide-finetune -o finetune.keras
+      bnfreeze apply model.keras --plan freeze-up-to --set block=block_13_add -o top.keras
+      bnfreeze apply model.keras --plan my-plan.toml --dry-run --json | jq .changes
     """
     from bnfreeze.ops.plans import apply_plan_file, load_plan, parse_sets
 
@@ -501,6 +502,37 @@ def apply_plan(
 
     note(status_line(application.result))
     emit_warnings(application.result.all_warnings)
+
+
+@cli.command("plans")
+@click.argument("name", required=False)
+def list_plans(name: str | None) -> None:
+    """List the plans that ship with bnfreeze, or print one plan's TOML.
+
+    --plan NAME (apply, check) takes a shipped plan by name. Each plan file opens with a
+    comment that says when to use it; print it, copy it and edit it to make your own.
+
+    \b
+    Examples:
+      bnfreeze plans
+      bnfreeze plans freeze-up-to
+      bnfreeze plans train-bn > my-plan.toml
+    """
+    from bnfreeze.ops.plans import shipped_plans
+
+    plans = shipped_plans()
+    if name is None:
+        from bnfreeze.render.plan import plans_text
+
+        click.echo(plans_text(plans))
+        return
+    by_name = {plan.name: plan for plan in plans}
+    plan = by_name.get(name.removesuffix(".toml"))
+    if plan is None:
+        raise click.UsageError(
+            f"{name}: not a shipped plan; the shipped plans are {', '.join(by_name)}."
+        )
+    click.echo(plan.path.read_text(encoding="utf-8"), nl=False)
 
 
 def edit_options(f: Any) -> Any:

@@ -108,7 +108,7 @@ def sequential():
 
 def nested_h5():
     """A legacy .h5 of a nested model with BN,BN and BN,Dense sub-models: the layout whose
-    weight order depends on the flags (SEMANTICS §5)."""
+    weight order depends on the flags (docs/semantics.md, rule 6)."""
     import keras
     import numpy as np
 

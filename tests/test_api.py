@@ -1,7 +1,7 @@
 """The Python API (bnfreeze.api): paths and in-memory keras.Model objects.
 
-The recompile claims are measured per SEMANTICS §4: a real fit() step, and which variables
-moved.
+The recompile claims are measured as docs/semantics.md, rule 4, says: a real fit() step, and
+which variables moved.
 """
 
 from __future__ import annotations
@@ -222,8 +222,8 @@ def test_nothing_changed_nothing_to_warn():
 
 
 def test_after_fit_the_change_has_no_effect_until_recompile():
-    """SEMANTICS §4, measured: after fit(), freezing d and bn changes nothing in the next
-    fit(); after bnfreeze.recompile(model) it does."""
+    """Rule 4 (docs/semantics.md), measured: after fit(), freezing d and bn changes nothing in
+    the next fit(); after bnfreeze.recompile(model) it does."""
     model = compile_(build())
     model.fit(X, Y, verbose=0)
     emitted = recompile_warnings(lambda: bnfreeze.freeze(model, layers=["d", "bn"]))

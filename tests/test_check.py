@@ -23,7 +23,7 @@ from bnfreeze.ops.check import check_file
 from bnfreeze.ops.plans import load_plan
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ROOT / "configs"
+CONFIGS = ROOT / "bnfreeze" / "recipes"
 
 
 def run(*args: str):

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from bnfreeze.cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ROOT / "configs"
+CONFIGS = ROOT / "bnfreeze" / "recipes"
 BACKBONE = "mobilenetv2_0.35_32"
 
 
@@ -166,8 +166,9 @@ def test_train_bn_measured(measured):
 
 @pytest.mark.keras
 def test_train_bn_on_a_nested_legacy_h5_measured(samples, tmp_path):
-    """The legacy .h5 whose weight order depends on the flags (SEMANTICS §5): the plan goes
-    through the h5 writer, values stay identical by path, and training behaves as planned."""
+    """The legacy .h5 whose weight order depends on the flags (docs/semantics.md, rule 6): the
+    plan goes through the h5 writer, values stay identical by path, and training behaves as
+    planned."""
     out = apply(samples / "nested_legacy.h5", "train-bn.toml", tmp_path / "train_bn.h5")
     diff = json.loads(invoke("diff", samples / "nested_legacy.h5", out, "--json").stdout)
     assert [row["path"] for row in diff["layers"]] == ["bn_dense/d1"]
@@ -459,10 +460,10 @@ import sys
 from click.testing import CliRunner
 from bnfreeze.cli import cli
 for args in (
-    ["check", "sample_models/guide_pattern.keras", "--plan", "configs/freeze-backbone.toml",
+    ["check", "sample_models/guide_pattern.keras", "--plan", "freeze-backbone",
      "--strict", "--expect", "bn-inference"],
     ["diff", "sample_models/guide_pattern.keras", "sample_models/bn_under_frozen.keras"],
-    ["apply", "sample_models/guide_pattern.keras", "--plan", "configs/train-bn.toml",
+    ["apply", "sample_models/guide_pattern.keras", "--plan", "train-bn",
      "--dry-run"],
     ["inspect", "sample_models/guide_pattern.keras", "--strip"],
 ):

@@ -38,7 +38,7 @@ RECOMPILE = (
     "{n} trainable flag(s) changed. Load {out} with keras.models.load_model and call compile() "
     "again with a NEW optimizer before fit(): a model already compiled or trained in memory "
     "ignores flag changes until it is recompiled, and reusing its built optimizer fails with "
-    "'Unknown variable' (SEMANTICS §4)."
+    "'Unknown variable' (bnfreeze explain, rule 4)."
 )
 
 

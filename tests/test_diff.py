@@ -199,7 +199,7 @@ def test_checksums_keep_optimizer_state_apart(samples):
     ],
 )
 def test_bad_input_exits_2(samples, tmp_path, args, message):
-    configs = Path(__file__).resolve().parent.parent / "configs"
+    configs = Path(__file__).resolve().parent.parent / "bnfreeze" / "recipes"
     fmt = {"seed": samples / "seed_bn.keras", "configs": configs}
     result = run(*[a.format(**fmt) for a in args])
     assert result.exit_code == 2

@@ -99,7 +99,7 @@ def test_top_level_help_has_an_example():
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     """A scratch copy of what the README's commands refer to, so they can write files."""
-    for folder in ("sample_models", "configs"):
+    for folder in ("sample_models",):
         if (ROOT / folder).is_dir():
             shutil.copytree(
                 ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__")

@@ -3,6 +3,7 @@ progress on stderr, runtimes."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -375,7 +376,7 @@ def test_runtime_info():
 
     info = loading.runtime_info()
     assert info == loading.RuntimeInfo(
-        Runtime.KERAS3, keras.__version__, "tensorflow", tf.__version__
+        Runtime.KERAS3, keras.__version__, "tensorflow", tf.__version__, tf.__version__
     )
     assert info.label == (
         f"Keras {keras.__version__}, backend tensorflow (TensorFlow {tf.__version__})"
@@ -388,6 +389,50 @@ def test_tf_keras_missing_is_a_clear_error(without_tf_keras):
     assert "tf_keras" in str(info.value) and "not installed" in str(info.value)
     assert info.value.exit_code == 2
     loading.require_runtime(Runtime.KERAS3)  # always available
+
+
+def test_a_jax_label_names_jax_not_tensorflow():
+    info = loading.RuntimeInfo(Runtime.KERAS3, "3.15.1", "jax", "2.21.0", "0.10.2")
+    assert info.label == "Keras 3.15.1, backend jax (JAX 0.10.2)"
+
+
+@pytest.mark.parametrize(
+    ("variable", "keras_json", "expected"),
+    [
+        ("jax", {"backend": "tensorflow"}, ("jax", "KERAS_BACKEND")),
+        ("", {"backend": "jax"}, ("jax", "keras.json")),
+        (None, {"backend": "torch"}, ("torch", "keras.json")),
+        (None, {"floatx": "float32"}, ("tensorflow", "Keras's default")),
+        (None, None, ("tensorflow", "Keras's default")),
+    ],
+)
+def test_the_backend_is_resolved_as_keras_does(
+    tmp_path, monkeypatch, variable, keras_json, expected
+):
+    """KERAS_BACKEND (when not empty), else keras.json in $KERAS_HOME, else tensorflow; no
+    Keras imported (keras/src/backend/config.py does the same at import)."""
+    monkeypatch.delitem(sys.modules, "keras", raising=False)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    if variable is None:
+        monkeypatch.delenv("KERAS_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("KERAS_BACKEND", variable)
+    if keras_json is not None:
+        (tmp_path / "keras.json").write_text(json.dumps(keras_json), encoding="utf-8")
+    choice = loading.configured_backend()
+    name, source = expected
+    assert choice.name == name
+    assert source in choice.source
+    if source == "keras.json":
+        assert choice.source == str(tmp_path / "keras.json")
+    label = {"jax": "JAX", "torch": "PyTorch", "tensorflow": "TensorFlow"}[name]
+    assert loading.loading_message() == f"loading Keras ({label} backend)"
+
+
+def test_bnfreeze_never_sets_the_backend(monkeypatch):
+    monkeypatch.delenv("KERAS_BACKEND", raising=False)
+    loading.keras_module()
+    assert "KERAS_BACKEND" not in os.environ
 
 
 @pytest.mark.parametrize("runtime", list(Runtime))

@@ -156,7 +156,7 @@ def test_every_mode_has_a_meaning(mode, updated):
 
 def test_rules_and_runtime(seed_report):
     assert seed_report.rules == RULES["keras3"]
-    assert [r.split(" ")[0] for r in seed_report.rules] == ["§1", "§2", "§3", "§4"]
+    assert [r.split(" ")[0] for r in seed_report.rules] == ["1.", "2.", "3.", "4."]
     assert seed_report.runtime.backend == "tensorflow"
     import keras
     import tensorflow as tf
@@ -222,7 +222,7 @@ def test_json_document(seed_report):
         "rules_note": r.rules_note,
         "historical_note": HISTORICAL_NOTE,
     }
-    assert "bnfreeze: loading TensorFlow" in result.stderr
+    assert "bnfreeze: loading Keras (TensorFlow backend)" in result.stderr
 
 
 def test_table_view(seed_report):
@@ -256,7 +256,7 @@ def test_runtime_tf_keras_without_tf_keras_exit_2(without_tf_keras):
 
 def test_tf_keras_rules_name_tf_keras():
     """``--runtime tf-keras`` runs the experiment on Keras 2 and shows the tf_keras rules,
-    measured on tf_keras (tests/test_modes_tf_keras.py measures §2-§3 on files)."""
+    measured on tf_keras (tests/test_modes_tf_keras.py measures rules 2-3 on files)."""
     pytest.importorskip("tf_keras")
     from bnfreeze.model.records import Runtime
 

@@ -332,7 +332,7 @@ def test_edit_warnings_text_for_a_dry_run():
         "1 trainable flag(s) changed. Load the model with keras.models.load_model and call "
         "compile() again with a NEW optimizer before fit(): a model already compiled or "
         "trained in memory ignores flag changes until it is recompiled, and reusing its built "
-        "optimizer fails with 'Unknown variable' (SEMANTICS §4).",
+        "optimizer fails with 'Unknown variable' (bnfreeze explain, rule 4).",
     )
     assert found[1].message.startswith("The 4 saved optimizer variables would be dropped")
     assert edit_warnings([], OptimizerState.DROPPED, 4, output=None, dry_run=True) == ()

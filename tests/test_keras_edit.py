@@ -280,7 +280,7 @@ def compiled_without_optimizer_state(tmp_path_factory) -> Path:
 
 def test_no_zero_filled_optimizer_slots(compiled_without_optimizer_state, tmp_path):
     """Keras's load builds a fresh optimizer for a compiled model, and a naive save writes
-    its zero-filled slots (SEMANTICS §7: 103 MB -> 308 MB on ResNet50). The engine does not."""
+    its zero-filled slots (measured: 103 MB -> 308 MB on ResNet50). The engine does not."""
     source = compiled_without_optimizer_state
     naive = tmp_path / "naive.keras"
     model = load(source, compile=True)
@@ -320,7 +320,7 @@ def test_cli_progress_on_stderr_json_on_stdout(custom_bn_keras, custom_layers_fi
     assert result.exit_code == 0, result.stderr
     document = json.loads(result.stdout)
     assert [c["path"] for c in document["changes"]] == ["my_bn", "bn"]
-    assert "bnfreeze: loading TensorFlow" in result.stderr
+    assert "bnfreeze: loading Keras (TensorFlow backend)" in result.stderr
     assert "bnfreeze: loading the saved model back to check it" in result.stderr
 
 

@@ -332,8 +332,9 @@ def test_predict(built, truth, case):
     "case", ["memory_frozen_sub_bn_unfrozen", "memory_functional_frozen_bn_unfrozen"]
 )
 def test_in_memory_frozen_ancestor_freezes_gamma_beta(truth, case):
-    """SEMANTICS §3 on a live tf_keras model (its live config, loaded=False): a frozen ancestor
-    or a frozen model freezes gamma/beta, yet a BN whose own flag is True moves its stats."""
+    """Rule 3 (docs/semantics.md) on a live tf_keras model (its live config, loaded=False): a
+    frozen ancestor or a frozen model freezes gamma/beta, yet a BN whose own flag is True
+    moves its stats."""
     live = truth["memory"][case]
     walked = walk(live["config"])
     states = modes.resolve(

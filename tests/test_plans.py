@@ -22,7 +22,7 @@ from bnfreeze.ops.plan_schema import BnAction, Only, Selector
 from bnfreeze.ops.plans import apply_rules, load_plan, parse_plan, parse_sets
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ROOT / "configs"
+CONFIGS = ROOT / "bnfreeze" / "recipes"
 SHIPPED = sorted(CONFIGS.glob("*.toml"))
 
 
@@ -387,8 +387,8 @@ def test_parse_sets():
         ),
         (
             '[plan]\nname = "empty"\n',
-            "p.toml: the plan has neither a [[rule]] nor an [[expect]] table. See "
-            "configs/README.md for the plan schema.",
+            "p.toml: the plan has neither a [[rule]] nor an [[expect]] table. See the shipped "
+            "plans (bnfreeze plans) and bnfreeze's docs/plans.md for the schema.",
         ),
         ("[[rule]]\ntrainable = true\nx = \n", "p.toml:3: not valid TOML: Invalid value."),
         (
@@ -553,3 +553,62 @@ def test_applying_raises_only_plan_error(guide_layers, lines):
             apply_rules(plan, guide_layers, current_flags(guide_layers))
     except PlanError:
         pass
+
+
+# --------------------------------------------------------------------------- plans by name
+
+
+def test_shipped_plans_are_package_data_listed_with_their_descriptions():
+    from bnfreeze.ops.plans import shipped_plans
+
+    plans = shipped_plans()
+    assert [p.name for p in plans] == [p.stem for p in SHIPPED]
+    for plan in plans:
+        assert plan.path.parent == ROOT / "bnfreeze" / "recipes"
+        assert plan.description == load_plan(plan.path).description
+        assert plan.description
+
+
+def test_a_shipped_plan_is_taken_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outside the checkout: no relative path could find it
+    by_name = load_plan("freeze-up-to", {"block": "block_14_add"})
+    by_path = load_plan(CONFIGS / "freeze-up-to.toml", {"block": "block_14_add"})
+    assert by_name.rules == by_path.rules
+    assert by_name.path == str(CONFIGS / "freeze-up-to.toml")
+    assert load_plan("train-bn.toml").name == "train-bn"  # the file name works too
+
+
+def test_an_existing_file_wins_over_a_shipped_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("train-bn").write_text('[plan]\nname = "mine"\n[[expect]]\nbn = "inference"\n')
+    assert load_plan("train-bn").name == "mine"
+
+
+def test_an_unknown_plan_name_lists_the_shipped_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PlanError) as info:
+        load_plan("keras-guide")
+    assert str(info.value) == (
+        "keras-guide: no such plan file. Shipped plans, taken by name (bnfreeze plans "
+        "describes them): freeze-backbone, freeze-up-to, keras-guide-finetune, train-bn."
+    )
+
+
+def test_the_plans_command_lists_and_prints_them():
+    from click.testing import CliRunner
+
+    from bnfreeze.cli import cli
+
+    listed = CliRunner().invoke(cli, ["plans"], catch_exceptions=False)
+    assert listed.exit_code == 0
+    assert listed.stdout.splitlines()[:2] == [
+        "freeze-backbone",
+        "    Freeze every layer inside nested models; train the top-level head.",
+    ]
+    assert all(len(line) <= 80 for line in listed.stdout.splitlines())
+    shown = CliRunner().invoke(cli, ["plans", "train-bn"], catch_exceptions=False)
+    assert shown.exit_code == 0
+    assert shown.stdout == (CONFIGS / "train-bn.toml").read_text(encoding="utf-8")
+    unknown = CliRunner().invoke(cli, ["plans", "nope"], catch_exceptions=False)
+    assert unknown.exit_code == 2
+    assert "nope: not a shipped plan; the shipped plans are freeze-backbone" in unknown.stderr

@@ -26,7 +26,7 @@ from click.testing import CliRunner
 from bnfreeze.cli import cli
 
 MARKER_TEXT = "code from the model file ran"
-PLAN = hostile.ROOT / "configs" / "freeze-up-to.toml"
+PLAN = hostile.ROOT / "bnfreeze" / "recipes" / "freeze-up-to.toml"
 
 
 def payload_model(folder: Path, marker: Path, *, legacy: bool = False) -> Path:

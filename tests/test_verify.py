@@ -129,7 +129,7 @@ def test_the_file_is_never_written(phase2):
 
 
 def test_progress_and_keras_notes_go_to_stderr_only(phase2):
-    assert "bnfreeze: loading TensorFlow" in phase2["stderr"]
+    assert "bnfreeze: loading Keras (TensorFlow backend)" in phase2["stderr"]
     assert "bnfreeze: training 1 step (batch 2)" in phase2["stderr"]
     assert phase2["doc"]["schema_version"] == 2  # stdout parsed as pure JSON
     json_schemas.validate("verify", phase2["doc"])
@@ -322,11 +322,12 @@ def test_expect_glob_that_matches_nothing_fails_before_keras_runs(samples):
     result = invoke(samples / "sequential.keras", "--expect", "bn-train=nope*")
     assert result.exit_code == 2
     assert "nope*" in result.stderr
-    assert "loading TensorFlow" not in result.stderr
+    assert "loading Keras" not in result.stderr
 
 
 def test_bn_under_frozen_container_trains_as_predicted(samples):
-    """SEMANTICS §3 measured: a trainable BN inside a frozen sub-model trains anyway."""
+    """Rule 3 (docs/semantics.md) measured: a trainable BN inside a frozen sub-model trains
+    anyway."""
     code, doc, _ = verify_json(samples / "bn_under_frozen.keras")
     assert code == 0
     by_path = {layer["path"]: layer for layer in doc["layers"]}
@@ -477,7 +478,7 @@ def test_runtime_tf_keras_without_tf_keras_exit_2(samples, without_tf_keras):
     assert result.exit_code == 2
     assert result.stderr.startswith("error: --runtime tf-keras needs the tf_keras package")
     assert "pip install tf_keras" in result.stderr
-    assert "loading TensorFlow" not in result.stderr
+    assert "loading Keras" not in result.stderr
 
 
 # --------------------------------------------------------------------------- disagreements
@@ -799,8 +800,8 @@ keras.Model(inputs, outputs).save(sys.argv[1])
 
 
 def test_runtime_tf_keras_measures_with_keras_2(tmp_path):
-    """SEMANTICS §2 measured on tf_keras: a recorded call-site training=False WINS there, so
-    the BN's statistics stay put in fit() while its gamma/beta still train; Keras 3 would
+    """Rule 2 (docs/semantics.md) measured on tf_keras: a recorded call-site training=False WINS
+    there, so the BN's statistics stay put in fit() while its gamma/beta still train; Keras 3 would
     move them. The model is a tf_keras .h5 (Keras 3 cannot load it)."""
     import subprocess
     import sys

@@ -70,7 +70,8 @@ def test_config_path_locates_each_layer_dict():
 
 
 def test_flags_are_each_layers_own():
-    """Stored verbatim: a frozen container does not make its children frozen (SEMANTICS §3)."""
+    """Stored verbatim: a frozen container does not make its children frozen
+    (docs/semantics.md, rule 3)."""
     flags = {r.path: r.trainable for r in walk(deep_config()).layers}
     assert flags["outer"] is False
     assert flags["outer/middle"] is True and flags["outer/middle/inner/bn"] is True

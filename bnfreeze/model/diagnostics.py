@@ -7,6 +7,7 @@ the Python API all see the same findings.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from bnfreeze.model.records import (
     Finding,
@@ -246,7 +247,7 @@ def _untrained_statistics(
     return findings
 
 
-def _is_constant(value: object, expected: float | None) -> bool:
+def _is_constant(value: Any, expected: float | None) -> bool:
     """Whether every element is within ``_UNTRAINED_ATOL`` of ``expected`` (and there is one).
 
     Pure Python, so ``inspect`` needs no numpy: ``value`` is a flat sequence of numbers from

@@ -22,7 +22,7 @@ On the command line an expectation is spelled ``NAME`` or ``NAME=ARG``:
 
 GLOB matches layer paths or names as ``--layers`` does (a container selects every layer below
 it). A plan's ``[[expect]]`` tables say the same with the full plan selector (see
-``configs/README.md``): their scope is any object with the :class:`Scope` protocol.
+``docs/plans.md``): their scope is any object with the :class:`Scope` protocol.
 
 Keras's own rule, which "inference" and "training" refer to (the ``BatchNormalization``
 docstring, "About setting ``layer.trainable = False`` on a ``BatchNormalization`` layer"):

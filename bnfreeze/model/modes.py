@@ -11,7 +11,7 @@ Keras's own rule, from the ``BatchNormalization`` docstring, section "About sett
     will use the moving mean and the moving variance to normalize the current batch, rather
     than using the mean and variance of the current batch)."
 
-What Keras 3 adds, measured (SEMANTICS §1–§3):
+What Keras 3 adds, measured (docs/semantics.md, rules 1-3):
 
 * A BN layer normalizes with batch statistics and updates its moving statistics if and only
   if **its own** ``trainable`` is True and its resolved ``training`` argument is True.
@@ -23,7 +23,8 @@ What Keras 3 adds, measured (SEMANTICS §1–§3):
   False trains no weights in ``fit()``, but its BN layers still follow their own flags for
   their moving statistics.
 
-What tf_keras 2.21 does differently, measured (SEMANTICS §2-§3; ``tests/test_modes_tf_keras.py``):
+What tf_keras 2.21 does differently, measured (docs/semantics.md, rules 2-3;
+``tests/test_modes_tf_keras.py``):
 
 * A call-site ``training=`` recorded in the graph **wins**, in ``fit()`` and ``predict()``: on
   the BN's own call or on the call of any enclosing sub-model. The nearest recorded value
@@ -176,7 +177,7 @@ class RuleSet(Protocol):
 
 
 class Keras3Rules:
-    """Keras 3 (TensorFlow and JAX backends), per SEMANTICS §1–§3."""
+    """Keras 3 (TensorFlow and JAX backends), per docs/semantics.md, rules 1-3."""
 
     runtime = Runtime.KERAS3
 
@@ -272,7 +273,8 @@ def call_site_training(
 
 
 class TfKerasRules:
-    """tf_keras 2 (Keras 2), per SEMANTICS §1-§3 and the measurements in the module doc."""
+    """tf_keras 2 (Keras 2), per docs/semantics.md, rules 1-3, and the measurements in the
+    module doc."""
 
     runtime = Runtime.TF_KERAS
 
@@ -303,9 +305,10 @@ class TfKerasRules:
         # Hierarchical: any frozen ancestor, or the frozen model, freezes the weights.
         reachable = own and model_trainable and all(a.trainable is not False for a in ancestors)
         if record.kind is LayerKind.BATCHNORM:
-            return FitBehaviour(
-                trains_weights=reachable and (record.scale or record.center),
-                **_bn_mode(own, call_site_training(record, ancestors, outer=True)),
+            return _bn_mode(
+                reachable and (record.scale or record.center),
+                own,
+                call_site_training(record, ancestors, outer=True),
             )
         return _weights_in_fit(record, has_weights, trainable=reachable)
 
@@ -319,25 +322,23 @@ class TfKerasRules:
         if record.kind is LayerKind.BATCHNORM:
             # Measured: a recorded training=True makes predict() normalize with the batch's
             # statistics and move the moving ones.
-            return FitBehaviour(
-                trains_weights=False,
-                **_bn_mode(
-                    record.trainable is not False,
-                    call_site_training(record, ancestors, outer=False),
-                ),
+            return _bn_mode(
+                False,
+                record.trainable is not False,
+                call_site_training(record, ancestors, outer=False),
             )
         return Keras3Rules().in_predict(record, ancestors=ancestors, has_weights=has_weights)
 
 
-def _bn_mode(own: bool, training: frozenset[bool]) -> dict[str, Normalization | bool | None]:
+def _bn_mode(trains_weights: bool, own: bool, training: frozenset[bool]) -> FitBehaviour:
     """A BN's mode from its own flag and the ``training`` values it is called with: batch
     statistics only if both are True; called both ways, its statistics move but no single
     mode describes it."""
     if not own or training == {False}:
-        return {"normalizes_with": Normalization.MOVING, "updates_moving_stats": False}
+        return FitBehaviour(trains_weights, Normalization.MOVING, updates_moving_stats=False)
     if training == {True}:
-        return {"normalizes_with": Normalization.BATCH, "updates_moving_stats": True}
-    return {"normalizes_with": None, "updates_moving_stats": True}
+        return FitBehaviour(trains_weights, Normalization.BATCH, updates_moving_stats=True)
+    return FitBehaviour(trains_weights, None, updates_moving_stats=True)
 
 
 RULES: dict[Runtime, RuleSet] = {Runtime.KERAS3: Keras3Rules(), Runtime.TF_KERAS: TfKerasRules()}

@@ -61,7 +61,8 @@ class WarningCode(enum.Enum):
     UNTRAINED_BN_STATISTICS = "untrained-bn-statistics"
     UNKNOWN_LAYER = "unknown-layer"
     MODEL_NOT_TRAINABLE = "model-not-trainable"
-    RECOMPILE_REQUIRED = "recompile-required"  # freeze/unfreeze changed flags (SEMANTICS §4)
+    # freeze/unfreeze changed flags (docs/semantics.md, rule 4)
+    RECOMPILE_REQUIRED = "recompile-required"
 
 
 @dataclass(frozen=True)

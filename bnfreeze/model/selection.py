@@ -3,7 +3,7 @@
 Selectors work on the walk's layer paths (``backbone/block_1_expand_BN``) and names, in the
 model's layer order. A container is never selected alone: selecting it selects every layer
 below it, because a container's own flag does not propagate when Keras loads a saved model
-(SEMANTICS §5); every affected leaf has to be edited.
+(docs/semantics.md, rule 6); every affected leaf has to be edited.
 """
 
 from __future__ import annotations

@@ -21,10 +21,11 @@ from bnfreeze.limits import MAX_LAYERS, MAX_NESTING_DEPTH
 from bnfreeze.model.records import LayerKind, LayerRecord
 
 #: Class names of BatchNormalization layers. ``BatchNormalization(synchronized=True)`` keeps
-#: its class name; tf_keras's ``SyncBatchNormalization`` has its own (SEMANTICS §6).
+#: its class name; tf_keras's ``SyncBatchNormalization`` has its own (docs/semantics.md, rule 7).
 BATCHNORM_CLASSES = frozenset({"BatchNormalization", "SyncBatchNormalization"})
 
-#: Normalization layers that are *not* BN: they have no moving statistics (SEMANTICS §6).
+#: Normalization layers that are *not* BN: they have no moving statistics (docs/semantics.md,
+#: rule 7).
 OTHER_NORMALIZATION_CLASSES = frozenset(
     {
         "LayerNormalization",
@@ -84,7 +85,8 @@ def is_operation(layer: dict[str, Any]) -> bool:
 
 def classify(layer: dict[str, Any]) -> LayerKind:
     class_name = layer.get("class_name")
-    config = layer.get("config") if isinstance(layer.get("config"), dict) else {}
+    raw = layer.get("config")
+    config: dict[str, Any] = raw if isinstance(raw, dict) else {}
     if class_name == "InputLayer":
         return LayerKind.INPUT
     if isinstance(config.get("layers"), list):

@@ -7,7 +7,7 @@ Three kinds of outcome, each a list of failures (layer, expected, actual):
   (:mod:`bnfreeze.model.expectations`, the same vocabulary ``verify --expect`` measures);
 * **plan flags**: with a plan, every leaf layer's ``trainable`` must be what the plan's rules
   would set, i.e. applying the plan would change no layer's behaviour (containers' own flags
-  are not compared: Keras 3 ignores them, SEMANTICS §3);
+  are not compared: Keras 3 ignores them, docs/semantics.md, rule 3);
 * **strict**: with ``strict=True``, the two Keras 3 traps that ``inspect`` warns about fail
   the check too: a call-site ``training=False`` relied on to keep BN layers in inference mode
   (Keras 3 overrides it in ``fit()``), and a trainable BN layer under a frozen container (on
@@ -39,7 +39,7 @@ class Outcome:
     """One thing that was checked and its failures (none: it holds)."""
 
     name: str  # "bn-inference", "plan flags", "strict: call-site-training-ignored"
-    source: str | None  # "--expect", "configs/x.toml:12: expect 1", "--strict"
+    source: str | None  # "--expect", "plans/x.toml:12: expect 1", "--strict"
     description: str | None
     failures: tuple[Failure, ...]
 

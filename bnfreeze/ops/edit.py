@@ -23,7 +23,7 @@ Two routes (:class:`Engine`):
   :func:`edit_warnings` and :func:`bnfreeze.formats.atomic.write_atomically` are there for it
   to reuse. ``Engine.AUTO`` picks keras only when :func:`config_route_limit` names a reason.
 
-Semantics (SEMANTICS §4–§5). Containers are never edited alone: every selected leaf is
+Semantics (docs/semantics.md, rules 4-6). Containers are never edited alone: every selected leaf is
 edited, because a container's flag does not propagate when Keras loads a saved model. After
 any change, Keras must compile the model again with a **new** optimizer; the saved optimizer
 variables are matched to trainable variables by position, so when the *set* of trainable
@@ -225,7 +225,7 @@ def unfreeze_file(
 
     ``keep_bn_inference=True`` keeps every selected BN layer at ``trainable=False``: the
     fine-tuning step of the Keras transfer-learning guide, done right on Keras 3 (its
-    call-site ``training=False`` is overridden in ``fit()``, SEMANTICS §2).
+    call-site ``training=False`` is overridden in ``fit()``, docs/semantics.md, rule 2).
     """
     return edit_file(
         path,
@@ -411,7 +411,7 @@ def custom_batchnorm_limit(assignment: Assignment, selected: Sequence[LayerRecor
 
     When BN layers and other layers get different flags (``--bn-inference``, ``--train-bn``,
     ``--keep-bn-inference``), a selected custom class might subclass BatchNormalization, which
-    only a loaded model can tell (``isinstance``, SEMANTICS §6).
+    only a loaded model can tell (``isinstance``, docs/semantics.md, rule 7).
     """
     if assignment.batchnorm == assignment.others:
         return None
@@ -631,7 +631,7 @@ def _result_report(
 
     kept = None if dropped else model.optimizer_variables
     result_model = replace(model, config=new_config, optimizer_variables=kept)
-    if re_find and getattr(model.weights, "locations", None):
+    if re_find and model.weights is not None and getattr(model.weights, "locations", None):
         # Dataset offsets were those of the old file; let the reader find them again.
         result_model = replace(result_model, weights=replace(model.weights, locations={}))
     report = inspect_model_file(result_model)

@@ -32,7 +32,7 @@ def edit_warnings(
             "keras.models.load_model and call compile() again with a NEW optimizer before "
             "fit(): a model already compiled or trained in memory ignores flag changes until "
             "it is recompiled, and reusing its built optimizer fails with 'Unknown variable' "
-            "(SEMANTICS §4).",
+            "(bnfreeze explain, rule 4).",
         )
     ]
     expected = ""

@@ -1,6 +1,10 @@
 """Reading a TOML plan: ``tomllib`` for the syntax, then a validating pass that turns the
 tables into :mod:`bnfreeze.ops.plan_schema` values, substitutes ``${param}`` references and
-reports every problem as a :class:`~bnfreeze.errors.PlanError` with the file, line and key."""
+reports every problem as a :class:`~bnfreeze.errors.PlanError` with the file, line and key.
+
+Plans ship inside the package, in ``bnfreeze/recipes/*.toml`` (package data, the one source):
+``--plan keras-guide-finetune`` names one, ``bnfreeze plans`` lists them (:func:`shipped_plans`).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +41,49 @@ MAX_PLAN_BYTES = 1 * 2**20
 
 _PARAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
+#: Where the hints send a user for the schema: what an installed bnfreeze has.
+SCHEMA_HINT = "See the shipped plans (bnfreeze plans) and bnfreeze's docs/plans.md for the schema."
+
+#: The folder of the shipped plans, inside the installed package.
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@dataclass(frozen=True)
+class ShippedPlan:
+    """A plan that ships with bnfreeze: ``--plan NAME`` takes it by name."""
+
+    name: str
+    description: str
+    path: Path
+
+
+def shipped_plans() -> tuple[ShippedPlan, ...]:
+    """The shipped plans, by name, read from ``bnfreeze/recipes/*.toml``."""
+    found = []
+    for path in sorted(RECIPES.glob("*.toml")):
+        plan = parse_plan(path.read_text(encoding="utf-8"), str(path))
+        found.append(ShippedPlan(path.stem, plan.description or "", path))
+    return tuple(found)
+
+
+def find_plan(spec: str | os.PathLike[str]) -> Path:
+    """The file ``--plan SPEC`` names: a path to a TOML file, or the name of a shipped plan
+    (``keras-guide-finetune``, with or without ``.toml``) when no such file exists."""
+    p = Path(spec)
+    if p.exists():
+        return p
+    text = os.fspath(spec)
+    stem = text[: -len(".toml")] if text.endswith(".toml") else text
+    if "/" not in stem and os.sep not in stem and stem:
+        shipped = RECIPES / f"{stem}.toml"
+        if shipped.is_file():
+            return shipped
+    names = ", ".join(path.stem for path in sorted(RECIPES.glob("*.toml")))
+    raise PlanError(
+        f"{p}: no such plan file.",
+        hint=f"Shipped plans, taken by name (bnfreeze plans describes them): {names}.",
+    )
+
 
 _PARAM_REF = re.compile(r"\$\{([^}]*)\}")
 
@@ -53,13 +101,14 @@ def parse_sets(items: Sequence[str]) -> dict[str, str]:
 
 
 def load_plan(path: str | os.PathLike[str], params: Mapping[str, str] | None = None) -> Plan:
-    """Read and validate a plan file; ``params`` override the plan's ``[params]`` defaults."""
-    p = Path(path)
+    """Read and validate a plan file, or a shipped plan by name (:func:`find_plan`);
+    ``params`` override the plan's ``[params]`` defaults."""
+    p = find_plan(path)
     try:
         with open(p, "rb") as fh:
             raw = fh.read(MAX_PLAN_BYTES + 1)
     except FileNotFoundError:
-        raise PlanError(f"{p}: no such plan file.", hint="Shipped plans are in configs/.") from None
+        raise PlanError(f"{p}: no such plan file.") from None
     except IsADirectoryError:
         raise PlanError(f"{p}: is a directory, not a plan file.") from None
     except OSError as exc:
@@ -197,7 +246,7 @@ class _Parser:
         if not rules and not expectations:
             raise self.error(
                 "the plan has neither a [[rule]] nor an [[expect]] table.",
-                hint="See configs/README.md for the plan schema.",
+                hint=SCHEMA_HINT,
             )
         return Plan(
             path=self.source,

@@ -1,6 +1,6 @@
 """The plan schema: the keys a TOML plan may hold, and the frozen values it is validated into
 (:class:`Plan`, :class:`Rule`, :class:`Selector`). The format is documented in
-``configs/README.md``; :mod:`bnfreeze.ops.plan_parser` reads text into these values and
+``docs/plans.md``; :mod:`bnfreeze.ops.plan_parser` reads text into these values and
 :mod:`bnfreeze.ops.plans` applies them."""
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A plan is read with the standard library's ``tomllib`` and validated into frozen values:
 :class:`Plan` holds :class:`Rule` values, each a :class:`Selector` (which layers) and an
 action (``trainable`` and ``bn``), and :class:`~bnfreeze.model.expectations.Expectation` values for
-``bnfreeze check``. The schema is documented in ``configs/README.md``; in short::
+``bnfreeze check``. The schema is documented in ``docs/plans.md``; in short::
 
     [plan]
     name = "freeze-up-to"
@@ -25,8 +25,8 @@ action (``trainable`` and ``bn``), and :class:`~bnfreeze.model.expectations.Expe
 Each rule maps onto an :class:`~bnfreeze.model.assignments.Assignment` and is applied with
 :func:`~bnfreeze.model.assignments.assign` in file order, so a later rule overrides an earlier
 one for the layers both select. Selecting a container selects every layer below it: a
-container's own flag does not propagate when Keras loads a saved model (SEMANTICS §5), so every
-leaf is edited.
+container's own flag does not propagate when Keras loads a saved model (docs/semantics.md,
+rule 6), so every leaf is edited.
 
 Every problem raises :class:`~bnfreeze.errors.PlanError` naming the file, the line where it
 can be recovered (``tomllib`` reports lines for syntax errors; for semantic errors the line of
@@ -51,9 +51,13 @@ from bnfreeze.model.selection import is_leaf
 from bnfreeze.ops.edit import EditResult, LayerSelection
 
 # The parser's entry points, re-exported: callers read and apply plans from one module.
+from bnfreeze.ops.plan_parser import SCHEMA_HINT
+from bnfreeze.ops.plan_parser import ShippedPlan as ShippedPlan
+from bnfreeze.ops.plan_parser import find_plan as find_plan
 from bnfreeze.ops.plan_parser import load_plan as load_plan
 from bnfreeze.ops.plan_parser import parse_plan as parse_plan
 from bnfreeze.ops.plan_parser import parse_sets as parse_sets
+from bnfreeze.ops.plan_parser import shipped_plans as shipped_plans
 from bnfreeze.ops.plan_schema import Plan, Rule, Where
 
 
@@ -86,7 +90,7 @@ def apply_rules(
     if not plan.rules:
         raise PlanError(
             f"{plan.path}: the plan has no [[rule]] table, so it changes nothing.",
-            hint="Add a [[rule]] (see configs/README.md), or use it with bnfreeze check.",
+            hint="Add a [[rule]], or use the plan with bnfreeze check. " + SCHEMA_HINT,
         )
     matches = []
     for rule in plan.rules:
@@ -148,7 +152,7 @@ def resolve_plan(
 
     Refuses (``PlanError``) a plan that treats BN and other layers differently in a rule
     that selects a custom layer class: only a loaded model can tell whether it subclasses
-    BatchNormalization (SEMANTICS §6), and a plan is resolved from the file.
+    BatchNormalization (docs/semantics.md, rule 7), and a plan is resolved from the file.
     """
     before = current_flags(layers)
     outcome = apply_rules(plan, layers, before, without_flag=without_flag)

@@ -8,7 +8,7 @@ from typing import Any
 from rich.console import Group
 from rich.text import Text
 
-from bnfreeze.ops.plans import PlanApplication, RuleMatch
+from bnfreeze.ops.plans import PlanApplication, RuleMatch, ShippedPlan
 from bnfreeze.render.columns import Column, ColumnTable, Kind
 from bnfreeze.render.edit import edit_dict, edit_view
 from bnfreeze.render.json import dumps
@@ -76,3 +76,23 @@ def apply_dict(application: PlanApplication) -> dict[str, Any]:
 
 def render_apply(application: PlanApplication) -> str:
     return dumps(apply_dict(application))
+
+
+def plans_text(plans: tuple[ShippedPlan, ...], width: int = 80) -> str:
+    """``bnfreeze plans``: each shipped plan's name, then its description indented and
+    wrapped to ``width`` (names stay whole, on a line of their own, for ``grep``)."""
+    import textwrap
+
+    lines: list[str] = []
+    for plan in plans:
+        lines.append(plan.name)
+        lines.extend(
+            textwrap.wrap(
+                plan.description or "(no description)",
+                width=max(width, 40),
+                initial_indent="    ",
+                subsequent_indent="    ",
+                break_on_hyphens=False,
+            )
+        )
+    return "\n".join(lines)

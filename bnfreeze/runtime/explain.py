@@ -46,44 +46,48 @@ HISTORICAL_NOTE = (
     'mode.").'
 )
 
-#: SEMANTICS.md §1-§4 in a few lines, per runtime. Measured on Keras 3.15.1 / TF 2.21 and
-#: tf_keras 2.21; ``explain`` says so when the installed versions differ.
+#: Rules 1-4 of docs/semantics.md in a few lines, per runtime, numbered as there. Measured on
+#: Keras 3.15.1 / TF 2.21, Keras 3.15.1 / JAX 0.10 and tf_keras 2.21 (the tests re-measure
+#: them: tests/test_backends.py, tests/test_modes_*.py); ``explain`` says so when the
+#: installed versions differ.
 RULES_MEASURED_ON = "Keras 3.15.1 on TensorFlow 2.21"
+JAX_RULES_MEASURED_ON = "Keras 3.15.1 on JAX 0.10 (rules 2-3 on TensorFlow 2.21)"
 TF_KERAS_RULES_MEASURED_ON = "tf_keras 2.21"
 RULES: dict[str, tuple[str, ...]] = {
     "keras3": (
-        "§1 A BN layer normalizes with batch statistics and updates its moving statistics only "
+        "1. A BN layer normalizes with batch statistics and updates its moving statistics only "
         "when its own trainable is True and its resolved training is True (the table above).",
-        "§2 fit() resolves training=True, predict()/evaluate() training=False. A call-site "
+        "2. fit() resolves training=True, predict()/evaluate() training=False. A call-site "
         "training=False recorded in a Functional or Sequential graph is overridden in fit() "
         "(keras-team/keras#20285): base(x, training=False) does not keep BN in inference once "
         "base.trainable=True. Only trainable=False on every BN layer does "
         "(bnfreeze freeze --bn-inference).",
-        "§3 trainable is per variable: container.trainable=X sets X on every layer below it when "
+        "3. trainable is per variable: container.trainable=X sets X on every layer below it when "
         "assigned, and the last assignment that reached a layer wins. A trainable BN inside a "
         "frozen sub-model still trains.",
-        "§4 A flag changed after compile() counts until the first fit(); after fit() it is "
+        "4. A flag changed after compile() counts until the first fit(); after fit() it is "
         "silently ignored until compile() runs again. After changing any flag, call compile() "
         "again with a new optimizer.",
     ),
-    "keras3-jax": (),  # filled below: §1-§3 as keras3, §4 differs
+    "keras3-jax": (),  # filled below: rules 1-3 as keras3, rule 4 differs
     "tf-keras": (
-        "§1 A BN layer normalizes with batch statistics and updates its moving statistics only "
+        "1. A BN layer normalizes with batch statistics and updates its moving statistics only "
         "when its own trainable is True and its resolved training is True (the table above).",
-        "§2 fit() resolves training=True, predict()/evaluate() training=False, but a call-site "
+        "2. fit() resolves training=True, predict()/evaluate() training=False, but a call-site "
         "training=False recorded in the graph wins, in fit() and predict().",
-        "§3 trainable is hierarchical: any frozen ancestor freezes gamma/beta, although the "
+        "3. trainable is hierarchical: any frozen ancestor freezes gamma/beta, although the "
         "moving statistics of a BN whose own flag is True still move. load_model drops the own "
         "flag of every Functional and Sequential model (a wrapper keeps its), so in a loaded "
         "file only the layers' and wrappers' own flags count.",
-        "§4 A flag changed after compile() is ignored until compile() runs again. After changing "
+        "4. A flag changed after compile() is ignored until compile() runs again. After changing "
         "any flag, call compile() again with a new optimizer.",
     ),
 }
 RULES["keras3-jax"] = (
     *RULES["keras3"][:3],
-    "§4 A flag changed after compile() counts until the first fit(); after fit() the next fit() "
-    "raises. After changing any flag, call compile() again with a new optimizer.",
+    "4. A flag changed after compile() counts until the first fit(); after fit() the next fit() "
+    "raises, and the model cannot train after that. After changing any flag, call compile() "
+    "again with a new optimizer.",
 )
 
 
@@ -191,7 +195,7 @@ def explain(
     )
     loading.require_runtime(runtime)
     with loading.quiet():
-        progress("loading TensorFlow")
+        progress(loading.loading_message(runtime))
         keras = loading.keras_module(runtime)
         info = loading.runtime_info(runtime)
         progress("running the four cases")
@@ -216,12 +220,18 @@ def explain(
 
 
 def _rules_note(info: RuntimeInfo) -> str:
-    where = TF_KERAS_RULES_MEASURED_ON if info.runtime is Runtime.TF_KERAS else RULES_MEASURED_ON
-    note = f"The rules were measured on {where} (SEMANTICS.md); the table is measured now."
+    if info.runtime is Runtime.TF_KERAS:
+        where = TF_KERAS_RULES_MEASURED_ON
+    else:
+        where = JAX_RULES_MEASURED_ON if info.backend == "jax" else RULES_MEASURED_ON
+    note = (
+        f"The rules were measured on {where}, and bnfreeze's tests measure them again "
+        "(bnfreeze's docs/semantics.md lists the tests); the table is measured now."
+    )
     if info.runtime is Runtime.KERAS3 and not info.keras_version.startswith("3.15."):
         note += (
             f" You run Keras {info.keras_version}: run bnfreeze verify on your model to measure "
-            "rules §2-§3 there."
+            "rules 2-3 there."
         )
     return note
 
@@ -238,9 +248,11 @@ def _run_case(
     layer.moving_mean.assign(np.asarray(setup.moving_mean, dtype="float32"))
     layer.moving_variance.assign(np.asarray(setup.moving_variance, dtype="float32"))
     layer.trainable = trainable
-    output = np.asarray(layer(pixels, training=training), dtype="float64")
-    mean_after = np.asarray(layer.moving_mean.numpy(), dtype="float64")
-    var_after = np.asarray(layer.moving_variance.numpy(), dtype="float64")
+    # convert_to_numpy, not np.asarray or .numpy(): on the torch backend the output is a
+    # tensor that requires grad, which torch refuses to turn into an array directly.
+    output = _to_numpy(keras, layer(pixels, training=training))
+    mean_after = _to_numpy(keras, layer.moving_mean)
+    var_after = _to_numpy(keras, layer.moving_variance)
     updated = not (
         np.array_equal(mean_after, np.asarray(setup.moving_mean, dtype="float32"))
         and np.array_equal(var_after, np.asarray(setup.moving_variance, dtype="float32"))
@@ -256,6 +268,15 @@ def _run_case(
         normalizes_with=mode,
         meaning=meaning(training, trainable, mode, updated, setup.momentum),
     )
+
+
+def _to_numpy(keras: Any, value: Any) -> Any:
+    """A tensor or variable of any backend as a float64 array (Keras 3's
+    ``keras.ops.convert_to_numpy``; tf_keras has no ``keras.ops`` and takes ``np.asarray``)."""
+    import numpy as np
+
+    convert = getattr(getattr(keras, "ops", None), "convert_to_numpy", None)
+    return np.asarray(convert(value) if convert is not None else value, dtype="float64")
 
 
 def _which_statistics(setup: ExplainSetup, pixels: Any, output: Any) -> Normalization | None:

@@ -7,7 +7,7 @@ does what only a live model can:
   live object (``model.layers``);
 * **custom BatchNormalization subclasses**: recognised with
   ``isinstance(layer, keras.layers.BatchNormalization)``, which a config cannot show
-  (SEMANTICS §6);
+  (docs/semantics.md, rule 7);
 * **formats the readers do not rewrite**, and in-memory models (the Python API,
   :mod:`bnfreeze.api`).
 
@@ -19,9 +19,10 @@ Loading goes through :func:`bnfreeze.runtime.loading.load_model`: ``safe_mode=Tr
 only from an explicit ``--custom-objects`` module or file, a ``Lambda`` refused unless
 ``--unsafe``. Flags are applied the way Keras's own setter would leave them: a container's
 flag first (``container.trainable = X`` reaches every layer below it), then every leaf's own
-flag, because on Keras 3 the last assignment that reaches a layer wins (SEMANTICS §3).
+flag, because on Keras 3 the last assignment that reaches a layer wins (docs/semantics.md, rule 3).
 
-Saving, and the optimizer (SEMANTICS §4, §7). Loading a compiled model builds its optimizer;
+Saving, and the optimizer (docs/semantics.md, rules 4-5). Loading a compiled model builds its
+optimizer;
 saving it again writes that optimizer's slot variables, zero-filled when the file had none,
 which tripled a ResNet50 file (103 MB -> 308 MB, measured). So the model is saved **without
 optimizer variables** unless the input's saved state is still valid (the set of trainable
@@ -573,9 +574,10 @@ def edit(request: Any, progress: loading.ProgressFn | None = None) -> Any:
     out_fmt = save_format(request.output) if request.output is not None else None
     saved = read_model(source)  # bad files get the readers' errors, before TensorFlow
     loading.refuse_unsafe(saved.config, source, unsafe=request.unsafe)
+    loading.require_runtime(Runtime.KERAS3)  # one line naming the extra, before any progress
 
     with loading.quiet():
-        progress("loading TensorFlow")
+        progress(loading.loading_message(Runtime.KERAS3))
         _keras()  # first, so that a --custom-objects module importing keras stays quiet too
         objects = None
         if request.custom_objects:

@@ -4,13 +4,14 @@
 ``explain``, and the in-memory Python API) use this module to:
 
 * pick and import a runtime (:func:`keras_module`, :func:`runtime_info`): Keras 3 on the
-  TensorFlow backend by default, or Keras 2 (``tf_keras``) when the user asks and has it;
+  backend Keras itself resolves (``KERAS_BACKEND``, then ``keras.json``, then TensorFlow:
+  :func:`configured_backend`), or Keras 2 (``tf_keras``) when the user asks and has it;
 * load a saved model safely (:func:`load_model`): ``safe_mode=True`` always, a model whose
   config carries a Python ``lambda`` is refused with :class:`UnsafeModelError` unless the
   caller passes ``unsafe=True``, and custom classes come only from a module or file the user
   names (:func:`load_custom_objects`);
 * keep TensorFlow's noise off stdout (:func:`quiet`), and show progress on stderr while
-  TensorFlow loads and steps run (:func:`progress_on_stderr`).
+  Keras and its backend load and steps run (:func:`progress_on_stderr`).
 
 Every function imports TensorFlow / Keras lazily, when called; importing this module is cheap.
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import json
 import os
 import re
 import sys
@@ -73,31 +75,143 @@ class RuntimeInfo:
     runtime: Runtime
     keras_version: str
     backend: str
-    tensorflow_version: str | None
+    tensorflow_version: str | None  # when TensorFlow is imported, whatever the backend
+    backend_version: str | None = None  # the backend package's version (JAX 0.10.2, ...)
 
     @property
     def label(self) -> str:
-        """E.g. ``Keras 3.15.1, backend tensorflow (TensorFlow 2.21.0)``."""
+        """E.g. ``Keras 3.15.1, backend tensorflow (TensorFlow 2.21.0)`` or
+        ``Keras 3.15.1, backend jax (JAX 0.10.2)``: the backend that ran, with its version."""
         text = f"Keras {self.keras_version}, backend {self.backend}"
-        if self.tensorflow_version:
+        if self.backend == "tensorflow" and self.tensorflow_version:
             text += f" (TensorFlow {self.tensorflow_version})"
+        elif self.backend_version:
+            label = _BACKEND_PACKAGES.get(self.backend, (self.backend, self.backend))[1]
+            text += f" ({label} {self.backend_version})"
         if self.runtime is Runtime.TF_KERAS:
             text = f"tf_keras: {text}"
         return text
 
 
-def require_runtime(runtime: Runtime) -> None:
-    """Raise :class:`RuntimeUnavailableError` when ``runtime`` is not installed.
+#: The extra that installs Keras with each backend (``pip install 'bnfreeze[EXTRA]'``).
+BACKEND_EXTRAS = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
+#: The package each Keras backend imports, and how a person names it.
+_BACKEND_PACKAGES = {
+    "tensorflow": ("tensorflow", "TensorFlow"),
+    "jax": ("jax", "JAX"),
+    "torch": ("torch", "PyTorch"),
+    "numpy": ("numpy", "NumPy"),
+    "openvino": ("openvino", "OpenVINO"),
+}
+#: What the commands that run Keras tell a user who has only bnfreeze's core.
+INSTALL_KERAS_HINT = (
+    "Install Keras with a backend: pip install 'bnfreeze[tensorflow]' (or bnfreeze[jax], "
+    "bnfreeze[torch]; bnfreeze[keras] for Keras alone)."
+)
 
-    Cheap: it looks the package up without importing it, so commands can fail fast, before
-    TensorFlow loads.
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """The Keras 3 backend a process will load, resolved before importing Keras."""
+
+    name: str  # "tensorflow", "jax", "torch", ...
+    source: str  # "KERAS_BACKEND", a keras.json path, or "Keras's default"
+
+    @property
+    def label(self) -> str:
+        """How a person names the backend: TensorFlow, JAX, PyTorch."""
+        return _BACKEND_PACKAGES.get(self.name, (self.name, self.name))[1]
+
+
+def keras_json_path() -> Path:
+    """The ``keras.json`` Keras 3 reads: ``$KERAS_HOME/keras.json``, else
+    ``~/.keras/keras.json`` (``/tmp/.keras`` when the home folder is not writable), as in
+    ``keras/src/backend/config.py``."""
+    if "KERAS_HOME" in os.environ:
+        folder = os.environ.get("KERAS_HOME") or ""
+    else:
+        base = os.path.expanduser("~")
+        if not os.access(base, os.W_OK):
+            base = "/tmp"
+        folder = os.path.join(base, ".keras")
+    return Path(os.path.expanduser(os.path.join(folder, "keras.json")))
+
+
+def configured_backend() -> BackendChoice:
+    """The backend Keras 3 will pick, resolved exactly as Keras does: a non-empty
+    ``KERAS_BACKEND`` variable, else the ``backend`` key of :func:`keras_json_path`, else
+    ``tensorflow``. Reads a file; imports nothing. Once Keras is imported,
+    ``keras.backend.backend()`` is the truth (:func:`runtime_info` reports that)."""
+    keras = sys.modules.get("keras")
+    if keras is not None:
+        with contextlib.suppress(Exception):
+            return BackendChoice(str(keras.backend.backend()), "the Keras already imported")
+    variable = os.environ.get("KERAS_BACKEND")
+    if variable:
+        return BackendChoice(variable, "KERAS_BACKEND")
+    path = keras_json_path()
+    if path.exists():
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            config = {}
+        backend = config.get("backend") if isinstance(config, dict) else None
+        if isinstance(backend, str) and backend:
+            return BackendChoice(backend, str(path))
+    return BackendChoice("tensorflow", "Keras's default")
+
+
+def loading_message(runtime: Runtime = Runtime.KERAS3) -> str:
+    """The progress line shown while Keras imports, naming the backend that will load:
+    ``loading Keras (JAX backend)``."""
+    if runtime is Runtime.TF_KERAS:
+        return "loading tf_keras (TensorFlow)"
+    return f"loading Keras ({configured_backend().label} backend)"
+
+
+def _installed(name: str) -> bool:
+    """Whether ``import name`` can work, without importing it."""
+    if name in sys.modules:
+        return sys.modules[name] is not None
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def require_runtime(runtime: Runtime) -> None:
+    """Raise :class:`RuntimeUnavailableError` when ``runtime`` is not installed: tf_keras,
+    or Keras 3 and the backend :func:`configured_backend` resolves.
+
+    Cheap: it looks the packages up without importing them, so commands can fail fast, with
+    one line naming what to install, before anything slow.
     """
-    if runtime is Runtime.TF_KERAS and importlib.util.find_spec("tf_keras") is None:
+    if runtime is Runtime.TF_KERAS:
+        if not _installed("tf_keras"):
+            raise RuntimeUnavailableError(
+                "--runtime tf-keras needs the tf_keras package (Keras 2), which is not "
+                "installed; bnfreeze does not depend on it.",
+                hint="Install the tf_keras release that matches your TensorFlow "
+                "(pip install tf_keras), or leave out --runtime to measure with Keras 3.",
+            )
+        return
+    if not _installed("keras"):
         raise RuntimeUnavailableError(
-            "--runtime tf-keras needs the tf_keras package (Keras 2), which is not installed; "
-            "bnfreeze does not depend on it.",
-            hint="Install the tf_keras release that matches your TensorFlow "
-            "(pip install tf_keras), or leave out --runtime to measure with Keras 3.",
+            "this command runs the model with Keras, which is not installed (bnfreeze's core "
+            "reads and edits files without it).",
+            hint=INSTALL_KERAS_HINT,
+        )
+    choice = configured_backend()
+    package, label = _BACKEND_PACKAGES.get(choice.name, (None, choice.name))
+    if package is not None and not _installed(package):
+        extra = BACKEND_EXTRAS.get(choice.name)
+        how = f"pip install 'bnfreeze[{extra}]'" if extra else f"install {label}"
+        others = sorted(b for b, (pkg, _) in _BACKEND_PACKAGES.items() if _installed(pkg))
+        others = [b for b in others if b in BACKEND_EXTRAS and b != choice.name]
+        switch = f", or pick an installed one: KERAS_BACKEND={others[0]}" if others else ""
+        raise RuntimeUnavailableError(
+            f"Keras is set to the {label} backend (by {choice.source}), which is not installed.",
+            hint=f"Install it ({how}){switch}.",
         )
 
 
@@ -110,8 +224,9 @@ def is_compiled(model: Any) -> bool:
 def keras_module(runtime: Runtime = Runtime.KERAS3) -> ModuleType:
     """Import and return the Keras package for ``runtime`` (``keras`` or ``tf_keras``).
 
-    Keras 3 runs on the TensorFlow backend unless the user's ``KERAS_BACKEND`` says
-    otherwise. TensorFlow's start-up messages are kept off stdout and stderr.
+    Keras 3 runs on the backend the user configured, exactly as Keras resolves it
+    (:func:`configured_backend`: ``KERAS_BACKEND``, then ``keras.json``); bnfreeze never sets
+    it. TensorFlow's start-up messages are kept off stdout and stderr.
     """
     require_runtime(runtime)
     _quiet_environment()
@@ -133,21 +248,24 @@ def keras_module(runtime: Runtime = Runtime.KERAS3) -> ModuleType:
 
 def _quiet_environment() -> None:
     """Defaults that must be in place before TensorFlow is first imported (by us or by a
-    user's custom-objects module): C++ logs off below fatal errors, and the TensorFlow backend."""
+    user's custom-objects module): C++ logs off below fatal errors. The backend is left to the
+    user (``KERAS_BACKEND`` or ``keras.json``), as Keras itself does."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 
 def runtime_info(runtime: Runtime = Runtime.KERAS3) -> RuntimeInfo:
     """The versions and backend of ``runtime`` (imports it)."""
     keras = keras_module(runtime)
     tf = sys.modules.get("tensorflow")
-    backend = "tensorflow" if runtime is Runtime.TF_KERAS else keras.backend.backend()
+    backend = "tensorflow" if runtime is Runtime.TF_KERAS else str(keras.backend.backend())
+    package = sys.modules.get(_BACKEND_PACKAGES.get(backend, (backend, ""))[0])
+    version = getattr(package, "__version__", None)
     return RuntimeInfo(
         runtime=runtime,
         keras_version=str(getattr(keras, "__version__", "unknown")),
-        backend=str(backend),
+        backend=backend,
         tensorflow_version=str(tf.__version__) if tf is not None else None,
+        backend_version=str(version) if version is not None else None,
     )
 
 
@@ -280,7 +398,7 @@ def progress_on_stderr(enabled: bool = True) -> Iterator[ProgressFn]:
     """Yield a progress callback that reports slow steps on stderr.
 
     On a terminal it is a spinner that rewrites one line and disappears at the end. Elsewhere
-    (a pipe, CI, tests) each step is one plain line, ``bnfreeze: loading TensorFlow...``, so
+    (a pipe, CI, tests) each step is one plain line, ``bnfreeze: loading Keras (JAX backend)``, so
     logs show where time went. Nothing ever goes to stdout.
     """
     if not enabled:

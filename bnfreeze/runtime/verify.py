@@ -94,7 +94,7 @@ def verify_file(
         raise BnfreezeError(f"{loading.CUSTOM_OBJECTS_OPTION} {spec}: no such file.")
 
     with loading.quiet():
-        progress("loading TensorFlow")
+        progress(loading.loading_message(runtime))
         keras = loading.keras_module(runtime)
         info = loading.runtime_info(runtime)
         objects = (

@@ -656,7 +656,9 @@ class PendingDataset:
     __slots__ = ("_h5", "_header", "_info")
 
     def __init__(self, h5: File, header: _Header) -> None:
-        self._h5, self._header, self._info = h5, header, None
+        self._h5 = h5
+        self._header: _Header | None = header
+        self._info: DatasetInfo | None = None
 
     def info(self) -> DatasetInfo | None:
         if self._header is not None:

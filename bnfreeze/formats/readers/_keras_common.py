@@ -165,7 +165,9 @@ def index_member(member: Member, source: str) -> tuple[WeightIndex, int | None]:
     return index, found.optimizer_variables
 
 
-def index_weights(fileobj: IO[bytes] | str, source: str) -> tuple[WeightIndex, int | None]:
+def index_weights(
+    fileobj: IO[bytes] | io.RawIOBase | str, source: str
+) -> tuple[WeightIndex, int | None]:
     """Index a Keras 3 ``model.weights.h5`` with h5py: each layer path's variable datasets.
 
     Returns the index and the number of saved optimizer variables (None when the file holds

@@ -1,7 +1,8 @@
 """Reader for legacy HDF5 models (``model.save('x.h5')``): the architecture is the JSON root
 attribute ``model_config``; a compiled model also has ``training_config`` and an
 ``optimizer_weights`` group. Weights live under ``model_weights/<top-level layer>`` in the order
-of each group's ``weight_names`` attribute (see SEMANTICS §5 for why that order matters)."""
+of each group's ``weight_names`` attribute (see docs/semantics.md, rule 6, for why that order
+matters)."""
 
 from __future__ import annotations
 

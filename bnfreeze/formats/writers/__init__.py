@@ -17,7 +17,7 @@ Hooks for other modules (add the module, nothing else needs to change):
 * ``bnfreeze/formats/writers/legacy_h5.py`` must define ``WRITER``, a :class:`Writer` for
   :attr:`ModelFormat.H5`. It must honour ``drop_optimizer_state`` (the ``optimizer_weights``
   group and the matching ``training_config``) and keep each group's ``weight_names`` order
-  consistent with the new flags (SEMANTICS §5).
+  consistent with the new flags (docs/semantics.md, rule 6).
 """
 
 from __future__ import annotations

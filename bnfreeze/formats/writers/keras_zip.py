@@ -7,7 +7,7 @@ input with the same CRC, sizes, compression, timestamp and attributes, in the sa
 The copy streams (``os.copy_file_range`` where the OS has it, else 1 MiB chunks), so memory
 does not grow with the file size.
 
-When asked to drop the saved optimizer state (SEMANTICS §5: the variables under
+When asked to drop the saved optimizer state (docs/semantics.md, rule 5: the variables under
 ``optimizer/vars`` are matched to trainable variables by position), ``model.weights.h5`` is
 rewritten with h5py: every group, dataset and attribute is copied except the top-level
 ``optimizer`` group, dataset by dataset. Keras 3.15 then compiles the loaded model from its
@@ -156,7 +156,7 @@ def copy_raw(src: IO[bytes], info: zipfile.ZipInfo, zout: zipfile.ZipFile) -> No
     zout.filelist.append(new)
     zout.NameToInfo[new.filename] = new
     zout.start_dir = fp.tell()
-    zout._didModify = True
+    zout._didModify = True  # type: ignore[attr-defined]  # private, set by ZipFile.write()
 
 
 def copy_file_into(zout: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> None:

@@ -1,6 +1,7 @@
 """Writer for legacy HDF5 (`.h5`) models: new ``trainable`` flags without scrambling weights.
 
-Why this is more than a config edit (SEMANTICS §5). Keras's legacy loader assigns the values
+Why this is more than a config edit (docs/semantics.md, rule 6). Keras's legacy loader assigns
+the values
 of each top-level layer group **by position**: the group's ``weight_names`` attribute lists
 datasets, and the i-th one goes to the i-th variable of
 ``layer.trainable_weights + layer.non_trainable_weights`` of the freshly built layer. For a
@@ -499,7 +500,11 @@ def verify(
 
     def objects(h5: Any) -> dict[str, Any]:
         found: dict[str, Any] = {}
-        h5.visititems(lambda name, obj: found.__setitem__(name, obj) and None)
+
+        def keep(name: str, obj: Any) -> None:
+            found[name] = obj
+
+        h5.visititems(keep)
         return found
 
     try:
