@@ -27,7 +27,7 @@ from bnfreeze.cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).resolve().parent / "golden" / "output"
-CONFIGS = ROOT / "configs"
+CONFIGS = ROOT / "bnfreeze" / "recipes"  # copied to ./configs: plan paths print as typed
 ENV = {
     "COLUMNS": "100",
     "LINES": "50",
