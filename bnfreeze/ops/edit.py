@@ -62,7 +62,9 @@ from bnfreeze.model.records import (
     LayerState,
     ModelFile,
     ModelFormat,
+    Normalization,
     Report,
+    WarningCode,
 )
 from bnfreeze.model.selection import select
 from bnfreeze.ops.edit_warnings import edit_warnings
@@ -148,6 +150,8 @@ class EditResult:
     optimizer_variables_dropped: int
     input_bytes: int
     output_bytes: int | None
+    #: What the edit gave the selected layers (None when not told): the recipe it applied.
+    assignment: Assignment | None = field(default=None, repr=False)
 
     @property
     def changed(self) -> bool:
@@ -155,11 +159,44 @@ class EditResult:
 
     @property
     def all_warnings(self) -> tuple[Finding, ...]:
-        """The edit's warnings, then the result's, without saying one thing twice."""
+        """The edit's warnings, then the result's, without saying one thing twice, and
+        without warning against the recipe just applied (:meth:`kept_training_bn`)."""
         own = {f.code for f in self.warnings}
+        intended = set(self.kept_training_bn)
         return self.warnings + tuple(
-            f for f in self.report.warnings if not (f.code in own and f.path is None)
+            f
+            for f in self.report.warnings
+            if not (f.code in own and f.path is None) and not self._against_recipe(f, intended)
         )
+
+    @property
+    def kept_training_bn(self) -> tuple[str, ...]:
+        """The selected BN layers the edit deliberately leaves trainable under frozen layers:
+        ``--train-bn`` (others False, BN True). That they normalize with batch statistics in
+        ``fit()`` is the recipe, not a trap."""
+        a = self.assignment
+        if a is None or a.others is not False or a.batchnorm is not True:
+            return ()
+        chosen = set(self.selected)
+        return tuple(s.layer.path for s in self.report.batchnorm if s.layer.path in chosen)
+
+    def _against_recipe(self, finding: Finding, intended: set[str]) -> bool:
+        if not intended or finding.path is None:
+            return False
+        if finding.code is WarningCode.TRAINABLE_BN_UNDER_FROZEN_CONTAINER:
+            return finding.path in intended
+        if finding.code is WarningCode.CALL_SITE_TRAINING_IGNORED:
+            # Every BN layer the recorded training=False fails to protect is one the recipe
+            # keeps training on purpose.
+            prefix = finding.path + "/"
+            training = [
+                s.layer.path
+                for s in self.report.batchnorm
+                if (s.layer.path == finding.path or s.layer.path.startswith(prefix))
+                and s.in_fit.normalizes_with is Normalization.BATCH
+            ]
+            return bool(training) and set(training) <= intended
+        return False
 
 
 # -- public entry points --------------------------------------------------------------------
@@ -531,6 +568,7 @@ def _config_route(
             optimizer_variables_dropped=dropped,
             input_bytes=input_bytes,
             output_bytes=size,
+            assignment=request.assignment,
         )
 
     previewed: list[EditResult] = []

@@ -639,6 +639,7 @@ def edit(request: Any, progress: loading.ProgressFn | None = None) -> Any:
         optimizer_variables_dropped=dropped,
         input_bytes=_size(source),
         output_bytes=output_bytes,
+        assignment=request.assignment,
     )
 
 
