@@ -27,9 +27,9 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-from keras_truth import INPUT_MEAN, layer_paths  # noqa: E402
+import keras
+import numpy as np
+from keras_truth import INPUT_MEAN, layer_paths
 
 L = keras.layers
 
@@ -202,7 +202,9 @@ class BranchRecorder:
 
                 jax_module.debug.callback(record, inputs, out, *present)
             else:
-                record(keras.ops.convert_to_numpy(inputs), keras.ops.convert_to_numpy(out), *present)
+                record(
+                    keras.ops.convert_to_numpy(inputs), keras.ops.convert_to_numpy(out), *present
+                )
             return out
 
         keras.layers.BatchNormalization.call = call

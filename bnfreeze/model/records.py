@@ -62,6 +62,8 @@ class WarningCode(enum.Enum):
     UNKNOWN_LAYER = "unknown-layer"
     MODEL_NOT_TRAINABLE = "model-not-trainable"
     RECOMPILE_REQUIRED = "recompile-required"  # freeze/unfreeze changed flags (SEMANTICS §4)
+    KERAS3_INCOMPATIBLE = "keras3-incompatible"  # a layer config Keras 3's load_model refuses
+    SAVED_BY_KERAS2 = "saved-by-keras-2"  # keras_version 2.x, predicted with Keras 3's rules
 
 
 @dataclass(frozen=True)
