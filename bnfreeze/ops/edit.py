@@ -76,6 +76,7 @@ if TYPE_CHECKING:
 #: Output file name endings Keras 3's ``load_model`` accepts, per format.
 OUTPUT_SUFFIXES: dict[ModelFormat, tuple[str, ...]] = {
     ModelFormat.KERAS: (".keras",),
+    ModelFormat.KERAS_DIR: (".keras",),  # a folder in, a .keras archive out
     ModelFormat.H5: (".h5", ".hdf5"),
 }
 
@@ -389,6 +390,12 @@ def check_output(request: EditRequest) -> EditRequest:
 
     source = Path(request.model)
     output = request.output
+    if request.in_place and source.is_dir():
+        raise OutputError(
+            f"--in-place cannot rewrite the folder {source}: bnfreeze writes an edited unzipped "
+            ".keras folder as a .keras file, the format model.save('x.keras') writes.",
+            hint="Give -o OUT.keras instead; keras.models.load_model('OUT.keras') loads it.",
+        )
     if request.in_place:
         if output is not None and not _same_file(source, Path(output)):
             raise OutputError(
@@ -424,6 +431,12 @@ def _check_output_suffix(request: EditRequest, model: ModelFile) -> None:
     allowed = OUTPUT_SUFFIXES.get(model.format)
     if allowed is None or request.output.lower().endswith(allowed):
         return
+    if model.format is ModelFormat.KERAS_DIR:
+        raise OutputError(
+            f"-o {request.output}: an edited unzipped .keras folder is written as a .keras "
+            "file, so its name must end in .keras (Keras 3 load_model chooses the format by it).",
+            hint="Unzip the result if you need a folder again.",
+        )
     raise OutputError(
         f"-o {request.output}: a {model.format.json_name} model must be saved under a name "
         f"ending in {' or '.join(allowed)}; Keras 3 load_model chooses the format by it.",
