@@ -50,12 +50,14 @@ from bnfreeze.errors import BnfreezeError, ModelFormatError, OutputError, Select
 from bnfreeze.model import diagnostics, modes
 from bnfreeze.model.assignments import Assignment, Change, Flags, assign, changes, current_flags
 from bnfreeze.model.records import (
+    Finding,
     LayerKind,
     LayerRecord,
     ModelFile,
     ModelFormat,
     Report,
     Runtime,
+    WarningCode,
     WeightIndex,
 )
 from bnfreeze.model.walk import OTHER_NORMALIZATION_CLASSES, walk
@@ -587,7 +589,17 @@ def edit(request: Any, progress: loading.ProgressFn | None = None) -> Any:
             )
 
         progress(f"loading {source}")
-        model = load(source, True)
+        uncompiled: str | None = None
+        try:
+            model = load(source, True)
+        except BnfreezeError as exc:
+            if not saved.compiled:
+                raise
+            # A compile config Keras 3 cannot rebuild (a Keras 2 training_config with "lr",
+            # a loss it cannot deserialize) must not stop a flag edit: the model itself loads.
+            model = load(source, False)
+            uncompiled = exc.message
+            progress("Keras could not rebuild the saved compile config; loaded with compile=False")
         live = live_model(model)
         done = edit_live(live, request.assignment, request.selection.apply, dry_run=request.dry_run)
         optimizer = file_edit.optimizer_decision(
@@ -633,7 +645,8 @@ def edit(request: Any, progress: loading.ProgressFn | None = None) -> Any:
             saved.optimizer_variables,
             output=request.output,
             dry_run=request.dry_run,
-        ),
+        )
+        + _uncompiled_warning(uncompiled, request.output if write else None),
         optimizer_state=optimizer,
         optimizer_variables=saved.optimizer_variables,
         optimizer_variables_dropped=dropped,
@@ -648,3 +661,19 @@ def _size(path: str) -> int:
     if p.is_dir():
         return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
     return p.stat().st_size
+
+
+def _uncompiled_warning(reason: str | None, output: str | None) -> tuple[Finding, ...]:
+    """Say that the model was loaded with ``compile=False``, and what that means for OUT."""
+    if reason is None:
+        return ()
+    saved = f"{output} is saved without a compile config" if output else "nothing is written"
+    return (
+        Finding(
+            WarningCode.RECOMPILE_REQUIRED,
+            None,
+            f"Keras 3 cannot rebuild the saved compile config ({reason}), so the model was "
+            f"loaded with compile=False and {saved}: call compile() with your optimizer and "
+            "loss before fit().",
+        ),
+    )
