@@ -114,3 +114,19 @@ def test_folder_refusals_give_advice_that_works(trained_folder, tmp_path, args, 
     assert message in done.stderr and "TF False" in done.stderr
     assert "--engine keras" not in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_named_dot_keras(trained_folder, tmp_path):
+    """Keras 3 cannot load it (IsADirectoryError): the keras engine says so before loading
+    TensorFlow and advises the config route, which works."""
+    import shutil
+
+    folder = tmp_path / "model.keras"
+    shutil.copytree(trained_folder, folder)
+    out = tmp_path / "out.keras"
+    refused = run_cli("freeze", str(folder), "--engine", "keras", "-o", str(out))
+    assert refused.returncode == 2 and "TF False" in refused.stderr
+    assert "Use --engine config" in refused.stderr and not out.exists()
+    done = run_cli("freeze", str(folder), "--bn-inference", "--engine", "config", "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert zipfile.is_zipfile(out)

@@ -575,6 +575,14 @@ def edit(request: Any, progress: loading.ProgressFn | None = None) -> Any:
     out_fmt = save_format(request.output) if request.output is not None else None
     saved = read_model(source)  # bad files get the readers' errors, before TensorFlow
     loading.refuse_unsafe(saved.config, source, unsafe=request.unsafe)
+    if saved.format is ModelFormat.KERAS_DIR and str(source).rstrip("/").endswith(".keras"):
+        # Keras 3 opens any path ending in .keras as a zip file: IsADirectoryError.
+        raise ModelFormatError(
+            f"{source}: Keras 3 cannot load a folder whose name ends in .keras (it opens the "
+            "path as a zip file).",
+            hint="Use --engine config (the default), which edits the folder without Keras and "
+            "writes a .keras file, or rename the folder.",
+        )
 
     with loading.quiet():
         progress("loading TensorFlow")
