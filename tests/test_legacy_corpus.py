@@ -144,3 +144,42 @@ def test_tf_keras_weight_names_and_a_real_step(tf_keras_files, name):
             for a, w in zip(before[path_], layer.trainable_weights, strict=True)
         )
         assert predicted[path_] is moved, (path_, predicted[path_], moved)
+
+
+def test_keras3_sequential_h5_weight_names_carry_the_model_name(tmp_path):
+    """Item 3: Keras 3 names a top-level Sequential layer's weights ``outer/dense/kernel``;
+    inspect must attribute them to ``dense``, and a real fit() step agrees on every layer."""
+    import h5py
+    import keras
+    from keras_truth import measure_fit_step
+
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(3, name="dense"),
+            keras.layers.BatchNormalization(name="bn"),
+            keras.layers.Dense(2, name="frozen_head", trainable=False),
+        ],
+        name="outer",
+    )
+    path = tmp_path / "seq.h5"
+    model.save(path)
+    with h5py.File(path) as h5:
+        names = [
+            n.decode() if isinstance(n, bytes) else n
+            for n in h5["model_weights/dense"].attrs["weight_names"]
+        ]
+    assert names[0].startswith("outer/dense/"), names  # the scheme this test is about
+    doc = inspect_json(path)
+    predicted = {layer["path"]: layer["in_fit"]["trains_weights"] for layer in doc["layers"]}
+    moved = measure_fit_step(keras.models.load_model(path, compile=False))
+    measured = {p: (m.gamma_beta if m.is_batchnorm else m.other_weights) for p, m in moved.items()}
+    assert (
+        {p: predicted[p] for p in measured}
+        == measured
+        == {
+            "dense": True,
+            "bn": True,
+            "frozen_head": False,
+        }
+    )
