@@ -295,7 +295,9 @@ def measure(model: Any) -> dict[str, Any]:
     return out
 
 
-def main(out_dir: str) -> None:
+def main(out_dir: str, *also: str) -> None:
+    """Build, save and measure every case into ``out_dir``; ``also``: files made elsewhere
+    (a crafted legacy .h5 frozen by bnfreeze), loaded and measured the same way."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(7)
@@ -307,8 +309,11 @@ def main(out_dir: str) -> None:
             model.save(path)
             loaded = keras.models.load_model(path, compile=False)
             results["files"][path.name] = measure(loaded)
+    for extra in also:
+        loaded = keras.models.load_model(extra, compile=False)
+        results["files"][Path(extra).name] = measure(loaded)
     (out / "measured.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], *sys.argv[2:])

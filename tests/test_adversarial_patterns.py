@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from legacy_corpus import keras20_functional
 
 from bnfreeze.cli import cli
 
@@ -32,11 +34,19 @@ def adversarial(tmp_path_factory) -> dict[str, tuple[Path, dict[str, Any]]]:
     """Per backend: the folder of saved cases and what Keras measured in them. Both
     subprocesses run at once."""
     root = tmp_path_factory.mktemp("adversarial")
+    # A Keras 2.0-era file from the wild (crafted byte-exact with h5py), frozen by bnfreeze's
+    # config route without Keras: each backend loads and measures the result too.
+    keras20_functional(root / "keras20.h5")
+    frozen = root / "keras20_bn_inference.h5"
+    result = CliRunner().invoke(
+        cli, ["freeze", str(root / "keras20.h5"), "--bn-inference", "-o", str(frozen)]
+    )
+    assert result.exit_code == 0, result.output
     procs = {}
     for backend in BACKENDS:
         env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
         procs[backend] = subprocess.Popen(
-            [sys.executable, str(HERE / "adversarial_cases.py"), str(root / backend)],
+            [sys.executable, str(HERE / "adversarial_cases.py"), str(root / backend), str(frozen)],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -48,6 +58,7 @@ def adversarial(tmp_path_factory) -> dict[str, tuple[Path, dict[str, Any]]]:
         assert proc.returncode == 0, stderr[-3000:]
         measured = json.loads((root / backend / "measured.json").read_text())
         assert measured["backend"] == backend
+        shutil.copy(frozen, root / backend / frozen.name)
         out[backend] = (root / backend, measured["files"])
     return out
 
@@ -71,6 +82,7 @@ FILES = [
     "time_distributed.keras",
     "bn_variants.keras",
     "mixed_precision.keras",
+    "keras20_bn_inference.h5",
 ]
 
 
@@ -147,3 +159,13 @@ def test_shared_bn_with_a_training_false_call_trains_in_both_calls(adversarial, 
     """Keras 3 overrides the recorded training=False of the second call in fit()."""
     _, measured = adversarial[backend]
     assert measured["shared_bn_two_calls.keras"]["shared_bn"]["branches"] == ["batch"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_frozen_keras20_file_runs_its_bn_in_inference(adversarial, backend):
+    """Issue 11 item 4 on each backend: the crafted Keras 2.0-era file, frozen by the config
+    route, loads and its BN takes the moving branch in fit() with gamma/beta still."""
+    _, measured = adversarial[backend]
+    truth = measured["keras20_bn_inference.h5"]["batch_normalization_1"]
+    assert truth["branches"] == ["moving"]
+    assert truth["gamma_beta_moved"] is False and truth["stats_moved"] is False
