@@ -216,6 +216,21 @@ def finish_export(console: Any, export: str | None) -> None:
     note(f"saved {export}")
 
 
+RUNTIME_CHOICES = ["keras3", "tf-keras"]
+
+
+def runtime_option(f: Any) -> Any:
+    """``--runtime`` for the commands that predict from the file (no Keras is loaded)."""
+    return click.option(
+        "--runtime",
+        type=click.Choice(RUNTIME_CHOICES),
+        default="keras3",
+        show_default=True,
+        help="The rules to predict with: keras3 (Keras 3, TensorFlow or JAX), or tf-keras "
+        "(Keras 2, where a recorded call-site training= wins).",
+    )(f)
+
+
 @click.group(cls=BnfreezeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="bnfreeze")
 def cli() -> None:
@@ -238,9 +253,16 @@ def cli() -> None:
     is_flag=True,
     help="Draw the model as one line of cells, one per layer, coloured by what it does in fit().",
 )
+@runtime_option
 @export_option
 def inspect(
-    model: str, as_json: bool, all_layers: bool, tree: bool, strip: bool, export: str | None
+    model: str,
+    as_json: bool,
+    all_layers: bool,
+    tree: bool,
+    strip: bool,
+    runtime: str,
+    export: str | None,
 ) -> None:
     """Show each layer's trainable flag and what it really does in fit().
 
@@ -254,14 +276,16 @@ def inspect(
       bnfreeze inspect model.keras --tree
       bnfreeze inspect model.keras --json | jq .summary
       bnfreeze inspect model.keras --strip --export model.svg
+      bnfreeze inspect keras2_model.h5 --runtime tf-keras
     """
+    from bnfreeze.model.records import Runtime
     from bnfreeze.ops.inspect import inspect_file
 
     if strip and (as_json or tree or all_layers):
         raise click.UsageError("--strip is its own view; drop --json, --tree and --all.")
     start_export(export, as_json)
     with gc_paused():
-        report = inspect_file(model)
+        report = inspect_file(model, Runtime(runtime))
     if as_json:
         from bnfreeze.render.json import render_report
 
@@ -324,6 +348,7 @@ def set_option(f: Any) -> Any:
 @set_option
 @click.option("-v", "--verbose", is_flag=True, help="Print every check, also on success.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
+@runtime_option
 @export_option
 def check(
     model: str,
@@ -333,6 +358,7 @@ def check(
     sets: tuple[str, ...],
     verbose: bool,
     as_json: bool,
+    runtime: str,
     export: str | None,
 ) -> None:
     """Gate a saved model on what its layers will do in fit(), for CI.
@@ -346,6 +372,7 @@ def check(
       bnfreeze check model.keras --expect 'frozen=mobilenetv2*' --expect trains=head
       bnfreeze check finetune.keras --plan keras-guide-finetune --strict
       bnfreeze check model.keras --expect bn-inference --json | jq .failures
+      bnfreeze check keras2_model.h5 --runtime tf-keras --expect bn-inference
     """
     from bnfreeze.errors import EXIT_CHECK_FAILED
     from bnfreeze.model.expectations import parse_expectation
@@ -362,7 +389,11 @@ def check(
 
         plan = load_plan(plan_path, parse_sets(sets))
     expectations = [parse_expectation(spec) for spec in expects]
-    result = check_file(model, plan=plan, expectations=expectations, strict=strict)
+    from bnfreeze.model.records import Runtime
+
+    result = check_file(
+        model, plan=plan, expectations=expectations, strict=strict, runtime=Runtime(runtime)
+    )
     if as_json:
         from bnfreeze.render.check import render_check
 
@@ -728,9 +759,6 @@ def unfreeze(model: str, keep_bn_inference: bool, from_layer: str | None, **opti
         from_layer=from_layer,
         **options,
     )
-
-
-RUNTIME_CHOICES = ["keras3", "tf-keras"]
 
 
 @cli.command()

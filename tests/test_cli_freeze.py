@@ -476,6 +476,13 @@ def test_acceptance_train_bn(guide_phase2_trained_keras, tmp_path):
         catch_exceptions=False,
     )
     assert result.exit_code == 0, result.stderr
+    # Issue 11 item 8: no warning against the recipe just applied. The backbone is called
+    # with training=False and is now frozen around its 52 trainable BN layers: exactly what
+    # --train-bn asks for, so neither trap warning (nor one line per BN layer) is printed.
+    assert "meant to protect" not in result.stderr
+    assert "--bn-inference" not in result.stderr.replace("(--bn-inference) turns", "")
+    assert "is trainable inside frozen container" not in result.stderr
+    assert result.stderr.count("warning:") <= 3, result.stderr
     moved, kernel_moved = _measure(out)
     bn = {p: m for p, m in moved.items() if m.is_batchnorm}
     assert len(bn) == 52

@@ -179,6 +179,13 @@ def _archive(tmp: Path, layers: list, *, trainable: bool = True) -> Path:
     return path
 
 
+def _keras2_archive(tmp: Path) -> Path:
+    path = _archive(tmp, [input_layer("x"), layer("DepthwiseConv2D", "dw", groups=1)])
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr("metadata.json", json.dumps({"keras_version": "2.21.0"}))
+    return path
+
+
 def _warnings(path: Path) -> set[WarningCode]:
     return {f.code for f in inspect_file(path).warnings}
 
@@ -215,6 +222,8 @@ WARNINGS: dict[WarningCode, Callable[[Path], set[WarningCode]]] = {
     WarningCode.UNKNOWN_LAYER: _unknown,
     WarningCode.MODEL_NOT_TRAINABLE: _not_trainable,
     WarningCode.RECOMPILE_REQUIRED: _recompile_required,
+    WarningCode.KERAS3_INCOMPATIBLE: lambda tmp: _warnings(_keras2_archive(tmp)),
+    WarningCode.SAVED_BY_KERAS2: lambda tmp: _warnings(_keras2_archive(tmp)),
 }
 
 

@@ -299,6 +299,31 @@ def test_custom_classes_are_kept_as_unknown(entry):
     assert custom.is_batchnorm is False
 
 
+def test_custom_wrapper_is_decided_before_its_structure():
+    """Issue 11 item 1 (measured with a real step in tests/test_adversarial_patterns.py): a
+    registered Wrapper subclass keeps its inner layer under "layer", but its call() decides."""
+    inner = layer("BatchNormalization", "inner_bn")
+    keras3 = layer(
+        "InferenceWrapper", "wrap", module=None, registered_name="adversarial>InferenceWrapper"
+    )
+    keras3["config"]["layer"] = inner
+    legacy = {
+        "class_name": "adversarial>InferenceWrapper",
+        "config": {"name": "wrap2", "layer": inner},
+    }
+    builtin = layer("TimeDistributed", "td")
+    builtin["config"]["layer"] = layer("BatchNormalization", "td_bn")
+    records = walk(functional("m", [input_layer("x"), keras3, legacy, builtin])).layers
+    kinds = {r.path: r.kind for r in records}
+    assert kinds == {
+        "x": LayerKind.INPUT,
+        "wrap": LayerKind.UNKNOWN,
+        "wrap2": LayerKind.UNKNOWN,
+        "td": LayerKind.WRAPPER,
+        "td/td_bn": LayerKind.BATCHNORM,
+    }
+
+
 def test_builtins_are_not_custom():
     records = walk(deep_config()).layers
     assert not any(r.custom for r in records)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from bnfreeze.model.keras3_compat import incompatibility, nested_call_mismatches
 from bnfreeze.model.records import (
     Finding,
     LayerKind,
@@ -40,6 +41,8 @@ def find(
     findings += _bn_under_frozen_container(states, by_path, runtime)
     findings += _unknown_layers(states)
     if model is not None:
+        if runtime is Runtime.KERAS3:
+            findings += _keras3_incompatible(model, states)
         findings += _optimizer_state(model)
         if read_values is not None:
             findings += _untrained_statistics(model, states, read_values)
@@ -265,3 +268,65 @@ def _is_constant(value: Any, expected: float | None) -> bool:
     if values.count(expected) == len(values):  # the common untrained case, at C speed
         return True
     return all(abs(float(v) - expected) <= _UNTRAINED_ATOL for v in values)
+
+
+def _layer_dict(config: dict[str, Any], config_path: tuple[str | int, ...]) -> Any:
+    node: Any = config
+    for key in config_path:
+        try:
+            node = node[key]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return node
+
+
+def _keras3_incompatible(model: ModelFile, states: tuple[LayerState, ...]) -> list[Finding]:
+    findings = []
+    nested = nested_call_mismatches(model.config)
+    for state in states:
+        layer = state.layer
+        entry = _layer_dict(model.config, layer.config_path) if layer.config_path else None
+        why = incompatibility(entry) if isinstance(entry, dict) else None
+        if why is None and layer.is_container:
+            why = nested.get(layer.name)
+        if why is None:
+            continue
+        findings.append(
+            Finding(
+                WarningCode.KERAS3_INCOMPATIBLE,
+                layer.path,
+                f"{layer.path} ({layer.class_name}) cannot be loaded by Keras 3: {why}. "
+                "Rebuild that layer with Keras 3 and copy the weights over, or load and train "
+                "the model with tf_keras (predict for it with --runtime tf-keras).",
+            )
+        )
+    return findings
+
+
+def keras2_hint(
+    model: ModelFile | None,
+    states: tuple[LayerState, ...],
+    tf_keras_states: tuple[LayerState, ...] | None,
+) -> list[Finding]:
+    """A file saved by Keras 2 (``keras_version`` 2.x), predicted with Keras 3's rules: say so,
+    and how many BN layers the tf_keras rules would predict otherwise."""
+    version = model.keras_version if model is not None else None
+    if not version or not version.startswith(("2.", "1.")):
+        return []
+    message = (
+        f"The file was saved by Keras {version}; these predictions follow Keras 3's rules. "
+        "If you train it with tf_keras (Keras 2), pass --runtime tf-keras"
+    )
+    if tf_keras_states is not None:
+        other = {s.layer.path: s.in_fit for s in tf_keras_states}
+        differ = [
+            s.layer.path
+            for s in states
+            if s.layer.is_batchnorm and other.get(s.layer.path) not in (None, s.in_fit)
+        ]
+        if differ:
+            message += (
+                f": there {len(differ)} BN layer(s) behave differently in fit() (a recorded "
+                f"call-site training=False wins on tf_keras), e.g. {differ[0]}"
+            )
+    return [Finding(WarningCode.SAVED_BY_KERAS2, None, message + ".")]

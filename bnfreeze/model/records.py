@@ -63,6 +63,8 @@ class WarningCode(enum.Enum):
     MODEL_NOT_TRAINABLE = "model-not-trainable"
     # freeze/unfreeze changed flags (docs/semantics.md, rule 4)
     RECOMPILE_REQUIRED = "recompile-required"
+    KERAS3_INCOMPATIBLE = "keras3-incompatible"  # a layer config Keras 3's load_model refuses
+    SAVED_BY_KERAS2 = "saved-by-keras-2"  # keras_version 2.x, predicted with Keras 3's rules
 
 
 @dataclass(frozen=True)

@@ -65,11 +65,16 @@ def is_builtin(layer: dict[str, Any]) -> bool:
 
     Keras 3 records ``module`` (``keras.layers``, ``keras.src.models.functional``...) and a
     ``registered_name`` of null for built-ins; custom classes carry their own module or a
-    ``Package>Name`` registered name. Old tf_keras configs record neither and are taken as
-    built-in.
+    ``Package>Name`` registered name. A legacy ``.h5`` records no module and names a
+    registered class ``Package>Name`` in ``class_name`` itself. Old tf_keras configs record
+    neither and are taken as built-in.
     """
     module = layer.get("module")
     registered = layer.get("registered_name")
+    class_name = layer.get("class_name")
+    if isinstance(class_name, str) and ">" in class_name:
+        # A legacy .h5 names a registered class "Package>Name" and records no module.
+        return False
     if isinstance(registered, str) and registered and registered != layer.get("class_name"):
         return False
     if module is None:
@@ -84,17 +89,25 @@ def is_operation(layer: dict[str, Any]) -> bool:
 
 
 def classify(layer: dict[str, Any]) -> LayerKind:
+    """What a serialized layer is. A custom class is :attr:`LayerKind.UNKNOWN` whatever its
+    config holds, except a model that lists its layers (a Functional subclass)."""
     class_name = layer.get("class_name")
     raw = layer.get("config")
     config: dict[str, Any] = raw if isinstance(raw, dict) else {}
     if class_name == "InputLayer":
         return LayerKind.INPUT
+    builtin = is_builtin(layer)
     if isinstance(config.get("layers"), list):
+        # A custom Functional subclass that lists its layers is rebuilt from that graph by
+        # Functional.from_config, so its structure is the one recorded.
         return LayerKind.CONTAINER
+    if not builtin:
+        # Decided before structure: a custom Wrapper subclass keeps its inner layer under
+        # "layer" like TimeDistributed, but its own call() decides how that layer is called
+        # (training=False passed in Python wins everywhere), which the config cannot show.
+        return LayerKind.UNKNOWN
     if any(isinstance(config.get(k), dict) for k in WRAPPED_LAYER_KEYS):
         return LayerKind.WRAPPER
-    if not is_builtin(layer):
-        return LayerKind.UNKNOWN
     if class_name in BATCHNORM_CLASSES:
         return LayerKind.BATCHNORM
     if class_name in OTHER_NORMALIZATION_CLASSES:

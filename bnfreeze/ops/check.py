@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from bnfreeze.model.assignments import current_flags
 from bnfreeze.model.expectations import Expectation, Failure, evaluate, observed_from_states
-from bnfreeze.model.records import Report, WarningCode
+from bnfreeze.model.records import Report, Runtime, WarningCode
 from bnfreeze.model.selection import is_leaf
 from bnfreeze.ops.inspect import inspect_file
 from bnfreeze.ops.plans import Plan, apply_rules, flagless
@@ -70,10 +70,14 @@ def check_file(
     plan: Plan | None = None,
     expectations: Sequence[Expectation] = (),
     strict: bool = False,
+    runtime: Runtime = Runtime.KERAS3,
 ) -> CheckResult:
-    """Check a saved model file. Raises ``BnfreezeError`` (exit 2) for bad input: an unreadable
-    model, a plan rule or an expectation that matches nothing."""
-    return check_report(inspect_file(path), plan=plan, expectations=expectations, strict=strict)
+    """Check a saved model file, predicted with ``runtime``'s rules. Raises ``BnfreezeError``
+    (exit 2) for bad input: an unreadable model, a plan rule or an expectation that matches
+    nothing."""
+    return check_report(
+        inspect_file(path, runtime), plan=plan, expectations=expectations, strict=strict
+    )
 
 
 def check_report(

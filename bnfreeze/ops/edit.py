@@ -62,7 +62,9 @@ from bnfreeze.model.records import (
     LayerState,
     ModelFile,
     ModelFormat,
+    Normalization,
     Report,
+    WarningCode,
 )
 from bnfreeze.model.selection import select
 from bnfreeze.ops.edit_warnings import edit_warnings
@@ -74,6 +76,7 @@ if TYPE_CHECKING:
 #: Output file name endings Keras 3's ``load_model`` accepts, per format.
 OUTPUT_SUFFIXES: dict[ModelFormat, tuple[str, ...]] = {
     ModelFormat.KERAS: (".keras",),
+    ModelFormat.KERAS_DIR: (".keras",),  # a folder in, a .keras archive out
     ModelFormat.H5: (".h5", ".hdf5"),
 }
 
@@ -148,6 +151,8 @@ class EditResult:
     optimizer_variables_dropped: int
     input_bytes: int
     output_bytes: int | None
+    #: What the edit gave the selected layers (None when not told): the recipe it applied.
+    assignment: Assignment | None = field(default=None, repr=False)
 
     @property
     def changed(self) -> bool:
@@ -155,11 +160,44 @@ class EditResult:
 
     @property
     def all_warnings(self) -> tuple[Finding, ...]:
-        """The edit's warnings, then the result's, without saying one thing twice."""
+        """The edit's warnings, then the result's, without saying one thing twice, and
+        without warning against the recipe just applied (:meth:`kept_training_bn`)."""
         own = {f.code for f in self.warnings}
+        intended = set(self.kept_training_bn)
         return self.warnings + tuple(
-            f for f in self.report.warnings if not (f.code in own and f.path is None)
+            f
+            for f in self.report.warnings
+            if not (f.code in own and f.path is None) and not self._against_recipe(f, intended)
         )
+
+    @property
+    def kept_training_bn(self) -> tuple[str, ...]:
+        """The selected BN layers the edit deliberately leaves trainable under frozen layers:
+        ``--train-bn`` (others False, BN True). That they normalize with batch statistics in
+        ``fit()`` is the recipe, not a trap."""
+        a = self.assignment
+        if a is None or a.others is not False or a.batchnorm is not True:
+            return ()
+        chosen = set(self.selected)
+        return tuple(s.layer.path for s in self.report.batchnorm if s.layer.path in chosen)
+
+    def _against_recipe(self, finding: Finding, intended: set[str]) -> bool:
+        if not intended or finding.path is None:
+            return False
+        if finding.code is WarningCode.TRAINABLE_BN_UNDER_FROZEN_CONTAINER:
+            return finding.path in intended
+        if finding.code is WarningCode.CALL_SITE_TRAINING_IGNORED:
+            # Every BN layer the recorded training=False fails to protect is one the recipe
+            # keeps training on purpose.
+            prefix = finding.path + "/"
+            training = [
+                s.layer.path
+                for s in self.report.batchnorm
+                if (s.layer.path == finding.path or s.layer.path.startswith(prefix))
+                and s.in_fit.normalizes_with is Normalization.BATCH
+            ]
+            return bool(training) and set(training) <= intended
+        return False
 
 
 # -- public entry points --------------------------------------------------------------------
@@ -352,6 +390,12 @@ def check_output(request: EditRequest) -> EditRequest:
 
     source = Path(request.model)
     output = request.output
+    if request.in_place and source.is_dir():
+        raise OutputError(
+            f"--in-place cannot rewrite the folder {source}: bnfreeze writes an edited unzipped "
+            ".keras folder as a .keras file, the format model.save('x.keras') writes.",
+            hint="Give -o OUT.keras instead; keras.models.load_model('OUT.keras') loads it.",
+        )
     if request.in_place:
         if output is not None and not _same_file(source, Path(output)):
             raise OutputError(
@@ -387,6 +431,12 @@ def _check_output_suffix(request: EditRequest, model: ModelFile) -> None:
     allowed = OUTPUT_SUFFIXES.get(model.format)
     if allowed is None or request.output.lower().endswith(allowed):
         return
+    if model.format is ModelFormat.KERAS_DIR:
+        raise OutputError(
+            f"-o {request.output}: an edited unzipped .keras folder is written as a .keras "
+            "file, so its name must end in .keras (Keras 3 load_model chooses the format by it).",
+            hint="Unzip the result if you need a folder again.",
+        )
     raise OutputError(
         f"-o {request.output}: a {model.format.json_name} model must be saved under a name "
         f"ending in {' or '.join(allowed)}; Keras 3 load_model chooses the format by it.",
@@ -531,6 +581,7 @@ def _config_route(
             optimizer_variables_dropped=dropped,
             input_bytes=input_bytes,
             output_bytes=size,
+            assignment=request.assignment,
         )
 
     previewed: list[EditResult] = []

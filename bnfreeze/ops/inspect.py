@@ -41,6 +41,18 @@ def inspect_model_file(model: ModelFile, runtime: Runtime = Runtime.KERAS3) -> R
         read_values=(lambda names: read_values(model, names)) if index is not None else None,
         runtime=runtime,
     )
+    if runtime is Runtime.KERAS3 and (model.keras_version or "").startswith(("2.", "1.")):
+        tf_keras_trainable = modes.loaded_model_trainable(
+            walked.class_name, walked.trainable, Runtime.TF_KERAS
+        )
+        other = modes.resolve(
+            walked.layers,
+            model_trainable=tf_keras_trainable,
+            has_weights=has_weights,
+            runtime=Runtime.TF_KERAS,
+            loaded=model.format is not ModelFormat.MEMORY,
+        )
+        findings += tuple(diagnostics.keras2_hint(model, states, other))
     return Report(
         model=model,
         runtime=runtime,

@@ -51,12 +51,14 @@ from bnfreeze.errors import BnfreezeError, ModelFormatError, OutputError, Select
 from bnfreeze.model import diagnostics, modes
 from bnfreeze.model.assignments import Assignment, Change, Flags, assign, changes, current_flags
 from bnfreeze.model.records import (
+    Finding,
     LayerKind,
     LayerRecord,
     ModelFile,
     ModelFormat,
     Report,
     Runtime,
+    WarningCode,
     WeightIndex,
 )
 from bnfreeze.model.walk import OTHER_NORMALIZATION_CLASSES, walk
@@ -574,6 +576,14 @@ def edit(request: Any, progress: loading.ProgressFn | None = None) -> Any:
     out_fmt = save_format(request.output) if request.output is not None else None
     saved = read_model(source)  # bad files get the readers' errors, before TensorFlow
     loading.refuse_unsafe(saved.config, source, unsafe=request.unsafe)
+    if saved.format is ModelFormat.KERAS_DIR and str(source).rstrip("/").endswith(".keras"):
+        # Keras 3 opens any path ending in .keras as a zip file: IsADirectoryError.
+        raise ModelFormatError(
+            f"{source}: Keras 3 cannot load a folder whose name ends in .keras (it opens the "
+            "path as a zip file).",
+            hint="Use --engine config (the default), which edits the folder without Keras and "
+            "writes a .keras file, or rename the folder.",
+        )
     loading.require_runtime(Runtime.KERAS3)  # one line naming the extra, before any progress
 
     with loading.quiet():
@@ -589,7 +599,17 @@ def edit(request: Any, progress: loading.ProgressFn | None = None) -> Any:
             )
 
         progress(f"loading {source}")
-        model = load(source, True)
+        uncompiled: str | None = None
+        try:
+            model = load(source, True)
+        except BnfreezeError as exc:
+            if not saved.compiled:
+                raise
+            # A compile config Keras 3 cannot rebuild (a Keras 2 training_config with "lr",
+            # a loss it cannot deserialize) must not stop a flag edit: the model itself loads.
+            model = load(source, False)
+            uncompiled = exc.message
+            progress("Keras could not rebuild the saved compile config; loaded with compile=False")
         live = live_model(model)
         done = edit_live(live, request.assignment, request.selection.apply, dry_run=request.dry_run)
         optimizer = file_edit.optimizer_decision(
@@ -635,12 +655,14 @@ def edit(request: Any, progress: loading.ProgressFn | None = None) -> Any:
             saved.optimizer_variables,
             output=request.output,
             dry_run=request.dry_run,
-        ),
+        )
+        + _uncompiled_warning(uncompiled, request.output if write else None),
         optimizer_state=optimizer,
         optimizer_variables=saved.optimizer_variables,
         optimizer_variables_dropped=dropped,
         input_bytes=_size(source),
         output_bytes=output_bytes,
+        assignment=request.assignment,
     )
 
 
@@ -649,3 +671,19 @@ def _size(path: str) -> int:
     if p.is_dir():
         return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
     return p.stat().st_size
+
+
+def _uncompiled_warning(reason: str | None, output: str | None) -> tuple[Finding, ...]:
+    """Say that the model was loaded with ``compile=False``, and what that means for OUT."""
+    if reason is None:
+        return ()
+    saved = f"{output} is saved without a compile config" if output else "nothing is written"
+    return (
+        Finding(
+            WarningCode.RECOMPILE_REQUIRED,
+            None,
+            f"Keras 3 cannot rebuild the saved compile config ({reason}), so the model was "
+            f"loaded with compile=False and {saved}: call compile() with your optimizer and "
+            "loss before fit().",
+        ),
+    )

@@ -7,13 +7,13 @@ matters)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from bnfreeze.errors import ModelFormatError
+from bnfreeze.errors import BnfreezeError, ModelFormatError
 from bnfreeze.formats.readers._keras_common import check_model_config, parse_json
-from bnfreeze.model.records import ModelFile, ModelFormat, WeightIndex
+from bnfreeze.model.records import LayerRecord, ModelFile, ModelFormat, WeightIndex
 
 
 def _text(value: Any) -> str | None:
@@ -39,6 +39,86 @@ def layer_path_of(group: str, weight_name: str) -> str:
     return f"{group}/{layer}"
 
 
+class WeightOwners:
+    """Finds the layer a ``weight_names`` entry of one top-level group belongs to.
+
+    ``candidates`` are the group's own record and every record below it. The schemes found in
+    files, each measured or taken from a real file:
+
+    * ``bn/gamma:0``, ``group/inner/kernel:0``: the path itself, or the path below the group;
+    * ``deep/kernel:0`` in group ``mid`` for layer ``mid/inner/deep`` (tf_keras leaves out
+      the nested model's name), ``bn_bn/bn1/gamma`` (Keras 3 names a variable after the name
+      scope it was built in), ``lstm/lstm_cell/kernel`` (an inner cell): the layer whose path
+      ends with the longest prefix of the scope, which must be unique;
+    * ``seq/dense/kernel:0``: the same after leading names that are no layer (a model-name
+      prefix);
+    * ``bil/forward_lstm/lstm_cell/kernel:0``: Bidirectional names its two copies of the
+      wrapped layer ``forward_<name>`` and ``backward_<name>``; both are the config's
+      ``layer`` unless it records a ``backward_layer``;
+    * ``batch_normalization_1_1/gamma:0`` in group ``batch_normalization_1`` (Keras 2.0-era
+      files: TensorFlow uniquified the name scope with a ``_N`` suffix): the group's layer.
+    """
+
+    def __init__(self, group: str, candidates: Sequence[LayerRecord]) -> None:
+        self.group = group
+        self.by_path = {r.path: r for r in candidates}
+        self.by_suffix: dict[str, list[LayerRecord]] = {}
+        for record in candidates:
+            parts = record.path.split("/")
+            for i in range(1, len(parts)):
+                self.by_suffix.setdefault("/".join(parts[i:]), []).append(record)
+        for record in candidates:
+            if record.class_name != "Bidirectional":
+                continue
+            inner = [r for r in candidates if r.parent == record.path]
+            if not inner:
+                continue
+            forward, backward = inner[0], inner[-1]
+            for alias, target in (
+                (f"forward_{forward.name}", forward),
+                (f"backward_{forward.name}", backward),
+                (f"backward_{backward.name}", backward),
+            ):
+                self.by_path.setdefault(f"{record.path}/{alias}", target)
+                self.by_suffix.setdefault(f"{record.name}/{alias}", []).append(target)
+
+    def owner(self, weight_name: str) -> tuple[LayerRecord | None, str]:
+        """The owning record, or None and why not (no match, or several)."""
+        scope = weight_name.split("/")[:-1] or [self.group]
+        found, why = self._match(scope)
+        if found is not None or why:
+            return found, why
+        first = scope[0]
+        stem = first.rsplit("_", 1)[0]
+        if first != self.group and first.rsplit("_", 1)[-1].isdigit() and stem == self.group:
+            found, why = self._match([self.group, *scope[1:]])
+            if found is not None or why:
+                return found, why
+        for start in range(1, len(scope)):
+            found, why = self._match(scope[start:])
+            if found is not None or why:
+                return found, why
+        return None, ""
+
+    def _match(self, scope: list[str]) -> tuple[LayerRecord | None, str]:
+        for k in range(len(scope), 0, -1):
+            ref = "/".join(scope[:k])
+            exact = {
+                id(self.by_path[p]): self.by_path[p]
+                for p in (ref, f"{self.group}/{ref}")
+                if p in self.by_path
+            }
+            if len(exact) == 1:
+                return next(iter(exact.values())), ""
+            suffix = {id(r): r for r in self.by_suffix.get(ref, [])}
+            if len(suffix) == 1:
+                return next(iter(suffix.values())), ""
+            if len(suffix) > 1:
+                paths = ", ".join(r.path for r in list(suffix.values())[:4])
+                return None, f"candidates: {paths}"
+        return None, ""
+
+
 def read(path: Path, *, weights: bool = True) -> ModelFile:
     with _opened(path) as h5:
         return _read_open(h5, path, str(path), weights)
@@ -48,7 +128,7 @@ def index(path: Path) -> WeightIndex | None:
     """Index the weights of a file already read with ``weights=False`` (see
     :func:`bnfreeze.formats.readers.with_weights`)."""
     with _opened(path) as h5:
-        return _index(h5)
+        return _index(h5, _read_open(h5, path, str(path), weights=False).config)
 
 
 @contextlib.contextmanager
@@ -99,7 +179,7 @@ def _read_open(h5: Any, path: Path, source: str, weights: bool) -> ModelFile:
     opt = h5.get("optimizer_weights")
     if isinstance(opt, h5py_group_type()):
         optimizer_variables = _attribute_length(opt, "weight_names")
-    index = _index(h5) if weights else None
+    index = _index(h5, config) if weights else None
     return ModelFile(
         path=source,
         format=ModelFormat.H5,
@@ -127,18 +207,34 @@ def h5py_group_type() -> type:
     return h5py.Group
 
 
-def _index(h5: Any) -> WeightIndex | None:
+def _records(config: dict[str, Any] | None) -> tuple[LayerRecord, ...]:
+    """The walked layers, or none when the config cannot be walked (the index then falls
+    back to the names alone; inspect reports the config's problem itself)."""
+    from bnfreeze.model.walk import walk
+
+    if config is None:
+        return ()
+    try:
+        return walk(config).layers
+    except BnfreezeError:
+        return ()
+
+
+def _index(h5: Any, config: dict[str, Any] | None = None) -> WeightIndex | None:
     root = h5.get("model_weights")
     if root is None:
         return None
+    records = _records(config)
     variables: dict[str, list[str]] = {}
     for group in names(root.attrs.get("layer_names")):
         variables.setdefault(group, [])
         layer_group = root.get(group)
         if layer_group is None:
             continue
+        below = [r for r in records if r.path == group or r.path.startswith(group + "/")]
+        owners = WeightOwners(group, below)
         for weight_name in names(layer_group.attrs.get("weight_names")):
-            variables.setdefault(layer_path_of(group, weight_name), []).append(
-                f"/model_weights/{group}/{weight_name}"
-            )
+            owner, _ = owners.owner(weight_name)
+            path = owner.path if owner is not None else layer_path_of(group, weight_name)
+            variables.setdefault(path, []).append(f"/model_weights/{group}/{weight_name}")
     return WeightIndex(variables={k: tuple(v) for k, v in variables.items()})

@@ -34,6 +34,8 @@ from bnfreeze.model.records import LayerRecord, ModelFile, ModelFormat
 #: The module that holds each format's ``WRITER``. Imported lazily, on first use.
 WRITER_MODULES: dict[ModelFormat, str] = {
     ModelFormat.KERAS: "bnfreeze.formats.writers.keras_zip",
+    # An unzipped folder is written as a .keras archive (see that module).
+    ModelFormat.KERAS_DIR: "bnfreeze.formats.writers.keras_dir",
     ModelFormat.H5: "bnfreeze.formats.writers.legacy_h5",
 }
 

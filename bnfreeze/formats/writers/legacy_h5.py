@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from bnfreeze.errors import BnfreezeError, ModelFormatError, OutputError
+from bnfreeze.formats.readers.legacy_h5 import WeightOwners
 from bnfreeze.formats.readers.legacy_h5 import names as attr_names
 from bnfreeze.formats.writers import WriteOutcome, WriteRequest, verify_flags
 from bnfreeze.model.assignments import Flags, current_flags
@@ -138,40 +139,20 @@ def _by_top_level(layers: Sequence[LayerRecord]) -> dict[str, list[LayerRecord]]
 
 
 class _Owners:
-    """Finds the layer a ``weight_names`` entry belongs to, by path and by path suffix.
-
-    Keras 3 names a variable after the name scope it was built in: ``bn_bn/bn1/gamma`` for a
-    Sequential that built its layers itself, ``bn1/gamma`` for a Functional built on its own
-    first, ``lstm/lstm_cell/kernel`` for a layer with an inner cell. The owner is the layer
-    whose path is, or ends with, the longest prefix of that scope, and it must be unique.
-    """
+    """The layer a ``weight_names`` entry belongs to (the reader's
+    :class:`~bnfreeze.formats.readers.legacy_h5.WeightOwners`), or :class:`H5RewriteError`."""
 
     def __init__(self, group: str, candidates: Sequence[LayerRecord]) -> None:
         self.group = group
-        self.by_path = {r.path: r for r in candidates}
-        self.by_suffix: dict[str, list[LayerRecord]] = {}
-        for record in candidates:
-            parts = record.path.split("/")
-            for i in range(1, len(parts)):
-                self.by_suffix.setdefault("/".join(parts[i:]), []).append(record)
+        self.owners = WeightOwners(group, candidates)
 
     def __call__(self, weight_name: str) -> LayerRecord:
-        scope = weight_name.split("/")[:-1] or [self.group]
-        for k in range(len(scope), 0, -1):
-            ref = "/".join(scope[:k])
-            exact = {p: self.by_path[p] for p in (ref, f"{self.group}/{ref}") if p in self.by_path}
-            if len(exact) == 1:
-                return next(iter(exact.values()))
-            suffix = self.by_suffix.get(ref, [])
-            if len(suffix) == 1:
-                return suffix[0]
-            if len(suffix) > 1:
-                raise H5RewriteError(
-                    f"cannot tell which layer of {self.group!r} owns weight {weight_name!r} "
-                    f"(candidates: {', '.join(r.path for r in suffix[:4])})."
-                )
+        owner, why = self.owners.owner(weight_name)
+        if owner is not None:
+            return owner
+        detail = f" ({why})" if why else ""
         raise H5RewriteError(
-            f"cannot tell which layer of {self.group!r} owns weight {weight_name!r}."
+            f"cannot tell which layer of {self.group!r} owns weight {weight_name!r}{detail}."
         )
 
 
