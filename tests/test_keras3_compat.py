@@ -153,7 +153,7 @@ def test_runtime_tf_keras_predicts_what_tf_keras_does(tf_keras_files):
     bn3 = next(layer for layer in keras3["layers"] if layer["path"] == "bn")["in_fit"]
     bn2 = next(layer for layer in tfk["layers"] if layer["path"] == "bn")["in_fit"]
     assert (bn3["normalizes_with"], bn2["normalizes_with"]) == ("batch", "moving")
-    assert keras3["runtime"] == "keras3" and tfk["runtime"] == "tf-keras"
+    assert keras3["runtime"]["name"] == "keras3" and tfk["runtime"]["name"] == "tf-keras"
     hint = [w["message"] for w in keras3["warnings"] if w["code"] == "saved-by-keras-2"]
     assert len(hint) == 1 and "--runtime tf-keras" in hint[0] and "1 BN layer(s)" in hint[0]
     assert codes(tfk, "saved-by-keras-2") == []
