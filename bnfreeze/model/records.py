@@ -62,6 +62,7 @@ class WarningCode(enum.Enum):
     UNKNOWN_LAYER = "unknown-layer"
     MODEL_NOT_TRAINABLE = "model-not-trainable"
     RECOMPILE_REQUIRED = "recompile-required"  # freeze/unfreeze changed flags (SEMANTICS §4)
+    RECORDED_FLAGS = "recorded-flags"  # flags Keras cannot save, in bnfreeze.json
 
 
 @dataclass(frozen=True)
