@@ -74,6 +74,13 @@ SAVE_FORMATS: dict[str, ModelFormat] = {
 
 _BUILTIN_PREFIXES = ("keras", "tf_keras", "tensorflow")
 
+#: What to do when a legacy .h5 output cannot hold the edit.
+H5_HINT = (
+    "Nothing was written. Save as .keras instead (-o model.keras): for the layers a model "
+    "builds in code, bnfreeze records their flags in it, and bnfreeze.load_model('model.keras') "
+    "sets them again after loading."
+)
+
 
 # -------------------------------------------------------------------------- live layers
 
@@ -518,7 +525,19 @@ def save(
                 finally:
                     stripped.unlink(missing_ok=True)
             progress("loading the saved model back to check it")
-            recorded[0] = check_saved(live, reload(scratch), str(output), fmt=fmt)
+            try:
+                reloaded = reload(scratch)
+            except BnfreezeError as exc:
+                if fmt is not ModelFormat.H5:
+                    raise
+                # Measured: with flags set inside a custom layer, Keras's legacy .h5 writer
+                # stores that layer's weights in an order its reader does not expect.
+                raise OutputError(
+                    f"{output}: Keras cannot load the legacy .h5 file it just wrote for this "
+                    f"model ({exc.message})",
+                    hint=H5_HINT,
+                ) from None
+            recorded[0] = check_saved(live, reloaded, str(output), fmt=fmt)
             if recorded[0] is not None:
                 recorded_flags.add(scratch, recorded[0])
             os.replace(scratch, tmp)
@@ -567,9 +586,7 @@ def check_saved(
                 f"{output}: Keras does not save the trainable flag of {shown}: the file would "
                 "load with the old flag again. Keras stores only what a model's config lists, "
                 f"and {type(live.model).__name__} builds these layers in code.",
-                hint="Nothing was written. Save as .keras instead (-o model.keras): bnfreeze "
-                "records the flags in it, and bnfreeze.load_model('model.keras') sets them "
-                "again after loading.",
+                hint=H5_HINT,
             )
         recorded = record_flags(live.model)
         apply_recorded(reloaded, recorded, output)
