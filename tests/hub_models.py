@@ -12,9 +12,9 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import keras  # noqa: E402
-import keras_hub  # noqa: E402
-import numpy as np  # noqa: E402
+import keras
+import keras_hub
+import numpy as np
 
 SHAPE = (16, 16, 3)
 
@@ -161,12 +161,17 @@ def measure(model) -> dict[str, int]:
     after = snapshot()
 
     def moved(a, b) -> int:
-        return sum(any(not np.array_equal(p, q) for p, q in zip(u, v)) for u, v in zip(a, b))
+        return sum(
+            any(not np.array_equal(p, q) for p, q in zip(u, v, strict=True))
+            for u, v in zip(a, b, strict=True)
+        )
 
     return {
         "bn": len(bns),
         "bn_stats_moved": moved(before[0], after[0]),
         "bn_gamma_beta_moved": moved(before[1], after[1]),
         "conv": len(convs),
-        "conv_moved": sum(not np.array_equal(p, q) for p, q in zip(before[2], after[2])),
+        "conv_moved": sum(
+            not np.array_equal(p, q) for p, q in zip(before[2], after[2], strict=True)
+        ),
     }

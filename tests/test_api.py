@@ -76,7 +76,7 @@ def test_import_is_lazy():
     code = (
         "import sys, bnfreeze\n"
         "assert issubclass(bnfreeze.RecompileWarning, UserWarning)\n"
-        "bnfreeze.freeze, bnfreeze.unfreeze, bnfreeze.recompile\n"
+        "bnfreeze.freeze, bnfreeze.unfreeze, bnfreeze.recompile, bnfreeze.load_model\n"
         "report = bnfreeze.inspect('sample_models/seed_bn.keras')\n"
         "assert report.bn_training_in_fit == 1\n"
         "heavy = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')]\n"
@@ -95,8 +95,9 @@ def test_public_names():
         "unfreeze",
         "recompile",
         "RecompileWarning",
+        "load_model",
     }
-    assert "freeze" in dir(bnfreeze)
+    assert "freeze" in dir(bnfreeze) and "load_model" in dir(bnfreeze)
     with pytest.raises(AttributeError):
         bnfreeze.no_such_name  # noqa: B018
 

@@ -104,6 +104,8 @@ def test_saving_records_the_flags_and_warns(frozen):
 
 # ------------------------------------------------------------------------------ fresh process
 
+CLI_KEYS = ("cli_efficientnet", "cli_custom_block")
+
 RELOAD = """
 import json, sys, warnings
 warnings.simplefilter("ignore")
@@ -137,8 +139,7 @@ def reloaded(frozen, cli_frozen):
 
 @pytest.mark.parametrize(
     "key",
-    ["resnet", "efficientnet", "task", "custom_block", "subclassed", "cli_efficientnet"]
-    + ["cli_custom_block"],
+    ["resnet", "efficientnet", "task", "custom_block", "subclassed", *CLI_KEYS],
 )
 def test_fresh_process_reload_keeps_bn_frozen_and_the_rest_trains(reloaded, key):
     measured = reloaded[key]["bnfreeze"]
@@ -257,5 +258,5 @@ def test_a_recorded_path_the_model_lacks_is_refused(frozen, tmp_path):
 
 def test_a_damaged_member_is_refused_before_keras_loads(frozen, tmp_path):
     _, _, path = frozen["custom_block"]
-    with pytest.raises(ModelFormatError, match="bnfreeze.json is not valid JSON"):
+    with pytest.raises(ModelFormatError, match=r"bnfreeze\.json is not valid JSON"):
         bnfreeze.load_model(_with_member(path, tmp_path, "{not json"))

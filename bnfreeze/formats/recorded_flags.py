@@ -14,10 +14,10 @@ records the flags Keras lost in one extra archive member, ``bnfreeze.json``::
 
 Keys are the paths Keras itself stores the layers' variables under in ``model.weights.h5``
 (its group paths: attribute names and class-based names, never the layer names Keras
-generates, which differ from one process to the next). :func:`bnfreeze.load_model` loads the archive with
-``keras.models.load_model`` and sets these flags again. Keras ignores the member: the archive
-loads, with no warning, like the one Keras wrote; but a plain ``keras.models.load_model``
-then gives the layers ``trainable=True`` again.
+generates, which differ from one process to the next). :func:`bnfreeze.load_model` loads the
+archive with ``keras.models.load_model`` and sets these flags again. Keras ignores the
+member: the archive loads, with no warning, like the one Keras wrote; but a plain
+``keras.models.load_model`` then gives the layers ``trainable=True`` again.
 
 This module reads and writes the member without Keras; :mod:`bnfreeze.runtime.keras_engine`
 computes the paths on a live model.
@@ -84,7 +84,9 @@ def parse(raw: bytes, source: str) -> RecordedFlags:
     ):
         raise ModelFormatError(f"{source}: {MEMBER} 'flags' is not a map of path to true/false.")
     version = data.get("keras_version")
-    return RecordedFlags(flags=dict(flags), keras_version=version if isinstance(version, str) else None)
+    return RecordedFlags(
+        flags=dict(flags), keras_version=version if isinstance(version, str) else None
+    )
 
 
 def read(path: str | os.PathLike[str]) -> RecordedFlags | None:

@@ -590,9 +590,13 @@ def check_saved(
             )
         recorded = record_flags(live.model)
         apply_recorded(reloaded, recorded, output)
-        still = [p for p, layer in want_layers.items() if got_layers[p].trainable != layer.trainable]
+        still = [
+            p for p, layer in want_layers.items() if got_layers[p].trainable != layer.trainable
+        ]
         if still:
-            raise OutputError(f"{output}: could not set the flag of {still[0]} again after loading.")
+            raise OutputError(
+                f"{output}: could not set the flag of {still[0]} again after loading."
+            )
     want, got = values_by_path(want_layers), values_by_path(got_layers)
     if want.keys() != got.keys():
         raise OutputError(f"{output}: the saved model does not hold the same variables.")
@@ -804,7 +808,9 @@ def edit(request: Any, progress: loading.ProgressFn | None = None) -> Any:
     )
 
 
-def recorded_flags_findings(recorded: RecordedFlags | None, output: str | None) -> tuple[Finding, ...]:
+def recorded_flags_findings(
+    recorded: RecordedFlags | None, output: str | None
+) -> tuple[Finding, ...]:
     """The warning an output with recorded flags carries: load it with bnfreeze.load_model."""
     if recorded is None or output is None:
         return ()
