@@ -260,3 +260,21 @@ def test_a_damaged_member_is_refused_before_keras_loads(frozen, tmp_path):
     _, _, path = frozen["custom_block"]
     with pytest.raises(ModelFormatError, match=r"bnfreeze\.json is not valid JSON"):
         bnfreeze.load_model(_with_member(path, tmp_path, "{not json"))
+
+
+# ------------------------------------------------------------------------------ the README
+
+
+def test_readme_example_runs(hub, tmp_path, monkeypatch, capsys):
+    """The README's "How to freeze them" example runs and prints what it claims."""
+    import re
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("### How to freeze them") :]
+    block = re.search(r"```python\n(.*?)```", section, re.S)
+    assert block is not None
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(block.group(1), "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == "6 of 6 BN layers in inference mode"
