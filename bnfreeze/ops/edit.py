@@ -461,17 +461,15 @@ def _snake_case(name: str) -> str:
 
 
 def _holds_layers(record: LayerRecord, datasets: Sequence[str]) -> bool:
-    """Whether a layer's weight datasets sit below groups of sublayers: a leaf's are all
-    ``.../<its class, snake_case>[_N]/vars/<i>``."""
-    if not datasets:
-        return False
-    if any("/vars/" not in d for d in datasets):
-        return True
-    groups = {d.rsplit("/vars/", 1)[0] for d in datasets}
-    if len(groups) != 1:
-        return True
-    last = groups.pop().rsplit("/", 1)[-1]
-    return re.fullmatch(rf"{re.escape(_snake_case(record.class_name))}(_\d+)?", last) is None
+    """Whether a layer's weight datasets sit in groups below its own group: Keras names that
+    group for the layer's class (``res_block``, ``res_block_1``), and a sublayer's variables
+    go below it (``layers/res_block/bn1/vars/0``). Only that positive evidence counts."""
+    own = re.compile(rf"{re.escape(_snake_case(record.class_name))}(_\d+)?")
+    for dataset in datasets:
+        group = dataset.rsplit("/vars/", 1)[0] if "/vars/" in dataset else dataset
+        if any(own.fullmatch(part) for part in group.strip("/").split("/")[:-1]):
+            return True
+    return False
 
 
 def custom_batchnorm_limit(assignment: Assignment, selected: Sequence[LayerRecord]) -> str | None:
