@@ -573,10 +573,13 @@ def check_saved(
     want_layers, got_layers = saved_paths(live.model), saved_paths(reloaded)
     if want_layers.keys() != got_layers.keys():
         raise OutputError(f"{output}: the saved model does not hold the same layers.")
+    # Leaves only: a container's own flag does not decide what trains on Keras 3 (each
+    # variable's layer does), and Keras drops a nested Sequential's own flag on load.
+    leaves = [p for p in want_layers if not any(q.startswith(p + "/") for q in want_layers)]
     lost = [
         path
-        for path, layer in want_layers.items()
-        if bool(got_layers[path].trainable) is not bool(layer.trainable)
+        for path in leaves
+        if bool(got_layers[path].trainable) is not bool(want_layers[path].trainable)
     ]
     recorded = None
     if lost:
@@ -590,9 +593,7 @@ def check_saved(
             )
         recorded = record_flags(live.model)
         apply_recorded(reloaded, recorded, output)
-        still = [
-            p for p, layer in want_layers.items() if got_layers[p].trainable != layer.trainable
-        ]
+        still = [p for p in leaves if got_layers[p].trainable != want_layers[p].trainable]
         if still:
             raise OutputError(
                 f"{output}: could not set the flag of {still[0]} again after loading."
@@ -627,9 +628,9 @@ def saved_paths(model: Any) -> dict[str, Any]:
     """
     keras = _keras()
     try:
-        from keras.src.saving import saving_lib
-        from keras.src.saving.keras_saveable import KerasSaveable
-        from keras.src.utils import naming
+        from keras.src.saving import saving_lib  # type: ignore[import-untyped]
+        from keras.src.saving.keras_saveable import KerasSaveable  # type: ignore[import-untyped]
+        from keras.src.utils import naming  # type: ignore[import-untyped]
     except ImportError as exc:  # pragma: no cover - a Keras without the walk
         raise BnfreezeError(
             f"this Keras ({keras.__version__}) does not expose the saving walk bnfreeze uses to "
