@@ -315,3 +315,24 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     assert printed[1].startswith("100 flags changed; RecompileWarning ")  # as the CLI: 100
     assert "'Unknown variable'" in printed[1]
     assert (tmp_path / "frozen.keras").is_file()
+
+
+# ------------------------------------------------------------------------------ load_model
+
+
+def test_load_model_without_recorded_flags_is_keras_load_model(samples):
+    """A file bnfreeze recorded nothing in loads exactly as keras.models.load_model loads it;
+    keyword arguments go to Keras unchanged."""
+    import keras
+
+    path = samples / "guide_pattern.keras"
+    ours = bnfreeze.load_model(path, compile=False)
+    theirs = keras.models.load_model(path, compile=False)
+    assert not ours.compiled
+    flags = [
+        {path: layer.trainable for path, layer in keras_engine.live_layers(m).items()}
+        for m in (ours, theirs)
+    ]
+    assert flags[0] == flags[1] and False in flags[0].values()
+    with pytest.raises(TypeError):
+        bnfreeze.load_model(path, no_such_argument=True)
