@@ -30,10 +30,13 @@ config is kept either way, so Keras compiles the loaded model with a fresh optim
 does for any compiled model saved before its first ``fit()``.
 
 A save is written to a temporary file in the destination folder, loaded back with Keras and
-compared with the edited model (every flag and every variable, by path) before it replaces the
-output. Keras does not store the flags of layers that a subclassed model creates in Python
-(measured: ``bn.trainable=False`` inside a subclassed model loads back as True); such an edit
-is refused with an explanation instead of writing a file that silently forgets it.
+compared with the edited model (every flag and every variable, by the path Keras saves it
+under, :func:`saved_paths`) before it replaces the output. Keras does not store the flags of
+layers a model builds in code: a keras-hub backbone's or task's, a custom layer's sublayers, a
+subclassed model's (measured: ``bn.trainable=False`` there loads back as True). For a ``.keras``
+output, every flag is then recorded in the archive's ``bnfreeze.json``
+(:mod:`bnfreeze.formats.recorded_flags`), which :func:`bnfreeze.load_model` applies after
+``keras.models.load_model``; a legacy ``.h5`` output cannot carry them and is refused.
 """
 
 from __future__ import annotations
