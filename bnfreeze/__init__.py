@@ -9,6 +9,8 @@ The Python API (see :mod:`bnfreeze.api`) takes a saved model's path or an in-mem
     bnfreeze.unfreeze(model_or_path, layers=..., from_=..., keep_bn_inference=...)
     bnfreeze.recompile(model)          # compile() again with a fresh optimizer
     bnfreeze.RecompileWarning          # a UserWarning subclass
+    bnfreeze.load_model(path, **kwargs)  # keras.models.load_model, then the trainable flags
+                                         # bnfreeze recorded for layers built in code
 
 Importing this package never imports TensorFlow or Keras; the names above are loaded on
 first use, and only the functions that need Keras import it, when called.
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 #: The public API, loaded lazily from bnfreeze.api (PEP 562).
-_API = ("inspect", "freeze", "unfreeze", "recompile", "RecompileWarning")
+_API = ("inspect", "freeze", "unfreeze", "recompile", "RecompileWarning", "load_model")
 
 __all__ = ["__version__", *_API]
 

@@ -10,6 +10,9 @@
     bnfreeze.recompile(model)                                  # a fresh optimizer, same settings
     model.fit(...)
 
+    bnfreeze.freeze(backbone, bn_inference=True, output="frozen.keras")  # a keras-hub model
+    model = bnfreeze.load_model("frozen.keras")    # keras.models.load_model + the flags again
+
 For a path, each function runs the same library code as the CLI command
 (:mod:`bnfreeze.ops.inspect`, :mod:`bnfreeze.ops.edit`) and returns the same objects. For an
 in-memory model, the flags are set on the live layers (:mod:`bnfreeze.runtime.keras_engine`); the
@@ -421,7 +424,7 @@ def _edit_memory(
         objects = _custom_objects_for(live, custom_objects)
         keep = decision in (file_edit.OptimizerState.UNCHANGED, file_edit.OptimizerState.KEPT)
         with loading.quiet():
-            output_bytes = keras_engine.save(
+            saved = keras_engine.save(
                 model,
                 output,
                 keep_optimizer=keep,
@@ -430,7 +433,12 @@ def _edit_memory(
                 ),
                 live=live,
             )
+        output_bytes = saved.size
         written = os.fspath(output)
+        recorded = keras_engine.recorded_flags_findings(saved.recorded, written)
+        findings.extend(recorded)
+        for finding in recorded:
+            warnings.warn(finding.message, UserWarning, stacklevel=4)
         findings.extend(
             f
             for f in file_edit.edit_warnings(
@@ -476,6 +484,42 @@ def _custom_objects_for(live: Any, given: str | Mapping[str, Any] | None) -> dic
     elif given:
         objects.update(given)
     return objects
+
+
+# ------------------------------------------------------------------------------ load_model
+
+
+def load_model(path: str | os.PathLike[str], **kwargs: Any) -> Any:
+    """``keras.models.load_model(path, **kwargs)``, then the trainable flags bnfreeze recorded
+    in the file set again; returns the ``keras.Model``.
+
+    Keras saves a layer's flag only where the model's config lists the layer. The layers a
+    keras-hub backbone or task, a custom layer (``self.bn1 = BatchNormalization()``) or a
+    subclassed model builds in code are built again by ``__init__`` on load and read
+    ``trainable=True``, whatever they were when saved. When ``bnfreeze freeze --engine keras``
+    or :func:`freeze` with ``output=`` writes such a model, it records every flag in the
+    archive's ``bnfreeze.json`` member, by the path Keras saves each layer's variables under
+    (:mod:`bnfreeze.formats.recorded_flags`); this function sets them again, a container
+    before its layers, so each layer ends with its own saved flag.
+
+    ``kwargs`` go to ``keras.models.load_model`` unchanged (``custom_objects``, ``compile``,
+    ``safe_mode``, ...). A file without recorded flags loads exactly as Keras loads it. A
+    recorded path the loaded model does not have (other code rebuilt it) raises
+    :class:`~bnfreeze.errors.ModelFormatError`; Keras's own errors propagate as they are.
+
+    The flags are set after Keras has compiled the model (for a file saved compiled), before
+    any ``fit()``: they reach the first training step (README, "keras-hub and code-built
+    models").
+    """
+    from bnfreeze.formats import recorded_flags
+    from bnfreeze.runtime import keras_engine, loading
+
+    recorded = recorded_flags.read(path)  # a damaged member fails before Keras loads
+    keras = loading.keras_module(Runtime.KERAS3)
+    model = keras.models.load_model(path, **kwargs)
+    if recorded is not None:
+        keras_engine.apply_recorded(model, recorded, os.fspath(path))
+    return model
 
 
 # ------------------------------------------------------------------------------ recompile

@@ -600,7 +600,9 @@ def edit_options(f: Any) -> Any:
             default="auto",
             show_default=True,
             help="config: rewrite the saved config, no TensorFlow; keras: load, set "
-            "flags and save through Keras; auto: config unless the model needs Keras.",
+            "flags and save through Keras (flags Keras does not save, as in keras-hub "
+            "models, are recorded in the .keras output: load it with bnfreeze.load_model); "
+            "auto: config unless the model needs Keras.",
         ),
         click.option(
             "--custom-objects",

@@ -76,7 +76,7 @@ def test_import_is_lazy():
     code = (
         "import sys, bnfreeze\n"
         "assert issubclass(bnfreeze.RecompileWarning, UserWarning)\n"
-        "bnfreeze.freeze, bnfreeze.unfreeze, bnfreeze.recompile\n"
+        "bnfreeze.freeze, bnfreeze.unfreeze, bnfreeze.recompile, bnfreeze.load_model\n"
         "report = bnfreeze.inspect('sample_models/seed_bn.keras')\n"
         "assert report.bn_training_in_fit == 1\n"
         "heavy = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')]\n"
@@ -95,8 +95,9 @@ def test_public_names():
         "unfreeze",
         "recompile",
         "RecompileWarning",
+        "load_model",
     }
-    assert "freeze" in dir(bnfreeze)
+    assert "freeze" in dir(bnfreeze) and "load_model" in dir(bnfreeze)
     with pytest.raises(AttributeError):
         bnfreeze.no_such_name  # noqa: B018
 
@@ -314,3 +315,24 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     assert printed[1].startswith("100 flags changed; RecompileWarning ")  # as the CLI: 100
     assert "'Unknown variable'" in printed[1]
     assert (tmp_path / "frozen.keras").is_file()
+
+
+# ------------------------------------------------------------------------------ load_model
+
+
+def test_load_model_without_recorded_flags_is_keras_load_model(samples):
+    """A file bnfreeze recorded nothing in loads exactly as keras.models.load_model loads it;
+    keyword arguments go to Keras unchanged."""
+    import keras
+
+    path = samples / "guide_pattern.keras"
+    ours = bnfreeze.load_model(path, compile=False)
+    theirs = keras.models.load_model(path, compile=False)
+    assert not ours.compiled
+    flags = [
+        {path: layer.trainable for path, layer in keras_engine.live_layers(m).items()}
+        for m in (ours, theirs)
+    ]
+    assert flags[0] == flags[1] and False in flags[0].values()
+    with pytest.raises(TypeError):
+        bnfreeze.load_model(path, no_such_argument=True)

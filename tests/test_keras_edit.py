@@ -165,32 +165,31 @@ def test_subclassed_model_dry_run_sees_live_layers(subclassed_keras, custom_laye
     assert result.output is None
 
 
-def test_subclassed_model_flags_that_keras_cannot_save_are_refused(
+def test_subclassed_model_flags_that_keras_cannot_save_are_recorded(
     subclassed_keras, custom_layers_file, tmp_path
 ):
-    """Keras does not store the flags of layers a subclassed model creates in Python: the
-    written file would silently load with bn trainable again. Refused, nothing written."""
+    """Keras does not store the flags of layers a subclassed model creates in Python: a plain
+    keras.models.load_model gives bn trainable again. The .keras output records them
+    (bnfreeze.json) and bnfreeze.load_model sets them again; the warning says so."""
+    import bnfreeze
+
     runner = CliRunner()
     out = tmp_path / "out.keras"
-    result = runner.invoke(
-        cli,
-        [
-            "freeze",
-            str(subclassed_keras),
-            "-o",
-            str(out),
-            "--bn-inference",
-            "--custom-objects",
-            str(custom_layers_file),
-        ],
-        catch_exceptions=False,
-    )
-    assert result.exit_code == 2
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1
-    assert "Keras does not save the trainable flag of bn" in errors[0]
+    args = ["freeze", str(subclassed_keras), "--bn-inference"]
+    args += ["--custom-objects", str(custom_layers_file), "-o", str(out)]
+    result = runner.invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
+    assert "bnfreeze.load_model(" in result.stderr
     assert "Traceback" not in result.stderr
-    assert files_in(tmp_path) == []
+    objects = objects_from(custom_layers_file)
+    assert load(out, objects).get_layer("bn").trainable is True  # Keras alone: the trap
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = bnfreeze.load_model(out, custom_objects=objects, compile=False)
+    assert loaded.get_layer("bn").trainable is False
+    assert [path for path, flag in keras_engine.record_flags(loaded).flags.items() if not flag] == [
+        "bn"
+    ]
 
 
 # ------------------------------------------------------------------------------ safety

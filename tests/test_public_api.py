@@ -7,7 +7,15 @@ import inspect
 
 import bnfreeze
 
-EXPORTS = ["__version__", "inspect", "freeze", "unfreeze", "recompile", "RecompileWarning"]
+EXPORTS = [
+    "__version__",
+    "inspect",
+    "freeze",
+    "unfreeze",
+    "recompile",
+    "RecompileWarning",
+    "load_model",
+]
 
 SIGNATURES = {
     "inspect": "(model_or_path: 'ModelOrPath', *, runtime: 'Runtime | None' = None) -> 'Report'",
@@ -17,7 +25,7 @@ SIGNATURES = {
         "output: 'str | os.PathLike[str] | None' = None, dry_run: 'bool' = False, "
         "in_place: 'bool' = False, keep_optimizer_state: 'bool' = False, "
         "engine: 'str' = 'auto', custom_objects: 'str | Mapping[str, Any] | None' = None, "
-        "unsafe: 'bool' = False) -> 'Any'"
+        "unsafe: 'bool' = False) -> 'EditResult'"
     ),
     "unfreeze": (
         "(model_or_path: 'ModelOrPath', *, layers: 'Sequence[str]' = (), "
@@ -25,9 +33,10 @@ SIGNATURES = {
         "output: 'str | os.PathLike[str] | None' = None, dry_run: 'bool' = False, "
         "in_place: 'bool' = False, keep_optimizer_state: 'bool' = False, "
         "engine: 'str' = 'auto', custom_objects: 'str | Mapping[str, Any] | None' = None, "
-        "unsafe: 'bool' = False) -> 'Any'"
+        "unsafe: 'bool' = False) -> 'EditResult'"
     ),
-    "recompile": "(model: 'Any') -> 'Any'",
+    "recompile": "(model: 'ModelT') -> 'ModelT'",
+    "load_model": "(path: 'str | os.PathLike[str]', **kwargs: 'Any') -> 'Any'",
 }
 
 

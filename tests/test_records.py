@@ -212,6 +212,14 @@ def _not_trainable(tmp: Path) -> set[WarningCode]:
     return _warnings(_archive(tmp, [layer("Dense", "d", units=2)], trainable=False))
 
 
+def _recorded_flags(tmp: Path) -> set[WarningCode]:
+    from bnfreeze.formats.recorded_flags import RecordedFlags
+    from bnfreeze.runtime.keras_engine import recorded_flags_findings
+
+    recorded = RecordedFlags({"layers/batch_normalization": False})
+    return {f.code for f in recorded_flags_findings(recorded, str(tmp / "m.keras"))}
+
+
 WARNINGS: dict[WarningCode, Callable[[Path], set[WarningCode]]] = {
     WarningCode.CALL_SITE_TRAINING_IGNORED: _call_site,
     WarningCode.TRAINABLE_BN_UNDER_FROZEN_CONTAINER: lambda tmp: _warnings(
@@ -224,6 +232,7 @@ WARNINGS: dict[WarningCode, Callable[[Path], set[WarningCode]]] = {
     WarningCode.RECOMPILE_REQUIRED: _recompile_required,
     WarningCode.KERAS3_INCOMPATIBLE: lambda tmp: _warnings(_keras2_archive(tmp)),
     WarningCode.SAVED_BY_KERAS2: lambda tmp: _warnings(_keras2_archive(tmp)),
+    WarningCode.RECORDED_FLAGS: _recorded_flags,
 }
 
 

@@ -65,6 +65,7 @@ class WarningCode(enum.Enum):
     RECOMPILE_REQUIRED = "recompile-required"
     KERAS3_INCOMPATIBLE = "keras3-incompatible"  # a layer config Keras 3's load_model refuses
     SAVED_BY_KERAS2 = "saved-by-keras-2"  # keras_version 2.x, predicted with Keras 3's rules
+    RECORDED_FLAGS = "recorded-flags"  # flags Keras cannot save, in bnfreeze.json
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ import contextlib
 import enum
 import importlib
 import os
+import re
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -82,6 +83,14 @@ OUTPUT_SUFFIXES: dict[ModelFormat, tuple[str, ...]] = {
 
 #: The Keras engine route: a module with ``edit(request) -> EditResult``.
 KERAS_ENGINE_MODULE = "bnfreeze.runtime.keras_engine"
+
+#: What the config route's refusal tells the user to do instead (``{model}``: the input).
+KERAS_ENGINE_HINT = (
+    "Use --engine keras (or auto): it loads the model with Keras, sets the flags on the live "
+    "layers and, for layers Keras does not save the flags of, records them in the .keras "
+    "output; load that with bnfreeze.load_model(path). For example: bnfreeze freeze {model} "
+    "--bn-inference --engine keras -o frozen.keras"
+)
 
 
 class Engine(enum.Enum):
@@ -349,12 +358,14 @@ def run(request: EditRequest) -> EditResult:
                 "the selection matches no layer whose flag can be set (only operations or "
                 "inputs, which store no trainable flag)."
             )
-        reason = custom_batchnorm_limit(request.assignment, selected)
+        reason = custom_batchnorm_limit(request.assignment, selected) or code_built_limit(
+            model, selected
+        )
     if reason is not None:
         if request.engine is Engine.CONFIG:
             raise BnfreezeError(
                 f"{model.path}: the config route cannot edit this model: {reason}.",
-                hint="Use --engine keras (or auto) to load it with Keras.",
+                hint=KERAS_ENGINE_HINT.format(model=model.path),
             )
         return _keras_engine(request, reason)
     targeted = tuple(r for r in selected if request.assignment.value_for(r) is not None)
@@ -454,6 +465,61 @@ def config_route_limit(
     if not lists_layers and str(model.config.get("class_name")) not in ("Functional", "Sequential"):
         return "it is a subclassed model whose config does not list its layers"
     return None
+
+
+def code_built_limit(model: ModelFile, selected: Sequence[LayerRecord]) -> str | None:
+    """Why the config route cannot edit ``selected`` of ``model`` (None when it can): layers
+    whose flags the saved config cannot carry.
+
+    * The file records flags bnfreeze set on such layers (``bnfreeze.json``): a config edit
+      would leave those records stale; the Keras engine rewrites them.
+    * A selected custom layer holds layers it builds in code (``self.bn1 =
+      BatchNormalization()``), which its weights show as groups below its own: Keras builds
+      them again on load with ``trainable=True``, whatever the custom layer's flag says
+      (README, "keras-hub and code-built models").
+    """
+    from bnfreeze.formats import recorded_flags
+
+    if model.format is ModelFormat.KERAS and recorded_flags.has_member(model.path):
+        return (
+            f"it records trainable flags Keras does not save ({recorded_flags.MEMBER}), "
+            "which only the Keras engine rewrites"
+        )
+    custom = [r for r in selected if r.custom]
+    if not custom:
+        return None
+    if model.weights is None:  # a .keras archive is read unindexed; index it only for this
+        from bnfreeze.formats.readers import with_weights
+
+        model = with_weights(model)
+    index = model.weights.variables if model.weights is not None else {}
+    holders = [r for r in custom if _holds_layers(r, index.get(r.path, ()))]
+    if not holders:
+        return None
+    names = ", ".join(f"{r.path} ({r.class_name})" for r in holders[:3])
+    return (
+        f"the custom layer(s) {names} hold layers built in code, whose trainable flags Keras "
+        "does not save"
+    )
+
+
+def _snake_case(name: str) -> str:
+    """Keras's ``naming.to_snake_case``: the group name it saves a layer of a list under."""
+    name = re.sub(r"\W+", "", name)
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def _holds_layers(record: LayerRecord, datasets: Sequence[str]) -> bool:
+    """Whether a layer's weight datasets sit in groups below its own group: Keras names that
+    group for the layer's class (``res_block``, ``res_block_1``), and a sublayer's variables
+    go below it (``layers/res_block/bn1/vars/0``). Only that positive evidence counts."""
+    own = re.compile(rf"{re.escape(_snake_case(record.class_name))}(_\d+)?")
+    for dataset in datasets:
+        group = dataset.rsplit("/vars/", 1)[0] if "/vars/" in dataset else dataset
+        if any(own.fullmatch(part) for part in group.strip("/").split("/")[:-1]):
+            return True
+    return False
 
 
 def custom_batchnorm_limit(assignment: Assignment, selected: Sequence[LayerRecord]) -> str | None:

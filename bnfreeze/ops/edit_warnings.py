@@ -18,8 +18,12 @@ def edit_warnings(
     output: str | None,
     dry_run: bool,
     model_format: ModelFormat = ModelFormat.KERAS,
+    loader: str = "keras.models.load_model",
 ) -> tuple[Finding, ...]:
-    """What the user must know after an edit: compile() again, and the optimizer state."""
+    """What the user must know after an edit: compile() again, and the optimizer state.
+
+    ``loader`` is what the output must be loaded with: ``bnfreeze.load_model`` when the
+    output records flags Keras does not save (:mod:`bnfreeze.formats.recorded_flags`)."""
     if not changes_made:
         return ()
     target = output or "the model"
@@ -29,7 +33,7 @@ def edit_warnings(
             WarningCode.RECOMPILE_REQUIRED,
             None,
             f"{len(changes_made)} trainable flag(s) changed. Load {target} with "
-            "keras.models.load_model and call compile() again with a NEW optimizer before "
+            f"{loader} and call compile() again with a NEW optimizer before "
             "fit(): a model already compiled or trained in memory ignores flag changes until "
             "it is recompiled, and reusing its built optimizer fails with 'Unknown variable' "
             "(bnfreeze explain, rule 4).",

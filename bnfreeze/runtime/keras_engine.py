@@ -31,10 +31,13 @@ config is kept either way, so Keras compiles the loaded model with a fresh optim
 does for any compiled model saved before its first ``fit()``.
 
 A save is written to a temporary file in the destination folder, loaded back with Keras and
-compared with the edited model (every flag and every variable, by path) before it replaces the
-output. Keras does not store the flags of layers that a subclassed model creates in Python
-(measured: ``bn.trainable=False`` inside a subclassed model loads back as True); such an edit
-is refused with an explanation instead of writing a file that silently forgets it.
+compared with the edited model (every flag and every variable, by the path Keras saves it
+under, :func:`saved_paths`) before it replaces the output. Keras does not store the flags of
+layers a model builds in code: a keras-hub backbone's or task's, a custom layer's sublayers, a
+subclassed model's (measured: ``bn.trainable=False`` there loads back as True). For a ``.keras``
+output, every flag is then recorded in the archive's ``bnfreeze.json``
+(:mod:`bnfreeze.formats.recorded_flags`), which :func:`bnfreeze.load_model` applies after
+``keras.models.load_model``; a legacy ``.h5`` output cannot carry them and is refused.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ from pathlib import Path
 from typing import Any
 
 from bnfreeze.errors import BnfreezeError, ModelFormatError, OutputError, SelectionError
+from bnfreeze.formats.recorded_flags import MEMBER as RECORDED_MEMBER
+from bnfreeze.formats.recorded_flags import RecordedFlags
 from bnfreeze.model import diagnostics, modes
 from bnfreeze.model.assignments import Assignment, Change, Flags, assign, changes, current_flags
 from bnfreeze.model.records import (
@@ -72,6 +77,13 @@ SAVE_FORMATS: dict[str, ModelFormat] = {
 }
 
 _BUILTIN_PREFIXES = ("keras", "tf_keras", "tensorflow")
+
+#: What to do when a legacy .h5 output cannot hold the edit.
+H5_HINT = (
+    "Nothing was written. Save as .keras instead (-o model.keras): for the layers a model "
+    "builds in code, bnfreeze records their flags in it, and bnfreeze.load_model('model.keras') "
+    "sets them again after loading."
+)
 
 
 # -------------------------------------------------------------------------- live layers
@@ -467,6 +479,16 @@ def _optimizer_for_saving(model: Any, fmt: ModelFormat, keep: bool) -> Iterator[
         model.optimizer = optimizer
 
 
+@dataclass(frozen=True)
+class Saved:
+    """What :func:`save` wrote."""
+
+    size: int
+    #: The flags recorded in the archive's ``bnfreeze.json`` because Keras does not save
+    #: them; None when Keras kept every flag.
+    recorded: RecordedFlags | None = None
+
+
 def save(
     model: Any,
     output: str | os.PathLike[str],
@@ -475,17 +497,21 @@ def save(
     reload: Callable[[Path], Any],
     live: LiveModel | None = None,
     progress: loading.ProgressFn = loading.no_progress,
-) -> int:
-    """Save ``model`` to ``output`` atomically and return the size written.
+) -> Saved:
+    """Save ``model`` to ``output`` atomically.
 
     The file is written beside ``output``, loaded back with ``reload`` and compared with
-    ``model`` (every flag and every variable, by path) before it replaces ``output``.
+    ``model`` (every flag and every variable, by path) before it replaces ``output``. The
+    flags Keras does not save (see :func:`check_saved`) are recorded in a ``bnfreeze.json``
+    member (:mod:`bnfreeze.formats.recorded_flags`), which :func:`bnfreeze.load_model` reads.
     """
+    from bnfreeze.formats import recorded_flags
     from bnfreeze.formats.atomic import write_atomically
 
     fmt = save_format(output)
     suffix = Path(output).suffix.lower()
     live = live if live is not None else live_model(model)
+    recorded: list[RecordedFlags | None] = [None]
 
     def produce(tmp: Path) -> None:
         scratch = tmp.with_name(tmp.name + suffix)  # Keras picks the format by the ending
@@ -503,7 +529,21 @@ def save(
                 finally:
                     stripped.unlink(missing_ok=True)
             progress("loading the saved model back to check it")
-            check_saved(live, reload(scratch), str(output))
+            try:
+                reloaded = reload(scratch)
+            except BnfreezeError as exc:
+                if fmt is not ModelFormat.H5:
+                    raise
+                # Measured: with flags set inside a custom layer, Keras's legacy .h5 writer
+                # stores that layer's weights in an order its reader does not expect.
+                raise OutputError(
+                    f"{output}: Keras cannot load the legacy .h5 file it just wrote for this "
+                    f"model ({exc.message})",
+                    hint=H5_HINT,
+                ) from None
+            recorded[0] = check_saved(live, reloaded, str(output), fmt=fmt)
+            if recorded[0] is not None:
+                recorded_flags.add(scratch, recorded[0])
             os.replace(scratch, tmp)
         finally:
             scratch.unlink(missing_ok=True)
@@ -514,35 +554,55 @@ def save(
         written = read_model(tmp, weights=False)
         if written.compiled != bool(getattr(model, "compiled", False)):
             raise OutputError(f"{output}: the saved file lost or gained its compile config.")
+        if recorded[0] is not None and recorded_flags.read(tmp) != recorded[0]:
+            raise OutputError(f"{output}: the recorded flags did not survive the write.")
 
-    return write_atomically(output, produce, verify)
+    size = write_atomically(output, produce, verify)
+    return Saved(size=size, recorded=recorded[0])
 
 
-def check_saved(live: LiveModel, reloaded: Any, output: str) -> None:
-    """Compare a reloaded model with the edited one: every flag and every variable by path."""
+def check_saved(
+    live: LiveModel, reloaded: Any, output: str, *, fmt: ModelFormat = ModelFormat.KERAS
+) -> RecordedFlags | None:
+    """Compare a reloaded model with the edited one: every flag and every variable, by the
+    path Keras saves it under (:func:`saved_paths`).
+
+    When Keras lost flags (a layer that code builds: a keras-hub model's, a custom layer's
+    sublayers, a subclassed model's), returns the :class:`RecordedFlags` that set them again,
+    already applied to ``reloaded`` (for a ``.keras`` output, which can carry them); a legacy
+    ``.h5`` output cannot, and is refused. Returns None when Keras kept every flag.
+    """
     import numpy as np
 
-    again = live_layers(reloaded)
-    lost = []
-    for record in live.records:
-        if record.kind in (LayerKind.CONTAINER, LayerKind.WRAPPER, LayerKind.INPUT):
-            continue
-        layer = live.layers.get(record.path)
-        if layer is None:
-            continue
-        other = again.get(record.path)
-        if other is None or bool(other.trainable) is not bool(layer.trainable):
-            lost.append(record.path)
+    want_layers, got_layers = saved_paths(live.model), saved_paths(reloaded)
+    if want_layers.keys() != got_layers.keys():
+        raise OutputError(f"{output}: the saved model does not hold the same layers.")
+    # Leaves only: a container's own flag does not decide what trains on Keras 3 (each
+    # variable's layer does), and Keras drops a nested Sequential's own flag on load.
+    leaves = [p for p in want_layers if not any(q.startswith(p + "/") for q in want_layers)]
+    lost = [
+        path
+        for path in leaves
+        if bool(got_layers[path].trainable) is not bool(want_layers[path].trainable)
+    ]
+    recorded = None
     if lost:
         shown = ", ".join(lost[:3]) + (f" and {len(lost) - 3} more" if len(lost) > 3 else "")
-        raise BnfreezeError(
-            f"{output}: Keras does not save the trainable flag of {shown}: the file would load "
-            "with the old flag again. Keras stores only what a model's config lists, and a "
-            f"subclassed model ({type(live.model).__name__}) creates these layers in Python.",
-            hint="Nothing was written. Set the flags after loading the model in Python, e.g. "
-            "bnfreeze.freeze(model, ...) on the in-memory model, then compile() it.",
-        )
-    want, got = values_by_path(live.layers), values_by_path(again)
+        if fmt is not ModelFormat.KERAS:
+            raise BnfreezeError(
+                f"{output}: Keras does not save the trainable flag of {shown}: the file would "
+                "load with the old flag again. Keras stores only what a model's config lists, "
+                f"and {type(live.model).__name__} builds these layers in code.",
+                hint=H5_HINT,
+            )
+        recorded = record_flags(live.model)
+        apply_recorded(reloaded, recorded, output)
+        still = [p for p in leaves if got_layers[p].trainable != want_layers[p].trainable]
+        if still:
+            raise OutputError(
+                f"{output}: could not set the flag of {still[0]} again after loading."
+            )
+    want, got = values_by_path(want_layers), values_by_path(got_layers)
     if want.keys() != got.keys():
         raise OutputError(f"{output}: the saved model does not hold the same variables.")
     for key, value in want.items():
@@ -552,6 +612,106 @@ def check_saved(live: LiveModel, reloaded: Any, output: str) -> None:
                 "model holds (its legacy .h5 writer misorders weights in some nested models).",
                 hint="Nothing was written. Save as .keras instead.",
             )
+    return recorded
+
+
+# -------------------------------------------------------------------------- recorded flags
+
+
+def saved_paths(model: Any) -> dict[str, Any]:
+    """Every layer below ``model`` by the path Keras saves its variables under in
+    ``model.weights.h5`` (``layers/res_net_backbone/layers/batch_normalization``,
+    ``layers/functional/layers/res_block/bn1``), in the order Keras walks them: a container
+    before the layers it holds.
+
+    Layer *names* cannot address these layers across a reload: Keras generates them
+    (``batch_normalization_7``) and they differ from one process to the next. These paths
+    are what Keras itself loads the weights by: attribute names, and class-based names by
+    position in a list. The walk is Keras's own (``keras.src.saving.saving_lib``), so the
+    paths are the weights file's group paths.
+    """
+    keras = _keras()
+    try:
+        from keras.src.saving import saving_lib  # type: ignore[import-untyped]
+        from keras.src.saving.keras_saveable import KerasSaveable  # type: ignore[import-untyped]
+        from keras.src.utils import naming  # type: ignore[import-untyped]
+    except ImportError as exc:  # pragma: no cover - a Keras without the walk
+        raise BnfreezeError(
+            f"this Keras ({keras.__version__}) does not expose the saving walk bnfreeze uses to "
+            f"address layers that code builds ({exc})."
+        ) from None
+    out: dict[str, Any] = {}
+    visited: set[int] = set()
+
+    def join(path: str, name: str) -> str:
+        return f"{path}/{name}" if path else name
+
+    def visit(obj: Any, path: str) -> None:
+        if id(obj) in visited:
+            return
+        visited.add(id(obj))
+        if path and isinstance(obj, keras.layers.Layer):
+            out[path] = obj
+        for attr, child in saving_lib._walk_saveable(obj):
+            if isinstance(child, KerasSaveable):
+                visit(child, join(path, attr))
+            elif isinstance(child, (list, dict, tuple)):
+                container(child, join(path, attr), set())
+
+    def container(items: Any, path: str, seen: set[int]) -> None:
+        if id(items) in seen:
+            return
+        seen.add(id(items))
+        used: dict[str, int] = {}
+        for item in list(items.values()) if isinstance(items, dict) else items:
+            if isinstance(item, KerasSaveable):
+                visit(item, join(path, _unique(naming.to_snake_case(type(item).__name__), used)))
+            elif isinstance(item, (list, dict, tuple)):
+                container(item, join(path, _unique("container", used)), seen)
+
+    visit(model, "")
+    return out
+
+
+def _unique(name: str, used: dict[str, int]) -> str:
+    """Keras's names for the saveables of one list: ``conv2d``, ``conv2d_1``, ..."""
+    if name in used:
+        used[name] += 1
+        return f"{name}_{used[name]}"
+    used[name] = 0
+    return name
+
+
+def record_flags(model: Any) -> RecordedFlags:
+    """Every layer's ``trainable`` flag by saved path (:func:`saved_paths`), for the
+    ``bnfreeze.json`` member. All of them, not only those Keras loses: set again in this
+    order (a container before its layers), they leave each layer with its own flag."""
+    keras = _keras()
+    return RecordedFlags(
+        flags={path: bool(layer.trainable) for path, layer in saved_paths(model).items()},
+        keras_version=str(keras.__version__),
+    )
+
+
+def apply_recorded(model: Any, recorded: RecordedFlags, source: str) -> int:
+    """Set the recorded flags on a model Keras just loaded; returns how many changed.
+
+    A recorded path the model does not have means the file and the code that rebuilt it
+    disagree: refused, with nothing changed.
+    """
+    layers = saved_paths(model)
+    missing = [p for p in recorded.flags if p not in layers]
+    if missing:
+        raise ModelFormatError(
+            f"{source}: its {RECORDED_MEMBER} records the trainable flag of {len(missing)} "
+            f"layer(s) the loaded model does not have, such as {missing[0]!r}: the model was "
+            "rebuilt by other code than the one that saved it.",
+            hint="Load it with the same classes (and keras-hub version) that saved it.",
+        )
+    before = {path: bool(layer.trainable) for path, layer in layers.items()}
+    for path, value in recorded.flags.items():
+        layers[path].trainable = value
+    return sum(bool(layer.trainable) is not before[path] for path, layer in layers.items())
 
 
 # -------------------------------------------------------------------------- the file route
@@ -593,21 +753,25 @@ def edit(request: Any, progress: loading.ProgressFn | None = None) -> Any:
         if request.custom_objects:
             objects = loading.load_custom_objects(request.custom_objects)
 
-        def load(path: str | os.PathLike[str], compile: bool) -> Any:
+        def load(path: str | os.PathLike[str], compile: bool, recorded: bool = False) -> Any:
             return loading.load_model(
-                path, unsafe=request.unsafe, custom_objects=objects, compile=compile
+                path,
+                unsafe=request.unsafe,
+                custom_objects=objects,
+                compile=compile,
+                recorded_flags=recorded,
             )
 
         progress(f"loading {source}")
         uncompiled: str | None = None
         try:
-            model = load(source, True)
+            model = load(source, True, recorded=True)
         except BnfreezeError as exc:
             if not saved.compiled:
                 raise
             # A compile config Keras 3 cannot rebuild (a Keras 2 training_config with "lr",
             # a loss it cannot deserialize) must not stop a flag edit: the model itself loads.
-            model = load(source, False)
+            model = load(source, False, recorded=True)
             uncompiled = exc.message
             progress("Keras could not rebuild the saved compile config; loaded with compile=False")
         live = live_model(model)
@@ -622,8 +786,9 @@ def edit(request: Any, progress: loading.ProgressFn | None = None) -> Any:
             and not (request.in_place and not done.changes)
         )
         output_bytes = None
+        recorded = None
         if write:
-            output_bytes = save(
+            saved_file = save(
                 model,
                 request.output,
                 keep_optimizer=keep,
@@ -631,6 +796,7 @@ def edit(request: Any, progress: loading.ProgressFn | None = None) -> Any:
                 live=live,
                 progress=progress,
             )
+            output_bytes, recorded = saved_file.size, saved_file.recorded
         report = live_report(
             model,
             path=request.output if write else source,
@@ -655,7 +821,9 @@ def edit(request: Any, progress: loading.ProgressFn | None = None) -> Any:
             saved.optimizer_variables,
             output=request.output,
             dry_run=request.dry_run,
+            loader="bnfreeze.load_model" if recorded is not None else "keras.models.load_model",
         )
+        + recorded_flags_findings(recorded, request.output)
         + _uncompiled_warning(uncompiled, request.output if write else None),
         optimizer_state=optimizer,
         optimizer_variables=saved.optimizer_variables,
@@ -663,6 +831,26 @@ def edit(request: Any, progress: loading.ProgressFn | None = None) -> Any:
         input_bytes=_size(source),
         output_bytes=output_bytes,
         assignment=request.assignment,
+    )
+
+
+def recorded_flags_findings(
+    recorded: RecordedFlags | None, output: str | None
+) -> tuple[Finding, ...]:
+    """The warning an output with recorded flags carries: load it with bnfreeze.load_model."""
+    if recorded is None or output is None:
+        return ()
+    return (Finding(WarningCode.RECORDED_FLAGS, None, recorded_flags_message(output)),)
+
+
+def recorded_flags_message(output: str) -> str:
+    return (
+        f"Keras does not save the trainable flags of the layers this model builds in code, so "
+        f"bnfreeze recorded them in {output} ({RECORDED_MEMBER}). Load it with "
+        f"bnfreeze.load_model({output!r}): it calls keras.models.load_model and sets them "
+        "again. A plain keras.models.load_model ignores them: those layers load with "
+        "trainable=True and train (BatchNormalization in training mode). See the README, "
+        "'keras-hub and code-built models'."
     )
 
 

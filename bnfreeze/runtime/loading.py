@@ -554,6 +554,7 @@ def load_model(
     custom_objects: dict[str, Any] | str | None = None,
     compile: bool = True,
     runtime: Runtime = Runtime.KERAS3,
+    recorded_flags: bool = False,
 ) -> Any:
     """Load a saved model with Keras and return the ``keras.Model``.
 
@@ -563,6 +564,10 @@ def load_model(
       :func:`load_custom_objects` takes; a model that needs custom classes it was not given
       raises :class:`ModelFormatError` naming ``--custom-objects``.
     * ``compile``: as in ``keras.models.load_model``.
+    * ``recorded_flags``: set again the trainable flags bnfreeze recorded in the archive's
+      ``bnfreeze.json`` (:mod:`bnfreeze.formats.recorded_flags`), as
+      :func:`bnfreeze.load_model` does. Off by default: ``verify`` and ``explain`` measure
+      what a plain ``keras.models.load_model`` gives.
 
     Any failure is a :class:`~bnfreeze.errors.BnfreezeError` with a one-line message. The
     file is only read. Call it inside :func:`quiet` to keep TensorFlow's noise off stdout.
@@ -579,11 +584,19 @@ def load_model(
     kwargs: dict[str, Any] = {"custom_objects": custom_objects or None, "compile": compile}
     kwargs["safe_mode"] = not unsafe
     try:
-        return keras.models.load_model(os.fspath(path), **kwargs)
+        model = keras.models.load_model(os.fspath(path), **kwargs)
     except BnfreezeError:
         raise
     except Exception as exc:
         raise _load_error(path, exc, model_file.config) from None
+    if recorded_flags and runtime is Runtime.KERAS3:
+        from bnfreeze.formats import recorded_flags as member
+        from bnfreeze.runtime import keras_engine
+
+        recorded = member.read(path)
+        if recorded is not None:
+            keras_engine.apply_recorded(model, recorded, os.fspath(path))
+    return model
 
 
 def _load_error(path: Any, exc: Exception, config: Any) -> BnfreezeError:
