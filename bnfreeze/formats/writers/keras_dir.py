@@ -51,7 +51,7 @@ class KerasDirWriter:
         folder = Path(request.model.path)
         dropped = 0
         with contextlib.ExitStack() as stack:
-            weights: Path | None = folder / WEIGHTS
+            weights: Path = folder / WEIGHTS
             if request.drop_optimizer_state and weights.is_file():
                 rewritten = stack.enter_context(scratch_file(dest.parent, "model.weights.h5"))
                 with h5py.File(weights, "r") as h5_in:
@@ -61,7 +61,7 @@ class KerasDirWriter:
                 for member in _members(folder):
                     if member == CONFIG:
                         zout.writestr(CONFIG, serialize_config(request.config))
-                    elif member == WEIGHTS and weights is not None:
+                    elif member == WEIGHTS:
                         zout.write(weights, WEIGHTS)
                     else:
                         zout.write(folder / member, member)
