@@ -1,13 +1,20 @@
-"""The JSON contract (``schema_version`` 1). Keys are stable; tests compare by equality."""
+"""The JSON contract (``schema_version`` 2). Keys are stable; tests compare by equality.
+
+Version 2: a layer's ``trainable`` is the flag Keras will have after loading the file; for a
+layer read from the weights (``source: "weights"``: code builds it, the config does not list
+it) that is True, because its flag is not saved. ``is_batchnorm`` may be null (the weights
+cannot tell). ``model.keras_hub`` and ``summary.bn_from_weights`` are new.
+"""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from bnfreeze.model.records import Finding, FitBehaviour, LayerState, Report
+from bnfreeze.model.code_built import keras_hub
+from bnfreeze.model.records import Finding, FitBehaviour, LayerKind, LayerState, ModelFile, Report
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def behaviour_dict(b: FitBehaviour) -> dict[str, Any]:
@@ -26,9 +33,19 @@ def layer_dict(state: LayerState) -> dict[str, Any]:
         "class_name": layer.class_name,
         "depth": layer.depth,
         "trainable": layer.trainable,
-        "is_batchnorm": layer.is_batchnorm,
+        "is_batchnorm": None
+        if layer.kind is LayerKind.UNKNOWN and layer.from_weights
+        else layer.is_batchnorm,
+        "source": layer.source.value,
         "in_fit": behaviour_dict(state.in_fit),
     }
+
+
+def keras_hub_dict(model: ModelFile) -> dict[str, Any] | None:
+    hub = keras_hub(model)
+    if hub is None:
+        return None
+    return {"classes": list(hub.classes), "preset": hub.preset, "version": hub.version}
 
 
 def finding_dict(finding: Finding) -> dict[str, Any]:
@@ -45,6 +62,7 @@ def report_dict(report: Report) -> dict[str, Any]:
             "keras_version": model.keras_version,
             "compiled": model.compiled,
             "optimizer_variables": model.optimizer_variables,
+            "keras_hub": keras_hub_dict(model),
         },
         "runtime": report.runtime.value,
         "summary": {
@@ -52,6 +70,7 @@ def report_dict(report: Report) -> dict[str, Any]:
             "batchnorm": len(report.batchnorm),
             "bn_training_in_fit": report.bn_training_in_fit,
             "bn_inference_in_fit": report.bn_inference_in_fit,
+            "bn_from_weights": sum(1 for s in report.batchnorm if s.layer.from_weights),
         },
         "layers": [layer_dict(s) for s in report.layers],
         "warnings": [finding_dict(f) for f in report.warnings],
