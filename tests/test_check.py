@@ -255,7 +255,7 @@ def test_json_document_is_exact(under_frozen):
     result = run(under_frozen, "--expect", "bn-train", "--strict", "--json")
     assert result.exit_code == 1
     assert json.loads(result.stdout) == {
-        "schema_version": 1,
+        "schema_version": 2,
         "model": str(under_frozen),
         "plan": None,
         "strict": True,

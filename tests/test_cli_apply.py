@@ -270,7 +270,7 @@ def test_dry_run_writes_nothing_and_json_is_the_freeze_document(samples, tmp_pat
     assert not out.exists()
     document = json.loads(result.stdout)
     assert set(document) == {"schema_version", "changes", "report", "warnings", "plan"}
-    assert document["schema_version"] == 1
+    assert document["schema_version"] == 2
     assert document["changes"] == [
         {"path": "backbone/inner_bn", "before": True, "after": False},
     ]

@@ -135,16 +135,17 @@ def test_json_whole_document(work):
     result = invoke("freeze", "seed_bn.keras", "--bn-inference", "-o", "out.keras", "--json")
     assert result.exit_code == 0
     assert json.loads(result.stdout) == {
-        "schema_version": 1,
+        "schema_version": 2,
         "changes": [{"path": "batch_normalization", "before": True, "after": False}],
         "report": {
-            "schema_version": 1,
+            "schema_version": 2,
             "model": {
                 "path": "out.keras",
                 "format": "keras",
                 "keras_version": "3.15.1",
                 "compiled": False,
                 "optimizer_variables": None,
+                "keras_hub": None,
             },
             "runtime": "keras3",
             "summary": {
@@ -152,6 +153,7 @@ def test_json_whole_document(work):
                 "batchnorm": 1,
                 "bn_training_in_fit": 0,
                 "bn_inference_in_fit": 1,
+                "bn_from_weights": 0,
             },
             "layers": [
                 {
@@ -161,6 +163,7 @@ def test_json_whole_document(work):
                     "depth": 0,
                     "trainable": None,
                     "is_batchnorm": False,
+                    "source": "config",
                     "in_fit": {
                         "trains_weights": None,
                         "normalizes_with": None,
@@ -174,6 +177,7 @@ def test_json_whole_document(work):
                     "depth": 0,
                     "trainable": False,
                     "is_batchnorm": True,
+                    "source": "config",
                     "in_fit": {
                         "trains_weights": False,
                         "normalizes_with": "moving",

@@ -129,7 +129,16 @@ def test_colour_only_when_forced_on_a_terminal():
 # -- the JSON contract ------------------------------------------------------------------------
 
 IN_FIT_KEYS = {"trains_weights", "normalizes_with", "updates_moving_stats"}
-LAYER_KEYS = {"path", "name", "class_name", "depth", "trainable", "is_batchnorm", "in_fit"}
+LAYER_KEYS = {
+    "path",
+    "name",
+    "class_name",
+    "depth",
+    "trainable",
+    "is_batchnorm",
+    "source",
+    "in_fit",
+}
 
 
 def inspect_json(sample: str) -> dict:
@@ -141,16 +150,23 @@ def inspect_json(sample: str) -> dict:
 def test_json_seed_sample_whole_document():
     """The seed's single BN layer (gamma 2, beta 1, mean 0, variance 1): every key, pinned."""
     assert inspect_json("seed_bn.keras") == {
-        "schema_version": 1,
+        "schema_version": 2,
         "model": {
             "path": "sample_models/seed_bn.keras",
             "format": "keras",
             "keras_version": "3.15.1",
             "compiled": False,
             "optimizer_variables": None,
+            "keras_hub": None,
         },
         "runtime": "keras3",
-        "summary": {"layers": 2, "batchnorm": 1, "bn_training_in_fit": 1, "bn_inference_in_fit": 0},
+        "summary": {
+            "layers": 2,
+            "batchnorm": 1,
+            "bn_training_in_fit": 1,
+            "bn_inference_in_fit": 0,
+            "bn_from_weights": 0,
+        },
         "layers": [
             {
                 "path": "image",
@@ -159,6 +175,7 @@ def test_json_seed_sample_whole_document():
                 "depth": 0,
                 "trainable": None,
                 "is_batchnorm": False,
+                "source": "config",
                 "in_fit": {
                     "trains_weights": None,
                     "normalizes_with": None,
@@ -172,6 +189,7 @@ def test_json_seed_sample_whole_document():
                 "depth": 0,
                 "trainable": True,
                 "is_batchnorm": True,
+                "source": "config",
                 "in_fit": {
                     "trains_weights": True,
                     "normalizes_with": "batch",
@@ -187,19 +205,21 @@ def test_json_seed_sample_whole_document():
 def test_json_keys_are_the_contract(sample):
     doc = inspect_json(sample)
     assert set(doc) == {"schema_version", "model", "runtime", "summary", "layers", "warnings"}
-    assert doc["schema_version"] == 1 and doc["runtime"] == "keras3"
+    assert doc["schema_version"] == 2 and doc["runtime"] == "keras3"
     assert set(doc["model"]) == {
         "path",
         "format",
         "keras_version",
         "compiled",
         "optimizer_variables",
+        "keras_hub",
     }
     assert set(doc["summary"]) == {
         "layers",
         "batchnorm",
         "bn_training_in_fit",
         "bn_inference_in_fit",
+        "bn_from_weights",
     }
     for layer in doc["layers"]:
         assert set(layer) == LAYER_KEYS
@@ -224,12 +244,14 @@ def test_json_guide_pattern():
         "keras_version": "3.15.1",
         "compiled": True,
         "optimizer_variables": 6,
+        "keras_hub": None,
     }
     assert doc["summary"] == {
         "layers": 155,
         "batchnorm": 51,
         "bn_training_in_fit": 0,
         "bn_inference_in_fit": 51,
+        "bn_from_weights": 0,
     }
     by_path = {layer["path"]: layer for layer in doc["layers"]}
     assert by_path["mobilenetv2_0.35_32"] == {
@@ -239,6 +261,7 @@ def test_json_guide_pattern():
         "depth": 0,
         "trainable": False,
         "is_batchnorm": False,
+        "source": "config",
         "in_fit": {"trains_weights": None, "normalizes_with": None, "updates_moving_stats": None},
     }
     assert by_path["mobilenetv2_0.35_32/block_1_expand_BN"] == {
@@ -248,6 +271,7 @@ def test_json_guide_pattern():
         "depth": 1,
         "trainable": False,
         "is_batchnorm": True,
+        "source": "config",
         "in_fit": {
             "trains_weights": False,
             "normalizes_with": "moving",
@@ -275,6 +299,7 @@ def test_json_bn_under_frozen_warnings():
         "batchnorm": 2,
         "bn_training_in_fit": 2,
         "bn_inference_in_fit": 0,
+        "bn_from_weights": 0,
     }
     assert [(w["code"], w["path"]) for w in doc["warnings"]] == [
         ("trainable-bn-under-frozen-container", "backbone/inner_bn"),
@@ -291,6 +316,7 @@ def test_json_legacy_h5_nested():
         "keras_version": "3.15.1",
         "compiled": True,
         "optimizer_variables": 22,
+        "keras_hub": None,
     }
     paths = [
         (layer["path"], layer["depth"], layer["in_fit"]["normalizes_with"])

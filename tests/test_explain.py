@@ -183,7 +183,7 @@ def test_json_document(seed_report):
         return np.asarray(flat).reshape(IMAGE_SHAPE).tolist()
 
     assert doc == {
-        "schema_version": 1,
+        "schema_version": 2,
         "command": "explain",
         "runtime": {
             "name": "keras3",

@@ -180,7 +180,7 @@ def verdict(report: VerifyReport) -> Text:
     if report.agree:
         text = Text("AGREE", style=STYLE_AGREE)
         text.append(
-            f"  inspect's prediction from the file matches the measurement: "
+            f"  inspect's prediction matches the measurement: "
             f"{report.checks} checks on {layers} of {measured} measured layers."
         )
         return text
@@ -254,8 +254,9 @@ def note_lines(report: VerifyReport) -> list[str]:
         shown = ", ".join(report.not_in_file[:5])
         more = f" and {len(report.not_in_file) - 5} more" if len(report.not_in_file) > 5 else ""
         lines.append(
-            "note: measured layers that inspect does not list (neither the config nor the "
-            f"weights file shows them), so it could not predict them: {shown}{more}."
+            "note: measured layers that inspect does not list (inside a container whose "
+            "layers code builds, it lists only the BN layers, from the weights file), so "
+            f"inspect could not predict them: {shown}{more}."
         )
     if report.not_measured:
         shown = ", ".join(report.not_measured[:5])

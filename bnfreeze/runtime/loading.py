@@ -500,17 +500,17 @@ def keras_hub_objects(
             for item in node:
                 visit(item, depth + 1)
 
+    if getattr(keras, "__name__", "") != "keras":  # tf_keras: keras-hub is Keras 3 only
+        return {}
     visit(model_file.config, 0)
     known = given or {}
+    modules = [getattr(keras, m, None) for m in ("layers", "models", "ops")] + [keras]
     unknown = {
         name
         for name in wanted
-        if name not in known
-        and not any(hasattr(m, name) for m in (keras.layers, keras.models, keras.ops, keras))
+        if name not in known and not any(hasattr(m, name) for m in modules if m is not None)
     }
     if keras_hub(model_file) is None and not unknown:
-        return {}
-    if getattr(keras, "__name__", "") != "keras":  # tf_keras: keras-hub is Keras 3 only
         return {}
     try:
         import keras_hub as hub
