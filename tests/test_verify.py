@@ -570,7 +570,7 @@ def test_custom_bn_subclass_mode_not_measured(custom_run):
 
 
 def test_bn_hidden_in_a_custom_layer_is_measured(custom_run):
-    _, doc, stderr = custom_run
+    _, doc, _ = custom_run
     inner = next(layer for layer in doc["layers"] if layer["path"] == "block/inner_bn")
     # The config does not list it, but the weights file holds it: inspect predicts it.
     assert inner["in_file"] is True
