@@ -513,7 +513,7 @@ def keras_hub_objects(
     if keras_hub(model_file) is None and not unknown:
         return {}
     try:
-        import keras_hub as hub
+        import keras_hub as hub  # type: ignore[import-untyped]
     except Exception:
         return {}
     found: dict[str, Any] = {}
