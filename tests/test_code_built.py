@@ -198,8 +198,9 @@ CASES = [f"{family}-{pattern}" for family in FAMILIES for pattern in PATTERNS]
 def code_built_files(tmp_path_factory) -> dict[str, Case]:
     """Every case, built with random weights and saved once per session."""
     import keras
-    import keras_hub
     import numpy as np
+
+    keras_hub = pytest.importorskip("keras_hub")
 
     root = tmp_path_factory.mktemp("code_built")
     out: dict[str, Case] = {}
