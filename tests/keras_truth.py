@@ -78,6 +78,28 @@ def layer_paths(model: Any) -> dict[str, Any]:
     return out
 
 
+def every_layer_paths(model: Any) -> dict[str, Any]:
+    """Every layer Keras tracks below ``model``, by path of names: nested models' layers and
+    the sublayers that custom layers, subclassed models and keras-hub classes hold as
+    attributes (what ``Layer._flatten_layers`` walks), each reached once."""
+    out: dict[str, Any] = {}
+    seen: set[int] = set()
+
+    def visit(layer: Any, prefix: str) -> None:
+        for child in layer._flatten_layers(include_self=False, recursive=False):
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
+            path = prefix + child.name
+            if path in out:
+                raise AssertionError(f"two layers share the path {path!r}")
+            out[path] = child
+            visit(child, path + "/")
+
+    visit(model, "")
+    return out
+
+
 def _own_variables(layers: dict[str, Any]) -> dict[str, list[Any]]:
     """Each layer's variables, less those of the layers listed below it."""
     owned: dict[str, list[Any]] = {}
@@ -135,6 +157,8 @@ def measure_fit_step(
     weight_decay: float = 0.1,
     run_eagerly: bool = True,
     seed: int = 0,
+    layers: dict[str, Any] | None = None,
+    data: tuple[Any, Any] | None = None,
 ) -> dict[str, Moved]:
     """Compile ``model`` with a fresh SGD optimizer, run one real ``fit()`` step on synthetic
     data, and report, per layer path, which of its variables moved.
@@ -149,20 +173,26 @@ def measure_fit_step(
     ``run_eagerly=True`` runs the same ``train_step`` without tracing a graph, which is much
     faster for a single step; a test checks both modes agree on a model where it matters.
     The model is changed (it has trained a step and is recompiled).
+
+    ``layers`` (default :func:`layer_paths`) chooses which layers to report, by path, e.g.
+    :func:`every_layer_paths`; ``data`` is an ``(x, y)`` batch for models without symbolic
+    inputs (subclassed models).
     """
     import keras
     import numpy as np
 
-    layers = layer_paths(model)
+    if layers is None:
+        layers = layer_paths(model)
     owned = _own_variables(layers)
     for variables in owned.values():
         for v in variables:
             if "float" in str(v.dtype) and not np.any(v.numpy()):
                 v.assign(np.full(v.shape, _ZERO_NUDGE, dtype=str(v.dtype)))
-    x, y = synthetic_batch(model, batch_size=batch_size, seed=seed)
+    x, y = data if data is not None else synthetic_batch(model, batch_size=batch_size, seed=seed)
     model.compile(
         optimizer=keras.optimizers.SGD(learning_rate=learning_rate, weight_decay=weight_decay),
         loss="mse",
+        metrics=[],  # a keras-hub task would add its own, which may not fit the data
         run_eagerly=run_eagerly,
     )
     return _moved_during(

@@ -170,6 +170,7 @@ def test_json_whole_document(work):
                 "batchnorm": 1,
                 "bn_training_in_fit": 0,
                 "bn_inference_in_fit": 1,
+                "bn_from_weights": 0,
             },
             "layers": [
                 {
@@ -179,6 +180,7 @@ def test_json_whole_document(work):
                     "depth": 0,
                     "trainable": None,
                     "is_batchnorm": False,
+                    "source": "config",
                     "in_fit": {
                         "trains_weights": None,
                         "normalizes_with": None,
@@ -192,6 +194,7 @@ def test_json_whole_document(work):
                     "depth": 0,
                     "trainable": False,
                     "is_batchnorm": True,
+                    "source": "config",
                     "in_fit": {
                         "trains_weights": False,
                         "normalizes_with": "moving",

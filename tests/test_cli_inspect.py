@@ -137,7 +137,16 @@ def test_colour_only_when_forced_on_a_terminal():
 # -- the JSON contract ------------------------------------------------------------------------
 
 IN_FIT_KEYS = {"trains_weights", "normalizes_with", "updates_moving_stats"}
-LAYER_KEYS = {"path", "name", "class_name", "depth", "trainable", "is_batchnorm", "in_fit"}
+LAYER_KEYS = {
+    "path",
+    "name",
+    "class_name",
+    "depth",
+    "trainable",
+    "is_batchnorm",
+    "source",
+    "in_fit",
+}
 
 
 def inspect_json(sample: str) -> dict:
@@ -157,6 +166,7 @@ def test_json_seed_sample_whole_document():
             "keras_version": "3.15.1",
             "compiled": False,
             "optimizer_variables": None,
+            "keras_hub": None,
         },
         "runtime": {
             "name": "keras3",
@@ -165,7 +175,13 @@ def test_json_seed_sample_whole_document():
             "backend": None,
             "tensorflow_version": None,
         },
-        "summary": {"layers": 2, "batchnorm": 1, "bn_training_in_fit": 1, "bn_inference_in_fit": 0},
+        "summary": {
+            "layers": 2,
+            "batchnorm": 1,
+            "bn_training_in_fit": 1,
+            "bn_inference_in_fit": 0,
+            "bn_from_weights": 0,
+        },
         "layers": [
             {
                 "path": "image",
@@ -174,6 +190,7 @@ def test_json_seed_sample_whole_document():
                 "depth": 0,
                 "trainable": None,
                 "is_batchnorm": False,
+                "source": "config",
                 "in_fit": {
                     "trains_weights": None,
                     "normalizes_with": None,
@@ -187,6 +204,7 @@ def test_json_seed_sample_whole_document():
                 "depth": 0,
                 "trainable": True,
                 "is_batchnorm": True,
+                "source": "config",
                 "in_fit": {
                     "trains_weights": True,
                     "normalizes_with": "batch",
@@ -225,12 +243,14 @@ def test_json_keys_are_the_contract(sample):
         "keras_version",
         "compiled",
         "optimizer_variables",
+        "keras_hub",
     }
     assert set(doc["summary"]) == {
         "layers",
         "batchnorm",
         "bn_training_in_fit",
         "bn_inference_in_fit",
+        "bn_from_weights",
     }
     for layer in doc["layers"]:
         assert set(layer) == LAYER_KEYS
@@ -255,12 +275,14 @@ def test_json_guide_pattern():
         "keras_version": "3.15.1",
         "compiled": True,
         "optimizer_variables": 6,
+        "keras_hub": None,
     }
     assert doc["summary"] == {
         "layers": 155,
         "batchnorm": 51,
         "bn_training_in_fit": 0,
         "bn_inference_in_fit": 51,
+        "bn_from_weights": 0,
     }
     by_path = {layer["path"]: layer for layer in doc["layers"]}
     assert by_path["mobilenetv2_0.35_32"] == {
@@ -270,6 +292,7 @@ def test_json_guide_pattern():
         "depth": 0,
         "trainable": False,
         "is_batchnorm": False,
+        "source": "config",
         "in_fit": {"trains_weights": None, "normalizes_with": None, "updates_moving_stats": None},
     }
     assert by_path["mobilenetv2_0.35_32/block_1_expand_BN"] == {
@@ -279,6 +302,7 @@ def test_json_guide_pattern():
         "depth": 1,
         "trainable": False,
         "is_batchnorm": True,
+        "source": "config",
         "in_fit": {
             "trains_weights": False,
             "normalizes_with": "moving",
@@ -306,6 +330,7 @@ def test_json_bn_under_frozen_warnings():
         "batchnorm": 2,
         "bn_training_in_fit": 2,
         "bn_inference_in_fit": 0,
+        "bn_from_weights": 0,
     }
     assert [(w["code"], w["path"]) for w in doc["warnings"]] == [
         ("trainable-bn-under-frozen-container", "backbone/inner_bn"),
@@ -322,6 +347,7 @@ def test_json_legacy_h5_nested():
         "keras_version": "3.15.1",
         "compiled": True,
         "optimizer_variables": 22,
+        "keras_hub": None,
     }
     paths = [
         (layer["path"], layer["depth"], layer["in_fit"]["normalizes_with"])

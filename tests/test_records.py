@@ -41,11 +41,18 @@ def test_the_enums_tested_here_are_all_of_them():
         and issubclass(value, enum.Enum)
         and value.__module__ == records.__name__
     }
-    assert enums == {"ModelFormat", "LayerKind", "Normalization", "Runtime", "WarningCode"}
+    assert enums == {
+        "ModelFormat",
+        "LayerKind",
+        "LayerSource",
+        "Normalization",
+        "Runtime",
+        "WarningCode",
+    }
 
 
 def test_values_are_unique_lowercase_words():
-    for cls in (ModelFormat, LayerKind, Normalization, Runtime, WarningCode):
+    for cls in (ModelFormat, LayerKind, records.LayerSource, Normalization, Runtime, WarningCode):
         values = [m.value for m in cls]
         assert len(set(values)) == len(values)
         assert all(v == v.lower() and " " not in v for v in values)
@@ -208,6 +215,13 @@ def _unknown(tmp: Path) -> set[WarningCode]:
     return _warnings(_archive(tmp, [KIND_EXAMPLES[LayerKind.UNKNOWN]]))
 
 
+def _code_built(tmp: Path) -> set[WarningCode]:
+    from code_built_files import bn, write_code_built_keras
+
+    path = write_code_built_keras(tmp / "hub.keras", {"layers/batch_normalization": ("bn", bn())})
+    return _warnings(path)
+
+
 def _not_trainable(tmp: Path) -> set[WarningCode]:
     return _warnings(_archive(tmp, [layer("Dense", "d", units=2)], trainable=False))
 
@@ -233,6 +247,7 @@ WARNINGS: dict[WarningCode, Callable[[Path], set[WarningCode]]] = {
     WarningCode.KERAS3_INCOMPATIBLE: lambda tmp: _warnings(_keras2_archive(tmp)),
     WarningCode.SAVED_BY_KERAS2: lambda tmp: _warnings(_keras2_archive(tmp)),
     WarningCode.RECORDED_FLAGS: _recorded_flags,
+    WarningCode.CODE_BUILT_RELOAD_TRAINS: _code_built,
 }
 
 
@@ -243,6 +258,18 @@ def test_warning_producers_cover_the_enum():
 @pytest.mark.parametrize("code", list(WarningCode), ids=lambda m: m.value)
 def test_every_warning_code_is_produced(tmp_path, code):
     assert code in WARNINGS[code](tmp_path)
+
+
+# --- LayerSource ----------------------------------------------------------------------------
+
+
+def test_every_layer_source_is_produced(tmp_path):
+    from code_built_files import bn, write_code_built_keras
+
+    crafted = write_code_built_keras(tmp_path / "m.keras", {"block/bn1": ("bn1", bn())})
+    sources = {s.layer.source for s in inspect_file(crafted).layers}
+    sources |= {s.layer.source for s in inspect_file(SAMPLES / "seed_bn.keras").layers}
+    assert sources == set(records.LayerSource)
 
 
 # --- the records themselves ---------------------------------------------------------------

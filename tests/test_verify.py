@@ -251,6 +251,9 @@ def test_sequential_json_document(samples):
             "layers_trained": 4,
             "layers_frozen": 1,
             "compared": True,
+            "layers_measured": 5,
+            "layers_compared": 5,
+            "bn_not_compared": 0,
             "checks": 7,
             "disagreements": 0,
             "agree": True,
@@ -289,6 +292,7 @@ def test_sequential_json_document(samples):
         "expectations": [],
         "not_in_file": [],
         "not_measured": [],
+        "bn_not_compared": [],
         "notes": [],
     }
 
@@ -577,13 +581,14 @@ def test_custom_bn_subclass_mode_not_measured(custom_run):
 
 
 def test_bn_hidden_in_a_custom_layer_is_measured(custom_run):
-    _, doc, stderr = custom_run
+    _, doc, _ = custom_run
     inner = next(layer for layer in doc["layers"] if layer["path"] == "block/inner_bn")
-    assert inner["in_file"] is False
+    # The config does not list it, but the weights file holds it: inspect predicts it.
+    assert inner["in_file"] is True
     assert inner["moving_stats"] == "moved"
-    assert inner["predicted"] is None
-    assert doc["not_in_file"] == ["block/inner_bn"]
-    assert "block/inner_bn" in stderr
+    assert inner["predicted"] == {"trains_weights": True, "updates_moving_stats": True}
+    assert "block/inner_bn" not in doc["not_in_file"]
+    assert doc["bn_not_compared"] == []
 
 
 def test_disagreement_is_listed_in_the_table_view(custom_model):
@@ -608,16 +613,18 @@ def test_custom_classes_without_custom_objects_exit_2(custom_model):
 
 def test_subclassed_model_is_measured_from_its_build_config(subclassed_keras, custom_layers_file):
     """A subclassed model declares no inputs and its config lists no layers: the batch is
-    built from the saved build_config, and every measured layer is reported as not in the
-    file, with nothing to compare."""
+    built from the saved build_config. Its BN is found in the weights file and compared; the
+    other layers are measured, not predicted."""
     code, doc, stderr = verify_json(subclassed_keras, "--custom-objects", custom_layers_file)
     assert code == 0
     assert doc["run"]["data"]["input_shapes"] == [[2, 3]]
     assert [layer["path"] for layer in doc["layers"]] == ["dense", "bn", "head"]
-    assert doc["not_in_file"] == ["dense", "bn", "head"]
-    assert doc["summary"]["checks"] == 0
+    assert doc["not_in_file"] == ["dense", "head"]
+    assert doc["summary"]["checks"] == 2  # the BN's statistics and gamma/beta
+    assert doc["summary"]["layers_measured"] == 3
+    assert doc["summary"]["layers_compared"] == 1
     assert doc["summary"]["bn_stats_moved"] == 1
-    assert "inspect could not predict them: dense, bn, head." in stderr
+    assert "inspect could not predict them: dense, head." in stderr
 
 
 # --------------------------------------------------------------------------- pure comparison

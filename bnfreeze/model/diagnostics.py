@@ -7,7 +7,7 @@ the Python API all see the same findings.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bnfreeze.model.keras3_compat import incompatibility, nested_call_mismatches
 from bnfreeze.model.records import (
@@ -20,6 +20,12 @@ from bnfreeze.model.records import (
     WarningCode,
 )
 
+if TYPE_CHECKING:
+    from bnfreeze.model.code_built import Owner
+
+#: The README section that says how to freeze a model whose layers code builds.
+CODE_BUILT_SECTION = "keras-hub and code-built models"
+
 #: How close to the initializer values counts as "untrained" BN statistics.
 _UNTRAINED_ATOL = 1e-7
 
@@ -31,9 +37,11 @@ def find(
     model_trainable: bool,
     read_values: Callable[[list[str]], dict[str, object]] | None = None,
     runtime: Runtime = Runtime.KERAS3,
+    owners: Sequence[Owner] = (),
 ) -> tuple[Finding, ...]:
     findings: list[Finding] = []
     by_path = {s.layer.path: s for s in states}
+    findings += _reload_trains(states, owners)
     findings += _model_not_trainable(states, model_trainable)
     if runtime is Runtime.KERAS3:
         # On tf_keras a recorded call-site training=False wins: no trap to warn about.
@@ -52,6 +60,42 @@ def find(
 def _below(states: tuple[LayerState, ...], path: str) -> list[LayerState]:
     prefix = path + "/"
     return [s for s in states if s.layer.path.startswith(prefix)]
+
+
+def _reload_trains(states: tuple[LayerState, ...], owners: Sequence[Owner]) -> list[Finding]:
+    """A code-built container saved with trainable=False: Keras rebuilds the layers inside it
+    in ``__init__`` on load, each with ``trainable=True``, and on Keras 3 only a layer's own
+    flag counts, so its BN layers train once the file is loaded."""
+    findings = []
+    for owner in owners:
+        if owner.trainable:
+            continue
+        prefix = owner.path + "/" if owner.path else ""
+        training = [
+            s
+            for s in states
+            if s.layer.from_weights
+            and s.layer.is_batchnorm
+            and s.layer.path.startswith(prefix)
+            and s.in_fit.updates_moving_stats
+        ]
+        if not training:
+            continue
+        what = owner.path or "The model"
+        findings.append(
+            Finding(
+                WarningCode.CODE_BUILT_RELOAD_TRAINS,
+                owner.path or None,
+                f"{what} ({owner.class_name}) was saved with trainable=False, but its layers "
+                "are built by code, so their flags are not in the file: Keras rebuilds them "
+                f"trainable when it loads it, and {len(training)} BN layer(s) inside it will "
+                "normalize with batch statistics and update their moving statistics in fit() "
+                "(and their gamma/beta train unless the whole model is frozen). Setting "
+                "trainable=False before saving does not survive a reload; apply it after "
+                f'loading. See the README section "{CODE_BUILT_SECTION}".',
+            )
+        )
+    return findings
 
 
 def _model_not_trainable(states: tuple[LayerState, ...], model_trainable: bool) -> list[Finding]:
@@ -112,7 +156,9 @@ def _bn_under_frozen_container(
     findings = []
     for state in states:
         layer = state.layer
-        if not layer.is_batchnorm or layer.trainable is False:
+        if not layer.is_batchnorm or layer.trainable is False or layer.from_weights:
+            # A BN found in the weights of a code-built container: code-built-reload-trains
+            # says it once for the container, and no file edit can set its flag.
             continue
         parent = layer.parent
         frozen = None
@@ -160,13 +206,26 @@ def _unknown_layers(states: tuple[LayerState, ...]) -> list[Finding]:
         Finding(
             WarningCode.UNKNOWN_LAYER,
             s.layer.path,
-            f"{s.layer.path} is a custom class ({s.layer.class_name}): kept as is, but its "
-            "Python code may pass training= itself or subclass BatchNormalization, which the "
-            "file cannot show. Run bnfreeze verify to measure what it does.",
+            (
+                f"{s.layer.path}: the weights file cannot tell whether this layer is a "
+                f"BatchNormalization ({_count(s)} same-length vectors, which a BN with "
+                "center or scale off and a LayerNormalization both have); it is listed with "
+                "is_batchnorm null. Run bnfreeze verify to measure what it does."
+            )
+            if s.layer.from_weights
+            else (
+                f"{s.layer.path} is a custom class ({s.layer.class_name}): kept as is, but its "
+                "Python code may pass training= itself or subclass BatchNormalization, which "
+                "the file cannot show. Run bnfreeze verify to measure what it does."
+            ),
         )
         for s in states
         if s.layer.kind is LayerKind.UNKNOWN
     ]
+
+
+def _count(state: LayerState) -> str:
+    return "three" if state.layer.scale else "two"
 
 
 def _optimizer_state(model: ModelFile) -> list[Finding]:

@@ -38,6 +38,19 @@ class LayerKind(enum.Enum):
     UNKNOWN = "unknown"  # a custom or unregistered class: kept, never dropped
 
 
+class LayerSource(enum.Enum):
+    """Where ``inspect`` found a layer.
+
+    ``CONFIG``: the saved config lists it, with its own stored ``trainable``. ``WEIGHTS``: the
+    config does not list it (a keras-hub class, a custom layer or a subclassed model builds
+    it in ``__init__``), so it was found as a variable group in the weights file; its flag is
+    not saved, and its ``trainable`` is the one Keras gives it when it rebuilds it: True.
+    """
+
+    CONFIG = "config"
+    WEIGHTS = "weights"
+
+
 class Normalization(enum.Enum):
     """Which statistics a BN layer normalizes with."""
 
@@ -66,6 +79,9 @@ class WarningCode(enum.Enum):
     KERAS3_INCOMPATIBLE = "keras3-incompatible"  # a layer config Keras 3's load_model refuses
     SAVED_BY_KERAS2 = "saved-by-keras-2"  # keras_version 2.x, predicted with Keras 3's rules
     RECORDED_FLAGS = "recorded-flags"  # flags Keras cannot save, in bnfreeze.json
+    #: A code-built container (keras-hub class, custom layer, subclassed model) saved with
+    #: trainable=False: Keras rebuilds its layers trainable on load, so its BN layers train.
+    CODE_BUILT_RELOAD_TRAINS = "code-built-reload-trains"
 
 
 @dataclass(frozen=True)
@@ -80,6 +96,8 @@ class ModelFile:
     compile_config: dict[str, Any] | None = field(default=None, repr=False)
     optimizer_variables: int | None = None  # saved optimizer variables, None when not stored
     weights: WeightIndex | None = field(default=None, repr=False)
+    #: ``keras_hub_version`` from the metadata (keras-hub's ``save_to_preset`` writes it).
+    keras_hub_version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +115,10 @@ class WeightIndex:
     #: ``readers._hdf5.DatasetInfo``), so values can be read without parsing the file again.
     #: Empty when the index came from h5py.
     locations: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    #: ``.keras`` only: the layer name Keras recorded for each group nested *inside* a
+    #: layer's group that holds a sublayer the layer built as an attribute (HDF5 path ->
+    #: name, e.g. ``/layers/fused_mb_conv_block/bn1`` -> ``block1a_expand_bn``).
+    names: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -120,6 +142,11 @@ class LayerRecord:
     scale: bool = True
     center: bool = True
     renorm: bool = False
+    source: LayerSource = LayerSource.CONFIG
+
+    @property
+    def from_weights(self) -> bool:
+        return self.source is LayerSource.WEIGHTS
 
     @property
     def is_batchnorm(self) -> bool:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
-from bnfreeze.formats.readers import read_model, read_values
-from bnfreeze.model import diagnostics, modes
+from bnfreeze.formats.readers import read_model, read_shapes, read_values
+from bnfreeze.model import code_built, diagnostics, modes
 from bnfreeze.model.records import ModelFile, ModelFormat, Report, Runtime
 from bnfreeze.model.walk import walk
 
@@ -16,6 +17,12 @@ def inspect_file(path: str | os.PathLike[str], runtime: Runtime = Runtime.KERAS3
 
 
 def inspect_model_file(model: ModelFile, runtime: Runtime = Runtime.KERAS3) -> Report:
+    """Inspect a model read by :func:`bnfreeze.formats.readers.read_model`.
+
+    Beneath each container whose layers code builds (a keras-hub class, a custom layer, a
+    subclassed model: the config lists no layers for it), the BN layers are found in the
+    weights file (:mod:`bnfreeze.model.code_built`) and listed with ``source=WEIGHTS``.
+    """
     walked = walk(model.config, model.path)
     has_weights: dict[str, bool | None] = {}
     index = model.weights.variables if model.weights is not None else None
@@ -24,6 +31,18 @@ def inspect_model_file(model: ModelFile, runtime: Runtime = Runtime.KERAS3) -> R
             has_weights[record.path] = bool(index[record.path])
         else:
             has_weights[record.path] = modes.has_weights_by_class(record)
+    built = code_built.CodeBuilt((), (), {})
+    if model.format is not ModelFormat.MEMORY and model.weights is not None:
+        built = code_built.find(
+            model,
+            walked,
+            read_shapes=lambda names: read_shapes(model, names),
+            read_values=lambda names: read_values(model, names),
+        )
+    if built.records:
+        walked = replace(walked, layers=_merged(walked.layers, built.records))
+        for record in built.records:
+            has_weights[record.path] = True
     model_trainable = walked.trainable
     if model.format is not ModelFormat.MEMORY:
         model_trainable = modes.loaded_model_trainable(walked.class_name, walked.trainable, runtime)
@@ -34,12 +53,27 @@ def inspect_model_file(model: ModelFile, runtime: Runtime = Runtime.KERAS3) -> R
         runtime=runtime,
         loaded=model.format is not ModelFormat.MEMORY,
     )
+    if built.rebuilt_weights and runtime is Runtime.KERAS3 and model_trainable:
+        # On Keras 3 only a layer's own flag counts, and Keras rebuilds the sublayers of a
+        # code-built layer trainable: their weights train even if the layer's flag is False.
+        states = tuple(
+            replace(s, in_fit=replace(s.in_fit, trains_weights=True))
+            if s.layer.path in built.rebuilt_weights and s.in_fit.trains_weights is False
+            else s
+            for s in states
+        )
+    # Diagnostics read BN statistics by layer path: give them the new rows' datasets too.
+    diagnosed = model
+    if built.datasets and model.weights is not None:
+        variables = {**model.weights.variables, **built.datasets}
+        diagnosed = replace(model, weights=replace(model.weights, variables=variables))
     findings = diagnostics.find(
-        model,
+        diagnosed,
         states,
         model_trainable=model_trainable,
         read_values=(lambda names: read_values(model, names)) if index is not None else None,
         runtime=runtime,
+        owners=built.owners,
     )
     if runtime is Runtime.KERAS3 and (model.keras_version or "").startswith(("2.", "1.")):
         tf_keras_trainable = modes.loaded_model_trainable(
@@ -60,3 +94,20 @@ def inspect_model_file(model: ModelFile, runtime: Runtime = Runtime.KERAS3) -> R
         layers=states,
         warnings=findings,
     )
+
+
+def _merged(layers: tuple, extra: tuple) -> tuple:
+    """The walk's layers with the rows found in the weights placed right after their owner's
+    last row (the model's own rows, for the model itself), so the table nests them."""
+    if not extra:
+        return layers
+    by_parent: dict[str | None, list] = {}
+    for record in extra:
+        by_parent.setdefault(record.parent, []).append(record)
+    out: list = []
+    for record in layers:
+        out.append(record)
+        out.extend(by_parent.pop(record.path, []))
+    for rest in by_parent.values():
+        out.extend(rest)
+    return tuple(out)

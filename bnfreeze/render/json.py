@@ -4,6 +4,11 @@ Every document carries ``schema_version``, ``command``, a ``runtime`` object
 (:func:`runtime_dict`) and, for each model file it is about, a model object
 (:func:`model_dict`): ``model``, or ``a`` and ``b`` for ``diff``. The JSON Schema of each
 document ships in ``bnfreeze/schemas/`` (see the README's "JSON output" section).
+
+Version 2: a layer's ``trainable`` is the flag Keras will have after loading the file; for a
+layer read from the weights (``source: "weights"``: code builds it, the config does not list
+it) that is True, because its flag is not saved. ``is_batchnorm`` may be null (the weights
+cannot tell). ``model.keras_hub`` and ``summary.bn_from_weights`` are new.
 """
 
 from __future__ import annotations
@@ -11,7 +16,16 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from bnfreeze.model.records import Finding, FitBehaviour, LayerState, ModelFile, Report, Runtime
+from bnfreeze.model.code_built import keras_hub
+from bnfreeze.model.records import (
+    Finding,
+    FitBehaviour,
+    LayerKind,
+    LayerState,
+    ModelFile,
+    Report,
+    Runtime,
+)
 
 if TYPE_CHECKING:
     from bnfreeze.runtime.loading import RuntimeInfo
@@ -31,6 +45,7 @@ def model_dict(model: ModelFile | None, path: str | None = None) -> dict[str, An
             "keras_version": None,
             "compiled": None,
             "optimizer_variables": None,
+            "keras_hub": None,
         }
     return {
         "path": model.path,
@@ -38,6 +53,7 @@ def model_dict(model: ModelFile | None, path: str | None = None) -> dict[str, An
         "keras_version": model.keras_version,
         "compiled": model.compiled,
         "optimizer_variables": model.optimizer_variables,
+        "keras_hub": keras_hub_dict(model),
     }
 
 
@@ -77,9 +93,19 @@ def layer_dict(state: LayerState) -> dict[str, Any]:
         "class_name": layer.class_name,
         "depth": layer.depth,
         "trainable": layer.trainable,
-        "is_batchnorm": layer.is_batchnorm,
+        "is_batchnorm": None
+        if layer.kind is LayerKind.UNKNOWN and layer.from_weights
+        else layer.is_batchnorm,
+        "source": layer.source.value,
         "in_fit": behaviour_dict(state.in_fit),
     }
+
+
+def keras_hub_dict(model: ModelFile) -> dict[str, Any] | None:
+    hub = keras_hub(model)
+    if hub is None:
+        return None
+    return {"classes": list(hub.classes), "preset": hub.preset, "version": hub.version}
 
 
 def finding_dict(finding: Finding) -> dict[str, Any]:
@@ -109,6 +135,7 @@ def report_dict(report: Report) -> dict[str, Any]:
             "batchnorm": len(report.batchnorm),
             "bn_training_in_fit": report.bn_training_in_fit,
             "bn_inference_in_fit": report.bn_inference_in_fit,
+            "bn_from_weights": sum(1 for s in report.batchnorm if s.layer.from_weights),
         },
         "layers": [layer_dict(s) for s in report.layers],
         "warnings": [finding_dict(f) for f in report.warnings],

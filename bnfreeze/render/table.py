@@ -24,6 +24,7 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
+from bnfreeze.model.code_built import KERAS_HUB_PREFIX, KerasHub, keras_hub
 from bnfreeze.model.records import LayerKind, LayerState, Normalization, Report
 from bnfreeze.render.columns import CLASS_MIN_WIDTH, PATH_MIN_WIDTH, Column, ColumnTable, Kind
 from bnfreeze.render.findings import WARNINGS_SHOWN_PER_CODE, warning_lines
@@ -130,6 +131,9 @@ def summary(report: Report) -> Table:
     if model.optimizer_variables:
         details.append(f"{model.optimizer_variables} saved optimizer variables")
     grid.add_row("Format", ", ".join(details))
+    hub = keras_hub(model)
+    if hub is not None:
+        grid.add_row("keras-hub", keras_hub_line(hub))
     grid.add_row("Runtime", f"{report.runtime.value} (predicted from the file)")
     bn_line = Text(f"{_plural(len(report.batchnorm), 'BN layer')}: ")
     bn_line.append(f"{report.bn_training_in_fit} training", style=STYLE_TRAINING)
@@ -137,6 +141,16 @@ def summary(report: Report) -> Table:
     bn_line.append(f"{report.bn_inference_in_fit} inference", style=STYLE_INFERENCE)
     bn_line.append(" in fit()")
     grid.add_row("BatchNorm", bn_line)
+    from_weights = sum(1 for s in report.batchnorm if s.layer.from_weights)
+    if from_weights:
+        grid.add_row(
+            "",
+            Text(
+                f"{from_weights} read from the weights (marked {MARK}): built by code, "
+                "not in the config",
+                style=STYLE_NONE,
+            ),
+        )
     trains = sum(1 for s in report.layers if s.in_fit.trains_weights)
     frozen = sum(1 for s in report.layers if s.in_fit.trains_weights is False)
     weights = Text()
@@ -151,6 +165,29 @@ def summary(report: Report) -> Table:
     if not report.model_trainable:
         grid.add_row("Model", Text("trainable=False: fit() trains no weights", style=STYLE_FROZEN))
     return grid
+
+
+def keras_hub_line(hub: KerasHub) -> str:
+    """What makes the file a keras-hub model: "preset folder, keras_hub 0.32.0,
+    ImageClassifier, ResNetBackbone"."""
+    parts = []
+    if hub.preset:
+        parts.append("preset folder (save_to_preset)")
+    if hub.version:
+        parts.append(f"keras_hub {hub.version}")
+    names = [c.removeprefix(KERAS_HUB_PREFIX) for c in hub.classes]
+    if names:
+        parts.append(
+            ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        )
+    return ", ".join(parts)
+
+
+def _class_text(state: LayerState) -> Text:
+    layer = state.layer
+    if layer.from_weights:
+        return Text(layer.class_name + MARK)
+    return Text(layer.class_name)
 
 
 def layer_rows(report: Report, all_layers: bool) -> list[LayerState]:
@@ -243,7 +280,7 @@ def layer_table(report: Report, all_layers: bool = False) -> LayerTable:
         rows.append(
             _Row(
                 Text(_display_path(state)),
-                Text(layer.class_name),
+                _class_text(state),
                 _flag(layer.trainable),
                 mode_text(state),
                 _yes_no(state.in_fit.updates_moving_stats),
@@ -259,7 +296,7 @@ def layer_tree(report: Report, all_layers: bool = False) -> Tree:
     for state in layer_rows(report, all_layers):
         layer = state.layer
         label = Text(layer.name, style="bold" if layer.is_container else "")
-        label.append(f" ({layer.class_name})", style=STYLE_NONE)
+        label.append(f" ({layer.class_name}{MARK if layer.from_weights else ''})", style=STYLE_NONE)
         if layer.trainable is False:
             label.append(" trainable=False", style=STYLE_FROZEN)
         if layer.is_container:
@@ -281,6 +318,13 @@ def layer_tree(report: Report, all_layers: bool = False) -> Tree:
 LEGEND = (
     "training:  in fit() normalizes with batch statistics, updates moving statistics\n"
     "inference: in fit() normalizes with moving statistics, leaves them unchanged"
+)
+
+
+#: Marks a row read from the weights file (``source: "weights"`` in JSON).
+MARK = "*"
+LEGEND_WEIGHTS = (
+    f"{MARK}:         read from the weights: flag not saved, Keras rebuilds it trainable"
 )
 
 
@@ -316,4 +360,6 @@ def inspect_view(report: Report, *, all_layers: bool = False, tree: bool = False
     parts.append(layer_tree(report, all_layers) if tree else layer_table(report, all_layers))
     if report.batchnorm:
         parts.extend([Text(""), Text(LEGEND, style=STYLE_NONE)])
+    if any(s.layer.from_weights for s in report.layers):
+        parts.append(Text(LEGEND_WEIGHTS, style=STYLE_NONE))
     return Trimmed(Group(*parts))

@@ -119,6 +119,7 @@ def layer_table(report: VerifyReport, all_layers: bool = False) -> ColumnTable:
     (without --all the rows are BN layers and disagreements, which name their class below);
     the words wrap at narrow widths (:mod:`bnfreeze.render.columns`)."""
     disagreeing = {d.path for d in report.disagreements}
+    not_compared = set(report.bn_not_compared)
     predicted = {s.layer.path for s in report.prediction.layers} if report.prediction else set()
     columns = [
         Column("path", Kind.PATH, group=True),
@@ -135,6 +136,8 @@ def layer_table(report: VerifyReport, all_layers: bool = False) -> ColumnTable:
             continue
         if m.path in disagreeing:
             verdict = Text("disagrees", style=STYLE_DISAGREE)
+        elif m.path in not_compared:
+            verdict = Text("not compared", style=STYLE_DISAGREE)
         elif m.path in predicted:
             verdict = Text("agrees", style="green")
         elif report.prediction is None:
@@ -163,26 +166,42 @@ def verdict(report: VerifyReport) -> Text:
             "prediction=None); the table is the measurement alone.",
             style=STYLE_NONE,
         )
-    layers = len({m.path for m in report.layers if m.path in _predicted_paths(report)})
+    layers = report.layers_compared
+    measured = len(report.layers)
+    missing = report.bn_not_compared
+    if missing and not report.disagreements:
+        text = Text("NOT COMPARED", style=STYLE_DISAGREE)
+        shown = ", ".join(missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
+        text.append(
+            f"  {len(missing)} of {len(report.batchnorm)} measured BN layers were not "
+            f"predicted by inspect, so nothing was compared for them: {shown}. "
+            f"{report.checks} checks on {layers} of {measured} measured layers."
+        )
+        return text
     if not report.checks:
         return Text(
-            "Nothing to compare: the file's config lists none of the measured layers (a "
-            "subclassed model?), so inspect predicts nothing for them.",
+            "Nothing to compare: inspect lists none of the measured layers, so it predicts "
+            f"nothing for them ({measured} layers measured).",
             style=STYLE_NONE,
         )
     if report.agree:
         text = Text("AGREE", style=STYLE_AGREE)
         text.append(
-            f"  inspect's prediction from the file matches the measurement: "
-            f"{report.checks} checks on {layers} layers."
+            f"  inspect's prediction matches the measurement: "
+            f"{report.checks} checks on {layers} of {measured} measured layers."
         )
         return text
     text = Text("DISAGREE", style=STYLE_DISAGREE)
     count = len(report.disagreements)
     text.append(
         f"  {count} of {report.checks} checks differ from inspect's prediction "
-        f"({layers} layers compared):"
+        f"({layers} of {measured} measured layers compared"
     )
+    if missing:
+        text.append(f"; {len(missing)} measured BN layers not predicted")
+    text.append("):")
     return text
 
 
@@ -254,8 +273,9 @@ def note_lines(report: VerifyReport) -> list[str]:
         shown = ", ".join(report.not_in_file[:5])
         more = f" and {len(report.not_in_file) - 5} more" if len(report.not_in_file) > 5 else ""
         lines.append(
-            "note: measured layers that the file's config does not list (inside a custom "
-            f"layer or a subclassed model), so inspect could not predict them: {shown}{more}."
+            "note: measured layers that inspect does not list (inside a container whose "
+            "layers code builds, it lists only the BN layers, from the weights file), so "
+            f"inspect could not predict them: {shown}{more}."
         )
     if report.not_measured:
         shown = ", ".join(report.not_measured[:5])
@@ -328,6 +348,9 @@ def verify_dict(report: VerifyReport) -> dict[str, Any]:
             "layers_trained": sum(1 for m in weighted if m.trains_weights),
             "layers_frozen": sum(1 for m in weighted if not m.trains_weights),
             "compared": report.prediction is not None,
+            "layers_measured": len(report.layers),
+            "layers_compared": report.layers_compared,
+            "bn_not_compared": len(report.bn_not_compared),
             "checks": report.checks,
             "disagreements": len(report.disagreements),
             "agree": report.agree,
@@ -356,6 +379,7 @@ def verify_dict(report: VerifyReport) -> dict[str, Any]:
         ],
         "not_in_file": list(report.not_in_file),
         "not_measured": list(report.not_measured),
+        "bn_not_compared": list(report.bn_not_compared),
         "notes": list(report.notes),
     }
 

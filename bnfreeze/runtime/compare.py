@@ -6,6 +6,7 @@ Pure: no Keras. Only what both sides know is compared.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 
 from bnfreeze.model.expectations import Expectation, Failure, Observed, evaluate
 from bnfreeze.model.records import LayerState, Report
@@ -33,18 +34,26 @@ def compare(
     """Compare a measurement with ``inspect``'s prediction and judge the expectations.
 
     Pure: no Keras. Only what both sides know is compared: a prediction of None (a custom
-    class's moving statistics, say) or a layer without such variables is skipped.
+    class's moving statistics, say) or a layer without such variables is skipped. A measured
+    BN layer that no check compares (inspect did not predict it) is a failed comparison
+    (:attr:`VerifyReport.bn_not_compared`), so the report never agrees on it.
     """
     checks = 0
     disagreements: list[Disagreement] = []
     predicted: dict[str, LayerState] = (
         {s.layer.path: s for s in prediction.layers} if prediction is not None else {}
     )
+    if prediction is not None:
+        # "In the file" means inspect lists it: from the config, or from the weights.
+        measured = [replace(m, in_file=m.path in predicted) for m in measured]
+    bn_not_compared: list[str] = []
     for m in measured:
         state = predicted.get(m.path)
-        if state is None:
-            continue
-        for aspect, said, did in _pairs(m, state):
+        pairs = list(_pairs(m, state)) if state is not None else []
+        if m.is_batchnorm and prediction is not None and not pairs:
+            # Measured but not predicted: never counted as agreement.
+            bn_not_compared.append(m.path)
+        for aspect, said, did in pairs:
             checks += 1
             agrees = did.changed is said if aspect is Aspect.MOVING_STATS else did.trained is said
             if not agrees:
@@ -71,6 +80,7 @@ def compare(
         not_measured=not_measured,
         expectations=judged,
         notes=notes,
+        bn_not_compared=tuple(bn_not_compared),
     )
 
 

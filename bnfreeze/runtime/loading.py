@@ -581,6 +581,10 @@ def load_model(
     if isinstance(custom_objects, str):
         custom_objects = load_custom_objects(custom_objects)
     keras = keras_module(runtime)
+    custom_objects = {
+        **keras_hub_objects(keras, model_file, custom_objects),
+        **(custom_objects or {}),
+    }
     kwargs: dict[str, Any] = {"custom_objects": custom_objects or None, "compile": compile}
     kwargs["safe_mode"] = not unsafe
     try:
@@ -597,6 +601,60 @@ def load_model(
         if recorded is not None:
             keras_engine.apply_recorded(model, recorded, os.fspath(path))
     return model
+
+
+def keras_hub_objects(
+    keras: ModuleType, model_file: Any, given: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The keras-hub classes a file needs, so it loads as ``keras_hub`` users load it.
+
+    A ``.keras`` file names them ``keras_hub>ResNetBackbone``, which Keras resolves once
+    keras-hub is imported (importing it registers them). A legacy ``.h5`` keeps only the bare
+    class name (``DenseNetBackbone``), which Keras cannot resolve without ``custom_objects``:
+    such names are looked up in ``keras_hub.models`` and ``keras_hub.layers``. keras-hub is
+    imported only when the file needs it, and nothing happens when it is not installed.
+    """
+    from bnfreeze.model.code_built import keras_hub
+
+    wanted: set[str] = set()
+
+    def visit(node: Any, depth: int) -> None:
+        if depth > 64:
+            return
+        if isinstance(node, dict):
+            name = node.get("class_name")
+            if isinstance(name, str) and isinstance(node.get("config"), dict):
+                wanted.add(name)
+            for value in node.values():
+                visit(value, depth + 1)
+        elif isinstance(node, list):
+            for item in node:
+                visit(item, depth + 1)
+
+    if getattr(keras, "__name__", "") != "keras":  # tf_keras: keras-hub is Keras 3 only
+        return {}
+    visit(model_file.config, 0)
+    known = given or {}
+    modules = [getattr(keras, m, None) for m in ("layers", "models", "ops")] + [keras]
+    unknown = {
+        name
+        for name in wanted
+        if name not in known and not any(hasattr(m, name) for m in modules if m is not None)
+    }
+    if keras_hub(model_file) is None and not unknown:
+        return {}
+    try:
+        import keras_hub as hub  # type: ignore[import-untyped]
+    except Exception:
+        return {}
+    found: dict[str, Any] = {}
+    for name in sorted(unknown):
+        for module in (hub.models, hub.layers):
+            value = getattr(module, name, None)
+            if isinstance(value, type):
+                found[name] = value
+                break
+    return found
 
 
 def _load_error(path: Any, exc: Exception, config: Any) -> BnfreezeError:

@@ -72,7 +72,10 @@ class LayerMeasurement:
     class_name: str
     is_batchnorm: bool  # an instance of BatchNormalization, built-in or subclass
     builtin: bool  # a Keras built-in class (for BN: its mode can be read off its statistics)
-    in_file: bool  # False for a BN found inside a custom layer, which the file does not list
+    #: Whether inspect lists the layer (from the config, or from the weights of a code-built
+    #: container). The measurement marks what the live model's layer lists show;
+    #: :func:`bnfreeze.runtime.compare.compare` sets it from the prediction.
+    in_file: bool
     moving_stats: Movement
     gamma_beta: Movement
     other_weights: Movement
@@ -155,10 +158,27 @@ class VerifyReport:
     prediction: Report | None  # None only when compare() was given no prediction
     checks: int  # (layer, aspect) pairs compared
     disagreements: tuple[Disagreement, ...]
-    not_in_file: tuple[str, ...]  # measured layers the file's layer list does not show
+    not_in_file: tuple[str, ...]  # measured layers inspect does not list
     not_measured: tuple[str, ...]  # layers the file says hold weights, not found in Keras
     expectations: tuple[tuple[Expectation, tuple[Failure, ...]], ...]
     notes: tuple[str, ...]  # Keras's own warnings, and how the run was adapted
+    #: Measured BN layers no check compared (inspect did not predict them): each is a failed
+    #: comparison, never counted as agreement.
+    bn_not_compared: tuple[str, ...] = ()
+
+    @property
+    def layers_compared(self) -> int:
+        """Measured layers on which at least one check ran."""
+        return len(self.compared_paths)
+
+    @property
+    def compared_paths(self) -> frozenset[str]:
+        if self.prediction is None:
+            return frozenset()
+        predicted = {s.layer.path for s in self.prediction.layers}
+        return frozenset(m.path for m in self.layers if m.path in predicted) - frozenset(
+            self.bn_not_compared
+        )
 
     @property
     def batchnorm(self) -> tuple[LayerMeasurement, ...]:
@@ -170,7 +190,8 @@ class VerifyReport:
 
     @property
     def agree(self) -> bool:
-        return not self.disagreements
+        """Every measured BN layer was compared, and every check agreed."""
+        return not self.disagreements and not self.bn_not_compared
 
     @property
     def expectations_hold(self) -> bool:

@@ -133,7 +133,27 @@ def read_values(model: ModelFile, datasets: list[str]) -> dict[str, object]:
     return found
 
 
-def _read_values_h5py(model: ModelFile, datasets: list[str]) -> dict[str, object]:
+def read_shapes(model: ModelFile, datasets: list[str]) -> dict[str, tuple[int, ...]]:
+    """The shapes of the named HDF5 datasets of the model's weights, from HDF5 metadata only
+    (no values are read). Missing or unreadable datasets are left out."""
+    if not datasets:
+        return {}
+    found: dict[str, tuple[int, ...]] = {}
+    locations = model.weights.locations if model.weights is not None else {}
+    for name in datasets:
+        pending = locations.get(name)
+        info = pending.info() if pending is not None else None
+        if info is not None and info.shape is not None:
+            found[name] = tuple(info.shape)
+    rest = [name for name in datasets if name not in found]
+    if rest:
+        found.update(_read_values_h5py(model, rest, shapes=True))  # type: ignore[arg-type]
+    return found
+
+
+def _read_values_h5py(
+    model: ModelFile, datasets: list[str], *, shapes: bool = False
+) -> dict[str, object]:
     import h5py
 
     from bnfreeze.model.records import ModelFormat
@@ -144,7 +164,7 @@ def _read_values_h5py(model: ModelFile, datasets: list[str]) -> dict[str, object
             try:
                 obj = h5.get(name)
                 if isinstance(obj, h5py.Dataset):
-                    out[name] = obj[()]
+                    out[name] = tuple(obj.shape) if shapes else obj[()]
             except Exception:  # a damaged dataset: unknown, not fatal for inspection
                 continue
         return out

@@ -92,6 +92,7 @@ class DatasetInfo:
     big_endian: bool
     count: int  # number of elements
     inline: bytes | None = None
+    shape: tuple[int, ...] | None = None  # the dataspace's dimensions; () for a scalar
 
 
 @dataclass
@@ -598,13 +599,15 @@ class File:
             inline = layout[4 : 4 + size]
             if len(inline) < count * itemsize:
                 raise Unsupported("truncated compact dataset")
-            return DatasetInfo(None, count * itemsize, typecode, big, count, inline)
+            return DatasetInfo(None, count * itemsize, typecode, big, count, inline, dims)
         if layout[1] == 1:  # contiguous
             addr = self._u(layout, 2, self.O)
             nbytes = self._u(layout, 2 + self.O, self.L)
             if addr == UNDEFINED or nbytes < count * itemsize or addr + nbytes > self.end:
                 raise Unsupported("unallocated or out-of-range dataset")
-            return DatasetInfo(self.src.start + addr, count * itemsize, typecode, big, count)
+            return DatasetInfo(
+                self.src.start + addr, count * itemsize, typecode, big, count, None, dims
+            )
         raise Unsupported("chunked or virtual dataset")
 
 
@@ -648,6 +651,8 @@ def decode(info: DatasetInfo, raw: bytes) -> tuple[float | int, ...]:
 
 # Groups below a layer's weights group that hold a wrapped layer, not the layer's own state.
 INNER_LAYER_GROUPS = ("layer", "forward_layer", "backward_layer")
+#: Root groups that are not a subclassed model's attribute layers.
+ROOT_GROUPS = ("layers", "vars", "optimizer")
 
 
 class PendingDataset:
@@ -672,6 +677,9 @@ class KerasIndex:
     variables: dict[str, tuple[str, ...]]
     optimizer_variables: int | None
     datasets: dict[str, PendingDataset]
+    #: The layer name Keras recorded (``vars`` attribute ``name``) of each group *inside* a
+    #: layer's group that holds a sublayer (``.../fused_mb_conv_block/bn1``), by HDF5 path.
+    names: dict[str, str]
 
 
 class _Node:
@@ -702,6 +710,7 @@ class _Walker:
         self._count = 0
         self._paths: dict[int, str] = {}  # object header address -> the first path to it
         self._aliases = 0
+        self.names: dict[str, str] = {}
 
     def node(self, path: str, link: Link) -> _Node:
         cached = self._nodes.get(path)
@@ -781,6 +790,10 @@ class _Walker:
                 if child.is_dataset:
                     found.append(child.path)
                 else:
+                    if key != "vars":
+                        name = self.group_name(child, "")
+                        if name:
+                            self.names[child.path] = name
                     visit(child, depth + 1)
 
         visit(group, 0)
@@ -829,12 +842,18 @@ def index_keras_weights(source: ByteSource) -> KerasIndex:
         raise Unsupported("the root object is not a group")
     variables: dict[str, tuple[str, ...]] = {}
     walker.index_layers(root, "", variables, 0)
+    # A subclassed model's sublayers are saved under their attribute names at the root.
+    for key in sorted(root.children, key=_natural):
+        if key not in ROOT_GROUPS:
+            child = walker.get(root, key)
+            if child is not None and not child.is_dataset:
+                walker.index_layer(child, walker.group_name(child, key), variables, 1)
     optimizer = walker.get(root, "optimizer")
     opt_vars = walker.get(optimizer, "vars") if optimizer is not None else None
     count = None
     if opt_vars is not None and opt_vars.children is not None:
         count = len(opt_vars.children)
-    return KerasIndex(variables, count, walker.datasets)
+    return KerasIndex(variables, count, walker.datasets, walker.names)
 
 
 class Numbers(Sequence):

@@ -63,6 +63,12 @@ def keras_version(metadata: Any) -> str | None:
     return None
 
 
+def keras_hub_version(metadata: Any) -> str | None:
+    if isinstance(metadata, dict) and isinstance(metadata.get("keras_hub_version"), str):
+        return metadata["keras_hub_version"]
+    return None
+
+
 def keras_model_file(
     source: str,
     fmt: ModelFormat,
@@ -85,6 +91,7 @@ def keras_model_file(
         compile_config=compile_config,
         optimizer_variables=optimizer_variables,
         weights=index,
+        keras_hub_version=keras_hub_version(metadata),
     )
 
 
@@ -161,7 +168,7 @@ def index_member(member: Member, source: str) -> tuple[WeightIndex, int | None]:
     except OSError as exc:
         reason = exc.strerror or exc
         raise ModelFormatError(f"{source}: {WEIGHTS} cannot be read ({reason}).") from None
-    index = WeightIndex(variables=found.variables, locations=found.datasets)
+    index = WeightIndex(variables=found.variables, locations=found.datasets, names=found.names)
     return index, found.optimizer_variables
 
 
@@ -201,7 +208,12 @@ def _index_weights_file(path: str, source: str) -> tuple[WeightIndex, int | None
     try:
         with h5py.File(path, "r") as h5:
             variables: dict[str, tuple[str, ...]] = {}
-            _index_layers(h5, "", variables)
+            names: dict[str, str] = {}
+            _index_layers(h5, "", variables, names)
+            for key in sorted(h5, key=_natural):  # a subclassed model's attribute layers
+                child = h5[key]
+                if key not in ("layers", "vars", "optimizer") and isinstance(child, h5py.Group):
+                    _index_layer(child, _group_name(child, key), variables, names)
             opt = h5.get("optimizer/vars")
             optimizer_variables = len(opt) if isinstance(opt, h5py.Group) else None
     except ModelFormatError:
@@ -210,7 +222,7 @@ def _index_weights_file(path: str, source: str) -> tuple[WeightIndex, int | None
         raise ModelFormatError(
             f"{source}: {WEIGHTS} is not a readable HDF5 file ({exc})."
         ) from None
-    return WeightIndex(variables=variables), optimizer_variables
+    return WeightIndex(variables=variables, names=names), optimizer_variables
 
 
 def _group_name(group: Any, fallback: str) -> str:
@@ -221,7 +233,7 @@ def _group_name(group: Any, fallback: str) -> str:
     return name if isinstance(name, str) and name else fallback
 
 
-def _datasets(group: Any, skip: tuple[str, ...]) -> list[str]:
+def _datasets(group: Any, skip: tuple[str, ...], names: dict[str, str]) -> list[str]:
     import h5py
 
     found: list[str] = []
@@ -234,6 +246,10 @@ def _datasets(group: Any, skip: tuple[str, ...]) -> list[str]:
             if isinstance(child, h5py.Dataset):
                 found.append(child.name)
             else:
+                if key != "vars":
+                    name = _group_name(child, "")
+                    if name:
+                        names[child.name] = name
                 visit(child)
 
     visit(group)
@@ -244,20 +260,24 @@ def _natural(key: str) -> tuple[int, int | str]:
     return (0, int(key)) if key.isdigit() else (1, key)
 
 
-def _index_layers(group: Any, prefix: str, out: dict[str, tuple[str, ...]]) -> None:
+def _index_layers(
+    group: Any, prefix: str, out: dict[str, tuple[str, ...]], names: dict[str, str]
+) -> None:
     layers = group.get("layers")
     if layers is None:
         return
     for key in layers:
         child = layers[key]
-        _index_layer(child, prefix + _group_name(child, key), out)
+        _index_layer(child, prefix + _group_name(child, key), out, names)
 
 
-def _index_layer(group: Any, path: str, out: dict[str, tuple[str, ...]]) -> None:
-    own = _datasets(group, skip=("layers", *_INNER_LAYER_GROUPS))
+def _index_layer(
+    group: Any, path: str, out: dict[str, tuple[str, ...]], names: dict[str, str]
+) -> None:
+    own = _datasets(group, ("layers", *_INNER_LAYER_GROUPS), names)
     out[path] = tuple(own)
-    _index_layers(group, path + "/", out)
+    _index_layers(group, path + "/", out, names)
     for inner in _INNER_LAYER_GROUPS:
         sub = group.get(inner)
         if sub is not None:
-            _index_layer(sub, f"{path}/{_group_name(sub, inner)}", out)
+            _index_layer(sub, f"{path}/{_group_name(sub, inner)}", out, names)
