@@ -263,6 +263,7 @@ def test_json_document_is_exact(under_frozen):
             "keras_version": "3.15.1",
             "compiled": False,
             "optimizer_variables": None,
+            "keras_hub": None,
         },
         "runtime": {
             "name": "keras3",

@@ -145,6 +145,7 @@ OUT_MODEL = {
     "keras_version": "3.15.1",
     "compiled": False,
     "optimizer_variables": None,
+    "keras_hub": None,
 }
 
 

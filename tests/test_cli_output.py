@@ -320,7 +320,7 @@ def test_dry_run_says_so_once(work, args):
 
 # --------------------------------------------------------------------------- JSON
 
-MODEL_KEYS = {"path", "format", "keras_version", "compiled", "optimizer_variables"}
+MODEL_KEYS = {"path", "format", "keras_version", "compiled", "optimizer_variables", "keras_hub"}
 RUNTIME_KEYS = {"name", "measured", "keras_version", "backend", "tensorflow_version"}
 PREDICTED = {
     "name": "keras3",
@@ -369,6 +369,7 @@ def test_verify_json_is_valid_against_its_schema(work):
         "keras_version": "3.15.1",
         "compiled": True,
         "optimizer_variables": 6,
+        "keras_hub": None,
     }
     assert document["runtime"] == {
         "name": "keras3",

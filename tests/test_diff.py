@@ -72,6 +72,7 @@ def test_diff_of_the_guide_sample_and_its_frozen_copy(samples, frozen_copies):
         "keras_version": "3.15.1",
         "compiled": True,
         "optimizer_variables": 6,
+        "keras_hub": None,
     }
     assert document["b"]["path"] == str(frozen_copies["guide_pattern.keras"])
     assert document["runtime"]["name"] == "keras3" and document["runtime"]["measured"] is False

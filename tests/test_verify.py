@@ -223,6 +223,7 @@ def test_sequential_json_document(samples):
             "keras_version": "3.15.1",
             "compiled": False,
             "optimizer_variables": None,
+            "keras_hub": None,
         },
         "runtime": {
             "name": "keras3",
