@@ -290,6 +290,53 @@ def test_failed_verification_replaces_nothing(guide, tmp_path, monkeypatch, wher
         assert out.read_bytes() == previous
 
 
+#: nested_deep_keras (tests/conftest.py): every BN layer, and the frozen layers two and three
+#: deep.
+DEEP_BN = ["middle/inner/inner_bn", "middle/inner/core/core_bn", "middle/middle_bn", "bn"]
+DEEP_FROZEN = [
+    "middle/inner/inner_dense",
+    "middle/inner/core",
+    "middle/inner/core/core_dense",
+    "middle/inner/core/core_bn",
+]
+
+
+@pytest.mark.keras
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (
+            lambda src, out: freeze_file(src, out, bn_inference=True),
+            {p: False for p in DEEP_BN if p not in DEEP_FROZEN},
+        ),
+        (
+            lambda src, out: unfreeze_file(src, out, keep_bn_inference=True),
+            {p: True for p in DEEP_FROZEN if p not in DEEP_BN}
+            | {p: False for p in DEEP_BN if p not in DEEP_FROZEN},
+        ),
+        (
+            lambda src, out: unfreeze_file(src, out, layers=["middle/inner/core/*"]),
+            {
+                "middle/inner/core/core_dense": True,
+                "middle/inner/core/core_bn": True,
+                "middle/inner/core": True,
+            },
+        ),
+    ],
+    ids=["bn-inference", "keep-bn-inference", "three-deep-glob"],
+)
+def test_layers_nested_two_and_three_deep_are_edited(nested_deep_keras, tmp_path, edit, expected):
+    """The config route edits layers inside containers two and three deep, and the file
+    written reads back with exactly those flags (and no others changed)."""
+    before = flags(nested_deep_keras)
+    assert [p for p in before if before[p] is False] == DEEP_FROZEN
+    out = tmp_path / "out.keras"
+    result = edit(nested_deep_keras, out)
+    assert {c.path: c.after for c in result.changes} == expected
+    assert any(path.count("/") >= 2 for path in expected)
+    assert flags(out) == before | expected
+
+
 # --- selection errors --------------------------------------------------------------------
 
 
