@@ -76,10 +76,13 @@ def race(
         while any(p.poll() is None for p in procs):
             writing = writer_pids(out.parent, out)
             overlapped = overlapped or len(writing) >= 2
-            if held is None and len(writing) == 1 and not overlapped:
-                held = by_pid.get(next(iter(writing)))
+            if held is None and writing and (hold_until_done or not overlapped):
+                held = by_pid.get(min(writing))
                 if held is not None:
                     held.send_signal(signal.SIGSTOP)
+                    if held.pid not in writer_pids(out.parent, out):  # renamed meanwhile
+                        held.send_signal(signal.SIGCONT)
+                        held = None
             if held is not None and not released:
                 (other,) = [p for p in procs if p is not held]
                 if (overlapped and not hold_until_done) or other.poll() is not None:
