@@ -151,6 +151,45 @@ def guide_phase2_trained_keras(tmp_path_factory) -> Path:
     return _save_application(tmp_path_factory, "guide_phase2_trained", build)
 
 
+@pytest.fixture(scope="session")
+def nested_deep_keras(tmp_path_factory) -> Path:
+    """BN layers at depths 0 to 3: model ``deep`` holds Functional ``middle``, which holds
+    Functional ``inner``, which holds Sequential ``core``. Compiled with Adam and trained one
+    step, so the file carries optimizer state; then ``core`` (two deep, with its layers) and
+    ``inner_dense`` (two deep) are frozen."""
+    import keras
+    import numpy as np
+
+    layers = keras.layers
+    keras.utils.set_random_seed(5)
+    core = keras.Sequential(
+        [
+            keras.Input((4,)),
+            layers.Dense(4, name="core_dense"),
+            layers.BatchNormalization(name="core_bn"),
+        ],
+        name="core",
+    )
+    inner_in = keras.Input((4,), name="inner_in")
+    h = layers.BatchNormalization(name="inner_bn")(layers.Dense(4, name="inner_dense")(inner_in))
+    inner = keras.Model(inner_in, core(h), name="inner")
+    middle_in = keras.Input((4,), name="middle_in")
+    middle = keras.Model(
+        middle_in, layers.BatchNormalization(name="middle_bn")(inner(middle_in)), name="middle"
+    )
+    x = keras.Input((4,), name="x")
+    h = layers.BatchNormalization(name="bn")(middle(x))
+    model = keras.Model(x, layers.Dense(1, name="head")(h), name="deep")
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse", run_eagerly=True)
+    rng = np.random.default_rng(5)
+    model.fit(rng.normal(5, 2, (8, 4)), rng.normal(size=(8, 1)), batch_size=8, verbose=0)
+    core.trainable = False
+    inner.get_layer("inner_dense").trainable = False
+    path = tmp_path_factory.mktemp("nested_deep") / "nested_deep.keras"
+    model.save(path)
+    return path
+
+
 # --- Custom classes, provided the way users do: a .py file passed as --custom-objects -------
 
 CUSTOM_LAYERS_SOURCE = '''"""Custom classes for bnfreeze's tests (--custom-objects this_file.py)."""

@@ -25,9 +25,13 @@ COMMANDS = ("inspect", "freeze", "check")
 #: SIGKILL moments per scenario in ``tests/test_interrupt.py`` (new output, existing output).
 KILL_POINTS = 8
 KILL_SCENARIOS = ("new output", "existing output")
+#: Of each scenario's kills, how many at least must land mid-write: the process dies of the
+#: signal with the output's temporary file still there (asserted, not assumed).
+MID_WRITE_KILLS = 4
 #: Full-disk cases: the output fills a small tmpfs (or a simulated ENOSPC).
 FULL_DISK_CASES = 3
-#: Rounds of two ``freeze`` processes racing for the same output.
+#: Rounds of two ``freeze`` processes racing for the same output; each must be seen to
+#: overlap (both temporary files at once).
 RACE_ROUNDS = 3
 
 ran: dict[str, int] = {}
@@ -47,8 +51,10 @@ def planned() -> dict[str, int]:
         "bad_inputs": corpus + FUZZ_EXAMPLES + regressions,
         "commands_per_input": len(COMMANDS),
         "kill_points": KILL_POINTS * len(KILL_SCENARIOS),
+        "kills_mid_write": MID_WRITE_KILLS * len(KILL_SCENARIOS),
         "full_disk_cases": FULL_DISK_CASES,
         "race_rounds": RACE_ROUNDS,
+        "race_rounds_overlapped": RACE_ROUNDS,
         "max_config_mib": limits.MAX_CONFIG_BYTES // 2**20,
         "max_expansion_ratio": limits.MAX_EXPANSION_RATIO,
         "max_json_depth": limits.MAX_JSON_DEPTH,

@@ -248,3 +248,39 @@ def test_a_long_name_s_stale_temporary_file_is_found(tmp_path):
     (tmp_path / stale).write_bytes(b"partial")
     write_atomically(tmp_path / name, lambda tmp: tmp.write_bytes(b"x"))
     assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new", "existing"])
+@pytest.mark.parametrize(
+    "failure", [OutputError("not what was meant"), KeyboardInterrupt()], ids=type
+)
+def test_a_failed_verification_renames_nothing(tmp_path, existing, failure):
+    """verify() sees the complete temporary file, and when it raises, nothing is renamed: the
+    destination stays absent or the previous file, and the temporary file is gone."""
+    out = tmp_path / "out.bin"
+    if existing:
+        out.write_bytes(b"previous")
+    seen: list[bytes] = []
+
+    def verify(tmp):
+        seen.append(tmp.read_bytes())
+        assert not out.exists() or out.read_bytes() == b"previous"  # not renamed yet
+        raise failure
+
+    with pytest.raises(type(failure)):
+        write_atomically(out, lambda tmp: tmp.write_bytes(b"new"), verify)
+    assert seen == [b"new"]
+    assert [p.name for p in tmp_path.iterdir()] == (["out.bin"] if existing else [])
+    if existing:
+        assert out.read_bytes() == b"previous"
+
+
+def test_a_passed_verification_renames(tmp_path):
+    verified: list[str] = []
+    size = write_atomically(
+        tmp_path / "out.bin",
+        lambda tmp: tmp.write_bytes(b"new"),
+        lambda tmp: verified.append(tmp.name),
+    )
+    assert size == 3 and len(verified) == 1 and verified[0].endswith(atomic.TEMP_SUFFIX)
+    assert (tmp_path / "out.bin").read_bytes() == b"new"

@@ -8,7 +8,6 @@ Views are compared with golden files in ``tests/golden/freeze/`` (regenerate wit
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import golden_files
 import json_schemas
 import pytest
+import unprivileged
 from click.testing import CliRunner
 
 from bnfreeze.cli import cli
@@ -364,19 +364,24 @@ def test_unwritable_folder(work, monkeypatch):
     assert files(work / "ro") == []
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permission bits")
-def test_read_only_folder(work):
-    (work / "ro").mkdir()
-    (work / "ro").chmod(0o555)
-    try:
-        result = invoke("freeze", "guide_pattern.keras", "-o", "ro/out.keras")
-    finally:
-        (work / "ro").chmod(0o755)
-    assert result.exit_code == 2
-    assert "error: ro/out.keras: the folder ro is not writable (permission denied)." in (
-        result.stderr
-    )
-    assert files(work / "ro") == []
+def test_read_only_folder(samples, monkeypatch):
+    """As user ``nobody``: root ignores permission bits, and CI runs as root."""
+    with unprivileged.open_folder() as folder:
+        monkeypatch.chdir(folder)
+        shutil.copy(samples / "guide_pattern.keras", "guide_pattern.keras")
+        Path("ro").mkdir()
+        Path("ro").chmod(0o555)
+        args = ["freeze", "guide_pattern.keras", "-o", "ro/out.keras"]
+        assert invoke(*args[:-1], "warm-up.keras").exit_code == 0  # imports, as root
+        Path("warm-up.keras").unlink()
+        exit_code, stdout, stderr = unprivileged.as_nobody(args, env=ENV)
+        assert (exit_code, stdout) == (2, "")
+        assert stderr == (
+            "error: ro/out.keras: the folder ro is not writable (permission denied). "
+            "Pick another -o.\n"
+        )
+        assert files(folder / "ro") == []
+        monkeypatch.chdir("/")
 
 
 # --- writing ---------------------------------------------------------------------------------

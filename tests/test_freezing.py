@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import unprivileged
 
 from bnfreeze.errors import BnfreezeError, OutputError, SelectionError
 from bnfreeze.formats.atomic import TEMP_SUFFIX
@@ -99,17 +100,31 @@ def test_output_is_a_directory(guide, tmp_path):
         freeze_file(guide, tmp_path)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permission bits")
-def test_read_only_folder(guide, tmp_path):
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    folder.chmod(0o555)
-    try:
-        with pytest.raises(OutputError, match="is not writable"):
-            freeze_file(guide, folder / "out.keras")
-        assert listing(folder) == []
-    finally:
-        folder.chmod(0o755)
+def test_read_only_folder(guide):
+    """As user ``nobody`` (root ignores permission bits, and CI runs as root): the kernel
+    refuses the folder, and the check before any work says so."""
+    with unprivileged.open_folder() as folder:
+        model = folder / "guide.keras"
+        shutil.copy(guide, model)
+        model.chmod(0o644)
+        read_only = folder / "ro"
+        read_only.mkdir()
+        read_only.chmod(0o555)
+        freeze_file(model, folder / "warm-up.keras")  # as root: imports what the edit needs
+        (folder / "warm-up.keras").unlink()
+
+        def freeze() -> None:
+            freeze_file(model, read_only / "out.keras")
+
+        state, raised = unprivileged.call_as_nobody(freeze)
+        assert state == "raised", "nobody wrote into a read-only folder"
+        assert raised == (
+            "OutputError",
+            f"{read_only / 'out.keras'}: the folder {read_only} is not writable (permission "
+            "denied). Pick another -o.",
+        )
+        assert listing(read_only) == []
+        assert listing(folder) == ["guide.keras", "ro"]
 
 
 def test_unwritable_folder_even_for_root(guide, tmp_path, monkeypatch):
@@ -226,19 +241,100 @@ def test_interrupted_write_leaves_previous_output_and_no_temp(
     assert not any(p.name.endswith(TEMP_SUFFIX) for p in tmp_path.iterdir())
 
 
-def test_failed_verification_replaces_nothing(guide, tmp_path, monkeypatch):
+def _config_json_lost(real_write: Any) -> Any:
+    """A writer that writes the input's config.json instead of the edited one: the edit is
+    lost, yet the archive is whole and every member is copied as stored."""
+
+    def write(self: Any, request: Any, dest: Path) -> Any:
+        outcome = real_write(self, request, dest)
+        with zipfile.ZipFile(request.model.path) as zin:
+            original = zin.read("config.json")
+        stale = dest.with_name(dest.name + ".stale")
+        with zipfile.ZipFile(dest) as zin, zipfile.ZipFile(stale, "w") as zout:
+            for info in zin.infolist():
+                data = original if info.filename == "config.json" else zin.read(info)
+                zout.writestr(info, data)
+        os.replace(stale, dest)
+        return outcome
+
+    return write
+
+
+@pytest.mark.parametrize("previous", [None, b"previous output"], ids=["new", "existing"])
+@pytest.mark.parametrize("where", ["prepare", "verify"])
+def test_failed_verification_replaces_nothing(guide, tmp_path, monkeypatch, where, previous):
+    """``prepare``: the new config itself is wrong, refused before the copy ends. ``verify``:
+    the config checks out in memory, but the file written is not what was checked; only
+    re-reading the written file before the rename finds it."""
     from bnfreeze.formats.writers import keras_zip
 
-    def corrupt(config: dict[str, Any]) -> bytes:
-        return b'{"class_name": "Functional", "config": {"layers": []}}'
+    out = tmp_path / "out.keras"
+    if previous is not None:
+        out.write_bytes(previous)
+    if where == "prepare":
 
-    original = keras_zip.serialize_config
-    monkeypatch.setattr(keras_zip, "serialize_config", corrupt)
-    # The writer writes the corrupt config; verification must catch it.
-    with pytest.raises(OutputError, match="nothing was replaced"):
-        freeze_file(guide, tmp_path / "out.keras")
-    monkeypatch.setattr(keras_zip, "serialize_config", original)
-    assert listing(tmp_path) == ["in"]
+        def corrupt(config: dict[str, Any]) -> bytes:
+            return b'{"class_name": "Functional", "config": {"layers": []}}'
+
+        monkeypatch.setattr(keras_zip, "serialize_config", corrupt)
+        message = "does not read back with the intended flags"
+    else:
+        writer = keras_zip.KerasZipWriter
+        monkeypatch.setattr(writer, "write", _config_json_lost(writer.write))
+        message = "config.json does not read back as written"
+    with pytest.raises(OutputError, match=message):
+        freeze_file(guide, out, layers=["pool"])
+    monkeypatch.undo()
+    assert listing(tmp_path) == (["in"] if previous is None else ["in", "out.keras"])
+    if previous is not None:
+        assert out.read_bytes() == previous
+
+
+#: nested_deep_keras (tests/conftest.py): every BN layer, and the frozen layers two and three
+#: deep.
+DEEP_BN = ["middle/inner/inner_bn", "middle/inner/core/core_bn", "middle/middle_bn", "bn"]
+DEEP_FROZEN = [
+    "middle/inner/inner_dense",
+    "middle/inner/core",
+    "middle/inner/core/core_dense",
+    "middle/inner/core/core_bn",
+]
+
+
+@pytest.mark.keras
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (
+            lambda src, out: freeze_file(src, out, bn_inference=True),
+            {p: False for p in DEEP_BN if p not in DEEP_FROZEN},
+        ),
+        (
+            lambda src, out: unfreeze_file(src, out, keep_bn_inference=True),
+            {p: True for p in DEEP_FROZEN if p not in DEEP_BN}
+            | {p: False for p in DEEP_BN if p not in DEEP_FROZEN},
+        ),
+        (
+            lambda src, out: unfreeze_file(src, out, layers=["middle/inner/core/*"]),
+            {
+                "middle/inner/core/core_dense": True,
+                "middle/inner/core/core_bn": True,
+                "middle/inner/core": True,
+            },
+        ),
+    ],
+    ids=["bn-inference", "keep-bn-inference", "three-deep-glob"],
+)
+def test_layers_nested_two_and_three_deep_are_edited(nested_deep_keras, tmp_path, edit, expected):
+    """The config route edits layers inside containers two and three deep, and the file
+    written reads back with exactly those flags (and no others changed)."""
+    before = flags(nested_deep_keras)
+    assert [p for p in before if before[p] is False] == DEEP_FROZEN
+    out = tmp_path / "out.keras"
+    result = edit(nested_deep_keras, out)
+    assert {c.path: c.after for c in result.changes} == expected
+    assert any(path.count("/") >= 2 for path in expected)
+    assert flags(out) == before | expected
 
 
 # --- selection errors --------------------------------------------------------------------

@@ -20,18 +20,20 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import guarantees
 import hostile
 import pytest
+import unprivileged
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bnfreeze.cli import cli
+
+as_nobody = unprivileged.as_nobody
 
 REGRESSIONS = sorted((Path(__file__).parent / "regressions").glob("*.json"))
 #: CPU seconds one command may spend on one bad input (typical: 0.02 s).
@@ -187,45 +189,10 @@ def test_no_traceback_reaches_a_real_terminal(case, tmp_path):
         assert not out.exists()
 
 
-def as_nobody(args: list[str]) -> tuple[int, str, str]:
-    """Run the CLI in a forked child that has dropped root for user ``nobody`` (65534):
-    the kernel, not a mock, refuses the read. Modules are imported by the parent first."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 0
-        try:
-            os.close(read_end)
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-            result = CliRunner().invoke(cli, args)
-            payload = [result.exit_code, result.stdout, result.stderr]
-            if result.exception is not None and not isinstance(result.exception, SystemExit):
-                import traceback
-
-                payload[2] += "Traceback: " + "".join(traceback.format_exception(result.exception))
-            os.write(write_end, json.dumps(payload).encode())
-        except BaseException:
-            code = 1
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    chunks = []
-    while chunk := os.read(read_end, 65536):
-        chunks.append(chunk)
-    os.close(read_end)
-    os.waitpid(pid, 0)
-    exit_code, stdout, stderr = json.loads(b"".join(chunks) or b'[-1, "", "child failed"]')
-    return exit_code, stdout, stderr
-
-
 @pytest.fixture()
 def open_folder():
     """A folder user ``nobody`` can enter (pytest's own tmp folders are root-only)."""
-    with tempfile.TemporaryDirectory(prefix="bnfreeze-nobody-") as name:
-        folder = Path(name)
-        folder.chmod(0o777)
+    with unprivileged.open_folder() as folder:
         yield folder
 
 

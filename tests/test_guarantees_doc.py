@@ -36,8 +36,12 @@ PLAN = guarantees.planned()
         f"through {PLAN['commands_per_input']} commands",
         f"**{PLAN['kill_points']} interruption points**",
         f"({guarantees.KILL_POINTS} with no previous output, {guarantees.KILL_POINTS} with one)",
+        f"at least {PLAN['kills_mid_write']} of them ({guarantees.MID_WRITE_KILLS} per scenario)",
         f"{PLAN['full_disk_cases']} full-disk cases",
         f"({PLAN['race_rounds']} rounds)",
+        "Each round is seen to overlap"
+        if PLAN["race_rounds_overlapped"] == PLAN["race_rounds"]
+        else f"{PLAN['race_rounds_overlapped']} rounds are seen to overlap",
         "within 5 CPU seconds",
         f"| {PLAN['max_config_mib']} MiB |",
         f"| {PLAN['max_expansion_ratio']}:1 |",

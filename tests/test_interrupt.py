@@ -2,8 +2,10 @@
 
 ``bnfreeze freeze`` runs as a real process on a large model (8 MB, built once per session
 without Keras: ``hostile.large_keras``) and is killed with SIGKILL at fixed fractions of its
-write phase: from the moment its temporary file appears to the moment it exits, measured
-first on an uninterrupted run. After each kill the destination is either absent (or, when
+write phase: from the moment its temporary file appears to its rename, measured first on an
+uninterrupted run. A kill is proven to have landed mid-write when the process died of the
+signal with its temporary file still there, and each scenario must have at least
+``guarantees.MID_WRITE_KILLS`` of those. After each kill the destination is either absent (or, when
 one existed, byte-identical to the previous output) or a complete model: inspect reads it
 and every weight equals the input's. The input never changes. Then the same on a full disk:
 a small tmpfs when this machine lets us mount one, else a simulated ENOSPC.
@@ -69,15 +71,27 @@ def wait_for_write(proc: subprocess.Popen, folder: Path, timeout: float = 120) -
     raise AssertionError("freeze never started writing")
 
 
+def output_temp_files(folder: Path, out: Path) -> list[Path]:
+    """The temporary files of ``out`` itself (not the rewritten weights' scratch file)."""
+    return [p for p in temp_files(folder) if p.name.startswith(f".{out.name}.")]
+
+
 @pytest.fixture(scope="session")
 def write_phase(large_model, tmp_path_factory) -> float:
-    """Seconds from the temporary file's creation to the end of an uninterrupted freeze."""
+    """Seconds from the output's temporary file's creation to its rename, in an
+    uninterrupted freeze."""
     folder = tmp_path_factory.mktemp("calibrate")
-    proc = freeze_process(large_model, folder / "out.keras")
+    out = folder / "out.keras"
+    proc = freeze_process(large_model, out)
     started = wait_for_write(proc, folder)
-    assert proc.wait(timeout=120) == 0, proc.stderr.read().decode() if proc.stderr else ""
     assert started is not None
-    return time.monotonic() - started
+    renamed = None
+    while renamed is None and proc.poll() is None:
+        if out.exists():
+            renamed = time.monotonic()
+        time.sleep(0.0005)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read().decode() if proc.stderr else ""
+    return (renamed or time.monotonic()) - started
 
 
 def check_destination(out: Path, previous: bytes | None, digest: dict[str, str], where: str):
@@ -99,6 +113,7 @@ def test_sigkill_during_freeze(scenario, large_model, large_model_digest, write_
     input_before = hostile.fingerprint(large_model)
     previous = hostile.sample_bytes("seed_bn.keras") if scenario == "existing output" else None
     seen: dict[str, int] = {}
+    mid_write = 0
     for i, fraction in enumerate(FRACTIONS):
         folder = tmp_path / f"kill{i}"
         folder.mkdir()
@@ -113,6 +128,10 @@ def test_sigkill_during_freeze(scenario, large_model, large_model_digest, write_
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
+        # Proof that this kill interrupted the write: the process died of the signal with its
+        # temporary file still there (it is only ever removed by the rename or a cleanup).
+        if proc.returncode == -signal.SIGKILL and output_temp_files(folder, out):
+            mid_write += 1
         state = check_destination(out, previous, large_model_digest, where)
         seen[state] = seen.get(state, 0) + 1
         # Nothing can clean up after SIGKILL: hidden temporary files may remain (the output's
@@ -122,8 +141,12 @@ def test_sigkill_during_freeze(scenario, large_model, large_model_digest, write_
         assert len(others) <= 2, (where, others)
         assert hostile.fingerprint(large_model) == input_before, f"{where}: the input changed"
         guarantees.count("kill_points")
-    # The kills are spread over the write: some land before the rename, some after.
-    print(f"\n{scenario}: destination after SIGKILL: {seen}")
+    guarantees.count("kills_mid_write", mid_write)
+    print(f"\n{scenario}: {mid_write} of {len(FRACTIONS)} kills mid-write; destination: {seen}")
+    assert mid_write >= guarantees.MID_WRITE_KILLS, (
+        f"{scenario}: only {mid_write} of {len(FRACTIONS)} kills landed while the output was "
+        f"being written (write phase {write_phase:.2f} s); the rest proved nothing"
+    )
 
 
 def test_the_next_run_removes_what_a_killed_one_left(large_model, tmp_path):

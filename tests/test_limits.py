@@ -225,11 +225,12 @@ def test_depth_scan_is_fast_on_a_large_config():
     assert len(raw) > 1 << 20
 
     def best(fn):
+        # CPU time, not wall-clock: another process taking the core does not count.
         times = []
         for _ in range(5):
-            started = time.perf_counter()
+            started = time.process_time()
             fn(raw)
-            times.append(time.perf_counter() - started)
+            times.append(time.process_time() - started)
         return min(times)
 
     assert not limits.json_depth_exceeds(raw)

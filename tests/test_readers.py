@@ -12,6 +12,7 @@ import io
 import json
 import re
 import shutil
+import struct
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -215,6 +216,23 @@ def make_corrupt_weights(tmp: Path) -> Path:
     return tmp / "zeroed.keras"
 
 
+def make_weights_past_the_end(tmp: Path) -> Path:
+    """The central directory claims model.weights.h5 runs on past the archive's last byte (as
+    when a copy of the archive was cut and its directory patched back on): the member's
+    own bytes are all there, so only the claimed size betrays it."""
+    data = bytearray(_seed_bytes())
+    start, size = _member_start(bytes(data), "model.weights.h5")
+    entry = data.index(b"PK\x01\x02")  # the central directory's first entry
+    name = b"model.weights.h5"
+    while data[entry + 46 : entry + 46 + len(name)] != name:
+        entry = data.index(b"PK\x01\x02", entry + 4)
+    claimed = len(data) - start + 1
+    struct.pack_into("<II", data, entry + 20, claimed, claimed)
+    assert start + size < len(data) < start + claimed
+    (tmp / "past_the_end.keras").write_bytes(bytes(data))
+    return tmp / "past_the_end.keras"
+
+
 def make_invalid_json(tmp: Path) -> Path:
     return _zip(tmp / "badjson.keras", {"config.json": "{not json", "metadata.json": "{}"})
 
@@ -256,6 +274,11 @@ BAD_INPUTS: list[tuple[str, Callable[[Path], Path], str]] = [
     ("random-bytes", make_random_bytes, "not a Keras model file"),
     ("corrupt-config", make_corrupt_config, "config.json is damaged"),
     ("corrupt-weights", make_corrupt_weights, "model.weights.h5 is not a readable HDF5 file"),
+    (
+        "weights-past-the-end",
+        make_weights_past_the_end,
+        "model.weights.h5 is damaged (it extends past the end of the archive)",
+    ),
     ("invalid-json", make_invalid_json, "config.json is not valid JSON"),
     ("wrong-shape-json", make_wrong_shape_json, "does not describe a Keras model"),
     ("string-trainable", make_string_trainable, "trainable='no'; it must be true or false"),

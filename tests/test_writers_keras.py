@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -270,36 +271,82 @@ def _one_step(model: Any) -> dict[str, bytes]:
     return _weights(model)
 
 
-def _keras_engine(src: Path, dst: Path, flags: dict[str, bool | None]) -> None:
-    """What a user would do in Python: load, set the flags in model order (a container
-    before what is below it), save."""
-    from keras_truth import layer_paths
+def _every_layer(model: Any) -> Iterator[Any]:
+    """``model.layers``, and each nested model's right after it, recursively: the loop a Keras
+    user writes (a container comes before the layers below it)."""
+    import keras
 
-    model = _load(src)
-    layers = layer_paths(model)
-    for path, value in flags.items():
-        if value is not None and hasattr(layers.get(path), "trainable"):
-            layers[path].trainable = value
-    model.save(dst)
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _every_layer(layer)
 
 
-RECIPES = {
-    "bn-inference": lambda src, out: freeze_file(src, out, bn_inference=True),
-    "train-bn": lambda src, out: freeze_file(src, out, train_bn=True),
-    "keep-bn-inference": lambda src, out: unfreeze_file(src, out, keep_bn_inference=True),
-    "freeze-up-to": None,  # set per model below
+# Each recipe as a Keras user writes it on the loaded model, independently of bnfreeze: the
+# README's words for the option, as a loop. Setting a container's flag sets it on everything
+# below it; the layers below are visited after it and set their own.
+
+
+def _keras_bn_inference(model: Any) -> None:
+    import keras
+
+    for layer in _every_layer(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+
+
+def _keras_train_bn(model: Any) -> None:
+    import keras
+
+    for layer in _every_layer(model):
+        layer.trainable = isinstance(layer, keras.layers.BatchNormalization)
+
+
+def _keras_keep_bn_inference(model: Any) -> None:
+    import keras
+
+    for layer in _every_layer(model):
+        layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
+
+
+def _keras_freeze_up_to(name: str) -> Callable[[Any], None]:
+    def freeze(model: Any) -> None:
+        for layer in _every_layer(model):
+            layer.trainable = False
+            if layer.name == name:
+                break
+
+    return freeze
+
+
+RECIPES: dict[str, tuple[Callable[[Path, Path], Any], Callable[[Any], None]]] = {
+    "bn-inference": (
+        lambda src, out: freeze_file(src, out, bn_inference=True),
+        _keras_bn_inference,
+    ),
+    "train-bn": (lambda src, out: freeze_file(src, out, train_bn=True), _keras_train_bn),
+    "keep-bn-inference": (
+        lambda src, out: unfreeze_file(src, out, keep_bn_inference=True),
+        _keras_keep_bn_inference,
+    ),
 }
 
 
-def _equivalence(src: Path, tmp_path: Path, recipe) -> None:
+def _equivalence(src: Path, tmp_path: Path, recipe: str | tuple) -> None:
+    """bnfreeze's recipe on the file, against the same recipe written as a Keras loop over the
+    loaded model and saved: the loaded flags, every weight bit for bit, one training step."""
     import warnings
 
     ours, theirs = tmp_path / "bnfreeze.keras", tmp_path / "keras_api.keras"
-    result = recipe(src, ours)
+    edit, keras_loop = RECIPES[recipe] if isinstance(recipe, str) else recipe
+    result = edit(src, ours)
     assert result.changes
-    # Every layer's final flag, set in model order: a container's assignment propagates to
-    # everything below it, and the layers below are set after it.
-    _keras_engine(src, theirs, {r.path: r.trainable for r in walk(read_model(ours).config).layers})
+    model = _load(src)
+    compile_config = model.get_compile_config()
+    keras_loop(model)
+    if compile_config:  # after a flag change, compile() again with a new optimizer (trap 3)
+        model.compile_from_config(compile_config)
+    model.save(theirs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the optimizer-skipping message, measured elsewhere
         a, b = _load(ours), _load(theirs)
@@ -319,25 +366,31 @@ def _equivalence(src: Path, tmp_path: Path, recipe) -> None:
     ],
 )
 def test_same_as_the_keras_api_on_samples(samples, tmp_path, name, recipe):
-    _equivalence(samples / name, tmp_path, RECIPES[recipe])
+    _equivalence(samples / name, tmp_path, recipe)
 
 
 @pytest.mark.keras
 def test_same_as_the_keras_api_mobilenetv2_guide(guide_phase2_keras, tmp_path):
-    _equivalence(guide_phase2_keras, tmp_path, RECIPES["keep-bn-inference"])
+    _equivalence(guide_phase2_keras, tmp_path, "keep-bn-inference")
 
 
 @pytest.mark.keras
 def test_same_as_the_keras_api_mobilenetv3small(mobilenetv3small_keras, tmp_path):
-    _equivalence(mobilenetv3small_keras, tmp_path, RECIPES["train-bn"])
+    _equivalence(mobilenetv3small_keras, tmp_path, "train-bn")
 
 
 @pytest.mark.keras
 def test_same_as_the_keras_api_efficientnetb0(efficientnetb0_keras, tmp_path):
-    def up_to(src: Path, out: Path):
-        return freeze_file(src, out, up_to="block3a_expand_activation")
-
+    name = "block3a_expand_activation"
+    up_to = (lambda src, out: freeze_file(src, out, up_to=name), _keras_freeze_up_to(name))
     _equivalence(efficientnetb0_keras, tmp_path, up_to)
+
+
+@pytest.mark.keras
+@pytest.mark.parametrize("recipe", ["bn-inference", "keep-bn-inference"])
+def test_same_as_the_keras_api_nested_three_deep(nested_deep_keras, tmp_path, recipe):
+    """BN layers one, two and three containers deep, under a frozen container two deep."""
+    _equivalence(nested_deep_keras, tmp_path, recipe)
 
 
 @pytest.mark.keras
