@@ -92,6 +92,7 @@ class DatasetInfo:
     big_endian: bool
     count: int  # number of elements
     inline: bytes | None = None
+    shape: tuple[int, ...] | None = None  # the dataspace's dimensions; () for a scalar
 
 
 @dataclass
@@ -598,13 +599,15 @@ class File:
             inline = layout[4 : 4 + size]
             if len(inline) < count * itemsize:
                 raise Unsupported("truncated compact dataset")
-            return DatasetInfo(None, count * itemsize, typecode, big, count, inline)
+            return DatasetInfo(None, count * itemsize, typecode, big, count, inline, dims)
         if layout[1] == 1:  # contiguous
             addr = self._u(layout, 2, self.O)
             nbytes = self._u(layout, 2 + self.O, self.L)
             if addr == UNDEFINED or nbytes < count * itemsize or addr + nbytes > self.end:
                 raise Unsupported("unallocated or out-of-range dataset")
-            return DatasetInfo(self.src.start + addr, count * itemsize, typecode, big, count)
+            return DatasetInfo(
+                self.src.start + addr, count * itemsize, typecode, big, count, None, dims
+            )
         raise Unsupported("chunked or virtual dataset")
 
 
@@ -819,7 +822,9 @@ def _natural(key: str) -> tuple[int, int | str]:
 
 def index_keras_weights(source: ByteSource) -> KerasIndex:
     """Index a Keras 3 ``model.weights.h5``: each layer path's variable datasets, the number of
-    saved optimizer variables, and where every visited dataset's bytes are."""
+    saved optimizer variables, and where every visited dataset's bytes are (the optimizer's
+    ``/optimizer/vars/<i>`` included, so their shapes can be checked against the variables
+    they follow)."""
     h5 = File(source)
     walker = _Walker(h5)
     root = walker.node("/", (h5.root, None))
@@ -832,6 +837,8 @@ def index_keras_weights(source: ByteSource) -> KerasIndex:
     count = None
     if opt_vars is not None and opt_vars.children is not None:
         count = len(opt_vars.children)
+        for key, link in opt_vars.children.items():
+            walker.node(_join(opt_vars.path, key), link)
     return KerasIndex(variables, count, walker.datasets)
 
 
