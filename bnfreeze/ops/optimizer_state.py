@@ -175,10 +175,14 @@ def trainable_variables(model: ModelFile, states: Sequence[LayerState]) -> tuple
     index = model.weights.variables if model.weights is not None else {}
     out: list[str] = []
     for state in states:
-        datasets = index.get(state.layer.path, ())
+        layer = state.layer
+        datasets = index.get(layer.path, ())
+        if layer.is_container and not layer.custom:
+            # A nested model's own optimizer group (saved by Keras, never loaded) is not a
+            # variable of the model; its layers come as their own records.
+            datasets = tuple(d for d in datasets if "/optimizer/vars/" not in d)
         if not datasets or state.in_fit.trains_weights is False:
             continue
-        layer = state.layer
         where = f"layer {layer.path!r} ({layer.class_name})"
         if state.in_fit.trains_weights is None:
             raise _NotProvable(f"{where} may train variables only its Python code knows")

@@ -836,7 +836,7 @@ def index_keras_weights(source: ByteSource) -> KerasIndex:
     opt_vars = walker.get(optimizer, "vars") if optimizer is not None else None
     count = None
     if opt_vars is not None and opt_vars.children is not None:
-        count = len(opt_vars.children)
+        count = len(opt_vars.children) or None  # an empty group (bnfreeze's drop) holds none
         for key, link in opt_vars.children.items():
             walker.node(_join(opt_vars.path, key), link)
     return KerasIndex(variables, count, walker.datasets)

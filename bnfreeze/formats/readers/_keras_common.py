@@ -201,7 +201,7 @@ def _index_weights_file(path: str, source: str) -> tuple[WeightIndex, int | None
             variables: dict[str, tuple[str, ...]] = {}
             _index_layers(h5, "", variables)
             opt = h5.get("optimizer/vars")
-            optimizer_variables = len(opt) if isinstance(opt, h5py.Group) else None
+            optimizer_variables = (len(opt) or None) if isinstance(opt, h5py.Group) else None
     except ModelFormatError:
         raise
     except Exception as exc:  # h5py raises OSError, KeyError, ValueError, RuntimeError...
