@@ -224,8 +224,8 @@ def test_verify_refuses_changed_weights_when_dropping(samples, tmp_path):
     # names the dataset that differs).
     with pytest.raises(
         OutputError,
-        match="model.weights.h5 was not written as planned|weights dataset /layers/dense/vars/0 "
-        "differs",
+        match=r"model\.weights\.h5 was not written as planned|weights dataset "
+        r"/layers/dense/vars/0 differs",
     ):
         WRITER.verify(request, tampered)
 
