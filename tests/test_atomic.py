@@ -248,3 +248,27 @@ def test_a_long_name_s_stale_temporary_file_is_found(tmp_path):
     (tmp_path / stale).write_bytes(b"partial")
     write_atomically(tmp_path / name, lambda tmp: tmp.write_bytes(b"x"))
     assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_a_remap_that_fails_its_check_replaces_nothing(tmp_path, monkeypatch):
+    """The optimizer-state rewrite is verified before the rename: a check that fails leaves
+    the previous output and the input as they were, and no temporary file."""
+    import hostile
+
+    import bnfreeze.formats.writers.keras_zip as keras_zip
+    from bnfreeze.ops.edit import freeze_file
+
+    model = hostile.trained_large_keras(tmp_path / "in.keras", inputs=64, hidden=64)
+    before = hostile.fingerprint(model)
+    out = tmp_path / "out.keras"
+    out.write_bytes(b"previous")
+
+    def failing(*args, **kwargs):
+        raise OutputError("the check failed")
+
+    monkeypatch.setattr(keras_zip, "check_patched", failing)
+    with pytest.raises(OutputError, match="the check failed"):
+        freeze_file(model, out, bn_inference=True)
+    assert out.read_bytes() == b"previous"
+    assert hostile.fingerprint(model) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.keras", "out.keras"]
