@@ -175,8 +175,9 @@ def _optimizer_state(model: ModelFile) -> list[Finding]:
             f"The file carries {model.optimizer_variables} saved optimizer variables, matched to "
             "the trainable variables by position, not by name. After any change to trainable "
             "flags they no longer match: Keras drops them on load, or, when the count happens "
-            "to match, silently assigns them to the wrong variables. bnfreeze freeze drops them "
-            "by default. After any change, call compile() again with a new optimizer.",
+            "to match, silently assigns them to the wrong variables. bnfreeze freeze remaps them "
+            "to the new trainable variables by default (README, 'Saved optimizer state'). "
+            "After any change, call compile() again with a new optimizer.",
         )
     ]
 
