@@ -68,10 +68,11 @@ from bnfreeze.model.records import (
 )
 from bnfreeze.model.selection import select
 from bnfreeze.ops.edit_warnings import edit_warnings
-from bnfreeze.ops.optimizer_state import (
+from bnfreeze.ops.optimizer_state import (  # optimizer_decision: for the Keras engine
     OptimizerPlan,
     OptimizerState,
     OptimizerStateMode,
+    optimizer_decision,  # noqa: F401
     parse_mode,
     plan_optimizer_state,
     trainable_layers,
