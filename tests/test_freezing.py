@@ -276,11 +276,16 @@ def test_optimizer_decision_covers_every_state(state):
         OptimizerState.KEPT: (6, True, True),
         OptimizerState.DROPPED: (6, True, False),
     }
+    if state is OptimizerState.REMAPPED:  # the config route's plan only; the Keras engine drops
+        assert state not in {optimizer_decision(*case) for case in cases.values()}
+        return
     assert optimizer_decision(*cases[state]) is state
 
 
 def test_optimizer_dropped_when_the_trainable_set_changes(guide, tmp_path):
-    result = unfreeze_file(guide, tmp_path / "out.keras", keep_bn_inference=True)
+    result = unfreeze_file(
+        guide, tmp_path / "out.keras", keep_bn_inference=True, optimizer_state="drop"
+    )
     assert result.optimizer_state is OptimizerState.DROPPED
     assert result.optimizer_variables == 6 and result.optimizer_variables_dropped == 6
     assert read_model(tmp_path / "out.keras").optimizer_variables is None
@@ -291,12 +296,23 @@ def test_optimizer_dropped_when_the_trainable_set_changes(guide, tmp_path):
     assert "fresh optimizer" in result.warnings[1].message
 
 
+def test_optimizer_remapped_by_default_when_the_trainable_set_changes(guide, tmp_path):
+    result = unfreeze_file(guide, tmp_path / "out.keras", keep_bn_inference=True)
+    assert result.optimizer_state is OptimizerState.REMAPPED
+    assert result.optimizer_variables == 6 and result.optimizer_variables_dropped == 0
+    plan = result.optimizer_plan
+    assert (plan.kept, plan.left_out, plan.created, plan.expected) == (4, 0, 102, 108)
+    assert read_model(tmp_path / "out.keras").optimizer_variables == 108
+    assert result.report.model.optimizer_variables == 108
+    assert "were remapped" in result.warnings[1].message
+
+
 def test_optimizer_kept_on_request(guide, tmp_path):
     result = unfreeze_file(guide, tmp_path / "out.keras", keep_optimizer_state=True)
     assert result.optimizer_state is OptimizerState.KEPT
     assert result.optimizer_variables_dropped == 0
     assert read_model(tmp_path / "out.keras").optimizer_variables == 6
-    assert "were kept (--keep-optimizer-state)" in result.warnings[1].message
+    assert "were kept as they are (--optimizer-state keep)" in result.warnings[1].message
     # Said once: the result's own optimizer-state finding is not repeated.
     assert [f.code for f in result.all_warnings].count(WarningCode.OPTIMIZER_STATE) == 1
 
@@ -446,7 +462,7 @@ def test_edit_file_takes_an_assignment(samples, tmp_path):
     assert [c.path for c in result.changes] == ["dense_1", "dense_2"]
 
 
-def test_keras_copy_runs_while_the_weights_are_indexed(guide, tmp_path, monkeypatch):
+def test_keras_copy_runs_while_the_weights_are_indexed(samples, tmp_path, monkeypatch):
     """The copy (the kernel's work) starts before the weights are indexed (Python's work) and
     overlaps it: the index waits here until the copy has begun, which it never would if the
     two ran one after the other."""
@@ -468,20 +484,29 @@ def test_keras_copy_runs_while_the_weights_are_indexed(guide, tmp_path, monkeypa
 
     monkeypatch.setattr(writer, "_copy_range", copy_range)
     monkeypatch.setattr(reader, "index", index)
-    result = freeze_file(guide, tmp_path / "out.keras", layers=["pool"])
+    # A file without optimizer state (with it, the copy waits for the plan: see below).
+    plain = tmp_path / "plain.keras"
+    shutil.copy(samples / "sequential.keras", plain)
+    result = freeze_file(plain, tmp_path / "out.keras", layers=["relu_1"])
     assert result.changes and (tmp_path / "out.keras").exists()
 
 
 @pytest.mark.parametrize(
     ("edit", "writes"),
     [
-        # The trainable set changes: the raw copy guessed first is written again, dropping
-        # the optimizer state, before it is verified.
-        (lambda src, out: unfreeze_file(src, out, keep_bn_inference=True), [False, True]),
-        # It does not: the guess stands, one write.
+        # A file with optimizer state is written once, after the plan: no raw copy is
+        # guessed, since the optimizer state may be rewritten (here dropped, or remapped).
+        (
+            lambda src, out: unfreeze_file(
+                src, out, keep_bn_inference=True, optimizer_state="drop"
+            ),
+            [True],
+        ),
+        (lambda src, out: unfreeze_file(src, out, keep_bn_inference=True), ["remap"]),
+        # The trainable set does not change: one raw copy.
         (lambda src, out: freeze_file(src, out, layers=["pool"]), [False]),
     ],
-    ids=["dropped", "unchanged"],
+    ids=["dropped", "remapped", "unchanged"],
 )
 def test_the_guessed_raw_copy_is_rewritten_only_when_the_optimizer_state_is_dropped(
     guide, tmp_path, monkeypatch, edit, writes
@@ -492,14 +517,14 @@ def test_the_guessed_raw_copy_is_rewritten_only_when_the_optimizer_state_is_drop
     real = writer.KerasZipWriter.write
 
     def write(self, request, dest):
-        seen.append(request.drop_optimizer_state)
+        seen.append("remap" if request.optimizer_slots else request.drop_optimizer_state)
         return real(self, request, dest)
 
     monkeypatch.setattr(writer.KerasZipWriter, "write", write)
     out = tmp_path / "out.keras"
     result = edit(guide, out)
     assert seen == writes
-    expected = None if writes[-1] else 6
+    expected = {True: None, False: 6, "remap": 108}[writes[-1]]
     assert read_model(out).optimizer_variables == expected
     assert result.report.model.optimizer_variables == expected
 
@@ -507,8 +532,9 @@ def test_the_guessed_raw_copy_is_rewritten_only_when_the_optimizer_state_is_drop
 def test_preview_comes_while_the_copy_runs_and_the_result_keeps_its_report(
     guide, tmp_path, monkeypatch
 ):
-    """The CLI renders its tables from the preview, in the time the copy takes: the copy
-    waits here for the preview, which never comes if it is only made after the write."""
+    """The CLI renders its tables from the preview, before the write ends: the copy waits
+    here for the preview, which never comes if it is only made after the write. (With
+    optimizer state, as here, the plan and its preview come before the copy starts.)"""
     import threading
 
     from bnfreeze.formats.writers import keras_zip as writer
@@ -533,4 +559,4 @@ def test_preview_comes_while_the_copy_runs_and_the_result_keeps_its_report(
     assert early.output_bytes is None and result.output_bytes == out.stat().st_size
     assert result.report is early.report and result.report.model.path == str(out)
     assert result == dataclasses.replace(early, output_bytes=result.output_bytes)
-    assert result.optimizer_variables_dropped == 6  # the rewrite after the guess: as previewed
+    assert result.optimizer_state is OptimizerState.REMAPPED  # as previewed
