@@ -246,6 +246,16 @@ def plan_optimizer_state(
         reason = None
         if old == new:
             return OptimizerPlan(OptimizerState.UNCHANGED, saved, expected=saved)
+        if saved == len(layout.head):
+            # Compiled but never trained: the optimizer was not built, so nothing saved
+            # follows the trainable variables (Keras skips the two on load either way).
+            return OptimizerPlan(
+                OptimizerState.UNCHANGED,
+                saved,
+                reason="the optimizer was never built: only its iteration and learning rate "
+                "are saved",
+                expected=layout.count(len(new)),
+            )
     if not set_changed and reason is not None:
         return OptimizerPlan(OptimizerState.UNCHANGED, saved)
     expected = layout.count(len(new)) if layout is not None else None
