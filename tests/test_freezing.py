@@ -484,7 +484,6 @@ def test_keras_copy_runs_while_the_weights_are_indexed(samples, tmp_path, monkey
 
     monkeypatch.setattr(writer, "_copy_range", copy_range)
     monkeypatch.setattr(reader, "index", index)
-    # A file without optimizer state (with it, the copy waits for the plan: see below).
     plain = tmp_path / "plain.keras"
     shutil.copy(samples / "sequential.keras", plain)
     result = freeze_file(plain, tmp_path / "out.keras", layers=["relu_1"])
@@ -492,49 +491,58 @@ def test_keras_copy_runs_while_the_weights_are_indexed(samples, tmp_path, monkey
 
 
 @pytest.mark.parametrize(
-    ("edit", "writes"),
+    ("edit", "writes", "upgraded"),
     [
-        # A file with optimizer state is written once, after the plan: no raw copy is
-        # guessed, since the optimizer state may be rewritten (here dropped, or remapped).
+        # The trainable set changes: the raw copy guessed first is not written again; the
+        # writer patches it into the rewrite of the optimizer state (dropped or remapped).
         (
             lambda src, out: unfreeze_file(
                 src, out, keep_bn_inference=True, optimizer_state="drop"
             ),
-            [True],
+            [False],
+            True,
         ),
-        (lambda src, out: unfreeze_file(src, out, keep_bn_inference=True), ["remap"]),
-        # The trainable set does not change: one raw copy.
-        (lambda src, out: freeze_file(src, out, layers=["pool"]), [False]),
+        (lambda src, out: unfreeze_file(src, out, keep_bn_inference=True), [False], "remap"),
+        # It does not: the guess stands, one write.
+        (lambda src, out: freeze_file(src, out, layers=["pool"]), [False], None),
     ],
     ids=["dropped", "remapped", "unchanged"],
 )
-def test_the_guessed_raw_copy_is_rewritten_only_when_the_optimizer_state_is_dropped(
-    guide, tmp_path, monkeypatch, edit, writes
+def test_the_guessed_raw_copy_is_patched_when_the_optimizer_state_is_rewritten(
+    guide, tmp_path, monkeypatch, edit, writes, upgraded
 ):
     from bnfreeze.formats.writers import keras_zip as writer
 
-    seen: list[bool] = []
-    real = writer.KerasZipWriter.write
+    seen: list[object] = []
+    patched: list[object] = []
+    real, real_upgrade = writer.KerasZipWriter.write, writer.KerasZipWriter.upgrade
 
     def write(self, request, dest):
         seen.append("remap" if request.optimizer_slots else request.drop_optimizer_state)
         return real(self, request, dest)
 
+    def upgrade(self, written, request, dest):
+        patched.append("remap" if request.optimizer_slots else request.drop_optimizer_state)
+        return real_upgrade(self, written, request, dest)
+
     monkeypatch.setattr(writer.KerasZipWriter, "write", write)
+    monkeypatch.setattr(writer.KerasZipWriter, "upgrade", upgrade)
     out = tmp_path / "out.keras"
     result = edit(guide, out)
     assert seen == writes
-    expected = {True: None, False: 6, "remap": 108}[writes[-1]]
+    assert patched == ([] if upgraded is None else [upgraded])
+    expected = {True: None, None: 6, "remap": 108}[upgraded]
     assert read_model(out).optimizer_variables == expected
     assert result.report.model.optimizer_variables == expected
+    with zipfile.ZipFile(out) as archive:
+        assert archive.testzip() is None  # every member's CRC, the patched one included
 
 
 def test_preview_comes_while_the_copy_runs_and_the_result_keeps_its_report(
     guide, tmp_path, monkeypatch
 ):
-    """The CLI renders its tables from the preview, before the write ends: the copy waits
-    here for the preview, which never comes if it is only made after the write. (With
-    optimizer state, as here, the plan and its preview come before the copy starts.)"""
+    """The CLI renders its tables from the preview, in the time the copy takes: the copy
+    waits here for the preview, which never comes if it is only made after the write."""
     import threading
 
     from bnfreeze.formats.writers import keras_zip as writer

@@ -570,13 +570,9 @@ def _config_route(
             request.preview(previewed[0])
 
     # Only an archive read without its index can start its copy first (the other formats'
-    # writers are Python work, which a thread would not overlap), and only when the guess of a
-    # raw copy is likely right: not when it holds optimizer state, which may be rewritten.
+    # writers are Python work, which a thread would not overlap). When the plan then rewrites
+    # the optimizer state, the writer patches that copy (KerasZipWriter.upgrade).
     early = model.format is ModelFormat.KERAS and not skip
-    if early:
-        from bnfreeze.formats.readers.keras_zip import has_optimizer_state
-
-        early = not has_optimizer_state(Path(model.path))
     if not early:
         plan()
     output_bytes: int | None = None
@@ -590,8 +586,15 @@ def _config_route(
             written[:] = [(write, writer.write(write, tmp))]
 
         def verify(tmp: Path) -> None:
-            if written[0][0] is not plans[0].write:  # the guess was wrong: write it again
-                produce(tmp)
+            if written[0][0] is not plans[0].write:  # the guess was wrong
+                # Patch the raw copy into the rewrite the plan asks for when the writer can
+                # (the optimizer state of a .keras), else write it again.
+                upgrade = getattr(writer, "upgrade", None)
+                outcome = upgrade(written[0][0], plans[0].write, tmp) if upgrade else None
+                if outcome is None:
+                    produce(tmp)
+                else:
+                    written[:] = [(plans[0].write, outcome)]
             writer.verify(plans[0].write, tmp)
 
         output_bytes = write_atomically(output, produce, verify, meanwhile=plan if early else None)
