@@ -502,3 +502,19 @@ def test_acceptance_weights_identical_but_the_dropped_optimizer(
     assert len(optimizer) > 100  # Adam: iterations, learning rate, two slots per variable
     assert after == {k: v for k, v in before.items() if k not in optimizer}
     assert out.stat().st_size < guide_phase2_trained_keras.stat().st_size + 65536
+
+
+def test_keep_optimizer_state_contradicting_optimizer_state_is_refused(work):
+    before = files(work)
+    result = invoke(
+        "unfreeze",
+        "guide_pattern.keras",
+        "--keep-optimizer-state",
+        "--optimizer-state",
+        "drop",
+        "-o",
+        "out.keras",
+    )
+    assert result.exit_code == 2
+    assert "contradicts --optimizer-state drop" in result.stderr
+    assert files(work) == before

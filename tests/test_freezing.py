@@ -568,3 +568,18 @@ def test_preview_comes_while_the_copy_runs_and_the_result_keeps_its_report(
     assert result.report is early.report and result.report.model.path == str(out)
     assert result == dataclasses.replace(early, output_bytes=result.output_bytes)
     assert result.optimizer_state is OptimizerState.REMAPPED  # as previewed
+
+
+def test_the_python_api_takes_optimizer_state(guide):
+    import bnfreeze
+
+    result = bnfreeze.unfreeze(guide, keep_bn_inference=True, dry_run=True, optimizer_state="drop")
+    assert result.optimizer_state is OptimizerState.DROPPED
+    result = bnfreeze.unfreeze(guide, keep_bn_inference=True, dry_run=True)
+    assert result.optimizer_state is OptimizerState.REMAPPED
+    result = bnfreeze.unfreeze(
+        guide, keep_bn_inference=True, dry_run=True, keep_optimizer_state=True
+    )
+    assert result.optimizer_state is OptimizerState.KEPT
+    with pytest.raises(BnfreezeError, match="contradicts --optimizer-state drop"):
+        bnfreeze.unfreeze(guide, dry_run=True, keep_optimizer_state=True, optimizer_state="drop")

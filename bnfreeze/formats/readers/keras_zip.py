@@ -140,32 +140,3 @@ def _index(archive: zipfile.ZipFile, path: Path) -> tuple[WeightIndex | None, in
         return index_weights(io.BytesIO(data), source)
     # Stored, as Keras writes it: read it in place, at its offset in the archive.
     return index_member(stored_member(path, info), source)
-
-
-def has_optimizer_state(path: Path) -> bool:
-    """Whether the archive's weights file holds saved optimizer variables, from a few metadata
-    reads (no full index); True when that cannot be told cheaply."""
-    from bnfreeze.formats.readers import _hdf5
-
-    try:
-        with zipfile.ZipFile(path) as archive:
-            info = archive.getinfo(WEIGHTS)
-        if info.compress_type != zipfile.ZIP_STORED:
-            return True
-        member = stored_member(path, info)
-        with open(path, "rb") as fh:
-            h5 = _hdf5.File(_hdf5.ByteSource(fh.fileno(), member.start, member.size))
-            link: _hdf5.Link = (h5.root, None)
-            for part in ("optimizer", "vars"):
-                addr, stab = link
-                children = h5._symbol_table(*stab) if stab else h5.children(h5.header(addr))
-                if not children or part not in children:
-                    return False
-                link = children[part]
-            addr, stab = link
-            children = h5._symbol_table(*stab) if stab else h5.children(h5.header(addr))
-            return bool(children)
-    except KeyError:
-        return False
-    except Exception:
-        return True
