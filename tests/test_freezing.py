@@ -30,6 +30,7 @@ from bnfreeze.ops.edit import (
     optimizer_decision,
     unfreeze_file,
 )
+from bnfreeze.ops.optimizer_state import OptimizerStateMode, parse_mode
 
 
 def flags(path: Path) -> dict[str, bool | None]:
@@ -583,3 +584,15 @@ def test_the_python_api_takes_optimizer_state(guide):
     assert result.optimizer_state is OptimizerState.KEPT
     with pytest.raises(BnfreezeError, match="contradicts --optimizer-state drop"):
         bnfreeze.unfreeze(guide, dry_run=True, keep_optimizer_state=True, optimizer_state="drop")
+
+
+@pytest.mark.parametrize("mode", list(OptimizerStateMode))
+def test_every_optimizer_state_mode_is_offered_everywhere(mode):
+    from bnfreeze.cli import cli
+    from bnfreeze.ops.plan_schema import OPTIMIZER_STATES
+
+    assert parse_mode(mode.value) is mode
+    assert mode.value in OPTIMIZER_STATES
+    for command in ("freeze", "unfreeze", "apply"):
+        option = next(p for p in cli.commands[command].params if p.name == "optimizer_state")
+        assert mode.value in option.type.choices
