@@ -234,6 +234,7 @@ def freeze(
     dry_run: bool = False,
     in_place: bool = False,
     keep_optimizer_state: bool = False,
+    optimizer_state: str | None = None,
     engine: str = "auto",
     custom_objects: str | Mapping[str, Any] | None = None,
     unsafe: bool = False,
@@ -246,6 +247,12 @@ def freeze(
     them in inference mode in ``fit()``. ``train_bn=True`` freezes everything selected but
     the BN layers (the fastai recipe). ``layers`` are globs on layer paths or names; ``up_to``
     a layer path or name, inclusive.
+
+    ``optimizer_state`` ("remap", the default, "drop" or "keep") says what happens to a saved
+    file's optimizer variables when the set of trainable variables changes, as
+    ``--optimizer-state`` does (README, "Saved optimizer state"); ``keep_optimizer_state=True``
+    is its deprecated spelling of "keep". An in-memory model saved to ``output`` keeps them
+    only with "keep".
 
     A path is edited like the CLI does (``output``, or ``in_place=True``; ``dry_run``). An
     in-memory model is changed in place, and saved to ``output`` too when one is given; a
@@ -267,6 +274,7 @@ def freeze(
         dry_run=dry_run,
         in_place=in_place,
         keep_optimizer_state=keep_optimizer_state,
+        optimizer_state=optimizer_state,
         engine=engine,
         custom_objects=custom_objects,
         unsafe=unsafe,
@@ -283,6 +291,7 @@ def unfreeze(
     dry_run: bool = False,
     in_place: bool = False,
     keep_optimizer_state: bool = False,
+    optimizer_state: str | None = None,
     engine: str = "auto",
     custom_objects: str | Mapping[str, Any] | None = None,
     unsafe: bool = False,
@@ -305,6 +314,7 @@ def unfreeze(
         dry_run=dry_run,
         in_place=in_place,
         keep_optimizer_state=keep_optimizer_state,
+        optimizer_state=optimizer_state,
         engine=engine,
         custom_objects=custom_objects,
         unsafe=unsafe,
@@ -322,11 +332,15 @@ def _edit(
     dry_run: bool,
     in_place: bool,
     keep_optimizer_state: bool,
+    optimizer_state: str | None,
     engine: str,
     custom_objects: str | Mapping[str, Any] | None,
     unsafe: bool,
 ) -> EditResult:
     from bnfreeze.ops import edit as file_edit
+    from bnfreeze.ops.optimizer_state import OptimizerStateMode, parse_mode
+
+    mode = parse_mode(optimizer_state, keep_optimizer_state)
 
     if isinstance(layers, str):
         layers = (layers,)
@@ -346,7 +360,7 @@ def _edit(
             from_layer=from_layer,
             dry_run=dry_run,
             in_place=in_place,
-            keep_optimizer_state=keep_optimizer_state,
+            optimizer_state=mode,
             engine=engine,
             custom_objects=custom_objects,
             unsafe=unsafe,
@@ -362,7 +376,7 @@ def _edit(
         selection,
         output=output,
         dry_run=dry_run,
-        keep_optimizer_state=keep_optimizer_state,
+        keep_optimizer_state=mode is OptimizerStateMode.KEEP,
         custom_objects=custom_objects,
         unsafe=unsafe,
     )

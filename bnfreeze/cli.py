@@ -480,10 +480,19 @@ def diff(a: str, b: str, as_json: bool, exit_code: bool, export: str | None) -> 
 @click.option("--dry-run", is_flag=True, help="Print what would change; write nothing.")
 @click.option("--in-place", is_flag=True, help="Rewrite MODEL itself (atomically).")
 @click.option(
+    "--optimizer-state",
+    "optimizer_state",
+    type=click.Choice(["remap", "drop", "keep"]),
+    default=None,
+    help="Saved optimizer variables, when the set of trainable variables changes: "
+    "remap them to it (the default; dropped when not provably right), drop them, or "
+    "keep them as they are (Keras matches them by position). The plan's [plan] "
+    "optimizer_state otherwise.",
+)
+@click.option(
     "--keep-optimizer-state",
     is_flag=True,
-    help="Keep the saved optimizer variables even when the set of trainable "
-    "variables changes (they are matched by position; dropped by default).",
+    help="Deprecated spelling of --optimizer-state keep (still works).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
 def apply_plan(
@@ -493,14 +502,15 @@ def apply_plan(
     output: str | None,
     dry_run: bool,
     in_place: bool,
+    optimizer_state: str | None,
     keep_optimizer_state: bool,
     as_json: bool,
 ) -> None:
     """Apply a TOML freeze plan: its rules in order, later rules winning.
 
     Same guarantees as freeze: the output is written atomically and verified, every byte
-    but the config is kept, and saved optimizer state is dropped when the set of trainable
-    variables changes. A rule that matches no layer is an error (exit 2).
+    but the config is kept, and saved optimizer state is remapped to the new trainable variables
+    (see freeze --help). A rule that matches no layer is an error (exit 2).
 
     \b
     Examples:
@@ -520,6 +530,7 @@ def apply_plan(
         dry_run=dry_run,
         in_place=in_place,
         keep_optimizer_state=keep_optimizer_state,
+        optimizer_state=optimizer_state,
     )
     if as_json:
         from bnfreeze.render.plan import render_apply
@@ -589,10 +600,18 @@ def edit_options(f: Any) -> Any:
         click.option("--in-place", is_flag=True, help="Rewrite MODEL itself (atomically)."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout."),
         click.option(
+            "--optimizer-state",
+            "optimizer_state",
+            type=click.Choice(["remap", "drop", "keep"]),
+            default=None,
+            help="Saved optimizer variables, when the set of trainable variables changes: "
+            "remap them to it (the default; dropped when not provably right), drop them, or "
+            "keep them as they are (Keras matches them by position).",
+        ),
+        click.option(
             "--keep-optimizer-state",
             is_flag=True,
-            help="Keep the saved optimizer variables even when the set of trainable "
-            "variables changes (they are matched by position; dropped by default).",
+            help="Deprecated spelling of --optimizer-state keep (still works).",
         ),
         click.option(
             "--engine",

@@ -648,3 +648,64 @@ def weights_digest(path: str | os.PathLike[str]) -> dict[str, str]:
 
         h5["layers"].visititems(visit)
         return found
+
+
+def trained_large_keras(
+    path: str | os.PathLike[str], *, inputs: int = 1024, hidden: int = 2048, seed: int = 0
+) -> Path:
+    """:func:`large_keras` with the optimizer state Keras 3 saves after training it with Adam:
+    iteration, learning rate, then a (momentum, velocity) pair shaped like each trainable
+    variable, in ``trainable_variables`` order (README, "Saved optimizer state"; ``bn_2`` is
+    frozen in sequential.keras, so it has none). bnfreeze remaps it when BN layers are frozen,
+    the weights rewrite path with the most to check."""
+    import h5py
+    import numpy as np
+
+    path = Path(path)
+    large_keras(path, inputs=inputs, hidden=hidden, optimizer=True, seed=seed)
+    with zipfile.ZipFile(path) as z:
+        members = {name: z.read(name) for name in z.namelist()}
+    weights = io.BytesIO(members["model.weights.h5"])
+    rng = np.random.default_rng(seed + 100)
+    trainable = [
+        ("dense", 2),
+        ("batch_normalization", 2),
+        ("dense_1", 2),
+        ("dense_2", 2),
+    ]
+    with h5py.File(weights, "r+") as h5:
+        del h5["optimizer/vars"]
+        opt = h5.create_group("optimizer/vars")
+        opt.attrs["name"] = "adam"
+        opt.create_dataset("0", data=np.int64(7))
+        opt.create_dataset("1", data=np.float32(1e-3))
+        i = 2
+        for group, count in trainable:
+            for k in range(count):
+                shape = h5[f"layers/{group}/vars/{k}"].shape
+                for _ in ("momentum", "velocity"):
+                    opt.create_dataset(str(i), data=rng.standard_normal(shape, "float32"))
+                    i += 1
+    members["model.weights.h5"] = weights.getvalue()
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return path
+
+
+def optimizer_digest(path: str | os.PathLike[str]) -> list[str]:
+    """BLAKE2b digests of a ``.keras`` file's saved optimizer variables, in order."""
+    import h5py
+
+    with (
+        zipfile.ZipFile(path) as z,
+        z.open("model.weights.h5") as fh,
+        h5py.File(io.BytesIO(fh.read()), "r") as h5,
+    ):
+        group = h5.get("optimizer/vars")
+        if group is None:
+            return []
+        return [
+            hashlib.blake2b(group[str(i)][()].tobytes(), digest_size=16).hexdigest()
+            for i in range(len(group))
+        ]

@@ -284,3 +284,27 @@ def test_a_passed_verification_renames(tmp_path):
     )
     assert size == 3 and len(verified) == 1 and verified[0].endswith(atomic.TEMP_SUFFIX)
     assert (tmp_path / "out.bin").read_bytes() == b"new"
+
+
+def test_a_remap_that_fails_its_check_replaces_nothing(tmp_path, monkeypatch):
+    """The optimizer-state rewrite is verified before the rename: a check that fails leaves
+    the previous output and the input as they were, and no temporary file."""
+    import hostile
+
+    import bnfreeze.formats.writers.keras_zip as keras_zip
+    from bnfreeze.ops.edit import freeze_file
+
+    model = hostile.trained_large_keras(tmp_path / "in.keras", inputs=64, hidden=64)
+    before = hostile.fingerprint(model)
+    out = tmp_path / "out.keras"
+    out.write_bytes(b"previous")
+
+    def failing(*args, **kwargs):
+        raise OutputError("the check failed")
+
+    monkeypatch.setattr(keras_zip, "check_patched", failing)
+    with pytest.raises(OutputError, match="the check failed"):
+        freeze_file(model, out, bn_inference=True)
+    assert out.read_bytes() == b"previous"
+    assert hostile.fingerprint(model) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.keras", "out.keras"]

@@ -232,10 +232,25 @@ def test_weights_member_is_byte_identical(samples, tmp_path):
         assert a.read("config.json") != b.read("config.json")
 
 
-def test_compiled_model_drops_mismatched_optimizer_state(samples, tmp_path):
+def test_compiled_model_remaps_or_drops_mismatched_optimizer_state(samples, tmp_path):
     src = samples / "guide_pattern.keras"
     result = invoke(
-        "apply", src, "--plan", CONFIGS / "keras-guide-finetune.toml", "-o", tmp_path / "a.keras"
+        "apply", src, "--plan", CONFIGS / "keras-guide-finetune.toml", "-o", tmp_path / "r.keras"
+    )
+    assert result.exit_code == 0
+    assert "The 6 saved optimizer variables were remapped" in result.stderr
+    diff = json.loads(invoke("diff", src, tmp_path / "r.keras", "--json").stdout)
+    assert diff["weights"]["identical"] is True
+    assert diff["optimizer_state"]["b"] > 6
+    result = invoke(
+        "apply",
+        src,
+        "--plan",
+        CONFIGS / "keras-guide-finetune.toml",
+        "-o",
+        tmp_path / "a.keras",
+        "--optimizer-state",
+        "drop",
     )
     assert result.exit_code == 0
     assert "The 6 saved optimizer variables were dropped" in result.stderr
@@ -254,6 +269,29 @@ def test_compiled_model_drops_mismatched_optimizer_state(samples, tmp_path):
     assert kept.exit_code == 0
     diff = json.loads(invoke("diff", src, tmp_path / "k.keras", "--json").stdout)
     assert diff["optimizer_state"] == {"a": 6, "b": 6, "identical": True}
+
+
+def test_the_plan_can_say_what_to_do_with_optimizer_state(samples, tmp_path):
+    src = samples / "guide_pattern.keras"
+    plan = tmp_path / "p.toml"
+    plan.write_text(
+        (CONFIGS / "keras-guide-finetune.toml")
+        .read_text()
+        .replace("[plan]", '[plan]\noptimizer_state = "drop"', 1)
+    )
+    result = invoke("apply", src, "--plan", plan, "-o", tmp_path / "a.keras")
+    assert result.exit_code == 0, result.stderr
+    assert "The 6 saved optimizer variables were dropped" in result.stderr
+    # The command line wins over the plan.
+    result = invoke(
+        "apply", src, "--plan", plan, "-o", tmp_path / "b.keras", "--optimizer-state", "keep"
+    )
+    assert "were kept as they are" in " ".join(result.stderr.split())
+    plan.write_text(plan.read_text().replace('"drop"', '"forget"'))
+    bad = invoke("apply", src, "--plan", plan, "-o", tmp_path / "c.keras")
+    assert bad.exit_code == 2
+    assert "optimizer_state must be one of remap, drop, keep, not 'forget'" in bad.stderr
+    assert not (tmp_path / "c.keras").exists()
 
 
 def test_dry_run_writes_nothing_and_json_is_the_freeze_document(samples, tmp_path):

@@ -248,7 +248,9 @@ def test_json_dry_run_with_optimizer_state(work):
     assert doc["report"]["model"]["path"] == "guide_pattern.keras"
     assert [w["code"] for w in doc["warnings"]] == ["recompile-required", "optimizer-state"]
     assert doc["warnings"][1]["message"].startswith(
-        "The 6 saved optimizer variables would be dropped"
+        "The 6 saved optimizer variables would be remapped to the new trainable variables (108 "
+        "now): 4 slots kept by variable, 0 of variables that stop training left out, 102 "
+        "zero-filled"
     )
     assert result.stderr.startswith("dry run: nothing was written.\n")
 
@@ -407,17 +409,23 @@ def test_in_place(work):
     assert not [p for p in work.iterdir() if p.name.startswith(".")]
 
 
-def test_keep_optimizer_state_weights_byte_identical(work):
+@pytest.mark.parametrize(
+    "keep", [["--optimizer-state", "keep"], ["--keep-optimizer-state"]], ids=["keep", "deprecated"]
+)
+def test_keep_optimizer_state_weights_byte_identical(work, keep):
     result = invoke(
         "unfreeze",
         "guide_pattern.keras",
         "--keep-bn-inference",
-        "--keep-optimizer-state",
+        *keep,
         "-o",
         "out.keras",
     )
     assert result.exit_code == 0
-    assert "were kept (--keep-optimizer-state)" in result.stderr
+    stderr = " ".join(result.stderr.split())
+    assert "were kept as they are (--optimizer-state keep)" in stderr
+    # 6 saved, 108 built for the new trainable set: Keras will skip them, and says so.
+    assert "Keras builds 108 for the new trainable set" in stderr
     with zipfile.ZipFile(work / "guide_pattern.keras") as a, zipfile.ZipFile("out.keras") as b:
         assert a.read("model.weights.h5") == b.read("model.weights.h5")
         assert a.read("metadata.json") == b.read("metadata.json")
@@ -463,7 +471,7 @@ def test_acceptance_guide_recipe_keep_bn_inference(guide_phase2_trained_keras, t
         catch_exceptions=False,
     )
     assert result.exit_code == 0, result.stderr
-    assert "saved optimizer variables were dropped" in result.stderr
+    assert "saved optimizer variables were remapped" in result.stderr
     moved, kernel_moved = _measure(out)
     bn = {p: m for p, m in moved.items() if m.is_batchnorm}
     assert len(bn) == 52
@@ -504,7 +512,8 @@ def test_acceptance_train_bn(guide_phase2_trained_keras, tmp_path):
 def test_acceptance_weights_identical_but_the_dropped_optimizer(
     guide_phase2_trained_keras, tmp_path
 ):
-    """Every weight dataset is bit-identical; only the optimizer's are gone; smaller file."""
+    """Every weight dataset is bit-identical; only the optimizer's are gone (--optimizer-state
+    drop; their bytes stay in the file, unreferenced)."""
     import io
 
     import h5py
@@ -516,6 +525,8 @@ def test_acceptance_weights_identical_but_the_dropped_optimizer(
             "unfreeze",
             str(guide_phase2_trained_keras),
             "--keep-bn-inference",
+            "--optimizer-state",
+            "drop",
             "-o",
             str(out),
             "--json",
@@ -543,4 +554,20 @@ def test_acceptance_weights_identical_but_the_dropped_optimizer(
     optimizer = {k for k in before if k.startswith("optimizer/")}
     assert len(optimizer) > 100  # Adam: iterations, learning rate, two slots per variable
     assert after == {k: v for k, v in before.items() if k not in optimizer}
-    assert out.stat().st_size < guide_phase2_trained_keras.stat().st_size
+    assert out.stat().st_size < guide_phase2_trained_keras.stat().st_size + 65536
+
+
+def test_keep_optimizer_state_contradicting_optimizer_state_is_refused(work):
+    before = files(work)
+    result = invoke(
+        "unfreeze",
+        "guide_pattern.keras",
+        "--keep-optimizer-state",
+        "--optimizer-state",
+        "drop",
+        "-o",
+        "out.keras",
+    )
+    assert result.exit_code == 2
+    assert "contradicts --optimizer-state drop" in result.stderr
+    assert files(work) == before

@@ -122,3 +122,26 @@ def test_two_writers_one_output(round_, two_models, tmp_path):
     assert [hostile.fingerprint(path) for path, _ in two_models] == inputs_before
     guarantees.count("race_rounds")
     guarantees.count("race_rounds_overlapped")
+
+
+def test_two_writers_one_output_remapping_optimizer_state(tmp_path):
+    """The same race on files whose Adam state is remapped (weights member patched and
+    appended to): one complete model, with one input's weights and remapped slots."""
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    models = []
+    for seed in (1, 2):
+        path = hostile.trained_large_keras(folder / f"t{seed}.keras", hidden=1024, seed=seed)
+        saved = hostile.optimizer_digest(path)
+        models.append((path, hostile.weights_digest(path), saved[:6] + saved[10:]))
+    out = tmp_path / "out.keras"
+    inputs_before = [hostile.fingerprint(path) for path, _, _ in models]
+    procs = [start_freeze(path, out) for path, _, _ in models]
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0, proc.stderr.read() if proc.stderr else ""
+    result = CliRunner().invoke(cli, ["check", str(out), "--expect", "bn-inference"])
+    assert result.exit_code == 0, result.stderr or result.stdout
+    found = (hostile.weights_digest(out), hostile.optimizer_digest(out))
+    assert found in [(weights, optimizer) for _, weights, optimizer in models], "a mix"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs", "out.keras"]
+    assert [hostile.fingerprint(path) for path, _, _ in models] == inputs_before

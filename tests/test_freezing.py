@@ -31,6 +31,7 @@ from bnfreeze.ops.edit import (
     optimizer_decision,
     unfreeze_file,
 )
+from bnfreeze.ops.optimizer_state import OptimizerStateMode, parse_mode
 
 
 def flags(path: Path) -> dict[str, bool | None]:
@@ -372,11 +373,16 @@ def test_optimizer_decision_covers_every_state(state):
         OptimizerState.KEPT: (6, True, True),
         OptimizerState.DROPPED: (6, True, False),
     }
+    if state is OptimizerState.REMAPPED:  # the config route's plan only; the Keras engine drops
+        assert state not in {optimizer_decision(*case) for case in cases.values()}
+        return
     assert optimizer_decision(*cases[state]) is state
 
 
 def test_optimizer_dropped_when_the_trainable_set_changes(guide, tmp_path):
-    result = unfreeze_file(guide, tmp_path / "out.keras", keep_bn_inference=True)
+    result = unfreeze_file(
+        guide, tmp_path / "out.keras", keep_bn_inference=True, optimizer_state="drop"
+    )
     assert result.optimizer_state is OptimizerState.DROPPED
     assert result.optimizer_variables == 6 and result.optimizer_variables_dropped == 6
     assert read_model(tmp_path / "out.keras").optimizer_variables is None
@@ -387,12 +393,23 @@ def test_optimizer_dropped_when_the_trainable_set_changes(guide, tmp_path):
     assert "fresh optimizer" in result.warnings[1].message
 
 
+def test_optimizer_remapped_by_default_when_the_trainable_set_changes(guide, tmp_path):
+    result = unfreeze_file(guide, tmp_path / "out.keras", keep_bn_inference=True)
+    assert result.optimizer_state is OptimizerState.REMAPPED
+    assert result.optimizer_variables == 6 and result.optimizer_variables_dropped == 0
+    plan = result.optimizer_plan
+    assert (plan.kept, plan.left_out, plan.created, plan.expected) == (4, 0, 102, 108)
+    assert read_model(tmp_path / "out.keras").optimizer_variables == 108
+    assert result.report.model.optimizer_variables == 108
+    assert "were remapped" in result.warnings[1].message
+
+
 def test_optimizer_kept_on_request(guide, tmp_path):
     result = unfreeze_file(guide, tmp_path / "out.keras", keep_optimizer_state=True)
     assert result.optimizer_state is OptimizerState.KEPT
     assert result.optimizer_variables_dropped == 0
     assert read_model(tmp_path / "out.keras").optimizer_variables == 6
-    assert "were kept (--keep-optimizer-state)" in result.warnings[1].message
+    assert "were kept as they are (--optimizer-state keep)" in result.warnings[1].message
     # Said once: the result's own optimizer-state finding is not repeated.
     assert [f.code for f in result.all_warnings].count(WarningCode.OPTIMIZER_STATE) == 1
 
@@ -542,7 +559,7 @@ def test_edit_file_takes_an_assignment(samples, tmp_path):
     assert [c.path for c in result.changes] == ["dense_1", "dense_2"]
 
 
-def test_keras_copy_runs_while_the_weights_are_indexed(guide, tmp_path, monkeypatch):
+def test_keras_copy_runs_while_the_weights_are_indexed(samples, tmp_path, monkeypatch):
     """The copy (the kernel's work) starts before the weights are indexed (Python's work) and
     overlaps it: the index waits here until the copy has begun, which it never would if the
     two ran one after the other."""
@@ -564,40 +581,58 @@ def test_keras_copy_runs_while_the_weights_are_indexed(guide, tmp_path, monkeypa
 
     monkeypatch.setattr(writer, "_copy_range", copy_range)
     monkeypatch.setattr(reader, "index", index)
-    result = freeze_file(guide, tmp_path / "out.keras", layers=["pool"])
+    plain = tmp_path / "plain.keras"
+    shutil.copy(samples / "sequential.keras", plain)
+    result = freeze_file(plain, tmp_path / "out.keras", layers=["relu_1"])
     assert result.changes and (tmp_path / "out.keras").exists()
 
 
 @pytest.mark.parametrize(
-    ("edit", "writes"),
+    ("edit", "writes", "upgraded"),
     [
-        # The trainable set changes: the raw copy guessed first is written again, dropping
-        # the optimizer state, before it is verified.
-        (lambda src, out: unfreeze_file(src, out, keep_bn_inference=True), [False, True]),
+        # The trainable set changes: the raw copy guessed first is not written again; the
+        # writer patches it into the rewrite of the optimizer state (dropped or remapped).
+        (
+            lambda src, out: unfreeze_file(
+                src, out, keep_bn_inference=True, optimizer_state="drop"
+            ),
+            [False],
+            True,
+        ),
+        (lambda src, out: unfreeze_file(src, out, keep_bn_inference=True), [False], "remap"),
         # It does not: the guess stands, one write.
-        (lambda src, out: freeze_file(src, out, layers=["pool"]), [False]),
+        (lambda src, out: freeze_file(src, out, layers=["pool"]), [False], None),
     ],
-    ids=["dropped", "unchanged"],
+    ids=["dropped", "remapped", "unchanged"],
 )
-def test_the_guessed_raw_copy_is_rewritten_only_when_the_optimizer_state_is_dropped(
-    guide, tmp_path, monkeypatch, edit, writes
+def test_the_guessed_raw_copy_is_patched_when_the_optimizer_state_is_rewritten(
+    guide, tmp_path, monkeypatch, edit, writes, upgraded
 ):
     from bnfreeze.formats.writers import keras_zip as writer
 
-    seen: list[bool] = []
-    real = writer.KerasZipWriter.write
+    seen: list[object] = []
+    patched: list[object] = []
+    real, real_upgrade = writer.KerasZipWriter.write, writer.KerasZipWriter.upgrade
 
     def write(self, request, dest):
-        seen.append(request.drop_optimizer_state)
+        seen.append("remap" if request.optimizer_slots else request.drop_optimizer_state)
         return real(self, request, dest)
 
+    def upgrade(self, written, request, dest):
+        patched.append("remap" if request.optimizer_slots else request.drop_optimizer_state)
+        return real_upgrade(self, written, request, dest)
+
     monkeypatch.setattr(writer.KerasZipWriter, "write", write)
+    monkeypatch.setattr(writer.KerasZipWriter, "upgrade", upgrade)
     out = tmp_path / "out.keras"
     result = edit(guide, out)
     assert seen == writes
-    expected = None if writes[-1] else 6
+    assert patched == ([] if upgraded is None else [upgraded])
+    expected = {True: None, None: 6, "remap": 108}[upgraded]
     assert read_model(out).optimizer_variables == expected
     assert result.report.model.optimizer_variables == expected
+    with zipfile.ZipFile(out) as archive:
+        assert archive.testzip() is None  # every member's CRC, the patched one included
 
 
 def test_preview_comes_while_the_copy_runs_and_the_result_keeps_its_report(
@@ -629,4 +664,31 @@ def test_preview_comes_while_the_copy_runs_and_the_result_keeps_its_report(
     assert early.output_bytes is None and result.output_bytes == out.stat().st_size
     assert result.report is early.report and result.report.model.path == str(out)
     assert result == dataclasses.replace(early, output_bytes=result.output_bytes)
-    assert result.optimizer_variables_dropped == 6  # the rewrite after the guess: as previewed
+    assert result.optimizer_state is OptimizerState.REMAPPED  # as previewed
+
+
+def test_the_python_api_takes_optimizer_state(guide):
+    import bnfreeze
+
+    result = bnfreeze.unfreeze(guide, keep_bn_inference=True, dry_run=True, optimizer_state="drop")
+    assert result.optimizer_state is OptimizerState.DROPPED
+    result = bnfreeze.unfreeze(guide, keep_bn_inference=True, dry_run=True)
+    assert result.optimizer_state is OptimizerState.REMAPPED
+    result = bnfreeze.unfreeze(
+        guide, keep_bn_inference=True, dry_run=True, keep_optimizer_state=True
+    )
+    assert result.optimizer_state is OptimizerState.KEPT
+    with pytest.raises(BnfreezeError, match="contradicts --optimizer-state drop"):
+        bnfreeze.unfreeze(guide, dry_run=True, keep_optimizer_state=True, optimizer_state="drop")
+
+
+@pytest.mark.parametrize("mode", list(OptimizerStateMode))
+def test_every_optimizer_state_mode_is_offered_everywhere(mode):
+    from bnfreeze.cli import cli
+    from bnfreeze.ops.plan_schema import OPTIMIZER_STATES
+
+    assert parse_mode(mode.value) is mode
+    assert mode.value in OPTIMIZER_STATES
+    for command in ("freeze", "unfreeze", "apply"):
+        option = next(p for p in cli.commands[command].params if p.name == "optimizer_state")
+        assert mode.value in option.type.choices

@@ -233,3 +233,86 @@ def test_full_disk(case, small_disk, no_space, large_model, tmp_path):
     ), f"{where}: temporary files left"
     assert hostile.fingerprint(model) == input_before, where
     guarantees.count("full_disk_cases")
+
+
+# -- files with optimizer state: the remap path ---------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory) -> Path:
+    """A large model with a consistent Adam state: freeze --bn-inference remaps it (the
+    weights member copied, patched and appended to)."""
+    return hostile.trained_large_keras(tmp_path_factory.mktemp("trained") / "trained.keras")
+
+
+def _remapped_digest(model: Path) -> list[str]:
+    """The optimizer variables the remapped output must hold: bn_1's slots left out."""
+    saved = hostile.optimizer_digest(model)
+    return saved[:6] + saved[10:]
+
+
+@pytest.mark.parametrize("scenario", guarantees.KILL_SCENARIOS)
+def test_sigkill_while_remapping_the_optimizer_state(scenario, trained_model, tmp_path):
+    digest = hostile.weights_digest(trained_model)
+    optimizer = _remapped_digest(trained_model)
+    input_before = hostile.fingerprint(trained_model)
+    previous = hostile.sample_bytes("seed_bn.keras") if scenario == "existing output" else None
+    calibrate = tmp_path / "calibrate"
+    calibrate.mkdir()
+    proc = freeze_process(trained_model, calibrate / "out.keras")
+    started = wait_for_write(proc, calibrate)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read().decode() if proc.stderr else ""
+    assert started is not None
+    phase = time.monotonic() - started
+    assert hostile.optimizer_digest(calibrate / "out.keras") == optimizer
+    seen: dict[str, int] = {}
+    for i in range(4):
+        folder = tmp_path / f"kill{i}"
+        folder.mkdir()
+        out = folder / "out.keras"
+        if previous is not None:
+            out.write_bytes(previous)
+        where = f"{scenario}, remap, SIGKILL at {i / 4:.0%} of the {phase:.2f} s write phase"
+        proc = freeze_process(trained_model, out)
+        begun = wait_for_write(proc, folder)
+        if begun is not None:
+            time.sleep(max(0.0, begun + i / 4 * phase - time.monotonic()))
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        state = check_destination(out, previous, digest, where)
+        if state == "complete":
+            assert hostile.optimizer_digest(out) == optimizer, f"{where}: optimizer state"
+        seen[state] = seen.get(state, 0) + 1
+        others = {p.name for p in folder.iterdir()} - {out.name}
+        assert all(n.startswith(".") and n.endswith(TEMP_SUFFIX) for n in others), (where, others)
+        assert hostile.fingerprint(trained_model) == input_before, f"{where}: the input changed"
+    print(f"\n{scenario}, remap: destination after SIGKILL: {seen}")
+
+
+@pytest.mark.parametrize("case", ["new output", "existing output"])
+def test_full_disk_while_remapping_the_optimizer_state(
+    case, small_disk, no_space, trained_model, tmp_path
+):
+    folder, how = no_space(small_disk)
+    input_before = hostile.fingerprint(trained_model)
+    out = folder / "out.keras"
+    previous = hostile.sample_bytes("seed_bn.keras")
+    if case == "existing output":
+        out.write_bytes(previous)
+    result = CliRunner().invoke(
+        cli, ["freeze", str(trained_model), "--bn-inference", "-o", str(out)]
+    )
+    where = f"full disk ({how}), remap, {case}"
+    assert result.exit_code == 2, (where, result.stderr, result.exception)
+    assert result.stderr == f"error: {out}: cannot be written (no space left on the device).\n", (
+        where
+    )
+    if case == "existing output":
+        assert out.read_bytes() == previous, where
+    else:
+        assert not out.exists(), where
+    assert sorted(p.name for p in folder.iterdir()) == (
+        ["out.keras"] if case == "existing output" else []
+    ), f"{where}: temporary files left"
+    assert hostile.fingerprint(trained_model) == input_before, where

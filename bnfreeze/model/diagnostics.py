@@ -15,6 +15,7 @@ from bnfreeze.model.records import (
     LayerKind,
     LayerState,
     ModelFile,
+    ModelFormat,
     Normalization,
     Runtime,
     WarningCode,
@@ -231,6 +232,11 @@ def _count(state: LayerState) -> str:
 def _optimizer_state(model: ModelFile) -> list[Finding]:
     if not model.optimizer_variables:
         return []
+    default = (
+        "remaps them to the new trainable variables by default (README, 'Saved optimizer state')"
+        if model.format is ModelFormat.KERAS
+        else "drops them by default (it remaps them in .keras files only)"
+    )
     return [
         Finding(
             WarningCode.OPTIMIZER_STATE,
@@ -238,8 +244,8 @@ def _optimizer_state(model: ModelFile) -> list[Finding]:
             f"The file carries {model.optimizer_variables} saved optimizer variables, matched to "
             "the trainable variables by position, not by name. After any change to trainable "
             "flags they no longer match: Keras drops them on load, or, when the count happens "
-            "to match, silently assigns them to the wrong variables. bnfreeze freeze drops them "
-            "by default. After any change, call compile() again with a new optimizer.",
+            "to match, silently assigns them to the wrong variables. bnfreeze freeze "
+            f"{default}. After any change, call compile() again with a new optimizer.",
         )
     ]
 

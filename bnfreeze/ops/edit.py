@@ -27,8 +27,10 @@ Semantics (docs/semantics.md, rules 4-6). Containers are never edited alone: eve
 edited, because a container's flag does not propagate when Keras loads a saved model. After
 any change, Keras must compile the model again with a **new** optimizer; the saved optimizer
 variables are matched to trainable variables by position, so when the *set* of trainable
-variables changes they are dropped by default (Keras would drop them on load with a confusing
-warning, or silently misassign them when the count happens to match).
+variables changes they are remapped by default: rewritten in the order Keras builds for the new
+set, each surviving variable's slots kept (:mod:`bnfreeze.ops.optimizer_state`), or dropped
+when that cannot be shown right (Keras would drop them on load with a confusing warning, or
+silently misassign them when the count happens to match).
 """
 
 from __future__ import annotations
@@ -69,7 +71,15 @@ from bnfreeze.model.records import (
 )
 from bnfreeze.model.selection import select
 from bnfreeze.ops.edit_warnings import edit_warnings
-from bnfreeze.ops.optimizer_state import OptimizerState, optimizer_decision, trainable_layers
+from bnfreeze.ops.optimizer_state import (  # optimizer_decision: for the Keras engine
+    OptimizerPlan,
+    OptimizerState,
+    OptimizerStateMode,
+    optimizer_decision,  # noqa: F401
+    parse_mode,
+    plan_optimizer_state,
+    trainable_layers,
+)
 
 if TYPE_CHECKING:
     from bnfreeze.formats.writers import WriteRequest
@@ -134,6 +144,7 @@ class EditRequest:
     engine: Engine = Engine.AUTO
     custom_objects: str | None = None
     unsafe: bool = False
+    optimizer_state: OptimizerStateMode = OptimizerStateMode.REMAP
     #: Called once with the result while the file is still being written (see edit_file).
     preview: Callable[[EditResult], None] | None = field(default=None, compare=False, repr=False)
 
@@ -162,6 +173,8 @@ class EditResult:
     output_bytes: int | None
     #: What the edit gave the selected layers (None when not told): the recipe it applied.
     assignment: Assignment | None = field(default=None, repr=False)
+    #: The config route's decision in full (remapped counts, why not remapped), when it made one.
+    optimizer_plan: OptimizerPlan | None = field(default=None, repr=False)
 
     @property
     def changed(self) -> bool:
@@ -223,6 +236,7 @@ def freeze_file(
     dry_run: bool = False,
     in_place: bool = False,
     keep_optimizer_state: bool = False,
+    optimizer_state: OptimizerStateMode | str | None = None,
     engine: Engine | str = Engine.AUTO,
     custom_objects: str | None = None,
     unsafe: bool = False,
@@ -246,6 +260,7 @@ def freeze_file(
         dry_run=dry_run,
         in_place=in_place,
         keep_optimizer_state=keep_optimizer_state,
+        optimizer_state=optimizer_state,
         engine=engine,
         custom_objects=custom_objects,
         unsafe=unsafe,
@@ -263,6 +278,7 @@ def unfreeze_file(
     dry_run: bool = False,
     in_place: bool = False,
     keep_optimizer_state: bool = False,
+    optimizer_state: OptimizerStateMode | str | None = None,
     engine: Engine | str = Engine.AUTO,
     custom_objects: str | None = None,
     unsafe: bool = False,
@@ -283,6 +299,7 @@ def unfreeze_file(
         dry_run=dry_run,
         in_place=in_place,
         keep_optimizer_state=keep_optimizer_state,
+        optimizer_state=optimizer_state,
         engine=engine,
         custom_objects=custom_objects,
         unsafe=unsafe,
@@ -301,6 +318,7 @@ def edit_file(
     dry_run: bool = False,
     in_place: bool = False,
     keep_optimizer_state: bool = False,
+    optimizer_state: OptimizerStateMode | str | None = None,
     engine: Engine | str = Engine.AUTO,
     custom_objects: str | None = None,
     unsafe: bool = False,
@@ -318,7 +336,12 @@ def edit_file(
     for a ``.keras`` file that is while the copy is still running (the CLI renders its tables
     then). The result returned at the end is that one with ``output_bytes`` filled in (the
     same ``report`` object), unless the write turned out otherwise.
+
+    ``optimizer_state`` (``"remap"``, the default, ``"drop"`` or ``"keep"``) says what happens
+    to saved optimizer variables when the set of trainable variables changes (README, "Saved
+    optimizer state"); ``keep_optimizer_state=True`` is the deprecated spelling of ``"keep"``.
     """
+    mode = parse_mode(optimizer_state, keep_optimizer_state)
     request = EditRequest(
         model=os.fspath(path),
         output=os.fspath(output) if output is not None else None,
@@ -326,7 +349,8 @@ def edit_file(
         selection=LayerSelection(tuple(layers), up_to, from_layer),
         dry_run=dry_run,
         in_place=in_place,
-        keep_optimizer_state=keep_optimizer_state,
+        keep_optimizer_state=mode is OptimizerStateMode.KEEP,
+        optimizer_state=mode,
         engine=Engine(engine),
         custom_objects=custom_objects,
         unsafe=unsafe,
@@ -641,6 +665,7 @@ def _config_route(
                 output=output,
                 dry_run=request.dry_run,
                 model_format=model.format,
+                plan=plan.optimizer_plan,
             ),
             optimizer_state=plan.optimizer,
             optimizer_variables=plan.model.optimizer_variables,
@@ -648,6 +673,7 @@ def _config_route(
             input_bytes=input_bytes,
             output_bytes=size,
             assignment=request.assignment,
+            optimizer_plan=plan.optimizer_plan,
         )
 
     previewed: list[EditResult] = []
@@ -661,7 +687,8 @@ def _config_route(
             request.preview(previewed[0])
 
     # Only an archive read without its index can start its copy first (the other formats'
-    # writers are Python work, which a thread would not overlap).
+    # writers are Python work, which a thread would not overlap). When the plan then rewrites
+    # the optimizer state, the writer patches that copy (KerasZipWriter.upgrade).
     early = model.format is ModelFormat.KERAS and not skip
     if not early:
         plan()
@@ -676,8 +703,15 @@ def _config_route(
             written[:] = [(write, writer.write(write, tmp))]
 
         def verify(tmp: Path) -> None:
-            if written[0][0] is not plans[0].write:  # the guess was wrong: write it again
-                produce(tmp)
+            if written[0][0] is not plans[0].write:  # the guess was wrong
+                # Patch the raw copy into the rewrite the plan asks for when the writer can
+                # (the optimizer state of a .keras), else write it again.
+                upgrade = getattr(writer, "upgrade", None)
+                outcome = upgrade(written[0][0], plans[0].write, tmp) if upgrade else None
+                if outcome is None:
+                    produce(tmp)
+                else:
+                    written[:] = [(plans[0].write, outcome)]
             writer.verify(plans[0].write, tmp)
 
         output_bytes = write_atomically(output, produce, verify, meanwhile=plan if early else None)
@@ -694,6 +728,7 @@ def _config_route(
             dropped,
             re_find=not skip and request.in_place,
             path=report_path,
+            plan=chosen.optimizer_plan,
         )
     return result(chosen, report, dropped, output_bytes)
 
@@ -707,6 +742,7 @@ class _Plan:
     write: WriteRequest  # the raw-copy request itself when it stands
     predicted_dropped: int
     report: Report | None  # the result's report, read from the input while it is in place
+    optimizer_plan: OptimizerPlan
 
 
 def _plan(
@@ -718,22 +754,28 @@ def _plan(
     report_path: str | None,
 ) -> _Plan:
     model_trainable = _model_trainable(model.config)
-    set_changed = trainable_layers(_states(model, layers, model_trainable)) != trainable_layers(
-        _states(model, records_with_flags(layers, after), model_trainable)
+    before = _states(model, layers, model_trainable)
+    after_states = _states(model, records_with_flags(layers, after), model_trainable)
+    set_changed = trainable_layers(before) != trainable_layers(after_states)
+    optimizer_plan = plan_optimizer_state(
+        model, before, after_states, request.optimizer_state, set_changed=set_changed
     )
-    optimizer = optimizer_decision(
-        model.optimizer_variables, set_changed, request.keep_optimizer_state
-    )
-    drop = optimizer is OptimizerState.DROPPED
-    write = replace(raw_copy, model=model, drop_optimizer_state=True) if drop else raw_copy
-    predicted = (model.optimizer_variables or 0) if drop else 0
+    optimizer = optimizer_plan.state
+    write = raw_copy
+    if optimizer is OptimizerState.DROPPED:
+        write = replace(raw_copy, model=model, drop_optimizer_state=True)
+    elif optimizer is OptimizerState.REMAPPED:
+        write = replace(raw_copy, model=model, optimizer_slots=optimizer_plan.slots)
+    predicted = optimizer_plan.dropped
     report = None
     with contextlib.suppress(Exception):
         # The result's weights are the input's (verified: byte-identical, or dataset by
-        # dataset when the optimizer state is dropped), so its report reads BN values from the
-        # input, still in place. A failure here must not cost the write: it is retried after.
-        report = _result_report(model, raw_copy.config, predicted, re_find=False, path=report_path)
-    return _Plan(model, optimizer, write, predicted, report)
+        # dataset when the optimizer state is rewritten), so its report reads BN values from
+        # the input, still in place. A failure here must not cost the write: it is retried after.
+        report = _result_report(
+            model, raw_copy.config, predicted, re_find=False, path=report_path, plan=optimizer_plan
+        )
+    return _Plan(model, optimizer, write, predicted, report, optimizer_plan)
 
 
 def _result_report(
@@ -743,10 +785,13 @@ def _result_report(
     *,
     re_find: bool,
     path: str | None,
+    plan: OptimizerPlan | None = None,
 ) -> Report:
     from bnfreeze.ops.inspect import inspect_model_file
 
     kept = None if dropped else model.optimizer_variables
+    if plan is not None and plan.state is OptimizerState.REMAPPED and plan.slots is not None:
+        kept = len(plan.slots)
     result_model = replace(model, config=new_config, optimizer_variables=kept)
     if re_find and model.weights is not None and getattr(model.weights, "locations", None):
         # Dataset offsets were those of the old file; let the reader find them again.

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from bnfreeze.model.assignments import Change
 from bnfreeze.model.records import Finding, ModelFormat, WarningCode
-from bnfreeze.ops.optimizer_state import OptimizerState
+from bnfreeze.ops.optimizer_state import OptimizerPlan, OptimizerState
 
 
 def edit_warnings(
@@ -19,6 +19,7 @@ def edit_warnings(
     dry_run: bool,
     model_format: ModelFormat = ModelFormat.KERAS,
     loader: str = "keras.models.load_model",
+    plan: OptimizerPlan | None = None,
 ) -> tuple[Finding, ...]:
     """What the user must know after an edit: compile() again, and the optimizer state.
 
@@ -39,35 +40,69 @@ def edit_warnings(
             "(bnfreeze explain, rule 4).",
         )
     ]
-    expected = ""
-    if model_format is ModelFormat.KERAS:
-        # Measured on Keras 3.15: one UserWarning on load, then training works.
-        expected = (
-            "; its message 'Skipping variable loading for optimizer ... the saved optimizer "
-            "has 0 variables' is expected"
+    message = _optimizer_message(optimizer, optimizer_variables, plan, would, model_format)
+    if message is not None:
+        findings.append(Finding(WarningCode.OPTIMIZER_STATE, None, message))
+    return tuple(findings)
+
+
+def _optimizer_message(
+    optimizer: OptimizerState,
+    saved: int | None,
+    plan: OptimizerPlan | None,
+    would: str,
+    model_format: ModelFormat,
+) -> str | None:
+    expected = plan.expected if plan is not None else None
+    if optimizer is OptimizerState.REMAPPED and plan is not None:
+        return (
+            f"The {saved} saved optimizer variables {would} remapped to the new trainable "
+            f"variables ({plan.expected} now): {plan.kept} slots kept by variable, "
+            f"{plan.left_out} of variables that stop training left out, {plan.created} "
+            "zero-filled for variables that start training; the iteration count and learning "
+            "rate are kept (README, 'Saved optimizer state'). Keras loads them with "
+            "load_model, so fit() continues from them; a new compile() starts afresh."
         )
     if optimizer is OptimizerState.DROPPED:
-        findings.append(
-            Finding(
-                WarningCode.OPTIMIZER_STATE,
-                None,
-                f"The {optimizer_variables} saved optimizer variables {would} dropped: they are "
-                "matched to trainable variables by position, and the set of trainable "
-                "variables changed. Keras will compile the loaded model from its saved compile "
-                f"config with a fresh optimizer{expected}. Pass --keep-optimizer-state to keep "
-                "them.",
+        why = ""
+        if plan is not None and plan.reason is not None:
+            why = f" They could not be remapped: {plan.reason}."
+        elif plan is not None:
+            why = " (--optimizer-state drop)."
+        loaded = ""
+        if model_format is ModelFormat.KERAS:
+            # Measured on Keras 3.15: one UserWarning on load, then training works.
+            loaded = (
+                "; its message 'Skipping variable loading for optimizer ... the saved "
+                "optimizer has 0 variables' is expected"
             )
+        return (
+            f"The {saved} saved optimizer variables {would} dropped: Keras matches them to "
+            "trainable variables by position, and the set of trainable variables changed."
+            f"{why} Keras will compile the loaded model from its saved compile config with a "
+            f"fresh optimizer{loaded}. Pass --optimizer-state keep to keep them as they are."
         )
-    elif optimizer is OptimizerState.KEPT:
-        findings.append(
-            Finding(
-                WarningCode.OPTIMIZER_STATE,
-                None,
-                f"The {optimizer_variables} saved optimizer variables {would} kept "
-                "(--keep-optimizer-state) although the set of trainable variables changed: "
-                "they are matched by position, so Keras will drop them on load with a warning "
-                "or, when the count happens to match, silently assign them to the wrong "
-                "variables. Compile with a new optimizer before fit().",
+    if optimizer is OptimizerState.KEPT:
+        if expected is not None and expected == saved:
+            effect = (
+                f"the new trainable set needs {expected} variables too, so the count matches "
+                "here and Keras WILL load them silently into the wrong variables (moments of "
+                "one variable applied to another)"
             )
+        elif expected is not None:
+            effect = (
+                f"Keras builds {expected} for the new trainable set, so it will skip them on "
+                "load with a warning"
+            )
+        else:
+            effect = (
+                "Keras will drop them on load with a warning or, when the count happens to "
+                "match, silently assign them to the wrong variables"
+            )
+        return (
+            f"The {saved} saved optimizer variables {would} kept as they are "
+            "(--optimizer-state keep) although the set of trainable variables changed: Keras "
+            f"matches them by position, and {effect}. Compile with a new optimizer before "
+            "fit(), or use --optimizer-state remap."
         )
-    return tuple(findings)
+    return None

@@ -22,6 +22,7 @@ from bnfreeze.model.expectations import Expectation, ExpectKind
 from bnfreeze.ops.plan_schema import (
     EXPECT_ASSERTIONS,
     EXPECT_KEYS,
+    OPTIMIZER_STATES,
     PLAN_KEYS,
     RULE_KEYS,
     SCHEMA,
@@ -231,6 +232,14 @@ class _Parser:
         self.unknown_keys(meta, PLAN_KEYS, "plan", None)
         name = self.opt_str(meta, "name", "plan", None)
         description = self.opt_str(meta, "description", "plan", None)
+        optimizer_state = self.opt_str(meta, "optimizer_state", "plan", None)
+        if optimizer_state is not None and optimizer_state not in OPTIMIZER_STATES:
+            raise self.error(
+                f"optimizer_state must be one of {', '.join(OPTIMIZER_STATES)}, not "
+                f"{optimizer_state!r}.",
+                table="plan",
+                key="optimizer_state",
+            )
         schema = meta.get("schema", SCHEMA)
         if schema != SCHEMA or isinstance(schema, bool):
             raise self.error(
@@ -255,6 +264,7 @@ class _Parser:
             params=tuple(sorted(self.params.items())),
             rules=rules,
             expectations=expectations,
+            optimizer_state=optimizer_state,
         )
 
     def read_params(self, params: Any) -> None:

@@ -23,7 +23,9 @@ SCHEMA = 1
 TOP_KEYS = ("plan", "params", "rule", "expect")
 
 
-PLAN_KEYS = ("name", "description", "schema")
+PLAN_KEYS = ("name", "description", "schema", "optimizer_state")
+#: The values of ``[plan] optimizer_state`` (what ``--optimizer-state`` takes).
+OPTIMIZER_STATES = ("remap", "drop", "keep")
 
 
 SELECTOR_KEYS = (
@@ -238,3 +240,6 @@ class Plan:
     params: tuple[tuple[str, str], ...]
     rules: tuple[Rule, ...]
     expectations: tuple[Expectation, ...]
+    #: ``[plan] optimizer_state``: "remap", "drop" or "keep"; None when the plan leaves it to
+    #: the command line (default remap).
+    optimizer_state: str | None = None

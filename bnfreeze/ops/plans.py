@@ -198,18 +198,26 @@ def apply_plan_file(
     dry_run: bool = False,
     in_place: bool = False,
     keep_optimizer_state: bool = False,
+    optimizer_state: str | None = None,
 ) -> PlanApplication:
     """Apply ``plan`` to the saved model at ``path`` and write ``output``.
 
     The same orchestration as ``freeze`` (:func:`bnfreeze.ops.edit.run`): the output is
     checked before any work, written atomically and verified by re-reading; every byte but
-    the config is kept; saved optimizer state is dropped when the set of trainable variables
-    changes (unless ``keep_optimizer_state``); ``dry_run`` writes nothing.
+    the config is kept; when the set of trainable variables changes, saved optimizer state is
+    remapped, dropped or kept as ``optimizer_state`` says (else the plan's ``[plan]
+    optimizer_state``, else remap; ``keep_optimizer_state=True`` is the deprecated spelling of
+    keep); ``dry_run`` writes nothing.
     """
     from bnfreeze.formats.readers import read_model
     from bnfreeze.model.walk import walk
     from bnfreeze.ops.edit import EditRequest, run
+    from bnfreeze.ops.optimizer_state import parse_mode
 
+    chosen = optimizer_state
+    if chosen is None and not keep_optimizer_state:
+        chosen = plan.optimizer_state
+    mode = parse_mode(chosen, keep_optimizer_state)
     model = read_model(path, weights=False)
     walked = walk(model.config, model.path)
     selection, assignment, outcome = resolve_plan(
@@ -222,6 +230,7 @@ def apply_plan_file(
         selection=selection,
         dry_run=dry_run,
         in_place=in_place,
-        keep_optimizer_state=keep_optimizer_state,
+        keep_optimizer_state=mode.value == "keep",
+        optimizer_state=mode,
     )
     return PlanApplication(plan=plan, matches=outcome.matches, result=run(request))

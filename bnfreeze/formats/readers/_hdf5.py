@@ -834,7 +834,9 @@ def _natural(key: str) -> tuple[int, int | str]:
 
 def index_keras_weights(source: ByteSource) -> KerasIndex:
     """Index a Keras 3 ``model.weights.h5``: each layer path's variable datasets, the number of
-    saved optimizer variables, and where every visited dataset's bytes are."""
+    saved optimizer variables, and where every visited dataset's bytes are (the optimizer's
+    ``/optimizer/vars/<i>`` included, so their shapes can be checked against the variables
+    they follow)."""
     h5 = File(source)
     walker = _Walker(h5)
     root = walker.node("/", (h5.root, None))
@@ -852,7 +854,9 @@ def index_keras_weights(source: ByteSource) -> KerasIndex:
     opt_vars = walker.get(optimizer, "vars") if optimizer is not None else None
     count = None
     if opt_vars is not None and opt_vars.children is not None:
-        count = len(opt_vars.children)
+        count = len(opt_vars.children) or None  # an empty group (bnfreeze's drop) holds none
+        for key, link in opt_vars.children.items():
+            walker.node(_join(opt_vars.path, key), link)
     return KerasIndex(variables, count, walker.datasets, walker.names)
 
 

@@ -215,7 +215,7 @@ def _index_weights_file(path: str, source: str) -> tuple[WeightIndex, int | None
                 if key not in ("layers", "vars", "optimizer") and isinstance(child, h5py.Group):
                     _index_layer(child, _group_name(child, key), variables, names)
             opt = h5.get("optimizer/vars")
-            optimizer_variables = len(opt) if isinstance(opt, h5py.Group) else None
+            optimizer_variables = (len(opt) or None) if isinstance(opt, h5py.Group) else None
     except ModelFormatError:
         raise
     except Exception as exc:  # h5py raises OSError, KeyError, ValueError, RuntimeError...

@@ -49,7 +49,9 @@ class WriteRequest:
     are the input's walked records (``config_path`` locates each layer dict in either
     config), and ``flags`` maps every layer path to its ``trainable`` after the edit.
     ``drop_optimizer_state`` asks the writer to leave out the saved optimizer variables, and
-    nothing else.
+    nothing else. ``optimizer_slots``, when not None, is the new list of saved optimizer
+    variables (``.keras`` only): ``/optimizer/vars/<i>`` becomes the i-th slot's ``source``
+    dataset, or zeros shaped like its ``like`` dataset; an empty tuple drops them.
     """
 
     model: ModelFile
@@ -57,6 +59,16 @@ class WriteRequest:
     layers: tuple[LayerRecord, ...] = field(repr=False)
     flags: dict[str, bool | None] = field(repr=False)
     drop_optimizer_state: bool = False
+    optimizer_slots: tuple[OptimizerSlot, ...] | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class OptimizerSlot:
+    """One saved optimizer variable of an output: the existing dataset ``source`` (a path in
+    the weights file), or, with ``source`` None, zeros shaped like the dataset ``like``."""
+
+    source: str | None
+    like: str
 
 
 @dataclass(frozen=True)

@@ -7,14 +7,25 @@ input with the same CRC, sizes, compression, timestamp and attributes, in the sa
 The copy streams (``os.copy_file_range`` where the OS has it, else 1 MiB chunks), so memory
 does not grow with the file size.
 
-When asked to drop the saved optimizer state (docs/semantics.md, rule 5: the variables under
-``optimizer/vars`` are matched to trainable variables by position), ``model.weights.h5`` is
-rewritten with h5py: every group, dataset and attribute is copied except the top-level
-``optimizer`` group, dataset by dataset. Keras 3.15 then compiles the loaded model from its
-``compile_config`` with a fresh optimizer, printing once "Skipping variable loading for
-optimizer '<name>', because it has N variables whereas the saved optimizer has 0 variables."
-(measured; an empty ``optimizer`` group gives the same message). Optimizer groups of nested
-models (``layers/<name>/optimizer``) are never loaded by Keras and are kept as they are.
+When asked to rewrite the saved optimizer state (``WriteRequest.optimizer_slots``: the
+remapped list, or an empty one to drop it; README, "Saved optimizer state"),
+``model.weights.h5`` is copied the same way, then a few addresses are patched and the new
+``/optimizer/vars`` group is appended (:mod:`bnfreeze.formats.writers._hdf5_edit`): no h5py,
+every other byte where it was, memory flat in the file size. Its CRC-32 is derived from the
+input's without reading the copied bytes, and :meth:`KerasZipWriter.verify` proves the result
+without reading every value: it indexes the output with the lean HDF5 reader and checks that
+every dataset sits at the same offset with the same type and shape as in the input (or, for a
+new slot, that it is shaped like its variable and zero), comparing the first and last bytes of
+each. Dropped slots keep their bytes in the file, unreferenced.
+
+Files that path does not handle (a compressed weights member, or an HDF5 layout h5py does not
+write by default) are dropped the old way: ``model.weights.h5`` is rewritten with h5py, every
+group, dataset and attribute copied except the top-level ``optimizer`` group, and compared
+value by value. Keras 3.15 then compiles the loaded model from its ``compile_config`` with a
+fresh optimizer, printing once "Skipping variable loading for optimizer '<name>', because it
+has N variables whereas the saved optimizer has 0 variables." (measured; an empty
+``optimizer/vars`` group gives the same message). Optimizer groups of nested models
+(``layers/<name>/optimizer``) are never loaded by Keras and are kept as they are.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ from bnfreeze.formats.atomic import scratch_file
 from bnfreeze.formats.readers._keras_common import CONFIG, WEIGHTS, MemberFile
 from bnfreeze.formats.readers.keras_zip import stored_member
 from bnfreeze.formats.writers import WriteOutcome, WriteRequest, verify_config_bytes
+from bnfreeze.formats.writers._hdf5_edit import Rewrite
 from bnfreeze.model.records import ModelFormat
 
 OPTIMIZER_GROUP = "optimizer"
@@ -241,6 +253,177 @@ def compare_weights(source: Any, written: Any, where: str) -> None:
     walk(source, written, "/")
 
 
+# -- weights with a rewritten optimizer state, without h5py ------------------------------
+
+
+def _slots(request: WriteRequest) -> tuple[Any, ...] | None:
+    """The new optimizer variable list asked for (empty: drop), None to copy them as they
+    are. Only a file that holds saved optimizer variables is rewritten."""
+    if not request.model.optimizer_variables:
+        return None
+    if request.optimizer_slots is not None:
+        return request.optimizer_slots
+    return () if request.drop_optimizer_state else None
+
+
+def _plan_rewrite(path: Path, info: zipfile.ZipInfo, slots: Any) -> Rewrite | None:
+    """How to patch the stored weights member, or None when only h5py can rewrite it."""
+    from bnfreeze.formats.readers import _hdf5
+    from bnfreeze.formats.writers._hdf5_edit import plan_rewrite
+
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    member = stored_member(path, info)
+    with open(path, "rb") as fh:
+        try:
+            return plan_rewrite(_hdf5.ByteSource(fh.fileno(), member.start, member.size), slots)
+        except _hdf5.Unsupported:
+            return None
+
+
+def copy_patched(
+    src: IO[bytes], info: zipfile.ZipInfo, zout: zipfile.ZipFile, plan: Rewrite
+) -> None:
+    """Append ``info`` to ``zout`` as ``plan`` rewrites it: the stored bytes copied by the
+    kernel, the patches written over them, the tail appended; CRC-32 worked out, not read."""
+    from bnfreeze.formats.writers._hdf5_edit import patched_crc32, tail_crc32
+
+    if info.file_size != plan.copy_bytes:
+        raise OutputError(f"{WEIGHTS} changed size while it was read; nothing was replaced.")
+    start = data_offset(src, info)
+    new = clone_info(info)
+    new.CRC = tail_crc32(patched_crc32(info.CRC, info.file_size, plan.patches), plan.tail)
+    new.compress_size = new.file_size = plan.size
+    fp = zout.fp
+    assert fp is not None
+    new.header_offset = fp.tell()
+    fp.write(new.FileHeader(plan.size > zipfile.ZIP64_LIMIT))
+    fp.flush()
+    body = fp.tell()
+    _copy_range(src, start, info.compress_size, fp)
+    fp.flush()
+    for patch in plan.patches:
+        os.pwrite(fp.fileno(), patch.new, body + patch.offset)
+    zeros = bytes(_CHUNK)
+    for part in plan.tail:
+        if isinstance(part, bytes):
+            fp.write(part)
+            continue
+        left = part
+        while left:
+            n = min(left, _CHUNK)
+            fp.write(zeros if n == _CHUNK else zeros[:n])
+            left -= n
+    zout.filelist.append(new)
+    zout.NameToInfo[new.filename] = new
+    zout.start_dir = fp.tell()
+    zout._didModify = True  # type: ignore[attr-defined]  # rewrite the central directory on close
+
+
+def check_patched(
+    source: Path,
+    w_in: zipfile.ZipInfo,
+    written: Path,
+    w_out: zipfile.ZipInfo,
+    plan: Rewrite,
+    slots: Any,
+    where: str,
+    locations: dict[str, Any] | None = None,
+) -> None:
+    """Raise OutputError unless the written weights member is what ``plan`` describes,
+    without reading every value:
+
+    * its CRC-32 and size are the planned ones, and it reads back, at each patched offset,
+      the patch (the input held the bytes the patch replaced: the plan was made from it);
+    * every dataset of the input (``locations``, the input's index, else indexed here) starts
+      at the same offset in the output, with the same first and last 64 bytes;
+    * the lean HDF5 reader, walking the output from its superblock, finds ``/optimizer/vars``
+      listing exactly ``slots``: each kept slot the very extent (offset, size, type, shape) of
+      its source dataset in the input, each new one shaped like its variable and zero.
+    """
+    from bnfreeze.formats.readers import _hdf5
+    from bnfreeze.formats.writers._hdf5_edit import patched_crc32, tail_crc32
+
+    crc = tail_crc32(patched_crc32(w_in.CRC, w_in.file_size, plan.patches), plan.tail)
+    if (w_out.CRC, w_out.file_size, w_out.compress_type) != (crc, plan.size, zipfile.ZIP_STORED):
+        raise OutputError(f"{where}: {WEIGHTS} was not written as planned.")
+    m_in, m_out = stored_member(source, w_in), stored_member(written, w_out)
+    differs = f"{where}: {WEIGHTS} differs from the input"
+    with open(source, "rb") as f_in, open(written, "rb") as f_out:
+        fd_in, fd_out = f_in.fileno(), f_out.fileno()
+        try:
+            if not locations:
+                before = _hdf5.index_keras_weights(_hdf5.ByteSource(fd_in, m_in.start, m_in.size))
+                locations = before.datasets
+            out = _hdf5.File(_hdf5.ByteSource(fd_out, m_out.start, m_out.size))
+        except _hdf5.Unsupported as exc:
+            raise OutputError(f"{where}: {WEIGHTS} does not read back ({exc}).") from None
+        for patch in plan.patches:
+            if os.pread(fd_out, len(patch.new), m_out.start + patch.offset) != patch.new:
+                raise OutputError(f"{differs} at offset {patch.offset}.")
+
+        def info_of(pending: Any, path: str) -> Any:
+            found = pending.info() if pending is not None else None
+            if found is None:
+                raise OutputError(f"{where}: weights dataset {path} cannot be read back.")
+            return found
+
+        def same_bytes(a: Any, b_offset: int, path: str) -> None:
+            if a.inline is not None or not a.nbytes:
+                return
+            n = min(64, a.nbytes)
+            for at in {0, a.nbytes - n}:
+                if os.pread(fd_in, n, a.offset + at) != os.pread(fd_out, n, b_offset + at):
+                    raise OutputError(f"{differs}: dataset {path}.")
+
+        shift = m_out.start - m_in.start
+        for path, pending in locations.items():
+            if not path.startswith(f"/{OPTIMIZER_GROUP}/"):
+                a = info_of(pending, path)
+                same_bytes(a, (a.offset or 0) + shift, path)
+        try:
+            vars_link = out.children(out.header(out.root))
+            if vars_link is None or OPTIMIZER_GROUP not in vars_link:
+                raise _hdf5.Unsupported("no optimizer group")
+            opt = out.children(out.header(vars_link[OPTIMIZER_GROUP][0]))
+            if opt is None or "vars" not in opt:
+                raise _hdf5.Unsupported("no optimizer/vars group")
+            found = out.children(out.header(opt["vars"][0])) or {}
+            if sorted(found, key=str.encode) != sorted(
+                (str(i) for i in range(len(slots))), key=str.encode
+            ):
+                raise OutputError(f"{where}: the optimizer state was not rewritten as planned.")
+            for i, slot in enumerate(slots):
+                path = f"/{OPTIMIZER_GROUP}/vars/{i}"
+                got = info_of(_hdf5.PendingDataset(out, out.header(found[str(i)][0])), path)
+                if slot.source is not None:
+                    a = info_of(locations.get(slot.source), slot.source)
+                    moved = (a.offset or 0) + shift != (got.offset or 0)
+                    if moved or (a.nbytes, a.typecode, a.shape, a.inline) != (
+                        got.nbytes,
+                        got.typecode,
+                        got.shape,
+                        got.inline,
+                    ):
+                        raise OutputError(f"{differs}: {path} is not {slot.source}.")
+                    same_bytes(a, got.offset or 0, path)
+                    continue
+                like = info_of(locations.get(slot.like), slot.like)
+                if (got.nbytes, got.typecode, got.shape) != (
+                    like.nbytes,
+                    like.typecode,
+                    like.shape,
+                ):
+                    raise OutputError(f"{differs}: {path} is not shaped like {slot.like}.")
+                raw = got.inline
+                if raw is None:
+                    raw = os.pread(fd_out, min(got.nbytes, _CHUNK), got.offset or 0)
+                if raw.count(0) != len(raw):
+                    raise OutputError(f"{differs}: the new {path} is not zero.")
+        except _hdf5.Unsupported as exc:
+            raise OutputError(f"{where}: {WEIGHTS} does not read back ({exc}).") from None
+
+
 # -- the writer ----------------------------------------------------------------------------
 
 
@@ -260,6 +443,18 @@ class KerasZipWriter:
         self._lock = threading.Lock()
         self._last: tuple[WriteRequest, bytes] | None = None
         self._checked: WriteRequest | None = None
+        self._rewrite: tuple[WriteRequest, Rewrite | None] | None = None
+
+    def _rewrite_for(self, request: WriteRequest, info: zipfile.ZipInfo) -> Rewrite | None:
+        """The weights rewrite ``request`` asks for, planned once per request (write() and
+        verify() need the same one; it is metadata work, ~0.2 s for EfficientNetV2L)."""
+        with self._lock:
+            if self._rewrite is not None and self._rewrite[0] is request:
+                return self._rewrite[1]
+        plan = _plan_rewrite(Path(request.model.path), info, _slots(request) or ())
+        with self._lock:
+            self._rewrite = (request, plan)
+        return plan
 
     def _config_bytes(self, request: WriteRequest) -> bytes:
         with self._lock:
@@ -285,7 +480,18 @@ class KerasZipWriter:
             # The entry Keras would read, should a damaged archive hold two of that name.
             weights = zin.getinfo(WEIGHTS) if WEIGHTS in zin.namelist() else None
             rewritten: Path | None = None
-            if request.drop_optimizer_state and weights is not None:
+            patched: Rewrite | None = None
+            slots = _slots(request)
+            if slots is not None and weights is not None:
+                patched = self._rewrite_for(request, weights)
+                dropped = (request.model.optimizer_variables or 0) if not slots else 0
+            if slots is not None and weights is not None and patched is None:
+                if slots:
+                    raise OutputError(
+                        f"{source}: its weights file uses an HDF5 layout bnfreeze does not "
+                        "rewrite, so the optimizer state cannot be remapped; nothing was written.",
+                        hint="Pass --optimizer-state drop (or keep).",
+                    )
                 rewritten = stack.enter_context(scratch_file(dest.parent, "model.weights.h5"))
                 with open_weights(source, weights, dest.parent) as h5_in:
                     dropped = drop_optimizer(h5_in, rewritten)
@@ -301,9 +507,70 @@ class KerasZipWriter:
                         zout.writestr(clone_info(info), config)
                     elif rewritten is not None and info is weights:
                         copy_file_into(zout, clone_info(info), rewritten)
+                    elif patched is not None and info is weights:
+                        copy_patched(raw, info, zout, patched)
                     else:
                         copy_raw(raw, info, zout)
             out.truncate()  # dest is empty when we are called; should it not be
+        return WriteOutcome(optimizer_variables_dropped=dropped)
+
+    def upgrade(
+        self, written: WriteRequest, request: WriteRequest, dest: Path
+    ) -> WriteOutcome | None:
+        """Turn ``dest``, written for ``written`` (a raw copy: the optimizer state as it was),
+        into the file ``request`` asks for, when that is the same archive with the weights
+        member patched and appended to (README, "Saved optimizer state"): with the weights
+        member last in the archive, it is truncated after that member's data, patched,
+        extended, its local header's CRC and sizes rewritten, and the central directory
+        written again. Saves copying the whole archive a second time. None when ``dest``
+        must be written again instead."""
+        slots = _slots(request)
+        if written.config is not request.config or _slots(written) is not None or slots is None:
+            return None
+        with zipfile.ZipFile(Path(request.model.path)) as zin:
+            w_in = zin.getinfo(WEIGHTS) if WEIGHTS in zin.namelist() else None
+        if w_in is None:
+            return None
+        plan = self._rewrite_for(request, w_in)
+        if plan is None or max(plan.size, w_in.file_size) >= zipfile.ZIP64_LIMIT:
+            return None
+        from bnfreeze.formats.writers._hdf5_edit import patched_crc32, tail_crc32
+
+        with open(dest, "r+b") as fh, zipfile.ZipFile(fh, "a") as zout:
+            # The archive is read (its central directory) before anything changes; the
+            # member's bytes are then written through the descriptor, and the directory at
+            # the new end when zout closes.
+            infos = zout.infolist()
+            last = infos[-1] if infos else None
+            if last is None or last.filename != WEIGHTS or last.CRC != w_in.CRC:
+                return None
+            start = data_offset(fh, last)
+            fd = fh.fileno()
+            sizes = struct.unpack("<III", os.pread(fd, 12, last.header_offset + 14))
+            end = start + last.compress_size
+            if sizes != (last.CRC, last.compress_size, last.file_size) or end != zout.start_dir:
+                return None  # zip64 fields, a data descriptor, or something after it
+            crc = tail_crc32(patched_crc32(w_in.CRC, w_in.file_size, plan.patches), plan.tail)
+            os.ftruncate(fd, end)
+            for patch in plan.patches:
+                os.pwrite(fd, patch.new, start + patch.offset)
+            at = end
+            zeros = bytes(_CHUNK)
+            for part in plan.tail:
+                if isinstance(part, bytes):
+                    os.pwrite(fd, part, at)
+                    at += len(part)
+                    continue
+                left = part
+                while left:
+                    n = min(left, _CHUNK)
+                    at += os.pwrite(fd, zeros if n == _CHUNK else zeros[:n], at)
+                    left -= n
+            os.pwrite(fd, struct.pack("<III", crc, plan.size, plan.size), last.header_offset + 14)
+            last.CRC, last.compress_size, last.file_size = crc, plan.size, plan.size
+            zout.start_dir = at
+            zout._didModify = True  # type: ignore[attr-defined]  # rewrite the central directory on close
+        dropped = (request.model.optimizer_variables or 0) if not slots else 0
         return WriteOutcome(optimizer_variables_dropped=dropped)
 
     def verify(self, request: WriteRequest, written: Path) -> None:
@@ -314,9 +581,11 @@ class KerasZipWriter:
             before, after = zin.infolist(), zout.infolist()
             if [i.filename for i in before] != [i.filename for i in after]:
                 raise OutputError(f"{where} does not have the input's members.")
-            weights_rewritten = (
-                request.drop_optimizer_state and (request.model.optimizer_variables or 0) > 0
-            )
+            slots = _slots(request)
+            weights_rewritten = slots is not None and WEIGHTS in zin.namelist()
+            patched = None
+            if weights_rewritten:
+                patched = self._rewrite_for(request, zin.getinfo(WEIGHTS))
             for a, b in zip(before, after, strict=True):
                 if a.filename == CONFIG or (weights_rewritten and a.filename == WEIGHTS):
                     continue
@@ -329,7 +598,11 @@ class KerasZipWriter:
                     raise OutputError(f"{where}: member {a.filename} was not copied exactly.")
             if zout.read(CONFIG) != self._config_bytes(request):
                 raise OutputError(f"{where}: config.json does not read back as written.")
-            if weights_rewritten:
+            if patched is not None:
+                w_in, w_out = zin.getinfo(WEIGHTS), zout.getinfo(WEIGHTS)
+                locations = request.model.weights.locations if request.model.weights else None
+                check_patched(source, w_in, written, w_out, patched, slots or (), where, locations)
+            elif weights_rewritten:
                 w_in, w_out = zin.getinfo(WEIGHTS), zout.getinfo(WEIGHTS)
                 with (
                     open_weights(source, w_in, written.parent) as h5_in,
