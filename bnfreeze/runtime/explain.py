@@ -23,6 +23,7 @@ from typing import Any
 
 from bnfreeze.model.records import Normalization, Runtime
 from bnfreeze.runtime import loading
+from bnfreeze.runtime.branches import BranchRecorder
 from bnfreeze.runtime.loading import ProgressFn, RuntimeInfo, no_progress
 
 #: The seed's image: one 2x2 picture with 4 channels of whole numbers 0-9.
@@ -119,8 +120,13 @@ class Case:
     moving_mean: tuple[float, ...]  # after the call
     moving_variance: tuple[float, ...]
     stats_updated: bool
-    normalizes_with: Normalization | None  # None: the output matches neither formula alone
+    #: The branch the layer's call took (recorded by bnfreeze.runtime.branches), or, when it
+    #: could not be recorded, the statistics the output matches.
+    normalizes_with: Normalization | None
     meaning: str
+    branch: Normalization | None = None  # recorded from the call; None: not recorded
+    #: Which formula the output matches; None: neither alone (or both: batch == moving stats).
+    output_matches: Normalization | None = None
 
     @property
     def first_row(self) -> tuple[float, ...]:
@@ -238,14 +244,20 @@ def _run_case(
     layer.moving_mean.assign(np.asarray(setup.moving_mean, dtype="float32"))
     layer.moving_variance.assign(np.asarray(setup.moving_variance, dtype="float32"))
     layer.trainable = trainable
-    output = np.asarray(layer(pixels, training=training), dtype="float64")
+    recorder = BranchRecorder({"bn": layer})
+    with recorder.active():
+        output = np.asarray(layer(pixels, training=training), dtype="float64")
+    branch = recorder.branches()["bn"].normalizes_with
     mean_after = np.asarray(layer.moving_mean.numpy(), dtype="float64")
     var_after = np.asarray(layer.moving_variance.numpy(), dtype="float64")
     updated = not (
         np.array_equal(mean_after, np.asarray(setup.moving_mean, dtype="float32"))
         and np.array_equal(var_after, np.asarray(setup.moving_variance, dtype="float32"))
     )
-    mode = _which_statistics(setup, pixels, output)
+    formula = _which_statistics(setup, pixels, output)
+    # The branch the call took is the measurement; the output formula says the same whenever
+    # the batch's statistics differ from the moving ones (it cannot tell them apart otherwise).
+    mode = branch if branch is not None else formula
     return Case(
         training=training,
         trainable=trainable,
@@ -255,6 +267,8 @@ def _run_case(
         stats_updated=updated,
         normalizes_with=mode,
         meaning=meaning(training, trainable, mode, updated, setup.momentum),
+        branch=branch,
+        output_matches=formula,
     )
 
 
@@ -293,6 +307,8 @@ def meaning(
         return "inference mode: nothing changes"
     if mode is Normalization.BATCH and updated:
         return f"training mode: moving statistics move toward the batch's (momentum {momentum:g})"
+    if mode is Normalization.BATCH and momentum == 1.0:
+        return "training mode: batch statistics; momentum 1 keeps the moving statistics still"
     if mode is Normalization.BATCH:
         return "batch statistics, moving statistics frozen (the TF1 behaviour)"
     if mode is Normalization.MOVING:
