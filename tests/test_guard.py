@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from bnfreeze.runtime.guard import StaleEffect
+
 pytestmark = pytest.mark.keras
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,3 +131,28 @@ def test_correct_recipe_is_silent_and_trains_as_without_the_guard(run):
 
 def test_a_bad_expectation_is_refused_when_the_guard_is_made(run):
     assert "unknown expectation 'no-such-thing'" in run["bad_expect"]
+
+
+def test_the_class_is_a_keras_callback_made_on_first_access():
+    import keras
+
+    import bnfreeze
+    from bnfreeze.runtime import guard
+
+    cls = bnfreeze.BatchNormGuard
+    assert issubclass(cls, keras.callbacks.Callback)
+    assert cls is guard.BatchNormGuard  # made once
+    made = cls(expect=["bn-inference", "trains=head"], strict=True)
+    assert [e.name for e in made.expect] == ["bn-inference", "trains=head"]
+    assert made.report is None
+    with pytest.raises(TypeError):
+        cls(expect=3)
+
+
+@pytest.mark.parametrize("effect", list(StaleEffect))
+def test_every_stale_effect_is_worded(effect):
+    from bnfreeze.runtime.guard import StaleFlags
+
+    stale = StaleFlags("tensorflow", effect, ("base/conv1",), (), 2, 4)
+    assert "base/conv1" in stale.message
+    assert "compile() again" in stale.message
