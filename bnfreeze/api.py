@@ -51,16 +51,11 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from bnfreeze.errors import BnfreezeError
+from bnfreeze.errors import BnfreezeError, RecompileWarning
 from bnfreeze.model.assignments import Assignment
 from bnfreeze.model.records import Finding, ModelFormat, Report, Runtime, WarningCode
 
 ModelOrPath = Any  # a keras.Model, or a str / os.PathLike naming a saved model
-
-
-class RecompileWarning(UserWarning):
-    """A flag changed on an in-memory model that is already compiled: call ``compile()``
-    again with a new optimizer (:func:`bnfreeze.recompile`) before ``fit()``."""
 
 
 class TrainingState(enum.Enum):

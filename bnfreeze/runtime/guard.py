@@ -23,7 +23,7 @@ BatchNormalization layers do what their flags say.
   - JAX: the first step raises (the optimizer's variables no longer match the trainable
     variables one to one), and the model's variables are left unreadable.
 
-  The guard says which, per layer, with a :class:`~bnfreeze.api.RecompileWarning`; with
+  The guard says which, per layer, with a :class:`~bnfreeze.errors.RecompileWarning`; with
   ``strict=True`` it raises :class:`GuardError` instead, before the step runs (on JAX that
   also keeps the variables intact);
 * predicts every layer's behaviour with the same rules as ``bnfreeze.inspect(model)``, judges
@@ -58,7 +58,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bnfreeze.errors import BnfreezeError
+from bnfreeze.errors import BnfreezeError, RecompileWarning
 from bnfreeze.model.expectations import (
     Expectation,
     Failure,
@@ -331,8 +331,6 @@ def _traced(model: Any) -> bool:
 
 def _make_class() -> type:
     import keras
-
-    from bnfreeze.api import RecompileWarning
 
     class BatchNormGuard(keras.callbacks.Callback):
         def __init__(self, expect: Any = None, strict: bool = False) -> None:
