@@ -69,4 +69,3 @@ class RecompileWarning(UserWarning):
 
     Defined here, at the bottom of the import order, so that the runtime (the
     ``BatchNormGuard`` callback) can emit it; :mod:`bnfreeze.api` exports it."""
-
