@@ -11,6 +11,7 @@ The Python API (see :mod:`bnfreeze.api`) takes a saved model's path or an in-mem
     bnfreeze.RecompileWarning          # a UserWarning subclass
     bnfreeze.load_model(path, **kwargs)  # keras.models.load_model, then the trainable flags
                                          # bnfreeze recorded for layers built in code
+    bnfreeze.BatchNormGuard(expect=None, strict=False)  # a keras.callbacks.Callback for fit()
 
 Importing this package never imports TensorFlow or Keras; the names above are loaded on
 first use, and only the functions that need Keras import it, when called.
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from bnfreeze.api import RecompileWarning as RecompileWarning
     from bnfreeze.api import freeze as freeze
     from bnfreeze.api import inspect as inspect
+    from bnfreeze.api import load_model as load_model
     from bnfreeze.api import recompile as recompile
     from bnfreeze.api import unfreeze as unfreeze
 
@@ -34,7 +36,11 @@ __version__ = "0.1.0"
 #: The public API, loaded lazily from bnfreeze.api (PEP 562).
 _API = ("inspect", "freeze", "unfreeze", "recompile", "RecompileWarning", "load_model")
 
-__all__ = ["__version__", *_API]
+#: Loaded lazily from bnfreeze.runtime.guard; the class subclasses keras.callbacks.Callback,
+#: so it is created (and Keras imported) on first access.
+_GUARD = ("BatchNormGuard",)
+
+__all__ = ["__version__", *_API, *_GUARD]
 
 
 def __getattr__(name: str) -> Any:
@@ -42,8 +48,12 @@ def __getattr__(name: str) -> Any:
         from bnfreeze import api
 
         return getattr(api, name)
+    if name in _GUARD:
+        from bnfreeze.runtime import guard
+
+        return getattr(guard, name)
     raise AttributeError(f"module 'bnfreeze' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_API})
+    return sorted({*globals(), *_API, *_GUARD})

@@ -55,7 +55,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from bnfreeze.errors import BnfreezeError
+from bnfreeze.errors import BnfreezeError, RecompileWarning
 from bnfreeze.model.assignments import Assignment
 from bnfreeze.model.records import Finding, ModelFormat, Report, Runtime, WarningCode
 
@@ -83,11 +83,6 @@ class KerasModel(Protocol):
 #: A live model, or a ``str`` / ``os.PathLike`` naming a saved one.
 ModelOrPath = str | os.PathLike[str] | KerasModel
 ModelT = TypeVar("ModelT", bound=KerasModel)
-
-
-class RecompileWarning(UserWarning):
-    """A flag changed on an in-memory model that is already compiled: call ``compile()``
-    again with a new optimizer (:func:`bnfreeze.recompile`) before ``fit()``."""
 
 
 class TrainingState(enum.Enum):

@@ -61,3 +61,11 @@ class RuntimeUnavailableError(BnfreezeError):
 
 class DataError(BnfreezeError):
     """Data given for a measurement (``verify --data FILE.npz``) does not fit the model."""
+
+
+class RecompileWarning(UserWarning):
+    """A flag changed on an in-memory model that is already compiled: call ``compile()``
+    again with a new optimizer (:func:`bnfreeze.recompile`) before ``fit()``.
+
+    Defined here, at the bottom of the import order, so that the runtime (the
+    ``BatchNormGuard`` callback) can emit it; :mod:`bnfreeze.api` exports it."""

@@ -211,6 +211,7 @@ def test_json_document(seed_report):
                 "output_first_row": list(c.first_row),
                 "output": nested(c.output),
                 "normalizes_with": "batch" if c.training and c.trainable else "moving",
+                "branch_recorded": True,
                 "moving_stats_updated": c.training and c.trainable,
                 "moving_mean": list(c.moving_mean),
                 "moving_variance": list(c.moving_variance),
@@ -293,3 +294,28 @@ def test_view_matches_golden(seed_report, columns):
     lines = text.splitlines()
     assert max(len(line) for line in lines) <= columns
     assert all(line == line.rstrip() for line in lines)
+
+
+def test_momentum_one_is_training_mode_with_still_statistics():
+    """momentum=1.0: the batch branch runs (the output is normalized with the batch's
+    statistics) and the moving statistics stay put; the mode is the branch, not the
+    movement."""
+    report = explain(momentum=1.0)
+    case = next(c for c in report.cases if c.training and c.trainable)
+    assert case.branch is Normalization.BATCH
+    assert case.output_matches is Normalization.BATCH
+    assert case.normalizes_with is Normalization.BATCH
+    assert not case.stats_updated
+    assert "TF1" not in case.meaning and "training mode" in case.meaning
+
+
+def test_the_branch_is_known_when_the_output_cannot_tell():
+    """A batch whose statistics equal the moving ones gives the same output in both branches;
+    the recorded branch still tells them apart."""
+    image = np.full(IMAGE_SHAPE, 3.0)
+    report = explain(image=image, moving_mean=3.0, moving_variance=0.0)
+    by_flags = {(c.training, c.trainable): c for c in report.cases}
+    assert all(c.output_matches is None for c in report.cases)
+    assert by_flags[(True, True)].normalizes_with is Normalization.BATCH
+    assert by_flags[(True, False)].normalizes_with is Normalization.MOVING
+    assert by_flags[(False, True)].normalizes_with is Normalization.MOVING

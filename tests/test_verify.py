@@ -209,6 +209,7 @@ def test_sequential_json_document(samples):
             "other_weights": other,
             "trains_weights": trains,
             "normalizes_with": mode,
+            "branch_recorded": is_bn,
             "mode_measured": is_bn,
             "predicted": {"trains_weights": p_trains, "updates_moving_stats": p_stats},
         }
@@ -249,6 +250,8 @@ def test_sequential_json_document(samples):
             "bn_stats_moved": 1,
             "bn_stats_unchanged": 1,
             "bn_mode_not_measured": 0,
+            "bn_training": 1,
+            "bn_inference": 1,
             "layers_trained": 4,
             "layers_frozen": 1,
             "compared": True,

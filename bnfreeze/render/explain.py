@@ -152,6 +152,7 @@ def case_dict(case: Case) -> dict[str, Any]:
         "output_first_row": list(case.first_row),
         "output": _nested(case.output, IMAGE_SHAPE),
         "normalizes_with": case.normalizes_with.value if case.normalizes_with else None,
+        "branch_recorded": case.branch is not None,
         "moving_stats_updated": case.stats_updated,
         "moving_mean": list(case.moving_mean),
         "moving_variance": list(case.moving_variance),

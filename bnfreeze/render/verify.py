@@ -99,10 +99,13 @@ def summary(report: VerifyReport) -> Table:
     bns = report.batchnorm
     moved = report.bn_stats_moved
     unmeasured = sum(1 for m in bns if not m.mode_measured)
+    batch = sum(1 for m in bns if m.normalizes_with is Normalization.BATCH)
+    inference = sum(1 for m in bns if m.normalizes_with is Normalization.MOVING)
     line = Text(f"{len(bns)} BN layer{'s' if len(bns) != 1 else ''}: ")
-    line.append(f"{moved} moved their moving statistics", style=STYLE_TRAINING if moved else "")
+    line.append(f"{batch} in training mode", style=STYLE_TRAINING if batch else "")
     line.append(", ")
-    line.append(f"{len(bns) - moved} unchanged", style=STYLE_INFERENCE)
+    line.append(f"{inference} in inference mode", style=STYLE_INFERENCE)
+    line.append(f"; {moved} moved their moving statistics")
     if unmeasured:
         line.append(f" ({unmeasured} custom: mode not measured)", style=STYLE_NONE)
     grid.add_row("BatchNorm", line)
@@ -301,6 +304,7 @@ def layer_dict(m: LayerMeasurement, state: LayerState | None) -> dict[str, Any]:
         "other_weights": m.other_weights.value,
         "trains_weights": m.trains_weights,
         "normalizes_with": m.normalizes_with.value if m.normalizes_with is not None else None,
+        "branch_recorded": m.branch is not None,
         "mode_measured": m.mode_measured,
         "predicted": None
         if state is None
@@ -345,6 +349,8 @@ def verify_dict(report: VerifyReport) -> dict[str, Any]:
             "bn_stats_moved": report.bn_stats_moved,
             "bn_stats_unchanged": sum(1 for m in bns if m.moving_stats is Movement.UNCHANGED),
             "bn_mode_not_measured": sum(1 for m in bns if not m.mode_measured),
+            "bn_training": sum(1 for m in bns if m.normalizes_with is Normalization.BATCH),
+            "bn_inference": sum(1 for m in bns if m.normalizes_with is Normalization.MOVING),
             "layers_trained": sum(1 for m in weighted if m.trains_weights),
             "layers_frozen": sum(1 for m in weighted if not m.trains_weights),
             "compared": report.prediction is not None,

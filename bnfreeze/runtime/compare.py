@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
 from bnfreeze.model.expectations import Expectation, Failure, Observed, evaluate
-from bnfreeze.model.records import LayerState, Report
+from bnfreeze.model.records import LayerState, Normalization, Report
 from bnfreeze.runtime.loading import RuntimeInfo
 from bnfreeze.runtime.measured import (
     Aspect,
@@ -55,8 +55,7 @@ def compare(
             bn_not_compared.append(m.path)
         for aspect, said, did in pairs:
             checks += 1
-            agrees = did.changed is said if aspect is Aspect.MOVING_STATS else did.trained is said
-            if not agrees:
+            if not _agrees(aspect, said, did):
                 disagreements.append(Disagreement(m.path, aspect, said, did))
     measured_paths = {m.path for m in measured}
     not_in_file = tuple(
@@ -84,9 +83,21 @@ def compare(
     )
 
 
-def _pairs(m: LayerMeasurement, state: LayerState) -> Iterable[tuple[Aspect, bool, Movement]]:
+def _agrees(aspect: Aspect, said: bool, did: Movement | Normalization) -> bool:
+    if isinstance(did, Normalization):
+        return (did is Normalization.BATCH) is said
+    return did.changed is said if aspect is Aspect.MOVING_STATS else did.trained is said
+
+
+def _pairs(
+    m: LayerMeasurement, state: LayerState
+) -> Iterable[tuple[Aspect, bool, Movement | Normalization]]:
     fit = state.in_fit
-    if m.moving_stats is not Movement.NONE and fit.updates_moving_stats is not None:
+    # A built-in BN whose calls were recorded is compared on the branch it took; its moving
+    # statistics are a fact of their own (momentum=1.0 keeps them still in the batch branch).
+    if m.builtin and m.branch is not None and fit.normalizes_with is not None:
+        yield Aspect.BRANCH, fit.normalizes_with is Normalization.BATCH, m.branch
+    elif m.moving_stats is not Movement.NONE and fit.updates_moving_stats is not None:
         yield Aspect.MOVING_STATS, fit.updates_moving_stats, m.moving_stats
     if fit.trains_weights is None:
         return

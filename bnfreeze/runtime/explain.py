@@ -23,6 +23,7 @@ from typing import Any
 
 from bnfreeze.model.records import Normalization, Runtime
 from bnfreeze.runtime import loading
+from bnfreeze.runtime.branches import BranchRecorder
 from bnfreeze.runtime.loading import ProgressFn, RuntimeInfo, no_progress
 
 #: The seed's image: one 2x2 picture with 4 channels of whole numbers 0-9.
@@ -123,8 +124,13 @@ class Case:
     moving_mean: tuple[float, ...]  # after the call
     moving_variance: tuple[float, ...]
     stats_updated: bool
-    normalizes_with: Normalization | None  # None: the output matches neither formula alone
+    #: The branch the layer's call took (recorded by bnfreeze.runtime.branches), or, when it
+    #: could not be recorded, the statistics the output matches.
+    normalizes_with: Normalization | None
     meaning: str
+    branch: Normalization | None = None  # recorded from the call; None: not recorded
+    #: Which formula the output matches; None: neither alone (or both: batch == moving stats).
+    output_matches: Normalization | None = None
 
     @property
     def first_row(self) -> tuple[float, ...]:
@@ -250,14 +256,20 @@ def _run_case(
     layer.trainable = trainable
     # convert_to_numpy, not np.asarray or .numpy(): on the torch backend the output is a
     # tensor that requires grad, which torch refuses to turn into an array directly.
-    output = _to_numpy(keras, layer(pixels, training=training))
+    recorder = BranchRecorder({"bn": layer})
+    with recorder.active():
+        output = _to_numpy(keras, layer(pixels, training=training))
+    branch = recorder.branches()["bn"].normalizes_with
     mean_after = _to_numpy(keras, layer.moving_mean)
     var_after = _to_numpy(keras, layer.moving_variance)
     updated = not (
         np.array_equal(mean_after, np.asarray(setup.moving_mean, dtype="float32"))
         and np.array_equal(var_after, np.asarray(setup.moving_variance, dtype="float32"))
     )
-    mode = _which_statistics(setup, pixels, output)
+    formula = _which_statistics(setup, pixels, output)
+    # The branch the call took is the measurement; the output formula says the same whenever
+    # the batch's statistics differ from the moving ones (it cannot tell them apart otherwise).
+    mode = branch if branch is not None else formula
     return Case(
         training=training,
         trainable=trainable,
@@ -267,6 +279,8 @@ def _run_case(
         stats_updated=updated,
         normalizes_with=mode,
         meaning=meaning(training, trainable, mode, updated, setup.momentum),
+        branch=branch,
+        output_matches=formula,
     )
 
 
@@ -314,6 +328,8 @@ def meaning(
         return "inference mode: nothing changes"
     if mode is Normalization.BATCH and updated:
         return f"training mode: moving statistics move toward the batch's (momentum {momentum:g})"
+    if mode is Normalization.BATCH and momentum == 1.0:
+        return "training mode: batch statistics; momentum 1 keeps the moving statistics still"
     if mode is Normalization.BATCH:
         return "batch statistics, moving statistics frozen (the TF1 behaviour)"
     if mode is Normalization.MOVING:

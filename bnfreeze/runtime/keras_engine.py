@@ -632,9 +632,9 @@ def saved_paths(model: Any) -> dict[str, Any]:
     """
     keras = _keras()
     try:
-        from keras.src.saving import saving_lib  # type: ignore[import-untyped]
-        from keras.src.saving.keras_saveable import KerasSaveable  # type: ignore[import-untyped]
-        from keras.src.utils import naming  # type: ignore[import-untyped]
+        from keras.src.saving import saving_lib
+        from keras.src.saving.keras_saveable import KerasSaveable
+        from keras.src.utils import naming
     except ImportError as exc:  # pragma: no cover - a Keras without the walk
         raise BnfreezeError(
             f"this Keras ({keras.__version__}) does not expose the saving walk bnfreeze uses to "

@@ -1,7 +1,9 @@
-"""Measuring one training step: which of each layer's own variables moved.
+"""Measuring one training step: which branch each BN took, and which of each layer's own
+variables moved.
 
 Layers are found by path on the live model (:func:`layer_paths`), each layer's own variables
-are snapshot before the step and compared after it (:func:`measure`).
+are snapshot before the step and compared after it, and every built-in BN's calls are
+recorded during it (:class:`~bnfreeze.runtime.branches.BranchRecorder`) (:func:`measure`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Any
 from bnfreeze.errors import DataError
 from bnfreeze.runtime import loading
 from bnfreeze.runtime.batches import Batches, loss_name, pack
+from bnfreeze.runtime.branches import Branch, BranchRecorder, is_builtin_batchnorm
 from bnfreeze.runtime.measured import (
     CompileSource,
     DataSource,
@@ -69,7 +72,7 @@ def _hidden_batchnorm(keras: Any, layer: Any) -> list[Any]:
     return [sub for sub in inner if isinstance(sub, keras.layers.BatchNormalization)]
 
 
-def _own_variables(layers: dict[str, tuple[Any, bool]]) -> dict[str, list[Any]]:
+def own_variables(layers: dict[str, tuple[Any, bool]]) -> dict[str, list[Any]]:
     """Each layer's variables less those of the layers listed below it (by identity)."""
     owned: dict[str, list[Any]] = {}
     for path, (layer, _) in layers.items():
@@ -127,8 +130,11 @@ def measure(
     import numpy as np
 
     layers = layer_paths(keras, model)
-    owned = _own_variables(layers)
+    owned = own_variables(layers)
     every = {id(v): v for vs in owned.values() for v in vs}
+    recorder = BranchRecorder(
+        {p: layer for p, (layer, _) in layers.items() if is_builtin_batchnorm(keras, layer)}
+    )
 
     if loading.is_compiled(model) and getattr(model, "optimizer", None) is not None:
         source, reason = CompileSource.MODEL, None
@@ -145,8 +151,10 @@ def measure(
             ys = [pack(model, y) for y in ys]
         trained = {id(v) for v in model.trainable_variables}
         before = {k: np.array(v.numpy(), copy=True) for k, v in every.items()}
-        for x, y in zip(batches.xs, ys, strict=True):
-            model.train_on_batch(x, y)
+        recorder.reset()
+        with recorder.active():
+            for x, y in zip(batches.xs, ys, strict=True):
+                model.train_on_batch(x, y)
         after = {k: np.asarray(v.numpy()) for k, v in every.items()}
         return before, after, trained
 
@@ -177,6 +185,37 @@ def measure(
                 hint="Pass real data with --data FILE.npz.",
             ) from None
 
+    measured = measurements(keras, layers, owned, before, after, trained, recorder.branches())
+    setup = TrainingSetup(
+        compile_source=source,
+        optimizer=_optimizer_name(model),
+        loss=loss_name(getattr(model, "loss", None)),
+        steps=steps,
+        batch_size=batch_size,
+        data_source=DataSource.SYNTHETIC,
+        data_path=None,
+        seed=None,
+        input_shapes=batches.input_shapes,
+        reason=reason,
+    )
+    return measured, setup
+
+
+def measurements(
+    keras: Any,
+    layers: dict[str, tuple[Any, bool]],
+    owned: dict[str, list[Any]],
+    before: dict[int, Any],
+    after: dict[int, Any],
+    trained: set[int],
+    branches: dict[str, Branch],
+) -> list[LayerMeasurement]:
+    """One :class:`LayerMeasurement` per layer with its own variables (a container's layers are
+    measured one by one): ``before`` / ``after`` map ``id(variable)`` to its values around the
+    steps, ``trained`` holds the ids ``fit()`` handed to the optimizer, ``branches`` the
+    recorded calls by layer path."""
+    import numpy as np
+
     def movement(variables: list[Any]) -> Movement:
         if not variables:
             return Movement.NONE
@@ -196,6 +235,7 @@ def measure(
             gamma_beta = [v for v in (layer.gamma, layer.beta) if v is not None]
             special = {id(v) for v in stats + gamma_beta}
             other = [v for v in own if id(v) not in special]
+            branch = branches.get(path)
             measured.append(
                 LayerMeasurement(
                     path=path,
@@ -206,6 +246,7 @@ def measure(
                     moving_stats=movement(stats),
                     gamma_beta=movement(gamma_beta),
                     other_weights=movement(other),
+                    branch=branch.normalizes_with if branch is not None else None,
                 )
             )
         elif own:
@@ -221,16 +262,4 @@ def measure(
                     other_weights=movement(own),
                 )
             )
-    setup = TrainingSetup(
-        compile_source=source,
-        optimizer=_optimizer_name(model),
-        loss=loss_name(getattr(model, "loss", None)),
-        steps=steps,
-        batch_size=batch_size,
-        data_source=DataSource.SYNTHETIC,
-        data_path=None,
-        seed=None,
-        input_shapes=batches.input_shapes,
-        reason=reason,
-    )
-    return measured, setup
+    return measured

@@ -39,6 +39,8 @@ class Aspect(enum.Enum):
     """What a prediction and a measurement are compared on."""
 
     MOVING_STATS = "moving-stats"
+    #: The branch a built-in BN took: batch statistics (training mode) or moving (inference).
+    BRANCH = "branch"
     GAMMA_BETA = "gamma-beta"
     WEIGHTS = "weights"
 
@@ -46,6 +48,7 @@ class Aspect(enum.Enum):
     def words(self) -> str:
         return {
             Aspect.MOVING_STATS: "its moving statistics",
+            Aspect.BRANCH: "it",
             Aspect.GAMMA_BETA: "gamma/beta",
             Aspect.WEIGHTS: "its weights",
         }[self]
@@ -79,17 +82,35 @@ class LayerMeasurement:
     moving_stats: Movement
     gamma_beta: Movement
     other_weights: Movement
+    #: The branch a built-in BN's ``call`` took in the steps, recorded by
+    #: :class:`bnfreeze.runtime.branches.BranchRecorder`; None when no call was recorded.
+    branch: Normalization | None = None
 
     @property
     def mode_measured(self) -> bool:
-        return self.is_batchnorm and self.builtin and self.moving_stats is not Movement.NONE
+        if not (self.is_batchnorm and self.builtin):
+            return False
+        return self.branch is not None or self.moving_stats is not Movement.NONE
 
     @property
     def normalizes_with(self) -> Normalization | None:
-        """The statistics a built-in BN normalized with in ``fit()``; None when not measured."""
+        """The statistics a built-in BN normalized with in ``fit()``: the branch its call
+        took. Only when no call could be recorded (tf_keras resolving ``training`` from the
+        learning phase) is it read off the moving statistics, which move exactly in the batch
+        branch unless ``momentum`` is 1. None when not measured."""
         if not self.mode_measured:
             return None
+        if self.branch is not None:
+            return self.branch
         return Normalization.BATCH if self.moving_stats.changed else Normalization.MOVING
+
+    @property
+    def stats_moved(self) -> bool | None:
+        """Whether the moving statistics changed: a fact of its own, not the mode (with
+        ``momentum=1.0`` the batch branch leaves them bit-identical). None: no statistics."""
+        if self.moving_stats is Movement.NONE:
+            return None
+        return self.moving_stats.changed
 
     @property
     def trains_weights(self) -> bool | None:
@@ -108,22 +129,32 @@ class Disagreement:
 
     path: str
     aspect: Aspect
-    predicted: bool  # predicted to move / train
-    measured: Movement
+    predicted: bool  # predicted to move / train / take the batch branch
+    measured: Movement | Normalization  # a Normalization for Aspect.BRANCH
 
     @property
     def message(self) -> str:
         what = self.aspect.words
+        if self.aspect is Aspect.BRANCH:
+            said = "normalizes with batch statistics" if self.predicted else "runs in inference"
+            did = (
+                "took the batch branch (training mode)"
+                if self.measured is Normalization.BATCH
+                else "took the inference branch (moving statistics)"
+            )
+            return f"{self.path}: inspect predicted it {said} in fit(), but it {did}."
         if self.aspect is Aspect.MOVING_STATS:
             said = "move" if self.predicted else "stay unchanged"
-            did = "moved" if self.measured.changed else "stayed unchanged"
+            moved = isinstance(self.measured, Movement) and self.measured.changed
+            did = "moved" if moved else "stayed unchanged"
         else:
             said = "train" if self.predicted else "stay frozen"
-            did = {
+            words: dict[Movement | Normalization, str] = {
                 Movement.MOVED: "moved",
                 Movement.ZERO_UPDATE: "were trained (with a zero update)",
                 Movement.UNCHANGED: "stayed frozen",
-            }.get(self.measured, self.measured.value)
+            }
+            did = words.get(self.measured, str(self.measured.value))
         return f"{self.path}: inspect predicted {what} {said} in fit(), but they {did}."
 
 

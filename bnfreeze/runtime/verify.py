@@ -9,13 +9,15 @@ its own variables changed:
 * gamma / beta;
 * any other weight of the layer (kernels, biases, ...).
 
-For a built-in BatchNormalization layer, the mode in ``fit()`` follows from the first
-answer. Keras's rule (the ``BatchNormalization`` docstring): in training mode "the layer
-normalizes its output using the mean and standard deviation of the current batch of inputs"
-and updates its moving statistics; in inference mode it "normalizes its output using a moving
-average of the mean and standard deviation of the batches it has seen during training" and
-leaves them alone. So the moving statistics moved exactly when the layer normalized with batch
-statistics. A custom subclass may override ``call``, so its mode is reported as not measured.
+For a built-in BatchNormalization layer, the mode in ``fit()`` is the branch its ``call``
+took, recorded during the steps (:mod:`bnfreeze.runtime.branches`). Keras's rule (the
+``BatchNormalization`` docstring): in training mode "the layer normalizes its output using the
+mean and standard deviation of the current batch of inputs" and updates its moving statistics;
+in inference mode it "normalizes its output using a moving average of the mean and standard
+deviation of the batches it has seen during training" and leaves them alone. Whether the
+moving statistics moved is reported as a fact of its own: with ``momentum=1.0`` the batch
+branch leaves them bit-identical. A custom subclass may override ``call``, so its mode is
+reported as not measured.
 
 The measurement is then compared with the prediction :func:`bnfreeze.ops.inspect.inspect_file`
 makes from the same file; every disagreement names the layer.

@@ -1,0 +1,534 @@
+"""``bnfreeze.BatchNormGuard``: a Keras callback that checks, inside ``fit()``, that the
+BatchNormalization layers do what their flags say.
+
+::
+
+    guard = bnfreeze.BatchNormGuard(expect="bn-inference")
+    model.fit(x, y, callbacks=[guard])
+    guard.report            # a GuardReport value
+
+**Before the first step** (``on_train_begin``) the guard:
+
+* compares the model's trainable variables with the ones its optimizer was built for. They
+  differ when a flag changed after ``fit()`` (or after the optimizer was built) without a new
+  ``compile()``. What this ``fit()`` then does was measured on Keras 3.15:
+
+  - TensorFlow, the training step traced by an earlier ``fit()``: every batch of the traced
+    shape runs the old step, so the change is ignored; a batch of a new shape is traced anew
+    and raises ``Unknown variable`` for a variable that became trainable, or trains with the
+    new flags when variables only stopped training;
+  - TensorFlow, no step traced yet (the optimizer was built by ``load_model`` or by hand, or
+    the model runs eagerly): the first step raises ``Unknown variable`` for a variable that
+    became trainable; a variable that stopped training simply stops;
+  - JAX: the first step raises (the optimizer's variables no longer match the trainable
+    variables one to one), and the model's variables are left unreadable.
+
+  The guard says which, per layer, with a :class:`~bnfreeze.errors.RecompileWarning`; with
+  ``strict=True`` it raises :class:`GuardError` instead, before the step runs (on JAX that
+  also keeps the variables intact);
+* predicts every layer's behaviour with the same rules as ``bnfreeze.inspect(model)``, judges
+  the ``expect`` expectations (the ``check`` vocabulary: ``bn-inference``, ``bn-train``,
+  ``trains=GLOB``, ...) on the prediction, and reports the Keras 3 traps ``inspect`` finds (a
+  call-site ``training=False`` that ``fit()`` overrides, a trainable BN under a frozen
+  container).
+
+**After the first batch** (``on_train_batch_end``) it measures, the way ``bnfreeze verify``
+does, which BN layers took the batch branch (their ``call`` is recorded while the step is
+traced or run, :mod:`bnfreeze.runtime.branches`), which moved their moving statistics, and
+which layers' weights changed; compares that with the prediction and the expectations; and,
+with ``strict=True``, sets ``model.stop_training`` so that no second batch runs.
+
+Cost: one copy of the model's own variables before the first step and one comparison after
+it; nothing happens after the first batch. The wrapper around each BN's ``call`` adds nothing
+to the step, so training is bit-identical with and without the guard.
+
+JAX: during ``fit()`` Keras keeps the training state apart from the Keras variables and
+writes it back at the end of each epoch. A callback that reads ``self.model`` gets
+``model.jax_state_sync()`` first (``keras.callbacks.Callback.model`` does it), which writes the
+latest state into the variables and makes the next step read it back. The guard reads
+``self.model`` exactly once after the first batch, for the measurement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from bnfreeze.errors import BnfreezeError, RecompileWarning
+from bnfreeze.model.expectations import (
+    Expectation,
+    Failure,
+    evaluate,
+    observed_from_states,
+    parse_expectation,
+)
+from bnfreeze.model.records import Finding, Normalization, Report, WarningCode
+from bnfreeze.runtime.measured import Disagreement, LayerMeasurement
+
+#: The inspect warnings that are Keras 3 traps in a training script.
+TRAPS = (
+    WarningCode.CALL_SITE_TRAINING_IGNORED,
+    WarningCode.TRAINABLE_BN_UNDER_FROZEN_CONTAINER,
+    WarningCode.MODEL_NOT_TRAINABLE,
+)
+
+
+class GuardError(BnfreezeError):
+    """``BatchNormGuard(strict=True)`` stopped ``fit()`` before its first step."""
+
+
+class GuardWarning(UserWarning):
+    """What ``BatchNormGuard`` found: an expectation that fails, a measurement that differs
+    from the prediction, a Keras 3 trap."""
+
+
+class StaleEffect(enum.Enum):
+    """What ``fit()`` does with a trainable set that changed since its optimizer was built."""
+
+    #: TF, step traced earlier: ignored for batches of the traced shape; a new shape is traced
+    #: anew and raises ``Unknown variable``.
+    IGNORED_THEN_UNKNOWN_VARIABLE = "ignored-then-unknown-variable"
+    #: TF, step traced earlier, variables only stopped training: ignored for batches of the
+    #: traced shape; a batch of a new shape trains with the new flags.
+    IGNORED_BUT_NEW_SHAPES = "ignored-but-new-shapes"
+    #: TF, no step traced: the first step raises ``Unknown variable``.
+    UNKNOWN_VARIABLE = "unknown-variable"
+    #: JAX: the first step raises; the model's variables are left unreadable.
+    RAISES = "raises"
+
+
+@dataclass(frozen=True)
+class StaleFlags:
+    """The trainable set that ``fit()`` was built for and the one the flags say now."""
+
+    backend: str
+    effect: StaleEffect
+    #: Layer paths whose variables became trainable / stopped training since the build.
+    gained: tuple[str, ...]
+    lost: tuple[str, ...]
+    built_for: int  # trainable variables the optimizer was built for
+    now: int  # trainable variables now
+
+    @property
+    def message(self) -> str:
+        def names(paths: tuple[str, ...]) -> str:
+            shown = ", ".join(paths[:5])
+            return shown + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+
+        what = []
+        if self.gained:
+            what.append(f"became trainable: {names(self.gained)}")
+        if self.lost:
+            what.append(f"stopped training: {names(self.lost)}")
+        head = (
+            "trainable flags changed after this model's optimizer was built (after fit(), "
+            f"without compile()): it was built for {self.built_for} trainable variables, the "
+            f"flags now give {self.now} ({'; '.join(what)}). "
+        )
+        effect = {
+            StaleEffect.IGNORED_THEN_UNKNOWN_VARIABLE: (
+                "This fit() reuses the training step traced by the earlier fit(): batches of "
+                "the traced shape train with the old flags and ignore the change; data of "
+                "another batch shape (a last batch smaller than the others makes the whole "
+                "dataset's shape differ) is traced anew and raises 'Unknown variable'."
+            ),
+            StaleEffect.IGNORED_BUT_NEW_SHAPES: (
+                "This fit() reuses the training step traced by the earlier fit(): batches of "
+                "the traced shape train with the old flags and ignore the change; only data of "
+                "another batch shape is traced anew and sees it."
+            ),
+            StaleEffect.UNKNOWN_VARIABLE: (
+                "This fit() raises 'Unknown variable' at its first step."
+            ),
+            StaleEffect.RAISES: (
+                "On JAX this fit() raises at its first step (the optimizer's variables no "
+                "longer match the trainable variables), and leaves the model's variables "
+                "unreadable; BatchNormGuard(strict=True) stops before that step."
+            ),
+        }[self.effect]
+        return (
+            f"{head}{effect} Call compile() again with a new optimizer "
+            "(bnfreeze.recompile(model)) before fit()."
+        )
+
+
+@dataclass(frozen=True)
+class GuardReport:
+    """What a :class:`BatchNormGuard` found in one ``fit()``.
+
+    ``measured`` is empty until the first batch has run. ``predicted`` holds each expectation
+    judged on the prediction, ``expectations`` the same judged on the measurement.
+    """
+
+    model: str
+    backend: str
+    strict: bool
+    stale: StaleFlags | None
+    traps: tuple[Finding, ...]
+    prediction: Report | None = dataclasses.field(repr=False)
+    predicted: tuple[tuple[Expectation, tuple[Failure, ...]], ...]
+    measured: tuple[LayerMeasurement, ...] = ()
+    checks: int = 0
+    disagreements: tuple[Disagreement, ...] = ()
+    expectations: tuple[tuple[Expectation, tuple[Failure, ...]], ...] = ()
+    #: True when strict=True stopped fit() (before the first step or after the first batch).
+    stopped: bool = False
+
+    @property
+    def measured_batch(self) -> bool:
+        return bool(self.measured)
+
+    @property
+    def batch_branch(self) -> tuple[str, ...]:
+        """BN layers measured taking the batch branch (training mode) in the first batch."""
+        return tuple(m.path for m in self.measured if m.normalizes_with is Normalization.BATCH)
+
+    @property
+    def inference_branch(self) -> tuple[str, ...]:
+        return tuple(m.path for m in self.measured if m.normalizes_with is Normalization.MOVING)
+
+    @property
+    def stats_moved(self) -> tuple[str, ...]:
+        """BN layers whose moving statistics changed in the first batch."""
+        return tuple(m.path for m in self.measured if m.stats_moved)
+
+    @property
+    def weights_trained(self) -> tuple[str, ...]:
+        """Layers whose trainable weights the first batch trained (moved, or a zero update)."""
+        return tuple(m.path for m in self.measured if m.trains_weights)
+
+    @property
+    def problems(self) -> tuple[str, ...]:
+        """One line per problem found, for people."""
+        lines: list[str] = []
+        if self.stale is not None:
+            lines.append(self.stale.message)
+        lines += [f"{f.path or 'model'}: {f.message}" for f in self.traps]
+        lines += _failure_lines(self.predicted, "predicted")
+        lines += [d.message for d in self.disagreements]
+        lines += _failure_lines(self.expectations, "measured")
+        return tuple(lines)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _failure_lines(
+    judged: Sequence[tuple[Expectation, tuple[Failure, ...]]], how: str
+) -> list[str]:
+    """One line per expectation that fails, its layers grouped by what they do instead."""
+    lines = []
+    for e, failures in judged:
+        groups: dict[tuple[str, str], list[str]] = {}
+        for f in failures:
+            groups.setdefault((f.expected, f.actual), []).append(f.path or "the model")
+        for (expected, actual), paths in groups.items():
+            shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+            count = f"{len(paths)} layer{'s' if len(paths) != 1 else ''}"
+            lines.append(f"expect {e.name} fails: {count} {how} {actual}, not {expected} ({shown})")
+    return lines
+
+
+def _expectations(expect: Any) -> tuple[Expectation, ...]:
+    if expect is None:
+        return ()
+    items = [expect] if isinstance(expect, str | Expectation) else list(expect)
+    out = []
+    for item in items:
+        if isinstance(item, Expectation):
+            out.append(item)
+        elif isinstance(item, str):
+            out.append(dataclasses.replace(parse_expectation(item), source="expect="))
+        else:
+            raise TypeError(
+                f"expect= takes expectation strings such as 'bn-inference', not "
+                f"{type(item).__name__}"
+            )
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------- the pure parts
+
+
+def stale_flags(
+    *,
+    backend: str,
+    built_for: Sequence[Any],
+    now: Sequence[Any],
+    owner: dict[int, str],
+    traced: bool,
+) -> StaleFlags | None:
+    """Compare the variables an optimizer was built for with today's trainable variables.
+
+    ``owner`` maps ``id(variable)`` to its layer path; ``traced`` says whether ``fit()``
+    reuses a training step traced earlier (TensorFlow). None when nothing changed."""
+    old = {id(v) for v in built_for}
+    new = {id(v) for v in now}
+    if old == new:
+        return None
+
+    def layers(ids: set[int], order: Sequence[Any]) -> tuple[str, ...]:
+        seen: dict[str, None] = {}
+        for v in order:
+            if id(v) in ids:
+                seen.setdefault(owner.get(id(v), str(getattr(v, "path", v))), None)
+        return tuple(seen)
+
+    gained = layers(new - old, now)
+    lost = layers(old - new, built_for)
+    if backend == "jax":
+        effect = StaleEffect.RAISES
+    elif traced:
+        effect = (
+            StaleEffect.IGNORED_THEN_UNKNOWN_VARIABLE
+            if gained
+            else StaleEffect.IGNORED_BUT_NEW_SHAPES
+        )
+    elif gained:
+        effect = StaleEffect.UNKNOWN_VARIABLE
+    else:
+        return None  # variables only stopped training, and the first step traces anew
+    return StaleFlags(backend, effect, gained, lost, len(old), len(new))
+
+
+# --------------------------------------------------------------------------- the callback
+
+
+def _traced(model: Any) -> bool:
+    """Whether ``fit()`` reuses a training step traced before this ``fit()`` (TensorFlow).
+
+    Keras's TensorFlow trainer keeps ``model.train_function`` until ``compile()`` resets it;
+    the ``tf.function`` inside it (found through the closures) counts its traces. A function
+    made for this ``fit()`` has traced nothing yet when ``on_train_begin`` runs."""
+    seen: set[int] = set()
+
+    def counts(obj: Any, depth: int) -> list[int]:
+        if obj is None or id(obj) in seen or depth > 4:
+            return []
+        seen.add(id(obj))
+        count = getattr(obj, "experimental_get_tracing_count", None)
+        if callable(count):
+            try:
+                return [int(count())]
+            except Exception:
+                return []
+        found: list[int] = []
+        for cell in getattr(obj, "__closure__", None) or ():
+            try:
+                found += counts(cell.cell_contents, depth + 1)
+            except ValueError:  # an empty cell
+                continue
+        found += counts(getattr(obj, "__wrapped__", None), depth + 1)
+        return found
+
+    return any(n > 0 for n in counts(getattr(model, "train_function", None), 0))
+
+
+def _make_class() -> type:
+    import keras
+
+    class BatchNormGuard(keras.callbacks.Callback):
+        def __init__(self, expect: Any = None, strict: bool = False) -> None:
+            super().__init__()
+            self.expect = _expectations(expect)
+            self.strict = bool(strict)
+            self.report: GuardReport | None = None
+            self._state: dict[str, Any] | None = None
+
+        # ---------------------------------------------------------------- before the step
+        def on_train_begin(self, logs: Any = None) -> None:
+            from bnfreeze.runtime import keras_engine
+            from bnfreeze.runtime.branches import BranchRecorder, is_builtin_batchnorm
+            from bnfreeze.runtime.measure import layer_paths, own_variables
+
+            self._finish_recording()
+            model = self.model
+            if keras_engine.runtime_of(model).value != "keras3":
+                raise GuardError("BatchNormGuard is a Keras 3 callback; this is a tf_keras model.")
+            backend = keras.backend.backend()
+            layers = layer_paths(keras, model)
+            owned = own_variables(layers)
+            owner = {id(v): path for path, vs in owned.items() for v in vs}
+
+            optimizer = getattr(model, "optimizer", None)
+            stale = None
+            if optimizer is not None and getattr(optimizer, "built", False):
+                built_for = getattr(optimizer, "_trainable_variables", None)
+                if built_for is not None:
+                    stale = stale_flags(
+                        backend=backend,
+                        built_for=list(built_for),
+                        now=list(model.trainable_variables),
+                        owner=owner,
+                        traced=_traced(model),
+                    )
+            prediction = keras_engine.live_report(model)
+            records = [s.layer for s in prediction.layers]
+            seen = observed_from_states(prediction.layers)
+            predicted = tuple((e, evaluate(e, records, seen)) for e in self.expect)
+            traps = tuple(f for f in prediction.warnings if f.code in TRAPS)
+            self.report = GuardReport(
+                model=model.name,
+                backend=backend,
+                strict=self.strict,
+                stale=stale,
+                traps=traps,
+                prediction=prediction,
+                predicted=predicted,
+            )
+            if stale is not None:
+                if self.strict:
+                    self.report = dataclasses.replace(self.report, stopped=True)
+                    raise GuardError(
+                        f"BatchNormGuard(strict=True) stopped fit() of model {model.name!r} "
+                        f"before its first step: {stale.message}"
+                    )
+                warnings.warn(f"model {model.name!r}: {stale.message}", RecompileWarning, 2)
+            found = [*(f"{f.path or 'model'}: {f.message}" for f in traps)]
+            found += _failure_lines(predicted, "predicted")
+            if found:
+                if self.strict and any(failures for _, failures in predicted):
+                    self.report = dataclasses.replace(self.report, stopped=True)
+                    raise GuardError(
+                        f"BatchNormGuard(strict=True) stopped fit() of model {model.name!r} "
+                        "before its first step: " + " ".join(found)
+                    )
+                warnings.warn(
+                    f"BatchNormGuard, before training model {model.name!r}: " + " | ".join(found),
+                    GuardWarning,
+                    2,
+                )
+            # One copy of every layer's own variables, and every built-in BN's calls recorded
+            # while the first step is traced (or run).
+            every = {id(v): v for vs in owned.values() for v in vs}
+            # The variables the first step hands to the optimizer: a step traced by an
+            # earlier fit() trains the set the optimizer was built for, a new one today's.
+            reused = stale is not None and stale.effect in (
+                StaleEffect.IGNORED_THEN_UNKNOWN_VARIABLE,
+                StaleEffect.IGNORED_BUT_NEW_SHAPES,
+            )
+            trained = (
+                list(getattr(optimizer, "_trainable_variables", ()))
+                if reused
+                else model.trainable_variables
+            )
+            recorder = BranchRecorder(
+                {p: layer for p, (layer, _) in layers.items() if is_builtin_batchnorm(keras, layer)}
+            )
+            self._state = {
+                "layers": layers,
+                "owned": owned,
+                "every": every,
+                "trained": {id(v) for v in trained},
+                "before": _snapshot(every),
+                "recorder": recorder,
+                "recording": recorder.active(),
+            }
+            self._state["recording"].__enter__()
+
+        # ---------------------------------------------------------------- after batch 1
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            state = self._state
+            if state is None:
+                return
+            from bnfreeze.runtime import loading
+            from bnfreeze.runtime.compare import compare
+            from bnfreeze.runtime.measure import measurements
+            from bnfreeze.runtime.measured import CompileSource, DataSource, TrainingSetup
+
+            self._finish_recording()
+            self._state = None
+            model = self.model  # on JAX: Keras syncs the training state into the variables
+            after = _snapshot(state["every"])
+            measured = measurements(
+                keras,
+                state["layers"],
+                state["owned"],
+                state["before"],
+                after,
+                state["trained"],
+                state["recorder"].branches(),
+            )
+            report = self.report
+            assert report is not None
+            setup = TrainingSetup(
+                compile_source=CompileSource.MODEL,
+                optimizer=type(getattr(model, "optimizer", None)).__name__,
+                loss="",
+                steps=1,
+                batch_size=0,
+                data_source=DataSource.FILE,
+                data_path=None,
+                seed=None,
+                input_shapes=(),
+            )
+            verdict = compare(
+                path=f"<in-memory model {model.name!r}>",
+                runtime=loading.runtime_info(),
+                setup=setup,
+                measured=measured,
+                prediction=report.prediction,
+                expectations=self.expect,
+            )
+            self.report = dataclasses.replace(
+                report,
+                measured=tuple(measured),
+                checks=verdict.checks,
+                disagreements=verdict.disagreements,
+                expectations=verdict.expectations,
+            )
+            found = [d.message for d in verdict.disagreements]
+            found += _failure_lines(verdict.expectations, "measured")
+            if found:
+                if self.strict:
+                    model.stop_training = True
+                    self.report = dataclasses.replace(self.report, stopped=True)
+                what = "stopping fit() (strict=True)" if self.strict else "training goes on"
+                warnings.warn(
+                    f"BatchNormGuard, after the first batch of model {model.name!r} "
+                    f"({what}): " + " | ".join(found),
+                    GuardWarning,
+                    2,
+                )
+
+        def on_train_end(self, logs: Any = None) -> None:
+            self._finish_recording()
+            self._state = None
+
+        def _finish_recording(self) -> None:
+            state = self._state
+            if state is not None and state.get("recording") is not None:
+                state["recording"].__exit__(None, None, None)
+                state["recording"] = None
+
+    BatchNormGuard.__doc__ = (
+        "A Keras callback that checks, inside fit(), that BatchNormalization layers do what "
+        "their flags say: stale flags and the expectations before the first step, the branch "
+        "each BN took and what moved after the first batch. Results in ``guard.report`` "
+        "(a GuardReport); see the bnfreeze README, 'In a training script'."
+    )
+    BatchNormGuard.__module__ = __name__
+    return BatchNormGuard
+
+
+def _snapshot(variables: dict[int, Any]) -> dict[int, Any]:
+    import numpy as np
+
+    return {k: np.array(v.numpy(), copy=True) for k, v in variables.items()}
+
+
+_CLASS: type | None = None
+
+
+def __getattr__(name: str) -> Any:
+    global _CLASS
+    if name == "BatchNormGuard":
+        if _CLASS is None:
+            _CLASS = _make_class()
+        return _CLASS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
