@@ -1,4 +1,5 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -298,3 +299,6 @@ def without_tf_keras(monkeypatch):
         return find_spec(name, *args, **kwargs)
 
     monkeypatch.setattr(importlib.util, "find_spec", hidden)
+    # A tf_keras imported by an earlier test must look absent too: None in sys.modules is
+    # what an import that cannot work looks like.
+    monkeypatch.setitem(sys.modules, "tf_keras", None)

@@ -265,7 +265,7 @@ def test_tf_keras_rules_name_tf_keras():
     assert report.runtime.keras_version.startswith("2.")
     assert report.rules == RULES["tf-keras"]
     assert "load_model drops" in report.rules[2]
-    assert report.rules_note.startswith("The rules were measured on tf_keras 2.21 ")
+    assert report.rules_note.startswith("The rules were measured on tf_keras 2.21,")
 
 
 @pytest.mark.parametrize("columns", [80, 100])

@@ -82,10 +82,18 @@ def _unzip(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _same_report(a: Path, b: Path) -> None:
+def _same_report(a: Path, b: Path, *, folder: bool = False) -> None:
     doc_a, doc_b = report_dict(inspect_file(a)), report_dict(inspect_file(b))
     doc_a["model"].pop("path")
     doc_b["model"].pop("path")
+    if folder:
+        # Only the advice differs: freeze remaps a .keras file's optimizer state, and drops a
+        # folder's (it writes a new .keras archive from the folder).
+        for doc, says in ((doc_a, "remaps them"), (doc_b, "drops them")):
+            for w in doc["warnings"]:
+                if w["code"] == "optimizer-state":
+                    assert says in w["message"]
+                    w["message"] = None
     assert doc_a == doc_b
 
 
@@ -95,7 +103,7 @@ def test_unzipped_keras_folder_reads_like_the_archive(tmp_path, name):
     model = read_model(folder)
     assert model.format is ModelFormat.KERAS_DIR
     assert model.format.json_name == "keras"
-    _same_report(SAMPLES / name, folder)
+    _same_report(SAMPLES / name, folder, folder=True)
 
 
 def test_deflated_archive_reads_like_the_stored_one(tmp_path):

@@ -450,15 +450,16 @@ def test_kept_optimizer_state_of_the_same_count_lands_on_the_wrong_variables(tmp
     model.save(src)
 
     def moments(m: Any) -> dict[str, Any]:
-        # Adam's slots, named after the variable they belong to: "adam/a_kernel_momentum".
+        # Adam's slots, named after the variable they belong to: "adam/a_kernel_momentum"
+        # (the optimizer's own name, "adam_3" later in a process, is left out).
         return {
-            v.path: np.array(keras.ops.convert_to_numpy(v))
+            v.path.split("/", 1)[1]: np.array(keras.ops.convert_to_numpy(v))
             for v in m.optimizer.variables
             if v.path.endswith("kernel_momentum")
         }
 
     saved = moments(model)
-    assert saved["adam/a_kernel_momentum"].any()
+    assert saved["a_kernel_momentum"].any()
     out = tmp_path / "edited.keras"
     edit_file(src, out, Assignment.freeze(), layers=("a",), keep_optimizer_state=True)
     edit_file(
@@ -470,8 +471,8 @@ def test_kept_optimizer_state_of_the_same_count_lands_on_the_wrong_variables(tmp
     assert [layer.trainable for layer in loaded.layers[1:]] == [False, True, True]
     got = moments(loaded)
     # Now b and c are trainable: slot 0 (a's kernel moments) is c's... by position.
-    assert np.array_equal(got["adam/b_kernel_momentum"], saved["adam/a_kernel_momentum"])
-    assert np.array_equal(got["adam/c_kernel_momentum"], saved["adam/b_kernel_momentum"])
+    assert np.array_equal(got["b_kernel_momentum"], saved["a_kernel_momentum"])
+    assert np.array_equal(got["c_kernel_momentum"], saved["b_kernel_momentum"])
 
 
 def warnings_recorded():

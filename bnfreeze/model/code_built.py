@@ -108,8 +108,6 @@ def owners(walked: WalkedModel, config: dict[str, Any]) -> tuple[Owner, ...]:
         _nested(config.get("config"), "", 0, found)
     for record in walked.layers:
         if record.kind is LayerKind.UNKNOWN:
-            trainable = record.trainable is not False
-            found.append(Owner(record.path, record.class_name, trainable, record.depth + 1))
             node: Any = config
             for key in record.config_path:
                 try:
@@ -117,8 +115,16 @@ def owners(walked: WalkedModel, config: dict[str, Any]) -> tuple[Owner, ...]:
                 except (KeyError, IndexError, TypeError):
                     node = None
                     break
+            arguments = node.get("config") if isinstance(node, dict) else None
+            if isinstance(arguments, dict) and isinstance(arguments.get("layer"), dict):
+                # A custom keras.layers.Wrapper: its own call() decides how the wrapped layer
+                # is called (a training=False written there wins), so no mode is claimed for
+                # what it wraps; the walk gives it an unknown-layer warning.
+                continue
+            trainable = record.trainable is not False
+            found.append(Owner(record.path, record.class_name, trainable, record.depth + 1))
             if isinstance(node, dict):
-                _nested(node.get("config"), record.path + "/", record.depth + 1, found)
+                _nested(arguments, record.path + "/", record.depth + 1, found)
     return tuple(found)
 
 
