@@ -278,34 +278,22 @@ def test_bn_under_frozen_sample():
 # --- optimizer state -----------------------------------------------------------------------
 
 
-def test_optimizer_state_warning(tmp_path):
-    path = keras_archive(
-        tmp_path / "m.keras", model([bn("b")]), optimizer_variables=4, compiled=True
-    )
-    (finding,) = only(warnings_of(path), WarningCode.OPTIMIZER_STATE)
-    assert finding.path is None
-    assert finding.message.startswith("The file carries 4 saved optimizer variables")
-    assert "call compile() again with a new optimizer" in finding.message
-
-
 @pytest.mark.parametrize("compiled", [True, False])
-def test_no_optimizer_state_warning_without_optimizer_variables(tmp_path, compiled):
-    path = keras_archive(tmp_path / "m.keras", model([bn("b")]), compiled=compiled)
+@pytest.mark.parametrize("variables", [0, 4])
+def test_saved_optimizer_variables_are_a_fact_not_a_warning(tmp_path, compiled, variables):
+    """Saved optimizer variables go wrong only after a flag change, which freeze handles:
+    inspect shows them in its summary and warns about nothing."""
+    path = keras_archive(
+        tmp_path / "m.keras", model([bn("b")]), optimizer_variables=variables, compiled=compiled
+    )
     assert read_model(path).compiled is compiled
+    assert read_model(path).optimizer_variables == (variables or None)
     assert not only(warnings_of(path), WarningCode.OPTIMIZER_STATE)
 
 
-@pytest.mark.parametrize(
-    ("name", "count"),
-    [("guide_pattern.keras", 6), ("nested_legacy.h5", 22), ("seed_bn.keras", None)],
-)
-def test_optimizer_state_on_samples(name, count):
-    found = only(warnings_of(SAMPLES / name), WarningCode.OPTIMIZER_STATE)
-    if count is None:
-        assert found == []
-    else:
-        (finding,) = found
-        assert f"carries {count} saved optimizer variables" in finding.message
+@pytest.mark.parametrize("name", ["guide_pattern.keras", "nested_legacy.h5", "seed_bn.keras"])
+def test_no_optimizer_state_warning_on_samples(name):
+    assert only(warnings_of(SAMPLES / name), WarningCode.OPTIMIZER_STATE) == []
 
 
 # --- untrained BN statistics -------------------------------------------------------------------

@@ -401,7 +401,15 @@ def test_optimizer_remapped_by_default_when_the_trainable_set_changes(guide, tmp
     assert (plan.kept, plan.left_out, plan.created, plan.expected) == (4, 0, 102, 108)
     assert read_model(tmp_path / "out.keras").optimizer_variables == 108
     assert result.report.model.optimizer_variables == 108
-    assert "were remapped" in result.warnings[1].message
+    # Remapped state is a fact, not a warning, and the one piece of advice matches it:
+    # load the file (load_model restores the remapped state), no "NEW optimizer".
+    assert [f.code for f in result.all_warnings] == [WarningCode.RECOMPILE_REQUIRED]
+    assert "NEW optimizer" not in result.warnings[0].message
+    from bnfreeze.render.edit import status_line
+
+    line = " ".join(status_line(result).split())
+    assert "were remapped to the new trainable set (108 now: 4 slots kept" in line
+    assert "load_model restores them and fit() continues from them" in line
 
 
 def test_optimizer_kept_on_request(guide, tmp_path):
@@ -442,10 +450,10 @@ def test_edit_warnings_text_for_a_dry_run():
     assert found[0] == Finding(
         WarningCode.RECOMPILE_REQUIRED,
         None,
-        "1 trainable flag(s) changed. Load the model with keras.models.load_model and call "
-        "compile() again with a NEW optimizer before fit(): a model already compiled or "
-        "trained in memory ignores flag changes until it is recompiled, and reusing its built "
-        "optimizer fails with 'Unknown variable' (bnfreeze explain, rule 4).",
+        "1 trainable flag(s) changed. Load the model with keras.models.load_model before "
+        "fit(): the loaded model is compiled for the new flags. A model already compiled in "
+        "memory ignores the change until compile() is called again with a new optimizer "
+        "(rule 4 of docs/semantics.md, bnfreeze explain).",
     )
     assert found[1].message.startswith("The 4 saved optimizer variables would be dropped")
     assert edit_warnings([], OptimizerState.DROPPED, 4, output=None, dry_run=True) == ()

@@ -204,6 +204,18 @@ def _recompile_required(tmp: Path) -> set[WarningCode]:
     return {f.code for f in result.warnings}
 
 
+def _optimizer_dropped(tmp: Path) -> set[WarningCode]:
+    from bnfreeze.ops.edit import unfreeze_file
+
+    result = unfreeze_file(
+        SAMPLES / "guide_pattern.keras",
+        keep_bn_inference=True,
+        optimizer_state="drop",
+        dry_run=True,
+    )
+    return {f.code for f in result.warnings}
+
+
 def _call_site(tmp: Path) -> set[WarningCode]:
     sub = functional(
         "sub", [input_layer("i"), layer("BatchNormalization", "bn")], inbound=node(training=False)
@@ -239,7 +251,7 @@ WARNINGS: dict[WarningCode, Callable[[Path], set[WarningCode]]] = {
     WarningCode.TRAINABLE_BN_UNDER_FROZEN_CONTAINER: lambda tmp: _warnings(
         SAMPLES / "bn_under_frozen.keras"
     ),
-    WarningCode.OPTIMIZER_STATE: lambda tmp: _warnings(SAMPLES / "guide_pattern.keras"),
+    WarningCode.OPTIMIZER_STATE: _optimizer_dropped,
     WarningCode.UNTRAINED_BN_STATISTICS: lambda tmp: _warnings(SAMPLES / "sequential.keras"),
     WarningCode.UNKNOWN_LAYER: _unknown,
     WarningCode.MODEL_NOT_TRAINABLE: _not_trainable,

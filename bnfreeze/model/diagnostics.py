@@ -52,7 +52,6 @@ def find(
     if model is not None:
         if runtime is Runtime.KERAS3:
             findings += _keras3_incompatible(model, states)
-        findings += _optimizer_state(model)
         if read_values is not None:
             findings += _untrained_statistics(model, states, read_values)
     return tuple(findings)
@@ -229,27 +228,6 @@ def _count(state: LayerState) -> str:
     return "three" if state.layer.scale else "two"
 
 
-def _optimizer_state(model: ModelFile) -> list[Finding]:
-    if not model.optimizer_variables:
-        return []
-    default = (
-        "remaps them to the new trainable variables by default (README, 'Saved optimizer state')"
-        if model.format is ModelFormat.KERAS
-        else "drops them by default (it remaps them in .keras files only)"
-    )
-    return [
-        Finding(
-            WarningCode.OPTIMIZER_STATE,
-            None,
-            f"The file carries {model.optimizer_variables} saved optimizer variables, matched to "
-            "the trainable variables by position, not by name. After any change to trainable "
-            "flags they no longer match: Keras drops them on load, or, when the count happens "
-            "to match, silently assigns them to the wrong variables. bnfreeze freeze "
-            f"{default}. After any change, call compile() again with a new optimizer.",
-        )
-    ]
-
-
 def bn_statistics_datasets(model: ModelFile, state: LayerState) -> dict[str, str] | None:
     """Map gamma/beta/moving_mean/moving_variance to dataset paths for one BN layer.
 
@@ -290,6 +268,7 @@ def _untrained_statistics(
     read_values: Callable[[list[str]], dict[str, object]],
 ) -> list[Finding]:
     bns = [s for s in states if s.layer.is_batchnorm]
+    by_path = {s.layer.path: s for s in bns}
     wanted: dict[str, dict[str, str]] = {}
     for state in bns:
         mapping = bn_statistics_datasets(model, state)
@@ -303,13 +282,22 @@ def _untrained_statistics(
         if not all(d in values for d in mapping.values()):
             continue
         if all(_is_constant(values[d], _UNTRAINED.get(label)) for label, d in mapping.items()):
+            if by_path[path].in_fit.normalizes_with is not Normalization.BATCH:
+                effect = (
+                    "It runs in inference mode, so it is an identity: it disables batch "
+                    "normalization until it is trained."
+                )
+            else:
+                effect = (
+                    "Freezing it (--bn-inference) turns it into an identity and disables batch "
+                    "normalization."
+                )
             findings.append(
                 Finding(
                     WarningCode.UNTRAINED_BN_STATISTICS,
                     path,
                     f"{path} has untrained statistics (moving mean 0, variance 1, gamma 1, "
-                    "beta 0): the model was built with weights=None or never trained. Freezing it "
-                    "(--bn-inference) turns it into an identity and disables batch normalization.",
+                    f"beta 0): the model was built with weights=None or never trained. {effect}",
                 )
             )
     return findings

@@ -65,8 +65,9 @@ class Runtime(enum.Enum):
     TF_KERAS = "tf-keras"
 
 
-class WarningCode(enum.Enum):
-    """The closed set of things ``inspect`` warns about."""
+class WarningCode(enum.StrEnum):
+    """The closed set of things ``inspect`` warns about. A ``StrEnum``: a code compares equal
+    to the string ``--json`` prints (``finding.code == "untrained-bn-statistics"``)."""
 
     CALL_SITE_TRAINING_IGNORED = "call-site-training-ignored"
     TRAINABLE_BN_UNDER_FROZEN_CONTAINER = "trainable-bn-under-frozen-container"

@@ -1,5 +1,6 @@
-"""What the user must know after an edit: call ``compile()`` again, and what happened to the
-saved optimizer state."""
+"""What the user must know after an edit: load the output before ``fit()`` (a model compiled
+in memory ignores the change), and saved optimizer state that was dropped or kept although it
+no longer matches. Remapped state is a fact, not a warning (``render.edit.optimizer_line``)."""
 
 from __future__ import annotations
 
@@ -33,11 +34,10 @@ def edit_warnings(
         Finding(
             WarningCode.RECOMPILE_REQUIRED,
             None,
-            f"{len(changes_made)} trainable flag(s) changed. Load {target} with "
-            f"{loader} and call compile() again with a NEW optimizer before "
-            "fit(): a model already compiled or trained in memory ignores flag changes until "
-            "it is recompiled, and reusing its built optimizer fails with 'Unknown variable' "
-            "(bnfreeze explain, rule 4).",
+            f"{len(changes_made)} trainable flag(s) changed. Load {target} with {loader} "
+            "before fit(): the loaded model is compiled for the new flags. A model already "
+            "compiled in memory ignores the change until compile() is called again with a new "
+            "optimizer (rule 4 of docs/semantics.md, bnfreeze explain).",
         )
     ]
     message = _optimizer_message(optimizer, optimizer_variables, plan, would, model_format)
@@ -54,15 +54,8 @@ def _optimizer_message(
     model_format: ModelFormat,
 ) -> str | None:
     expected = plan.expected if plan is not None else None
-    if optimizer is OptimizerState.REMAPPED and plan is not None:
-        return (
-            f"The {saved} saved optimizer variables {would} remapped to the new trainable "
-            f"variables ({plan.expected} now): {plan.kept} slots kept by variable, "
-            f"{plan.left_out} of variables that stop training left out, {plan.created} "
-            "zero-filled for variables that start training; the iteration count and learning "
-            "rate are kept (README, 'Saved optimizer state'). Keras loads them with "
-            "load_model, so fit() continues from them; a new compile() starts afresh."
-        )
+    if optimizer is OptimizerState.REMAPPED:
+        return None  # a fact, not a warning: render.edit.optimizer_line says it
     if optimizer is OptimizerState.DROPPED:
         why = ""
         if plan is not None and plan.reason is not None:

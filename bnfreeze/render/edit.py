@@ -7,6 +7,7 @@ modes in the ``inspect`` style (:func:`bnfreeze.render.table.inspect_view` of th
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
 from rich.console import Group
@@ -14,6 +15,7 @@ from rich.text import Text
 
 from bnfreeze.model.assignments import Change
 from bnfreeze.ops.edit import EditResult
+from bnfreeze.ops.optimizer_state import OptimizerState
 from bnfreeze.render.columns import Column, ColumnTable, Kind
 from bnfreeze.render.json import (
     SCHEMA_VERSION,
@@ -80,13 +82,40 @@ def _size(n: int) -> str:
 
 
 def status_line(result: EditResult) -> str:
-    """The one line for stderr that says what was written."""
+    """The line for stderr that says what was written, then, when the saved optimizer state
+    was remapped, that fact (:func:`optimizer_line`), wrapped at 80 columns."""
+    lines = [_written(result)]
+    fact = optimizer_line(result)
+    if fact is not None:
+        lines += textwrap.wrap(fact, width=79, subsequent_indent="  ", break_on_hyphens=False)
+    return "\n".join(lines)
+
+
+def _written(result: EditResult) -> str:
     if result.dry_run:
         return "dry run: nothing was written."
     if result.output is None:
         return f"nothing changed; {result.source} was left as it was."
     size = _size(result.output_bytes or 0)
+    if not result.changes:
+        return f"wrote {result.output} ({size}), a copy of the input: no flag changed."
     return f"wrote {result.output} ({size}; input {_size(result.input_bytes)})."
+
+
+def optimizer_line(result: EditResult) -> str | None:
+    """A fact for stderr, not a warning: the saved optimizer state was remapped, and a plain
+    ``keras.models.load_model`` restores it (measured on Keras 3.15: the iteration count and
+    every kept slot load as written, with no message, and ``fit()`` continues from them)."""
+    plan = result.optimizer_plan
+    if result.optimizer_state is not OptimizerState.REMAPPED or plan is None:
+        return None
+    would = "would be" if result.dry_run else "were"
+    return (
+        f"optimizer state: the {result.optimizer_variables} saved optimizer variables {would} "
+        f"remapped to the new trainable set ({plan.expected} now: {plan.kept} slots kept, "
+        f"{plan.left_out} left out, {plan.created} zero-filled); load_model restores them and "
+        "fit() continues from them."
+    )
 
 
 def change_dict(change: Change) -> dict[str, Any]:
