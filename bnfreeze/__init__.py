@@ -12,6 +12,8 @@ The Python API (see :mod:`bnfreeze.api`) takes a saved model's path or an in-mem
     bnfreeze.load_model(path, **kwargs)  # keras.models.load_model, then the trainable flags
                                          # bnfreeze recorded for layers built in code
     bnfreeze.BatchNormGuard(expect=None, strict=False)  # a keras.callbacks.Callback for fit()
+    bnfreeze.Report, bnfreeze.EditResult  # what inspect and freeze/unfreeze return
+    bnfreeze.Finding, bnfreeze.WarningCode  # a warning, and its code (a StrEnum)
 
 Importing this package never imports TensorFlow or Keras; the names above are loaded on
 first use, and only the functions that need Keras import it, when called.
@@ -30,17 +32,30 @@ if TYPE_CHECKING:
     from bnfreeze.api import load_model as load_model
     from bnfreeze.api import recompile as recompile
     from bnfreeze.api import unfreeze as unfreeze
+    from bnfreeze.model.records import Finding as Finding
+    from bnfreeze.model.records import Report as Report
+    from bnfreeze.model.records import WarningCode as WarningCode
+    from bnfreeze.ops.edit import EditResult as EditResult
 
 __version__ = "0.1.0"
 
 #: The public API, loaded lazily from bnfreeze.api (PEP 562).
 _API = ("inspect", "freeze", "unfreeze", "recompile", "RecompileWarning", "load_model")
 
+#: The records the API returns: a Report (inspect), an EditResult (freeze, unfreeze), their
+#: Findings and the WarningCode of each (a StrEnum: it compares equal to its JSON string).
+_RECORDS = {
+    "Report": "bnfreeze.model.records",
+    "Finding": "bnfreeze.model.records",
+    "WarningCode": "bnfreeze.model.records",
+    "EditResult": "bnfreeze.ops.edit",
+}
+
 #: Loaded lazily from bnfreeze.runtime.guard; the class subclasses keras.callbacks.Callback,
 #: so it is created (and Keras imported) on first access.
 _GUARD = ("BatchNormGuard",)
 
-__all__ = ["__version__", *_API, *_GUARD]
+__all__ = ["__version__", *_API, *_RECORDS, *_GUARD]
 
 
 def __getattr__(name: str) -> Any:
@@ -48,6 +63,10 @@ def __getattr__(name: str) -> Any:
         from bnfreeze import api
 
         return getattr(api, name)
+    if name in _RECORDS:
+        import importlib
+
+        return getattr(importlib.import_module(_RECORDS[name]), name)
     if name in _GUARD:
         from bnfreeze.runtime import guard
 
@@ -56,4 +75,5 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_API, *_GUARD})
+    """The public API only (not ``annotations``, ``Any`` or ``TYPE_CHECKING``)."""
+    return sorted(__all__)

@@ -238,7 +238,7 @@ def cli() -> None:
 
     \b
     Example:
-      bnfreeze inspect sample_models/guide_pattern.keras
+      bnfreeze inspect model.keras
     """
 
 
@@ -854,8 +854,9 @@ def verify(
 
     Loads the model with Keras (safe mode), runs --steps training steps on a batch that fits
     its inputs, and reports per layer whether the BN moving statistics, gamma/beta and other
-    weights moved. A built-in BN layer ran in training mode in fit() exactly when its moving
-    statistics moved. The measurement is compared with what inspect predicts from the file.
+    weights moved. A built-in BN layer's mode is the branch its call() took during the step
+    (batch or moving statistics), recorded, not read off its statistics: with momentum=1.0 a
+    BN in training mode leaves them unchanged. The measurement is compared with what inspect predicts from the file.
     The file is never written.
 
     Exit codes: 0 prediction and measurement agree (and every --expect holds), 1 they

@@ -296,20 +296,20 @@ def test_recompile_needs_a_compiled_model():
         bnfreeze.recompile(build())
 
 
-# ------------------------------------------------------------------------------ the README
+# ------------------------------------------------------------------------------ the docs
 
 
-def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
-    """The README's Python API example runs as written, and says what it claims."""
+def test_docs_python_example_runs(tmp_path, monkeypatch, capsys):
+    """The Python API page's first example runs as written, and says what it claims."""
     import re
     import shutil
 
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    start = readme.index("## Python API")
+    readme = (ROOT / "docs" / "python-api.md").read_text(encoding="utf-8")
+    start = readme.index("# Python API")
     code = re.compile(r"^```python\n(.*?)^```", flags=re.M | re.S).search(readme, start).group(1)
     shutil.copytree(ROOT / "sample_models", tmp_path / "sample_models")
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README.md", "exec"), {})
+    exec(compile(code, "docs/python-api.md", "exec"), {})
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == "51 BN layers run in inference mode in fit()"
     assert printed[1].startswith("100 flags changed; RecompileWarning ")  # as the CLI: 100

@@ -420,7 +420,7 @@ def test_evaluate_on_measured_observations():
 
 
 def test_readme_check_example_is_current(monkeypatch):
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    readme = (ROOT / "docs" / "commands" / "check.md").read_text(encoding="utf-8")
     start = readme.index("The third command above prints")
     block = readme[readme.index("```text\n", start) + len("```text\n") :]
     shown = block[: block.index("```")]

@@ -475,7 +475,7 @@ def test_shell_completion_as_documented():
     script = subprocess.run(exe, env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert script.returncode == 0
     assert "_bnfreeze_completion()" in script.stdout
-    assert "_BNFREEZE_COMPLETE=bash_source bnfreeze" in (ROOT / "README.md").read_text()
+    assert "_BNFREEZE_COMPLETE=bash_source bnfreeze" in (ROOT / "docs" / "cli.md").read_text()
     env = {
         **os.environ,
         "_BNFREEZE_COMPLETE": "bash_complete",

@@ -1,10 +1,14 @@
-"""The README is tested (in the spirit of sqlite-utils' tests/test_docs.py):
+"""The README and the docs pages are tested (in the spirit of sqlite-utils' tests/test_docs.py):
 
-* its first two commands are exactly the setup commands CI runs;
-* every CLI command appears in it and has ``--help`` text with an example;
-* every ``bnfreeze ...`` command in its ``bash`` blocks runs (exit 0, or 1 for a check that
-  found a problem), and output piped into a JSON tool is JSON;
-* the example outputs it shows are what the commands print today;
+* the README's first two commands are exactly the setup commands CI runs, and it stays short;
+* every CLI command appears in the README and has ``--help`` text with an example;
+* every ``bnfreeze ...`` command in a ``bash`` block of the README or of a page in ``docs/``
+  runs (exit 0, or 1 for a check that found a problem), a page's commands in order in one
+  folder, and output piped into a JSON tool is JSON;
+* every ``python`` block of the README and the pages runs; a block that should not run is
+  fenced ``text``;
+* the example outputs they show are what the commands print today (the README's tour shows
+  excerpts: each line it shows is printed, in that order);
 * every key of the JSON contract, every warning code and every exit code is documented.
 """
 
@@ -26,6 +30,12 @@ from bnfreeze.model.records import WarningCode
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
+#: The README and every page of the docs site, by path relative to the root.
+PAGES = {
+    str(p.relative_to(ROOT)): p.read_text(encoding="utf-8")
+    for p in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+}
+DOCS = "\n".join(PAGES.values())
 ENV = {
     "COLUMNS": "100",
     "NO_COLOR": "1",
@@ -38,13 +48,13 @@ FIRST_COMMAND = "pip install -e . && bnfreeze inspect sample_models/guide_patter
 SECOND_COMMAND = "pip install -e '.[test]' && pytest"
 
 
-def fenced_blocks(language: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```", README, flags=re.M | re.S)
+def fenced_blocks(language: str, text: str = README) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", text, flags=re.M | re.S)
 
 
-def shell_lines() -> list[str]:
+def shell_lines(text: str = README) -> list[str]:
     lines = []
-    for block in fenced_blocks("bash"):
+    for block in fenced_blocks("bash", text):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.strip()
             if line and not line.startswith("#"):
@@ -52,13 +62,13 @@ def shell_lines() -> list[str]:
     return lines
 
 
-def bnfreeze_commands() -> list[tuple[list[str], str | None]]:
+def bnfreeze_commands(text: str = README) -> list[tuple[list[str], str | None]]:
     """Each ``bnfreeze`` invocation in a bash block: its argv and the command it pipes into."""
     found = []
-    for line in shell_lines():
+    for line in shell_lines(text):
         for segment in line.split("&&"):
             stages = [s.strip() for s in segment.split("|")]
-            argv = shlex.split(stages[0])
+            argv = shlex.split(stages[0], comments=True)
             if argv and argv[0] == "bnfreeze":
                 found.append((argv[1:], stages[1] if len(stages) > 1 else None))
     return found
@@ -116,18 +126,128 @@ def test_the_readme_shows_commands():
     assert (["inspect", "sample_models/guide_pattern.keras"], None) in COMMANDS
 
 
-@pytest.mark.parametrize(("argv", "pipe"), COMMANDS, ids=[" ".join(a) for a, _ in COMMANDS])
-def test_readme_commands_run(workdir, argv, pipe):
-    result = CliRunner().invoke(cli, argv, env=ENV, catch_exceptions=False)
-    assert result.exit_code in (EXIT_OK, EXIT_CHECK_FAILED), result.stderr
-    assert "Traceback" not in result.stderr
-    if pipe is not None and ("jq" in pipe or "json.tool" in pipe):
-        json.loads(result.stdout)
+def test_the_readme_is_short():
+    assert len(README.splitlines()) <= 250
+
+
+def test_no_second_numbering():
+    """One numbering: the rules of docs/semantics.md. No page says "trap 3"."""
+    for name, text in PAGES.items():
+        assert not re.search(r"\btraps? \d", text, flags=re.I), name
+
+
+def _needs_keras(argv: list[str]) -> bool:
+    return argv[0] in ("verify", "explain") or "--engine=keras" in " ".join(argv).replace(
+        "--engine ", "--engine="
+    )
+
+
+def _page_params():
+    for name, text in PAGES.items():
+        commands = bnfreeze_commands(text)
+        if commands:
+            keras = any(_needs_keras(argv) for argv, _ in commands)
+            yield pytest.param(name, commands, id=name, marks=[pytest.mark.keras] if keras else [])
+
+
+@pytest.mark.parametrize(("page", "commands"), list(_page_params()))
+def test_page_commands_run(workdir, page, commands):
+    """A page's bash commands, in order, in one folder (a later one may read an earlier one's
+    output, as in the README's tour)."""
+    for argv, pipe in commands:
+        result = CliRunner().invoke(cli, argv, env=ENV, catch_exceptions=False)
+        shown = f"{page}: bnfreeze {' '.join(argv)}"
+        assert result.exit_code in (EXIT_OK, EXIT_CHECK_FAILED), f"{shown}\n{result.stderr}"
+        assert "Traceback" not in result.stderr, shown
+        if pipe is not None and ("jq" in pipe or "json.tool" in pipe):
+            json.loads(result.stdout)
+
+
+def _python_params():
+    for name, text in PAGES.items():
+        for i, block in enumerate(fenced_blocks("python", text)):
+            keras = re.search(r"^import keras|^from keras|load_model\(|keras\.", block, re.M)
+            yield pytest.param(
+                name, block, id=f"{name}#{i}", marks=[pytest.mark.keras] if keras else []
+            )
+
+
+@pytest.mark.parametrize(("page", "code"), list(_python_params()))
+def test_python_blocks_run(workdir, page, code):
+    """Every python block runs as written (a block that should not is fenced ``text``), and
+    leaves nothing behind in the current folder unless it says it writes a file."""
+    import warnings
+
+    before = set(workdir.iterdir())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(code, page, "exec"), {})
+    if page == "README.md":
+        assert set(workdir.iterdir()) == before
+
+
+def test_readme_python_example_says_what_it_claims(workdir, capsys):
+    code = fenced_blocks("python")[0]
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "51 BN layers run in inference mode in fit()"
+    assert printed[1].startswith("1 flag changed: recompile-required")
+
+
+TOUR_EDIT = ["sample_models/guide_pattern.keras", "--keep-bn-inference", "-o", "finetune.keras"]
+
+
+def _shown_in_order(shown: str, printed: str) -> None:
+    """Each line of an excerpt is a line of the output, in order; ``...`` skips lines."""
+    lines = printed.splitlines()
+    at = 0
+    for line in shown.splitlines():
+        if line == "...":
+            continue
+        assert line in lines[at:], f"not printed (in this order): {line!r}"
+        at = lines.index(line, at) + 1
+
+
+def test_readme_tour_output_is_current(workdir):
+    env = {**ENV, "COLUMNS": "80"}
+    tour = README[README.index("## A 60-second tour") : README.index("## The commands")]
+    shown = fenced_blocks("text", tour)
+    inspect = CliRunner().invoke(
+        cli, ["inspect", "sample_models/guide_pattern.keras"], env=env, catch_exceptions=False
+    )
+    assert inspect.stderr == ""  # the first command warns about nothing
+    _shown_in_order(shown[0], inspect.stdout)
+    edit = CliRunner().invoke(
+        cli,
+        ["unfreeze", *TOUR_EDIT],
+        env=env,
+        catch_exceptions=False,
+    )
+    _shown_in_order(shown[1], edit.stdout + edit.stderr)
+    for line in (edit.stdout + edit.stderr).splitlines():
+        assert len(line) <= 80, line
+
+
+@pytest.mark.keras
+def test_readme_tour_verify_output_is_current(workdir):
+    env = {**ENV, "COLUMNS": "80"}
+    tour = README[README.index("## A 60-second tour") : README.index("## The commands")]
+    shown = fenced_blocks("text", tour)
+    CliRunner().invoke(cli, ["unfreeze", *TOUR_EDIT], env=env, catch_exceptions=False)
+    result = CliRunner().invoke(
+        cli,
+        ["verify", "finetune.keras", "--expect", "bn-inference"],
+        env=env,
+        catch_exceptions=False,
+    )
+    assert result.exit_code == EXIT_OK
+    _shown_in_order(shown[2], result.stdout)
 
 
 def _example_after(marker: str, language: str) -> str:
-    start = README.index(marker)
-    match = re.compile(rf"^```{language}\n(.*?)^```", flags=re.M | re.S).search(README, start)
+    text = next(t for t in PAGES.values() if marker in t)
+    start = text.index(marker)
+    match = re.compile(rf"^```{language}\n(.*?)^```", flags=re.M | re.S).search(text, start)
     assert match, f"no {language} block after {marker!r}"
     return match.group(1)
 
@@ -173,18 +293,18 @@ def test_every_json_key_is_documented(monkeypatch):
         env=ENV,
         catch_exceptions=False,
     )
-    documented = set(re.findall(r"^\| `([^`]+)`", README, flags=re.M))
+    documented = set(re.findall(r"^\| `([^`]+)`", PAGES["docs/json.md"], flags=re.M))
     documented |= {f"layers[].{k}" for k in ("name", "class_name")}  # one row for both
     for key in _keys(json.loads(result.stdout)):
         if key.startswith("warnings[]."):
-            assert f"`{key.split('.')[-1]}`" in README
+            assert f"`{key.split('.')[-1]}`" in PAGES["docs/json.md"]
             continue
-        assert key in documented, f"JSON key {key!r} is not in the README's table"
+        assert key in documented, f"JSON key {key!r} is not in docs/json.md's table"
 
 
 @pytest.mark.parametrize("code", list(WarningCode), ids=lambda c: c.value)
 def test_every_warning_code_is_documented(code):
-    assert f"`{code.value}`" in README
+    assert f"`{code.value}`" in PAGES["docs/json.md"]
 
 
 @pytest.mark.parametrize("exit_code", [EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, 130])

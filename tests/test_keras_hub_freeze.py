@@ -269,8 +269,8 @@ def test_readme_example_runs(hub, tmp_path, monkeypatch, capsys):
     """The README's "How to freeze them" example runs and prints what it claims."""
     import re
 
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("### How to freeze them") :]
+    readme = (ROOT / "docs" / "keras-hub.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## How to freeze them") :]
     block = re.search(r"```python\n(.*?)```", section, re.S)
     assert block is not None
     monkeypatch.chdir(tmp_path)

@@ -79,7 +79,7 @@ PRIVATE = ("SEMAN" + "TICS", "\N{SECTION SIGN}")
         [
             *(ROOT / "bnfreeze").rglob("*.py"),
             *(ROOT / "bnfreeze").rglob("*.toml"),
-            *(ROOT / "docs").glob("*.md"),
+            *(ROOT / "docs").rglob("*.md"),
             *(ROOT / "tests").glob("*.py"),
             *(p for p in (ROOT / "tests" / "golden").rglob("*") if p.is_file()),
             ROOT / "README.md",

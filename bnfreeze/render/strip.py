@@ -182,8 +182,13 @@ def strip_view(report: Report) -> Group:
     cells = strip_cells(report)
     if not cells:
         return Group(Text("The model lists no layers.", style="dim"))
+    containers = len(report.layers) - len(cells)
+    # The summary counts every layer; the strip leaves containers out, and says so.
+    counted = f"{len(cells)} layers"
+    if containers:
+        counted = f"{len(cells)} of {len(report.layers)}: no containers"
     return Group(
-        Text(f"In fit(), one cell per layer in model order ({len(cells)} layers):", "bold"),
+        Text(f"In fit(), one cell per layer in model order ({counted}):", "bold"),
         Strip(cells),
         legend(cells),
         Text(""),

@@ -197,8 +197,8 @@ def require_runtime(runtime: Runtime) -> None:
         return
     if not _installed("keras"):
         raise RuntimeUnavailableError(
-            "this command runs the model with Keras, which is not installed (bnfreeze's core "
-            "reads and edits files without it).",
+            "this command needs Keras, which is not installed (bnfreeze's core reads and "
+            "edits files without it).",
             hint=INSTALL_KERAS_HINT,
         )
     choice = configured_backend()
