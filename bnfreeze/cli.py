@@ -856,8 +856,8 @@ def verify(
     its inputs, and reports per layer whether the BN moving statistics, gamma/beta and other
     weights moved. A built-in BN layer's mode is the branch its call() took during the step
     (batch or moving statistics), recorded, not read off its statistics: with momentum=1.0 a
-    BN in training mode leaves them unchanged. The measurement is compared with what inspect predicts from the file.
-    The file is never written.
+    BN in training mode leaves them unchanged. The measurement is compared with what inspect
+    predicts from the file. The file is never written.
 
     Exit codes: 0 prediction and measurement agree (and every --expect holds), 1 they
     disagree (or an --expect fails), 2 bad input.

@@ -15,6 +15,10 @@ EXPORTS = [
     "recompile",
     "RecompileWarning",
     "load_model",
+    "Report",
+    "Finding",
+    "WarningCode",
+    "EditResult",
     "BatchNormGuard",
 ]
 

@@ -107,7 +107,7 @@ def test_inspect_strip_golden(samples):
     assert result.exit_code == 0
     lines = [line.rstrip() for line in result.stdout.splitlines()]
     assert lines[-6:] == [
-        "In fit(), one cell per layer in model order (6 layers):",
+        "In fit(), one cell per layer in model order (6 of 7: no containers):",
         "1 ··░███",
         "█ training 3   ░ frozen 1   ▒ BN inference 0   · no weights 2",
         "",

@@ -15,7 +15,6 @@ from bnfreeze.model.records import (
     LayerKind,
     LayerState,
     ModelFile,
-    ModelFormat,
     Normalization,
     Runtime,
     WarningCode,
