@@ -492,7 +492,7 @@ def diff(a: str, b: str, as_json: bool, exit_code: bool, export: str | None) -> 
 @click.option(
     "--keep-optimizer-state",
     is_flag=True,
-    help="Deprecated spelling of --optimizer-state keep (still works).",
+    help="Short for --optimizer-state keep.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
 def apply_plan(
@@ -611,7 +611,7 @@ def edit_options(f: Any) -> Any:
         click.option(
             "--keep-optimizer-state",
             is_flag=True,
-            help="Deprecated spelling of --optimizer-state keep (still works).",
+            help="Short for --optimizer-state keep.",
         ),
         click.option(
             "--engine",

@@ -341,7 +341,7 @@ def trainable_layers(states: Sequence[LayerState]) -> frozenset[str]:
 def parse_mode(
     value: OptimizerStateMode | str | None, keep_optimizer_state: bool = False
 ) -> OptimizerStateMode:
-    """The mode asked for; the deprecated ``keep_optimizer_state=True`` means KEEP."""
+    """The mode asked for; ``keep_optimizer_state=True`` is short for KEEP."""
     if value is None:
         return OptimizerStateMode.KEEP if keep_optimizer_state else OptimizerStateMode.REMAP
     mode = OptimizerStateMode(value)
@@ -349,7 +349,7 @@ def parse_mode(
         from bnfreeze.errors import BnfreezeError
 
         raise BnfreezeError(
-            f"--keep-optimizer-state (deprecated) means --optimizer-state keep, which "
+            f"--keep-optimizer-state means --optimizer-state keep, which "
             f"contradicts --optimizer-state {mode.value}; pick one."
         )
     return mode
