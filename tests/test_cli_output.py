@@ -145,6 +145,32 @@ def test_diff_view_matches_golden(work, columns):
     assert_readable(result.stdout, columns)
 
 
+@pytest.mark.parametrize("columns", WIDTHS)
+@pytest.mark.parametrize("keep", [True, False], ids=["keep-bn-inference", "plain"])
+def test_diff_compact_view_keeps_each_changed_layer_on_one_line(work, columns, keep):
+    """The guide sample against its fine-tuning copy: each layer whose fit() behaviour changes
+    is one line holding its whole name and both arrows; the layers whose flag alone changed
+    (no weights) are counted on one line, not listed."""
+    args = ["unfreeze", "guide_pattern.keras", "-o", "finetune.keras", "-q"]
+    assert invoke(*args, *(["--keep-bn-inference"] if keep else [])).exit_code == 0
+    result = invoke("diff", "guide_pattern.keras", "finetune.keras", columns=columns)
+    assert result.exit_code == 0
+    name = "diff_guide_keep_bn_inference" if keep else "diff_guide_unfreeze"
+    golden_files.check(GOLDEN, f"{name}_{columns}.stdout.txt", result.stdout)
+    assert_readable(result.stdout, columns)
+    document = json.loads(invoke("diff", "guide_pattern.keras", "finetune.keras", "--json").stdout)
+    lines = result.stdout.splitlines()
+    changed = [row for row in document["layers"] if row["a"]["in_fit"] != row["b"]["in_fit"]]
+    assert len(changed) == (51 if keep else 102)
+    for row in changed:
+        leaf = row["path"].split("/")[-1]
+        first = [ln.strip().split(" ")[0] for ln in lines]
+        (line,) = [ln for ln, w in zip(lines, first, strict=True) if w in (leaf, row["path"])]
+        assert line.count("→") == 2, line
+    hidden = len(document["layers"]) - len(changed) - 1  # the backbone heads its layers
+    assert f"and {hidden} layers without weights whose flag changed" in result.stdout
+
+
 def guide_verify_report(disagree: bool = True) -> Any:
     """A verify report for the guide sample without Keras: every BN layer measured as
     inspect predicts it (unchanged), one convolution trained with a zero update, and, with

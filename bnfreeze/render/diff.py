@@ -45,11 +45,46 @@ def _arrow(a: Text, b: Text, changed: bool) -> Text:
     return text
 
 
+def shown_rows(result: DiffResult) -> tuple[LayerDiff, ...]:
+    """The rows the compact view lists: every layer whose ``fit()`` behaviour differs, every
+    layer only in one model, and containers (they head their layers). A layer whose flag alone
+    changed and that does nothing different in ``fit()`` (it has no weights) is unchanged
+    context: :func:`context_line` counts those (``--json`` lists every one)."""
+    return tuple(
+        row
+        for row in result.layers
+        if row.status is not LayerStatus.CHANGED
+        or row.fit_changed
+        or (row.a is not None and row.a.layer.is_container)
+    )
+
+
+def context_line(result: DiffResult) -> Text | None:
+    """One line for the unchanged context: layers whose flag changed, ``fit()`` unchanged."""
+    shown = set(shown_rows(result))
+    hidden = [row for row in result.layers if row not in shown]
+    if not hidden:
+        return None
+    flips: dict[str, int] = {}
+    for row in hidden:
+        assert row.a is not None and row.b is not None
+        key = f"{row.a.layer.trainable} → {row.b.layer.trainable}"
+        flips[key] = flips.get(key, 0) + 1
+    said = ", ".join(f"{n} {key}" for key, n in flips.items())
+    count = len(hidden)
+    return Text(
+        f"and {count} layer{'s' if count != 1 else ''} without weights whose flag changed "
+        f"({said}) and whose fit() does not (--json lists them).",
+        style=STYLE_NONE,
+    )
+
+
 def layers_table(result: DiffResult) -> ColumnTable:
-    """One row per differing layer, laid out for the width (:mod:`bnfreeze.render.columns`):
-    a layer only in one model reads "absent" on the other side."""
+    """One line per layer whose ``fit()`` behaviour differs (:func:`shown_rows`), laid out for
+    the width (:mod:`bnfreeze.render.columns`): a layer only in one model reads "absent" on the
+    other side. The two change columns never wrap: the class column gives way first."""
     rows = []
-    for row in result.layers:
+    for row in shown_rows(result):
         path = Text(row.path)
         flag_changed = row.status is not LayerStatus.CHANGED or row.flag_changed
         mode_changed = row.status is not LayerStatus.CHANGED or row.fit_changed
@@ -64,8 +99,8 @@ def layers_table(result: DiffResult) -> ColumnTable:
     columns = (
         Column("path", Kind.PATH, group=True),
         Column("class", Kind.CLASS),
-        Column("trainable A → B", Kind.WRAP, min_width=15),
-        Column("in fit() A → B", Kind.WRAP, min_width=14),
+        Column("trainable", Kind.FIXED),
+        Column("in fit()", Kind.FIXED),
     )
     return ColumnTable(columns, rows)
 
@@ -125,14 +160,19 @@ def diff_view(result: DiffResult) -> RenderableType:
     head.append(f"  {result.b.model.path}")
     if result.layers:
         count = len(result.layers)
-        body: RenderableType = Group(
+        parts: list[RenderableType] = [
             Text(
                 f"{count} layer{'s differ' if count != 1 else ' differs'} in flag or fit() "
-                "behaviour:",
+                "behaviour, A → B:",
                 style="bold",
             ),
-            layers_table(result),
-        )
+        ]
+        if shown_rows(result):
+            parts.append(layers_table(result))
+        context = context_line(result)
+        if context is not None:
+            parts.append(context)
+        body: RenderableType = Group(*parts)
     else:
         body = Text("No layer differs in flag or fit() behaviour.", style=STYLE_NONE)
     return Trimmed(Group(head, Text(""), body, Text(""), facts(result)))
