@@ -148,11 +148,27 @@ def test_failure_table_is_exact(under_frozen):
     assert result.stdout == (
         f"FAIL  {under_frozen}: 1 of 2 checks fail, 2 failures.\n"
         "\n"
-        "check         layer              expected   actual\n"
-        "────────────────────────────────────────────────────\n"
-        "bn-inference  backbone/inner_bn  inference  training\n"
-        "bn-inference  head_bn            inference  training\n"
+        "bn-inference\n"
+        "layer              expected   actual\n"
+        "──────────────────────────────────────\n"
+        "backbone/inner_bn  inference  training\n"
+        "head_bn            inference  training\n"
     )
+
+
+@pytest.mark.parametrize("columns", [80, 100])
+def test_strict_failure_keeps_the_check_name_and_the_path_whole(under_frozen, columns):
+    """The check name and the layer path each stay on one line, at 80 and at 100 columns."""
+    result = CliRunner().invoke(
+        cli,
+        ["check", str(under_frozen), "--strict"],
+        env={"COLUMNS": str(columns), "NO_COLOR": "1"},
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    assert "strict: trainable-bn-under-frozen-container" in lines
+    assert any(line.startswith("backbone/inner_bn  ") for line in lines)
 
 
 def test_verbose_prints_every_check_on_success(guide):

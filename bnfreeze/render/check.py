@@ -57,16 +57,14 @@ def outcomes_table(result: CheckResult) -> ColumnTable:
 
 
 def failures_table(failures: tuple[Failure, ...]) -> ColumnTable:
-    """Each failure: the check, the layer, what was expected and what the model does."""
+    """Each failure of one check: the layer, what was expected and what the model does."""
     columns = (
-        Column("check", Kind.WRAP, wrap_first=True),
         Column("layer", Kind.PATH, group=True),
         Column("expected", Kind.WRAP),
         Column("actual", Kind.WRAP),
     )
     rows = (
         (
-            Text(f.expectation),
             Text(f.path or "(model)"),
             Text(f.expected),
             Text(f.actual, style="red"),
@@ -76,13 +74,27 @@ def failures_table(failures: tuple[Failure, ...]) -> ColumnTable:
     return ColumnTable(columns, rows)
 
 
+def failures_view(failures: tuple[Failure, ...]) -> Group:
+    """The failures grouped by check: the check's name on a line of its own, whole (names
+    such as ``strict: trainable-bn-under-frozen-container`` never wrap), then its table."""
+    by_check: dict[str, list[Failure]] = {}
+    for failure in failures:
+        by_check.setdefault(failure.expectation, []).append(failure)
+    parts: list[RenderableType] = []
+    for name, found in by_check.items():
+        if parts:
+            parts.append(Text(""))
+        parts += [Text(name, style="bold", no_wrap=True), failures_table(tuple(found))]
+    return Group(*parts)
+
+
 def check_view(result: CheckResult, *, verbose: bool = False) -> RenderableType:
     """Nothing worth printing on success unless ``verbose``: the CLI stays quiet then."""
     parts: list[RenderableType] = [headline(result)]
     if verbose:
         parts += [Text(""), outcomes_table(result)]
     if result.failures:
-        parts += [Text(""), failures_table(result.failures)]
+        parts += [Text(""), failures_view(result.failures)]
     return Trimmed(Group(*parts))
 
 
