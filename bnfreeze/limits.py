@@ -1,4 +1,4 @@
-"""Limits enforced before anything large is allocated. The README's "Guarantees" quote them.
+"""Limits enforced before anything large is allocated. docs/guarantees.md quotes them.
 
 A model file is untrusted input: a few kilobytes can claim gigabytes (a zip bomb, a member
 size that lies) or nest JSON deep enough to exhaust Python's stack in any recursive consumer

@@ -25,7 +25,7 @@ GroupNormalization and the other normalizations without moving statistics are ne
 
 The flags of these layers are not saved, so after loading each reads ``trainable=True``:
 Keras's rebuild does not pass the container's saved ``trainable=False`` down (see the
-README section "keras-hub and code-built models").
+docs/keras-hub.md, "keras-hub and code-built models").
 """
 
 from __future__ import annotations

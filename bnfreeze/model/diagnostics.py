@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 #: The README section that says how to freeze a model whose layers code builds.
 CODE_BUILT_SECTION = "keras-hub and code-built models"
+#: The docs page that explains them (the README links the docs site).
+CODE_BUILT_PAGE = "docs/keras-hub.md"
 
 #: How close to the initializer values counts as "untrained" BN statistics.
 _UNTRAINED_ATOL = 1e-7
@@ -91,7 +93,7 @@ def _reload_trains(states: tuple[LayerState, ...], owners: Sequence[Owner]) -> l
                 "normalize with batch statistics and update their moving statistics in fit() "
                 "(and their gamma/beta train unless the whole model is frozen). Setting "
                 "trainable=False before saving does not survive a reload; apply it after "
-                f'loading. See the README section "{CODE_BUILT_SECTION}".',
+                f"loading. See {CODE_BUILT_PAGE} ({CODE_BUILT_SECTION}).",
             )
         )
     return findings

@@ -172,7 +172,7 @@ class FitBehaviour:
     """What a layer does in ``fit()`` (or ``predict()``) under one runtime's rules.
 
     ``None`` means "not applicable" (no weights, not BN) or "cannot know from the file" (a
-    custom class whose Python code may decide). See the README's JSON section.
+    custom class whose Python code may decide). See docs/json.md.
     """
 
     trains_weights: bool | None

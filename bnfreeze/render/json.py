@@ -3,7 +3,7 @@
 Every document carries ``schema_version``, ``command``, a ``runtime`` object
 (:func:`runtime_dict`) and, for each model file it is about, a model object
 (:func:`model_dict`): ``model``, or ``a`` and ``b`` for ``diff``. The JSON Schema of each
-document ships in ``bnfreeze/schemas/`` (see the README's "JSON output" section).
+document ships in ``bnfreeze/schemas/`` (see docs/json.md).
 
 Version 2: a layer's ``trainable`` is the flag Keras will have after loading the file; for a
 layer read from the weights (``source: "weights"``: code builds it, the config does not list
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from bnfreeze.runtime.loading import RuntimeInfo
 
 #: 2: ``model`` is an object and ``runtime`` an object in every document, and every document
-#: names its ``command`` (see the README's "JSON output" section).
+#: names its ``command`` (see docs/json.md).
 SCHEMA_VERSION = 2
 
 
@@ -171,5 +171,5 @@ def dumps_by_line(document: dict[str, Any]) -> str:
 
 
 def render_report(report: Report) -> str:
-    """The ``inspect --json`` document (see the README's "JSON output" section)."""
+    """The ``inspect --json`` document (see docs/json.md)."""
     return dumps_by_line(report_dict(report))

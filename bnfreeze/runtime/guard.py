@@ -510,7 +510,7 @@ def _make_class() -> type:
         "A Keras callback that checks, inside fit(), that BatchNormalization layers do what "
         "their flags say: stale flags and the expectations before the first step, the branch "
         "each BN took and what moved after the first batch. Results in ``guard.report`` "
-        "(a GuardReport); see the bnfreeze README, 'In a training script'."
+        "(a GuardReport); see docs/python-api.md, 'In a training script'."
     )
     BatchNormGuard.__module__ = __name__
     return BatchNormGuard

@@ -849,8 +849,8 @@ def recorded_flags_message(output: str) -> str:
         f"bnfreeze recorded them in {output} ({RECORDED_MEMBER}). Load it with "
         f"bnfreeze.load_model({output!r}): it calls keras.models.load_model and sets them "
         "again. A plain keras.models.load_model ignores them: those layers load with "
-        "trainable=True and train (BatchNormalization in training mode). See the README, "
-        "'keras-hub and code-built models'."
+        "trainable=True and train (BatchNormalization in training mode). See docs/keras-hub.md "
+        "(keras-hub and code-built models)."
     )
 
 
