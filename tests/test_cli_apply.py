@@ -238,7 +238,7 @@ def test_compiled_model_remaps_or_drops_mismatched_optimizer_state(samples, tmp_
         "apply", src, "--plan", CONFIGS / "keras-guide-finetune.toml", "-o", tmp_path / "r.keras"
     )
     assert result.exit_code == 0
-    assert "The 6 saved optimizer variables were remapped" in result.stderr
+    assert "the 6 saved optimizer variables were remapped" in result.stderr
     diff = json.loads(invoke("diff", src, tmp_path / "r.keras", "--json").stdout)
     assert diff["weights"]["identical"] is True
     assert diff["optimizer_state"]["b"] > 6
@@ -318,6 +318,7 @@ def test_dry_run_writes_nothing_and_json_is_the_freeze_document(samples, tmp_pat
         "input",
         "output",
         "dry_run",
+        "optimizer_state",
         "changes",
         "report",
         "warnings",

@@ -163,6 +163,7 @@ def test_json_whole_document(work):
         "input": "seed_bn.keras",
         "output": "out.keras",
         "dry_run": False,
+        "optimizer_state": {"state": "none", "saved": None, "written": None},
         "changes": [{"path": "batch_normalization", "before": True, "after": False}],
         "report": {
             "schema_version": 2,
@@ -238,6 +239,7 @@ def test_json_dry_run_with_optimizer_state(work):
         "input",
         "output",
         "dry_run",
+        "optimizer_state",
         "changes",
         "report",
         "warnings",
@@ -252,6 +254,7 @@ def test_json_dry_run_with_optimizer_state(work):
     # Remapped state is a fact on stderr, not a warning; the report counts the new variables.
     assert [w["code"] for w in doc["warnings"]] == ["recompile-required"]
     assert doc["report"]["model"]["optimizer_variables"] == 108
+    assert doc["optimizer_state"] == {"state": "remapped", "saved": 6, "written": 108}
     assert result.stderr.startswith(
         "dry run: nothing was written.\noptimizer state: the 6 saved optimizer variables would "
         "be remapped to the new\n  trainable set (108 now: 4 slots kept, 0 left out, 102 "

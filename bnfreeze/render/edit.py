@@ -136,6 +136,12 @@ def edit_dict(result: EditResult, command: str = "freeze") -> dict[str, Any]:
         "input": result.source,
         "output": result.output,
         "dry_run": result.dry_run,
+        # A fact, not a warning: what happened to the saved optimizer variables.
+        "optimizer_state": {
+            "state": result.optimizer_state.value,
+            "saved": result.optimizer_variables,
+            "written": report.model.optimizer_variables,
+        },
         "changes": [change_dict(c) for c in result.changes],
         "report": report_dict(result.report),
         "warnings": [finding_dict(f) for f in result.warnings],
