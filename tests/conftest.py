@@ -269,7 +269,7 @@ def subclassed_keras(custom_layers_file, tmp_path_factory) -> Path:
     return path
 
 
-# --- The figures behind the README's "Guarantees" (tests/guarantees.py) --------------------
+# --- The figures behind docs/guarantees.md (tests/guarantees.py) ---------------------------
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -283,7 +283,7 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_sep("-", "bnfreeze guarantees: tried this run (tests/.guarantees.json)")
     planned = guarantees.planned()
     for key, value in sorted(guarantees.ran.items()):
-        terminalreporter.write_line(f"{key}: {value} (README: {planned.get(key, '-')})")
+        terminalreporter.write_line(f"{key}: {value} (docs/guarantees.md: {planned.get(key, '-')})")
 
 
 @pytest.fixture

@@ -1,10 +1,10 @@
-"""The figures the README's "Guarantees" section quotes, and what the suite actually ran.
+"""The figures docs/guarantees.md quotes, and what the suite actually ran.
 
 :func:`planned` computes them from the same generators the tests use (deterministic: fixed
 offsets, fixed seeds, fixed hypothesis budgets). The tests :func:`count` what they really
 tried; ``tests/conftest.py`` prints both at the end of the run and writes them to
 ``tests/.guarantees.json`` (not committed), and ``tests/test_guarantees_doc.py`` checks that
-the README quotes :func:`planned` and the fuzz tests check that they ran exactly that many.
+docs/guarantees.md quotes :func:`planned` and the fuzz tests check that they ran exactly that many.
 """
 
 from __future__ import annotations

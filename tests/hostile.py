@@ -8,7 +8,7 @@ name back into the file, so a failure message is a reproduction recipe::
 
     python -c "from tests.hostile import build; build('flip:seed_bn.keras@1234.5', '/tmp/x')"
 
-The counts are deterministic (fixed offsets, fixed seeds): the README's "Guarantees" section
+The counts are deterministic (fixed offsets, fixed seeds): docs/guarantees.md
 quotes them, and ``tests/test_guarantees_doc.py`` checks it quotes what this module generates.
 """
 

@@ -116,7 +116,7 @@ mutations = st.builds(
 @settings(
     max_examples=guarantees.FUZZ_EXAMPLES,
     deadline=None,
-    derandomize=True,  # the same inputs every run: the README's count is exact
+    derandomize=True,  # the same inputs every run: docs/guarantees.md's count is exact
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(case=mutations)
@@ -130,7 +130,8 @@ def test_mutations(case, tmp_path_factory):
 
 
 def test_every_planned_input_ran(request):
-    """The counts the README quotes are the counts this run tried (when the whole module ran)."""
+    """The counts docs/guarantees.md quotes are the counts this run tried (when the whole
+    module ran)."""
     selected = {
         item.originalname for item in request.session.items if item.module is request.module
     }
