@@ -130,6 +130,22 @@ def test_the_readme_is_short():
     assert len(README.splitlines()) <= 250
 
 
+#: Fence languages: ``bash`` and ``python`` blocks run (see below); the others are output,
+#: documents or files shown (``text``, ``json``, ``toml``) and never run.
+FENCES = {"bash", "python", "text", "json", "toml"}
+
+
+@pytest.mark.parametrize("page", list(PAGES))
+def test_every_block_says_whether_it_runs(page):
+    inside = False
+    for number, line in enumerate(PAGES[page].splitlines(), 1):
+        if line.startswith("```"):
+            if not inside:
+                assert line[3:] in FENCES, f"{page}:{number}: fence {line!r}"
+            inside = not inside
+    assert not inside, f"{page}: a fence is not closed"
+
+
 def test_no_second_numbering():
     """One numbering: the rules of docs/semantics.md. No page says "trap 3"."""
     for name, text in PAGES.items():
