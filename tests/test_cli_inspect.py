@@ -336,9 +336,7 @@ def test_json_bn_under_frozen_warnings():
     }
     assert [(w["code"], w["path"]) for w in doc["warnings"]] == [
         ("trainable-bn-under-frozen-container", "backbone/inner_bn"),
-        ("untrained-bn-statistics", "backbone/inner_bn"),
-        ("untrained-bn-statistics", "head_bn"),
-    ]
+    ]  # both BN layers train, which fills their untrained statistics: no warning for that
 
 
 def test_json_legacy_h5_nested():
@@ -392,7 +390,7 @@ def test_json_stdout_is_pure_json_and_warnings_go_to_stderr(sample):
 def test_table_view_warnings_only_on_stderr():
     result = invoke("inspect", "sample_models/bn_under_frozen.keras")
     assert "warning" not in result.stdout
-    assert result.stderr.count("warning: ") == 3
+    assert result.stderr.count("warning: ") == 1
     assert "backbone/inner_bn is trainable inside frozen container backbone" in " ".join(
         result.stderr.split()
     )

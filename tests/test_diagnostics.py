@@ -300,7 +300,10 @@ def test_no_optimizer_state_warning_on_samples(name):
 
 
 def test_untrained_statistics_fire_only_for_initializer_values(tmp_path):
-    config = model([input_layer("x"), bn("fresh"), bn("trained"), bn("half")])
+    frozen = {"trainable": False}
+    config = model(
+        [input_layer("x"), bn("fresh", **frozen), bn("trained", **frozen), bn("half", **frozen)]
+    )
     half = dict(UNTRAINED, moving_variance=3.0)
     weights = {
         "fresh": bn_values(UNTRAINED),
@@ -312,14 +315,37 @@ def test_untrained_statistics_fire_only_for_initializer_values(tmp_path):
         WarningCode.UNTRAINED_BN_STATISTICS,
     )
     assert codes(found) == [("untrained-bn-statistics", "fresh")]
-    assert "disables batch normalization" in found[0].message
+    assert "so it is an identity: batch normalization is disabled" in found[0].message
+    assert "bnfreeze unfreeze MODEL --layers 'fresh' -o OUT" in found[0].message
+
+
+def test_untrained_statistics_of_a_training_bn_are_no_warning(tmp_path):
+    """A BN that trains with batch statistics is what an untrained BN should do: fit() fills
+    its moving statistics. Nothing goes wrong with the file as it is."""
+    config = model([input_layer("x"), bn("fresh")])
+    weights = {"fresh": bn_values(UNTRAINED)}
+    assert not warnings_of(keras_archive(tmp_path / "m.keras", config, weights))
+
+
+def test_freezing_an_untrained_bn_warns_in_the_result(tmp_path):
+    """Freezing it is what makes it an identity: the edit's result says so."""
+    from bnfreeze.ops.edit import freeze_file
+
+    config = model([input_layer("x"), bn("fresh")])
+    path = keras_archive(tmp_path / "m.keras", config, {"fresh": bn_values(UNTRAINED)})
+    result = freeze_file(path, bn_inference=True, dry_run=True)
+    found = [f for f in result.all_warnings if f.code == "untrained-bn-statistics"]
+    assert [f.path for f in found] == ["fresh"]
 
 
 @pytest.mark.parametrize(("scale", "center"), [(False, False), (False, True), (True, False)])
 def test_untrained_statistics_without_gamma_or_beta(tmp_path, scale, center):
     """The weights file numbers its datasets; scale/center decide which is which."""
     config = model(
-        [bn("fresh", scale=scale, center=center), bn("trained", scale=scale, center=center)]
+        [
+            bn("fresh", scale=scale, center=center, trainable=False),
+            bn("trained", scale=scale, center=center, trainable=False),
+        ]
     )
     # A trained layer whose gamma/beta happen to be initial: only the statistics tell.
     trained = dict(TRAINED, gamma=1.0, beta=0.0)
@@ -337,27 +363,27 @@ def test_untrained_statistics_without_gamma_or_beta(tmp_path, scale, center):
 def test_untrained_statistics_beta_one_is_not_untrained(tmp_path):
     """With center only, one dataset precedes the statistics: it is beta, and 1.0 is not
     beta's initial value (a count-based guess would have taken it for gamma)."""
-    config = model([bn("b", scale=False)])
+    config = model([bn("b", scale=False, trainable=False)])
     weights = {"b": [1.0, 0.0, 1.0]}
     assert not warnings_of(keras_archive(tmp_path / "m.keras", config, weights))
 
 
 def test_untrained_statistics_with_renorm(tmp_path):
-    config = model([bn("r", renorm=True)])
+    config = model([bn("r", renorm=True, trainable=False)])
     weights = {"r": [*bn_values(UNTRAINED), 1.0, 0.0, 1.0]}
     found = warnings_of(keras_archive(tmp_path / "m.keras", config, weights))
     assert codes(found) == [("untrained-bn-statistics", "r")]
 
 
 def test_untrained_statistics_in_a_nested_model(tmp_path):
-    config = model([backbone(trainable=True, bns=(True, True))])
+    config = model([backbone(trainable=True, bns=(False, False))])
     weights = {"base/bn0": bn_values(UNTRAINED), "base/bn1": bn_values(TRAINED)}
     found = warnings_of(keras_archive(tmp_path / "m.keras", config, weights))
     assert codes(found) == [("untrained-bn-statistics", "base/bn0")]
 
 
 def test_a_weights_layout_that_does_not_fit_the_config_is_unknown(tmp_path):
-    config = model([bn("b")])
+    config = model([bn("b", trainable=False)])
     weights = {"b": [0.0, 1.0]}  # two datasets for a BN that should have four
     assert not warnings_of(keras_archive(tmp_path / "m.keras", config, weights))
 
@@ -365,8 +391,10 @@ def test_a_weights_layout_that_does_not_fit_the_config_is_unknown(tmp_path):
 @pytest.mark.parametrize(
     ("name", "paths"),
     [
-        ("sequential.keras", ["bn_1", "bn_2"]),  # built with weights=None, never trained
-        ("bn_under_frozen.keras", ["backbone/inner_bn", "head_bn"]),
+        # Built with weights=None, never trained: only the frozen bn_2 is an identity; bn_1
+        # and both BN layers of bn_under_frozen train, which fills their statistics.
+        ("sequential.keras", ["bn_2"]),
+        ("bn_under_frozen.keras", []),
         ("guide_pattern.keras", []),  # the backbone trained a step before it was frozen
         ("seed_bn.keras", []),  # gamma 2, beta 1
         ("nested_legacy.h5", []),  # trained; named datasets in a legacy .h5
@@ -385,7 +413,7 @@ def test_untrained_statistics_in_a_legacy_h5(tmp_path):
     path = tmp_path / "fresh.h5"
     cfg = {
         "class_name": "Functional",
-        "config": {"name": "m", "trainable": True, "layers": [bn("b")]},
+        "config": {"name": "m", "trainable": True, "layers": [bn("b", trainable=False)]},
     }
     with h5py.File(path, "w") as h5:
         h5.attrs["model_config"] = json.dumps(cfg)
@@ -402,7 +430,7 @@ def test_untrained_statistics_in_a_legacy_h5(tmp_path):
 
 
 def test_no_untrained_statistics_check_without_readable_weights(tmp_path):
-    config = model([bn("b")])
+    config = model([bn("b", trainable=False)])
     path = tmp_path / "no_weights.keras"
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("config.json", json.dumps({"class_name": "Functional", **config}))

@@ -29,12 +29,15 @@ def test_the_first_command_warns_about_nothing():
     assert "compiled, 6 saved optimizer variables" in result.stdout  # the fact, in the summary
 
 
-def test_an_already_frozen_untrained_bn_is_not_told_to_freeze():
+def test_untrained_statistics_warn_only_where_they_do_harm():
+    """bn_2 is frozen with untrained statistics: an identity, warned about, and not told to
+    freeze. bn_1 trains, which fills its statistics: nothing goes wrong, no warning."""
     result = run("inspect", str(SAMPLES / "sequential.keras"))
     warnings = " ".join(result.stderr.split())
+    assert "bn_1 has untrained statistics" not in warnings
     bn_2 = warnings[warnings.index("bn_2 has untrained statistics") :]
     assert "Freezing it (--bn-inference)" not in bn_2
-    assert "It runs in inference mode, so it is an identity" in bn_2
+    assert "runs in inference mode in fit(), so it is an identity" in bn_2
 
 
 def test_verify_help_says_the_branch_is_recorded():

@@ -283,22 +283,19 @@ def _untrained_statistics(
         if not all(d in values for d in mapping.values()):
             continue
         if all(_is_constant(values[d], _UNTRAINED.get(label)) for label, d in mapping.items()):
-            if by_path[path].in_fit.normalizes_with is not Normalization.BATCH:
-                effect = (
-                    "It runs in inference mode, so it is an identity: it disables batch "
-                    "normalization until it is trained."
-                )
-            else:
-                effect = (
-                    "Freezing it (--bn-inference) turns it into an identity and disables batch "
-                    "normalization."
-                )
+            if by_path[path].in_fit.normalizes_with is Normalization.BATCH:
+                # Training with batch statistics is right for a BN that was never trained:
+                # fit() fills its moving statistics. It goes wrong only once it is frozen,
+                # and then the result of that edit says so.
+                continue
             findings.append(
                 Finding(
                     WarningCode.UNTRAINED_BN_STATISTICS,
                     path,
                     f"{path} has untrained statistics (moving mean 0, variance 1, gamma 1, "
-                    f"beta 0): the model was built with weights=None or never trained. {effect}",
+                    "beta 0) and runs in inference mode in fit(), so it is an identity: batch "
+                    f"normalization is disabled. Train it first: bnfreeze unfreeze MODEL "
+                    f"--layers '{path}' -o OUT.",
                 )
             )
     return findings
