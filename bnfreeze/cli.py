@@ -13,12 +13,16 @@ import gc
 import os
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from bnfreeze import __version__
 from bnfreeze.errors import EXIT_INTERNAL, BnfreezeError
+
+if TYPE_CHECKING:
+    from bnfreeze.model.assignments import Assignment
+    from bnfreeze.ops.request import EditResult, LayerSelection, Output
 
 #: A model path argument. Not ``readable=True`` (click's default): click would report an
 #: unreadable file as a usage error, several lines long; the readers say it in one line.
@@ -489,11 +493,6 @@ def diff(a: str, b: str, as_json: bool, exit_code: bool, export: str | None) -> 
     "keep them as they are (Keras matches them by position). The plan's [plan] "
     "optimizer_state otherwise.",
 )
-@click.option(
-    "--keep-optimizer-state",
-    is_flag=True,
-    help="Deprecated spelling of --optimizer-state keep (still works).",
-)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
 def apply_plan(
     model: str,
@@ -503,7 +502,6 @@ def apply_plan(
     dry_run: bool,
     in_place: bool,
     optimizer_state: str | None,
-    keep_optimizer_state: bool,
     as_json: bool,
 ) -> None:
     """Apply a TOML freeze plan: its rules in order, later rules winning.
@@ -518,20 +516,13 @@ def apply_plan(
       bnfreeze apply model.keras --plan freeze-up-to --set block=block_13_add -o top.keras
       bnfreeze apply model.keras --plan my-plan.toml --dry-run --json | jq .changes
     """
-    from bnfreeze.ops.plans import apply_plan_file, load_plan, parse_sets
+    from bnfreeze.ops.plans import load_plan, parse_sets, plan_edit_request
+    from bnfreeze.runtime.routes import apply_plan
 
-    if output is None and not dry_run and not in_place:
-        raise click.UsageError("-o OUT is required unless --dry-run or --in-place is given.")
+    destination = edit_output(output, in_place=in_place, dry_run=dry_run)
     plan = load_plan(plan_path, parse_sets(sets))
-    application = apply_plan_file(
-        model,
-        output,
-        plan,
-        dry_run=dry_run,
-        in_place=in_place,
-        keep_optimizer_state=keep_optimizer_state,
-        optimizer_state=optimizer_state,
-    )
+    planned = plan_edit_request(model, plan, destination, optimizer_state=optimizer_state)
+    application = apply_plan(planned)
     if as_json:
         from bnfreeze.render.plan import render_apply
 
@@ -540,10 +531,7 @@ def apply_plan(
         from bnfreeze.render.plan import apply_view
 
         stdout_console().print(apply_view(application))
-    from bnfreeze.render.edit import status_line
-
-    note(status_line(application.result))
-    emit_warnings(application.result.all_warnings)
+    edit_notes(application.result)
 
 
 @cli.command("plans")
@@ -609,11 +597,6 @@ def edit_options(f: Any) -> Any:
             "keep them as they are (Keras matches them by position).",
         ),
         click.option(
-            "--keep-optimizer-state",
-            is_flag=True,
-            help="Deprecated spelling of --optimizer-state keep (still works).",
-        ),
-        click.option(
             "--engine",
             type=click.Choice(["auto", "config", "keras"]),
             default="auto",
@@ -641,40 +624,70 @@ def edit_options(f: Any) -> Any:
     return f
 
 
-def run_edit(library_call: Any, output: str | None, as_json: bool, **kwargs: Any) -> None:
-    """Call the library, print the result (stdout) and what the user must know (stderr).
-
-    The view is rendered as soon as the library previews the result, while a big file is
-    still being copied, and printed once the write succeeded."""
-    if output is None and not kwargs.get("dry_run") and not kwargs.get("in_place"):
+def edit_output(path: str | None, *, in_place: bool, dry_run: bool) -> Output:
+    """Where an edit command writes; ``-o`` is required unless ``--dry-run`` or
+    ``--in-place`` is given."""
+    if path is None and not dry_run and not in_place:
         raise click.UsageError("-o OUT is required unless --dry-run or --in-place is given.")
-    consoles: list[Any] = []  # made on first use: importing Rich takes 30 ms
-    rendered: list[tuple[Any, str]] = []
+    from bnfreeze.ops.request import Output
 
-    def render(result: Any) -> str:
-        if as_json:
-            from bnfreeze.render.edit import render_edit
+    return Output(path, in_place=in_place, dry_run=dry_run)
 
-            return render_edit(result, click.get_current_context().info_name or "freeze") + "\n"
+
+@contextlib.contextmanager
+def flags_spelled() -> Iterator[None]:
+    """Options the library finds contradictory, spelled as this command's flags, as a usage
+    error (``--bn-inference and --train-bn contradict each other; pick one.``)."""
+    from bnfreeze.errors import ContradictoryOptions
+
+    try:
+        yield
+    except ContradictoryOptions as exc:
+        raise click.UsageError(exc.spelled(lambda name: "--" + name.replace("_", "-"))) from None
+
+
+def run_edit(
+    model: str,
+    assignment: Assignment,
+    selection: LayerSelection,
+    *,
+    output: str | None,
+    dry_run: bool,
+    in_place: bool,
+    as_json: bool,
+    optimizer_state: str | None,
+    engine: str,
+    custom_objects: str | None,
+    unsafe: bool,
+) -> None:
+    """Build the one :class:`~bnfreeze.ops.request.EditRequest`, apply it, print the result
+    (stdout) and what the user must know (stderr)."""
+    from bnfreeze.ops.optimizer_state import parse_mode
+    from bnfreeze.ops.request import EditRequest, Engine, Loading
+    from bnfreeze.runtime.routes import edit
+
+    request = EditRequest(
+        model,
+        assignment,
+        selection,
+        edit_output(output, in_place=in_place, dry_run=dry_run),
+        Loading(Engine(engine), custom_objects, unsafe, parse_mode(optimizer_state)),
+    )
+    with gc_paused():
+        result = edit(request)
+    if as_json:
+        from bnfreeze.render.edit import render_edit
+
+        click.echo(render_edit(result, click.get_current_context().info_name or "freeze"))
+    else:
         from bnfreeze.render.edit import edit_view
 
-        if not consoles:
-            consoles.append(stdout_console())
-        with consoles[0].capture() as capture:
-            consoles[0].print(edit_view(result))
-        return capture.get()
+        stdout_console().print(edit_view(result))
+    edit_notes(result)
 
-    def preview(result: Any) -> None:
-        rendered.append((result.report, render(result)))
 
-    with gc_paused():
-        result = library_call(output=output, preview=preview, **kwargs)
-    text = rendered[0][1] if rendered and rendered[0][0] is result.report else render(result)
-    if not consoles:
-        click.echo(text, nl=False)
-    else:
-        consoles[0].file.write(text)
-        consoles[0].file.flush()
+def edit_notes(result: EditResult) -> None:
+    """The status line and the warnings of an edit, on stderr."""
     from bnfreeze.render.edit import status_line
 
     note(status_line(result))
@@ -703,7 +716,12 @@ def run_edit(library_call: Any, output: str | None, as_json: bool, **kwargs: Any
 )
 @edit_options
 def freeze(
-    model: str, bn_inference: bool, train_bn: bool, up_to: str | None, **options: Any
+    model: str,
+    bn_inference: bool,
+    train_bn: bool,
+    up_to: str | None,
+    layers: tuple[str, ...],
+    **options: Any,
 ) -> None:
     """Set trainable=False on the selected layers (all by default), BN included.
 
@@ -719,22 +737,12 @@ def freeze(
       bnfreeze freeze model.keras --up-to block5_add -o partly_frozen.keras
       bnfreeze freeze model.keras --layers 'mobilenetv2*' --dry-run
     """
-    from bnfreeze.ops.edit import freeze_file
+    from bnfreeze.model.assignments import Assignment
+    from bnfreeze.ops.request import LayerSelection
 
-    if bn_inference and train_bn:
-        raise click.UsageError("--bn-inference and --train-bn contradict each other; pick one.")
-    as_json = options.pop("as_json")
-    output = options.pop("output")
-    run_edit(
-        freeze_file,
-        output,
-        as_json,
-        path=model,
-        bn_inference=bn_inference,
-        train_bn=train_bn,
-        up_to=up_to,
-        **options,
-    )
+    with flags_spelled():
+        assignment = Assignment.freeze(bn_inference=bn_inference, train_bn=train_bn)
+    run_edit(model, assignment, LayerSelection(layers, up_to=up_to), **options)
 
 
 @cli.command()
@@ -748,13 +756,19 @@ def freeze(
 )
 @click.option(
     "--from",
-    "from_layer",
+    "from_",
     metavar="LAYER",
     default=None,
     help="Only LAYER (a path or name) and the layers after it, in model order.",
 )
 @edit_options
-def unfreeze(model: str, keep_bn_inference: bool, from_layer: str | None, **options: Any) -> None:
+def unfreeze(
+    model: str,
+    keep_bn_inference: bool,
+    from_: str | None,
+    layers: tuple[str, ...],
+    **options: Any,
+) -> None:
     """Set trainable=True on the selected layers (all by default).
 
     On Keras 3 a call-site training=False does not keep BN layers in inference mode in fit();
@@ -767,19 +781,11 @@ def unfreeze(model: str, keep_bn_inference: bool, from_layer: str | None, **opti
       bnfreeze unfreeze model.keras --layers 'mobilenetv2*' --keep-bn-inference --in-place
       bnfreeze unfreeze model.keras --keep-bn-inference --dry-run --json | jq .changes
     """
-    from bnfreeze.ops.edit import unfreeze_file
+    from bnfreeze.model.assignments import Assignment
+    from bnfreeze.ops.request import LayerSelection
 
-    as_json = options.pop("as_json")
-    output = options.pop("output")
-    run_edit(
-        unfreeze_file,
-        output,
-        as_json,
-        path=model,
-        keep_bn_inference=keep_bn_inference,
-        from_layer=from_layer,
-        **options,
-    )
+    assignment = Assignment.unfreeze(keep_bn_inference=keep_bn_inference)
+    run_edit(model, assignment, LayerSelection(layers, from_=from_), **options)
 
 
 @cli.command()

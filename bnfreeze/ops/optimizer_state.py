@@ -338,31 +338,19 @@ def trainable_layers(states: Sequence[LayerState]) -> frozenset[str]:
     )
 
 
-def parse_mode(
-    value: OptimizerStateMode | str | None, keep_optimizer_state: bool = False
-) -> OptimizerStateMode:
-    """The mode asked for; the deprecated ``keep_optimizer_state=True`` means KEEP."""
-    if value is None:
-        return OptimizerStateMode.KEEP if keep_optimizer_state else OptimizerStateMode.REMAP
-    mode = OptimizerStateMode(value)
-    if keep_optimizer_state and mode is not OptimizerStateMode.KEEP:
-        from bnfreeze.errors import BnfreezeError
-
-        raise BnfreezeError(
-            f"--keep-optimizer-state (deprecated) means --optimizer-state keep, which "
-            f"contradicts --optimizer-state {mode.value}; pick one."
-        )
-    return mode
+def parse_mode(value: OptimizerStateMode | str | None) -> OptimizerStateMode:
+    """The mode asked for: ``remap`` when none is given."""
+    return OptimizerStateMode.REMAP if value is None else OptimizerStateMode(value)
 
 
 def optimizer_decision(
-    optimizer_variables: int | None, trainable_set_changed: bool, keep_optimizer_state: bool
+    optimizer_variables: int | None, trainable_set_changed: bool, mode: OptimizerStateMode
 ) -> OptimizerState:
-    """What the Keras engine route does with the saved optimizer variables (it does not
-    remap): drop them when they exist and the set of trainable variables changed, unless
-    asked to keep them."""
+    """What the Keras engine and in-memory routes do with the optimizer variables (they do
+    not remap): drop them when they exist and the set of trainable variables changed, unless
+    ``mode`` keeps them."""
     if not optimizer_variables:
         return OptimizerState.NONE
     if not trainable_set_changed:
         return OptimizerState.UNCHANGED
-    return OptimizerState.KEPT if keep_optimizer_state else OptimizerState.DROPPED
+    return OptimizerState.KEPT if mode is OptimizerStateMode.KEEP else OptimizerState.DROPPED

@@ -342,13 +342,13 @@ def _make_class() -> type:
 
         # ---------------------------------------------------------------- before the step
         def on_train_begin(self, logs: Any = None) -> None:
-            from bnfreeze.runtime import keras_engine
+            from bnfreeze.runtime import live
             from bnfreeze.runtime.branches import BranchRecorder, is_builtin_batchnorm
             from bnfreeze.runtime.measure import layer_paths, own_variables
 
             self._finish_recording()
             model = self.model
-            if keras_engine.runtime_of(model).value != "keras3":
+            if live.runtime_of(model).value != "keras3":
                 raise GuardError("BatchNormGuard is a Keras 3 callback; this is a tf_keras model.")
             backend = keras.backend.backend()
             layers = layer_paths(keras, model)
@@ -367,7 +367,7 @@ def _make_class() -> type:
                         owner=owner,
                         traced=_traced(model),
                     )
-            prediction = keras_engine.live_report(model)
+            prediction = live.live_report(model)
             records = [s.layer for s in prediction.layers]
             seen = observed_from_states(prediction.layers)
             predicted = tuple((e, evaluate(e, records, seen)) for e in self.expect)

@@ -554,7 +554,6 @@ def load_model(
     custom_objects: dict[str, Any] | str | None = None,
     compile: bool = True,
     runtime: Runtime = Runtime.KERAS3,
-    recorded_flags: bool = False,
 ) -> Any:
     """Load a saved model with Keras and return the ``keras.Model``.
 
@@ -564,10 +563,11 @@ def load_model(
       :func:`load_custom_objects` takes; a model that needs custom classes it was not given
       raises :class:`ModelFormatError` naming ``--custom-objects``.
     * ``compile``: as in ``keras.models.load_model``.
-    * ``recorded_flags``: set again the trainable flags bnfreeze recorded in the archive's
-      ``bnfreeze.json`` (:mod:`bnfreeze.formats.recorded_flags`), as
-      :func:`bnfreeze.load_model` does. Off by default: ``verify`` and ``explain`` measure
-      what a plain ``keras.models.load_model`` gives.
+
+    The trainable flags bnfreeze recorded in an archive's ``bnfreeze.json`` are not set
+    again: ``verify`` and ``explain`` measure what a plain ``keras.models.load_model`` gives
+    (the Keras route and :func:`bnfreeze.load_model` set them, with
+    :func:`bnfreeze.runtime.saving.apply_recorded`).
 
     Any failure is a :class:`~bnfreeze.errors.BnfreezeError` with a one-line message. The
     file is only read. Call it inside :func:`quiet` to keep TensorFlow's noise off stdout.
@@ -593,13 +593,6 @@ def load_model(
         raise
     except Exception as exc:
         raise _load_error(path, exc, model_file.config) from None
-    if recorded_flags and runtime is Runtime.KERAS3:
-        from bnfreeze.formats import recorded_flags as member
-        from bnfreeze.runtime import keras_engine
-
-        recorded = member.read(path)
-        if recorded is not None:
-            keras_engine.apply_recorded(model, recorded, os.fspath(path))
     return model
 
 

@@ -18,7 +18,7 @@ So this writer rewrites the file consistently, without TensorFlow:
   list is permuted;
 * ``optimizer_weights``: saved by position for the old trainable set. When the request says
   to drop them (the orchestration does when that set changes, unless
-  ``--keep-optimizer-state``), the group is left out. ``training_config`` is kept, so Keras
+  ``--optimizer-state keep``), the group is left out. ``training_config`` is kept, so Keras
   compiles the loaded model with a fresh optimizer; legacy loading then passes silently.
 
 The order Keras 3 expects, measured (Keras 3.15, ``keras/src/legacy/saving``):
