@@ -267,11 +267,11 @@ def load_model(path: str | os.PathLike[str], **kwargs: Any) -> Any:
     models").
     """
     from bnfreeze.formats import recorded_flags
-    from bnfreeze.runtime import loading
+    from bnfreeze.runtime import environment
     from bnfreeze.runtime.saving import apply_recorded
 
     recorded = recorded_flags.read(path)  # a damaged member fails before Keras loads
-    keras = loading.keras_module(Runtime.KERAS3)
+    keras = environment.keras_module(Runtime.KERAS3)
     model = keras.models.load_model(path, **kwargs)
     if recorded is not None:
         apply_recorded(model, recorded, os.fspath(path))
@@ -290,7 +290,7 @@ def recompile(model: ModelT) -> ModelT:
     learning-rate schedule starts over. Works for a ``tf_keras.Model`` too (its ``compile()``
     records its arguments the same way). Returns ``model``.
     """
-    from bnfreeze.runtime.loading import is_compiled
+    from bnfreeze.runtime.environment import is_compiled
 
     _check_model(model)
     optimizer = getattr(model, "optimizer", None)

@@ -33,9 +33,9 @@ IGNORED = "fit() ignores this change"
 def tfk():
     """tf_keras, imported quietly as bnfreeze would import it."""
     pytest.importorskip("tf_keras")
-    from bnfreeze.runtime import loading
+    from bnfreeze.runtime import environment
 
-    return loading.keras_module(Runtime.TF_KERAS)
+    return environment.keras_module(Runtime.TF_KERAS)
 
 
 # ------------------------------------------------------------------------------ helpers

@@ -66,8 +66,8 @@ from bnfreeze.model.expectations import (
     observed_from_states,
     parse_expectation,
 )
+from bnfreeze.model.measured import Disagreement, LayerMeasurement
 from bnfreeze.model.records import Finding, Normalization, Report, WarningCode
-from bnfreeze.runtime.measured import Disagreement, LayerMeasurement
 
 #: The inspect warnings that are Keras 3 traps in a training script.
 TRAPS = (
@@ -436,10 +436,10 @@ def _make_class() -> type:
             state = self._state
             if state is None:
                 return
-            from bnfreeze.runtime import loading
+            from bnfreeze.model.measured import CompileSource, DataSource, TrainingSetup
+            from bnfreeze.runtime import environment
             from bnfreeze.runtime.compare import compare
             from bnfreeze.runtime.measure import measurements
-            from bnfreeze.runtime.measured import CompileSource, DataSource, TrainingSetup
 
             self._finish_recording()
             self._state = None
@@ -469,7 +469,7 @@ def _make_class() -> type:
             )
             verdict = compare(
                 path=f"<in-memory model {model.name!r}>",
-                runtime=loading.runtime_info(),
+                runtime=environment.runtime_info(),
                 setup=setup,
                 measured=measured,
                 prediction=report.prediction,

@@ -42,7 +42,7 @@ from bnfreeze.model.records import (
 from bnfreeze.ops.edit_warnings import edit_warnings
 from bnfreeze.ops.optimizer_state import OptimizerState, optimizer_decision
 from bnfreeze.ops.request import EditRequest, EditResult, Engine
-from bnfreeze.runtime import loading
+from bnfreeze.runtime import environment, loading
 from bnfreeze.runtime.live import LiveModel, live_model, live_report
 from bnfreeze.runtime.saving import recorded_flags_findings, save, save_format
 
@@ -138,18 +138,18 @@ def _trainable_ids_with(live: LiveModel, flags: Flags) -> frozenset[int]:
 @dataclass(frozen=True)
 class KerasRoute:
     """The ``--engine keras`` route for a saved model. ``progress`` defaults to a spinner or
-    progress lines on stderr (:func:`loading.progress_on_stderr`); nothing goes to stdout."""
+    progress lines on stderr (:func:`environment.progress_on_stderr`); nothing goes to stdout."""
 
-    progress: loading.ProgressFn | None = None
+    progress: environment.ProgressFn | None = None
 
     def edit(self, request: EditRequest) -> EditResult:
         """Load the model with Keras, apply the request's assignment to the selected live
         layers, and save it (:func:`bnfreeze.runtime.saving.save`)."""
         if self.progress is None:
-            with loading.progress_on_stderr() as shown:
+            with environment.progress_on_stderr() as shown:
                 return KerasRoute(shown).edit(request)
         saved = _read_saved(request)
-        with loading.quiet():
+        with environment.quiet():
             loaded = _load(request, saved, self.progress)
             return _edit_loaded(request, saved, loaded, self.progress)
 
@@ -181,19 +181,19 @@ def _read_saved(request: EditRequest) -> ModelFile:
             hint="Use --engine config (the default), which edits the folder without Keras and "
             "writes a .keras file, or rename the folder.",
         )
-    loading.require_runtime(Runtime.KERAS3)  # one line naming the extra, before any progress
+    environment.require_runtime(Runtime.KERAS3)  # one line naming the extra, before any progress
     return saved
 
 
-def _load(request: EditRequest, saved: ModelFile, progress: loading.ProgressFn) -> _Loaded:
+def _load(request: EditRequest, saved: ModelFile, progress: environment.ProgressFn) -> _Loaded:
     """Load the model compiled (with compile=False when Keras cannot rebuild its compile
     config) and set again the flags bnfreeze recorded in it."""
     from bnfreeze.formats import recorded_flags
     from bnfreeze.runtime.saving import apply_recorded
 
     source = request.path
-    progress(loading.loading_message(Runtime.KERAS3))
-    loading.keras_module(
+    progress(environment.loading_message(Runtime.KERAS3))
+    environment.keras_module(
         Runtime.KERAS3
     )  # first: a --custom-objects module importing keras stays quiet
     objects = None
@@ -222,7 +222,7 @@ def _load(request: EditRequest, saved: ModelFile, progress: loading.ProgressFn) 
 
 
 def _edit_loaded(
-    request: EditRequest, saved: ModelFile, loaded: _Loaded, progress: loading.ProgressFn
+    request: EditRequest, saved: ModelFile, loaded: _Loaded, progress: environment.ProgressFn
 ) -> EditResult:
     output, dry_run = request.output.path, request.output.dry_run
     live = live_model(loaded.model)

@@ -31,13 +31,13 @@ from bnfreeze.model.records import (
     WeightIndex,
 )
 from bnfreeze.model.walk import OTHER_NORMALIZATION_CLASSES, walk
-from bnfreeze.runtime import loading
+from bnfreeze.runtime import environment
 
 _BUILTIN_PREFIXES = ("keras", "tf_keras", "tensorflow")
 
 
 def _keras_of(obj: Any) -> Any:
-    return loading.keras_module(runtime_of(obj))
+    return environment.keras_module(runtime_of(obj))
 
 
 def runtime_of(obj: Any) -> Runtime:
@@ -227,7 +227,7 @@ def live_report(
     runtime = runtime_of(model) if runtime is None else runtime
     keras = _keras_of(model)
     live = live if live is not None else live_model(model)
-    compiled = loading.is_compiled(model)
+    compiled = environment.is_compiled(model)
     compile_config = None
     if compiled:
         with contextlib.suppress(Exception):

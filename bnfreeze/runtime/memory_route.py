@@ -27,7 +27,7 @@ from bnfreeze.model.records import Finding, ModelFormat, Runtime, WarningCode
 from bnfreeze.ops.edit_warnings import edit_warnings
 from bnfreeze.ops.optimizer_state import OptimizerState, optimizer_decision
 from bnfreeze.ops.request import EditRequest, EditResult, Engine
-from bnfreeze.runtime import loading
+from bnfreeze.runtime import environment, loading
 from bnfreeze.runtime.keras_route import LiveEdit, edit_live
 from bnfreeze.runtime.live import LiveModel, live_model, live_report, runtime_of
 from bnfreeze.runtime.saving import Saved, recorded_flags_findings, save, save_format
@@ -52,7 +52,7 @@ def training_state(model: Any) -> TrainingState:
     ``train_on_batch()`` set and ``compile()`` resets (on tf_keras too); ``optimizer.built``
     is set by the first step, by ``load_model`` of a compiled model and by
     ``compile_from_config`` (Keras 3; a tf_keras optimizer has no such flag)."""
-    from bnfreeze.runtime.loading import is_compiled
+    from bnfreeze.runtime.environment import is_compiled
 
     if not is_compiled(model):
         return TrainingState.UNCOMPILED
@@ -209,7 +209,7 @@ def _save(request: EditRequest, live: LiveModel, output: str, decision: Optimize
     reload = functools.partial(
         loading.load_model, unsafe=request.loading.unsafe, custom_objects=objects, compile=False
     )
-    with loading.quiet():
+    with environment.quiet():
         return save(live.model, output, keep_optimizer=keep, reload=reload, live=live)
 
 

@@ -30,7 +30,7 @@ from bnfreeze.errors import BnfreezeError, ModelFormatError, OutputError
 from bnfreeze.formats.recorded_flags import MEMBER as RECORDED_MEMBER
 from bnfreeze.formats.recorded_flags import RecordedFlags
 from bnfreeze.model.records import Finding, ModelFormat, Runtime, WarningCode
-from bnfreeze.runtime import loading
+from bnfreeze.runtime import environment
 from bnfreeze.runtime.live import LiveModel, live_model
 
 #: Output endings Keras 3 ``model.save`` understands, and the format each one writes.
@@ -50,7 +50,7 @@ H5_HINT = (
 
 
 def _keras() -> Any:
-    return loading.keras_module(Runtime.KERAS3)
+    return environment.keras_module(Runtime.KERAS3)
 
 
 def save_format(output: str | os.PathLike[str]) -> ModelFormat:
@@ -105,7 +105,7 @@ def save(
     keep_optimizer: bool,
     reload: Callable[[Path], Any],
     live: LiveModel | None = None,
-    progress: loading.ProgressFn = loading.no_progress,
+    progress: environment.ProgressFn = environment.no_progress,
 ) -> Saved:
     """Save ``model`` to ``output`` atomically.
 
@@ -132,7 +132,7 @@ def _save_checked(
     keep_optimizer: bool,
     reload: Callable[[Path], Any],
     live: LiveModel,
-    progress: loading.ProgressFn,
+    progress: environment.ProgressFn,
 ) -> RecordedFlags | None:
     """Save ``model`` at ``tmp`` through Keras, load it back and compare; return the flags
     recorded in it (None when Keras kept every flag)."""
