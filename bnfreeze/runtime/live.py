@@ -21,6 +21,7 @@ from typing import Any
 from bnfreeze.errors import ModelFormatError
 from bnfreeze.model import diagnostics, modes
 from bnfreeze.model.assignments import Flags
+from bnfreeze.model.keras_classes import OTHER_NORMALIZATION_CLASSES
 from bnfreeze.model.records import (
     LayerKind,
     LayerRecord,
@@ -30,7 +31,7 @@ from bnfreeze.model.records import (
     Runtime,
     WeightIndex,
 )
-from bnfreeze.model.walk import OTHER_NORMALIZATION_CLASSES, walk
+from bnfreeze.model.walk import walk
 from bnfreeze.runtime import environment
 
 _BUILTIN_PREFIXES = ("keras", "tf_keras", "tensorflow")
