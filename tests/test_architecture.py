@@ -256,3 +256,10 @@ def test_only_runtime_imports_keras(path):
         if module.split(".")[0] in KERAS_MODULES
     ]
     assert heavy == []
+
+
+def test_every_path_the_architecture_page_names_exists():
+    page = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"(bnfreeze/[a-z_/.]+[a-z/])", page))
+    assert named, "docs/architecture.md names no path"
+    assert sorted(p for p in named if not (ROOT / p.rstrip("/")).exists()) == []
