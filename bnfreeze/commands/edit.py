@@ -15,6 +15,7 @@ from bnfreeze.commands.support import (
     emit_warnings,
     gc_paused,
     note,
+    plan_option,
     quiet_option,
     set_option,
     stdout_console,
@@ -25,17 +26,38 @@ if TYPE_CHECKING:
     from bnfreeze.ops.request import EditResult, LayerSelection, Output
 
 
+#: The options of the commands that write a model (freeze, unfreeze, apply). click.option
+#: makes a new parameter each time its decorator is applied, so each command gets its own.
+OUTPUT = click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=str),
+    default=None,
+    metavar="OUT",
+    help="Where to write the result (atomically).",
+)
+DRY_RUN = click.option("--dry-run", is_flag=True, help="Print what would change; write nothing.")
+IN_PLACE = click.option("--in-place", is_flag=True, help="Rewrite MODEL itself (atomically).")
+JSON = click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
+
+
+def optimizer_state_option(more: str = "") -> Any:
+    """``--optimizer-state``; ``more`` ends its help."""
+    return click.option(
+        "--optimizer-state",
+        "optimizer_state",
+        type=click.Choice(["remap", "drop", "keep"]),
+        default=None,
+        help="Saved optimizer variables, when the set of trainable variables changes: "
+        "remap them to it (the default; dropped when not provably right), drop them, or "
+        "keep them as they are (Keras matches them by position)." + more,
+    )
+
+
 def edit_options(f: Any) -> Any:
     """The options ``freeze`` and ``unfreeze`` share (selection, output, engine)."""
     options = [
-        click.option(
-            "-o",
-            "--output",
-            type=click.Path(path_type=str),
-            default=None,
-            metavar="OUT",
-            help="Where to write the result (atomically).",
-        ),
+        OUTPUT,
         click.option(
             "--layers",
             "layers",
@@ -44,18 +66,10 @@ def edit_options(f: Any) -> Any:
             help="Only layers whose path or name matches GLOB. Repeatable; a container "
             "selects every layer below it.",
         ),
-        click.option("--dry-run", is_flag=True, help="Print what would change; write nothing."),
-        click.option("--in-place", is_flag=True, help="Rewrite MODEL itself (atomically)."),
-        click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout."),
-        click.option(
-            "--optimizer-state",
-            "optimizer_state",
-            type=click.Choice(["remap", "drop", "keep"]),
-            default=None,
-            help="Saved optimizer variables, when the set of trainable variables changes: "
-            "remap them to it (the default; dropped when not provably right), drop them, or "
-            "keep them as they are (Keras matches them by position).",
-        ),
+        DRY_RUN,
+        IN_PLACE,
+        JSON,
+        optimizer_state_option(),
         click.option(
             "--engine",
             type=click.Choice(["auto", "config", "keras"]),
@@ -82,6 +96,28 @@ def edit_options(f: Any) -> Any:
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def flag(name: str, help: str) -> Any:
+    return click.option(name, is_flag=True, help=help)
+
+
+def layer_option(name: str, dest: str, help: str) -> Any:
+    """A layer path or name (``--up-to``, ``--from``)."""
+    return click.option(name, dest, metavar="LAYER", default=None, help=help)
+
+
+def edit_command(*recipe: Any) -> Any:
+    """``freeze`` / ``unfreeze``: ``-q``, MODEL, the command's own ``recipe`` options, then
+    :func:`edit_options`, in that order in ``--help``."""
+
+    def decorate(f: Any) -> Any:
+        f = edit_options(f)
+        for option in reversed(recipe):
+            f = option(f)
+        return click.command()(quiet_option(click.argument("model", type=MODEL_PATH)(f)))
+
+    return decorate
 
 
 def edit_output(path: str | None, *, in_place: bool, dry_run: bool) -> Output:
@@ -154,27 +190,20 @@ def edit_notes(result: EditResult) -> None:
     emit_warnings(result.all_warnings)
 
 
-@click.command()
-@quiet_option
-@click.argument("model", type=MODEL_PATH)
-@click.option(
-    "--bn-inference",
-    is_flag=True,
-    help="Only BN layers: trainable=False, which puts them in inference mode in fit().",
+@edit_command(
+    flag(
+        "--bn-inference",
+        "Only BN layers: trainable=False, which puts them in inference mode in fit().",
+    ),
+    flag(
+        "--train-bn", "Freeze the selected layers but keep BN layers trainable (fastai train_bn)."
+    ),
+    layer_option(
+        "--up-to",
+        "up_to",
+        "Only layers up to and including LAYER (a path or name), in model order.",
+    ),
 )
-@click.option(
-    "--train-bn",
-    is_flag=True,
-    help="Freeze the selected layers but keep BN layers trainable (fastai train_bn).",
-)
-@click.option(
-    "--up-to",
-    "up_to",
-    metavar="LAYER",
-    default=None,
-    help="Only layers up to and including LAYER (a path or name), in model order.",
-)
-@edit_options
 def freeze(
     model: str,
     bn_inference: bool,
@@ -205,23 +234,16 @@ def freeze(
     run_edit(model, assignment, LayerSelection(layers, up_to=up_to), **options)
 
 
-@click.command()
-@quiet_option
-@click.argument("model", type=MODEL_PATH)
-@click.option(
-    "--keep-bn-inference",
-    is_flag=True,
-    help="Keep every selected BN layer at trainable=False (inference mode in fit()): "
-    "the fine-tuning step of the Keras guide, done right on Keras 3.",
+@edit_command(
+    flag(
+        "--keep-bn-inference",
+        "Keep every selected BN layer at trainable=False (inference mode in fit()): "
+        "the fine-tuning step of the Keras guide, done right on Keras 3.",
+    ),
+    layer_option(
+        "--from", "from_", "Only LAYER (a path or name) and the layers after it, in model order."
+    ),
 )
-@click.option(
-    "--from",
-    "from_",
-    metavar="LAYER",
-    default=None,
-    help="Only LAYER (a path or name) and the layers after it, in model order.",
-)
-@edit_options
 def unfreeze(
     model: str,
     keep_bn_inference: bool,
@@ -251,36 +273,16 @@ def unfreeze(
 @click.command("apply")
 @quiet_option
 @click.argument("model", type=MODEL_PATH)
-@click.option(
-    "--plan",
-    "plan_path",
-    type=click.Path(path_type=str),
+@plan_option(
     required=True,
-    metavar="PLAN",
     help="The TOML plan file to apply, or a shipped plan's name (bnfreeze plans lists them).",
 )
 @set_option
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(path_type=str),
-    default=None,
-    metavar="OUT",
-    help="Where to write the result (atomically).",
-)
-@click.option("--dry-run", is_flag=True, help="Print what would change; write nothing.")
-@click.option("--in-place", is_flag=True, help="Rewrite MODEL itself (atomically).")
-@click.option(
-    "--optimizer-state",
-    "optimizer_state",
-    type=click.Choice(["remap", "drop", "keep"]),
-    default=None,
-    help="Saved optimizer variables, when the set of trainable variables changes: "
-    "remap them to it (the default; dropped when not provably right), drop them, or "
-    "keep them as they are (Keras matches them by position). The plan's [plan] "
-    "optimizer_state otherwise.",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
+@OUTPUT
+@DRY_RUN
+@IN_PLACE
+@optimizer_state_option(" The plan's [plan] optimizer_state otherwise.")
+@JSON
 def apply_plan(
     model: str,
     plan_path: str,

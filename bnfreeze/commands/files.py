@@ -12,6 +12,7 @@ from bnfreeze.commands.support import (
     finish_export,
     gc_paused,
     is_quiet,
+    plan_option,
     quiet_option,
     runtime_option,
     set_option,
@@ -91,12 +92,8 @@ def inspect(
 @click.command()
 @quiet_option
 @click.argument("model", type=MODEL_PATH)
-@click.option(
-    "--plan",
-    "plan_path",
-    type=click.Path(path_type=str),
-    default=None,
-    metavar="PLAN",
+@plan_option(
+    required=False,
     help="A TOML plan file, or a shipped plan's name (bnfreeze plans): its [[expect]] tables "
     "must hold, and every layer's flag must be what its [[rule]] tables set.",
 )

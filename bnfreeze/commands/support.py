@@ -185,3 +185,16 @@ def set_option(f: Any) -> Any:
         metavar="NAME=VALUE",
         help="Set a plan parameter declared in its [params] table. Repeatable.",
     )(f)
+
+
+def plan_option(*, required: bool, help: str) -> Any:
+    """``--plan PLAN``: a TOML plan file or a shipped plan's name."""
+    return click.option(
+        "--plan",
+        "plan_path",
+        type=click.Path(path_type=str),
+        required=required,
+        default=None,
+        metavar="PLAN",
+        help=help,
+    )
