@@ -189,12 +189,12 @@ def set_option(f: Any) -> Any:
 
 def plan_option(*, required: bool, help: str) -> Any:
     """``--plan PLAN``: a TOML plan file or a shipped plan's name."""
+    # Not default=None: click then no longer reports a missing required option as such.
     return click.option(
         "--plan",
         "plan_path",
         type=click.Path(path_type=str),
         required=required,
-        default=None,
         metavar="PLAN",
         help=help,
     )
