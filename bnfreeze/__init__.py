@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from bnfreeze.model.records import Finding as Finding
     from bnfreeze.model.records import Report as Report
     from bnfreeze.model.records import WarningCode as WarningCode
-    from bnfreeze.ops.edit import EditResult as EditResult
+    from bnfreeze.ops.request import EditResult as EditResult
 
 __version__ = "0.1.0"
 
@@ -44,18 +44,14 @@ _API = ("inspect", "freeze", "unfreeze", "recompile", "RecompileWarning", "load_
 
 #: The records the API returns: a Report (inspect), an EditResult (freeze, unfreeze), their
 #: Findings and the WarningCode of each (a StrEnum: it compares equal to its JSON string).
-_RECORDS = {
-    "Report": "bnfreeze.model.records",
-    "Finding": "bnfreeze.model.records",
-    "WarningCode": "bnfreeze.model.records",
-    "EditResult": "bnfreeze.ops.edit",
-}
+_RECORDS = ("Report", "Finding", "WarningCode")
+_RESULTS = ("EditResult",)
 
 #: Loaded lazily from bnfreeze.runtime.guard; the class subclasses keras.callbacks.Callback,
 #: so it is created (and Keras imported) on first access.
 _GUARD = ("BatchNormGuard",)
 
-__all__ = ["__version__", *_API, *_RECORDS, *_GUARD]
+__all__ = ["__version__", *_API, *_RECORDS, *_RESULTS, *_GUARD]
 
 
 def __getattr__(name: str) -> Any:
@@ -64,9 +60,13 @@ def __getattr__(name: str) -> Any:
 
         return getattr(api, name)
     if name in _RECORDS:
-        import importlib
+        from bnfreeze.model import records
 
-        return getattr(importlib.import_module(_RECORDS[name]), name)
+        return getattr(records, name)
+    if name in _RESULTS:
+        from bnfreeze.ops import request
+
+        return getattr(request, name)
     if name in _GUARD:
         from bnfreeze.runtime import guard
 

@@ -53,11 +53,11 @@ def test_top_level_help_example_needs_no_checkout():
 
 
 def test_without_keras_the_message_does_not_claim_a_model(monkeypatch):
-    from bnfreeze.runtime import loading
+    from bnfreeze.runtime import environment
 
-    monkeypatch.setattr(loading, "_installed", lambda name: False)
+    monkeypatch.setattr(environment, "_installed", lambda name: False)
     with pytest.raises(RuntimeUnavailableError) as caught:
-        loading.require_runtime(Runtime.KERAS3)
+        environment.require_runtime(Runtime.KERAS3)
     assert "runs the model" not in str(caught.value)
     assert "needs Keras" in str(caught.value)
 
