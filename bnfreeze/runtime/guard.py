@@ -68,6 +68,7 @@ from bnfreeze.model.expectations import (
 )
 from bnfreeze.model.records import Finding, Normalization, Report, WarningCode
 from bnfreeze.runtime.measured import Disagreement, LayerMeasurement
+from bnfreeze.runtime.replicas import DEFAULT_MIN_SAMPLES, ReplicaReport, check_min_samples
 
 #: The inspect warnings that are Keras 3 traps in a training script.
 TRAPS = (
@@ -177,6 +178,9 @@ class GuardReport:
     expectations: tuple[tuple[Expectation, tuple[Failure, ...]], ...] = ()
     #: True when strict=True stopped fit() (before the first step or after the first batch).
     stopped: bool = False
+    #: The engine, the replicas and what each BN normalized over in the first batch
+    #: (:mod:`bnfreeze.runtime.replicas`); None until the first batch has run.
+    replicas: ReplicaReport | None = None
 
     @property
     def measured_batch(self) -> bool:
@@ -211,6 +215,8 @@ class GuardReport:
         lines += _failure_lines(self.predicted, "predicted")
         lines += [d.message for d in self.disagreements]
         lines += _failure_lines(self.expectations, "measured")
+        if self.replicas is not None:
+            lines += self.replicas.problems
         return tuple(lines)
 
     @property
@@ -333,8 +339,14 @@ def _make_class() -> type:
     import keras
 
     class BatchNormGuard(keras.callbacks.Callback):
-        def __init__(self, expect: Any = None, strict: bool = False) -> None:
+        def __init__(
+            self,
+            expect: Any = None,
+            strict: bool = False,
+            min_samples: int = DEFAULT_MIN_SAMPLES,
+        ) -> None:
             super().__init__()
+            self.min_samples = check_min_samples(min_samples)
             self.expect = _expectations(expect)
             self.strict = bool(strict)
             self.report: GuardReport | None = None
@@ -342,7 +354,7 @@ def _make_class() -> type:
 
         # ---------------------------------------------------------------- before the step
         def on_train_begin(self, logs: Any = None) -> None:
-            from bnfreeze.runtime import keras_engine
+            from bnfreeze.runtime import keras_engine, replicas
             from bnfreeze.runtime.branches import BranchRecorder, is_builtin_batchnorm
             from bnfreeze.runtime.measure import layer_paths, own_variables
 
@@ -417,9 +429,11 @@ def _make_class() -> type:
                 if reused
                 else model.trainable_variables
             )
-            recorder = BranchRecorder(
-                {p: layer for p, (layer, _) in layers.items() if is_builtin_batchnorm(keras, layer)}
-            )
+            builtin = {
+                p: layer for p, (layer, _) in layers.items() if is_builtin_batchnorm(keras, layer)
+            }
+            recorder = BranchRecorder(builtin)
+            samples = replicas.SampleRecorder(builtin)
             self._state = {
                 "layers": layers,
                 "owned": owned,
@@ -428,8 +442,13 @@ def _make_class() -> type:
                 "before": _snapshot(every),
                 "recorder": recorder,
                 "recording": recorder.active(),
+                "builtin": builtin,
+                "setup": replicas.replica_setup(keras, model),
+                "samples": samples,
+                "sampling": samples.active(),
             }
             self._state["recording"].__enter__()
+            self._state["sampling"].__enter__()
 
         # ---------------------------------------------------------------- after batch 1
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
@@ -440,6 +459,7 @@ def _make_class() -> type:
             from bnfreeze.runtime.compare import compare
             from bnfreeze.runtime.measure import measurements
             from bnfreeze.runtime.measured import CompileSource, DataSource, TrainingSetup
+            from bnfreeze.runtime.replicas import replica_report
 
             self._finish_recording()
             self._state = None
@@ -475,15 +495,24 @@ def _make_class() -> type:
                 prediction=report.prediction,
                 expectations=self.expect,
             )
+            spread = replica_report(
+                setup=state["setup"],
+                layers=state["builtin"],
+                seen=state["samples"].seen(),
+                training=[m.path for m in measured if m.normalizes_with is Normalization.BATCH],
+                min_samples=self.min_samples,
+            )
             self.report = dataclasses.replace(
                 report,
                 measured=tuple(measured),
                 checks=verdict.checks,
                 disagreements=verdict.disagreements,
                 expectations=verdict.expectations,
+                replicas=spread,
             )
             found = [d.message for d in verdict.disagreements]
             found += _failure_lines(verdict.expectations, "measured")
+            found += spread.problems
             if found:
                 if self.strict:
                     model.stop_training = True
@@ -502,9 +531,10 @@ def _make_class() -> type:
 
         def _finish_recording(self) -> None:
             state = self._state
-            if state is not None and state.get("recording") is not None:
-                state["recording"].__exit__(None, None, None)
-                state["recording"] = None
+            for key in ("sampling", "recording"):  # the reverse of the order entered
+                if state is not None and state.get(key) is not None:
+                    state[key].__exit__(None, None, None)
+                    state[key] = None
 
     BatchNormGuard.__doc__ = (
         "A Keras callback that checks, inside fit(), that BatchNormalization layers do what "

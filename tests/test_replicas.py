@@ -1,0 +1,200 @@
+"""What BatchNormalization normalizes over under data-parallel ``fit()``, measured, and what
+``BatchNormGuard`` reports about it (:mod:`bnfreeze.runtime.replicas`).
+
+Each configuration trains in its own interpreter (``tests/replica_scenarios.py``): TensorFlow
+with 2 logical CPU devices and ``MirroredStrategy`` (``synchronized`` off and on), JAX with 2
+forced host devices and ``keras.distribution.DataParallel``. The batch's two halves have
+different means, so normalizing by each replica's half and by the whole batch give different
+outputs; the scenario measures the distance of the layer's real output in ``fit()`` to both,
+computed by hand. The test decides from that distance which one the layer did, and checks the
+guard's per-layer sample count and synchronization against it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bnfreeze.runtime.replicas import (
+    BatchNormSamples,
+    Engine,
+    MovingStatistics,
+    ReplicaReport,
+    ReplicaSetup,
+    Seen,
+    Statistics,
+    batchnorm_samples,
+    check_min_samples,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIOS = Path(__file__).resolve().parent / "replica_scenarios.py"
+N = 8  # the scenario's global batch; 2 replicas hold N // 2 each
+
+CONFIGS = ["mirrored-off", "mirrored-on", "data-parallel-off"]
+
+
+def run_scenario(engine: str, sync: str, *extra: str) -> dict:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    env.pop("KERAS_BACKEND", None)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, str(SCENARIOS), engine, sync, *extra],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+@pytest.fixture(scope="module")
+def synchronized_file(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("replicas") / "sync.keras"
+
+
+@pytest.fixture(scope="module", params=CONFIGS)
+def run(request, synchronized_file) -> dict:
+    engine, sync = request.param.rsplit("-", 1)
+    if engine == "data-parallel":
+        pytest.importorskip("jax")
+    extra = (str(synchronized_file),) if request.param == "mirrored-on" else ()
+    return run_scenario(engine, sync, *extra)
+
+
+def measured_statistics(run: dict) -> str:
+    """Which statistics the layer's output in fit() was normalized with, from the distances
+    of that output to both hand-computed normalizations."""
+    per_half, whole = run["distance_to_per_half"], run["distance_to_global"]
+    if per_half < 1e-6 < 0.1 < whole:
+        return "per-replica"
+    if whole < 1e-6 < 0.1 < per_half:
+        return "global"
+    raise AssertionError(f"the output matches neither normalization: {per_half}, {whole}")
+
+
+@pytest.mark.keras
+def test_the_guard_reports_what_each_bn_normalized_over(run):
+    statistics = measured_statistics(run)
+    layer = run["guard"]["layers"]["bn"]
+    assert run["guard"]["replicas"] == 2
+    assert (
+        run["guard"]["engine"]
+        == {"tensorflow": "MirroredStrategy", "jax": "DataParallel"}[run["backend"]]
+    )
+    assert layer["training"] is True
+    assert layer["statistics"] == statistics
+    # The samples the statistics cover: one replica's half, or the whole batch.
+    assert layer["samples"] == (N // 2 if statistics == "per-replica" else N)
+    # Under MirroredStrategy each replica calls the layer on its half: global statistics mean
+    # they were synchronized across replicas. Under DataParallel the layer sees the whole
+    # (sharded) batch: nothing to synchronize.
+    assert layer["synchronized"] == (statistics == "global" and run["engine"] == "mirrored")
+
+
+@pytest.mark.keras
+def test_the_guard_names_the_moving_statistics_measured(run):
+    moving = run["guard"]["layers"]["bn"]["moving"]
+    mean, variance = run["expected"][moving]
+    np.testing.assert_allclose(run["moving_mean"], mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(run["moving_variance"], variance, rtol=1e-4, atol=1e-5)
+    for other, (m, _) in run["expected"].items():
+        if other != moving:
+            assert not np.allclose(run["moving_mean"], m, rtol=1e-3)
+
+
+@pytest.mark.keras
+def test_the_measured_table(run):
+    """docs/semantics.md rule 8 and docs/data-parallel.md: the table, as measured."""
+    table = {
+        "mirrored-off": ("per-replica", "first-replica"),
+        "mirrored-on": ("global", "global"),
+        "data-parallel-off": ("global", "global"),
+    }
+    key = f"{run['engine']}-{'on' if run['synchronized'] else 'off'}"
+    statistics = measured_statistics(run)
+    moving = next(
+        name
+        for name, (mean, _) in run["expected"].items()
+        if np.allclose(run["moving_mean"], mean, rtol=1e-4, atol=1e-5)
+    )
+    assert (statistics, moving) == table[key]
+    if run["backend"] == "jax":
+        assert "only supported with the TensorFlow backend" in run["synchronized_refused"]
+
+
+@pytest.mark.keras
+def test_fewer_samples_than_the_threshold_warn(run):
+    layer = run["guard"]["layers"]["bn"]
+    assert layer["samples"] < 16
+    (problem,) = run["guard"]["problems"]
+    assert f"normalized over {layer['samples']} samples, fewer than 16" in problem
+    assert any(problem in w for w in run["warnings"])
+    if layer["statistics"] == "per-replica":
+        assert "each replica's slice" in problem and "--sync-bn on" in problem
+    else:
+        assert "the global batch" in problem and "--sync-bn" not in problem
+
+
+# --------------------------------------------------------------------------- the pure parts
+
+
+def setup(engine: Engine, replicas: int) -> ReplicaSetup:
+    return ReplicaSetup(engine, replicas, engine.value)
+
+
+@pytest.mark.parametrize("engine", list(Engine))
+def test_every_engine_reports_a_layer(engine):
+    replicas = 1 if engine is Engine.NONE else 4
+    in_sync = 4 if engine in (Engine.MIRRORED_STRATEGY, Engine.TF_DISTRIBUTE) else 1
+    seen = Seen("bn", sizes=(8,) * in_sync, in_sync=(in_sync,) * in_sync)
+    for synchronized in (False, True):
+        b = batchnorm_samples(
+            path="bn",
+            layer_synchronized=synchronized,
+            training=True,
+            seen=seen,
+            setup=setup(engine, replicas),
+        )
+        assert b.statistics in Statistics and b.moving in MovingStatistics
+        if in_sync > 1 and not synchronized:
+            assert (b.samples, b.statistics, b.synchronized) == (8, Statistics.PER_REPLICA, False)
+        elif in_sync > 1:
+            assert (b.samples, b.statistics, b.synchronized) == (32, Statistics.GLOBAL, True)
+        else:
+            assert (b.samples, b.statistics, b.synchronized) == (8, Statistics.GLOBAL, False)
+
+
+def test_one_device_never_warns_and_inference_layers_never_warn():
+    layer = BatchNormSamples("bn", True, 2, 2, Statistics.GLOBAL, False, MovingStatistics.GLOBAL)
+    assert ReplicaReport(setup(Engine.NONE, 1), 16, (layer,)).problems == ()
+    frozen = BatchNormSamples(
+        "bn", False, 2, 2, Statistics.PER_REPLICA, False, MovingStatistics.FIRST_REPLICA
+    )
+    assert ReplicaReport(setup(Engine.MIRRORED_STRATEGY, 2), 16, (frozen,)).problems == ()
+    assert ReplicaReport(setup(Engine.DATA_PARALLEL, 2), 2, (layer,)).problems == ()
+    assert len(ReplicaReport(setup(Engine.DATA_PARALLEL, 2), 3, (layer,)).problems) == 1
+
+
+def test_an_unknown_batch_size_is_reported_as_unknown():
+    b = batchnorm_samples(
+        path="bn",
+        layer_synchronized=False,
+        training=True,
+        seen=Seen("bn", sizes=(None, None), in_sync=(2, 2)),
+        setup=setup(Engine.MIRRORED_STRATEGY, 2),
+    )
+    assert b.samples is None and not b.below(16)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 1.5, "16", True, None])
+def test_min_samples_must_be_a_positive_whole_number(bad):
+    with pytest.raises(ValueError, match="min_samples takes a positive whole number"):
+        check_min_samples(bad)
