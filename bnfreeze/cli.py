@@ -737,6 +737,59 @@ def freeze(
     )
 
 
+@cli.command("sync-bn")
+@quiet_option
+@click.argument("model", type=MODEL_PATH)
+@click.argument("setting", type=click.Choice(["on", "off"]))
+@click.option("-o", "--output", default=None, metavar="OUT", help="Write the result here.")
+@click.option(
+    "--layers",
+    "layers",
+    multiple=True,
+    metavar="GLOB",
+    help="Only BN layers whose path or name matches GLOB (repeatable).",
+)
+@click.option("--dry-run", is_flag=True, help="Print what would change; write nothing.")
+@click.option("--in-place", is_flag=True, help="Rewrite MODEL itself (atomically).")
+def sync_bn(
+    model: str,
+    setting: str,
+    output: str | None,
+    layers: tuple[str, ...],
+    dry_run: bool,
+    in_place: bool,
+) -> None:
+    """Turn BatchNormalization(synchronized=...) on or off in a saved model.
+
+    synchronized=True makes each BN normalize over the global batch under tf.distribute
+    (docs/data-parallel.md), but Keras loads such a file only on TensorFlow. Only the config
+    changes; the weights are copied as they are. tf_keras SyncBatchNormalization layers of a
+    legacy .h5 become BatchNormalization with the setting given.
+
+    \b
+    Examples:
+      bnfreeze sync-bn trained_on_tf.keras off -o for_jax.keras
+      bnfreeze sync-bn model.keras on -o synchronized.keras
+      bnfreeze sync-bn legacy_sync.h5 off -o converted.h5
+    """
+    from bnfreeze.ops.sync import set_synchronized_file
+    from bnfreeze.render.sync import sync_lines
+
+    result = set_synchronized_file(
+        model,
+        output,
+        synchronized=setting == "on",
+        layers=layers,
+        dry_run=dry_run,
+        in_place=in_place,
+    )
+    for line in sync_lines(result):
+        click.echo(line)
+    if not is_quiet():
+        for warning in result.warnings:
+            click.echo(f"warning: {warning}", err=True)
+
+
 @cli.command()
 @quiet_option
 @click.argument("model", type=MODEL_PATH)

@@ -144,6 +144,7 @@ def main() -> None:
             doc["synchronized_refused"] = str(e)
     if SAVE_TO:
         model.save(SAVE_TO)
+        np.savez(SAVE_TO + ".npz", **{v.path: np.asarray(v.numpy()) for v in model.weights})
     print(json.dumps(doc))
 
 

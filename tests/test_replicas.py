@@ -56,17 +56,24 @@ def run_scenario(engine: str, sync: str, *extra: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def synchronized_file(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("replicas") / "sync.keras"
+def runs(tmp_path_factory) -> dict:
+    """The scenarios run so far, by configuration; mirrored-on also saves its model."""
+    return {"sync.keras": tmp_path_factory.mktemp("replicas") / "sync.keras"}
+
+
+def scenario(runs: dict, config: str) -> dict:
+    if config not in runs:
+        engine, sync = config.rsplit("-", 1)
+        if engine == "data-parallel":
+            pytest.importorskip("jax")
+        extra = (str(runs["sync.keras"]),) if config == "mirrored-on" else ()
+        runs[config] = run_scenario(engine, sync, *extra)
+    return runs[config]
 
 
 @pytest.fixture(scope="module", params=CONFIGS)
-def run(request, synchronized_file) -> dict:
-    engine, sync = request.param.rsplit("-", 1)
-    if engine == "data-parallel":
-        pytest.importorskip("jax")
-    extra = (str(synchronized_file),) if request.param == "mirrored-on" else ()
-    return run_scenario(engine, sync, *extra)
+def run(request, runs) -> dict:
+    return scenario(runs, request.param)
 
 
 def measured_statistics(run: dict) -> str:
@@ -141,6 +148,63 @@ def test_fewer_samples_than_the_threshold_warn(run):
         assert "each replica's slice" in problem and "--sync-bn on" in problem
     else:
         assert "the global batch" in problem and "--sync-bn" not in problem
+
+
+JAX_LOAD = """
+import json, sys
+import keras, numpy as np
+try:
+    keras.models.load_model(sys.argv[1], compile=False)
+    refused = None
+except Exception as e:  # Keras wraps the layer's ValueError in a TypeError
+    refused = str(e)
+model = keras.models.load_model(sys.argv[2], compile=False)
+saved = np.load(sys.argv[3])
+print(json.dumps({
+    "backend": keras.backend.backend(),
+    "refused": refused,
+    "synchronized": model.get_layer("bn").synchronized,
+    "paths": sorted(v.path for v in model.weights),
+    "saved_paths": sorted(saved.files),
+    "unequal": [v.path for v in model.weights
+                if not np.array_equal(np.asarray(v.numpy()), saved[v.path])],
+}))
+"""
+
+
+@pytest.mark.keras
+def test_a_synchronized_file_saved_on_tensorflow_loads_on_jax_once_sync_is_off(runs, tmp_path):
+    """Saved with synchronized=True under MirroredStrategy: inspect warns; sync-bn off rewrites
+    only the config; Keras on JAX then loads it with every weight equal by path (and refuses
+    the original)."""
+    pytest.importorskip("jax")
+    from bnfreeze.model.records import WarningCode
+    from bnfreeze.ops.inspect import inspect_file
+    from bnfreeze.ops.sync import set_synchronized_file
+
+    scenario(runs, "mirrored-on")
+    source = runs["sync.keras"]
+    found = [f for f in inspect_file(source).warnings if f.code is WarningCode.SYNCHRONIZED_BN]
+    assert [f.path for f in found] == ["bn"]
+    assert "loads this file only on TensorFlow" in found[0].message
+    off = tmp_path / "off.keras"
+    set_synchronized_file(source, off, synchronized=False)
+    assert not [f for f in inspect_file(off).warnings if f.code is WarningCode.SYNCHRONIZED_BN]
+    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
+    done = subprocess.run(
+        [sys.executable, "-c", JAX_LOAD, str(source), str(off), f"{source}.npz"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = json.loads(done.stdout)
+    assert loaded["backend"] == "jax"
+    assert "only supported with the TensorFlow backend" in loaded["refused"]
+    assert loaded["synchronized"] is False
+    assert loaded["paths"] == loaded["saved_paths"] and len(loaded["paths"]) == 4
+    assert loaded["unequal"] == []
 
 
 # --------------------------------------------------------------------------- the pure parts

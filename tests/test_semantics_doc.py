@@ -58,9 +58,9 @@ def test_jax_is_claimed_only_where_a_jax_test_measures_it():
     tests/test_replicas.py, which run on JAX."""
     for number, body in sections().items():
         if "Keras 3 / JAX" in body:
-            assert any(
-                f"tests/{t}.py::" in body for t in ("test_backends", "test_replicas")
-            ), f"rule {number}"
+            assert any(f"tests/{t}.py::" in body for t in ("test_backends", "test_replicas")), (
+                f"rule {number}"
+            )
 
 
 def test_explain_numbers_its_rules_as_the_document_does():
