@@ -88,11 +88,10 @@ def set_synchronized_file(
     from bnfreeze.formats.atomic import write_atomically
     from bnfreeze.formats.readers import read_model, with_weights
     from bnfreeze.formats.writers import WriteRequest, writer_for
-    from bnfreeze.model.assignments import current_flags
+    from bnfreeze.model.assignments import Assignment, current_flags
     from bnfreeze.model.records import LayerKind, ModelFormat
     from bnfreeze.model.selection import select
     from bnfreeze.model.walk import walk
-    from bnfreeze.model.assignments import Assignment
     from bnfreeze.ops.edit import EditRequest, check_output
 
     if not isinstance(synchronized, bool):
@@ -145,11 +144,11 @@ def set_synchronized_file(
     request = WriteRequest(
         model=model, config=new_config, layers=walked.layers, flags=current_flags(walked.layers)
     )
-    size = write_atomically(
-        out,
-        lambda tmp: writer.write(request, tmp),
-        lambda tmp: _verify(writer, request, tmp, changes),
-    )
+
+    def produce(tmp: Path) -> None:
+        writer.write(request, tmp)
+
+    size = write_atomically(out, produce, lambda tmp: _verify(writer, request, tmp, changes))
     return SyncResult(model.path, out, False, synchronized, tuple(changes), input_bytes, size)
 
 
