@@ -174,3 +174,11 @@ def test_tf_keras_sync_batchnorm_converts(tmp_path):
     assert (loaded["class"], loaded["synchronized"]) == ("BatchNormalization", False)
     assert loaded["equal"] == [True] * 6, loaded["paths"]
     assert [p[1] for p in loaded["paths"]] == [p[0].removesuffix(":0") for p in loaded["paths"]]
+
+
+def test_the_python_api_is_the_same_edit(tmp_path):
+    import bnfreeze
+
+    out = tmp_path / "on.keras"
+    result = bnfreeze.sync_bn(SEED, synchronized=True, output=out)
+    assert result.output == str(out) and set(synchronized_layers(out).values()) == {True}
