@@ -21,9 +21,9 @@ call. :func:`replica_report` turns that into one :class:`BatchNormSamples` per l
 samples it normalized over, whether its statistics were synchronized, and a warning below a
 threshold.
 
-The threshold defaults to 16 samples: Wu & He, "Group Normalization" (ECCV 2018), Figure 1
-and Table 2, show BN's ImageNet error for ResNet-50 rising as the batch per worker falls below
-16 (it is flat from 32 to 16). ``min_samples`` changes it.
+The threshold defaults to 16 samples: Wu & He, "Group Normalization" (ECCV 2018), Figure 1,
+shows BN's ImageNet error for ResNet-50 rising as the batch per worker falls below
+16 (it is nearly flat from 32 to 16). ``min_samples`` changes it.
 """
 
 from __future__ import annotations
