@@ -790,6 +790,25 @@ def sync_bn(
             click.echo(f"warning: {warning}", err=True)
 
 
+def _verify_replicas(
+    model: str, replicas: int, batch_size: int, min_samples: int, as_json: bool
+) -> None:
+    from bnfreeze.render.replicas import replica_lines
+    from bnfreeze.runtime.replicas_run import measure_replicas
+
+    if as_json:
+        raise click.UsageError("--replicas has no --json output yet.")
+    note(f"running one data-parallel step on {replicas} simulated devices (a fresh process)...")
+    report = measure_replicas(
+        model, replicas=replicas, batch_size=batch_size, min_samples=min_samples
+    )
+    for line in replica_lines(report):
+        click.echo(line)
+    if not is_quiet():
+        for problem in report.problems:
+            click.echo(f"warning: {problem}", err=True)
+
+
 @cli.command()
 @quiet_option
 @click.argument("model", type=MODEL_PATH)
@@ -890,6 +909,22 @@ def unfreeze(model: str, keep_bn_inference: bool, from_layer: str | None, **opti
 @click.option(
     "--all", "all_layers", is_flag=True, help="List every measured layer, not only BN layers."
 )
+@click.option(
+    "--replicas",
+    type=click.IntRange(min=2),
+    default=None,
+    metavar="N",
+    help="Instead, run one data-parallel step on N simulated devices (MirroredStrategy on "
+    "TensorFlow, DataParallel on JAX) and report what each BN normalized over; --batch-size "
+    "is the global batch.",
+)
+@click.option(
+    "--min-samples",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="With --replicas: warn when a training-mode BN normalizes over fewer samples.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
 def verify(
     model: str,
@@ -901,6 +936,8 @@ def verify(
     unsafe: bool,
     custom_objects: str | None,
     all_layers: bool,
+    replicas: int | None,
+    min_samples: int,
     as_json: bool,
 ) -> None:
     """Train MODEL for real, in memory, and show what actually moved.
@@ -920,7 +957,11 @@ def verify(
       bnfreeze verify model.keras --expect bn-inference
       bnfreeze verify model.keras --steps 3 --batch-size 8 --data batch.npz
       bnfreeze verify model.keras --json | jq .summary
+      bnfreeze verify model.keras --replicas 2 --batch-size 16
     """
+    if replicas is not None:
+        _verify_replicas(model, replicas, batch_size, min_samples, as_json)
+        return
     from bnfreeze.model.expectations import parse_expectation
     from bnfreeze.model.records import Runtime
     from bnfreeze.runtime.loading import progress_on_stderr

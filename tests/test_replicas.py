@@ -145,9 +145,9 @@ def test_fewer_samples_than_the_threshold_warn(run):
     assert f"normalized over {layer['samples']} samples, fewer than 16" in problem
     assert any(problem in w for w in run["warnings"])
     if layer["statistics"] == "per-replica":
-        assert "each replica's slice" in problem and "--sync-bn on" in problem
+        assert "each replica's slice" in problem and "sync-bn MODEL on" in problem
     else:
-        assert "the global batch" in problem and "--sync-bn" not in problem
+        assert "the global batch" in problem and "sync-bn" not in problem
 
 
 JAX_LOAD = """
@@ -262,3 +262,71 @@ def test_an_unknown_batch_size_is_reported_as_unknown():
 def test_min_samples_must_be_a_positive_whole_number(bad):
     with pytest.raises(ValueError, match="min_samples takes a positive whole number"):
         check_min_samples(bad)
+
+
+@pytest.mark.keras
+def test_verify_replicas_reports_what_the_measured_run_did(runs, tmp_path):
+    """``verify --replicas 2`` on the scenario's model with synchronization off reports what
+    the measured MirroredStrategy run without synchronization did: each BN over its half."""
+    from click.testing import CliRunner
+
+    from bnfreeze.cli import cli
+    from bnfreeze.ops.sync import set_synchronized_file
+
+    measured = scenario(runs, "mirrored-off")
+    scenario(runs, "mirrored-on")
+    off = tmp_path / "off.keras"
+    set_synchronized_file(runs["sync.keras"], off, synchronized=False)
+    done = CliRunner().invoke(
+        cli,
+        ["verify", str(off), "--replicas", "2", "--batch-size", str(N)],
+        env={"KERAS_BACKEND": "tensorflow", "COLUMNS": "100"},
+        catch_exceptions=False,
+    )
+    assert done.exit_code == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "Engine     MirroredStrategy (2 replicas)"
+    row = next(line.split() for line in lines if line.startswith("bn "))
+    want = measured["guard"]["layers"]["bn"]
+    assert measured_statistics(measured) == "per-replica"
+    assert row == ["bn", "training", str(N // 2), "per-replica", "no", want["moving"]]
+    assert f"normalized over {N // 2} samples, fewer than 16" in done.stderr
+
+
+def test_verify_replicas_refuses_a_batch_that_does_not_split(tmp_path):
+    from click.testing import CliRunner
+
+    from bnfreeze.cli import cli
+
+    seed = ROOT / "sample_models" / "seed_bn.keras"
+    done = CliRunner().invoke(
+        cli, ["verify", str(seed), "--replicas", "3", "--batch-size", "8"], catch_exceptions=False
+    )
+    assert done.exit_code == 2
+    assert done.stderr.splitlines()[-1] == (
+        "error: --batch-size 8 does not split evenly over 3 replicas; give a multiple of "
+        "--replicas."
+    )
+
+
+def test_replica_lines():
+    from bnfreeze.render.replicas import replica_lines
+
+    layers = (
+        BatchNormSamples(
+            "a/bn", True, 4, 4, Statistics.PER_REPLICA, False, MovingStatistics.FIRST_REPLICA
+        ),
+        BatchNormSamples(
+            "b", False, 4, 4, Statistics.PER_REPLICA, False, MovingStatistics.FIRST_REPLICA
+        ),
+    )
+    lines = replica_lines(ReplicaReport(setup(Engine.MIRRORED_STRATEGY, 2), 16, layers))
+    assert lines == [
+        "Engine     MirroredStrategy (2 replicas)",
+        "Threshold  16 samples per BN in training mode",
+        "",
+        "path  mode       samples  over         synchronized  moving stats from",
+        "─" * 70,
+        "a/bn  training   4        per-replica  no            first-replica",
+        "b     inference  -        -            no            -",
+    ]

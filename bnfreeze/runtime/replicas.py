@@ -130,7 +130,7 @@ class ReplicaReport:
         )
         fix = (
             " BatchNormalization(synchronized=True) normalizes over the global batch on "
-            "TensorFlow (bnfreeze freeze --sync-bn on)."
+            "TensorFlow (bnfreeze sync-bn MODEL on)."
             if per_replica and self.setup.engine in (Engine.MIRRORED_STRATEGY, Engine.TF_DISTRIBUTE)
             else ""
         )
