@@ -13,6 +13,7 @@ MSE on synthetic inputs that fit it; the file is never written.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -131,7 +132,7 @@ def _child(path: str, replicas: int, batch_size: int, min_samples: int) -> dict[
             os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={replicas}"
         ).strip()
     elif backend == "tensorflow":
-        import tensorflow as tf
+        tf = importlib.import_module("tensorflow")
 
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(
