@@ -1005,8 +1005,16 @@ def verify(
     show_default=True,
     help="tf-keras runs the experiment with Keras 2 (the tf_keras package), if installed.",
 )
+@click.option(
+    "--replicas",
+    type=click.IntRange(min=2),
+    default=None,
+    metavar="N",
+    help="Instead, run it as one data-parallel fit() step on N simulated devices and show the "
+    "per-replica and global statistics side by side.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
-def explain(runtime: str, as_json: bool) -> None:
+def explain(runtime: str, replicas: int | None, as_json: bool) -> None:
     """Run the training/trainable experiment on one BN layer, live, and explain it.
 
     A (1, 2, 2, 4) image of whole numbers 0-9 goes through a BatchNormalization layer with
@@ -1018,7 +1026,18 @@ def explain(runtime: str, as_json: bool) -> None:
     Examples:
       bnfreeze explain
       bnfreeze explain --json | jq '.cases[] | {training, trainable, moving_stats_updated}'
+      bnfreeze explain --replicas 2
     """
+    if replicas is not None:
+        from bnfreeze.render.replicas import explain_replicas_lines
+        from bnfreeze.runtime.explain_replicas import explain_replicas
+
+        if as_json:
+            raise click.UsageError("--replicas has no --json output yet.")
+        note(f"running one data-parallel step on {replicas} simulated devices (a fresh process)...")
+        for line in explain_replicas_lines(explain_replicas(replicas)):
+            click.echo(line)
+        return
     from bnfreeze.model.records import Runtime
     from bnfreeze.runtime.explain import explain as run_explain
     from bnfreeze.runtime.loading import progress_on_stderr
