@@ -330,3 +330,33 @@ def test_replica_lines():
         "a/bn  training   4        per-replica  no            first-replica",
         "b     inference  -        -            no            -",
     ]
+
+
+@pytest.mark.keras
+def test_explain_replicas_side_by_side():
+    """``explain --replicas 2`` on TensorFlow: the seed BN, measured in a child process,
+    normalizes per replica and keeps the first replica's statistics unless synchronized."""
+    from click.testing import CliRunner
+
+    from bnfreeze.cli import cli
+
+    done = CliRunner().invoke(
+        cli,
+        ["explain", "--replicas", "2"],
+        env={"KERAS_BACKEND": "tensorflow"},
+        catch_exceptions=False,
+    )
+    assert done.exit_code == 0, done.stderr
+    out = done.stdout.splitlines()
+    # The slices' statistics, computed by hand from the batch the experiment feeds.
+    from bnfreeze.runtime.explain_replicas import PER_REPLICA, batch
+
+    x = batch(2)
+    halves = [x[:PER_REPLICA, 0], x[PER_REPLICA:, 0]]
+    for name, values in [("replica 1", halves[0]), ("replica 2", halves[1]), ("global", x[:, 0])]:
+        row = next(line for line in out if line.startswith(name))
+        assert row.split()[-2:] == [f"{values.mean():.3f}", f"{values.var():.3f}"]
+    assert "MirroredStrategy, synchronized=False: normalized with per-replica statistics" in out
+    assert "MirroredStrategy, synchronized=True: normalized with global statistics" in out
+    moving = [line for line in out if line.startswith("  moving mean")]
+    assert moving[0].endswith("from replica 1") and moving[1].endswith("from global")
