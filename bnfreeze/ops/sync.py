@@ -87,25 +87,26 @@ def set_synchronized_file(
     ``SyncBatchNormalization`` becomes ``BatchNormalization`` with ``synchronized`` set."""
     from bnfreeze.formats.atomic import write_atomically
     from bnfreeze.formats.readers import read_model, with_weights
-    from bnfreeze.formats.writers import WriteRequest, writer_for
+    from bnfreeze.formats.writers import WriteRequest
+    from bnfreeze.formats.writers.dispatch import writer_for
     from bnfreeze.model.assignments import Assignment, current_flags
     from bnfreeze.model.records import LayerKind, ModelFormat
     from bnfreeze.model.selection import select
     from bnfreeze.model.walk import walk
-    from bnfreeze.ops.edit import EditRequest, check_output
+    from bnfreeze.ops.request import EditRequest, Output, check_output
 
     if not isinstance(synchronized, bool):
         raise BnfreezeError(f"synchronized takes True or False, not {synchronized!r}.")
     checked = check_output(
         EditRequest(
             model=str(path),
-            output=None if output is None else str(output),
             assignment=Assignment(others=None, batchnorm=None),
-            dry_run=dry_run,
-            in_place=in_place,
+            output=Output(
+                path=None if output is None else str(output), in_place=in_place, dry_run=dry_run
+            ),
         )
     )
-    model = read_model(checked.model)
+    model = read_model(checked.path)
     if model.format is ModelFormat.MEMORY:  # pragma: no cover - read_model reads files
         raise BnfreezeError("set_synchronized_file edits saved files.")
     model = with_weights(model)
@@ -113,7 +114,7 @@ def set_synchronized_file(
     if writer is None:
         raise BnfreezeError(f"{model.path}: bnfreeze cannot rewrite a {model.format.value} file.")
     walked = walk(model.config, model.path)
-    chosen = select(walked.layers, globs=tuple(layers)) if layers else walked.layers
+    chosen = select(walked.layers, layers=tuple(layers)) if layers else walked.layers
     bns = [r for r in chosen if r.kind is LayerKind.BATCHNORM and r.config_path]
     if not bns:
         raise SelectionError(
@@ -134,7 +135,7 @@ def set_synchronized_file(
             SyncChange(record.path, record.class_name, after_class, before, synchronized)
         )
     input_bytes = _size(model.path)
-    out = checked.output
+    out = checked.output.path
     skip = dry_run or out is None or (in_place and not changes)
     if skip:
         return SyncResult(

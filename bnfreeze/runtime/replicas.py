@@ -336,3 +336,40 @@ def check_min_samples(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"min_samples takes a positive whole number of samples, not {value!r}")
     return value
+
+
+# --------------------------------------------------------------------------- the guard's hooks
+
+
+def start_sampling(
+    state: dict[str, Any], keras: Any, model: Any, layers: Mapping[str, Any]
+) -> None:
+    """``BatchNormGuard`` before the first step: record every built-in BN's batch sizes in
+    ``state`` (the guard's state) while the step is traced or run."""
+    from bnfreeze.runtime.branches import is_builtin_batchnorm
+
+    builtin = {p: layer for p, (layer, _) in layers.items() if is_builtin_batchnorm(keras, layer)}
+    recorder = SampleRecorder(builtin)
+    state.update(
+        builtin=builtin,
+        setup=replica_setup(keras, model),
+        samples=recorder,
+        sampling=recorder.active(),
+    )
+    state["sampling"].__enter__()
+
+
+def finish_sampling(
+    state: dict[str, Any], measured: Sequence[Any], min_samples: int
+) -> ReplicaReport:
+    """``BatchNormGuard`` after the first batch: the :class:`ReplicaReport` of ``state``;
+    ``measured`` holds the first batch's measurements (the branch each BN took)."""
+    from bnfreeze.model.records import Normalization
+
+    return replica_report(
+        setup=state["setup"],
+        layers=state["builtin"],
+        seen=state["samples"].seen(),
+        training=[m.path for m in measured if m.normalizes_with is Normalization.BATCH],
+        min_samples=min_samples,
+    )
