@@ -56,6 +56,7 @@ _MSG_DATASPACE = 0x0001
 _MSG_LINK_INFO = 0x0002
 _MSG_DATATYPE = 0x0003
 _MSG_LINK = 0x0006
+_MSG_EXTERNAL_FILES = 0x0007
 _MSG_LAYOUT = 0x0008
 _MSG_FILTERS = 0x000B
 _MSG_ATTRIBUTE = 0x000C
@@ -75,6 +76,16 @@ _MAX_NAME = 65_536  # bytes in one link name (Keras's are layer names and number
 
 class Unsupported(Exception):
     """The file uses an HDF5 feature this reader does not implement, or is damaged."""
+
+
+class OutsideReference(Exception):
+    """The file points at another file (an external link, external raw storage, a virtual
+    dataset): refused, never handed to h5py, which would open that file
+    (:mod:`bnfreeze.formats.readers.self_contained`)."""
+
+    def __init__(self, where: str, what: str) -> None:
+        super().__init__(f"{what} at {where}")
+        self.where, self.what = where, what
 
 
 class Malformed(Unsupported):
@@ -373,11 +384,13 @@ class File:
         width = 1 << (flags & 0x03)
         length = self._u(data, pos, width)
         pos += width
-        if link_type != 0:
-            raise Unsupported("soft or external link")
         if pos + length > len(data):
             raise Unsupported("truncated link message")
-        name = data[pos : pos + length].decode("utf-8")
+        name = data[pos : pos + length].decode("utf-8", "replace")
+        if link_type == 64:  # the walker adds the group's path
+            raise OutsideReference(name, "an external link")
+        if link_type != 0:
+            raise Unsupported("soft or user-defined link")
         return name, self._u(data, pos + length, self.O)
 
     def _symbol_table(self, btree: int, heap: int) -> dict[str, Link]:
@@ -710,6 +723,8 @@ class _Walker:
         self._count = 0
         self._paths: dict[int, str] = {}  # object header address -> the first path to it
         self._aliases = 0
+        self._walked: set[str] = set()
+        self._from_cache: set[str] = set()  # groups listed from their parent's cache
         self.names: dict[str, str] = {}
 
     def node(self, path: str, link: Link) -> _Node:
@@ -727,18 +742,45 @@ class _Walker:
             # An old-style group whose parent cached its symbol table: no need to read its
             # header unless its attributes are wanted.
             node = _Node(path, addr, None, self.h5._symbol_table(*stab), False)
+            self._from_cache.add(path)
         else:
             header = self.h5.header(addr)
-            children = self.h5.children(header)
+            try:
+                children = self.h5.children(header)
+            except OutsideReference as exc:
+                raise OutsideReference(_join(path, exc.where), exc.what) from None
             is_dataset = False
             if children is None:
                 if not self.h5.is_dataset(header):
                     raise Unsupported("an object that is neither a group nor a dataset")
                 is_dataset = True
+                _refuse_outside_storage(header, path)
                 self.datasets[path] = PendingDataset(self.h5, header)
             node = _Node(path, addr, header, children, is_dataset)
         self._nodes[path] = node
         return node
+
+    def walk_all(self, group: _Node, depth: int = 0) -> None:
+        """Visit every object below ``group`` (each dataset's header is checked by
+        :meth:`node`), so a file that points outside itself anywhere is refused, not only
+        where the index looks. Objects already visited cost nothing more."""
+        if depth > _MAX_DEPTH:
+            raise Unsupported("groups nested too deeply")
+        for key, link in (group.children or {}).items():
+            child = self.node(_join(group.path, key), link)
+            if child.children is not None and child.path not in self._walked:
+                self._walked.add(child.path)
+                if child.path in self._from_cache:
+                    # Listed from the symbol table its parent cached: its own header must
+                    # say the same (HDF5 turns a group that gets an external link into a
+                    # new-style one and the parent's cache goes stale).
+                    try:
+                        own = self.h5.children(self.header(child))
+                    except OutsideReference as exc:
+                        raise OutsideReference(_join(child.path, exc.where), exc.what) from None
+                    if own is not child.children:
+                        raise Unsupported(f"a stale symbol table cache at {child.path}")
+                self.walk_all(child, depth + 1)
 
     def _alias(self, path: str, addr: int) -> None:
         """``path`` leads to an object already reached by another path (a hard link): fine
@@ -824,6 +866,15 @@ class _Walker:
                 self.index_layer(sub, f"{path}/{self.group_name(sub, inner)}", out, depth + 1)
 
 
+def _refuse_outside_storage(header: _Header, path: str) -> None:
+    """Raise :class:`OutsideReference` for a dataset whose values live in other files."""
+    for mtype, _, data in header.messages:
+        if mtype == _MSG_EXTERNAL_FILES:
+            raise OutsideReference(path, "external raw storage")
+        if mtype == _MSG_LAYOUT and len(data) > 1 and data[0] in (3, 4) and data[1] == 3:
+            raise OutsideReference(path, "a virtual dataset")
+
+
 def _join(parent: str, key: str) -> str:
     return f"{parent}/{key}" if parent != "/" else f"/{key}"
 
@@ -850,6 +901,7 @@ def index_keras_weights(source: ByteSource) -> KerasIndex:
             child = walker.get(root, key)
             if child is not None and not child.is_dataset:
                 walker.index_layer(child, walker.group_name(child, key), variables, 1)
+    walker.walk_all(root)  # nothing anywhere in the file points outside it
     optimizer = walker.get(root, "optimizer")
     opt_vars = walker.get(optimizer, "vars") if optimizer is not None else None
     count = None
