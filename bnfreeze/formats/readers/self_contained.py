@@ -60,7 +60,7 @@ def outside_reference(h5: Any) -> tuple[str, str] | None:
     while stack:
         path, group = stack.pop()
         links: list[tuple[bytes, int]] = []
-        group.links.iterate(lambda name, info: links.append((name, info.type)), info=True)
+        group.links.iterate(lambda name, info, add=links.append: add((name, info.type)), info=True)
         for raw, kind in links:
             name = f"{path}/{raw.decode('utf-8', 'replace')}"
             if kind == h5py.h5l.TYPE_EXTERNAL:
