@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from bnfreeze.errors import ModelFormatError, OutputError
+from bnfreeze.formats import integrity
 from bnfreeze.formats.atomic import scratch_file
 from bnfreeze.formats.readers._keras_common import CONFIG, WEIGHTS, MemberFile
 from bnfreeze.formats.readers.keras_zip import stored_member
@@ -122,33 +123,14 @@ def clone_info(info: zipfile.ZipInfo) -> zipfile.ZipInfo:
     return new
 
 
-def _copy_range(src: IO[bytes], start: int, count: int, dst: IO[bytes]) -> None:
-    """Copy ``count`` bytes at ``start`` of ``src`` to ``dst``'s current position."""
+def _copy_range(src: IO[bytes], start: int, count: int, dst: IO[bytes]) -> int:
+    """Copy ``count`` bytes at ``start`` of ``src`` to ``dst``'s current position; return the
+    CRC-32 of the bytes copied, computed while copying (:func:`integrity.copy_range`)."""
     dst.flush()
     out_pos = dst.tell()
-    copied = 0
-    if hasattr(os, "copy_file_range"):
-        try:
-            while copied < count:
-                n = os.copy_file_range(
-                    src.fileno(), dst.fileno(), count - copied, start + copied, out_pos + copied
-                )
-                if n == 0:
-                    break
-                copied += n
-        except OSError:
-            pass  # another file system, an old kernel: fall back to a plain copy
-    if copied < count:
-        src.seek(start + copied)
-        dst.seek(out_pos + copied)
-        left = count - copied
-        while left:
-            chunk = src.read(min(_CHUNK, left))
-            if not chunk:
-                raise ModelFormatError("the input archive is truncated.")
-            dst.write(chunk)
-            left -= len(chunk)
+    crc = integrity.copy_range(src.fileno(), start, count, dst.fileno(), out_pos)
     dst.seek(out_pos + count)
+    return crc
 
 
 def copy_raw(src: IO[bytes], info: zipfile.ZipInfo, zout: zipfile.ZipFile) -> None:
@@ -163,7 +145,10 @@ def copy_raw(src: IO[bytes], info: zipfile.ZipInfo, zout: zipfile.ZipFile) -> No
     new.header_offset = fp.tell()
     zip64 = info.file_size > zipfile.ZIP64_LIMIT or info.compress_size > zipfile.ZIP64_LIMIT
     fp.write(new.FileHeader(zip64))
-    _copy_range(src, start, info.compress_size, fp)
+    crc = _copy_range(src, start, info.compress_size, fp)
+    if info.compress_type == zipfile.ZIP_STORED and crc != info.CRC:
+        # A deflated member's CRC is of its inflated bytes: verify() inflates the copy.
+        raise integrity.damaged(src.name, info.filename)
     # What ZipFile.write() does after writing a member, minus recompressing it.
     zout.filelist.append(new)
     zout.NameToInfo[new.filename] = new
@@ -300,7 +285,8 @@ def copy_patched(
     fp.write(new.FileHeader(plan.size > zipfile.ZIP64_LIMIT))
     fp.flush()
     body = fp.tell()
-    _copy_range(src, start, info.compress_size, fp)
+    if _copy_range(src, start, info.compress_size, fp) != info.CRC:
+        raise integrity.damaged(src.name, info.filename)  # the patches' CRC builds on it
     fp.flush()
     for patch in plan.patches:
         os.pwrite(fp.fileno(), patch.new, body + patch.offset)
@@ -493,6 +479,8 @@ class KerasZipWriter:
                         hint="Pass --optimizer-state drop (or keep).",
                     )
                 rewritten = stack.enter_context(scratch_file(dest.parent, "model.weights.h5"))
+                # h5py reads the member's bytes, not its CRC: check them first.
+                integrity.check_member(zin, weights, str(source))
                 with open_weights(source, weights, dest.parent) as h5_in:
                     dropped = drop_optimizer(h5_in, rewritten)
             # Not "wb": on ext4, truncating a file (even an empty one) makes its close write
@@ -596,6 +584,8 @@ class KerasZipWriter:
                     b.compress_type,
                 ):
                     raise OutputError(f"{where}: member {a.filename} was not copied exactly.")
+                if b.compress_type != zipfile.ZIP_STORED:  # stored ones were checked in the copy
+                    integrity.check_member(zout, b, str(source))
             if zout.read(CONFIG) != self._config_bytes(request):
                 raise OutputError(f"{where}: config.json does not read back as written.")
             if patched is not None:
