@@ -18,12 +18,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+import bnfreeze
 from bnfreeze.cli import cli
 
 PIECE_MIB = 8  # bnfreeze.formats.integrity.PIECE
-
-import bnfreeze
-
 #: The bnfreeze under test (its subprocesses import the same one).
 ROOT = Path(bnfreeze.__file__).resolve().parent.parent
 
