@@ -195,15 +195,15 @@ def export_option(f: Any) -> Any:
     )(f)
 
 
-def start_export(export: str | None, as_json: bool) -> None:
-    """Refuse a bad --export before any work is done."""
+def start_export(export: str | None, as_json: bool, *models: str) -> None:
+    """Refuse a bad --export before any work is done (one that would replace ``models``)."""
     if export is None:
         return
     if as_json:
         raise click.UsageError("--export saves the terminal view; it cannot be used with --json.")
     from bnfreeze.formats.export import check_destination
 
-    check_destination(export)
+    check_destination(export, models)
 
 
 def finish_export(console: Any, export: str | None) -> None:
@@ -283,7 +283,7 @@ def inspect(
 
     if strip and (as_json or tree or all_layers):
         raise click.UsageError("--strip is its own view; drop --json, --tree and --all.")
-    start_export(export, as_json)
+    start_export(export, as_json, model)
     with gc_paused():
         report = inspect_file(model, Runtime(runtime))
     if as_json:
@@ -382,7 +382,7 @@ def check(
         raise click.UsageError("give --plan PLAN, --expect NAME or --strict (or several).")
     if sets and plan_path is None:
         raise click.UsageError("--set sets parameters of a --plan.")
-    start_export(export, as_json)
+    start_export(export, as_json, model)
     plan = None
     if plan_path is not None:
         from bnfreeze.ops.plans import load_plan, parse_sets
@@ -437,7 +437,7 @@ def diff(a: str, b: str, as_json: bool, exit_code: bool, export: str | None) -> 
     from bnfreeze.errors import EXIT_CHECK_FAILED
     from bnfreeze.ops.diff import diff_files
 
-    start_export(export, as_json)
+    start_export(export, as_json, a, b)
     if is_quiet():
         result = diff_files(a, b)
     else:
