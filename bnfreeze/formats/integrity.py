@@ -19,6 +19,7 @@ or compression ratio holds at most one piece of its inflated bytes (README, "Gua
 
 from __future__ import annotations
 
+import errno
 import os
 import zipfile
 from collections.abc import Callable
@@ -33,6 +34,11 @@ except ImportError:  # pragma: no cover - isal is a dependency; zlib when it is 
     from zlib import crc32 as _crc32
 
 crc32: Callable[..., int] = _crc32
+
+#: copy_file_range errors that only mean "not here": copy in user space instead.
+_NO_KERNEL_COPY = frozenset(
+    {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.EBADF}
+)
 
 #: The most inflated (or copied-then-checksummed) bytes of one member held at a time.
 PIECE = 8 * 2**20
@@ -69,7 +75,9 @@ def copy_range(src_fd: int, start: int, count: int, dst_fd: int, out_pos: int) -
         if kernel:
             try:
                 n = os.copy_file_range(src_fd, dst_fd, want, start + done, out_pos + done)
-            except OSError:
+            except OSError as exc:
+                if exc.errno not in _NO_KERNEL_COPY:
+                    raise  # a full disk, an I/O error: the write fails
                 kernel = False  # a cross-device copy, an old kernel: copy it ourselves
         if n:
             got = os.preadv(dst_fd, [view[:n]], out_pos + done)
@@ -81,8 +89,9 @@ def copy_range(src_fd: int, start: int, count: int, dst_fd: int, out_pos: int) -
             if n == 0:
                 raise ModelFormatError("the input archive is truncated.")
             crc = crc32(view[:n], crc)
-            if os.pwrite(dst_fd, view[:n], out_pos + done) != n:
-                raise OSError("short write")
+            written = 0
+            while written < n:  # a short write is retried: a full disk then raises ENOSPC
+                written += os.pwrite(dst_fd, view[written:n], out_pos + done + written)
         done += n
     return crc & 0xFFFFFFFF
 

@@ -104,6 +104,9 @@ class DatasetInfo:
     count: int  # number of elements
     inline: bytes | None = None
     shape: tuple[int, ...] | None = None  # the dataspace's dimensions; () for a scalar
+    #: Keras's ``bfloat16``: a 2-byte opaque type tagged by the dataset's ``dtype``
+    #: attribute, read as ``H`` and decoded to floats (the top half of a float32).
+    bfloat16: bool = False
 
 
 @dataclass
@@ -603,7 +606,15 @@ class File:
             count = 1
             for d in dims:
                 count *= d
-        typecode, big = _typecode(dtype)
+        bfloat16 = False
+        if dtype[0] & 0x0F == 5 and struct.unpack_from("<I", dtype, 4)[0] == 2:
+            # Opaque: Keras writes bfloat16 so, with a "dtype" attribute that says it.
+            tag = self.attribute(header, "dtype")
+            if tag not in ("bfloat16", b"bfloat16"):
+                raise Unsupported("an opaque datatype other than Keras's bfloat16")
+            typecode, big, bfloat16 = "H", False, True
+        else:
+            typecode, big = _typecode(dtype)
         itemsize = struct.calcsize(typecode)
         if layout[0] not in (3, 4):
             raise Unsupported("old data layout version")
@@ -612,14 +623,14 @@ class File:
             inline = layout[4 : 4 + size]
             if len(inline) < count * itemsize:
                 raise Unsupported("truncated compact dataset")
-            return DatasetInfo(None, count * itemsize, typecode, big, count, inline, dims)
+            return DatasetInfo(None, count * itemsize, typecode, big, count, inline, dims, bfloat16)
         if layout[1] == 1:  # contiguous
             addr = self._u(layout, 2, self.O)
             nbytes = self._u(layout, 2 + self.O, self.L)
             if addr == UNDEFINED or nbytes < count * itemsize or addr + nbytes > self.end:
                 raise Unsupported("unallocated or out-of-range dataset")
             return DatasetInfo(
-                self.src.start + addr, count * itemsize, typecode, big, count, None, dims
+                self.src.start + addr, count * itemsize, typecode, big, count, None, dims, bfloat16
             )
         raise Unsupported("chunked or virtual dataset")
 
@@ -657,7 +668,11 @@ def _typecode(dtype: bytes) -> tuple[str, bool]:
 def decode(info: DatasetInfo, raw: bytes) -> tuple[float | int, ...]:
     """A dataset's bytes as a flat tuple of numbers, in C order."""
     order = ">" if info.big_endian else "<"
-    return struct.unpack(f"{order}{info.count}{info.typecode}", raw[: info.nbytes])
+    values = struct.unpack(f"{order}{info.count}{info.typecode}", raw[: info.nbytes])
+    if info.bfloat16:  # the high 16 bits of a float32
+        wide = struct.pack(f"<{info.count}I", *(v << 16 for v in values))
+        return struct.unpack(f"<{info.count}f", wide)
+    return values
 
 
 # -- the Keras layout --------------------------------------------------------------------------
@@ -671,18 +686,42 @@ ROOT_GROUPS = ("layers", "vars", "optimizer")
 class PendingDataset:
     """A dataset found by the index; where its bytes are is worked out on first use."""
 
-    __slots__ = ("_h5", "_header", "_info")
+    __slots__ = ("_done", "_h5", "_header", "_info")
 
     def __init__(self, h5: File, header: _Header) -> None:
         self._h5 = h5
-        self._header: _Header | None = header
+        self._header = header
         self._info: DatasetInfo | None = None
+        self._done = False
 
     def info(self) -> DatasetInfo | None:
-        if self._header is not None:
+        if not self._done:
             self._info = self._h5.dataset(self._header)
-            self._header = None
+            self._done = True
         return self._info
+
+    def extent(self) -> tuple[tuple[int, ...] | None, int, int] | None:
+        """(shape, element size in bytes, HDF5 datatype class) from the dataset's dataspace
+        and datatype messages, whatever its layout, filters or type (a chunked, compressed
+        or opaque ``bfloat16`` dataset too); None when they cannot be read."""
+        return dataset_extent(self._h5, self._header)
+
+
+def dataset_extent(h5: File, header: _Header) -> tuple[tuple[int, ...] | None, int, int] | None:
+    """See :meth:`PendingDataset.extent`."""
+    dims: tuple[int, ...] | None = ()
+    found_space = size = cls = None
+    try:
+        for mtype, mflags, data in header.messages:
+            if mtype == _MSG_DATASPACE and not mflags & 0x02:
+                dims, found_space = h5._dataspace(data), True
+            elif mtype == _MSG_DATATYPE and not mflags & 0x02 and len(data) >= 8:
+                cls, size = data[0] & 0x0F, struct.unpack_from("<I", data, 4)[0]
+    except (Unsupported, IndexError, struct.error):
+        return None
+    if found_space is None or size is None or cls is None:
+        return None
+    return dims, size, cls
 
 
 @dataclass
@@ -943,7 +982,7 @@ class Numbers(Sequence):
             exact = struct.unpack(fmt, packed)[0] == value
         except (struct.error, OverflowError, TypeError):
             exact = False
-        if exact and self._raw == packed * self._info.count:
+        if exact and not self._info.bfloat16 and self._raw == packed * self._info.count:
             return self._info.count
         return self._decoded().count(value)
 

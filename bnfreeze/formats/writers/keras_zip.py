@@ -365,7 +365,11 @@ def check_patched(
         shift = m_out.start - m_in.start
         for path, pending in locations.items():
             if not path.startswith(f"/{OPTIMIZER_GROUP}/"):
-                a = info_of(pending, path)
+                a = pending.info() if pending is not None else None
+                if a is None:
+                    # Chunked or compressed (h5py writes both on request): its bytes are
+                    # the input's, copied under the CRC-32 check (integrity.copy_range).
+                    continue
                 same_bytes(a, (a.offset or 0) + shift, path)
         try:
             vars_link = out.children(out.header(out.root))
@@ -381,10 +385,21 @@ def check_patched(
                 raise OutputError(f"{where}: the optimizer state was not rewritten as planned.")
             for i, slot in enumerate(slots):
                 path = f"/{OPTIMIZER_GROUP}/vars/{i}"
-                got = info_of(_hdf5.PendingDataset(out, out.header(found[str(i)][0])), path)
+                if found[str(i)][0] != plan.headers[i]:
+                    raise OutputError(f"{differs}: {path} is not the planned dataset.")
+                pending_out = _hdf5.PendingDataset(out, out.header(found[str(i)][0]))
+                if slot.source is not None and pending_out.info() is None:
+                    # A kept slot the lean reader cannot locate (chunked, compressed): the
+                    # same object header as in the input, checked above, bytes under the CRC.
+                    source_pending = locations.get(slot.source)
+                    if source_pending is None or (source_pending.extent() != pending_out.extent()):
+                        raise OutputError(f"{differs}: {path} is not {slot.source}.")
+                    continue
+                got = info_of(pending_out, path)
                 if slot.source is not None:
                     a = info_of(locations.get(slot.source), slot.source)
-                    moved = (a.offset or 0) + shift != (got.offset or 0)
+                    # A compact dataset's values live in its header: no offset to compare.
+                    moved = a.inline is None and (a.offset or 0) + shift != (got.offset or 0)
                     if moved or (a.nbytes, a.typecode, a.shape, a.inline) != (
                         got.nbytes,
                         got.typecode,
@@ -394,12 +409,9 @@ def check_patched(
                         raise OutputError(f"{differs}: {path} is not {slot.source}.")
                     same_bytes(a, got.offset or 0, path)
                     continue
-                like = info_of(locations.get(slot.like), slot.like)
-                if (got.nbytes, got.typecode, got.shape) != (
-                    like.nbytes,
-                    like.typecode,
-                    like.shape,
-                ):
+                like_pending = locations.get(slot.like)
+                like_extent = like_pending.extent() if like_pending is not None else None
+                if like_extent is None or like_extent != pending_out.extent():
                     raise OutputError(f"{differs}: {path} is not shaped like {slot.like}.")
                 raw = got.inline
                 if raw is None:
