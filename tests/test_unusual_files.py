@@ -272,8 +272,9 @@ def test_keras_loads_prefixed_files_and_bnfreeze_outputs(samples, tmp_path):
         "import sys, keras\n"
         "for p in sys.argv[1:]:\n"
         "    m = keras.models.load_model(p, compile=False)\n"
-        "    bn = [l for l in m._flatten_layers() if isinstance(l, keras.layers.BatchNormalization)]\n"
-        "    print(p.rsplit('/', 1)[-1], len(bn), sum(not l.trainable for l in bn))\n"
+        "    BN = keras.layers.BatchNormalization\n"
+        "    bn = [x for x in m._flatten_layers() if isinstance(x, BN)]\n"
+        "    print(p.rsplit('/', 1)[-1], len(bn), sum(not x.trainable for x in bn))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
     lines = subprocess.run(
