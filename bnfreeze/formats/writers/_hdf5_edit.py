@@ -197,9 +197,11 @@ def _zero_dataset(h5: _hdf5.File, tail: _Tail, like: str) -> int:
     addr, _ = _resolve(h5, like)
     header = h5.header(addr)
     extent = _hdf5.dataset_extent(h5, header)
-    if extent is None or extent[0] is None:
+    if extent is None:
         raise Unsupported(f"{like}: no dataspace or datatype")
     dims, itemsize, cls = extent
+    if dims is None:
+        raise Unsupported(f"{like}: a null dataspace")
     if cls not in _PLAIN_CLASSES:
         raise Unsupported(f"{like}: a datatype whose zero is not zero bytes")
     nbytes = itemsize
