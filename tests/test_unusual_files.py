@@ -32,10 +32,14 @@ def _run(*args: str):
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
 
 
-def _rewrite_weights(src: Path, dest: Path, dataset_kwargs, *, opaque_bf16: bool = False) -> Path:
+def _rewrite_weights(
+    src: Path, dest: Path, dataset_kwargs, *, opaque_bf16: bool = False, bn_as: str | None = None
+) -> Path:
     """``src`` with its weights file re-created dataset by dataset: ``dataset_kwargs(array)``
     gives h5py ``create_dataset`` keywords; ``opaque_bf16`` stores every float32 vector of a
-    BN layer (and its optimizer slots) the way Keras stores ``bfloat16``."""
+    BN layer (and its optimizer slots) the way Keras stores ``bfloat16``; ``bn_as`` stores the
+    BN layers' variables as that numpy dtype, or ``"opaque1"``: 1-byte opaque values with no
+    tag, as h5py stores ml_dtypes' float8 types."""
     import h5py
     import numpy as np
 
@@ -65,6 +69,14 @@ def _rewrite_weights(src: Path, dest: Path, dataset_kwargs, *, opaque_bf16: bool
                     raw = np.frombuffer(high.tobytes(), dtype=h5py.opaque_dtype("V2"))
                     ds = g_out.create_dataset(key, data=raw)
                     ds.attrs["dtype"] = "bfloat16"
+                    continue
+                if bn_as is not None and "batch_normalization" in obj.name:
+                    if bn_as == "opaque1":
+                        raw = (value.view("<u4") >> 24).astype("u1")  # any byte pattern
+                        raw = np.frombuffer(raw.tobytes(), dtype=h5py.opaque_dtype("V1"))
+                        g_out.create_dataset(key, data=raw)
+                    else:
+                        g_out.create_dataset(key, data=value.astype(bn_as))
                     continue
                 if value.ndim == 0:
                     g_out.create_dataset(key, data=value)
@@ -181,6 +193,28 @@ def test_bfloat16_in_every_command(bf16, trained, tmp_path):
     report = json.loads(_run("inspect", str(bf16), "--json").stdout)
     bn = [r for r in report["layers"] if r["class_name"] == "BatchNormalization"]
     assert bn and [r["in_fit"]["normalizes_with"] for r in bn] == ["batch", "moving"]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float64", "opaque1"])
+def test_other_dtypes_in_every_command(trained, tmp_path, dtype):
+    """float16 and float64 variables are read as numbers; an opaque type bnfreeze cannot
+    decode (float8 as h5py stores it) is an unknown value, never a crash. unfreeze writes
+    zero optimizer slots shaped and typed like them."""
+    from hostile import optimizer_digest
+
+    model = _rewrite_weights(trained, tmp_path / "m.keras", LAYOUTS["contiguous"], bn_as=dtype)
+    runs = [
+        ["inspect", str(model), "--json"],
+        ["check", str(model), "--strict"],
+        ["diff", str(trained), str(model)],
+        ["freeze", str(model), "--bn-inference", "-o", str(tmp_path / "f.keras")],
+        ["unfreeze", str(model), "-o", str(tmp_path / "u.keras")],
+    ]
+    for args in runs:
+        result = _run(*args)
+        assert result.exit_code in (0, 1), (args, result.output)
+        assert "internal error" not in result.stderr
+    assert len(optimizer_digest(tmp_path / "u.keras")) > len(optimizer_digest(model))
 
 
 def test_bfloat16_values_are_decoded(bf16):

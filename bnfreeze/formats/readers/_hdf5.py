@@ -707,6 +707,22 @@ class PendingDataset:
         return dataset_extent(self._h5, self._header)
 
 
+def raw_layout(h5: File, header: _Header) -> tuple[int | None, int, bytes | None]:
+    """(absolute offset or None, size, inline bytes or None) of a contiguous or compact
+    dataset's raw data, whatever its datatype. Raises :class:`Unsupported` otherwise."""
+    for mtype, _, data in header.messages:
+        if mtype == _MSG_LAYOUT and len(data) >= 4 and data[0] in (3, 4):
+            if data[1] == 0:
+                size = struct.unpack_from("<H", data, 2)[0]
+                return None, size, data[4 : 4 + size]
+            if data[1] == 1:
+                addr, size = h5._u(data, 2, h5.O), h5._u(data, 2 + h5.O, h5.L)
+                if addr == UNDEFINED or addr + size > h5.end:
+                    raise Unsupported("unallocated or out-of-range dataset")
+                return h5.src.start + addr, size, None
+    raise Unsupported("not a contiguous or compact dataset")
+
+
 def dataset_extent(h5: File, header: _Header) -> tuple[tuple[int, ...] | None, int, int] | None:
     """See :meth:`PendingDataset.extent`."""
     dims: tuple[int, ...] | None = ()

@@ -395,8 +395,8 @@ def check_patched(
                     if source_pending is None or (source_pending.extent() != pending_out.extent()):
                         raise OutputError(f"{differs}: {path} is not {slot.source}.")
                     continue
-                got = info_of(pending_out, path)
                 if slot.source is not None:
+                    got = info_of(pending_out, path)
                     a = info_of(locations.get(slot.source), slot.source)
                     # A compact dataset's values live in its header: no offset to compare.
                     moved = a.inline is None and (a.offset or 0) + shift != (got.offset or 0)
@@ -413,9 +413,10 @@ def check_patched(
                 like_extent = like_pending.extent() if like_pending is not None else None
                 if like_extent is None or like_extent != pending_out.extent():
                     raise OutputError(f"{differs}: {path} is not shaped like {slot.like}.")
-                raw = got.inline
+                # Any datatype (an opaque float8 too): its raw bytes, where the layout says.
+                at, nbytes, raw = _hdf5.raw_layout(out, out.header(found[str(i)][0]))
                 if raw is None:
-                    raw = os.pread(fd_out, min(got.nbytes, _CHUNK), got.offset or 0)
+                    raw = os.pread(fd_out, min(nbytes, _CHUNK), at or 0)
                 if raw.count(0) != len(raw):
                     raise OutputError(f"{differs}: the new {path} is not zero.")
         except _hdf5.Unsupported as exc:
