@@ -14,7 +14,7 @@ is installed, else zlib's (about 1.7 GB/s). Both release the GIL.
 
 Memory: a member is inflated (or checksummed) :data:`PIECE` bytes at a time
 (:func:`check_member`, :func:`inflate_to`), so checking or unpacking a member of any size
-or compression ratio holds at most one piece of its inflated bytes (README, "Guarantees").
+or compression ratio holds at most one piece of its inflated bytes (docs/guarantees.md).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import mmap
 import os
 import zipfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import IO
 
 from bnfreeze.errors import ModelFormatError
@@ -119,20 +118,6 @@ _MAP_FLAGS = (
 )
 
 
-def range_crc(fd: int, start: int, count: int) -> int:
-    """The CRC-32 of ``count`` bytes at ``start`` of ``fd``, :data:`PIECE` bytes at a time."""
-    buf = bytearray(min(PIECE, max(count, 1)))
-    view = memoryview(buf)
-    crc = done = 0
-    while done < count:
-        n = os.preadv(fd, [view[: min(PIECE, count - done)]], start + done)
-        if n == 0:
-            raise ModelFormatError("the input archive is truncated.")
-        crc = crc32(view[:n], crc)
-        done += n
-    return crc & 0xFFFFFFFF
-
-
 def check_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, source: str) -> None:
     """Raise :func:`damaged` unless ``info``'s data inflates to its recorded size and CRC-32,
     reading :data:`PIECE` bytes at a time (``zipfile`` checks the CRC at the end)."""
@@ -171,9 +156,3 @@ def inflate_to(
     except Exception as exc:  # BadZipFile (bad CRC-32), zlib.error, EOFError...
         raise damaged(source, info.filename, str(exc)) from None
     return total
-
-
-def stored_crc_matches(path: Path, start: int, info: zipfile.ZipInfo) -> bool:
-    """Whether the stored member at ``start`` of ``path`` matches its recorded CRC-32."""
-    with open(path, "rb") as fh:
-        return range_crc(fh.fileno(), start, info.compress_size) == info.CRC
