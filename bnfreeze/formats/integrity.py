@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import IO
 
 from bnfreeze.errors import ModelFormatError
+from bnfreeze.limits import INFLATE_PIECE
 
 try:  # ISA-L: the same CRC-32, 5x faster
     from isal.isal_zlib import crc32 as _crc32
@@ -41,7 +42,7 @@ _NO_KERNEL_COPY = frozenset(
 )
 
 #: The most inflated (or copied-then-checksummed) bytes of one member held at a time.
-PIECE = 8 * 2**20
+PIECE = INFLATE_PIECE
 
 
 def damaged(source: str | os.PathLike[str], member: str, why: str = "") -> ModelFormatError:
