@@ -190,7 +190,9 @@ def test_the_lean_reader_refuses_before_h5py(samples, tmp_path):
         "    print(exc)\n"
         "print('h5py' in sys.modules)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    import bnfreeze
+
+    env = {**os.environ, "PYTHONPATH": str(Path(bnfreeze.__file__).resolve().parent.parent)}
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
     ).stdout.splitlines()

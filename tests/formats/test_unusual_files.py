@@ -23,9 +23,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+import bnfreeze
 from bnfreeze.cli import cli
 
-ROOT = Path(__file__).resolve().parent.parent
+#: The bnfreeze under test (its subprocesses import the same one).
+ROOT = Path(bnfreeze.__file__).resolve().parent.parent
 
 
 def _run(*args: str):
