@@ -253,6 +253,12 @@ def cli() -> None:
     is_flag=True,
     help="Draw the model as one line of cells, one per layer, coloured by what it does in fit().",
 )
+@click.option(
+    "--from-file",
+    is_flag=True,
+    help="Never ask Keras: predict the layers that code builds (keras-hub, custom layers) by "
+    "rule, from the weights file. Fast, and needs no Keras.",
+)
 @runtime_option
 @export_option
 def inspect(
@@ -261,13 +267,18 @@ def inspect(
     all_layers: bool,
     tree: bool,
     strip: bool,
+    from_file: bool,
     runtime: str,
     export: str | None,
 ) -> None:
     """Show each layer's trainable flag and what it really does in fit().
 
-    MODEL is a .keras file, an unzipped .keras folder or a legacy .h5 file. Nothing is
-    loaded into Keras: the file's config is read directly, so this is instant.
+    MODEL is a .keras file, an unzipped .keras folder or a legacy .h5 file. The file's
+    config is read directly, so this is instant. Only when the file holds layers that
+    code builds (keras-hub models, custom layers, subclassed models), whose flags the file
+    does not record, and Keras is installed, is the model loaded into Keras (in memory, the
+    file is only read) to list them as Keras rebuilds them; --from-file predicts them by
+    rule instead.
 
     \b
     Examples:
@@ -277,6 +288,7 @@ def inspect(
       bnfreeze inspect model.keras --json | jq .summary
       bnfreeze inspect model.keras --strip --export model.svg
       bnfreeze inspect keras2_model.h5 --runtime tf-keras
+      bnfreeze inspect hub_classifier.keras --from-file
     """
     from bnfreeze.model.records import Runtime
     from bnfreeze.ops.inspect import inspect_file
@@ -285,7 +297,7 @@ def inspect(
         raise click.UsageError("--strip is its own view; drop --json, --tree and --all.")
     start_export(export, as_json)
     with gc_paused():
-        report = inspect_file(model, Runtime(runtime))
+        report = inspect_file(model, Runtime(runtime), ask_keras=not from_file)
     if as_json:
         from bnfreeze.render.json import render_report
 

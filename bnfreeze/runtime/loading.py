@@ -555,6 +555,7 @@ def load_model(
     compile: bool = True,
     runtime: Runtime = Runtime.KERAS3,
     recorded_flags: bool = False,
+    fresh_names: bool = False,
 ) -> Any:
     """Load a saved model with Keras and return the ``keras.Model``.
 
@@ -568,6 +569,10 @@ def load_model(
       ``bnfreeze.json`` (:mod:`bnfreeze.formats.recorded_flags`), as
       :func:`bnfreeze.load_model` does. Off by default: ``verify`` and ``explain`` measure
       what a plain ``keras.models.load_model`` gives.
+    * ``fresh_names``: the layers that code builds without a name (keras-hub's DeepLabV3
+      wraps its encoder in ``keras.Model(...)``) get the names Keras generates in a fresh
+      process (``functional``, not ``functional_7``), so two loads in one process (inspect's
+      and verify's) give the same paths; the process's own name counters are restored after.
 
     Any failure is a :class:`~bnfreeze.errors.BnfreezeError` with a one-line message. The
     file is only read. Call it inside :func:`quiet` to keep TensorFlow's noise off stdout.
@@ -588,7 +593,8 @@ def load_model(
     kwargs: dict[str, Any] = {"custom_objects": custom_objects or None, "compile": compile}
     kwargs["safe_mode"] = not unsafe
     try:
-        model = keras.models.load_model(os.fspath(path), **kwargs)
+        with _fresh_names(keras if fresh_names and runtime is Runtime.KERAS3 else None):
+            model = keras.models.load_model(os.fspath(path), **kwargs)
     except BnfreezeError:
         raise
     except Exception as exc:
@@ -601,6 +607,29 @@ def load_model(
         if recorded is not None:
             keras_engine.apply_recorded(model, recorded, os.fspath(path))
     return model
+
+
+@contextlib.contextmanager
+def _fresh_names(keras: ModuleType | None) -> Iterator[None]:
+    """Keras's generated-name counters (``keras.src.utils.naming``) as in a fresh process
+    inside the block, and the process's own again after it."""
+    state = None
+    if keras is not None:
+        with contextlib.suppress(ImportError):
+            from keras.src.backend.common import global_state
+
+            state = global_state
+    if state is None:
+        yield
+        return
+    import collections
+
+    saved = state.get_global_attribute("object_name_uids")
+    state.set_global_attribute("object_name_uids", collections.defaultdict(int))
+    try:
+        yield
+    finally:
+        state.set_global_attribute("object_name_uids", saved)
 
 
 def keras_hub_objects(

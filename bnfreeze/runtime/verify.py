@@ -81,7 +81,8 @@ def verify_file(
     loading.require_runtime(runtime)
     # The prediction first: it reads the file without Keras, so a bad file fails in
     # milliseconds, and expectation globs are checked before the slow part.
-    prediction = inspect_file(path, runtime) if runtime in modes.RULES else None
+    # Layers that code builds are asked of Keras, so the rows have the paths measured below.
+    prediction = inspect_file(path, runtime, ask_keras=True) if runtime in modes.RULES else None
     if prediction is not None:
         check_scopes(expectations, prediction)
     loading.refuse_unsafe(
@@ -158,14 +159,24 @@ def _load(
 
     try:
         return loading.load_model(
-            path, unsafe=unsafe, custom_objects=custom_objects, compile=True, runtime=runtime
+            path,
+            unsafe=unsafe,
+            custom_objects=custom_objects,
+            compile=True,
+            runtime=runtime,
+            fresh_names=True,
         ), None
     except UnsafeModelError:
         raise
     except BnfreezeError as first:
         try:
             model = loading.load_model(
-                path, unsafe=unsafe, custom_objects=custom_objects, compile=False, runtime=runtime
+                path,
+                unsafe=unsafe,
+                custom_objects=custom_objects,
+                compile=False,
+                runtime=runtime,
+                fresh_names=True,
             )
         except BnfreezeError:
             raise first from None
