@@ -292,12 +292,13 @@ def inspect(
     """
     from bnfreeze.model.records import Runtime
     from bnfreeze.ops.inspect import inspect_file
+    from bnfreeze.runtime.rebuilt import ask
 
     if strip and (as_json or tree or all_layers):
         raise click.UsageError("--strip is its own view; drop --json, --tree and --all.")
     start_export(export, as_json)
     with gc_paused():
-        report = inspect_file(model, Runtime(runtime), ask_keras=not from_file)
+        report = inspect_file(model, Runtime(runtime), ask_keras=None if from_file else ask)
     if as_json:
         from bnfreeze.render.json import render_report
 

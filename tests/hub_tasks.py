@@ -147,6 +147,7 @@ def still_statistics(out: Path) -> None:
 
 def measure(out: Path) -> None:
     from bnfreeze.ops.inspect import inspect_file
+    from bnfreeze.runtime.rebuilt import ask
     from bnfreeze.runtime.verify import verify_file
 
     paths = sorted([*out.glob("*.keras"), *out.glob("*_preset")])
@@ -162,7 +163,7 @@ def measure(out: Path) -> None:
         assert prediction is not None
         measured = {m.path: m for m in report.batchnorm}
         traps = [w for w in prediction.warnings if w.code.value == "code-built-reload-trains"]
-        inspected = inspect_file(path, ask_keras=True)
+        inspected = inspect_file(path, ask_keras=ask)
         row = {
             "file": path.name,
             "exit_code": report.exit_code,

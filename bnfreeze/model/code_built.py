@@ -368,6 +368,19 @@ def _in_layer_list(head: str) -> bool:
 
 
 @dataclass(frozen=True)
+class Rebuilt:
+    """The layers Keras rebuilt below code-built containers, as ``inspect`` rows."""
+
+    records: tuple[LayerRecord, ...]
+    has_weights: dict[str, bool]
+    #: Each record's variables, named ``<path>/<index>`` in ``layer.weights`` order, and their
+    #: values: what the untrained-statistics check reads for a row found in a file.
+    datasets: dict[str, tuple[str, ...]]
+    values: dict[str, Any]
+    keras_version: str
+
+
+@dataclass(frozen=True)
 class KerasHub:
     """Why a file is a keras-hub model: its registered classes, a preset folder, metadata."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import replace
 
 from bnfreeze.formats.readers import read_model, read_shapes, read_values
@@ -10,24 +11,28 @@ from bnfreeze.model import code_built, diagnostics, modes
 from bnfreeze.model.records import ModelFile, ModelFormat, Report, Runtime
 from bnfreeze.model.walk import walk
 
+#: Asks Keras which layers it rebuilds for a file (:func:`bnfreeze.runtime.rebuilt.ask`):
+#: the rows, or None and why Keras could not be asked.
+AskKeras = Callable[[ModelFile, set[str]], tuple[code_built.Rebuilt | None, str | None]]
+
 
 def inspect_file(
     path: str | os.PathLike[str],
     runtime: Runtime = Runtime.KERAS3,
     *,
-    ask_keras: bool = False,
+    ask_keras: AskKeras | None = None,
 ) -> Report:
     """Inspect a saved `.keras` / `.h5` model file or unzipped `.keras` folder.
 
-    ``ask_keras``: when the file holds layers that code builds and Keras (with keras-hub, for
-    a keras-hub model) is installed, load the file with Keras and list those layers as it
-    rebuilds them (:mod:`bnfreeze.runtime.rebuilt`), instead of predicting them by rule.
+    ``ask_keras``: when the file holds layers that code builds, ask Keras how it loads them
+    (:func:`bnfreeze.runtime.rebuilt.ask`: the CLI and ``verify`` pass it) instead of
+    predicting them by rule.
     """
     return inspect_model_file(read_model(path), runtime, ask_keras=ask_keras)
 
 
 def inspect_model_file(
-    model: ModelFile, runtime: Runtime = Runtime.KERAS3, *, ask_keras: bool = False
+    model: ModelFile, runtime: Runtime = Runtime.KERAS3, *, ask_keras: AskKeras | None = None
 ) -> Report:
     """Inspect a model read by :func:`bnfreeze.formats.readers.read_model`.
 
@@ -56,8 +61,8 @@ def inspect_model_file(
         )
     rebuilt = None
     keras_note: str | None = None
-    if ask_keras and built.owners and model.format is not ModelFormat.MEMORY:
-        rebuilt, keras_note = _ask_keras(model, {r.path for r in walked.layers})
+    if ask_keras is not None and built.owners and model.format is not ModelFormat.MEMORY:
+        rebuilt, keras_note = ask_keras(model, {r.path for r in walked.layers})
     if rebuilt is not None:
         walked = replace(walked, layers=_merged(walked.layers, rebuilt.records))
         has_weights.update(rebuilt.has_weights)
@@ -128,20 +133,6 @@ def inspect_model_file(
         layers=states,
         warnings=findings,
     )
-
-
-def _ask_keras(model: ModelFile, listed: set[str]) -> tuple[object | None, str | None]:
-    """The layers Keras rebuilds, or None and why Keras could not be asked."""
-    from bnfreeze.errors import BnfreezeError
-    from bnfreeze.runtime import rebuilt
-
-    reason = rebuilt.unavailable(code_built.keras_hub(model) is not None)
-    if reason is not None:
-        return None, reason
-    try:
-        return rebuilt.rebuild(model.path, listed), None
-    except BnfreezeError as exc:
-        return None, f"Keras could not load it ({exc})"
 
 
 def _merged(layers: tuple, extra: tuple) -> tuple:

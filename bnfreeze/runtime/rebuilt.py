@@ -19,23 +19,10 @@ bnfreeze recorded, :mod:`bnfreeze.formats.recorded_flags`) is applied too when
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Any
 
-from bnfreeze.model.records import LayerKind, LayerRecord, LayerSource, Runtime
-
-
-@dataclass(frozen=True)
-class Rebuilt:
-    """The layers Keras rebuilt below code-built containers, as ``inspect`` rows."""
-
-    records: tuple[LayerRecord, ...]
-    has_weights: dict[str, bool]
-    #: Each record's variables, named ``<path>/<index>`` in ``layer.weights`` order, and their
-    #: values: what the untrained-statistics check reads for a row found in a file.
-    datasets: dict[str, tuple[str, ...]]
-    values: dict[str, Any]
-    keras_version: str
+from bnfreeze.model.code_built import Rebuilt
+from bnfreeze.model.records import LayerKind, LayerRecord, LayerSource, ModelFile, Runtime
 
 
 def unavailable(needs_keras_hub: bool) -> str | None:
@@ -134,3 +121,18 @@ def _momentum(layer: Any) -> float | None:
         return float(value) if value is not None else None
     except (TypeError, ValueError):
         return None
+
+
+def ask(model: ModelFile, listed: set[str]) -> tuple[Rebuilt | None, str | None]:
+    """What :func:`bnfreeze.ops.inspect.inspect_model_file` calls with ``ask_keras``: the
+    layers Keras rebuilds, or None and why Keras could not be asked."""
+    from bnfreeze.errors import BnfreezeError
+    from bnfreeze.model.code_built import keras_hub
+
+    reason = unavailable(keras_hub(model) is not None)
+    if reason is not None:
+        return None, reason
+    try:
+        return rebuild(model.path, listed), None
+    except BnfreezeError as exc:
+        return None, f"Keras could not load it: {exc}"

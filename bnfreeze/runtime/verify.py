@@ -42,7 +42,7 @@ from typing import Any
 
 from bnfreeze.model.expectations import Expectation
 from bnfreeze.model.records import Runtime
-from bnfreeze.runtime import loading
+from bnfreeze.runtime import loading, rebuilt
 from bnfreeze.runtime.batches import SYNTHETIC_SEED, build_batches, read_npz
 from bnfreeze.runtime.compare import check_scopes, compare
 from bnfreeze.runtime.loading import ProgressFn, no_progress
@@ -82,7 +82,9 @@ def verify_file(
     # The prediction first: it reads the file without Keras, so a bad file fails in
     # milliseconds, and expectation globs are checked before the slow part.
     # Layers that code builds are asked of Keras, so the rows have the paths measured below.
-    prediction = inspect_file(path, runtime, ask_keras=True) if runtime in modes.RULES else None
+    prediction = (
+        inspect_file(path, runtime, ask_keras=rebuilt.ask) if runtime in modes.RULES else None
+    )
     if prediction is not None:
         check_scopes(expectations, prediction)
     loading.refuse_unsafe(
