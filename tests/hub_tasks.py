@@ -132,6 +132,7 @@ def build(out: Path) -> None:
             # synthetic targets do not fit yet.
             task.save_to_preset(os.fspath(out / f"{name}_preset"))
     still_statistics(out)
+    custom_blocks(out)
 
 
 def still_statistics(out: Path) -> None:
@@ -145,6 +146,51 @@ def still_statistics(out: Path) -> None:
     model.save(out / "momentum_one.keras")
 
 
+def custom_classes() -> dict[str, Any]:
+    """A custom block holding a renorm BN as an attribute, and a custom ``Wrapper`` around a
+    BN; registered with Keras when called (in the process that saves and in the one that
+    loads)."""
+    import keras
+
+    package = "bnfreeze_hub_tasks"
+
+    @keras.saving.register_keras_serializable(package=package)
+    class RenormBlock(keras.layers.Layer):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.conv = keras.layers.Dense(4)
+            self.bn = keras.layers.BatchNormalization(renorm=True)
+
+        def build(self, input_shape: Any) -> None:
+            self.conv.build(input_shape)
+            self.bn.build((*tuple(input_shape)[:-1], 4))
+
+        def call(self, x: Any, training: Any = None) -> Any:
+            return self.bn(self.conv(x), training=training)
+
+    @keras.saving.register_keras_serializable(package=package)
+    class PassThrough(keras.layers.Wrapper):
+        def call(self, x: Any, training: Any = None) -> Any:
+            return self.layer(x, training=training)
+
+    return {"RenormBlock": RenormBlock, "PassThrough": PassThrough}
+
+
+def custom_blocks(out: Path) -> None:
+    import keras
+
+    classes = custom_classes()
+    inputs = keras.Input((4,))
+    x = classes["RenormBlock"](name="block")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(1, name="head")(x), name="renorm")
+    model.save(out / "renorm_block.keras")
+    inputs = keras.Input((4,))
+    x = keras.layers.Dense(4, name="dense")(inputs)
+    x = classes["PassThrough"](keras.layers.BatchNormalization(name="bn"), name="wrap")(x)
+    model = keras.Model(inputs, keras.layers.Dense(1, name="head")(x), name="wrapped")
+    model.save(out / "custom_wrapper.keras")
+
+
 def measure(out: Path) -> None:
     from bnfreeze.ops.inspect import inspect_file
     from bnfreeze.runtime.rebuilt import ask
@@ -153,6 +199,7 @@ def measure(out: Path) -> None:
     paths = sorted([*out.glob("*.keras"), *out.glob("*_preset")])
     from bnfreeze.errors import BnfreezeError
 
+    custom_classes()
     for path in paths:
         try:
             report = verify_file(path)
@@ -191,6 +238,19 @@ def measure(out: Path) -> None:
             "trap_message": traps[0].message if traps else None,
             "trap_count": len(traps),
             "stats_moved": report.bn_stats_moved,
+            "from_file": [
+                {
+                    "path": s.layer.path,
+                    "is_batchnorm": s.layer.is_batchnorm,
+                    "renorm": s.layer.renorm,
+                    "normalizes_with": s.in_fit.normalizes_with.value
+                    if s.in_fit.normalizes_with is not None
+                    else None,
+                }
+                for s in inspect_file(path).layers
+                if s.layer.is_batchnorm or s.layer.kind.value == "unknown"
+            ],
+            "warnings": sorted({w.code.value for w in inspected.warnings}),
             "inspect_updates": sum(1 for s in inspected.batchnorm if s.in_fit.updates_moving_stats),
         }
         print(json.dumps(row), flush=True)

@@ -110,3 +110,36 @@ def test_momentum_one_statistics_never_move(measured: dict[str, dict[str, Any]])
     assert row["agree"] is True and row["exit_code"] == 0
     assert row["measured_batch"] == 1 and row["stats_moved"] == 0
     assert row["inspect_updates"] == 0
+
+
+def test_renorm_bn_in_a_custom_block_is_found(measured: dict[str, dict[str, Any]]) -> None:
+    """``BatchNormalization(renorm=True)`` has 7 variables; from the file alone (main listed
+    0 BN layers) and asked of Keras, it is one BN that trains, as measured."""
+    row = measured["renorm_block.keras"]
+    from_file = [r for r in row["from_file"] if r["is_batchnorm"]]
+    assert from_file == [
+        {
+            "path": "block/batch_normalization",
+            "is_batchnorm": True,
+            "renorm": True,
+            "normalizes_with": "batch",
+        }
+    ]
+    assert row["measured_bn"] == ["block/batch_normalization"] and row["measured_batch"] == 1
+    assert row["agree"] is True and row["exit_code"] == 0
+
+
+def test_bn_inside_a_custom_wrapper_is_listed_and_measured(
+    measured: dict[str, dict[str, Any]],
+) -> None:
+    """A BN inside a custom ``Wrapper`` subclass is listed (main: missing, verify exit 1), with
+    its mode left unknown and a reason; verify reports its measured mode and exits 0."""
+    row = measured["custom_wrapper.keras"]
+    assert [r for r in row["from_file"] if r["is_batchnorm"]] == [
+        {"path": "wrap/bn", "is_batchnorm": True, "renorm": False, "normalizes_with": None}
+    ]
+    assert "unknown-layer" in row["warnings"]
+    assert row["inspect_bn"] == row["measured_bn"] == ["wrap/bn"]
+    assert row["measured_batch"] == 1
+    assert row["bn_not_compared"] == [] and row["disagreements"] == []
+    assert row["exit_code"] == 0

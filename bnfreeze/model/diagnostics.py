@@ -226,7 +226,19 @@ def _bn_under_frozen_container(
 
 
 def _unknown_layers(states: tuple[LayerState, ...]) -> list[Finding]:
-    return [
+    wrapped = [
+        Finding(
+            WarningCode.UNKNOWN_LAYER,
+            s.layer.path,
+            f"{s.layer.path} ({s.layer.class_name}) is called by the custom wrapper "
+            f"{s.layer.call_decided_by}, whose own call() decides the training= it passes "
+            "(a training=False written there wins), so its mode in fit() is not predicted. "
+            "Run bnfreeze verify to measure what it does.",
+        )
+        for s in states
+        if s.layer.call_decided_by is not None and s.layer.is_batchnorm
+    ]
+    return wrapped + [
         Finding(
             WarningCode.UNKNOWN_LAYER,
             s.layer.path,

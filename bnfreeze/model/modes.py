@@ -419,6 +419,9 @@ def _still_statistics(record: LayerRecord, behaviour: FitBehaviour) -> FitBehavi
     """A BN with ``momentum=1.0`` takes the batch branch in training mode, but its update
     ``moving = moving * momentum + batch * (1 - momentum)`` leaves the moving statistics
     bit-identical (measured, docs/semantics.md): they never move."""
+    if record.call_decided_by is not None and record.is_batchnorm:
+        # Called by a custom wrapper's call(): the training it passes is its code's choice.
+        return replace(behaviour, normalizes_with=None, updates_moving_stats=None)
     if record.momentum == 1.0 and behaviour.updates_moving_stats:
         return replace(behaviour, updates_moving_stats=False)
     return behaviour

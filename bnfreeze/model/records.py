@@ -152,6 +152,9 @@ class LayerRecord:
     #: statistics never move, even in the batch branch.
     momentum: float | None = None
     source: LayerSource = LayerSource.CONFIG
+    #: The path of a custom wrapper whose own ``call()`` calls this layer: that code decides
+    #: the ``training`` it passes, so the layer's mode is not predicted.
+    call_decided_by: str | None = None
 
     @property
     def from_weights(self) -> bool:

@@ -44,6 +44,9 @@ def inspect_model_file(
     predicted by the rule "Keras rebuilds a code-built layer with ``trainable=True``".
     """
     walked = walk(model.config, model.path)
+    inner = code_built.wrapped(walked, model.config)
+    if inner:
+        walked = replace(walked, layers=_merged(walked.layers, inner))
     has_weights: dict[str, bool | None] = {}
     index = model.weights.variables if model.weights is not None else None
     for record in walked.layers:

@@ -66,6 +66,8 @@ def mode_text(state: LayerState) -> Text:
         return Text("inference", style=STYLE_INFERENCE)
     if state.layer.is_container:
         return Text("")
+    if state.layer.is_batchnorm:
+        return Text("unknown", style=STYLE_NONE)  # called by a custom wrapper's own code
     if fit.trains_weights is True:
         return Text("trains", style=STYLE_TRAINS)
     if fit.trains_weights is False:
