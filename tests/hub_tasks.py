@@ -133,6 +133,7 @@ def build(out: Path) -> None:
             task.save_to_preset(os.fspath(out / f"{name}_preset"))
     still_statistics(out)
     custom_blocks(out)
+    old_keras(out)
 
 
 def still_statistics(out: Path) -> None:
@@ -189,6 +190,48 @@ def custom_blocks(out: Path) -> None:
     x = classes["PassThrough"](keras.layers.BatchNormalization(name="bn"), name="wrap")(x)
     model = keras.Model(inputs, keras.layers.Dense(1, name="head")(x), name="wrapped")
     model.save(out / "custom_wrapper.keras")
+
+
+def old_keras(out: Path) -> None:
+    """The same model saved by this Keras and as Keras 3.0-3.5 write it: their weights file
+    names a layer list's groups only by class and position (``batch_normalization_1``), with
+    no ``name`` attribute on ``vars`` (measured with Keras 3.3.3: the same group paths, no
+    names), and ``metadata.json`` says so."""
+    import shutil
+    import zipfile
+
+    import h5py
+    import keras
+
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, name="c1")(inputs)
+    x = keras.layers.BatchNormalization(name="b1")(x)
+    sub_in = keras.Input((6, 6, 4))
+    y = keras.layers.BatchNormalization(name="b2")(keras.layers.Conv2D(4, 3, name="c2")(sub_in))
+    x = keras.Model(sub_in, y, name="sub")(x)
+    x = keras.layers.BatchNormalization(name="b3")(x)
+    x = keras.layers.Dense(2, name="head")(keras.layers.GlobalAveragePooling2D(name="gap")(x))
+    model = keras.Model(inputs, x, name="old")
+    model.get_layer("b1").trainable = False
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    model.save(out / "new_keras.keras")
+    work = out / "old_keras_members"
+    with zipfile.ZipFile(out / "new_keras.keras") as archive:
+        archive.extractall(work)
+    with h5py.File(work / "model.weights.h5", "r+") as h5:
+
+        def strip(name: str, obj: object) -> None:
+            if isinstance(obj, h5py.Group) and "name" in obj.attrs:
+                del obj.attrs["name"]
+
+        h5.visititems(strip)
+    metadata = json.loads((work / "metadata.json").read_text())
+    metadata["keras_version"] = "3.3.3"
+    (work / "metadata.json").write_text(json.dumps(metadata))
+    with zipfile.ZipFile(out / "old_keras.keras", "w", zipfile.ZIP_STORED) as archive:
+        for member in ("metadata.json", "config.json", "model.weights.h5"):
+            archive.write(work / member, member)
+    shutil.rmtree(work)
 
 
 def measure(out: Path) -> None:
@@ -251,6 +294,14 @@ def measure(out: Path) -> None:
                 if s.layer.is_batchnorm or s.layer.kind.value == "unknown"
             ],
             "warnings": sorted({w.code.value for w in inspected.warnings}),
+            "warning_paths": sorted(
+                f"{w.code.value} {w.path}" for w in inspected.warnings if w.path
+            ),
+            "rows": [
+                [s.layer.path, s.in_fit.trains_weights, s.in_fit.updates_moving_stats]
+                for s in inspected.layers
+            ],
+            "layers_train": sum(1 for s in inspected.layers if s.in_fit.trains_weights),
             "inspect_updates": sum(1 for s in inspected.batchnorm if s.in_fit.updates_moving_stats),
         }
         print(json.dumps(row), flush=True)

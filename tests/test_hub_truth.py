@@ -143,3 +143,15 @@ def test_bn_inside_a_custom_wrapper_is_listed_and_measured(
     assert row["measured_batch"] == 1
     assert row["bn_not_compared"] == [] and row["disagreements"] == []
     assert row["exit_code"] == 0
+
+
+def test_keras_3_3_files_map_weights_by_position(measured: dict[str, dict[str, Any]]) -> None:
+    """A file as Keras 3.0-3.5 write it (no layer names in the weights file) reads like the
+    same model saved by this Keras (main: "2 layers train" instead of 5, Conv/Dense
+    trains_weights null, untrained-statistics warnings for 0 of 3), and verify agrees."""
+    old, new = measured["old_keras.keras"], measured["new_keras.keras"]
+    assert old["rows"] == new["rows"]
+    assert old["layers_train"] == new["layers_train"] == 5
+    assert old["warning_paths"] == new["warning_paths"]
+    assert sum(p.startswith("untrained-bn-statistics") for p in old["warning_paths"]) == 3
+    assert old["agree"] is True and old["exit_code"] == 0
