@@ -45,6 +45,8 @@ def rebuild(
     listed: set[str],
     *,
     recorded_flags: bool = False,
+    custom_objects: str | dict[str, Any] | None = None,
+    unsafe: bool = False,
 ) -> Rebuilt:
     """Load ``path`` with Keras and return the layers it rebuilt that ``listed`` (the paths
     the config lists) does not hold. Raises :class:`~bnfreeze.errors.BnfreezeError` when Keras
@@ -59,7 +61,12 @@ def rebuild(
         keras = loading.keras_module(Runtime.KERAS3)
         with loading.keras_warnings():
             model = loading.load_model(
-                path, compile=False, recorded_flags=recorded_flags, fresh_names=True
+                path,
+                compile=False,
+                recorded_flags=recorded_flags,
+                fresh_names=True,
+                custom_objects=custom_objects,
+                unsafe=unsafe,
             )
         layers = layer_paths(keras, model)
         owned = own_variables(layers)
@@ -123,9 +130,16 @@ def _momentum(layer: Any) -> float | None:
         return None
 
 
-def ask(model: ModelFile, listed: set[str]) -> tuple[Rebuilt | None, str | None]:
+def ask(
+    model: ModelFile,
+    listed: set[str],
+    *,
+    custom_objects: str | dict[str, Any] | None = None,
+    unsafe: bool = False,
+) -> tuple[Rebuilt | None, str | None]:
     """What :func:`bnfreeze.ops.inspect.inspect_model_file` calls with ``ask_keras``: the
-    layers Keras rebuilds, or None and why Keras could not be asked."""
+    layers Keras rebuilds, or None and why Keras could not be asked. ``verify`` passes its
+    ``--custom-objects`` and ``--unsafe`` so that both loads see the same classes."""
     from bnfreeze.errors import BnfreezeError
     from bnfreeze.model.code_built import keras_hub
 
@@ -133,6 +147,6 @@ def ask(model: ModelFile, listed: set[str]) -> tuple[Rebuilt | None, str | None]
     if reason is not None:
         return None, reason
     try:
-        return rebuild(model.path, listed), None
+        return rebuild(model.path, listed, custom_objects=custom_objects, unsafe=unsafe), None
     except BnfreezeError as exc:
         return None, f"Keras could not load it: {exc}"

@@ -79,12 +79,14 @@ def verify_file(
     if steps < 1 or batch_size < 1:
         raise BnfreezeError("--steps and --batch-size must be at least 1.")
     loading.require_runtime(runtime)
+
     # The prediction first: it reads the file without Keras, so a bad file fails in
     # milliseconds, and expectation globs are checked before the slow part.
     # Layers that code builds are asked of Keras, so the rows have the paths measured below.
-    prediction = (
-        inspect_file(path, runtime, ask_keras=rebuilt.ask) if runtime in modes.RULES else None
-    )
+    def ask(model: Any, listed: set[str]) -> Any:
+        return rebuilt.ask(model, listed, custom_objects=custom_objects, unsafe=unsafe)
+
+    prediction = inspect_file(path, runtime, ask_keras=ask) if runtime in modes.RULES else None
     if prediction is not None:
         check_scopes(expectations, prediction)
     loading.refuse_unsafe(
