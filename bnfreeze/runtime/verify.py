@@ -84,7 +84,8 @@ def verify_file(
     # milliseconds, and expectation globs are checked before the slow part.
     # Layers that code builds are asked of Keras, so the rows have the paths measured below.
     def ask(model: Any, listed: set[str]) -> Any:
-        return rebuilt.ask(model, listed, custom_objects=custom_objects, unsafe=unsafe)
+        objects = custom_objects if isinstance(custom_objects, str | None) else dict(custom_objects)
+        return rebuilt.ask(model, listed, custom_objects=objects, unsafe=unsafe)
 
     prediction = inspect_file(path, runtime, ask_keras=ask) if runtime in modes.RULES else None
     if prediction is not None:
