@@ -11,9 +11,9 @@ one :class:`~bnfreeze.model.records.LayerRecord` per layer the config does not l
 ``source=KERAS``, the flag the loaded layer carries, and the path ``verify`` measures it under
 (:func:`bnfreeze.runtime.measure.layer_paths`).
 
-The flags are those of a plain ``keras.models.load_model``; a ``bnfreeze.json`` member (flags
-bnfreeze recorded, :mod:`bnfreeze.formats.recorded_flags`) is applied too when
-``recorded_flags`` is set, as :func:`bnfreeze.load_model` applies it.
+The flags are those of a plain ``keras.models.load_model``, which ``verify`` measures; the
+flags bnfreeze records in a ``bnfreeze.json`` member (:mod:`bnfreeze.formats.recorded_flags`),
+which :func:`bnfreeze.load_model` sets again, are reported by the ``recorded-flags`` warning.
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ def unavailable(needs_keras_hub: bool) -> str | None:
     """Why Keras cannot be asked (it, its backend or keras-hub is not installed), or None.
     Imports nothing."""
     from bnfreeze.errors import RuntimeUnavailableError
-    from bnfreeze.runtime import loading
+    from bnfreeze.runtime import environment
 
     try:
-        loading.require_runtime(Runtime.KERAS3)
+        environment.require_runtime(Runtime.KERAS3)
     except RuntimeUnavailableError as exc:
         return str(exc)
-    if needs_keras_hub and not loading._installed("keras_hub"):
+    if needs_keras_hub and not environment._installed("keras_hub"):
         return "the file holds keras-hub classes and keras_hub is not installed"
     return None
 
@@ -44,7 +44,6 @@ def rebuild(
     path: str | os.PathLike[str],
     listed: set[str],
     *,
-    recorded_flags: bool = False,
     custom_objects: str | dict[str, Any] | None = None,
     unsafe: bool = False,
 ) -> Rebuilt:
@@ -53,17 +52,16 @@ def rebuild(
     cannot load the file."""
     import numpy as np
 
-    from bnfreeze.runtime import loading
+    from bnfreeze.runtime import environment, loading
     from bnfreeze.runtime.branches import is_builtin_batchnorm
     from bnfreeze.runtime.measure import layer_children, layer_paths, own_variables
 
-    with loading.quiet():
-        keras = loading.keras_module(Runtime.KERAS3)
-        with loading.keras_warnings():
+    with environment.quiet():
+        keras = environment.keras_module(Runtime.KERAS3)
+        with environment.keras_warnings():
             model = loading.load_model(
                 path,
                 compile=False,
-                recorded_flags=recorded_flags,
                 fresh_names=True,
                 custom_objects=custom_objects,
                 unsafe=unsafe,
