@@ -66,7 +66,7 @@ def mode_text(state: LayerState) -> Text:
         return Text("inference", style=STYLE_INFERENCE)
     if state.layer.is_container:
         return Text("")
-    if state.layer.is_batchnorm:
+    if state.layer.is_batchnorm and state.layer.call_decided_by is not None:
         return Text("unknown", style=STYLE_NONE)  # called by a custom wrapper's own code
     if fit.trains_weights is True:
         return Text("trains", style=STYLE_TRAINS)
