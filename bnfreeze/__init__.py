@@ -9,6 +9,7 @@ The Python API (see :mod:`bnfreeze.api`) takes a saved model's path or an in-mem
     bnfreeze.unfreeze(model_or_path, layers=..., from_=..., keep_bn_inference=...)
     bnfreeze.recompile(model)          # compile() again with a fresh optimizer
     bnfreeze.RecompileWarning          # a UserWarning subclass
+    bnfreeze.recalibrate(model, data, batch_size=32)  # re-estimate BN moving statistics
     bnfreeze.load_model(path, **kwargs)  # keras.models.load_model, then the trainable flags
                                          # bnfreeze recorded for layers built in code
     bnfreeze.BatchNormGuard(expect=None, strict=False)  # a keras.callbacks.Callback for fit()
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from bnfreeze import _keras_hook
+
 if TYPE_CHECKING:
     # What a type checker sees: the real signatures. At run time the names are loaded from
     # bnfreeze.api on first use (__getattr__ below), so `import bnfreeze` stays cheap.
@@ -28,19 +31,33 @@ if TYPE_CHECKING:
     from bnfreeze.api import freeze as freeze
     from bnfreeze.api import inspect as inspect
     from bnfreeze.api import load_model as load_model
+    from bnfreeze.api import recalibrate as recalibrate
     from bnfreeze.api import recompile as recompile
     from bnfreeze.api import unfreeze as unfreeze
 
 __version__ = "0.1.0"
 
 #: The public API, loaded lazily from bnfreeze.api (PEP 562).
-_API = ("inspect", "freeze", "unfreeze", "recompile", "RecompileWarning", "load_model")
+_API = (
+    "inspect",
+    "freeze",
+    "unfreeze",
+    "recompile",
+    "RecompileWarning",
+    "load_model",
+    "recalibrate",
+)
 
 #: Loaded lazily from bnfreeze.runtime.guard; the class subclasses keras.callbacks.Callback,
 #: so it is created (and Keras imported) on first access.
 _GUARD = ("BatchNormGuard",)
 
 __all__ = ["__version__", *_API, *_GUARD]
+
+
+# A plain keras.models.load_model after `import bnfreeze` finds FrozenStatsBatchNormalization:
+# registered now if Keras is imported, else right after Keras is (never imports Keras itself).
+_keras_hook.install()
 
 
 def __getattr__(name: str) -> Any:

@@ -63,6 +63,7 @@ if TYPE_CHECKING:
     from typing_extensions import TypeIs  # typing.TypeIs is Python 3.13+
 
     from bnfreeze.ops.edit import EditResult
+    from bnfreeze.runtime.recalibrate import Recalibration
 
 
 class KerasModel(Protocol):
@@ -493,6 +494,50 @@ def _custom_objects_for(live: Any, given: str | Mapping[str, Any] | None) -> dic
     elif given:
         objects.update(given)
     return objects
+
+
+# ------------------------------------------------------------------------------ recalibrate
+
+
+def recalibrate(
+    model: Any,
+    data: Any,
+    *,
+    batch_size: int = 32,
+    batches: int | None = None,
+    layers: Sequence[str] = (),
+    up_to: str | None = None,
+    from_: str | None = None,
+) -> Recalibration:
+    """Re-estimate the moving statistics of the selected BatchNormalization layers of an
+    in-memory Keras 3 model from ``data``, as ``bnfreeze recalibrate`` does for a file.
+
+    ``data`` is a NumPy array (cut into batches of ``batch_size``; a dict or list of arrays for
+    a model with several inputs) or an iterable of batches (a ``tf.data.Dataset``, a
+    generator), each the inputs or an ``(x, y[, sample_weight])`` tuple; ``batches`` stops
+    after that many. Each selected layer's ``moving_mean`` and ``moving_variance`` become the
+    equal-weight average over the batches of the batch mean and (biased) variance Keras's own
+    training-mode update uses (:mod:`bnfreeze.runtime.recalibrate`); nothing else changes: no
+    gradient step, no other variable, no flag, no optimizer state. ``layers`` (globs),
+    ``up_to`` and ``from_`` select as ``--layers``/``--up-to``/``--from`` do; every BN layer by
+    default. Returns a :class:`~bnfreeze.runtime.recalibrate.Recalibration`.
+    """
+    from bnfreeze.runtime import recalibrate as runtime_recalibrate
+
+    _check_model(model)
+    if _runtime_of(model) is Runtime.TF_KERAS:
+        raise BnfreezeError("recalibrate works on Keras 3 models; this is a tf_keras model.")
+    if isinstance(layers, str):
+        layers = (layers,)
+    return runtime_recalibrate.recalibrate(
+        model,
+        data,
+        batch_size=batch_size,
+        batches=batches,
+        layers=tuple(layers),
+        up_to=up_to,
+        from_=from_,
+    )
 
 
 # ------------------------------------------------------------------------------ load_model

@@ -143,6 +143,15 @@ class LayerRecord:
     center: bool = True
     renorm: bool = False
     source: LayerSource = LayerSource.CONFIG
+    #: bnfreeze's ``FrozenStatsBatchNormalization``: always the inference branch, gamma and
+    #: beta train when its own flag is True.
+    frozen_stats: bool = False
+
+    @property
+    def shown_class(self) -> str:
+        """The class name to show a person: ``FrozenStatsBatchNormalization`` for bnfreeze's
+        subclass, which Keras saves under the ``class_name`` BatchNormalization."""
+        return "FrozenStatsBatchNormalization" if self.frozen_stats else self.class_name
 
     @property
     def from_weights(self) -> bool:

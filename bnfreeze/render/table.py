@@ -186,8 +186,8 @@ def keras_hub_line(hub: KerasHub) -> str:
 def _class_text(state: LayerState) -> Text:
     layer = state.layer
     if layer.from_weights:
-        return Text(layer.class_name + MARK)
-    return Text(layer.class_name)
+        return Text(layer.shown_class + MARK)
+    return Text(layer.shown_class)
 
 
 def layer_rows(report: Report, all_layers: bool) -> list[LayerState]:
@@ -296,7 +296,7 @@ def layer_tree(report: Report, all_layers: bool = False) -> Tree:
     for state in layer_rows(report, all_layers):
         layer = state.layer
         label = Text(layer.name, style="bold" if layer.is_container else "")
-        label.append(f" ({layer.class_name}{MARK if layer.from_weights else ''})", style=STYLE_NONE)
+        label.append(f" ({layer.shown_class}{MARK if layer.from_weights else ''})", style=STYLE_NONE)
         if layer.trainable is False:
             label.append(" trainable=False", style=STYLE_FROZEN)
         if layer.is_container:

@@ -1,0 +1,81 @@
+"""Register bnfreeze's Keras layers as soon as Keras is imported, without importing it.
+
+A plain ``keras.models.load_model`` finds a custom layer only through Keras's registry of
+serializable classes (``keras.saving.register_keras_serializable``); for a module outside
+``keras``/``keras_hub`` it never imports the module named in the config (measured on Keras
+3.15, ``serialization_lib._retrieve_class_or_fn``). Registration needs Keras, and ``import
+bnfreeze`` must not import it. So :func:`install` does one of two things:
+
+* Keras is already imported: import :mod:`bnfreeze.layers` now (it costs a class definition);
+* otherwise: put a finder at the front of ``sys.meta_path`` that, the first time ``keras`` is
+  imported, lets the normal import run and then imports :mod:`bnfreeze.layers`, and removes
+  itself. Nothing else is ever intercepted.
+
+Either way, after ``import bnfreeze`` a plain ``keras.models.load_model`` loads a file with
+``FrozenStatsBatchNormalization`` layers. ``import bnfreeze.layers`` does the same explicitly.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import sys
+from types import ModuleType
+from typing import Any
+
+
+def _register() -> None:
+    import bnfreeze.layers  # noqa: F401  (registers the classes with Keras)
+
+
+class _AfterKeras(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Finds nothing itself: wraps the loader of ``keras`` so that registration runs right
+    after Keras's own ``__init__``."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != "keras":
+            return None
+        _uninstall()
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None:
+            for finder in sys.meta_path:
+                find = getattr(finder, "find_spec", None)
+                if find is not None:
+                    spec = find(fullname, path, target)
+                    if spec is not None:
+                        break
+        if spec is None or spec.loader is None:
+            return spec
+        self._loader = spec.loader
+        spec.loader = self
+        return spec
+
+    def create_module(self, spec: Any) -> ModuleType | None:
+        return self._loader.create_module(spec)  # type: ignore[attr-defined, no-any-return]
+
+    def exec_module(self, module: ModuleType) -> None:
+        self._loader.exec_module(module)  # type: ignore[attr-defined]
+        try:
+            _register()
+        except Exception:  # a Keras bnfreeze cannot use (tf_keras posing as keras, say)
+            pass
+
+
+_FINDER = _AfterKeras()
+
+
+def _uninstall() -> None:
+    if _FINDER in sys.meta_path:
+        sys.meta_path.remove(_FINDER)
+
+
+def install() -> None:
+    """Register now if Keras is imported, else as soon as it is."""
+    if "keras" in sys.modules:
+        try:
+            _register()
+        except Exception:
+            pass
+        return
+    if _FINDER not in sys.meta_path:
+        sys.meta_path.insert(0, _FINDER)
