@@ -941,6 +941,155 @@ def explain(runtime: str, as_json: bool) -> None:
         stdout_console().print(explain_view(report))
 
 
+@cli.command()
+@quiet_option
+@click.argument("model", type=MODEL_PATH)
+@click.option(
+    "--data",
+    required=True,
+    metavar="PATH",
+    help="Inputs: a .npy array, a .npz archive (see --key) or a folder of images.",
+)
+@click.option("--key", default=None, metavar="NAME", help="The array of a .npz to use.")
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Batch size."
+)
+@click.option(
+    "--batches",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Stop after this many batches (default: all the data).",
+)
+@click.option(
+    "--layers",
+    "layers",
+    multiple=True,
+    metavar="GLOB",
+    help="Only BN layers whose path or name matches (repeatable; a container selects below).",
+)
+@click.option("--up-to", "up_to", metavar="LAYER", default=None, help="Only up to LAYER.")
+@click.option("--from", "from_layer", metavar="LAYER", default=None, help="Only from LAYER.")
+@click.option("-o", "--output", default=None, metavar="OUT", help="Write the result to OUT.")
+@click.option("--in-place", is_flag=True, help="Rewrite MODEL itself (atomically).")
+@click.option("--dry-run", is_flag=True, help="Compute and print; write nothing.")
+@click.option(
+    "--custom-objects",
+    default=None,
+    metavar="MODULE",
+    help="A module or .py file whose classes the model needs to load.",
+)
+@click.option("--unsafe", is_flag=True, help="Allow loading Lambda layers (runs their code).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
+def recalibrate(
+    model: str,
+    data: str,
+    key: str | None,
+    batch_size: int,
+    batches: int | None,
+    layers: tuple[str, ...],
+    up_to: str | None,
+    from_layer: str | None,
+    output: str | None,
+    in_place: bool,
+    dry_run: bool,
+    custom_objects: str | None,
+    unsafe: bool,
+    as_json: bool,
+) -> None:
+    """Re-estimate the moving statistics of BN layers (all by default) from data.
+
+    Each selected layer's moving mean and variance become the average, with equal weight
+    per batch, of the batch statistics Keras's training-mode update uses: for after weight
+    averaging (EMA, SWA), a new input size or domain. Nothing else changes: the output is
+    the input with those values rewritten, every other byte identical. Loads Keras.
+
+    \b
+    Examples:
+      bnfreeze recalibrate model.keras --data images.npy -o recalibrated.keras
+      bnfreeze recalibrate model.keras --data train.npz --key x --batches 100 --in-place
+      bnfreeze recalibrate model.keras --data photos/ --batch-size 16 --layers 'block5*' -o out.keras
+    """
+    from bnfreeze.ops.recalibrate import RecalibrateRequest, recalibrate_file
+    from bnfreeze.runtime.loading import progress_on_stderr, runtime_info
+
+    if output is None and not dry_run and not in_place:
+        raise click.UsageError("-o OUT is required unless --dry-run or --in-place is given.")
+    request = RecalibrateRequest(
+        model=model,
+        output=output,
+        data=data,
+        key=key,
+        batch_size=batch_size,
+        batches=batches,
+        layers=layers,
+        up_to=up_to,
+        from_layer=from_layer,
+        in_place=in_place,
+        dry_run=dry_run,
+        custom_objects=custom_objects,
+        unsafe=unsafe,
+    )
+    with (
+        progress_on_stderr(enabled=not is_quiet()) as status,
+        batch_progress(enabled=not is_quiet()) as progress,
+    ):
+        result = recalibrate_file(request, progress=progress, status=status)
+    if as_json:
+        from bnfreeze.render.recalibrate import render_recalibrate
+
+        click.echo(render_recalibrate(result, runtime_info()))
+    else:
+        from bnfreeze.render.recalibrate import recalibrate_view
+
+        stdout_console().print(recalibrate_view(result))
+    from bnfreeze.render.recalibrate import status_line
+
+    note(status_line(result))
+
+
+@contextlib.contextmanager
+def batch_progress(enabled: bool) -> Iterator[Any]:
+    """A Rich progress bar on stderr (batches done, of how many, and the rate), created on the
+    first batch; nothing when quiet."""
+    bars: list[Any] = []
+
+    def update(done: int, total: int | None, samples: int) -> None:
+        if not enabled:
+            return
+        if not bars:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TaskProgressColumn,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            bar = Progress(
+                TextColumn("batches"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TaskProgressColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+                console=stderr_console(),
+                transient=True,
+            )
+            bar.start()
+            bars.append((bar, bar.add_task("batches", total=total, rate="")))
+        bar, task = bars[0]
+        elapsed = bar.tasks[0].elapsed or 0.0
+        rate = f"{done / elapsed:.1f} batches/s" if elapsed > 0 else ""
+        bar.update(task, completed=done, total=total, rate=rate)
+
+    try:
+        yield update
+    finally:
+        if bars:
+            bars[0][0].stop()
+
+
 def main() -> None:
     """Run the command line; ends with ``SystemExit``, as click's ``main`` does."""
     global _OWN_PROCESS

@@ -296,7 +296,9 @@ def layer_tree(report: Report, all_layers: bool = False) -> Tree:
     for state in layer_rows(report, all_layers):
         layer = state.layer
         label = Text(layer.name, style="bold" if layer.is_container else "")
-        label.append(f" ({layer.shown_class}{MARK if layer.from_weights else ''})", style=STYLE_NONE)
+        label.append(
+            f" ({layer.shown_class}{MARK if layer.from_weights else ''})", style=STYLE_NONE
+        )
         if layer.trainable is False:
             label.append(" trainable=False", style=STYLE_FROZEN)
         if layer.is_container:

@@ -73,7 +73,8 @@ def select_batchnorm(
     out = {
         r.path: live.layers[r.path]
         for r in chosen
-        if r.path in live.layers and isinstance(live.layers[r.path], keras.layers.BatchNormalization)
+        if r.path in live.layers
+        and isinstance(live.layers[r.path], keras.layers.BatchNormalization)
     }
     if not out:
         raise SelectionError("the selection matches no BatchNormalization layer to recalibrate.")
@@ -106,7 +107,7 @@ def batches_of(data: Any, batch_size: int, limit: int | None = None) -> Iterator
             return {k: v[start:stop] for k, v in x.items()}
         if isinstance(x, (list, tuple)):
             return [v[start:stop] for v in x]
-        return x[start:stop]
+        return np.asarray(x[start:stop])  # a memory-mapped .npy is read batch by batch
 
     first = data
     if isinstance(first, dict):
@@ -239,7 +240,9 @@ def recalibrate(
             try:
                 model(x, training=False)
             except Exception as exc:
-                raise DataError(f"the model cannot run on batch {done + 1}: {_short(exc)}") from None
+                raise DataError(
+                    f"the model cannot run on batch {done + 1}: {_short(exc)}"
+                ) from None
             done += 1
             samples += _size(x)
             if progress is not None:
