@@ -17,6 +17,7 @@ Either way, after ``import bnfreeze`` a plain ``keras.models.load_model`` loads 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
 import importlib.machinery
 import sys
@@ -51,14 +52,13 @@ class _AfterKeras(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return spec
 
     def create_module(self, spec: Any) -> ModuleType | None:
-        return self._loader.create_module(spec)  # type: ignore[attr-defined, no-any-return]
+        return self._loader.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
-        self._loader.exec_module(module)  # type: ignore[attr-defined]
-        try:
+        self._loader.exec_module(module)
+        # A Keras bnfreeze cannot use (tf_keras posing as keras, say) must still import.
+        with contextlib.suppress(Exception):
             _register()
-        except Exception:  # a Keras bnfreeze cannot use (tf_keras posing as keras, say)
-            pass
 
 
 _FINDER = _AfterKeras()
@@ -72,10 +72,8 @@ def _uninstall() -> None:
 def install() -> None:
     """Register now if Keras is imported, else as soon as it is."""
     if "keras" in sys.modules:
-        try:
+        with contextlib.suppress(Exception):
             _register()
-        except Exception:
-            pass
         return
     if _FINDER not in sys.meta_path:
         sys.meta_path.insert(0, _FINDER)

@@ -1007,7 +1007,7 @@ def recalibrate(
     Examples:
       bnfreeze recalibrate model.keras --data images.npy -o recalibrated.keras
       bnfreeze recalibrate model.keras --data train.npz --key x --batches 100 --in-place
-      bnfreeze recalibrate model.keras --data photos/ --batch-size 16 --layers 'block5*' -o out.keras
+      bnfreeze recalibrate model.keras --data photos/ --layers 'block5*' -o out.keras
     """
     from bnfreeze.ops.recalibrate import RecalibrateRequest, recalibrate_file
     from bnfreeze.runtime.loading import progress_on_stderr, runtime_info

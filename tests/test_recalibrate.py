@@ -94,7 +94,9 @@ out["errors"] = errors
 after = {v.path: keras.ops.convert_to_numpy(v) for v in model.weights}
 stats = {v.path for l in model.layers if isinstance(l, keras.layers.BatchNormalization)
          for v in (l.moving_mean, l.moving_variance)}
-out["other_changed"] = sorted(p for p in before if p not in stats and not np.array_equal(before[p], after[p]))
+out["other_changed"] = sorted(
+    p for p in before if p not in stats and not np.array_equal(before[p], after[p])
+)
 out["stats_changed"] = sorted(p for p in stats if not np.array_equal(before[p], after[p]))
 out["flags_same"] = flags == {l.name: l.trainable for l in model.layers}
 

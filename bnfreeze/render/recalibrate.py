@@ -29,7 +29,7 @@ def recalibrate_view(result: RecalibrateResult) -> Group:
             f"{layer.variance_change:.4g}",
         )
     verb = "would recalibrate" if result.dry_run else "recalibrated"
-    lines = [
+    lines: list[Table | Text] = [
         table,
         Text(
             f"{len(result.layers)} BN layer(s) {verb} from {result.batches} batch(es), "

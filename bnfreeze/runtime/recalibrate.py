@@ -118,25 +118,21 @@ def batches_of(data: Any, batch_size: int, limit: int | None = None) -> Iterator
         n = len(first)
         if n == 0:
             raise DataError("the data holds no samples.")
-        count = 0
-        for start in range(0, n, batch_size):
+        for count, start in enumerate(range(0, n, batch_size)):
             if limit is not None and count >= limit:
                 return
             yield sliced(data, start, start + batch_size)
-            count += 1
         return
     if not isinstance(data, Iterable):
         raise DataError(
             f"cannot read batches from a {type(data).__name__}: give a NumPy array, a "
             "tf.data.Dataset or an iterable of batches."
         )
-    count = 0
-    for item in data:
+    for count, item in enumerate(data):
         if limit is not None and count >= limit:
             return
         x, _, _ = keras.utils.unpack_x_y_sample_weight(item)
         yield x
-        count += 1
 
 
 def _size(x: Any) -> int:
