@@ -63,6 +63,7 @@ if TYPE_CHECKING:
     from typing_extensions import TypeIs  # typing.TypeIs is Python 3.13+
 
     from bnfreeze.ops.edit import EditResult
+    from bnfreeze.ops.frozen_stats import ConvertResult
     from bnfreeze.runtime.recalibrate import Recalibration
 
 
@@ -234,9 +235,19 @@ def freeze(
     engine: str = "auto",
     custom_objects: str | Mapping[str, Any] | None = None,
     unsafe: bool = False,
-) -> EditResult:
+    bn_frozen_stats: bool = False,
+) -> EditResult | ConvertResult:
     """Freeze the selected layers, as ``bnfreeze freeze`` does; returns an
     :class:`~bnfreeze.ops.edit.EditResult`.
+
+    ``bn_frozen_stats=True`` does something else, as ``freeze --bn-frozen-stats`` does: the
+    selected BN layers become ``bnfreeze.layers.FrozenStatsBatchNormalization`` (they
+    normalize with their moving statistics in ``fit()`` and never update them, while gamma and
+    beta train where the layer's own ``trainable`` is True), and no flag changes; returns a
+    :class:`~bnfreeze.ops.frozen_stats.ConvertResult`. A path is rewritten (``.keras`` only;
+    only ``config.json`` changes); an in-memory Keras 3 model is changed in place (each layer
+    object keeps its variables and place in the graph), and a compiled one must be compiled
+    again with a new optimizer before ``fit()`` (a :class:`RecompileWarning` says so).
 
     With no option every selected layer gets ``trainable=False``, BN included.
     ``bn_inference=True`` sets only the BN layers to False, which on Keras 3 is what keeps
@@ -259,6 +270,20 @@ def freeze(
     """
     if bn_inference and train_bn:
         raise BnfreezeError("bn_inference and train_bn contradict each other; pick one.")
+    if bn_frozen_stats:
+        if bn_inference or train_bn:
+            raise BnfreezeError(
+                "bn_frozen_stats changes the BN layers' class, not flags: use it without "
+                "bn_inference and train_bn."
+            )
+        return _frozen_stats(
+            model_or_path,
+            layers=layers,
+            up_to=up_to,
+            output=output,
+            dry_run=dry_run,
+            in_place=in_place,
+        )
     assignment = Assignment.freeze(bn_inference_only=bn_inference, train_bn=train_bn)
     return _edit(
         model_or_path,
@@ -347,20 +372,43 @@ def _edit(
                 "for a saved model, custom_objects names a module or .py file (as "
                 "--custom-objects does)."
             )
-        return file_edit.edit_file(
-            model_or_path,
-            output,
-            assignment,
+        from bnfreeze.ops.frozen_stats import edit_as_batchnorm
+
+        def run(path: str, output: Any, in_place: bool, **scope: Any) -> EditResult:
+            return file_edit.edit_file(
+                path,
+                output,
+                assignment,
+                **scope,
+                dry_run=dry_run,
+                in_place=in_place,
+                optimizer_state=mode,
+                engine=engine,
+                custom_objects=custom_objects,
+                unsafe=unsafe,
+            )
+
+        if assignment.batchnorm is None or assignment == Assignment.freeze(train_bn=True):
+            # BN flags untouched (train_bn keeps them trainable): FrozenStats layers stay.
+            return run(
+                os.fspath(model_or_path),
+                output,
+                in_place,
+                layers=selection.layers,
+                up_to=up_to,
+                from_layer=from_layer,
+            )
+        # Setting a BN flag makes a FrozenStatsBatchNormalization Keras's BN again.
+        result: EditResult = edit_as_batchnorm(
+            run,
+            path=os.fspath(model_or_path),
+            output=None if output is None else os.fspath(output),
+            in_place=in_place,
             layers=selection.layers,
             up_to=up_to,
             from_layer=from_layer,
-            dry_run=dry_run,
-            in_place=in_place,
-            optimizer_state=mode,
-            engine=engine,
-            custom_objects=custom_objects,
-            unsafe=unsafe,
         )
+        return result
     _check_model(model_or_path)
     if in_place:
         raise BnfreezeError(
@@ -496,6 +544,72 @@ def _custom_objects_for(live: Any, given: str | Mapping[str, Any] | None) -> dic
     return objects
 
 
+def _frozen_stats(
+    model_or_path: ModelOrPath,
+    *,
+    layers: Sequence[str],
+    up_to: str | None,
+    output: str | os.PathLike[str] | None,
+    dry_run: bool,
+    in_place: bool,
+) -> ConvertResult:
+    from bnfreeze.ops import frozen_stats as ops_frozen_stats
+    from bnfreeze.ops.frozen_stats import BnClass
+
+    if isinstance(layers, str):
+        layers = (layers,)
+    if _is_path(model_or_path):
+        return ops_frozen_stats.convert_file(
+            os.fspath(model_or_path),
+            None if output is None else os.fspath(output),
+            BnClass.FROZEN_STATS,
+            layers=tuple(layers),
+            up_to=up_to,
+            dry_run=dry_run,
+            in_place=in_place,
+        )
+    _check_model(model_or_path)
+    model = model_or_path
+    if _runtime_of(model) is Runtime.TF_KERAS:
+        raise BnfreezeError("bn_frozen_stats works on Keras 3 models; this is a tf_keras model.")
+    if output is not None or in_place:
+        raise BnfreezeError(
+            "bn_frozen_stats on an in-memory model changes it in place; save it with "
+            "model.save() (output= and in_place= apply to saved files)."
+        )
+    from bnfreeze.runtime import frozen_stats as live_frozen_stats
+    from bnfreeze.runtime import keras_engine
+
+    state = training_state(model)
+    selected, changes = live_frozen_stats.convert_live(
+        model, BnClass.FROZEN_STATS, layers=tuple(layers), up_to=up_to, dry_run=dry_run
+    )
+    findings: list[Finding] = []
+    if changes and state is not TrainingState.UNCOMPILED:
+        text = (
+            f"bnfreeze changed the class of {len(changes)} BatchNormalization layer(s) of model "
+            f"{model.name!r}, which is compiled: a training step Keras traced before keeps the "
+            "old behaviour. Call bnfreeze.recompile(model) (or compile() with a new optimizer) "
+            "before fit()."
+        )
+        findings.append(Finding(WarningCode.RECOMPILE_REQUIRED, None, text))
+        if not dry_run:
+            warnings.warn(text, RecompileWarning, stacklevel=3)
+    report = keras_engine.live_report(model)
+    findings.extend(f for f in report.warnings if f.code is WarningCode.NEEDS_BNFREEZE)
+    return ops_frozen_stats.ConvertResult(
+        source=f"<in-memory model {model.name!r}>",
+        output=None,
+        dry_run=dry_run,
+        selected=selected,
+        changes=changes,
+        report=report,
+        warnings=tuple(findings),
+        input_bytes=0,
+        output_bytes=None,
+    )
+
+
 # ------------------------------------------------------------------------------ recalibrate
 
 
@@ -569,6 +683,8 @@ def load_model(path: str | os.PathLike[str], **kwargs: Any) -> Any:
     from bnfreeze.runtime import keras_engine, loading
 
     recorded = recorded_flags.read(path)  # a damaged member fails before Keras loads
+    import bnfreeze.layers  # noqa: F401  (registers FrozenStatsBatchNormalization)
+
     keras = loading.keras_module(Runtime.KERAS3)
     model = keras.models.load_model(path, **kwargs)
     if recorded is not None:

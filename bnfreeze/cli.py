@@ -9,6 +9,7 @@ Exit codes: 0 ok, 1 a check found a problem, 2 usage or input error, 3 an intern
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import os
 import sys
@@ -695,6 +696,12 @@ def run_edit(library_call: Any, output: str | None, as_json: bool, **kwargs: Any
     help="Freeze the selected layers but keep BN layers trainable (fastai train_bn).",
 )
 @click.option(
+    "--bn-frozen-stats",
+    is_flag=True,
+    help="Only BN layers: make them FrozenStatsBatchNormalization (moving statistics in fit(), "
+    "never updated; gamma/beta train). Needs bnfreeze to load.",
+)
+@click.option(
     "--up-to",
     "up_to",
     metavar="LAYER",
@@ -703,7 +710,12 @@ def run_edit(library_call: Any, output: str | None, as_json: bool, **kwargs: Any
 )
 @edit_options
 def freeze(
-    model: str, bn_inference: bool, train_bn: bool, up_to: str | None, **options: Any
+    model: str,
+    bn_inference: bool,
+    train_bn: bool,
+    bn_frozen_stats: bool,
+    up_to: str | None,
+    **options: Any,
 ) -> None:
     """Set trainable=False on the selected layers (all by default), BN included.
 
@@ -716,17 +728,26 @@ def freeze(
       bnfreeze freeze model.keras -o frozen.keras
       bnfreeze freeze model.keras --bn-inference -o bn_inference.keras
       bnfreeze freeze model.keras --train-bn -o train_bn.keras
+      bnfreeze freeze model.keras --bn-frozen-stats -o frozen_stats.keras
       bnfreeze freeze model.keras --up-to block5_add -o partly_frozen.keras
       bnfreeze freeze model.keras --layers 'mobilenetv2*' --dry-run
     """
     from bnfreeze.ops.edit import freeze_file
+    from bnfreeze.ops.frozen_stats import edit_as_batchnorm
 
     if bn_inference and train_bn:
         raise click.UsageError("--bn-inference and --train-bn contradict each other; pick one.")
     as_json = options.pop("as_json")
     output = options.pop("output")
+    if bn_frozen_stats:
+        run_frozen_stats(model, output, as_json, bn_inference or train_bn, up_to, **options)
+        return
+    # An edit that sets BN flags makes FrozenStatsBatchNormalization plain BN again.
+    library_call: Any = freeze_file
+    if not train_bn:
+        library_call = functools.partial(edit_as_batchnorm, freeze_file)
     run_edit(
-        freeze_file,
+        library_call,
         output,
         as_json,
         path=model,
@@ -735,6 +756,62 @@ def freeze(
         up_to=up_to,
         **options,
     )
+
+
+def run_frozen_stats(
+    model: str,
+    output: str | None,
+    as_json: bool,
+    other_mode: bool,
+    up_to: str | None,
+    **options: Any,
+) -> None:
+    """``freeze --bn-frozen-stats``: a class change, not a flag edit
+    (:mod:`bnfreeze.ops.frozen_stats`)."""
+    from bnfreeze.ops.frozen_stats import BnClass, convert_file
+
+    if other_mode:
+        raise click.UsageError(
+            "--bn-frozen-stats changes the BN layers' class, not flags: use it without "
+            "--bn-inference and --train-bn."
+        )
+    flag_only = [
+        name
+        for name, default in (
+            ("optimizer_state", None),
+            ("keep_optimizer_state", False),
+            ("engine", "auto"),
+            ("custom_objects", None),
+            ("unsafe", False),
+        )
+        if options.get(name) != default
+    ]
+    if flag_only:
+        name = "--" + flag_only[0].replace("_", "-")
+        raise click.UsageError(f"{name} does not apply to --bn-frozen-stats (no flag changes).")
+    if output is None and not options["dry_run"] and not options["in_place"]:
+        raise click.UsageError("-o OUT is required unless --dry-run or --in-place is given.")
+    result = convert_file(
+        model,
+        output,
+        BnClass.FROZEN_STATS,
+        layers=tuple(options["layers"]),
+        up_to=up_to,
+        dry_run=options["dry_run"],
+        in_place=options["in_place"],
+    )
+    if as_json:
+        from bnfreeze.render.frozen_stats import render_convert
+
+        click.echo(render_convert(result))
+    else:
+        from bnfreeze.render.frozen_stats import convert_view
+
+        stdout_console().print(convert_view(result))
+    from bnfreeze.render.frozen_stats import status_line
+
+    note(status_line(result))
+    emit_warnings(result.warnings)
 
 
 @cli.command()
@@ -768,11 +845,12 @@ def unfreeze(model: str, keep_bn_inference: bool, from_layer: str | None, **opti
       bnfreeze unfreeze model.keras --keep-bn-inference --dry-run --json | jq .changes
     """
     from bnfreeze.ops.edit import unfreeze_file
+    from bnfreeze.ops.frozen_stats import edit_as_batchnorm
 
     as_json = options.pop("as_json")
     output = options.pop("output")
     run_edit(
-        unfreeze_file,
+        functools.partial(edit_as_batchnorm, unfreeze_file),
         output,
         as_json,
         path=model,

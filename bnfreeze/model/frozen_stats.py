@@ -18,7 +18,10 @@ This module never imports Keras.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bnfreeze.model.records import Finding, LayerState
 
 PACKAGE = "bnfreeze"
 NAME = "FrozenStatsBatchNormalization"
@@ -53,3 +56,26 @@ def to_batchnorm(layer: dict[str, Any]) -> bool:
     layer["module"] = BATCHNORM_MODULE
     layer["registered_name"] = None
     return True
+
+
+def findings(states: tuple[LayerState, ...]) -> list[Finding]:
+    """The ``needs-bnfreeze`` warning: a model with FrozenStatsBatchNormalization layers loads
+    only where bnfreeze is installed and imported, and how to convert them back."""
+    from bnfreeze.model.records import Finding, WarningCode
+
+    paths = [s.layer.path for s in states if s.layer.frozen_stats]
+    if not paths:
+        return []
+    names = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+    return [
+        Finding(
+            WarningCode.NEEDS_BNFREEZE,
+            None,
+            f"{len(paths)} layer(s) are bnfreeze's FrozenStatsBatchNormalization ({names}): "
+            "keras.models.load_model loads this model only after `import bnfreeze` (or with "
+            "bnfreeze.load_model); without bnfreeze installed it fails with Keras's "
+            "\"Could not locate class 'BatchNormalization'\". To share the file, convert them "
+            "back to Keras's BatchNormalization: `bnfreeze unfreeze MODEL --layers ...` "
+            "(trainable) or `bnfreeze freeze MODEL --bn-inference` (inference).",
+        )
+    ]

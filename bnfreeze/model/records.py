@@ -82,6 +82,8 @@ class WarningCode(enum.Enum):
     #: A code-built container (keras-hub class, custom layer, subclassed model) saved with
     #: trainable=False: Keras rebuilds its layers trainable on load, so its BN layers train.
     CODE_BUILT_RELOAD_TRAINS = "code-built-reload-trains"
+    #: FrozenStatsBatchNormalization layers: Keras loads the file only with bnfreeze imported.
+    NEEDS_BNFREEZE = "needs-bnfreeze"
 
 
 @dataclass(frozen=True)
