@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.abc
-import importlib.machinery
 import sys
 from types import ModuleType
 from typing import Any
@@ -29,36 +28,48 @@ def _register() -> None:
     import bnfreeze.layers  # noqa: F401  (registers the classes with Keras)
 
 
-class _AfterKeras(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Finds nothing itself: wraps the loader of ``keras`` so that registration runs right
-    after Keras's own ``__init__``."""
+class _AfterKeras(importlib.abc.MetaPathFinder):
+    """Finds ``keras`` as the other finders do, with its loader wrapped so that registration
+    runs right after Keras's own ``__init__``. A ``find_spec`` that is not followed by an
+    import (``importlib.util.find_spec("keras")``) changes nothing."""
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
         if fullname != "keras":
             return None
-        _uninstall()
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None:
-            for finder in sys.meta_path:
-                find = getattr(finder, "find_spec", None)
-                if find is not None:
-                    spec = find(fullname, path, target)
-                    if spec is not None:
-                        break
-        if spec is None or spec.loader is None:
+        spec = None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            if finder is self or find is None:
+                continue
+            spec = find(fullname, path, target)
+            if spec is not None:
+                break
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
-        self._loader = spec.loader
-        spec.loader = self
+        spec.loader = _RegisteringLoader(spec.loader)
         return spec
+
+
+class _RegisteringLoader(importlib.abc.Loader):
+    def __init__(self, loader: Any) -> None:
+        self._loader = loader
 
     def create_module(self, spec: Any) -> ModuleType | None:
         return self._loader.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
+        # Keras sees its own loader, also while its __init__ runs.
+        module.__loader__ = self._loader
+        if module.__spec__ is not None:
+            module.__spec__.loader = self._loader
         self._loader.exec_module(module)
+        _uninstall()
         # A Keras bnfreeze cannot use (tf_keras posing as keras, say) must still import.
         with contextlib.suppress(Exception):
             _register()
+
+    def __getattr__(self, name: str) -> Any:  # is_package, get_code, ... of the real loader
+        return getattr(self._loader, name)
 
 
 _FINDER = _AfterKeras()

@@ -13,7 +13,12 @@ from typing import Any
 from bnfreeze.errors import DataError
 from bnfreeze.runtime import loading
 from bnfreeze.runtime.batches import Batches, loss_name, pack
-from bnfreeze.runtime.branches import Branch, BranchRecorder, is_builtin_batchnorm
+from bnfreeze.runtime.branches import (
+    Branch,
+    BranchRecorder,
+    is_builtin_batchnorm,
+    is_frozen_stats_layer,
+)
 from bnfreeze.runtime.measured import (
     CompileSource,
     DataSource,
@@ -94,7 +99,10 @@ def own_variables(layers: dict[str, tuple[Any, bool]]) -> dict[str, list[Any]]:
 
 
 def _is_builtin(layer: Any) -> bool:
+    """A Keras class, or bnfreeze's FrozenStatsBatchNormalization (its call is known)."""
     module = type(layer).__module__ or ""
+    if is_frozen_stats_layer(layer):
+        return True
     return module.split(".")[0] in ("keras", "tf_keras", "tensorflow")
 
 
