@@ -337,8 +337,8 @@ def set_option(f: Any) -> Any:
     "expects",
     multiple=True,
     metavar="NAME[=ARG]",
-    help="An expectation, repeatable: bn-inference[=GLOB], bn-train[=GLOB], trains[=GLOB], "
-    "frozen[=GLOB], min-training=N, max-training=N.",
+    help="An expectation, repeatable: bn-inference[=GLOB], bn-train[=GLOB], "
+    "bn-frozen-stats[=GLOB], trains[=GLOB], frozen[=GLOB], min-training=N, max-training=N.",
 )
 @click.option(
     "--strict",
@@ -891,7 +891,8 @@ def unfreeze(model: str, keep_bn_inference: bool, from_layer: str | None, **opti
     multiple=True,
     metavar="NAME[=ARG]",
     help="Exit 1 unless the measurement satisfies it, repeatable: bn-inference, "
-    "bn-train, trains, frozen (each =GLOB optional), min-training=N, max-training=N.",
+    "bn-train, bn-frozen-stats, trains, frozen (each =GLOB optional), min-training=N, "
+    "max-training=N.",
 )
 @click.option(
     "--runtime",
