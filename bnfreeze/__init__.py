@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from bnfreeze import _keras_hook
+from bnfreeze.runtime import keras_hook
 
 if TYPE_CHECKING:
     # What a type checker sees: the real signatures. At run time the names are loaded from
@@ -57,7 +57,7 @@ __all__ = ["__version__", *_API, *_GUARD]
 
 # A plain keras.models.load_model after `import bnfreeze` finds FrozenStatsBatchNormalization:
 # registered now if Keras is imported, else right after Keras is (never imports Keras itself).
-_keras_hook.install()
+keras_hook.install()
 
 
 def __getattr__(name: str) -> Any:

@@ -683,7 +683,7 @@ def load_model(path: str | os.PathLike[str], **kwargs: Any) -> Any:
     from bnfreeze.runtime import keras_engine, loading
 
     recorded = recorded_flags.read(path)  # a damaged member fails before Keras loads
-    import bnfreeze.layers  # noqa: F401  (registers FrozenStatsBatchNormalization)
+    import bnfreeze.runtime.layers  # noqa: F401  (registers FrozenStatsBatchNormalization)
 
     keras = loading.keras_module(Runtime.KERAS3)
     model = keras.models.load_model(path, **kwargs)

@@ -1088,8 +1088,8 @@ def recalibrate(
       bnfreeze recalibrate model.keras --data train.npz --key x --batches 100 --in-place
       bnfreeze recalibrate model.keras --data photos/ --layers 'block5*' -o out.keras
     """
-    from bnfreeze.ops.recalibrate import RecalibrateRequest, recalibrate_file
     from bnfreeze.runtime.loading import progress_on_stderr, runtime_info
+    from bnfreeze.runtime.recalibrate_file import RecalibrateRequest, recalibrate_file
 
     if output is None and not dry_run and not in_place:
         raise click.UsageError("-o OUT is required unless --dry-run or --in-place is given.")

@@ -30,6 +30,7 @@ RANK = {
     "runtime": 4,
     "render": 5,
     "api": 6,
+    "layers": 6,
     "cli": 7,
     "__main__": 8,
 }

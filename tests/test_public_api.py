@@ -15,6 +15,7 @@ EXPORTS = [
     "recompile",
     "RecompileWarning",
     "load_model",
+    "recalibrate",
     "BatchNormGuard",
 ]
 
@@ -27,7 +28,8 @@ SIGNATURES = {
         "in_place: 'bool' = False, keep_optimizer_state: 'bool' = False, "
         "optimizer_state: 'str | None' = None, engine: 'str' = 'auto', "
         "custom_objects: 'str | Mapping[str, Any] | None' = None, "
-        "unsafe: 'bool' = False) -> 'EditResult'"
+        "unsafe: 'bool' = False, bn_frozen_stats: 'bool' = False) "
+        "-> 'EditResult | ConvertResult'"
     ),
     "unfreeze": (
         "(model_or_path: 'ModelOrPath', *, layers: 'Sequence[str]' = (), "
@@ -39,6 +41,11 @@ SIGNATURES = {
         "unsafe: 'bool' = False) -> 'EditResult'"
     ),
     "recompile": "(model: 'ModelT') -> 'ModelT'",
+    "recalibrate": (
+        "(model: 'Any', data: 'Any', *, batch_size: 'int' = 32, batches: 'int | None' = None, "
+        "layers: 'Sequence[str]' = (), up_to: 'str | None' = None, from_: 'str | None' = None) "
+        "-> 'Recalibration'"
+    ),
     "load_model": "(path: 'str | os.PathLike[str]', **kwargs: 'Any') -> 'Any'",
 }
 

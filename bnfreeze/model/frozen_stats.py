@@ -4,7 +4,7 @@
 statistics and never updates them, while gamma and beta train when its own ``trainable`` is
 True. Keras 3.15 saves it as (measured)::
 
-    {"module": "bnfreeze.layers.frozen_stats", "class_name": "BatchNormalization",
+    {"module": "bnfreeze.runtime.layers", "class_name": "BatchNormalization",
      "config": {... exactly BatchNormalization's ...},
      "registered_name": "bnfreeze>FrozenStatsBatchNormalization", ...}
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 PACKAGE = "bnfreeze"
 NAME = "FrozenStatsBatchNormalization"
 REGISTERED_NAME = f"{PACKAGE}>{NAME}"
-MODULE = "bnfreeze.layers.frozen_stats"
+MODULE = "bnfreeze.runtime.layers"
 #: What Keras 3 writes for a plain BatchNormalization (measured on Keras 3.15).
 BATCHNORM_MODULE = "keras.layers"
 

@@ -3,7 +3,7 @@ BatchNormalization layers into bnfreeze's ``FrozenStatsBatchNormalization``, and
 
 A class change, not a flag change: the converted layer normalizes with its moving statistics
 in ``fit()`` and never updates them, while gamma and beta keep following its own
-``trainable`` flag (:mod:`bnfreeze.layers.frozen_stats`). Flags are left as they are: a BN
+``trainable`` flag (:mod:`bnfreeze.runtime.layers`). Flags are left as they are: a BN
 layer with ``trainable=False`` stays frozen, gamma and beta included.
 
 Both classes store their variables in the same place (the class's ``__name__`` is

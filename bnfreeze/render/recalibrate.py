@@ -1,5 +1,6 @@
 """Renderers for ``recalibrate``: pure functions from a
-:class:`~bnfreeze.ops.recalibrate.RecalibrateResult` to a Rich renderable or a JSON string."""
+:class:`~bnfreeze.runtime.recalibrate_file.RecalibrateResult` to a Rich renderable or a JSON
+string."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from bnfreeze.ops.recalibrate import RecalibrateResult
 from bnfreeze.render.json import SCHEMA_VERSION, dumps, runtime_dict
+from bnfreeze.runtime.recalibrate_file import RecalibrateResult
 
 
 def recalibrate_view(result: RecalibrateResult) -> Group:

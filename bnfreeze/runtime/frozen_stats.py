@@ -31,9 +31,9 @@ def convert_live(
     return the selected BN paths and the changes."""
     import keras
 
-    from bnfreeze.layers import FrozenStatsBatchNormalization
     from bnfreeze.model.selection import select
     from bnfreeze.runtime.keras_engine import live_model
+    from bnfreeze.runtime.layers import FrozenStatsBatchNormalization
 
     live = live_model(model)
     chosen = select(live.records, globs=tuple(layers), up_to_layer=up_to, from_layer_spec=from_)

@@ -6,10 +6,11 @@ serializable classes (``keras.saving.register_keras_serializable``); for a modul
 3.15, ``serialization_lib._retrieve_class_or_fn``). Registration needs Keras, and ``import
 bnfreeze`` must not import it. So :func:`install` does one of two things:
 
-* Keras is already imported: import :mod:`bnfreeze.layers` now (it costs a class definition);
+* Keras is already imported: import :mod:`bnfreeze.runtime.layers` now (it costs a class
+  definition);
 * otherwise: put a finder at the front of ``sys.meta_path`` that, the first time ``keras`` is
-  imported, lets the normal import run and then imports :mod:`bnfreeze.layers`, and removes
-  itself. Nothing else is ever intercepted.
+  imported, lets the normal import run, then imports :mod:`bnfreeze.runtime.layers` and
+  removes itself. Nothing else is ever intercepted.
 
 Either way, after ``import bnfreeze`` a plain ``keras.models.load_model`` loads a file with
 ``FrozenStatsBatchNormalization`` layers. ``import bnfreeze.layers`` does the same explicitly.
@@ -25,7 +26,7 @@ from typing import Any
 
 
 def _register() -> None:
-    import bnfreeze.layers  # noqa: F401  (registers the classes with Keras)
+    import bnfreeze.runtime.layers  # noqa: F401  (registers the classes with Keras)
 
 
 class _AfterKeras(importlib.abc.MetaPathFinder):
