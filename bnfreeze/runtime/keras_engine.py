@@ -68,6 +68,7 @@ from bnfreeze.model.records import (
 )
 from bnfreeze.model.walk import OTHER_NORMALIZATION_CLASSES, walk
 from bnfreeze.runtime import loading
+from bnfreeze.runtime.branches import is_frozen_stats_layer
 
 #: Output endings Keras 3 ``model.save`` understands, and the format each one writes.
 SAVE_FORMATS: dict[str, ModelFormat] = {
@@ -230,6 +231,8 @@ def _corrected(record: LayerRecord, layer: Any) -> LayerRecord:
         updates["kind"] = LayerKind.BATCHNORM
     if record.kind is not LayerKind.INPUT and record.trainable is not bool(layer.trainable):
         updates["trainable"] = bool(layer.trainable)
+    if is_frozen_stats_layer(layer) is not record.frozen_stats:
+        updates["frozen_stats"] = is_frozen_stats_layer(layer)
     return replace(record, **updates) if updates else record
 
 
@@ -252,7 +255,8 @@ def _from_live(live: Mapping[str, Any], walked: Mapping[str, LayerRecord]) -> It
             config_path=known.config_path if known is not None else (),
             synchronized=bool(getattr(layer, "synchronized", False)),
             module=type(layer).__module__,
-            custom=not _is_builtin(layer),
+            custom=not _is_builtin(layer) and not is_frozen_stats_layer(layer),
+            frozen_stats=is_frozen_stats_layer(layer),
         )
 
 
