@@ -159,3 +159,69 @@ def test_recalibrate_matches_keras(backend, tmp_path):
         "SelectionError",
         "the selection matches no BatchNormalization layer to recalibrate.",
     ]
+
+
+#: The EMA demonstration of docs/bn-statistics.md: a small CNN on a synthetic task (is there a
+#: bright square?), trained 3 epochs with Adam, with and without ``use_ema=True``. Keras swaps
+#: the EMA weights in at the end of ``fit()``; the BN moving statistics were gathered with the
+#: raw weights and do not fit them.
+EMA_SCRIPT = r"""
+import json, sys, time
+import numpy as np
+import keras
+import bnfreeze
+
+def data(n, seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    x = rng.normal(0.0, 1.0, (n, 12, 12, 3)).astype("float32")
+    x[y == 1, 3:9, 3:9, :] += 1.5  # class 1: a bright square
+    x = x * 3.0 + 4.0  # far from BN's initial statistics
+    return x, y.astype("float32")
+
+def cnn():
+    inp = keras.Input((12, 12, 3))
+    h = inp
+    for i, f in enumerate((8, 16)):
+        h = keras.layers.Conv2D(f, 3, padding="same", use_bias=False)(h)
+        h = keras.layers.BatchNormalization(momentum=0.9)(h)
+        h = keras.layers.ReLU()(h)
+        h = keras.layers.MaxPooling2D()(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    return keras.Model(inp, keras.layers.Dense(1, activation="sigmoid")(h))
+
+x, y = data(512, 0)
+xv, yv = data(256, 1)
+out = {}
+for name, ema in (("plain", False), ("ema", True)):
+    keras.utils.set_random_seed(0)
+    m = cnn()
+    optimizer = keras.optimizers.Adam(3e-3, use_ema=ema, ema_momentum=0.98)
+    m.compile(optimizer=optimizer, loss="binary_crossentropy")
+    m.fit(x, y, batch_size=32, epochs=3, verbose=0)
+    out[name] = float(m.evaluate(xv, yv, verbose=0))
+    t = time.time()
+    bnfreeze.recalibrate(m, x, batch_size=32)
+    out[name + "_recalibrated"] = float(m.evaluate(xv, yv, verbose=0))
+    out["seconds"] = time.time() - t
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_ema_weights_need_recalibrated_statistics(tmp_path):
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-c", EMA_SCRIPT],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
+    out = json.loads(line[len("RESULT") :])
+    # Measured (TF 2.21, CPU): EMA 0.764 before recalibration, 0.085 after; without EMA 0.015
+    # (0.019 after). A loose bound: recalibration at least halves the EMA model's loss.
+    assert out["ema_recalibrated"] < 0.5 * out["ema"], out
