@@ -144,23 +144,63 @@ def _size(x: Any) -> int:
 
 
 class _Accumulator:
-    """Sums of the per-call batch statistics of each layer, in float64."""
+    """Sums of the per-call batch statistics of each layer, in float64, kept in NumPy: the
+    pass runs eagerly (JAX, or any backend)."""
 
-    def __init__(self, paths: Iterable[str]) -> None:
-        self.sums: dict[str, list[Any]] = {p: [None, None, 0] for p in paths}
+    compiled = False
+
+    def __init__(self, layers: dict[str, Any]) -> None:
+        self.sums: dict[str, list[Any]] = {p: [None, None, 0] for p in layers}
 
     def add(self, path: str, mean: Any, variance: Any) -> None:
         import numpy as np
+        from keras import ops
 
         entry = self.sums[path]
-        m = np.asarray(mean, dtype=np.float64)
-        v = np.asarray(variance, dtype=np.float64)
+        m = np.asarray(ops.convert_to_numpy(mean), dtype=np.float64)
+        v = np.asarray(ops.convert_to_numpy(variance), dtype=np.float64)
         entry[0] = m if entry[0] is None else entry[0] + m
         entry[1] = v if entry[1] is None else entry[1] + v
         entry[2] += 1
 
+    def totals(self, path: str) -> tuple[Any, Any, int]:
+        mean, variance, calls = self.sums[path]
+        return mean, variance, calls
 
-def _batch_call(layer: Any, path: str, acc: _Accumulator) -> Callable[..., Any]:
+
+class _TensorFlowAccumulator:
+    """The same sums in ``tf.Variable`` objects (float64), so that the pass can run as one
+    ``tf.function``, as ``predict()`` does: measured on ResNet50, the eager pass took about
+    10 times as long as ``predict()`` over the same batches."""
+
+    compiled = True
+
+    def __init__(self, layers: dict[str, Any]) -> None:
+        import tensorflow as tf
+
+        self.sums: dict[str, tuple[Any, Any, Any]] = {}
+        for path, layer in layers.items():
+            shape = tuple(layer.moving_mean.shape)
+            self.sums[path] = (
+                tf.Variable(tf.zeros(shape, tf.float64), trainable=False),
+                tf.Variable(tf.zeros(shape, tf.float64), trainable=False),
+                tf.Variable(0, dtype=tf.int64, trainable=False),
+            )
+
+    def add(self, path: str, mean: Any, variance: Any) -> None:
+        import tensorflow as tf
+
+        m, v, n = self.sums[path]
+        m.assign_add(tf.reshape(tf.cast(mean, tf.float64), m.shape))
+        v.assign_add(tf.reshape(tf.cast(variance, tf.float64), v.shape))
+        n.assign_add(1)
+
+    def totals(self, path: str) -> tuple[Any, Any, int]:
+        m, v, n = self.sums[path]
+        return m.numpy(), v.numpy(), int(n.numpy())
+
+
+def _batch_call(layer: Any, path: str, acc: Any) -> Callable[..., Any]:
     """``BatchNormalization.call``'s training branch without the moving-statistics update:
     the batch's ``_moments``, recorded, and the output normalized with them."""
     from keras import backend, ops
@@ -168,7 +208,7 @@ def _batch_call(layer: Any, path: str, acc: _Accumulator) -> Callable[..., Any]:
     def call(inputs: Any, training: Any = None, mask: Any = None, **_: Any) -> Any:
         x = ops.cast(inputs, backend.result_type(inputs.dtype, "float32"))
         mean, variance = layer._moments(x, mask)
-        acc.add(path, ops.convert_to_numpy(mean), ops.convert_to_numpy(variance))
+        acc.add(path, mean, variance)
         gamma = ops.cast(layer.gamma, x.dtype) if layer.scale else None
         beta = ops.cast(layer.beta, x.dtype) if layer.center else None
         out = ops.batch_normalization(
@@ -186,7 +226,7 @@ def _batch_call(layer: Any, path: str, acc: _Accumulator) -> Callable[..., Any]:
 
 
 @contextmanager
-def _wrapped(layers: dict[str, Any], acc: _Accumulator) -> Iterator[None]:
+def _wrapped(layers: dict[str, Any], acc: Any) -> Iterator[None]:
     """Each layer's ``call`` replaced on the instance (``object.__setattr__``, unseen by
     Keras's attribute tracking), restored on exit whatever happens."""
     saved: list[tuple[Any, bool, Any]] = []
@@ -224,7 +264,21 @@ def recalibrate(
     import numpy as np
 
     selected = select_batchnorm(model, layers, up_to=up_to, from_=from_)
-    acc = _Accumulator(selected)
+    import keras
+
+    acc: Any
+    forward: Callable[[Any], Any]
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        acc = _TensorFlowAccumulator(selected)
+        forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    else:
+        acc = _Accumulator(selected)
+
+        def forward(x: Any) -> Any:
+            return model(x, training=False)
+
     total = batches
     first = data
     if isinstance(first, np.ndarray):
@@ -234,7 +288,7 @@ def recalibrate(
     with _wrapped(selected, acc):
         for x in batches_of(data, batch_size, batches):
             try:
-                model(x, training=False)
+                forward(x)
             except Exception as exc:
                 raise DataError(
                     f"the model cannot run on batch {done + 1}: {_short(exc)}"
@@ -248,7 +302,7 @@ def recalibrate(
     out: list[RecalibratedLayer] = []
     not_called: list[str] = []
     for path, layer in selected.items():
-        mean_sum, var_sum, calls = acc.sums[path]
+        mean_sum, var_sum, calls = acc.totals(path)
         if not calls:
             not_called.append(path)
             continue
