@@ -248,12 +248,18 @@ def test_plain_keras_without_bnfreeze_fails_with_its_own_error(built):
         cli, ["freeze", str(folder / "block.keras"), "--bn-frozen-stats", "-o", str(out)]
     )
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": ""}
+    # Then, in the same process, `import bnfreeze` after Keras registers the class at once.
     code = (
         "import sys, keras\n"
         "try:\n"
         f"    keras.models.load_model({str(out)!r})\n"
         "except Exception as exc:\n"
         "    print('bnfreeze' in sys.modules, 'Could not locate class' in str(exc))\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import bnfreeze\n"
+        f"model = keras.models.load_model({str(out)!r})\n"
+        "print(sorted({type(l).__qualname__ for l in model._flatten_layers()"
+        " if isinstance(l, keras.layers.BatchNormalization)}))\n"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code],
@@ -263,4 +269,7 @@ def test_plain_keras_without_bnfreeze_fails_with_its_own_error(built):
         timeout=300,
         cwd=folder,
     )
-    assert proc.stdout.strip() == "False True", proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == [
+        "False True",
+        "['FrozenStatsBatchNormalization']",
+    ], proc.stderr[-2000:]
