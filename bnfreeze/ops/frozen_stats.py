@@ -133,7 +133,7 @@ def convert_file(
         if not in_place and out.exists() and out.samefile(source):
             raise OutputError("-o names the input itself; use --in-place to rewrite it.")
     walked = walk(model.config, model.path)
-    selected = select(walked.layers, globs=layers, up_to_layer=up_to, from_layer_spec=from_layer)
+    selected = select(walked.layers, layers=layers, up_to=up_to, from_=from_layer)
     bn = tuple(r for r in selected if r.is_batchnorm)
     if not bn:
         raise SelectionError("the selection holds no BatchNormalization layer.")
@@ -218,50 +218,42 @@ def selected_frozen_stats(
         walked = walk(model.config, model.path)
         if not any(r.frozen_stats for r in walked.layers):
             return ()
-        chosen = select(walked.layers, globs=layers, up_to_layer=up_to, from_layer_spec=from_layer)
+        chosen = select(walked.layers, layers=layers, up_to=up_to, from_=from_layer)
     except BnfreezeError:
         return ()
     return tuple(r.path for r in chosen if r.frozen_stats)
 
 
-def edit_as_batchnorm(
-    edit: Any,
-    *,
-    path: str,
-    output: str | None,
-    in_place: bool = False,
-    layers: tuple[str, ...] = (),
-    up_to: str | None = None,
-    from_layer: str | None = None,
-    **kwargs: Any,
-) -> Any:
-    """Run a flag edit (``freeze`` or ``unfreeze`` that sets BN flags) on ``path`` with its
-    selected FrozenStatsBatchNormalization layers converted back to Keras's
-    BatchNormalization first: what setting a BN flag on such a layer means, and the way
-    back to a file Keras loads without bnfreeze.
+def edit_as_batchnorm(run: Any, *, path: str, output: Any, selection: Any) -> Any:
+    """Run a flag edit that sets BN flags (``freeze``, ``freeze --bn-inference``,
+    ``unfreeze``) on ``path`` with its selected FrozenStatsBatchNormalization layers converted
+    back to Keras's BatchNormalization first: what setting a BN flag on such a layer means, and
+    the way back to a file Keras loads without bnfreeze.
 
-    The conversion goes to a temporary ``.keras`` in the output's folder, which the edit
-    reads as its input and writes the output from (atomically, as always); the temporary file
-    is removed whatever happens. The input is never touched, ``in_place`` included (the
-    output is then the input's path). Without such layers, ``edit`` runs as it is.
+    ``run(input_path, output)`` applies the edit (an :class:`~bnfreeze.ops.request.Output`).
+    The conversion goes to a temporary ``.keras`` in the output's folder, which the edit reads
+    as its input and writes the output from (atomically, as always); the temporary file is
+    removed whatever happens. The input is never touched, ``in_place`` included (the output
+    is then the input's path). Without such layers, ``run`` gets ``path`` as it is.
     """
     import os
 
-    layers = tuple(layers)
-    scope: dict[str, Any] = {"layers": layers}
-    if up_to is not None:
-        scope["up_to"] = up_to
-    if from_layer is not None:
-        scope["from_layer"] = from_layer
-    picked = selected_frozen_stats(path, layers=layers, up_to=up_to, from_layer=from_layer)
+    from bnfreeze.ops.request import Output
+
+    picked = selected_frozen_stats(
+        path,
+        layers=tuple(selection.layers),
+        up_to=selection.up_to,
+        from_layer=selection.from_,
+    )
     if not picked:
-        return edit(path=path, output=output, in_place=in_place, **scope, **kwargs)
-    target = path if in_place else output
+        return run(path, output)
+    target = path if output.in_place else output.path
     folder = Path(target if target is not None else path).resolve().parent
     tmp = folder / f".{Path(path).stem}.bnfreeze-plain-{os.getpid()}.keras"
     try:
         convert_file(path, str(tmp), BnClass.BATCHNORM, layers=picked)
-        result = edit(path=str(tmp), output=target, in_place=False, **scope, **kwargs)
+        result = run(str(tmp), Output(target, in_place=False, dry_run=output.dry_run))
     finally:
         tmp.unlink(missing_ok=True)
     return replace(result, source=path)

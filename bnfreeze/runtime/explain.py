@@ -21,10 +21,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bnfreeze.model.measured import RuntimeInfo
 from bnfreeze.model.records import Normalization, Runtime
-from bnfreeze.runtime import loading
+from bnfreeze.runtime import environment
 from bnfreeze.runtime.branches import BranchRecorder
-from bnfreeze.runtime.loading import ProgressFn, RuntimeInfo, no_progress
+from bnfreeze.runtime.environment import ProgressFn, no_progress
 
 #: The seed's image: one 2x2 picture with 4 channels of whole numbers 0-9.
 IMAGE_SHAPE = (1, 2, 2, 4)
@@ -49,7 +50,7 @@ HISTORICAL_NOTE = (
 
 #: Rules 1-4 of docs/semantics.md in a few lines, per runtime, numbered as there. Measured on
 #: Keras 3.15.1 / TF 2.21, Keras 3.15.1 / JAX 0.10 and tf_keras 2.21 (the tests re-measure
-#: them: tests/test_backends.py, tests/test_modes_*.py); ``explain`` says so when the
+#: them: tests/runtime/test_backends.py, tests/model/test_modes_*.py); ``explain`` says so when the
 #: installed versions differ.
 RULES_MEASURED_ON = "Keras 3.15.1 on TensorFlow 2.21"
 JAX_RULES_MEASURED_ON = "Keras 3.15.1 on JAX 0.10 (rules 2-3 on TensorFlow 2.21)"
@@ -199,13 +200,13 @@ def explain(
         epsilon=float(epsilon),
         seed=used_seed,
     )
-    loading.require_runtime(runtime)
-    with loading.quiet():
-        progress(loading.loading_message(runtime))
-        keras = loading.keras_module(runtime)
-        info = loading.runtime_info(runtime)
+    environment.require_runtime(runtime)
+    with environment.quiet():
+        progress(environment.loading_message(runtime))
+        keras = environment.keras_module(runtime)
+        info = environment.runtime_info(runtime)
         progress("running the four cases")
-        with loading.keras_warnings():
+        with environment.keras_warnings():
             cases = tuple(
                 _run_case(keras, setup, pixels, training, trainable)
                 for training, trainable in COMBINATIONS

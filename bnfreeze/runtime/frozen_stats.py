@@ -32,11 +32,11 @@ def convert_live(
     import keras
 
     from bnfreeze.model.selection import select
-    from bnfreeze.runtime.keras_engine import live_model
     from bnfreeze.runtime.layers import FrozenStatsBatchNormalization
+    from bnfreeze.runtime.live import live_model
 
     live = live_model(model)
-    chosen = select(live.records, globs=tuple(layers), up_to_layer=up_to, from_layer_spec=from_)
+    chosen = select(live.records, layers=tuple(layers), up_to=up_to, from_=from_)
     bn = [
         (r.path, live.layers[r.path])
         for r in chosen

@@ -64,12 +64,10 @@ def select_batchnorm(
     import keras
 
     from bnfreeze.model import selection
-    from bnfreeze.runtime.keras_engine import live_model
+    from bnfreeze.runtime.live import live_model
 
     live = live_model(model)
-    chosen = selection.select(
-        live.records, globs=tuple(layers), up_to_layer=up_to, from_layer_spec=from_
-    )
+    chosen = selection.select(live.records, layers=tuple(layers), up_to=up_to, from_=from_)
     out = {
         r.path: live.layers[r.path]
         for r in chosen

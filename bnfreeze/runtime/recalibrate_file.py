@@ -215,8 +215,9 @@ def recalibrate_file(
     from bnfreeze.formats.writers._hdf5_edit import Rewrite
     from bnfreeze.formats.writers.keras_zip import copy_patched, copy_raw
     from bnfreeze.model.records import ModelFormat
-    from bnfreeze.runtime import keras_engine, loading
+    from bnfreeze.runtime import environment, loading
     from bnfreeze.runtime import recalibrate as runtime
+    from bnfreeze.runtime.saving import saved_paths
 
     source = Path(request.model)
     output = request.model if request.in_place else request.output
@@ -240,7 +241,7 @@ def recalibrate_file(
             raise OutputError("-o names the input itself; use --in-place to rewrite it.")
     if status:
         status("loading the model with Keras")
-    with loading.quiet():
+    with environment.quiet():
         model = loading.load_model(
             source, unsafe=request.unsafe, custom_objects=request.custom_objects, compile=False
         )
@@ -254,7 +255,7 @@ def recalibrate_file(
     }
     if status:
         status("running the batches")
-    with loading.quiet():
+    with environment.quiet():
         done = runtime.recalibrate(
             model,
             data,
@@ -267,7 +268,7 @@ def recalibrate_file(
         )
     stats = []
     targets: dict[str, Any] = {}
-    groups = {id(layer): group for group, layer in keras_engine.saved_paths(model).items()}
+    groups = {id(layer): group for group, layer in saved_paths(model).items()}
     for entry in done.layers:
         layer = selected[entry.path]
         mean, var = np.asarray(layer.moving_mean.numpy()), np.asarray(layer.moving_variance.numpy())
