@@ -273,3 +273,33 @@ def test_plain_keras_without_bnfreeze_fails_with_its_own_error(built):
         "False True",
         "['FrozenStatsBatchNormalization']",
     ], proc.stderr[-2000:]
+
+
+def test_the_guard_records_the_inference_branch_and_the_expectation_holds():
+    import warnings
+
+    import keras
+    import numpy as np
+
+    import bnfreeze
+
+    inp = keras.Input((6,))
+    h = keras.layers.BatchNormalization(name="bn")(keras.layers.Dense(4, name="dense")(inp))
+    model = keras.Model(inp, keras.layers.Dense(1, name="head")(h))
+    x = np.random.default_rng(0).normal(5, 2, (16, 6)).astype("float32")
+    bnfreeze.recalibrate(model, x, batch_size=8)
+    bnfreeze.freeze(model, bn_frozen_stats=True)
+    model.compile(keras.optimizers.SGD(0.01), "mse")
+    guard = bnfreeze.BatchNormGuard(expect="bn-frozen-stats", strict=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, np.zeros((16, 1)), batch_size=8, epochs=1, verbose=0, callbacks=[guard])
+    assert [str(w.message) for w in caught] == []
+    report = guard.report
+    assert report.disagreements == () and report.expectations[0][1] == ()
+    (bn,) = [m for m in report.measured if m.is_batchnorm]
+    assert (bn.branch.value, bn.moving_stats.value, bn.gamma_beta.value) == (
+        "moving",
+        "unchanged",
+        "moved",
+    )
