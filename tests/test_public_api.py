@@ -16,6 +16,7 @@ EXPORTS = [
     "RecompileWarning",
     "load_model",
     "recalibrate",
+    "sync_bn",
     "BatchNormGuard",
 ]
 
@@ -47,6 +48,11 @@ SIGNATURES = {
         "-> 'Recalibration'"
     ),
     "load_model": "(path: 'str | os.PathLike[str]', **kwargs: 'Any') -> 'Any'",
+    "sync_bn": (
+        "(path: 'str | os.PathLike[str]', *, synchronized: 'bool', layers: 'Sequence[str]' = (), "
+        "output: 'str | os.PathLike[str] | None' = None, dry_run: 'bool' = False, "
+        "in_place: 'bool' = False) -> 'SyncResult'"
+    ),
 }
 
 

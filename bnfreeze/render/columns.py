@@ -61,6 +61,7 @@ SHORT_CLASS = {
     "BatchNormalization": "BN",
     "SyncBatchNormalization": "SyncBN",
     "FrozenStatsBatchNormalization": "FrozenStatsBN",
+    "BatchNormalization(synchronized)": "SyncBN",
 }
 ELLIPSIS = "…"
 
