@@ -12,6 +12,8 @@ The Python API (see :mod:`bnfreeze.api`) takes a saved model's path or an in-mem
     bnfreeze.load_model(path, **kwargs)  # keras.models.load_model, then the trainable flags
                                          # bnfreeze recorded for layers built in code
     bnfreeze.BatchNormGuard(expect=None, strict=False)  # a keras.callbacks.Callback for fit()
+    bnfreeze.Phase(epochs=2, trains=["head*"], bn="inference", learning_rate=1e-3)
+    bnfreeze.finetune(model, phases, x, y, optimizer_state="carry", strict=False, **fit_kwargs)
 
 Importing this package never imports TensorFlow or Keras; the names above are loaded on
 first use, and only the functions that need Keras import it, when called.
@@ -29,18 +31,31 @@ if TYPE_CHECKING:
     from bnfreeze.api import inspect as inspect
     from bnfreeze.api import load_model as load_model
     from bnfreeze.api import recompile as recompile
+    from bnfreeze.api import finetune as finetune
     from bnfreeze.api import unfreeze as unfreeze
+    from bnfreeze.ops.phases import Phase as Phase
 
 __version__ = "0.1.0"
 
 #: The public API, loaded lazily from bnfreeze.api (PEP 562).
-_API = ("inspect", "freeze", "unfreeze", "recompile", "RecompileWarning", "load_model")
+_API = (
+    "inspect",
+    "freeze",
+    "unfreeze",
+    "recompile",
+    "RecompileWarning",
+    "load_model",
+    "finetune",
+)
+
+#: Loaded lazily from bnfreeze.ops.phases (pure: no Keras).
+_PHASES = ("Phase",)
 
 #: Loaded lazily from bnfreeze.runtime.guard; the class subclasses keras.callbacks.Callback,
 #: so it is created (and Keras imported) on first access.
 _GUARD = ("BatchNormGuard",)
 
-__all__ = ["__version__", *_API, *_GUARD]
+__all__ = ["__version__", *_API, *_PHASES, *_GUARD]
 
 
 def __getattr__(name: str) -> Any:
@@ -48,6 +63,10 @@ def __getattr__(name: str) -> Any:
         from bnfreeze import api
 
         return getattr(api, name)
+    if name in _PHASES:
+        from bnfreeze.ops import phases
+
+        return getattr(phases, name)
     if name in _GUARD:
         from bnfreeze.runtime import guard
 
@@ -56,4 +75,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_API, *_GUARD})
+    return sorted({*globals(), *_API, *_PHASES, *_GUARD})
