@@ -1,0 +1,211 @@
+"""bnfreeze.Phase and bnfreeze.finetune (bnfreeze/ops/phases.py, bnfreeze/runtime/finetune.py).
+
+The Keras tests run tests/finetune_cases.py once per backend, each in its own process, and
+check what it measured from Keras: the variables each phase's first batch moved, the weights
+of a hand-written Keras 3 script, the optimizer's slots by variable path at each boundary,
+the gradient from tf.GradientTape / jax.grad.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import bnfreeze
+from bnfreeze.errors import BnfreezeError
+from bnfreeze.model.records import LayerKind, LayerRecord
+from bnfreeze.ops.phases import BnMode, OptimizerStateMode, Phase, PhaseError, declare
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------------ pure parts
+
+
+def test_phase_from_the_issue():
+    p = bnfreeze.Phase(epochs=2, trains=["head*"], bn="inference", learning_rate=1e-3)
+    assert p == Phase(epochs=2, trains=("head*",), bn=BnMode.INFERENCE, learning_rate=0.001)
+    with pytest.raises(AttributeError):
+        p.epochs = 3  # type: ignore[misc]
+
+
+def test_phase_normalizes_a_single_glob_and_a_rate_mapping():
+    p = Phase(epochs=1, trains="block_1*", learning_rates={"block_1*": 1e-5, "*": 1e-4})
+    assert p.trains == ("block_1*",)
+    assert p.learning_rates == (("block_1*", 1e-5), ("*", 1e-4))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"epochs": 0}, "phase: epochs must be a whole number >= 1, not 0."),
+        ({"epochs": True}, "phase: epochs must be a whole number >= 1, not True."),
+        (
+            {"epochs": 1, "bn": "frozen"},
+            "phase: bn 'frozen' is not one of 'inference', 'train', 'flags'.",
+        ),
+        ({"epochs": 1, "learning_rate": -1}, "phase: learning_rate must be a positive number"),
+        ({"epochs": 1, "learning_rate": "1e-3"}, "phase: learning_rate must be a number, not str."),
+        ({"epochs": 1, "trains": [""]}, "phase: trains takes non-empty globs, not ''."),
+        (
+            {"epochs": 1, "learning_rates": {"x": 0}, "name": "top"},
+            "top: learning_rates['x'] must be a positive number, not 0.",
+        ),
+    ],
+)
+def test_a_bad_phase_is_a_one_line_error(kwargs, message):
+    with pytest.raises(PhaseError) as info:
+        Phase(**kwargs)
+    assert str(info.value).startswith(message)
+    assert "\n" not in str(info.value)
+    assert isinstance(info.value, BnfreezeError)
+
+
+@pytest.mark.parametrize("mode", list(BnMode))
+def test_every_bn_mode_declares_what_trains(mode):
+    def rec(path, bn=False, kind=LayerKind.LAYER):
+        return LayerRecord(
+            path=path,
+            name=path.rsplit("/", 1)[-1],
+            class_name="BatchNormalization" if bn else "Dense",
+            kind=LayerKind.BATCHNORM if bn else kind,
+            depth=path.count("/"),
+            parent=path.rsplit("/", 1)[0] if "/" in path else None,
+            trainable=True,
+        )
+
+    layers = [
+        rec("base", kind=LayerKind.CONTAINER),
+        rec("base/conv"),
+        rec("base/bn", bn=True),
+        rec("head"),
+        rec("head_bn", bn=True),
+    ]
+    d = declare(Phase(epochs=1, trains=["head*"], bn=mode), "phase 1", layers)
+    expected = {
+        BnMode.INFERENCE: {"head"},
+        BnMode.TRAIN: {"head", "head_bn", "base/bn"},
+        BnMode.FLAGS: {"head", "head_bn"},
+    }[mode]
+    assert d.trains == expected
+    assert d.frozen == {"base/conv", "base/bn", "head", "head_bn"} - expected
+    assert d.bn_train == expected & {"base/bn", "head_bn"}
+    assert d.bn_inference == {"base/bn", "head_bn"} - expected
+
+
+def test_every_optimizer_state_mode_is_a_value():
+    assert [m.value for m in OptimizerStateMode] == ["carry", "reset"]
+
+
+# ------------------------------------------------------------------------------ real runs
+
+
+def _run(backend: str, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp(f"finetune_{backend}") / "results.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    script = ROOT / "tests" / "finetune_cases.py"
+    done = subprocess.run(
+        [sys.executable, str(script), backend, str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text(encoding="utf-8"))
+    assert results["backend"] == backend
+    return results
+
+
+@pytest.fixture(scope="module", params=["tensorflow", "jax"])
+def measured(request, tmp_path_factory) -> dict:
+    return _run(request.param, tmp_path_factory)
+
+
+def _case(measured: dict, name: str) -> dict:
+    case = measured[name]
+    assert "error" not in case, case.get("error")
+    return case
+
+
+@pytest.mark.keras
+def test_guide_schedule_moves_exactly_the_declared_variables_and_no_bn_statistics(measured):
+    guide = _case(measured, "guide")
+    # Measured by a callback comparing every model variable by path around the first batch.
+    assert guide["moved"] == guide["expected"]
+    assert guide["stats_moved"] == [[], []]
+    assert guide["n_stats"] > 0
+    # The guard saw the same: every BN took the inference branch; nothing disagrees.
+    assert guide["guard_batch_branch"] == [0, 0]
+    assert guide["problems"] == [[], []]
+    assert guide["boundaries"] == [0, 1]
+    assert guide["history_len"] == {"loss": 2}
+    assert guide["finite"] is True
+    assert "RecompileWarning" not in guide["warnings"]
+    assert "GuardWarning" not in guide["warnings"]
+
+
+@pytest.mark.keras
+def test_reset_is_bit_identical_to_a_hand_written_keras_script(measured):
+    reset = _case(measured, "reset")
+    assert reset["paths_equal"] is True
+    assert reset["different"] == []
+    # ... and both trained what the phases name: the head, then c2 and c3 (not their BN).
+    assert reset["changed_from_init"] == [
+        "c2/bias",
+        "c2/kernel",
+        "c3/bias",
+        "c3/kernel",
+        "head/bias",
+        "head/kernel",
+    ]
+
+
+@pytest.mark.keras
+def test_carry_keeps_slots_by_path_across_three_gradual_phases(measured):
+    carry = _case(measured, "carry")
+    first, second = carry["boundaries"]
+    # Adam: momentum and velocity per variable. Phase 1 trains head (2 variables), phase 2
+    # adds c3 (2), phase 3 adds c2 (2).
+    assert first == {
+        "iterations_end": 2,
+        "iterations_begin": 2,
+        "carried": 4,
+        "carried_equal": True,
+        "carried_nonzero": 4,
+        "new": 4,
+        "new_zero": True,
+    }
+    assert second == {
+        "iterations_end": 4,
+        "iterations_begin": 4,
+        "carried": 8,
+        "carried_equal": True,
+        "carried_nonzero": 8,
+        "new": 4,
+        "new_zero": True,
+    }
+    assert carry["reported"] == [None, [4, 4, 2], [8, 4, 4]]
+    assert carry["final_iterations"] == 6
+    assert carry["finite"] is True
+
+
+@pytest.mark.keras
+def test_discriminative_rates_update_each_group_at_its_rate(measured):
+    rates = _case(measured, "rates")
+    assert rates["optimizer"] == "MultiOptimizer"
+    # |Δw - lr·g| relative to |lr·g|: float32 noise; a wrong rate (10x apart) gives >= 0.9.
+    assert set(rates["errors"]) == {
+        "low/kernel",
+        "low/bias",
+        "mid/kernel",
+        "mid/bias",
+        "head/kernel",
+        "head/bias",
+    }
+    assert max(rates["errors"].values()) < 1e-2, rates["errors"]
