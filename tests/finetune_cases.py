@@ -22,6 +22,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import bnfreeze  # noqa: E402
+import bnfreeze.errors  # noqa: E402
 
 SLOT_LISTS = ("_momentums", "_velocities", "momentums")
 results: dict[str, object] = {"backend": keras.backend.backend()}
@@ -126,7 +127,7 @@ def weight_paths(layers) -> list[str]:
 def guide_case() -> dict:
     """Head only, then the top of the backbone with BN in inference; one batch per phase."""
     if BACKEND == "tensorflow":
-        model, top, size = mobilenet(), "block_15_expand", 32
+        model, top, size = mobilenet(), "block_16_expand", 32
     else:  # MobileNetV2 takes minutes to build on JAX on a loaded 2-core machine
         model, top, size = tiny(), "c3", 8
     model.compile(keras.optimizers.Adam(1e-3), loss(), run_eagerly=BACKEND == "tensorflow")
@@ -296,7 +297,133 @@ def rates_case() -> dict:
     return {"errors": errors, "optimizer": result.phases[0].optimizer}
 
 
+# ------------------------------------------- 5. a plan by path; strict; errors before fit()
+PLAN = """
+[plan]
+name = "two-phase"
+
+[[phase]]
+name = "head"
+max_depth = 0
+epochs = 1
+learning_rate = 1e-3
+
+[[phase]]
+from = "${first}"
+epochs = 2
+learning_rate = 1e-4
+
+[params]
+first = "c3"
+"""
+
+
+def plan_case() -> dict:
+    import tempfile
+
+    x, y = data()
+    model = tiny(4)
+    model.compile(keras.optimizers.SGD(0.01, momentum=0.9), loss())
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "two.toml")
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(PLAN)
+        result = bnfreeze.finetune(
+            model, path, x, y, params={"first": "c2"}, batch_size=8, verbose=0
+        )
+    return {
+        "labels": [p.label for p in result.phases],
+        "boundaries": list(result.boundaries),
+        "epochs_run": [p.epochs_run for p in result.phases],
+        "optimizer": [p.optimizer for p in result.phases],
+        "trains": [sorted(p.declaration.trains) for p in result.phases],
+        "carry": [None if p.carry is None else p.carry.carried for p in result.phases],
+        "ok": result.ok,
+    }
+
+
+class Block(keras.layers.Layer):
+    """A custom layer whose Python code calls its BN with training=False: Keras runs that BN
+    in inference mode whatever its flag says."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = keras.layers.Conv2D(4, 1, name="conv")
+        self.bn = keras.layers.BatchNormalization(name="bn")
+
+    def call(self, x, training=None):
+        return self.bn(self.conv(x), training=False)
+
+
+def strict_case() -> dict:
+    x, y = data()
+    keras.utils.set_random_seed(5)
+    inp = keras.Input((8, 8, 3))
+    h = Block(name="block")(inp)
+    h = keras.layers.GlobalAveragePooling2D(name="pool")(h)
+    out = keras.layers.Dense(2, name="head")(h)
+    model = keras.Model(inp, out)
+    model.compile(keras.optimizers.Adam(1e-3), loss())
+    phases = [
+        bnfreeze.Phase(epochs=1, trains=["head"]),
+        bnfreeze.Phase(epochs=3, bn="train"),
+    ]
+    out_ = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loose = bnfreeze.finetune(model, phases, x, y, batch_size=4, verbose=0)
+    out_["loose_problems"] = [list(p.problems) for p in loose.phases]
+    out_["loose_epochs"] = [p.epochs_run for p in loose.phases]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bnfreeze.finetune(model, phases, x, y, strict=True, batch_size=4, verbose=0)
+        out_["stopped"] = None
+    except bnfreeze.errors.BnfreezeError as exc:
+        out_["stopped"] = {
+            "type": type(exc).__name__,
+            "message": str(exc),
+            "phases": len(exc.result.phases),
+            "epochs_run": [p.epochs_run for p in exc.result.phases],
+        }
+    return out_
+
+
+def errors_case() -> dict:
+    x, y = data()
+    out = {}
+    model = tiny(6)
+    for name, call in (
+        ("uncompiled", lambda: bnfreeze.finetune(model, [bnfreeze.Phase(epochs=1)], x, y)),
+        (
+            "epochs",
+            lambda: bnfreeze.finetune(model, [bnfreeze.Phase(epochs=1)], x, y, epochs=3),
+        ),
+        ("no_match", lambda: bnfreeze.finetune(model, [bnfreeze.Phase(1, trains=["nope*"])], x, y)),
+        ("apply_plan", lambda: bnfreeze.finetune(model, "freeze-up-to", x, y)),
+        (
+            "state",
+            lambda: bnfreeze.finetune(model, [bnfreeze.Phase(1)], x, y, optimizer_state="keep"),
+        ),
+    ):
+        if name == "epochs":
+            model.compile(keras.optimizers.Adam(), loss())
+        before = values(model)
+        try:
+            call()
+            out[name] = None
+        except bnfreeze.errors.BnfreezeError as exc:
+            out[name] = str(exc)
+        out[name + "_untouched"] = all(
+            np.array_equal(v, before[p]) for p, v in values(model).items()
+        )
+    return out
+
+
 for name, case in (
+    ("plan", plan_case),
+    ("strict", strict_case),
+    ("errors", errors_case),
     ("guide", guide_case),
     ("reset", reset_case),
     ("carry", carry_case),

@@ -209,3 +209,51 @@ def test_discriminative_rates_update_each_group_at_its_rate(measured):
         "head/bias",
     }
     assert max(rates["errors"].values()) < 1e-2, rates["errors"]
+
+
+@pytest.mark.keras
+def test_a_plan_by_path_runs_its_phases_with_params(measured):
+    plan = _case(measured, "plan")
+    assert plan["labels"] == ["phase 1 (head)", "phase 2"]
+    assert plan["boundaries"] == [0, 1]
+    assert plan["epochs_run"] == [1, 2]
+    assert plan["optimizer"] == ["SGD", "SGD"]
+    assert plan["trains"][0] == ["head", "pool"]
+    assert plan["trains"][1] == [
+        "backbone/c2",
+        "backbone/c3",
+        "backbone/relu2",
+        "backbone/relu3",
+        "head",
+        "pool",
+    ]
+    assert plan["carry"] == [None, 2]  # SGD momentum of head/kernel and head/bias
+    assert plan["ok"] is True
+
+
+@pytest.mark.keras
+def test_the_guard_reports_per_phase_and_strict_stops(measured):
+    strict = _case(measured, "strict")
+    # A BN called with training=False in a custom layer's code: Keras runs it in inference
+    # mode whatever its flag; phase 2 declares it in training mode.
+    assert strict["loose_problems"][0] == []
+    assert any("block/bn" in line and "inference" in line for line in strict["loose_problems"][1])
+    assert strict["loose_epochs"] == [1, 3]
+    stopped = strict["stopped"]
+    assert stopped["type"] == "FinetuneStopped"
+    assert stopped["message"].startswith("finetune(strict=True) stopped in phase 2: block/bn")
+    assert stopped["phases"] == 2
+    assert stopped["epochs_run"] == [1, 1]  # stopped after the first batch of phase 2
+
+
+@pytest.mark.keras
+def test_bad_input_is_an_error_before_anything_trains(measured):
+    errors = _case(measured, "errors")
+    assert errors["uncompiled"].startswith("model 'tiny' is not compiled.")
+    assert errors["epochs"] == (
+        "finetune sets fit()'s epochs itself (from each phase's epochs); leave it out."
+    )
+    assert errors["no_match"] == "phase: layers 'nope*' matches no layer."
+    assert errors["apply_plan"].startswith("plan 'freeze-up-to' has no [[phase]] tables;")
+    assert errors["state"] == "optimizer_state 'keep' is not one of 'carry', 'reset'."
+    assert all(errors[k] for k in errors if k.endswith("_untouched"))

@@ -19,10 +19,12 @@ from typing import Any
 
 from bnfreeze.errors import PlanError
 from bnfreeze.model.expectations import Expectation, ExpectKind
+from bnfreeze.ops.phases import BnMode, Phase
 from bnfreeze.ops.plan_schema import (
     EXPECT_ASSERTIONS,
     EXPECT_KEYS,
     OPTIMIZER_STATES,
+    PHASE_KEYS,
     PLAN_KEYS,
     RULE_KEYS,
     SCHEMA,
@@ -252,9 +254,10 @@ class _Parser:
         expectations = tuple(
             self.expectation(table, i) for i, table in enumerate(self.tables(data, "expect"))
         )
-        if not rules and not expectations:
+        phases = tuple(self.phase(table, i) for i, table in enumerate(self.tables(data, "phase")))
+        if not rules and not expectations and not phases:
             raise self.error(
-                "the plan has neither a [[rule]] nor an [[expect]] table.",
+                "the plan has no [[rule]], [[expect]] or [[phase]] table.",
                 hint=SCHEMA_HINT,
             )
         return Plan(
@@ -265,6 +268,7 @@ class _Parser:
             rules=rules,
             expectations=expectations,
             optimizer_state=optimizer_state,
+            phases=phases,
         )
 
     def read_params(self, params: Any) -> None:
@@ -401,6 +405,61 @@ class _Parser:
             source=str(Where(self.source, line, _label("expect", index))),
             label=name,
         )
+
+    def phase(self, table: dict[str, Any], index: int) -> Phase:
+        """A ``[[phase]]`` table: its selector names what trains (none: every layer)."""
+        self.unknown_keys(table, PHASE_KEYS, "phase", index)
+        selector = self.selector(table, "phase", index)
+        name = self.opt_str(table, "name", "phase", index)
+        if "epochs" not in table:
+            raise self.error(
+                "a phase needs epochs = N (how many epochs its fit() runs).",
+                table="phase",
+                index=index,
+            )
+        epochs = self.count(table["epochs"], "phase", index, "epochs")
+        if epochs < 1:
+            raise self.error("must be a whole number >= 1, not 0.", table="phase", index=index, key="epochs")
+        bn = self.enum(BnMode, table.get("bn", "inference"), "phase", index, "bn")
+        rate = table.get("learning_rate")
+        if rate is not None:
+            rate = self.rate(rate, "phase", index, "learning_rate")
+        rates = table.get("learning_rates", {})
+        if not isinstance(rates, dict):
+            raise self.error(
+                'must be a table of globs and rates, e.g. { "block_1*" = 1e-5, "*" = 1e-4 }, '
+                f"not {_type(rates)}.",
+                table="phase",
+                index=index,
+                key="learning_rates",
+            )
+        checked = []
+        for pattern, value in rates.items():
+            pattern = self.substitute(pattern, "phase", index, "learning_rates")
+            problem = _check_glob(pattern)
+            if problem:
+                raise self.error(problem, table="phase", index=index, key="learning_rates")
+            checked.append((pattern, self.rate(value, "phase", index, "learning_rates")))
+        return Phase(
+            epochs=epochs,
+            bn=bn,
+            learning_rate=rate,
+            learning_rates=tuple(checked),
+            name=name,
+            selector=None if selector.is_everything else selector,
+        )
+
+    def rate(self, value: Any, kind: str, index: int, key: str) -> float:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not value > 0
+            or value == float("inf")
+        ):
+            raise self.error(
+                f"must be a positive number, not {_type(value)}.", table=kind, index=index, key=key
+            )
+        return float(value)
 
     def selector(self, table: dict[str, Any], kind: str, index: int) -> Selector:
         label = _label(kind, index)

@@ -10,6 +10,7 @@ import fnmatch
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from bnfreeze.errors import BnfreezeError, PlanError
 from bnfreeze.model.assignments import Assignment
@@ -17,10 +18,13 @@ from bnfreeze.model.expectations import Expectation
 from bnfreeze.model.records import LayerRecord
 from bnfreeze.model.selection import find_layer, from_layer, is_leaf, match_glob, up_to
 
+if TYPE_CHECKING:
+    from bnfreeze.ops.phases import Phase
+
 SCHEMA = 1
 
 
-TOP_KEYS = ("plan", "params", "rule", "expect")
+TOP_KEYS = ("plan", "params", "rule", "expect", "phase")
 
 
 PLAN_KEYS = ("name", "description", "schema", "optimizer_state")
@@ -48,6 +52,10 @@ EXPECT_ASSERTIONS = ("bn", "trains", "min_training", "max_training")
 
 
 EXPECT_KEYS = ("name", *SELECTOR_KEYS, *EXPECT_ASSERTIONS)
+
+
+#: A ``[[phase]]`` table: its selector names what trains (bnfreeze.finetune, docs/finetune.md).
+PHASE_KEYS = ("name", *SELECTOR_KEYS, "epochs", "bn", "learning_rate", "learning_rates")
 
 
 class Only(enum.Enum):
@@ -243,3 +251,6 @@ class Plan:
     #: ``[plan] optimizer_state``: "remap", "drop" or "keep"; None when the plan leaves it to
     #: the command line (default remap).
     optimizer_state: str | None = None
+    #: ``[[phase]]`` tables, as :class:`bnfreeze.ops.phases.Phase` values: a fine-tuning
+    #: schedule for ``bnfreeze.finetune``; ``apply`` and ``check`` ignore them.
+    phases: tuple[Phase, ...] = ()
