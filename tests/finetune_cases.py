@@ -420,7 +420,35 @@ def errors_case() -> dict:
     return out
 
 
-for name, case in (
+def docs_case() -> dict:
+    """docs/finetune.md's complete example, run as written (TensorFlow only: it trains a
+    MobileNetV2, which takes minutes to build on JAX on a loaded 2-core machine)."""
+    import contextlib
+    import io
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    page = (root / "docs" / "finetune.md").read_text(encoding="utf-8")
+    code = re.search(r"^```python\n(.*?)^```", page, flags=re.M | re.S).group(1)
+    printed = io.StringIO()
+    here = os.getcwd()
+    os.chdir(root)
+    try:
+        with contextlib.redirect_stdout(printed), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            exec(compile(code, "docs/finetune.md", "exec"), {})
+    finally:
+        os.chdir(here)
+    shown = re.search(r"It prints:\n\n```text\n(.*?)```", page, flags=re.S).group(1)
+    return {
+        "printed": printed.getvalue(),
+        "shown": shown,
+        "warnings": sorted({type(w.message).__name__ for w in caught}),
+    }
+
+
+CASES = [
     ("plan", plan_case),
     ("strict", strict_case),
     ("errors", errors_case),
@@ -428,7 +456,11 @@ for name, case in (
     ("reset", reset_case),
     ("carry", carry_case),
     ("rates", rates_case),
-):
+]
+if BACKEND == "tensorflow":
+    CASES.append(("docs", docs_case))
+
+for name, case in CASES:
     try:
         results[name] = case()
     except Exception as exc:  # reported to the test, which fails with the message

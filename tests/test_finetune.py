@@ -257,3 +257,13 @@ def test_bad_input_is_an_error_before_anything_trains(measured):
     assert errors["apply_plan"].startswith("plan 'freeze-up-to' has no [[phase]] tables;")
     assert errors["state"] == "optimizer_state 'keep' is not one of 'carry', 'reset'."
     assert all(errors[k] for k in errors if k.endswith("_untouched"))
+
+
+@pytest.mark.keras
+def test_the_docs_example_runs_and_prints_what_the_page_shows(measured):
+    if measured["backend"] != "tensorflow":
+        pytest.skip("run on TensorFlow only (a MobileNetV2 takes minutes to build on JAX)")
+    docs = _case(measured, "docs")
+    assert docs["printed"] == docs["shown"]
+    assert "GuardWarning" not in docs["warnings"]
+    assert "RecompileWarning" not in docs["warnings"]
