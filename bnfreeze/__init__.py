@@ -27,11 +27,11 @@ if TYPE_CHECKING:
     # What a type checker sees: the real signatures. At run time the names are loaded from
     # bnfreeze.api on first use (__getattr__ below), so `import bnfreeze` stays cheap.
     from bnfreeze.api import RecompileWarning as RecompileWarning
+    from bnfreeze.api import finetune as finetune
     from bnfreeze.api import freeze as freeze
     from bnfreeze.api import inspect as inspect
     from bnfreeze.api import load_model as load_model
     from bnfreeze.api import recompile as recompile
-    from bnfreeze.api import finetune as finetune
     from bnfreeze.api import unfreeze as unfreeze
     from bnfreeze.ops.phases import Phase as Phase
 

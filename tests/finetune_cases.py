@@ -257,7 +257,9 @@ def gradients(model: keras.Model, x: np.ndarray, y: np.ndarray) -> dict[str, np.
         with tf.GradientTape() as tape:
             value = fn(y, model(x, training=True))
         grads = tape.gradient(value, model.trainable_variables)
-        return {v.path: np.asarray(g) for v, g in zip(model.trainable_variables, grads, strict=True)}
+        return {
+            v.path: np.asarray(g) for v, g in zip(model.trainable_variables, grads, strict=True)
+        }
     import jax
 
     trainable = [v.value for v in model.trainable_variables]

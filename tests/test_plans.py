@@ -595,7 +595,8 @@ def test_an_unknown_plan_name_lists_the_shipped_ones(tmp_path, monkeypatch):
         load_plan("keras-guide")
     assert str(info.value) == (
         "keras-guide: no such plan file. Shipped plans, taken by name (bnfreeze plans "
-        "describes them): freeze-backbone, freeze-up-to, gradual-unfreeze, keras-guide-finetune, train-bn."
+        "describes them): freeze-backbone, freeze-up-to, gradual-unfreeze, "
+        "keras-guide-finetune, train-bn."
     )
 
 

@@ -15,6 +15,8 @@ EXPORTS = [
     "recompile",
     "RecompileWarning",
     "load_model",
+    "finetune",
+    "Phase",
     "BatchNormGuard",
 ]
 
@@ -40,6 +42,19 @@ SIGNATURES = {
     ),
     "recompile": "(model: 'ModelT') -> 'ModelT'",
     "load_model": "(path: 'str | os.PathLike[str]', **kwargs: 'Any') -> 'Any'",
+    "finetune": (
+        "(model: 'Any', phases: 'Sequence[Phase] | str | os.PathLike[str]', x: 'Any', "
+        "y: 'Any' = None, *, optimizer_state: 'str' = 'carry', strict: 'bool' = False, "
+        "params: 'Mapping[str, str] | None' = None, **fit_kwargs: 'Any') -> 'FinetuneResult'"
+    ),
+    "Phase": (
+        "(epochs: 'int', trains: 'Sequence[str]' = (), "
+        "bn: 'BnMode | str' = <BnMode.INFERENCE: 'inference'>, "
+        "learning_rate: 'float | None' = None, "
+        "learning_rates: 'Mapping[str, float] | Sequence[tuple[str, float]]' = (), "
+        "up_to: 'str | None' = None, from_: 'str | None' = None, name: 'str | None' = None, "
+        "selector: 'Selector | None' = None) -> None"
+    ),
 }
 
 

@@ -20,10 +20,10 @@ import enum
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from bnfreeze.errors import BnfreezeError
-from bnfreeze.model.expectations import ExpectKind, Expectation
+from bnfreeze.model.expectations import Expectation, ExpectKind
 from bnfreeze.model.records import LayerRecord
 from bnfreeze.model.selection import is_leaf, match_glob
 from bnfreeze.ops.plan_schema import Selector
@@ -91,10 +91,13 @@ class Phase:
     """
 
     epochs: int
-    trains: tuple[str, ...] = ()
-    bn: BnMode = BnMode.INFERENCE
+    #: Globs; a list, a tuple or one string; stored as a tuple.
+    trains: Sequence[str] = ()
+    #: A :class:`BnMode` or its value; stored as a BnMode.
+    bn: BnMode | str = BnMode.INFERENCE
     learning_rate: float | None = None
-    learning_rates: tuple[tuple[str, float], ...] = ()
+    #: A mapping or (glob, rate) pairs; stored as a tuple of pairs, in order.
+    learning_rates: Mapping[str, float] | Sequence[tuple[str, float]] = ()
     up_to: str | None = None
     from_: str | None = None
     name: str | None = None
@@ -129,7 +132,7 @@ class Phase:
     def chosen(self, layers: Sequence[LayerRecord]) -> tuple[LayerRecord, ...]:
         """The leaves this phase selects, in model order (an error when nothing matches)."""
         selector = self.selector or Selector(
-            layers=self.trains, up_to=self.up_to, from_layer=self.from_
+            layers=tuple(self.trains), up_to=self.up_to, from_layer=self.from_
         )
         try:
             return selector.leaves(layers)
@@ -201,7 +204,7 @@ def rate_groups(phase: Phase, layers: Sequence[LayerRecord]) -> dict[str, float]
     """Each layer path's learning rate from ``phase.learning_rates`` (first glob wins); a
     glob that matches no layer is an error."""
     out: dict[str, float] = {}
-    for pattern, rate in phase.learning_rates:
+    for pattern, rate in cast(tuple[tuple[str, float], ...], phase.learning_rates):
         hit = match_glob(layers, pattern)
         if not hit:
             raise PhaseError(

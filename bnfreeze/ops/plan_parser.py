@@ -419,7 +419,9 @@ class _Parser:
             )
         epochs = self.count(table["epochs"], "phase", index, "epochs")
         if epochs < 1:
-            raise self.error("must be a whole number >= 1, not 0.", table="phase", index=index, key="epochs")
+            raise self.error(
+                "must be a whole number >= 1, not 0.", table="phase", index=index, key="epochs"
+            )
         bn = self.enum(BnMode, table.get("bn", "inference"), "phase", index, "bn")
         rate = table.get("learning_rate")
         if rate is not None:

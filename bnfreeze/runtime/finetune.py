@@ -174,11 +174,15 @@ def run(
                 **fit_kwargs,
             )
         except GuardError as exc:
-            done.append(_result(index, label, phase, epoch, {}, declaration, optimizer, carry, guard))
+            done.append(
+                _result(index, label, phase, epoch, {}, declaration, optimizer, carry, guard)
+            )
             result = FinetuneResult(model.name, optimizer_state, tuple(done))
             raise FinetuneStopped(f"{label}: {exc}", result) from None
         logged = {k: tuple(float(v) for v in vs) for k, vs in history.history.items()}
-        done.append(_result(index, label, phase, epoch, logged, declaration, optimizer, carry, guard))
+        done.append(
+            _result(index, label, phase, epoch, logged, declaration, optimizer, carry, guard)
+        )
         report = guard.report
         if report is not None and report.stopped:
             result = FinetuneResult(model.name, optimizer_state, tuple(done))
@@ -363,4 +367,3 @@ def _carry(
         dropped=sum(1 for path, _ in old if path in dropped_vars),
         iterations=iterations,
     )
-
