@@ -267,3 +267,17 @@ def test_the_docs_example_runs_and_prints_what_the_page_shows(measured):
     assert docs["printed"] == docs["shown"]
     assert "GuardWarning" not in docs["warnings"]
     assert "RecompileWarning" not in docs["warnings"]
+
+
+def test_phases_and_schedules_in_plans_never_import_keras():
+    code = (
+        "import sys, bnfreeze\n"
+        "bnfreeze.Phase(epochs=1, trains=['head*'])\n"
+        "from bnfreeze.ops.plan_parser import load_plan\n"
+        "load_plan('gradual-unfreeze')\n"
+        "heavy = [m for m in ('keras', 'tensorflow', 'jax') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
