@@ -281,3 +281,29 @@ def test_phases_and_schedules_in_plans_never_import_keras():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_selectors_intersect_as_freeze_and_unfreeze_do(samples):
+    from bnfreeze.ops.inspect import inspect_file
+
+    layers = [s.layer for s in inspect_file(samples / "guide_pattern.keras").layers]
+    top = declare(Phase(epochs=1, from_="block_16_expand"), "p", layers)
+    assert sorted(top.trains) == [
+        "head",
+        "mobilenetv2_0.35_32/block_16_depthwise",
+        "mobilenetv2_0.35_32/block_16_depthwise_relu",
+        "mobilenetv2_0.35_32/block_16_expand",
+        "mobilenetv2_0.35_32/block_16_expand_relu",
+        "mobilenetv2_0.35_32/block_16_project",
+        "pool",
+    ]
+    assert len(top.bn_inference) == 51 and not top.bn_train
+    both = declare(Phase(epochs=1, trains=["*project*"], from_="block_15_expand"), "p", layers)
+    assert sorted(both.trains) == [
+        "mobilenetv2_0.35_32/block_15_project",
+        "mobilenetv2_0.35_32/block_16_project",
+    ]
+    early = declare(Phase(epochs=1, up_to="expanded_conv_project_BN", bn="flags"), "p", layers)
+    assert len(early.bn_train) == 3  # bn_Conv1, expanded_conv_depthwise_BN, ..._project_BN
+    with pytest.raises(PhaseError, match="no layer named 'block_99'"):
+        declare(Phase(epochs=1, from_="block_99"), "p", layers)
