@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+import bnfreeze
 from bnfreeze.errors import OutputError
 from bnfreeze.formats import atomic
 from bnfreeze.formats.atomic import write_atomically
@@ -292,7 +293,6 @@ def test_a_remap_that_fails_its_check_replaces_nothing(tmp_path, monkeypatch):
     import hostile
 
     import bnfreeze.formats.writers.keras_zip as keras_zip
-    from bnfreeze.ops.edit import freeze_file
 
     model = hostile.trained_large_keras(tmp_path / "in.keras", inputs=64, hidden=64)
     before = hostile.fingerprint(model)
@@ -304,7 +304,7 @@ def test_a_remap_that_fails_its_check_replaces_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(keras_zip, "check_patched", failing)
     with pytest.raises(OutputError, match="the check failed"):
-        freeze_file(model, out, bn_inference=True)
+        bnfreeze.freeze(model, output=out, bn_inference=True)
     assert out.read_bytes() == b"previous"
     assert hostile.fingerprint(model) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.keras", "out.keras"]

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+import bnfreeze
 from bnfreeze.cli import cli
 from bnfreeze.model.expectations import (
     Expectation,
@@ -47,10 +48,9 @@ def under_frozen(samples):
 def phase2(guide, tmp_path_factory):
     """The guide's phase 2, done the naive way: every layer unfrozen, BN included, while the
     backbone is still called with training=False."""
-    from bnfreeze.ops.edit import unfreeze_file
 
     out = tmp_path_factory.mktemp("check") / "phase2.keras"
-    unfreeze_file(guide, out)
+    bnfreeze.unfreeze(guide, output=out)
     return out
 
 

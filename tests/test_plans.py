@@ -278,9 +278,9 @@ trains = false
 """
     plan = parse_plan(text)
     assert plan.rules[0].name == "from pool"
-    assert plan.rules[0].selector.from_layer == "pool"
+    assert plan.rules[0].selector.from_ == "pool"
     assert plan.expectations[0].scope.layers == ("pool*",)
-    assert parse_plan(text, params={"first": "head"}).rules[0].selector.from_layer == "head"
+    assert parse_plan(text, params={"first": "head"}).rules[0].selector.from_ == "head"
 
 
 def test_parse_sets():
@@ -656,7 +656,7 @@ def test_a_phase_table_parses_into_a_phase():
         1e-4,
     )
     assert phase.learning_rates == (("block_1*", 1e-5), ("*", 2e-4))
-    assert phase.selector == Selector(from_layer="block_13_expand")
+    assert phase.selector == Selector(from_="block_13_expand")
     assert plan.rules == () and plan.expectations == ()
 
 
@@ -691,9 +691,15 @@ def test_bad_phase_tables_are_located_errors(table, message):
 
 
 def test_apply_refuses_a_plan_of_phases_only(samples, tmp_path):
-    from bnfreeze.ops.plans import apply_plan_file
+    from click.testing import CliRunner
 
-    plan = load_plan(CONFIGS / "gradual-unfreeze.toml")
-    with pytest.raises(PlanError, match="holds \\[\\[phase\\]\\] tables and no \\[\\[rule\\]\\]"):
-        apply_plan_file(samples / "guide_pattern.keras", tmp_path / "out.keras", plan)
-    assert not (tmp_path / "out.keras").exists()
+    from bnfreeze.cli import cli
+
+    out = tmp_path / "out.keras"
+    args = ["apply", str(samples / "guide_pattern.keras"), "--plan", "gradual-unfreeze"]
+    result = CliRunner().invoke(cli, [*args, "-o", str(out)], catch_exceptions=False)
+    assert result.exit_code == 2
+    assert "the plan holds [[phase]] tables and no [[rule]]" in result.stderr
+    assert "bnfreeze.finetune(model, PLAN, x, y)" in result.stderr
+    assert result.stdout == ""
+    assert not out.exists()

@@ -26,7 +26,7 @@ from bnfreeze.errors import BnfreezeError
 from bnfreeze.model.expectations import Expectation, ExpectKind
 from bnfreeze.model.records import LayerRecord
 from bnfreeze.model.selection import is_leaf, match_glob
-from bnfreeze.ops.plan_schema import Selector
+from bnfreeze.ops.plan_schema import PHASE_KEYS, Selector, glob_problem, type_name
 
 
 class PhaseError(BnfreezeError):
@@ -132,7 +132,7 @@ class Phase:
     def chosen(self, layers: Sequence[LayerRecord]) -> tuple[LayerRecord, ...]:
         """The leaves this phase selects, in model order (an error when nothing matches)."""
         selector = self.selector or Selector(
-            layers=tuple(self.trains), up_to=self.up_to, from_layer=self.from_
+            layers=tuple(self.trains), up_to=self.up_to, from_=self.from_
         )
         try:
             return selector.leaves(layers)
@@ -230,3 +230,66 @@ def check_phases(phases: Sequence[Phase]) -> tuple[Phase, ...]:
         if not isinstance(p, Phase):
             raise PhaseError(f"phases holds bnfreeze.Phase values, not {type(p).__name__}.")
     return out
+
+
+# ------------------------------------------------------------ [[phase]] tables in plans
+
+
+def read_phase(parser: Any, table: dict[str, Any], index: int) -> Phase:
+    """A ``[[phase]]`` table: its selector names what trains (none: every layer)."""
+    parser.unknown_keys(table, PHASE_KEYS, "phase", index)
+    selector = parser.selector(table, "phase", index)
+    name = parser.opt_str(table, "name", "phase", index)
+    if "epochs" not in table:
+        raise parser.error(
+            "a phase needs epochs = N (how many epochs its fit() runs).",
+            table="phase",
+            index=index,
+        )
+    epochs = parser.count(table["epochs"], "phase", index, "epochs")
+    if epochs < 1:
+        raise parser.error(
+            "must be a whole number >= 1, not 0.", table="phase", index=index, key="epochs"
+        )
+    bn = parser.enum(BnMode, table.get("bn", "inference"), "phase", index, "bn")
+    rate = table.get("learning_rate")
+    if rate is not None:
+        rate = _plan_rate(parser, rate, "phase", index, "learning_rate")
+    rates = table.get("learning_rates", {})
+    if not isinstance(rates, dict):
+        raise parser.error(
+            'must be a table of globs and rates, e.g. { "block_1*" = 1e-5, "*" = 1e-4 }, '
+            f"not {type_name(rates)}.",
+            table="phase",
+            index=index,
+            key="learning_rates",
+        )
+    checked = []
+    for pattern, value in rates.items():
+        pattern = parser.substitute(pattern, "phase", index, "learning_rates")
+        problem = glob_problem(pattern)
+        if problem:
+            raise parser.error(problem, table="phase", index=index, key="learning_rates")
+        checked.append((pattern, _plan_rate(parser, value, "phase", index, "learning_rates")))
+    return Phase(
+        epochs=epochs,
+        bn=bn,
+        learning_rate=rate,
+        learning_rates=tuple(checked),
+        name=name,
+        selector=None if selector.is_everything else selector,
+    )
+
+
+def _plan_rate(parser: Any, value: Any, kind: str, index: int, key: str) -> float:
+    """A learning rate in a plan: a positive, finite number."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not value > 0
+        or value == float("inf")
+    ):
+        raise parser.error(
+            f"must be a positive number, not {type_name(value)}.", table=kind, index=index, key=key
+        )
+    return float(value)

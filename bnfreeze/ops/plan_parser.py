@@ -19,12 +19,11 @@ from typing import Any
 
 from bnfreeze.errors import PlanError
 from bnfreeze.model.expectations import Expectation, ExpectKind
-from bnfreeze.ops.phases import BnMode, Phase
+from bnfreeze.ops.phases import Phase, read_phase
 from bnfreeze.ops.plan_schema import (
     EXPECT_ASSERTIONS,
     EXPECT_KEYS,
     OPTIMIZER_STATES,
-    PHASE_KEYS,
     PLAN_KEYS,
     RULE_KEYS,
     SCHEMA,
@@ -37,6 +36,9 @@ from bnfreeze.ops.plan_schema import (
     Selector,
     Where,
 )
+from bnfreeze.ops.plan_schema import glob_problem as _check_glob
+from bnfreeze.ops.plan_schema import regex_problem as _check_regex
+from bnfreeze.ops.plan_schema import type_name as _type
 
 #: The largest plan file read. Plans are a few hundred bytes; anything near this is a mistake.
 MAX_PLAN_BYTES = 1 * 2**20
@@ -407,61 +409,7 @@ class _Parser:
         )
 
     def phase(self, table: dict[str, Any], index: int) -> Phase:
-        """A ``[[phase]]`` table: its selector names what trains (none: every layer)."""
-        self.unknown_keys(table, PHASE_KEYS, "phase", index)
-        selector = self.selector(table, "phase", index)
-        name = self.opt_str(table, "name", "phase", index)
-        if "epochs" not in table:
-            raise self.error(
-                "a phase needs epochs = N (how many epochs its fit() runs).",
-                table="phase",
-                index=index,
-            )
-        epochs = self.count(table["epochs"], "phase", index, "epochs")
-        if epochs < 1:
-            raise self.error(
-                "must be a whole number >= 1, not 0.", table="phase", index=index, key="epochs"
-            )
-        bn = self.enum(BnMode, table.get("bn", "inference"), "phase", index, "bn")
-        rate = table.get("learning_rate")
-        if rate is not None:
-            rate = self.rate(rate, "phase", index, "learning_rate")
-        rates = table.get("learning_rates", {})
-        if not isinstance(rates, dict):
-            raise self.error(
-                'must be a table of globs and rates, e.g. { "block_1*" = 1e-5, "*" = 1e-4 }, '
-                f"not {_type(rates)}.",
-                table="phase",
-                index=index,
-                key="learning_rates",
-            )
-        checked = []
-        for pattern, value in rates.items():
-            pattern = self.substitute(pattern, "phase", index, "learning_rates")
-            problem = _check_glob(pattern)
-            if problem:
-                raise self.error(problem, table="phase", index=index, key="learning_rates")
-            checked.append((pattern, self.rate(value, "phase", index, "learning_rates")))
-        return Phase(
-            epochs=epochs,
-            bn=bn,
-            learning_rate=rate,
-            learning_rates=tuple(checked),
-            name=name,
-            selector=None if selector.is_everything else selector,
-        )
-
-    def rate(self, value: Any, kind: str, index: int, key: str) -> float:
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not value > 0
-            or value == float("inf")
-        ):
-            raise self.error(
-                f"must be a positive number, not {_type(value)}.", table=kind, index=index, key=key
-            )
-        return float(value)
+        return read_phase(self, table, index)
 
     def selector(self, table: dict[str, Any], kind: str, index: int) -> Selector:
         label = _label(kind, index)
@@ -500,7 +448,7 @@ class _Parser:
             classes=classes,
             only=only_value,
             up_to=up_to_spec,
-            from_layer=from_spec,
+            from_=from_spec,
             depth=depth,
             min_depth=min_depth,
             max_depth=max_depth,
@@ -611,50 +559,3 @@ def _label(table: str | None, index: int | None) -> str | None:
     if index is None:
         return f"[{table}]"
     return f"{table} {index + 1}"
-
-
-def _type(value: Any) -> str:
-    if isinstance(value, bool):
-        return f"the boolean {str(value).lower()}"
-    if isinstance(value, str):
-        return f"the string {value!r}"
-    if isinstance(value, int | float):
-        return f"the number {value!r}"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "a table"
-    return type(value).__name__
-
-
-def _check_glob(pattern: str) -> str | None:
-    """A glob is bad when it is empty or opens a ``[...]`` class it never closes."""
-    if not pattern:
-        return "an empty pattern matches nothing."
-    i = 0
-    while i < len(pattern):
-        if pattern[i] == "[":
-            j = i + 1
-            if j < len(pattern) and pattern[j] in "!^":
-                j += 1
-            if j < len(pattern) and pattern[j] == "]":
-                j += 1
-            close = pattern.find("]", j)
-            if close == -1:
-                return f"bad glob {pattern!r}: '[' at position {i} is never closed."
-            i = close + 1
-            continue
-        i += 1
-    return None
-
-
-def _check_regex(pattern: str) -> str | None:
-    if not pattern:
-        return "an empty regex matches every layer; leave regex out instead."
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        return f"bad regex {pattern!r}: {exc}."
-    except (OverflowError, RecursionError, ValueError) as exc:
-        return f"bad regex {pattern!r}: {exc}."
-    return None

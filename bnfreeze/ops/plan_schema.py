@@ -10,13 +10,13 @@ import fnmatch
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bnfreeze.errors import BnfreezeError, PlanError
 from bnfreeze.model.assignments import Assignment
 from bnfreeze.model.expectations import Expectation
 from bnfreeze.model.records import LayerRecord
-from bnfreeze.model.selection import find_layer, from_layer, is_leaf, match_glob, up_to
+from bnfreeze.model.selection import find_layer, is_leaf, layers_from, layers_up_to, match_glob
 
 if TYPE_CHECKING:
     from bnfreeze.ops.phases import Phase
@@ -104,7 +104,7 @@ class Selector:
     classes: tuple[str, ...] = ()  # globs on the class name
     only: Only | None = None
     up_to: str | None = None
-    from_layer: str | None = None
+    from_: str | None = None
     depth: int | None = None
     min_depth: int | None = None
     max_depth: int | None = None
@@ -132,8 +132,8 @@ class Selector:
                 union |= hit
             chosen &= union
         for key, spec, resolve in (
-            ("up_to", self.up_to, up_to),
-            ("from", self.from_layer, from_layer),
+            ("up_to", self.up_to, layers_up_to),
+            ("from", self.from_, layers_from),
         ):
             if spec is None:
                 continue
@@ -175,8 +175,8 @@ class Selector:
             parts.append(f"only={self.only.value}")
         if self.up_to is not None:
             parts.append(f"up_to={self.up_to}")
-        if self.from_layer is not None:
-            parts.append(f"from={self.from_layer}")
+        if self.from_ is not None:
+            parts.append(f"from={self.from_}")
         for key in ("depth", "min_depth", "max_depth"):
             value = getattr(self, key)
             if value is not None:
@@ -254,3 +254,52 @@ class Plan:
     #: ``[[phase]]`` tables, as :class:`bnfreeze.ops.phases.Phase` values: a fine-tuning
     #: schedule for ``bnfreeze.finetune``; ``apply`` and ``check`` ignore them.
     phases: tuple[Phase, ...] = ()
+
+
+def type_name(value: Any) -> str:
+    """A TOML value as an error message names it: ``the string 'x'``, ``a table``."""
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, int | float):
+        return f"the number {value!r}"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return type(value).__name__
+
+
+def glob_problem(pattern: str) -> str | None:
+    """A glob is bad when it is empty or opens a ``[...]`` class it never closes."""
+    if not pattern:
+        return "an empty pattern matches nothing."
+    i = 0
+    while i < len(pattern):
+        if pattern[i] == "[":
+            j = i + 1
+            if j < len(pattern) and pattern[j] in "!^":
+                j += 1
+            if j < len(pattern) and pattern[j] == "]":
+                j += 1
+            close = pattern.find("]", j)
+            if close == -1:
+                return f"bad glob {pattern!r}: '[' at position {i} is never closed."
+            i = close + 1
+            continue
+        i += 1
+    return None
+
+
+def regex_problem(pattern: str) -> str | None:
+    """A regex is bad when it is empty or does not compile."""
+    if not pattern:
+        return "an empty regex matches every layer; leave regex out instead."
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return f"bad regex {pattern!r}: {exc}."
+    except (OverflowError, RecursionError, ValueError) as exc:
+        return f"bad regex {pattern!r}: {exc}."
+    return None

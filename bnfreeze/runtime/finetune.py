@@ -222,13 +222,14 @@ def _result(
 
 def _compile_arguments(keras: Any, model: Any) -> tuple[dict[str, Any], Any]:
     """The model's own ``compile()`` arguments and the optimizer it was compiled with."""
-    from bnfreeze.runtime import keras_engine, loading
+    from bnfreeze.runtime.environment import is_compiled
+    from bnfreeze.runtime.live import runtime_of
 
-    if keras_engine.runtime_of(model).value != "keras3":
+    if runtime_of(model).value != "keras3":
         raise PhaseError("finetune runs Keras 3 models; this is a tf_keras model.")
     optimizer = getattr(model, "optimizer", None)
     arguments = dict(getattr(getattr(model, "_compile_config", None), "config", {}) or {})
-    if not loading.is_compiled(model) or optimizer is None or not arguments:
+    if not is_compiled(model) or optimizer is None or not arguments:
         raise PhaseError(
             f"model {model.name!r} is not compiled. Call compile() once with the optimizer, "
             "loss and metrics to fine-tune with; finetune compiles again for every phase with "
