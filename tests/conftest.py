@@ -15,7 +15,7 @@ def samples() -> Path:
     return SAMPLES
 
 
-# --- Real Keras models, built once per session (see tests/keras_truth.py) -------------------
+# --- Real Keras models, built once per session (see tests/support/keras_truth.py) ---------
 # Each fixture saves a small keras.applications model (weights=None, 32x32) to a temporary
 # `.keras` file and returns its path. Tests load their own copy, so training one never
 # affects another.
@@ -269,7 +269,7 @@ def subclassed_keras(custom_layers_file, tmp_path_factory) -> Path:
     return path
 
 
-# --- The figures behind the README's "Guarantees" (tests/guarantees.py) --------------------
+# --- The figures behind the README's "Guarantees" (tests/support/guarantees.py) ----------
 
 
 def pytest_terminal_summary(terminalreporter):

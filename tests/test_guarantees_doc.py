@@ -1,6 +1,7 @@
-"""The README's "Guarantees" section quotes the suite's own figures (``tests/guarantees.py``):
-how many bad inputs each run tries, how many interruption points, and the limits. Change a
-generator or a limit and this fails until the README says the same."""
+"""The README's "Guarantees" section quotes the suite's own figures
+(``tests/support/guarantees.py``): how many bad inputs each run tries, how many interruption
+points, and the limits. Change a generator or a limit and this fails until the README says
+the same."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import re
 import guarantees
 import hostile
 import pytest
+from paths import ROOT
 
 from bnfreeze import limits
 
-README = (hostile.ROOT / "README.md").read_text(encoding="utf-8")
+README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 
 def section() -> str:
@@ -63,6 +65,4 @@ def test_figures_add_up():
 
 
 def test_quoted_cpu_budget_is_the_tests():
-    import test_fuzz
-
-    assert f"within {test_fuzz.CPU_BUDGET:g} CPU seconds" in section()
+    assert f"within {guarantees.CPU_BUDGET:g} CPU seconds" in section()

@@ -54,10 +54,11 @@ def test_every_rule_names_its_backends_and_existing_tests(number):
 
 
 def test_jax_is_claimed_only_where_a_jax_test_measures_it():
-    """A rule "measured on" JAX cites a test of tests/test_backends.py, which runs on JAX."""
+    """A rule "measured on" JAX cites a test of tests/runtime/test_backends.py (it runs on
+    JAX)."""
     for number, body in sections().items():
         if "Keras 3 / JAX" in body:
-            assert "tests/test_backends.py::" in body, f"rule {number}"
+            assert "tests/runtime/test_backends.py::" in body, f"rule {number}"
 
 
 def test_explain_numbers_its_rules_as_the_document_does():
@@ -80,7 +81,7 @@ PRIVATE = ("SEMAN" + "TICS", "\N{SECTION SIGN}")
             *(ROOT / "bnfreeze").rglob("*.py"),
             *(ROOT / "bnfreeze").rglob("*.toml"),
             *(ROOT / "docs").glob("*.md"),
-            *(ROOT / "tests").glob("*.py"),
+            *(ROOT / "tests").rglob("*.py"),
             *(p for p in (ROOT / "tests" / "golden").rglob("*") if p.is_file()),
             ROOT / "README.md",
             ROOT / "CHANGELOG.md",

@@ -24,7 +24,7 @@ What Keras 3 adds, measured (docs/semantics.md, rules 1-3):
   their moving statistics.
 
 What tf_keras 2.21 does differently, measured (docs/semantics.md, rules 2-3;
-``tests/test_modes_tf_keras.py``):
+``tests/model/test_modes_tf_keras.py``):
 
 * A call-site ``training=`` recorded in the graph **wins**, in ``fit()`` and ``predict()``: on
   the BN's own call or on the call of any enclosing sub-model. The nearest recorded value

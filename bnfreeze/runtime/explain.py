@@ -50,7 +50,7 @@ HISTORICAL_NOTE = (
 
 #: Rules 1-4 of docs/semantics.md in a few lines, per runtime, numbered as there. Measured on
 #: Keras 3.15.1 / TF 2.21, Keras 3.15.1 / JAX 0.10 and tf_keras 2.21 (the tests re-measure
-#: them: tests/test_backends.py, tests/test_modes_*.py); ``explain`` says so when the
+#: them: tests/runtime/test_backends.py, tests/model/test_modes_*.py); ``explain`` says so when the
 #: installed versions differ.
 RULES_MEASURED_ON = "Keras 3.15.1 on TensorFlow 2.21"
 JAX_RULES_MEASURED_ON = "Keras 3.15.1 on JAX 0.10 (rules 2-3 on TensorFlow 2.21)"

@@ -233,20 +233,7 @@ def live_report(
     if compiled:
         with contextlib.suppress(Exception):
             compile_config = model.get_compile_config()
-    # Each layer's own variables, named "<path>/<variable name>", so that the same checks
-    # as for a file (untrained BN statistics) read them off the live model.
-    variables: dict[str, Any] = {}
-    index: dict[str, tuple[str, ...]] = {}
-    for record in live.records:
-        layer = live.layers.get(record.path)
-        if layer is None or _has_own_weights(live, record) is not True:
-            continue
-        names = []
-        for variable in layer.weights:
-            name = f"{record.path}/{variable.name}"
-            variables[name] = variable
-            names.append(name)
-        index[record.path] = tuple(names)
+    variables, index = _own_variables(live)
     model_file = ModelFile(
         path=path or f"<in-memory model {model.name!r}>",
         format=fmt,
@@ -278,3 +265,22 @@ def live_report(
         layers=states,
         warnings=findings,
     )
+
+
+def _own_variables(live: LiveModel) -> tuple[dict[str, Any], dict[str, tuple[str, ...]]]:
+    """Each layer's own variables, named ``<path>/<variable name>``, and their names by
+    layer path: the same checks as for a file (untrained BN statistics) read them off the
+    live model."""
+    variables: dict[str, Any] = {}
+    index: dict[str, tuple[str, ...]] = {}
+    for record in live.records:
+        layer = live.layers.get(record.path)
+        if layer is None or _has_own_weights(live, record) is not True:
+            continue
+        names = []
+        for variable in layer.weights:
+            name = f"{record.path}/{variable.name}"
+            variables[name] = variable
+            names.append(name)
+        index[record.path] = tuple(names)
+    return variables, index

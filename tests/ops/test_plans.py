@@ -1,0 +1,705 @@
+"""Plan parsing, validation (file, line, key in every message) and rule semantics.
+
+The plans' effect on real training is measured in ``tests/cli/test_apply.py``; here the rules
+are checked against the walk's records and against each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import string
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from paths import ROOT
+
+from bnfreeze.errors import PlanError
+from bnfreeze.model.assignments import current_flags
+from bnfreeze.model.expectations import ExpectKind
+from bnfreeze.ops.inspect import inspect_file
+from bnfreeze.ops.plan_schema import BnAction, Only, Selector
+from bnfreeze.ops.plans import apply_rules, load_plan, parse_plan, parse_sets
+
+CONFIGS = ROOT / "bnfreeze" / "recipes"
+SHIPPED = sorted(CONFIGS.glob("*.toml"))
+
+
+@pytest.fixture(scope="module")
+def guide_layers(samples):
+    return tuple(s.layer for s in inspect_file(samples / "guide_pattern.keras").layers)
+
+
+@pytest.fixture(scope="module")
+def nested_layers(samples):
+    return tuple(s.layer for s in inspect_file(samples / "bn_under_frozen.keras").layers)
+
+
+def flags_after(text: str, layers, **params):
+    plan = parse_plan(text, "p.toml", params)
+    return apply_rules(plan, layers, current_flags(layers)).flags
+
+
+def error_of(text: str, layers=None, params=None) -> str:
+    with pytest.raises(PlanError) as info:
+        plan = parse_plan(text, "p.toml", params)
+        if layers is not None:
+            apply_rules(plan, layers, current_flags(layers))
+    return str(info.value)
+
+
+# --------------------------------------------------------------------------- shipped plans
+
+
+def test_five_plans_are_shipped():
+    assert {p.name for p in SHIPPED} == {
+        "keras-guide-finetune.toml",
+        "gradual-unfreeze.toml",
+        "freeze-backbone.toml",
+        "train-bn.toml",
+        "freeze-up-to.toml",
+    }
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_plan_parses_and_explains_itself(path):
+    plan = load_plan(path)
+    assert (plan.rules and plan.expectations) or plan.phases
+    text = path.read_text()
+    comment = [line for line in text.splitlines()[:6] if line.startswith("#")]
+    assert len(comment) >= 3, "each plan opens with a comment block on when to use it"
+    assert "When to use it" in text
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_plan_applies_to_the_guide_sample(path, guide_layers):
+    plan = load_plan(path)
+    if not plan.rules:  # a schedule: bnfreeze.finetune runs it, apply refuses it
+        assert plan.phases
+        return
+    outcome = apply_rules(plan, guide_layers, current_flags(guide_layers))
+    assert all(m.selected > 0 for m in outcome.matches)
+
+
+def test_keras_guide_finetune_flags(guide_layers):
+    flags = apply_rules(
+        load_plan(CONFIGS / "keras-guide-finetune.toml"), guide_layers, current_flags(guide_layers)
+    ).flags
+    bn = [r for r in guide_layers if r.is_batchnorm]
+    others = [r for r in guide_layers if not r.is_batchnorm and r.trainable is not None]
+    assert len(bn) == 51
+    assert all(flags[r.path] is False for r in bn)
+    assert all(flags[r.path] is True for r in others)
+
+
+def test_freeze_up_to_parameter_default_and_override(guide_layers):
+    paths = [r.path for r in guide_layers]
+    base = "mobilenetv2_0.35_32/"
+    default = apply_rules(
+        load_plan(CONFIGS / "freeze-up-to.toml"), guide_layers, current_flags(guide_layers)
+    ).flags
+    assert default[base + "block_12_add"] is False
+    assert default[base + "block_13_expand"] is True
+    later = apply_rules(
+        load_plan(CONFIGS / "freeze-up-to.toml", {"block": "block_14_add"}),
+        guide_layers,
+        current_flags(guide_layers),
+    ).flags
+    assert later[base + "block_13_expand"] is False
+    assert later[base + "block_15_expand"] is True
+    assert paths.index(base + "block_14_add") < paths.index(base + "block_15_expand")
+
+
+def test_unknown_set_parameter_is_an_error():
+    with pytest.raises(PlanError, match=r"has no parameter 'blok'.*block"):
+        load_plan(CONFIGS / "freeze-up-to.toml", {"blok": "x"})
+
+
+# ------------------------------------------------------------------------------ semantics
+
+
+def test_later_rules_win(guide_layers):
+    text = """
+[[rule]]
+trainable = false
+[[rule]]
+layers = "head"
+trainable = true
+"""
+    flags = flags_after(text, guide_layers)
+    assert flags["head"] is True
+    assert flags["mobilenetv2_0.35_32/Conv1"] is False
+    reversed_text = """
+[[rule]]
+layers = "head"
+trainable = true
+[[rule]]
+trainable = false
+"""
+    assert flags_after(reversed_text, guide_layers)["head"] is False
+
+
+@pytest.mark.parametrize(
+    ("bn", "trainable", "bn_flag", "other_flag"),
+    [
+        ("inference", "true", False, True),
+        ("train", "false", True, False),
+        ("follow", "true", True, True),
+        ("follow", "false", False, False),
+    ],
+)
+def test_bn_actions(guide_layers, bn, trainable, bn_flag, other_flag):
+    flags = flags_after(f'[[rule]]\ntrainable = {trainable}\nbn = "{bn}"\n', guide_layers)
+    base = "mobilenetv2_0.35_32/"
+    assert flags[base + "bn_Conv1"] is bn_flag
+    assert flags[base + "Conv1"] is other_flag
+
+
+def test_every_bn_action_member_is_accepted(guide_layers):
+    for action in BnAction:
+        trainable = "trainable = true\n"
+        text = f'[[rule]]\n{trainable}bn = "{action.value}"\n'
+        assert parse_plan(text).rules[0].bn is action
+
+
+def test_bn_only_without_trainable_leaves_other_layers(guide_layers):
+    flags = flags_after('[[rule]]\nbn = "train"\n', guide_layers)
+    before = current_flags(guide_layers)
+    changed = {p for p in flags if flags[p] != before[p]}
+    assert changed == {r.path for r in guide_layers if r.is_batchnorm}
+
+
+@pytest.mark.parametrize(
+    ("selector", "expected"),
+    [
+        ('layers = "head"', {"head"}),
+        ('layers = ["head", "pool"]', {"head", "pool"}),
+        (
+            'regex = "block_1[0-9]_project$"',
+            {f"mobilenetv2_0.35_32/block_{i}_project" for i in range(10, 17)},
+        ),
+        ('class = "Dense"', {"head"}),
+        ('class = "Depthwise*"\nregex = "block_16"', {"mobilenetv2_0.35_32/block_16_depthwise"}),
+        (
+            'only = "bn"\nregex = "block_16"',
+            {f"mobilenetv2_0.35_32/block_16_{k}_BN" for k in ("expand", "depthwise", "project")},
+        ),
+        ("depth = 0", {"pool", "head"}),
+        ("max_depth = 0", {"pool", "head"}),
+        ('from = "pool"', {"pool", "head"}),
+        ('up_to = "bn_Conv1"', {"mobilenetv2_0.35_32/Conv1", "mobilenetv2_0.35_32/bn_Conv1"}),
+    ],
+)
+def test_selectors(guide_layers, selector, expected):
+    plan = parse_plan(f"[[rule]]\n{selector}\ntrainable = true\n")
+    assert {r.path for r in plan.rules[0].selector.leaves(guide_layers)} == expected
+
+
+def test_selectors_intersect_and_only_non_bn(guide_layers):
+    plan = parse_plan('[[rule]]\nregex = "block_16_"\nonly = "non-bn"\ntrainable = true\n')
+    picked = plan.rules[0].selector.leaves(guide_layers)
+    assert picked and not any(r.is_batchnorm for r in picked)
+    assert all("block_16_" in r.path for r in picked)
+
+
+def test_a_container_selects_every_layer_below_it(guide_layers):
+    plan = parse_plan('[[rule]]\nclass = "Functional"\ntrainable = true\n')
+    picked = plan.rules[0].selector.leaves(guide_layers)
+    assert len(picked) == 150
+    assert all(r.path.startswith("mobilenetv2_0.35_32/") for r in picked)
+
+
+def test_min_depth_selects_the_nested_backbone(nested_layers):
+    plan = parse_plan("[[rule]]\nmin_depth = 1\ntrainable = false\n")
+    picked = {r.path for r in plan.rules[0].selector.leaves(nested_layers)}
+    assert picked == {"backbone/inner_dense", "backbone/inner_bn"}
+
+
+def test_a_rule_covering_a_whole_container_sets_the_container_flag(nested_layers):
+    flags = flags_after("[[rule]]\nmin_depth = 1\ntrainable = false\n", nested_layers)
+    assert flags["backbone"] is False
+    flags = flags_after('[[rule]]\nmin_depth = 1\nonly = "bn"\ntrainable = true\n', nested_layers)
+    assert flags["backbone"] is False  # untouched: only its BN leaf was selected
+
+
+def test_only_enum_members_parse():
+    for member in Only:
+        text = f'[[rule]]\nonly = "{member.value}"\ntrainable = true\n'
+        assert parse_plan(text).rules[0].selector.only is member
+
+
+def test_expectations_map_onto_the_shared_vocabulary():
+    plan = parse_plan(
+        """
+[[expect]]
+bn = "inference"
+[[expect]]
+bn = "train"
+[[expect]]
+layers = "head"
+trains = true
+[[expect]]
+trains = false
+layers = "mobilenet*"
+[[expect]]
+min_training = 2
+[[expect]]
+max_training = 9
+""",
+        "e.toml",
+    )
+    kinds = [e.kind for e in plan.expectations]
+    assert kinds == [
+        ExpectKind.BN_INFERENCE,
+        ExpectKind.BN_TRAIN,
+        ExpectKind.TRAINS,
+        ExpectKind.FROZEN,
+        ExpectKind.MIN_TRAINING,
+        ExpectKind.MAX_TRAINING,
+    ]
+    assert plan.expectations[0].scope is None
+    assert plan.expectations[2].scope == Selector(layers=("head",))
+    assert plan.expectations[4].count == 2
+    assert plan.expectations[2].source == "e.toml:6: expect 3"
+
+
+def test_parameters_substitute_everywhere(guide_layers):
+    text = """
+[params]
+first = "pool"
+[[rule]]
+name = "from ${first}"
+from = "${first}"
+trainable = false
+[[expect]]
+layers = "${first}*"
+trains = false
+"""
+    plan = parse_plan(text)
+    assert plan.rules[0].name == "from pool"
+    assert plan.rules[0].selector.from_ == "pool"
+    assert plan.expectations[0].scope.layers == ("pool*",)
+    assert parse_plan(text, params={"first": "head"}).rules[0].selector.from_ == "head"
+
+
+def test_parse_sets():
+    assert parse_sets(["a=b", "c=d=e", "x="]) == {"a": "b", "c": "d=e", "x": ""}
+    for bad in ["novalue", "=x", "1a=b", "a b=c"]:
+        with pytest.raises(PlanError, match="NAME=VALUE"):
+            parse_sets([bad])
+
+
+# ------------------------------------------------------------------------ errors, located
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "[[rule]]\ntrainabel = true\n",
+            "p.toml:2: rule 1, key 'trainabel': unknown key 'trainabel'. Did you mean 'trainable'?",
+        ),
+        (
+            "[[rule]]\ntrainable = 1\n",
+            "p.toml:2: rule 1, key 'trainable': must be true or false, not the number 1.",
+        ),
+        (
+            '[[rule]]\ntrainable = true\nbn = "infer"\n',
+            'p.toml:3: rule 1, key \'bn\': \'infer\' is not one of "inference", "train", "follow".',
+        ),
+        (
+            '\n[[rule]]\ntrainable = true\n\n[[rule]]\nregex = "(("\ntrainable = true\n',
+            "p.toml:6: rule 2, key 'regex': bad regex '((': missing ), unterminated subpattern "
+            "at position 1.",
+        ),
+        (
+            '[[rule]]\nlayers = "block_[12"\ntrainable = true\n',
+            "p.toml:2: rule 1, key 'layers': bad glob 'block_[12': '[' at position 6 is never "
+            "closed.",
+        ),
+        (
+            "[[rule]]\nlayers = []\ntrainable = true\n",
+            "p.toml:2: rule 1, key 'layers': must be a string or a non-empty list of strings, "
+            "not an array.",
+        ),
+        (
+            '[[rule]]\nlayers = "x"\n',
+            "p.toml:1: rule 1: the rule has no action: give trainable = true/false, bn = "
+            '"inference" | "train", or both.',
+        ),
+        (
+            '[[rule]]\nbn = "follow"\n',
+            "p.toml:2: rule 1, key 'bn': bn = \"follow\" takes the rule's trainable value, but the "
+            "rule sets none.",
+        ),
+        (
+            '[[rule]]\nonly = "non-bn"\nbn = "train"\n',
+            "p.toml:3: rule 1, key 'bn': the rule selects only non-BN layers (only = \"non-bn\"), "
+            "so bn has no effect.",
+        ),
+        (
+            "[[rule]]\ndepth = -1\ntrainable = true\n",
+            "p.toml:2: rule 1, key 'depth': must be a whole number >= 0, not the number -1.",
+        ),
+        (
+            "[[rule]]\ndepth = 1\nmax_depth = 2\ntrainable = true\n",
+            "p.toml:2: rule 1, key 'depth': give depth, or min_depth / max_depth, not both.",
+        ),
+        (
+            "[[rule]]\nmin_depth = 3\nmax_depth = 2\ntrainable = true\n",
+            "p.toml:2: rule 1, key 'min_depth': min_depth 3 is greater than max_depth 2.",
+        ),
+        (
+            '[[rule]]\nup_to = "${block}"\ntrainable = true\n',
+            "p.toml:2: rule 1, key 'up_to': unknown parameter ${block} (parameters: none; "
+            "declare them in [params]).",
+        ),
+        (
+            "[rule]\ntrainable = true\n",
+            "p.toml:1: [rule]: write [[rule]] (an array of tables), not [rule].",
+        ),
+        ("rules = 1\n", "p.toml:1: key 'rules': unknown key 'rules'. Did you mean 'rule'?"),
+        ("[plan]\nname = 3\n", "p.toml:2: [plan], key 'name': must be a string, not the number 3."),
+        (
+            "[plan]\nschema = 2\n[[rule]]\ntrainable=true\n",
+            "p.toml:2: [plan], key 'schema': schema 2 is not supported; this bnfreeze reads "
+            "schema 1.",
+        ),
+        (
+            "[params]\nblock = 12\n",
+            "p.toml:2: [params], key 'block': parameter 'block' must be a string, not the number "
+            "12.",
+        ),
+        (
+            '[[expect]]\nbn = "inference"\ntrains = true\n',
+            "p.toml:3: expect 1, key 'trains': an [[expect]] states exactly one of bn, trains, "
+            "min_training, max_training (found: bn, trains).",
+        ),
+        (
+            '[[expect]]\nlayers = "x"\n',
+            "p.toml:1: expect 1: an [[expect]] states exactly one of bn, trains, min_training, "
+            "max_training (found: none).",
+        ),
+        (
+            '[[expect]]\nbn = "follow"\n',
+            'p.toml:2: expect 1, key \'bn\': an expectation\'s bn is "inference" or "train".',
+        ),
+        (
+            "[[expect]]\nmin_training = true\n",
+            "p.toml:2: expect 1, key 'min_training': must be a whole number >= 0, not the boolean "
+            "true.",
+        ),
+        (
+            '[plan]\nname = "empty"\n',
+            "p.toml: the plan has no [[rule]], [[expect]] or [[phase]] table. See the shipped "
+            "plans (bnfreeze plans) and bnfreeze's docs/plans.md for the schema.",
+        ),
+        ("[[rule]]\ntrainable = true\nx = \n", "p.toml:3: not valid TOML: Invalid value."),
+        (
+            "[[rule]\n",
+            "p.toml:1: not valid TOML: Expected ']]' at the end of an array declaration.",
+        ),
+    ],
+)
+def test_errors_name_file_line_and_key(text, message):
+    assert error_of(text) == message
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            '[[rule]]\ntrainable = true\n[[rule]]\nlayers = ["head", "nope*"]\ntrainable = false\n',
+            "p.toml:4: rule 2, key 'layers': layers 'nope*' matches no layer.",
+        ),
+        (
+            '[[rule]]\n\nregex = "^nope"\ntrainable = false\n',
+            "p.toml:3: rule 1, key 'regex': regex '^nope' matches no layer.",
+        ),
+        (
+            '[[rule]]\nclass = "Conv3D"\ntrainable = false\n',
+            "p.toml:2: rule 1, key 'class': class 'Conv3D' matches no layer.",
+        ),
+        (
+            '[[rule]]\nup_to = "zzz"\ntrainable = false\n',
+            "p.toml:2: rule 1, key 'up_to': no layer named 'zzz' in the model. "
+            "Run bnfreeze inspect --all to list layer paths.",
+        ),
+        (
+            '[[rule]]\nfrom = "block_13_expnd"\ntrainable = false\n',
+            "p.toml:2: rule 1, key 'from': no layer named 'block_13_expnd' in the model. "
+            "Did you mean 'block_13_expand'",
+        ),
+        (
+            "[[rule]]\ndepth = 5\ntrainable = false\n",
+            "p.toml:1: rule 1: depth=5 matches no layer whose flag can be set.",
+        ),
+        (
+            '[[rule]]\nlayers = "head"\nonly = "bn"\ntrainable = false\n',
+            "p.toml:1: rule 1: layers=head,only=bn matches no layer whose flag can be set.",
+        ),
+    ],
+)
+def test_a_rule_that_matches_nothing_is_an_error(guide_layers, text, message):
+    assert error_of(text, guide_layers).startswith(message)
+
+
+def test_a_plan_without_rules_cannot_be_applied(guide_layers):
+    plan = parse_plan('[[expect]]\nbn = "inference"\n', "x.toml")
+    with pytest.raises(PlanError, match=r"x.toml: the plan has no \[\[rule\]\] table"):
+        apply_rules(plan, guide_layers, current_flags(guide_layers))
+
+
+def test_load_plan_file_errors(tmp_path):
+    with pytest.raises(PlanError, match="no such plan file"):
+        load_plan(tmp_path / "missing.toml")
+    with pytest.raises(PlanError, match="is a directory"):
+        load_plan(tmp_path)
+    binary = tmp_path / "bin.toml"
+    binary.write_bytes(b"\xff\xfe[[rule]]")
+    with pytest.raises(PlanError, match="not UTF-8 text"):
+        load_plan(binary)
+    huge = tmp_path / "huge.toml"
+    huge.write_bytes(b"#" * (2**20 + 10))
+    with pytest.raises(PlanError, match="larger than 1 MiB"):
+        load_plan(huge)
+
+
+def test_deep_nesting_is_a_plan_error():
+    with pytest.raises(PlanError, match="nested too deeply"):
+        parse_plan("a = " + "[" * 50_000)
+
+
+# ----------------------------------------------------------------------------- hypothesis
+
+_KEYS = [
+    "rule",
+    "expect",
+    "plan",
+    "params",
+    "layers",
+    "regex",
+    "class",
+    "only",
+    "up_to",
+    "from",
+    "depth",
+    "min_depth",
+    "max_depth",
+    "trainable",
+    "bn",
+    "name",
+    "trains",
+    "min_training",
+    "max_training",
+    "schema",
+    "block",
+]
+_VALUES = [
+    "true",
+    "false",
+    "1",
+    "-1",
+    '"inference"',
+    '"train"',
+    '"follow"',
+    '"bn"',
+    '"non-bn"',
+    '"*"',
+    '"(("',
+    '"a["',
+    '["x", 1]',
+    "[]",
+    "{}",
+    '"${block}"',
+    '"${x}"',
+    "1.5",
+    '""',
+    '"head"',
+]
+
+toml_lines = st.one_of(
+    st.sampled_from(["[[rule]]", "[[expect]]", "[plan]", "[params]", "[rule]", "[[plan]]"]),
+    st.builds(lambda k, v: f"{k} = {v}", st.sampled_from(_KEYS), st.sampled_from(_VALUES)),
+    st.text(alphabet=string.printable, max_size=30),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(toml_lines, max_size=12),
+    st.dictionaries(st.sampled_from(["block", "x", "bad name"]), st.text(max_size=5), max_size=2),
+)
+def test_parsing_raises_only_plan_error(lines, params):
+    try:
+        parse_plan("\n".join(lines), "h.toml", params)
+    except PlanError as exc:
+        assert str(exc).startswith(("h.toml", "--set"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200))
+def test_arbitrary_text_raises_only_plan_error(text):
+    with contextlib.suppress(PlanError):
+        parse_plan(text, "h.toml")
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(st.lists(toml_lines, max_size=10))
+def test_applying_raises_only_plan_error(guide_layers, lines):
+    try:
+        plan = parse_plan("\n".join(lines), "h.toml")
+        if plan.rules:
+            apply_rules(plan, guide_layers, current_flags(guide_layers))
+    except PlanError:
+        pass
+
+
+# --------------------------------------------------------------------------- plans by name
+
+
+def test_shipped_plans_are_package_data_listed_with_their_descriptions():
+    from bnfreeze.ops.plans import shipped_plans
+
+    plans = shipped_plans()
+    assert [p.name for p in plans] == [p.stem for p in SHIPPED]
+    for plan in plans:
+        assert plan.path.parent == ROOT / "bnfreeze" / "recipes"
+        assert plan.description == load_plan(plan.path).description
+        assert plan.description
+
+
+def test_a_shipped_plan_is_taken_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outside the checkout: no relative path could find it
+    by_name = load_plan("freeze-up-to", {"block": "block_14_add"})
+    by_path = load_plan(CONFIGS / "freeze-up-to.toml", {"block": "block_14_add"})
+    assert by_name.rules == by_path.rules
+    assert by_name.path == str(CONFIGS / "freeze-up-to.toml")
+    assert load_plan("train-bn.toml").name == "train-bn"  # the file name works too
+
+
+def test_an_existing_file_wins_over_a_shipped_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("train-bn").write_text('[plan]\nname = "mine"\n[[expect]]\nbn = "inference"\n')
+    assert load_plan("train-bn").name == "mine"
+
+
+def test_an_unknown_plan_name_lists_the_shipped_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PlanError) as info:
+        load_plan("keras-guide")
+    assert str(info.value) == (
+        "keras-guide: no such plan file. Shipped plans, taken by name (bnfreeze plans "
+        "describes them): freeze-backbone, freeze-up-to, gradual-unfreeze, "
+        "keras-guide-finetune, train-bn."
+    )
+
+
+def test_the_plans_command_lists_and_prints_them():
+    from click.testing import CliRunner
+
+    from bnfreeze.cli import cli
+
+    listed = CliRunner().invoke(cli, ["plans"], catch_exceptions=False)
+    assert listed.exit_code == 0
+    assert listed.stdout.splitlines()[:2] == [
+        "freeze-backbone",
+        "    Freeze every layer inside nested models; train the top-level head.",
+    ]
+    assert all(len(line) <= 80 for line in listed.stdout.splitlines())
+    shown = CliRunner().invoke(cli, ["plans", "train-bn"], catch_exceptions=False)
+    assert shown.exit_code == 0
+    assert shown.stdout == (CONFIGS / "train-bn.toml").read_text(encoding="utf-8")
+    unknown = CliRunner().invoke(cli, ["plans", "nope"], catch_exceptions=False)
+    assert unknown.exit_code == 2
+    assert "nope: not a shipped plan; the shipped plans are freeze-backbone" in unknown.stderr
+
+
+# --------------------------------------------------------------------------------- phases
+
+
+def test_shipped_schedules_declare_what_each_phase_trains(guide_layers):
+    from bnfreeze.ops.phases import BnMode, declare
+
+    guide = load_plan(CONFIGS / "keras-guide-finetune.toml")
+    assert guide.rules and guide.expectations  # apply and check are unchanged
+    first, second = (declare(p, p.name or "", guide_layers) for p in guide.phases)
+    assert first.trains == {"pool", "head"}  # every top-level leaf; pool has no weights
+    assert second.trains == {r.path for r in guide_layers if r.kind.value == "layer"}
+    assert not first.bn_train and not second.bn_train
+    gradual = load_plan(CONFIGS / "gradual-unfreeze.toml")
+    assert [p.bn for p in gradual.phases] == [BnMode.INFERENCE] * 3
+    assert [p.learning_rate for p in gradual.phases] == [1e-3, 1e-4, 1e-5]
+    sizes = [len(declare(p, "", guide_layers).trains) for p in gradual.phases]
+    assert sizes[0] < sizes[1] < sizes[2]
+    moved = load_plan(CONFIGS / "gradual-unfreeze.toml", {"top": "block_16_expand"})
+    assert moved.phases[1].name == "from block_16_expand"
+
+
+def test_a_phase_table_parses_into_a_phase():
+    from bnfreeze.ops.phases import BnMode
+
+    plan = parse_plan(
+        '[[phase]]\nname = "top"\nfrom = "block_13_expand"\nepochs = 3\nbn = "flags"\n'
+        'learning_rate = 1e-4\nlearning_rates = { "block_1*" = 1e-5, "*" = 2e-4 }\n'
+    )
+    (phase,) = plan.phases
+    assert (phase.name, phase.epochs, phase.bn, phase.learning_rate) == (
+        "top",
+        3,
+        BnMode.FLAGS,
+        1e-4,
+    )
+    assert phase.learning_rates == (("block_1*", 1e-5), ("*", 2e-4))
+    assert phase.selector == Selector(from_="block_13_expand")
+    assert plan.rules == () and plan.expectations == ()
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ("bn = 'inference'", "p.toml:1: phase 1: a phase needs epochs = N"),
+        ("epochs = 0", "p.toml:2: phase 1, key 'epochs': must be a whole number >= 1, not 0."),
+        ("epochs = 1.5", "p.toml:2: phase 1, key 'epochs': must be a whole number >= 0"),
+        (
+            "epochs = 1\nbn = 'follow'",
+            "p.toml:3: phase 1, key 'bn': 'follow' is not one of \"inference\", \"train\", "
+            '"flags".',
+        ),
+        (
+            "epochs = 1\nlearning_rate = -1",
+            "p.toml:3: phase 1, key 'learning_rate': must be a positive number",
+        ),
+        (
+            "epochs = 1\nlearning_rates = 0.1",
+            "p.toml:3: phase 1, key 'learning_rates': must be a table of globs and rates",
+        ),
+        (
+            "epochs = 1\nlearning_rates = { 'a' = 'x' }",
+            "p.toml:3: phase 1, key 'learning_rates': must be a positive number, not the string",
+        ),
+        ("epochs = 1\ntrainable = true", "p.toml:3: phase 1, key 'trainable': unknown key"),
+    ],
+)
+def test_bad_phase_tables_are_located_errors(table, message):
+    assert error_of(f"[[phase]]\n{table}\n").startswith(message)
+
+
+def test_apply_refuses_a_plan_of_phases_only(samples, tmp_path):
+    from click.testing import CliRunner
+
+    from bnfreeze.cli import cli
+
+    out = tmp_path / "out.keras"
+    args = ["apply", str(samples / "guide_pattern.keras"), "--plan", "gradual-unfreeze"]
+    result = CliRunner().invoke(cli, [*args, "-o", str(out)], catch_exceptions=False)
+    assert result.exit_code == 2
+    assert "the plan holds [[phase]] tables and no [[rule]]" in result.stderr
+    assert "bnfreeze.finetune(model, PLAN, x, y)" in result.stderr
+    assert result.stdout == ""
+    assert not out.exists()

@@ -1,0 +1,67 @@
+"""Crafted ``.keras`` files of code-built models, written byte-exact with h5py (no Keras).
+
+The layout is what Keras 3.15 writes for a subclassed or keras-hub model: a ``config.json``
+with constructor arguments and no layer list, and a ``model.weights.h5`` whose groups are
+``layers/<class_and_index>/vars/0..N`` for a layer list and ``<owner>/<attribute>/vars/0..N``
+for sublayers held as attributes, each ``vars`` group carrying the layer's name as the
+attribute ``name`` (measured on keras-hub 0.32 backbones; see tests/model/test_code_built.py for
+the same rules checked against Keras itself).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+
+def write_code_built_keras(
+    path: Path,
+    groups: dict[str, tuple[str, list[list[float]] | list[Any]]],
+    *,
+    class_name: str = "TinyBackbone",
+    registered_name: str = "my_package>TinyBackbone",
+    trainable: bool = False,
+) -> Path:
+    """Write ``path``: ``groups`` maps an HDF5 group path (``layers/batch_normalization``,
+    ``block/bn1``) to (the layer name Keras records, the values of its variables in creation
+    order; a value may be a nested list for a kernel)."""
+    import h5py
+    import numpy as np
+
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as h5:
+        h5.create_group("vars").attrs["name"] = "tiny"
+        made: set[str] = set()
+        for group, (name, values) in groups.items():
+            parts = group.split("/")
+            for i in range(1, len(parts)):
+                prefix = "/".join(parts[:i])
+                explicit = prefix in groups
+                listing = prefix == "layers" or prefix.endswith("/layers")
+                if prefix not in made and not explicit and not listing:
+                    made.add(prefix)
+                    h5.require_group(prefix).require_group("vars").attrs["name"] = parts[i - 1]
+            variables = h5.require_group(group).require_group("vars")
+            variables.attrs["name"] = name
+            for i, value in enumerate(values):
+                variables.create_dataset(str(i), data=np.asarray(value, dtype="float32"))
+    config = {
+        "module": "my_package.models",
+        "class_name": class_name,
+        "config": {"name": "tiny", "trainable": trainable, "filters": 4},
+        "registered_name": registered_name,
+        "build_config": {"input_shape": [None, 8, 8, 3]},
+    }
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("metadata.json", json.dumps({"keras_version": "3.15.1"}))
+        archive.writestr("config.json", json.dumps(config))
+        archive.writestr("model.weights.h5", buffer.getvalue())
+    return path
+
+
+def bn(n: int = 4, variance: float = 1.0) -> list[list[float]]:
+    """A BN's four variables: gamma, beta, moving mean, moving variance."""
+    return [[1.0] * n, [0.0] * n, [0.5] * n, [variance] * n]
