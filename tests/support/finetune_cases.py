@@ -1,5 +1,5 @@
-"""The fine-tuning schedules of tests/test_finetune.py, run on one Keras 3 backend in a fresh
-process: ``python tests/finetune_cases.py BACKEND OUT.json``.
+"""The fine-tuning schedules of tests/runtime/test_finetune.py, run on one Keras 3 backend in a
+fresh process: ``python tests/support/finetune_cases.py BACKEND OUT.json``.
 
 Every claim is measured from Keras here, not taken from bnfreeze: which variables a phase's
 first batch moved (a callback compares every model variable by path before and after it),
@@ -430,7 +430,7 @@ def docs_case() -> dict:
     import re
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parent.parent.parent
     page = (root / "docs" / "finetune.md").read_text(encoding="utf-8")
     code = re.search(r"^```python\n(.*?)^```", page, flags=re.M | re.S).group(1)
     printed = io.StringIO()
