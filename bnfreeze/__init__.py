@@ -11,7 +11,8 @@ The Python API (see :mod:`bnfreeze.api`) takes a saved model's path or an in-mem
     bnfreeze.RecompileWarning          # a UserWarning subclass
     bnfreeze.load_model(path, **kwargs)  # keras.models.load_model, then the trainable flags
                                          # bnfreeze recorded for layers built in code
-    bnfreeze.BatchNormGuard(expect=None, strict=False)  # a keras.callbacks.Callback for fit()
+    bnfreeze.sync_bn(path, synchronized=False, output=...)  # BN synchronized on/off in a file
+    bnfreeze.BatchNormGuard(expect=None, strict=False, min_samples=16)  # a Keras callback
     bnfreeze.Phase(epochs=2, trains=["head*"], bn="inference", learning_rate=1e-3)
     bnfreeze.finetune(model, phases, x, y, optimizer_state="carry", strict=False, **fit_kwargs)
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from bnfreeze.api import inspect as inspect
     from bnfreeze.api import load_model as load_model
     from bnfreeze.api import recompile as recompile
+    from bnfreeze.api import sync_bn as sync_bn
     from bnfreeze.api import unfreeze as unfreeze
     from bnfreeze.ops.phases import Phase as Phase
 
@@ -45,6 +47,7 @@ _API = (
     "recompile",
     "RecompileWarning",
     "load_model",
+    "sync_bn",
     "finetune",
 )
 

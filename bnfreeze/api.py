@@ -73,6 +73,7 @@ if TYPE_CHECKING:
     from typing_extensions import TypeIs  # typing.TypeIs is Python 3.13+
 
     from bnfreeze.ops.phases import Declaration, Phase
+    from bnfreeze.ops.sync import SyncResult
     from bnfreeze.runtime.finetune import FinetuneResult
 
 
@@ -283,6 +284,33 @@ def load_model(path: str | os.PathLike[str], **kwargs: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------ recompile
+
+
+def sync_bn(
+    path: str | os.PathLike[str],
+    *,
+    synchronized: bool,
+    layers: Sequence[str] = (),
+    output: str | os.PathLike[str] | None = None,
+    dry_run: bool = False,
+    in_place: bool = False,
+) -> SyncResult:
+    """Set ``BatchNormalization(synchronized=...)`` on the BN layers of a saved model (all, or
+    those ``layers`` selects) and write ``output``; the CLI's ``bnfreeze sync-bn``.
+
+    ``synchronized=True`` normalizes over the global batch under ``tf.distribute``, but Keras
+    loads such a file only on TensorFlow (docs/semantics.md, rule 8). Only the config
+    changes; tf_keras's ``SyncBatchNormalization`` becomes ``BatchNormalization``."""
+    from bnfreeze.ops.sync import set_synchronized_file
+
+    return set_synchronized_file(
+        path,
+        output,
+        synchronized=synchronized,
+        layers=layers,
+        dry_run=dry_run,
+        in_place=in_place,
+    )
 
 
 def recompile(model: ModelT) -> ModelT:

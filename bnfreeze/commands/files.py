@@ -63,7 +63,7 @@ def inspect(
 
     if strip and (as_json or tree or all_layers):
         raise click.UsageError("--strip is its own view; drop --json, --tree and --all.")
-    start_export(export, as_json)
+    start_export(export, as_json, model)
     with gc_paused():
         report = inspect_file(model, Runtime(runtime))
     if as_json:
@@ -148,7 +148,7 @@ def check(
         raise click.UsageError("give --plan PLAN, --expect NAME or --strict (or several).")
     if sets and plan_path is None:
         raise click.UsageError("--set sets parameters of a --plan.")
-    start_export(export, as_json)
+    start_export(export, as_json, model)
     plan = None
     if plan_path is not None:
         from bnfreeze.ops.plans import load_plan, parse_sets
@@ -203,7 +203,7 @@ def diff(a: str, b: str, as_json: bool, exit_code: bool, export: str | None) -> 
     from bnfreeze.errors import EXIT_CHECK_FAILED
     from bnfreeze.ops.diff import diff_files
 
-    start_export(export, as_json)
+    start_export(export, as_json, a, b)
     if is_quiet():
         result = diff_files(a, b)
     else:

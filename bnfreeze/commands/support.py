@@ -141,15 +141,15 @@ def export_option(f: Any) -> Any:
     )(f)
 
 
-def start_export(export: str | None, as_json: bool) -> None:
-    """Refuse a bad --export before any work is done."""
+def start_export(export: str | None, as_json: bool, *models: str) -> None:
+    """Refuse a bad --export before any work is done (one that would replace ``models``)."""
     if export is None:
         return
     if as_json:
         raise click.UsageError("--export saves the terminal view; it cannot be used with --json.")
     from bnfreeze.formats.export import check_destination
 
-    check_destination(export)
+    check_destination(export, models)
 
 
 def finish_export(console: Any, export: str | None) -> None:

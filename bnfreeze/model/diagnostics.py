@@ -53,6 +53,7 @@ def find(
         if runtime is Runtime.KERAS3:
             findings += _keras3_incompatible(model, states)
         findings += _optimizer_state(model)
+        findings += _synchronized(model, states)
         if read_values is not None:
             findings += _untrained_statistics(model, states, read_values)
     return tuple(findings)
@@ -366,6 +367,28 @@ def _keras3_incompatible(model: ModelFile, states: tuple[LayerState, ...]) -> li
             )
         )
     return findings
+
+
+def _synchronized(model: ModelFile, states: tuple[LayerState, ...]) -> list[Finding]:
+    """Saved BN layers with ``synchronized=True``: Keras makes such a layer only on TensorFlow
+    (``ValueError`` on JAX and torch, keras-team/keras#18667). tf_keras's
+    ``SyncBatchNormalization`` is reported by the Keras 3 check (no such class)."""
+    if model.format is ModelFormat.MEMORY:
+        return []
+    return [
+        Finding(
+            WarningCode.SYNCHRONIZED_BN,
+            s.layer.path,
+            f"{s.layer.path} is saved with synchronized=True: Keras loads this file only on "
+            'TensorFlow (on JAX or torch: "Argument synchronized=True is only supported with '
+            'the TensorFlow backend"). bnfreeze sync-bn MODEL off -o OUT rewrites it, weights '
+            "untouched.",
+        )
+        for s in states
+        if s.layer.is_batchnorm
+        and s.layer.synchronized
+        and s.layer.class_name != "SyncBatchNormalization"
+    ]
 
 
 def keras2_hint(

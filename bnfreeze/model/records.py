@@ -82,6 +82,9 @@ class WarningCode(enum.Enum):
     #: A code-built container (keras-hub class, custom layer, subclassed model) saved with
     #: trainable=False: Keras rebuilds its layers trainable on load, so its BN layers train.
     CODE_BUILT_RELOAD_TRAINS = "code-built-reload-trains"
+    #: A saved BN with synchronized=True (or tf_keras's SyncBatchNormalization): Keras loads it
+    #: only on TensorFlow (docs/semantics.md, rule 8).
+    SYNCHRONIZED_BN = "synchronized-bn"
 
 
 @dataclass(frozen=True)

@@ -183,10 +183,16 @@ def keras_hub_line(hub: KerasHub) -> str:
     return ", ".join(parts)
 
 
+#: The class cell of a BatchNormalization saved with synchronized=True.
+SYNCHRONIZED_BN = "BatchNormalization(synchronized)"
+
+
 def _class_text(state: LayerState) -> Text:
     layer = state.layer
     if layer.from_weights:
         return Text(layer.class_name + MARK)
+    if layer.synchronized and layer.class_name == "BatchNormalization":
+        return Text(SYNCHRONIZED_BN)
     return Text(layer.class_name)
 
 

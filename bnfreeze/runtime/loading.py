@@ -190,8 +190,10 @@ def load_model(
     from bnfreeze.formats.readers import read_model
 
     # Read the config ourselves first: bad files get bnfreeze's specific errors, and
-    # unsafe content is refused before TensorFlow is even imported.
-    model_file = read_model(path, weights=False)
+    # unsafe content is refused before TensorFlow is even imported. The weights are indexed
+    # too, so a file that points outside itself is refused before Keras would open that
+    # other file (docs/guarantees.md).
+    model_file = read_model(path)
     refuse_unsafe(model_file.config, str(path), unsafe=unsafe)
     if isinstance(custom_objects, str):
         custom_objects = load_custom_objects(custom_objects)

@@ -247,6 +247,9 @@ WARNINGS: dict[WarningCode, Callable[[Path], set[WarningCode]]] = {
     WarningCode.SAVED_BY_KERAS2: lambda tmp: _warnings(_keras2_archive(tmp)),
     WarningCode.RECORDED_FLAGS: _recorded_flags,
     WarningCode.CODE_BUILT_RELOAD_TRAINS: _code_built,
+    WarningCode.SYNCHRONIZED_BN: lambda tmp: _warnings(
+        _archive(tmp, [input_layer("x"), layer("BatchNormalization", "bn", synchronized=True)])
+    ),
 }
 
 

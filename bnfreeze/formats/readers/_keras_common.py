@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from bnfreeze.errors import ModelFormatError
+from bnfreeze.formats.readers.self_contained import refusal, refuse_outside
 from bnfreeze.limits import MAX_CONFIG_BYTES, MAX_JSON_DEPTH, json_depth_exceeds
 from bnfreeze.model.records import ModelFile, ModelFormat, WeightIndex
 
@@ -161,6 +162,8 @@ def index_member(member: Member, source: str) -> tuple[WeightIndex, int | None]:
                 raise ModelFormatError(
                     f"{source}: {WEIGHTS} is a damaged HDF5 file ({exc})."
                 ) from None
+            except _hdf5.OutsideReference as exc:  # h5py would open the other file
+                raise refusal(source, WEIGHTS, exc.where, exc.what) from None
             except Exception:  # Unsupported, or a damaged file: h5py decides
                 if member.start == 0 and os.fstat(fh.fileno()).st_size == member.size:
                     return index_weights(member.file, source)  # a whole file (a folder's)
@@ -207,6 +210,7 @@ def _index_weights_file(path: str, source: str) -> tuple[WeightIndex, int | None
 
     try:
         with h5py.File(path, "r") as h5:
+            refuse_outside(h5, source, WEIGHTS)
             variables: dict[str, tuple[str, ...]] = {}
             names: dict[str, str] = {}
             _index_layers(h5, "", variables, names)
