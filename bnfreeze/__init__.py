@@ -14,6 +14,8 @@ The Python API (see :mod:`bnfreeze.api`) takes a saved model's path or an in-mem
                                          # bnfreeze recorded for layers built in code
     bnfreeze.sync_bn(path, synchronized=False, output=...)  # BN synchronized on/off in a file
     bnfreeze.BatchNormGuard(expect=None, strict=False, min_samples=16)  # a Keras callback
+    bnfreeze.Phase(epochs=2, trains=["head*"], bn="inference", learning_rate=1e-3)
+    bnfreeze.finetune(model, phases, x, y, optimizer_state="carry", strict=False, **fit_kwargs)
 
 Importing this package never imports TensorFlow or Keras; the names above are loaded on
 first use, and only the functions that need Keras import it, when called.
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
     # What a type checker sees: the real signatures. At run time the names are loaded from
     # bnfreeze.api on first use (__getattr__ below), so `import bnfreeze` stays cheap.
     from bnfreeze.api import RecompileWarning as RecompileWarning
+    from bnfreeze.api import finetune as finetune
     from bnfreeze.api import freeze as freeze
     from bnfreeze.api import inspect as inspect
     from bnfreeze.api import load_model as load_model
@@ -36,6 +39,7 @@ if TYPE_CHECKING:
     from bnfreeze.api import recompile as recompile
     from bnfreeze.api import sync_bn as sync_bn
     from bnfreeze.api import unfreeze as unfreeze
+    from bnfreeze.ops.phases import Phase as Phase
 
 __version__ = "0.1.0"
 
@@ -49,13 +53,17 @@ _API = (
     "load_model",
     "recalibrate",
     "sync_bn",
+    "finetune",
 )
+
+#: Loaded lazily from bnfreeze.ops.phases (pure: no Keras).
+_PHASES = ("Phase",)
 
 #: Loaded lazily from bnfreeze.runtime.guard; the class subclasses keras.callbacks.Callback,
 #: so it is created (and Keras imported) on first access.
 _GUARD = ("BatchNormGuard",)
 
-__all__ = ["__version__", *_API, *_GUARD]
+__all__ = ["__version__", *_API, *_PHASES, *_GUARD]
 
 
 # A plain keras.models.load_model after `import bnfreeze` finds FrozenStatsBatchNormalization:
@@ -68,6 +76,10 @@ def __getattr__(name: str) -> Any:
         from bnfreeze import api
 
         return getattr(api, name)
+    if name in _PHASES:
+        from bnfreeze.ops import phases
+
+        return getattr(phases, name)
     if name in _GUARD:
         from bnfreeze.runtime import guard
 
@@ -76,4 +88,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_API, *_GUARD})
+    return sorted({*globals(), *_API, *_PHASES, *_GUARD})

@@ -73,7 +73,9 @@ if TYPE_CHECKING:
     from typing_extensions import TypeIs  # typing.TypeIs is Python 3.13+
 
     from bnfreeze.ops.frozen_stats import ConvertResult
+    from bnfreeze.ops.phases import Declaration, Phase
     from bnfreeze.ops.sync import SyncResult
+    from bnfreeze.runtime.finetune import FinetuneResult
     from bnfreeze.runtime.recalibrate import Recalibration
 
 
@@ -491,3 +493,86 @@ def recompile(model: ModelT) -> ModelT:
     arguments["optimizer"] = optimizer.__class__.from_config(optimizer.get_config())
     model.compile(**arguments)
     return model
+
+
+# ------------------------------------------------------------------------------ finetune
+
+
+def finetune(
+    model: Any,
+    phases: Sequence[Phase] | str | os.PathLike[str],
+    x: Any,
+    y: Any = None,
+    *,
+    optimizer_state: str = "carry",
+    strict: bool = False,
+    params: Mapping[str, str] | None = None,
+    **fit_kwargs: Any,
+) -> FinetuneResult:
+    """Run a fine-tuning schedule on a compiled Keras 3 ``model``: one ``fit()`` per phase,
+    with continuous epoch numbering (``initial_epoch``); returns a
+    :class:`~bnfreeze.runtime.finetune.FinetuneResult` (merged history, the first epoch of each
+    phase, each phase's guard findings). docs/finetune.md is the guide.
+
+    ``phases`` is a sequence of :class:`~bnfreeze.ops.phases.Phase`, or a plan with
+    ``[[phase]]`` tables: a shipped plan's name (``"keras-guide-finetune"``) or a path, with
+    ``params`` for its ``${...}`` parameters.
+
+    Before each phase the flags are set as the phase declares, through :func:`freeze` and
+    :func:`unfreeze` on the live model (everything frozen, then what the phase trains
+    unfrozen), and the model is compiled again with its own loss and metrics and a new
+    optimizer of the class and settings it was compiled with, at the phase's learning rate
+    (``learning_rates``: one optimizer per group in a ``keras.optimizers.MultiOptimizer``).
+    ``optimizer_state="carry"`` keeps every slot of a variable that trained before and still
+    trains, starts new ones at zero and continues the iteration count; ``"reset"`` starts each
+    phase from a fresh optimizer. Every phase runs with a :class:`BatchNormGuard` that checks
+    in its first batch that exactly the declared layers train and each BN layer takes the
+    declared branch; ``strict=True`` stops at the first disagreement and raises
+    :class:`~bnfreeze.runtime.finetune.FinetuneStopped` (its ``result`` holds what ran).
+    """
+    from bnfreeze.ops.phases import OptimizerStateMode, _choice, check_phases
+    from bnfreeze.runtime import finetune as schedule
+
+    _check_model(model)
+    mode = _choice(OptimizerStateMode, optimizer_state, "optimizer_state")
+    if _is_path(phases):
+        from bnfreeze.ops.plan_parser import load_plan
+
+        plan = load_plan(phases, params)
+        if not plan.phases:
+            raise BnfreezeError(
+                f"plan {plan.name or str(phases)!r} has no [[phase]] tables; apply it with "
+                "bnfreeze apply, or give finetune a plan with phases (bnfreeze plans)."
+            )
+        phases = plan.phases
+    elif params:
+        raise BnfreezeError("params= is for a plan given by name or path.")
+    return schedule.run(
+        model,
+        check_phases(phases),
+        x,
+        y,
+        optimizer_state=mode,
+        strict=strict,
+        set_flags=_phase_flags,
+        fit_kwargs=fit_kwargs,
+    )
+
+
+def _phase_flags(model: Any, phase: Phase, label: str) -> tuple[Declaration, Any]:
+    """Set the flags ``phase`` declares, through :func:`freeze` / :func:`unfreeze`: everything
+    frozen (BN layers left training for ``bn="train"``), then the chosen layers unfrozen
+    (their BN layers kept in inference for ``bn="inference"``)."""
+    import glob
+
+    from bnfreeze.ops.phases import BnMode, declare
+
+    records = [s.layer for s in inspect(model).layers]
+    declaration = declare(phase, label, records)
+    chosen = [glob.escape(r.path) for r in phase.chosen(records)]
+    with warnings.catch_warnings():
+        # compile() runs right after, with a new optimizer: the warning's advice is followed.
+        warnings.simplefilter("ignore", RecompileWarning)
+        freeze(model, train_bn=phase.bn is BnMode.TRAIN)
+        unfreeze(model, layers=chosen, keep_bn_inference=phase.bn is BnMode.INFERENCE)
+    return declaration, records

@@ -17,6 +17,8 @@ EXPORTS = [
     "load_model",
     "recalibrate",
     "sync_bn",
+    "finetune",
+    "Phase",
     "BatchNormGuard",
 ]
 
@@ -52,6 +54,19 @@ SIGNATURES = {
         "(path: 'str | os.PathLike[str]', *, synchronized: 'bool', layers: 'Sequence[str]' = (), "
         "output: 'str | os.PathLike[str] | None' = None, dry_run: 'bool' = False, "
         "in_place: 'bool' = False) -> 'SyncResult'"
+    ),
+    "finetune": (
+        "(model: 'Any', phases: 'Sequence[Phase] | str | os.PathLike[str]', x: 'Any', "
+        "y: 'Any' = None, *, optimizer_state: 'str' = 'carry', strict: 'bool' = False, "
+        "params: 'Mapping[str, str] | None' = None, **fit_kwargs: 'Any') -> 'FinetuneResult'"
+    ),
+    "Phase": (
+        "(epochs: 'int', trains: 'Sequence[str]' = (), "
+        "bn: 'BnMode | str' = <BnMode.INFERENCE: 'inference'>, "
+        "learning_rate: 'float | None' = None, "
+        "learning_rates: 'Mapping[str, float] | Sequence[tuple[str, float]]' = (), "
+        "up_to: 'str | None' = None, from_: 'str | None' = None, name: 'str | None' = None, "
+        "selector: 'Selector | None' = None) -> None"
     ),
 }
 
