@@ -9,12 +9,15 @@ The Python API (see :mod:`bnfreeze.api`) takes a saved model's path or an in-mem
     bnfreeze.unfreeze(model_or_path, layers=..., from_=..., keep_bn_inference=...)
     bnfreeze.recompile(model)          # compile() again with a fresh optimizer
     bnfreeze.RecompileWarning          # a UserWarning subclass
+    bnfreeze.recalibrate(model, data, batch_size=32)  # re-estimate BN moving statistics
     bnfreeze.load_model(path, **kwargs)  # keras.models.load_model, then the trainable flags
                                          # bnfreeze recorded for layers built in code
     bnfreeze.sync_bn(path, synchronized=False, output=...)  # BN synchronized on/off in a file
     bnfreeze.BatchNormGuard(expect=None, strict=False, min_samples=16)  # a Keras callback
     bnfreeze.Report, bnfreeze.EditResult  # what inspect and freeze/unfreeze return
     bnfreeze.Finding, bnfreeze.WarningCode  # a warning, and its code (a StrEnum)
+    bnfreeze.Phase(epochs=2, trains=["head*"], bn="inference", learning_rate=1e-3)
+    bnfreeze.finetune(model, phases, x, y, optimizer_state="carry", strict=False, **fit_kwargs)
 
 Importing this package never imports TensorFlow or Keras; the names above are loaded on
 first use, and only the functions that need Keras import it, when called.
@@ -24,19 +27,24 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from bnfreeze.runtime import keras_hook
+
 if TYPE_CHECKING:
     # What a type checker sees: the real signatures. At run time the names are loaded from
     # bnfreeze.api on first use (__getattr__ below), so `import bnfreeze` stays cheap.
     from bnfreeze.api import RecompileWarning as RecompileWarning
+    from bnfreeze.api import finetune as finetune
     from bnfreeze.api import freeze as freeze
     from bnfreeze.api import inspect as inspect
     from bnfreeze.api import load_model as load_model
+    from bnfreeze.api import recalibrate as recalibrate
     from bnfreeze.api import recompile as recompile
     from bnfreeze.api import sync_bn as sync_bn
     from bnfreeze.api import unfreeze as unfreeze
     from bnfreeze.model.records import Finding as Finding
     from bnfreeze.model.records import Report as Report
     from bnfreeze.model.records import WarningCode as WarningCode
+    from bnfreeze.ops.phases import Phase as Phase
     from bnfreeze.ops.request import EditResult as EditResult
 
 __version__ = "0.1.0"
@@ -49,9 +57,13 @@ _API = (
     "recompile",
     "RecompileWarning",
     "load_model",
+    "recalibrate",
     "sync_bn",
+    "finetune",
 )
 
+#: Loaded lazily from bnfreeze.ops.phases (pure: no Keras).
+_PHASES = ("Phase",)
 #: The records the API returns: a Report (inspect), an EditResult (freeze, unfreeze), their
 #: Findings and the WarningCode of each (a StrEnum: it compares equal to its JSON string).
 _RECORDS = ("Report", "Finding", "WarningCode")
@@ -61,7 +73,12 @@ _RESULTS = ("EditResult",)
 #: so it is created (and Keras imported) on first access.
 _GUARD = ("BatchNormGuard",)
 
-__all__ = ["__version__", *_API, *_RECORDS, *_RESULTS, *_GUARD]
+__all__ = ["__version__", *_API, *_PHASES, *_RECORDS, *_RESULTS, *_GUARD]
+
+
+# A plain keras.models.load_model after `import bnfreeze` finds FrozenStatsBatchNormalization:
+# registered now if Keras is imported, else right after Keras is (never imports Keras itself).
+keras_hook.install()
 
 
 def __getattr__(name: str) -> Any:
@@ -77,6 +94,10 @@ def __getattr__(name: str) -> Any:
         from bnfreeze.ops import request
 
         return getattr(request, name)
+    if name in _PHASES:
+        from bnfreeze.ops import phases
+
+        return getattr(phases, name)
     if name in _GUARD:
         from bnfreeze.runtime import guard
 

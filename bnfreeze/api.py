@@ -51,13 +51,14 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from bnfreeze.errors import BnfreezeError
 from bnfreeze.errors import RecompileWarning as RecompileWarning
 from bnfreeze.model.assignments import Assignment
-from bnfreeze.model.records import Report, Runtime
+from bnfreeze.model.records import Finding, Report, Runtime, WarningCode
 from bnfreeze.ops.request import (
     EditRequest,
     EditResult,
@@ -71,7 +72,11 @@ from bnfreeze.ops.request import (
 if TYPE_CHECKING:
     from typing_extensions import TypeIs  # typing.TypeIs is Python 3.13+
 
+    from bnfreeze.ops.frozen_stats import ConvertResult
+    from bnfreeze.ops.phases import Declaration, Phase
     from bnfreeze.ops.sync import SyncResult
+    from bnfreeze.runtime.finetune import FinetuneResult
+    from bnfreeze.runtime.recalibrate import Recalibration
 
 
 #: A live model, or a ``str`` / ``os.PathLike`` naming a saved one.
@@ -143,9 +148,19 @@ def freeze(
     engine: str = "auto",
     custom_objects: str | Mapping[str, Any] | None = None,
     unsafe: bool = False,
-) -> EditResult:
+    bn_frozen_stats: bool = False,
+) -> EditResult | ConvertResult:
     """Freeze the selected layers, as ``bnfreeze freeze`` does; returns an
     :class:`~bnfreeze.ops.request.EditResult`.
+
+    ``bn_frozen_stats=True`` does something else, as ``freeze --bn-frozen-stats`` does: the
+    selected BN layers become ``bnfreeze.layers.FrozenStatsBatchNormalization`` (they
+    normalize with their moving statistics in ``fit()`` and never update them, while gamma and
+    beta train where the layer's own ``trainable`` is True), and no flag changes; returns a
+    :class:`~bnfreeze.ops.frozen_stats.ConvertResult`. A path is rewritten (``.keras`` only;
+    only ``config.json`` changes); an in-memory Keras 3 model is changed in place (each layer
+    object keeps its variables and place in the graph), and a compiled one must be compiled
+    again with a new optimizer before ``fit()`` (a :class:`RecompileWarning` says so).
 
     With no option every selected layer gets ``trainable=False``, BN included.
     ``bn_inference=True`` sets only the BN layers to False, which on Keras 3 is what keeps
@@ -165,6 +180,20 @@ def freeze(
     ``model.save``); on tf_keras ``bn_inference=True`` works too, and a flag change on a
     compiled tf_keras model is ignored by ``fit()`` until it is compiled again.
     """
+    if bn_frozen_stats:
+        if bn_inference or train_bn:
+            raise BnfreezeError(
+                "bn_frozen_stats changes the BN layers' class, not flags: use it without "
+                "bn_inference and train_bn."
+            )
+        return _frozen_stats(
+            model_or_path,
+            layers=layers,
+            up_to=up_to,
+            output=output,
+            dry_run=dry_run,
+            in_place=in_place,
+        )
     return _edit(
         model_or_path,
         Assignment.freeze(bn_inference=bn_inference, train_bn=train_bn),
@@ -237,10 +266,136 @@ def _edit(
     model: str | KerasModel
     if _is_path(model_or_path):
         model = os.fspath(model_or_path)
+        if assignment.batchnorm is not None and assignment != Assignment.freeze(train_bn=True):
+            # Setting a BN flag makes a FrozenStatsBatchNormalization Keras's BN again.
+            from bnfreeze.ops.frozen_stats import edit_as_batchnorm
+
+            result: EditResult = edit_as_batchnorm(
+                lambda path, out: edit(EditRequest(path, assignment, selection, out, loading)),
+                path=model,
+                output=output,
+                selection=selection,
+            )
+            return result
     else:
         _check_model(model_or_path)
         model = model_or_path
     return edit(EditRequest(model, assignment, selection, output, loading))
+
+
+def _frozen_stats(
+    model_or_path: ModelOrPath,
+    *,
+    layers: Sequence[str],
+    up_to: str | None,
+    output: str | os.PathLike[str] | None,
+    dry_run: bool,
+    in_place: bool,
+) -> ConvertResult:
+    from bnfreeze.ops import frozen_stats as ops_frozen_stats
+    from bnfreeze.ops.frozen_stats import BnClass
+
+    if isinstance(layers, str):
+        layers = (layers,)
+    if _is_path(model_or_path):
+        return ops_frozen_stats.convert_file(
+            os.fspath(model_or_path),
+            None if output is None else os.fspath(output),
+            BnClass.FROZEN_STATS,
+            layers=tuple(layers),
+            up_to=up_to,
+            dry_run=dry_run,
+            in_place=in_place,
+        )
+    _check_model(model_or_path)
+    model = model_or_path
+    from bnfreeze.runtime.live import runtime_of
+
+    if runtime_of(model) is Runtime.TF_KERAS:
+        raise BnfreezeError("bn_frozen_stats works on Keras 3 models; this is a tf_keras model.")
+    if output is not None or in_place:
+        raise BnfreezeError(
+            "bn_frozen_stats on an in-memory model changes it in place; save it with "
+            "model.save() (output= and in_place= apply to saved files)."
+        )
+    from bnfreeze.runtime import frozen_stats as live_frozen_stats
+    from bnfreeze.runtime.live import live_report
+    from bnfreeze.runtime.memory_route import TrainingState, training_state
+
+    state = training_state(model)
+    selected, changes = live_frozen_stats.convert_live(
+        model, BnClass.FROZEN_STATS, layers=tuple(layers), up_to=up_to, dry_run=dry_run
+    )
+    findings: list[Finding] = []
+    if changes and state is not TrainingState.UNCOMPILED:
+        text = (
+            f"bnfreeze changed the class of {len(changes)} BatchNormalization layer(s) of model "
+            f"{model.name!r}, which is compiled: a training step Keras traced before keeps the "
+            "old behaviour. Call bnfreeze.recompile(model) (or compile() with a new optimizer) "
+            "before fit()."
+        )
+        findings.append(Finding(WarningCode.RECOMPILE_REQUIRED, None, text))
+        if not dry_run:
+            warnings.warn(text, RecompileWarning, stacklevel=3)
+    report = live_report(model)
+    findings.extend(f for f in report.warnings if f.code is WarningCode.NEEDS_BNFREEZE)
+    return ops_frozen_stats.ConvertResult(
+        source=f"<in-memory model {model.name!r}>",
+        output=None,
+        dry_run=dry_run,
+        selected=selected,
+        changes=changes,
+        report=report,
+        warnings=tuple(findings),
+        input_bytes=0,
+        output_bytes=None,
+    )
+
+
+# ------------------------------------------------------------------------------ recalibrate
+
+
+def recalibrate(
+    model: Any,
+    data: Any,
+    *,
+    batch_size: int = 32,
+    batches: int | None = None,
+    layers: Sequence[str] = (),
+    up_to: str | None = None,
+    from_: str | None = None,
+) -> Recalibration:
+    """Re-estimate the moving statistics of the selected BatchNormalization layers of an
+    in-memory Keras 3 model from ``data``, as ``bnfreeze recalibrate`` does for a file.
+
+    ``data`` is a NumPy array (cut into batches of ``batch_size``; a dict or list of arrays for
+    a model with several inputs) or an iterable of batches (a ``tf.data.Dataset``, a
+    generator), each the inputs or an ``(x, y[, sample_weight])`` tuple; ``batches`` stops
+    after that many. Each selected layer's ``moving_mean`` and ``moving_variance`` become the
+    equal-weight average over the batches of the batch mean and (biased) variance Keras's own
+    training-mode update uses (:mod:`bnfreeze.runtime.recalibrate`); nothing else changes: no
+    gradient step, no other variable, no flag, no optimizer state. ``layers`` (globs),
+    ``up_to`` and ``from_`` select as ``--layers``/``--up-to``/``--from`` do; every BN layer by
+    default. Returns a :class:`~bnfreeze.runtime.recalibrate.Recalibration`.
+    """
+    from bnfreeze.runtime import recalibrate as runtime_recalibrate
+
+    _check_model(model)
+    from bnfreeze.runtime.live import runtime_of
+
+    if runtime_of(model) is Runtime.TF_KERAS:
+        raise BnfreezeError("recalibrate works on Keras 3 models; this is a tf_keras model.")
+    if isinstance(layers, str):
+        layers = (layers,)
+    return runtime_recalibrate.recalibrate(
+        model,
+        data,
+        batch_size=batch_size,
+        batches=batches,
+        layers=tuple(layers),
+        up_to=up_to,
+        from_=from_,
+    )
 
 
 # ------------------------------------------------------------------------------ load_model
@@ -274,6 +429,8 @@ def load_model(path: str | os.PathLike[str], **kwargs: Any) -> Any:
 
     recorded = recorded_flags.read(path)  # a damaged member fails before Keras loads
     keras = environment.keras_module(Runtime.KERAS3)
+    import bnfreeze.runtime.layers  # noqa: F401  (registers FrozenStatsBatchNormalization)
+
     model = keras.models.load_model(path, **kwargs)
     if recorded is not None:
         apply_recorded(model, recorded, os.fspath(path))
@@ -336,3 +493,86 @@ def recompile(model: ModelT) -> ModelT:
     arguments["optimizer"] = optimizer.__class__.from_config(optimizer.get_config())
     model.compile(**arguments)
     return model
+
+
+# ------------------------------------------------------------------------------ finetune
+
+
+def finetune(
+    model: Any,
+    phases: Sequence[Phase] | str | os.PathLike[str],
+    x: Any,
+    y: Any = None,
+    *,
+    optimizer_state: str = "carry",
+    strict: bool = False,
+    params: Mapping[str, str] | None = None,
+    **fit_kwargs: Any,
+) -> FinetuneResult:
+    """Run a fine-tuning schedule on a compiled Keras 3 ``model``: one ``fit()`` per phase,
+    with continuous epoch numbering (``initial_epoch``); returns a
+    :class:`~bnfreeze.runtime.finetune.FinetuneResult` (merged history, the first epoch of each
+    phase, each phase's guard findings). docs/finetune.md is the guide.
+
+    ``phases`` is a sequence of :class:`~bnfreeze.ops.phases.Phase`, or a plan with
+    ``[[phase]]`` tables: a shipped plan's name (``"keras-guide-finetune"``) or a path, with
+    ``params`` for its ``${...}`` parameters.
+
+    Before each phase the flags are set as the phase declares, through :func:`freeze` and
+    :func:`unfreeze` on the live model (everything frozen, then what the phase trains
+    unfrozen), and the model is compiled again with its own loss and metrics and a new
+    optimizer of the class and settings it was compiled with, at the phase's learning rate
+    (``learning_rates``: one optimizer per group in a ``keras.optimizers.MultiOptimizer``).
+    ``optimizer_state="carry"`` keeps every slot of a variable that trained before and still
+    trains, starts new ones at zero and continues the iteration count; ``"reset"`` starts each
+    phase from a fresh optimizer. Every phase runs with a :class:`BatchNormGuard` that checks
+    in its first batch that exactly the declared layers train and each BN layer takes the
+    declared branch; ``strict=True`` stops at the first disagreement and raises
+    :class:`~bnfreeze.runtime.finetune.FinetuneStopped` (its ``result`` holds what ran).
+    """
+    from bnfreeze.ops.phases import OptimizerStateMode, _choice, check_phases
+    from bnfreeze.runtime import finetune as schedule
+
+    _check_model(model)
+    mode = _choice(OptimizerStateMode, optimizer_state, "optimizer_state")
+    if _is_path(phases):
+        from bnfreeze.ops.plan_parser import load_plan
+
+        plan = load_plan(phases, params)
+        if not plan.phases:
+            raise BnfreezeError(
+                f"plan {plan.name or str(phases)!r} has no [[phase]] tables; apply it with "
+                "bnfreeze apply, or give finetune a plan with phases (bnfreeze plans)."
+            )
+        phases = plan.phases
+    elif params:
+        raise BnfreezeError("params= is for a plan given by name or path.")
+    return schedule.run(
+        model,
+        check_phases(phases),
+        x,
+        y,
+        optimizer_state=mode,
+        strict=strict,
+        set_flags=_phase_flags,
+        fit_kwargs=fit_kwargs,
+    )
+
+
+def _phase_flags(model: Any, phase: Phase, label: str) -> tuple[Declaration, Any]:
+    """Set the flags ``phase`` declares, through :func:`freeze` / :func:`unfreeze`: everything
+    frozen (BN layers left training for ``bn="train"``), then the chosen layers unfrozen
+    (their BN layers kept in inference for ``bn="inference"``)."""
+    import glob
+
+    from bnfreeze.ops.phases import BnMode, declare
+
+    records = [s.layer for s in inspect(model).layers]
+    declaration = declare(phase, label, records)
+    chosen = [glob.escape(r.path) for r in phase.chosen(records)]
+    with warnings.catch_warnings():
+        # compile() runs right after, with a new optimizer: the warning's advice is followed.
+        warnings.simplefilter("ignore", RecompileWarning)
+        freeze(model, train_bn=phase.bn is BnMode.TRAIN)
+        unfreeze(model, layers=chosen, keep_bn_inference=phase.bn is BnMode.INFERENCE)
+    return declaration, records

@@ -152,9 +152,19 @@ SAMPLES = {
 }
 
 
+def sequential_inputs(out: Path) -> None:
+    """Inputs for sequential.keras (64 samples of 6 features, mean 5, std 2): the data the
+    README's ``bnfreeze recalibrate`` example reads."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    np.save(out / "sequential_inputs.npy", rng.normal(5.0, 2.0, (64, 6)).astype("float32"))
+
+
 def main(argv: list[str]) -> None:
     out = Path(argv[1]) if len(argv) > 1 else HERE
     out.mkdir(parents=True, exist_ok=True)
+    sequential_inputs(out)
     import warnings
 
     warnings.filterwarnings("ignore")

@@ -36,6 +36,7 @@ RANK = {
     "render": 5,
     "api": 6,
     "commands": 7,
+    "layers": 6,
     "cli": 7,
     "__main__": 8,
 }

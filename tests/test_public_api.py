@@ -15,7 +15,10 @@ EXPORTS = [
     "recompile",
     "RecompileWarning",
     "load_model",
+    "recalibrate",
     "sync_bn",
+    "finetune",
+    "Phase",
     "Report",
     "Finding",
     "WarningCode",
@@ -32,7 +35,8 @@ SIGNATURES = {
         "in_place: 'bool' = False, "
         "optimizer_state: 'str | None' = None, engine: 'str' = 'auto', "
         "custom_objects: 'str | Mapping[str, Any] | None' = None, "
-        "unsafe: 'bool' = False) -> 'EditResult'"
+        "unsafe: 'bool' = False, bn_frozen_stats: 'bool' = False) "
+        "-> 'EditResult | ConvertResult'"
     ),
     "unfreeze": (
         "(model_or_path: 'ModelOrPath', *, layers: 'Sequence[str]' = (), "
@@ -44,11 +48,29 @@ SIGNATURES = {
         "unsafe: 'bool' = False) -> 'EditResult'"
     ),
     "recompile": "(model: 'ModelT') -> 'ModelT'",
+    "recalibrate": (
+        "(model: 'Any', data: 'Any', *, batch_size: 'int' = 32, batches: 'int | None' = None, "
+        "layers: 'Sequence[str]' = (), up_to: 'str | None' = None, from_: 'str | None' = None) "
+        "-> 'Recalibration'"
+    ),
     "load_model": "(path: 'str | os.PathLike[str]', **kwargs: 'Any') -> 'Any'",
     "sync_bn": (
         "(path: 'str | os.PathLike[str]', *, synchronized: 'bool', layers: 'Sequence[str]' = (), "
         "output: 'str | os.PathLike[str] | None' = None, dry_run: 'bool' = False, "
         "in_place: 'bool' = False) -> 'SyncResult'"
+    ),
+    "finetune": (
+        "(model: 'Any', phases: 'Sequence[Phase] | str | os.PathLike[str]', x: 'Any', "
+        "y: 'Any' = None, *, optimizer_state: 'str' = 'carry', strict: 'bool' = False, "
+        "params: 'Mapping[str, str] | None' = None, **fit_kwargs: 'Any') -> 'FinetuneResult'"
+    ),
+    "Phase": (
+        "(epochs: 'int', trains: 'Sequence[str]' = (), "
+        "bn: 'BnMode | str' = <BnMode.INFERENCE: 'inference'>, "
+        "learning_rate: 'float | None' = None, "
+        "learning_rates: 'Mapping[str, float] | Sequence[tuple[str, float]]' = (), "
+        "up_to: 'str | None' = None, from_: 'str | None' = None, name: 'str | None' = None, "
+        "selector: 'Selector | None' = None) -> None"
     ),
 }
 

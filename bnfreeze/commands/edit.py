@@ -158,6 +158,7 @@ def run_edit(
 ) -> None:
     """Build the one :class:`~bnfreeze.ops.request.EditRequest`, apply it, print the result
     (stdout) and what the user must know (stderr)."""
+    from bnfreeze.model.assignments import Assignment
     from bnfreeze.ops.optimizer_state import parse_mode
     from bnfreeze.ops.request import EditRequest, Engine, Loading
     from bnfreeze.runtime.routes import edit
@@ -170,7 +171,20 @@ def run_edit(
         Loading(Engine(engine), custom_objects, unsafe, parse_mode(optimizer_state)),
     )
     with gc_paused():
-        result = edit(request)
+        if assignment.batchnorm is not None and assignment != Assignment.freeze(train_bn=True):
+            # An edit that sets BN flags makes FrozenStatsBatchNormalization plain BN again.
+            from dataclasses import replace
+
+            from bnfreeze.ops.frozen_stats import edit_as_batchnorm
+
+            result = edit_as_batchnorm(
+                lambda path, out: edit(replace(request, model=path, output=out)),
+                path=model,
+                output=request.output,
+                selection=selection,
+            )
+        else:
+            result = edit(request)
     if as_json:
         from bnfreeze.render.edit import render_edit
 
@@ -198,6 +212,11 @@ def edit_notes(result: EditResult) -> None:
     flag(
         "--train-bn", "Freeze the selected layers but keep BN layers trainable (fastai train_bn)."
     ),
+    flag(
+        "--bn-frozen-stats",
+        "Only BN layers: make them FrozenStatsBatchNormalization (moving statistics in fit(), "
+        "never updated; gamma/beta train). Needs bnfreeze to load.",
+    ),
     layer_option(
         "--up-to",
         "up_to",
@@ -208,6 +227,7 @@ def freeze(
     model: str,
     bn_inference: bool,
     train_bn: bool,
+    bn_frozen_stats: bool,
     up_to: str | None,
     layers: tuple[str, ...],
     **options: Any,
@@ -223,12 +243,18 @@ def freeze(
       bnfreeze freeze model.keras -o frozen.keras
       bnfreeze freeze model.keras --bn-inference -o bn_inference.keras
       bnfreeze freeze model.keras --train-bn -o train_bn.keras
+      bnfreeze freeze model.keras --bn-frozen-stats -o frozen_stats.keras
       bnfreeze freeze model.keras --up-to block5_add -o partly_frozen.keras
       bnfreeze freeze model.keras --layers 'mobilenetv2*' --dry-run
     """
     from bnfreeze.model.assignments import Assignment
     from bnfreeze.ops.request import LayerSelection
 
+    if bn_frozen_stats:
+        from bnfreeze.commands.statistics import run_frozen_stats
+
+        run_frozen_stats(model, layers, up_to, bn_inference or train_bn, **options)
+        return
     with flags_spelled():
         assignment = Assignment.freeze(bn_inference=bn_inference, train_bn=train_bn)
     run_edit(model, assignment, LayerSelection(layers, up_to=up_to), **options)

@@ -115,8 +115,8 @@ def inspect(
     "expects",
     multiple=True,
     metavar="NAME[=ARG]",
-    help="An expectation, repeatable: bn-inference[=GLOB], bn-train[=GLOB], trains[=GLOB], "
-    "frozen[=GLOB], min-training=N, max-training=N.",
+    help="An expectation, repeatable: bn-inference[=GLOB], bn-train[=GLOB], "
+    "bn-frozen-stats[=GLOB], trains[=GLOB], frozen[=GLOB], min-training=N, max-training=N.",
 )
 @click.option(
     "--strict",

@@ -3,35 +3,32 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from bnfreeze.commands.support import (
     MODEL_PATH,
-    RUNTIME_CHOICES,
     is_quiet,
     note,
     quiet_option,
+    runtime_choice,
     stdout_console,
 )
+
+
+def positive(name: str, default: int, help: str) -> Any:
+    """A count of at least 1, with its default shown."""
+    return click.option(
+        name, type=click.IntRange(min=1), default=default, show_default=True, help=help
+    )
 
 
 @click.command()
 @quiet_option
 @click.argument("model", type=MODEL_PATH)
-@click.option(
-    "--steps",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Training steps to run (train_on_batch, the same step as fit()).",
-)
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=2,
-    show_default=True,
-    help="Samples per step.",
-)
+@positive("--steps", 1, "Training steps to run (train_on_batch, the same step as fit()).")
+@positive("--batch-size", 2, "Samples per step.")
 @click.option(
     "--data",
     type=click.Path(path_type=str),
@@ -46,15 +43,10 @@ from bnfreeze.commands.support import (
     multiple=True,
     metavar="NAME[=ARG]",
     help="Exit 1 unless the measurement satisfies it, repeatable: bn-inference, "
-    "bn-train, trains, frozen (each =GLOB optional), min-training=N, max-training=N.",
+    "bn-train, bn-frozen-stats, trains, frozen (each =GLOB optional), min-training=N, "
+    "max-training=N.",
 )
-@click.option(
-    "--runtime",
-    type=click.Choice(RUNTIME_CHOICES),
-    default="keras3",
-    show_default=True,
-    help="tf-keras measures with Keras 2 (the tf_keras package), if installed.",
-)
+@runtime_choice("tf-keras measures with Keras 2 (the tf_keras package), if installed.")
 @click.option(
     "--unsafe",
     is_flag=True,
@@ -162,13 +154,7 @@ def verify(
 
 @click.command()
 @quiet_option
-@click.option(
-    "--runtime",
-    type=click.Choice(RUNTIME_CHOICES),
-    default="keras3",
-    show_default=True,
-    help="tf-keras runs the experiment with Keras 2 (the tf_keras package), if installed.",
-)
+@runtime_choice("tf-keras runs the experiment with Keras 2 (the tf_keras package), if installed.")
 @click.option(
     "--replicas",
     type=click.IntRange(min=2),

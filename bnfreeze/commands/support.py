@@ -165,15 +165,22 @@ def finish_export(console: Any, export: str | None) -> None:
 RUNTIME_CHOICES = ["keras3", "tf-keras"]
 
 
-def runtime_option(f: Any) -> Any:
-    """``--runtime`` for the commands that predict from the file (no Keras is loaded)."""
+def runtime_choice(help: str) -> Any:
+    """``--runtime keras3|tf-keras``, keras3 by default; ``help`` says what it changes."""
     return click.option(
         "--runtime",
         type=click.Choice(RUNTIME_CHOICES),
         default="keras3",
         show_default=True,
-        help="The rules to predict with: keras3 (Keras 3, TensorFlow or JAX), or tf-keras "
-        "(Keras 2, where a recorded call-site training= wins).",
+        help=help,
+    )
+
+
+def runtime_option(f: Any) -> Any:
+    """``--runtime`` for the commands that predict from the file (no Keras is loaded)."""
+    return runtime_choice(
+        "The rules to predict with: keras3 (Keras 3, TensorFlow or JAX), or tf-keras "
+        "(Keras 2, where a recorded call-site training= wins)."
     )(f)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from bnfreeze.model import frozen_stats
 from bnfreeze.model.keras3_compat import incompatibility, nested_call_mismatches
 from bnfreeze.model.records import (
     Finding,
@@ -51,6 +52,7 @@ def find(
         findings += _call_site_training(states)
     findings += _bn_under_frozen_container(states, by_path, runtime)
     findings += _unknown_layers(states)
+    findings += frozen_stats.findings(states)
     if model is not None:
         if runtime is Runtime.KERAS3:
             findings += _keras3_incompatible(model, states)

@@ -15,6 +15,9 @@ On the command line an expectation is spelled ``NAME`` or ``NAME=ARG``:
   its moving statistics in ``fit()`` and leaves them unchanged;
 - ``bn-train[=GLOB]``: every such BN layer normalizes with batch statistics in ``fit()`` and
   updates its moving statistics;
+- ``bn-frozen-stats[=GLOB]``: every such BN layer normalizes with its moving statistics in
+  ``fit()``, leaves them unchanged, and trains its gamma/beta (what
+  ``FrozenStatsBatchNormalization`` does);
 - ``trains[=GLOB]``: every layer with weights (that GLOB matches) trains them in ``fit()``;
 - ``frozen[=GLOB]``: every layer with weights (that GLOB matches) keeps them in ``fit()``;
 - ``min-training=N`` / ``max-training=N``: at least / at most N layers train weights in
@@ -48,6 +51,7 @@ class ExpectKind(enum.Enum):
 
     BN_INFERENCE = "bn-inference"
     BN_TRAIN = "bn-train"
+    BN_FROZEN_STATS = "bn-frozen-stats"
     TRAINS = "trains"
     FROZEN = "frozen"
     MIN_TRAINING = "min-training"
@@ -59,13 +63,16 @@ class ExpectKind(enum.Enum):
 
     @property
     def about_batchnorm(self) -> bool:
-        return self in (ExpectKind.BN_INFERENCE, ExpectKind.BN_TRAIN)
+        return self in (ExpectKind.BN_INFERENCE, ExpectKind.BN_TRAIN, ExpectKind.BN_FROZEN_STATS)
 
 
 #: One line per kind, for ``--help`` texts and error messages.
 KIND_HELP: dict[ExpectKind, str] = {
     ExpectKind.BN_INFERENCE: "every BN layer normalizes with its moving statistics in fit()",
     ExpectKind.BN_TRAIN: "every BN layer normalizes with batch statistics in fit()",
+    ExpectKind.BN_FROZEN_STATS: (
+        "every BN layer normalizes with its moving statistics in fit() and trains gamma/beta"
+    ),
     ExpectKind.TRAINS: "every layer with weights trains them in fit()",
     ExpectKind.FROZEN: "every layer with weights keeps them unchanged in fit()",
     ExpectKind.MIN_TRAINING: "at least N layers train weights in fit()",
@@ -73,7 +80,7 @@ KIND_HELP: dict[ExpectKind, str] = {
 }
 
 VOCABULARY_HELP = (
-    "bn-inference[=GLOB], bn-train[=GLOB], trains[=GLOB], frozen[=GLOB], "
+    "bn-inference[=GLOB], bn-train[=GLOB], bn-frozen-stats[=GLOB], trains[=GLOB], frozen[=GLOB], "
     "min-training=N, max-training=N"
 )
 
@@ -203,6 +210,11 @@ def _mode(value: Normalization | None) -> str:
     return "unknown"
 
 
+def _frozen_stats_mode(observed: Observed) -> str:
+    gamma_beta = "train" if observed.trains_weights else "frozen"
+    return f"{_mode(observed.normalizes_with)}, gamma/beta {gamma_beta}"
+
+
 def evaluate(
     expectation: Expectation,
     layers: Sequence[LayerRecord],
@@ -228,6 +240,12 @@ def evaluate(
             raise ExpectationError(
                 f"{_where(expectation)}{name}: the layers it names include no "
                 "BatchNormalization layer."
+            )
+        if kind is ExpectKind.BN_FROZEN_STATS:
+            return tuple(
+                Failure(name, o.path, "inference, gamma/beta train", _frozen_stats_mode(o))
+                for o in bns
+                if o.normalizes_with is not Normalization.MOVING or o.trains_weights is not True
             )
         want = Normalization.MOVING if kind is ExpectKind.BN_INFERENCE else Normalization.BATCH
         return tuple(

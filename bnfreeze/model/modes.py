@@ -206,11 +206,13 @@ class Keras3Rules:
             return NOT_APPLICABLE
         if record.kind is LayerKind.BATCHNORM:
             # Gamma and beta are the trainable weights; the moving statistics never are. A BN
-            # with scale=False and center=False has neither, so it trains no weights.
+            # with scale=False and center=False has neither, so it trains no weights. A
+            # FrozenStatsBatchNormalization always takes the inference branch.
+            batch = own and not record.frozen_stats
             return FitBehaviour(
                 trains_weights=own and model_trainable and (record.scale or record.center),
-                normalizes_with=Normalization.BATCH if own else Normalization.MOVING,
-                updates_moving_stats=own,
+                normalizes_with=Normalization.BATCH if batch else Normalization.MOVING,
+                updates_moving_stats=batch,
             )
         return _weights_in_fit(record, has_weights, trainable=own and model_trainable)
 
@@ -307,7 +309,7 @@ class TfKerasRules:
         if record.kind is LayerKind.BATCHNORM:
             return _bn_mode(
                 reachable and (record.scale or record.center),
-                own,
+                own and not record.frozen_stats,
                 call_site_training(record, ancestors, outer=True),
             )
         return _weights_in_fit(record, has_weights, trainable=reachable)

@@ -87,6 +87,8 @@ class WarningCode(enum.StrEnum):
     #: A code-built container (keras-hub class, custom layer, subclassed model) saved with
     #: trainable=False: Keras rebuilds its layers trainable on load, so its BN layers train.
     CODE_BUILT_RELOAD_TRAINS = "code-built-reload-trains"
+    #: FrozenStatsBatchNormalization layers: Keras loads the file only with bnfreeze imported.
+    NEEDS_BNFREEZE = "needs-bnfreeze"
     #: A saved BN with synchronized=True (or tf_keras's SyncBatchNormalization): Keras loads it
     #: only on TensorFlow (docs/semantics.md, rule 8).
     SYNCHRONIZED_BN = "synchronized-bn"
@@ -156,6 +158,16 @@ class LayerRecord:
     #: statistics never move, even in the batch branch.
     momentum: float | None = None
     source: LayerSource = LayerSource.CONFIG
+    #: bnfreeze's ``FrozenStatsBatchNormalization``: always the inference branch, gamma and
+    #: beta train when its own flag is True.
+    frozen_stats: bool = False
+
+    @property
+    def shown_class(self) -> str:
+        """The class name to show a person: ``FrozenStatsBatchNormalization`` for bnfreeze's
+        subclass, which Keras saves under the ``class_name`` BatchNormalization."""
+        return "FrozenStatsBatchNormalization" if self.frozen_stats else self.class_name
+
     #: The path of a custom wrapper whose own ``call()`` calls this layer: that code decides
     #: the ``training`` it passes, so the layer's mode is not predicted.
     call_decided_by: str | None = None

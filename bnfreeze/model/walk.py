@@ -18,6 +18,7 @@ from typing import Any
 
 from bnfreeze.errors import ModelFormatError
 from bnfreeze.limits import MAX_LAYERS, MAX_NESTING_DEPTH
+from bnfreeze.model.frozen_stats import is_frozen_stats
 from bnfreeze.model.keras_classes import (
     BATCHNORM_CLASSES,
     CONTAINER_CLASSES,
@@ -83,6 +84,8 @@ def classify(layer: dict[str, Any]) -> LayerKind:
     config: dict[str, Any] = raw if isinstance(raw, dict) else {}
     if class_name == "InputLayer":
         return LayerKind.INPUT
+    if is_frozen_stats(layer):
+        return LayerKind.BATCHNORM  # bnfreeze's own subclass: its call is known
     builtin = is_builtin(layer)
     if isinstance(config.get("layers"), list):
         # A custom Functional subclass that lists its layers is rebuilt from that graph by
@@ -228,7 +231,9 @@ def _walk_layer(
             renorm=config.get("renorm") is True,
             momentum=_momentum(config) if kind is LayerKind.BATCHNORM else None,
             module=module if isinstance(module, str) else None,
-            custom=not is_builtin(layer),
+            # bnfreeze's own subclass is a known class, not a custom one.
+            custom=not is_builtin(layer) and not is_frozen_stats(layer),
+            frozen_stats=is_frozen_stats(layer),
         )
     )
     if kind is LayerKind.CONTAINER and config.get("layers") is not None:

@@ -31,7 +31,7 @@ class LayerDiff:
     def class_name(self) -> str:
         state = self.a or self.b
         assert state is not None
-        return state.layer.class_name
+        return state.layer.shown_class
 
     @property
     def flag_changed(self) -> bool:
@@ -105,7 +105,7 @@ def diff_reports(a: Report, b: Report) -> DiffResult:
         elif (
             state.layer.trainable != other.layer.trainable
             or state.in_fit != other.in_fit
-            or state.layer.class_name != other.layer.class_name
+            or state.layer.shown_class != other.layer.shown_class
         ):
             layers.append(LayerDiff(state.layer.path, LayerStatus.CHANGED, state, other))
     for state in b.layers:

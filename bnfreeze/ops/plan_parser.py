@@ -19,6 +19,7 @@ from typing import Any
 
 from bnfreeze.errors import PlanError
 from bnfreeze.model.expectations import Expectation, ExpectKind
+from bnfreeze.ops.phases import Phase, read_phase
 from bnfreeze.ops.plan_schema import (
     EXPECT_ASSERTIONS,
     EXPECT_KEYS,
@@ -35,6 +36,9 @@ from bnfreeze.ops.plan_schema import (
     Selector,
     Where,
 )
+from bnfreeze.ops.plan_schema import glob_problem as _check_glob
+from bnfreeze.ops.plan_schema import regex_problem as _check_regex
+from bnfreeze.ops.plan_schema import type_name as _type
 
 #: The largest plan file read. Plans are a few hundred bytes; anything near this is a mistake.
 MAX_PLAN_BYTES = 1 * 2**20
@@ -252,9 +256,10 @@ class _Parser:
         expectations = tuple(
             self.expectation(table, i) for i, table in enumerate(self.tables(data, "expect"))
         )
-        if not rules and not expectations:
+        phases = tuple(self.phase(table, i) for i, table in enumerate(self.tables(data, "phase")))
+        if not rules and not expectations and not phases:
             raise self.error(
-                "the plan has neither a [[rule]] nor an [[expect]] table.",
+                "the plan has no [[rule]], [[expect]] or [[phase]] table.",
                 hint=SCHEMA_HINT,
             )
         return Plan(
@@ -265,6 +270,7 @@ class _Parser:
             rules=rules,
             expectations=expectations,
             optimizer_state=optimizer_state,
+            phases=phases,
         )
 
     def read_params(self, params: Any) -> None:
@@ -401,6 +407,9 @@ class _Parser:
             source=str(Where(self.source, line, _label("expect", index))),
             label=name,
         )
+
+    def phase(self, table: dict[str, Any], index: int) -> Phase:
+        return read_phase(self, table, index)
 
     def selector(self, table: dict[str, Any], kind: str, index: int) -> Selector:
         label = _label(kind, index)
@@ -550,50 +559,3 @@ def _label(table: str | None, index: int | None) -> str | None:
     if index is None:
         return f"[{table}]"
     return f"{table} {index + 1}"
-
-
-def _type(value: Any) -> str:
-    if isinstance(value, bool):
-        return f"the boolean {str(value).lower()}"
-    if isinstance(value, str):
-        return f"the string {value!r}"
-    if isinstance(value, int | float):
-        return f"the number {value!r}"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "a table"
-    return type(value).__name__
-
-
-def _check_glob(pattern: str) -> str | None:
-    """A glob is bad when it is empty or opens a ``[...]`` class it never closes."""
-    if not pattern:
-        return "an empty pattern matches nothing."
-    i = 0
-    while i < len(pattern):
-        if pattern[i] == "[":
-            j = i + 1
-            if j < len(pattern) and pattern[j] in "!^":
-                j += 1
-            if j < len(pattern) and pattern[j] == "]":
-                j += 1
-            close = pattern.find("]", j)
-            if close == -1:
-                return f"bad glob {pattern!r}: '[' at position {i} is never closed."
-            i = close + 1
-            continue
-        i += 1
-    return None
-
-
-def _check_regex(pattern: str) -> str | None:
-    if not pattern:
-        return "an empty regex matches every layer; leave regex out instead."
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        return f"bad regex {pattern!r}: {exc}."
-    except (OverflowError, RecursionError, ValueError) as exc:
-        return f"bad regex {pattern!r}: {exc}."
-    return None

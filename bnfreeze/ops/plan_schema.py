@@ -10,6 +10,7 @@ import fnmatch
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from bnfreeze.errors import BnfreezeError, PlanError
 from bnfreeze.model.assignments import Assignment
@@ -17,10 +18,13 @@ from bnfreeze.model.expectations import Expectation
 from bnfreeze.model.records import LayerRecord
 from bnfreeze.model.selection import find_layer, is_leaf, layers_from, layers_up_to, match_glob
 
+if TYPE_CHECKING:
+    from bnfreeze.ops.phases import Phase
+
 SCHEMA = 1
 
 
-TOP_KEYS = ("plan", "params", "rule", "expect")
+TOP_KEYS = ("plan", "params", "rule", "expect", "phase")
 
 
 PLAN_KEYS = ("name", "description", "schema", "optimizer_state")
@@ -48,6 +52,10 @@ EXPECT_ASSERTIONS = ("bn", "trains", "min_training", "max_training")
 
 
 EXPECT_KEYS = ("name", *SELECTOR_KEYS, *EXPECT_ASSERTIONS)
+
+
+#: A ``[[phase]]`` table: its selector names what trains (bnfreeze.finetune, docs/finetune.md).
+PHASE_KEYS = ("name", *SELECTOR_KEYS, "epochs", "bn", "learning_rate", "learning_rates")
 
 
 class Only(enum.Enum):
@@ -243,3 +251,55 @@ class Plan:
     #: ``[plan] optimizer_state``: "remap", "drop" or "keep"; None when the plan leaves it to
     #: the command line (default remap).
     optimizer_state: str | None = None
+    #: ``[[phase]]`` tables, as :class:`bnfreeze.ops.phases.Phase` values: a fine-tuning
+    #: schedule for ``bnfreeze.finetune``; ``apply`` and ``check`` ignore them.
+    phases: tuple[Phase, ...] = ()
+
+
+def type_name(value: Any) -> str:
+    """A TOML value as an error message names it: ``the string 'x'``, ``a table``."""
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, int | float):
+        return f"the number {value!r}"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return type(value).__name__
+
+
+def glob_problem(pattern: str) -> str | None:
+    """A glob is bad when it is empty or opens a ``[...]`` class it never closes."""
+    if not pattern:
+        return "an empty pattern matches nothing."
+    i = 0
+    while i < len(pattern):
+        if pattern[i] == "[":
+            j = i + 1
+            if j < len(pattern) and pattern[j] in "!^":
+                j += 1
+            if j < len(pattern) and pattern[j] == "]":
+                j += 1
+            close = pattern.find("]", j)
+            if close == -1:
+                return f"bad glob {pattern!r}: '[' at position {i} is never closed."
+            i = close + 1
+            continue
+        i += 1
+    return None
+
+
+def regex_problem(pattern: str) -> str | None:
+    """A regex is bad when it is empty or does not compile."""
+    if not pattern:
+        return "an empty regex matches every layer; leave regex out instead."
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return f"bad regex {pattern!r}: {exc}."
+    except (OverflowError, RecursionError, ValueError) as exc:
+        return f"bad regex {pattern!r}: {exc}."
+    return None

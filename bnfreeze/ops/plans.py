@@ -88,6 +88,12 @@ def apply_rules(
     """Apply every rule in order to ``flags`` (later rules win). A rule that selects nothing
     raises :class:`PlanError` with its file and line. ``without_flag`` names layers whose
     saved config stores no flag (see :func:`bnfreeze.model.assignments.stores_flag`): never set."""
+    if not plan.rules and plan.phases:
+        raise PlanError(
+            f"{plan.path}: the plan holds [[phase]] tables and no [[rule]]: it is a "
+            "fine-tuning schedule, not an edit.",
+            hint="Run it with bnfreeze.finetune(model, PLAN, x, y) (docs/finetune.md).",
+        )
     if not plan.rules:
         raise PlanError(
             f"{plan.path}: the plan has no [[rule]] table, so it changes nothing.",

@@ -60,6 +60,7 @@ INDENT = 2
 SHORT_CLASS = {
     "BatchNormalization": "BN",
     "SyncBatchNormalization": "SyncBN",
+    "FrozenStatsBatchNormalization": "FrozenStatsBN",
     "BatchNormalization(synchronized)": "SyncBN",
 }
 ELLIPSIS = "…"

@@ -90,7 +90,7 @@ def layer_dict(state: LayerState) -> dict[str, Any]:
     return {
         "path": layer.path,
         "name": layer.name,
-        "class_name": layer.class_name,
+        "class_name": layer.shown_class,
         "depth": layer.depth,
         "trainable": layer.trainable,
         "is_batchnorm": None

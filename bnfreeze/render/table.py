@@ -207,10 +207,10 @@ SYNCHRONIZED_BN = "BatchNormalization(synchronized)"
 def _class_text(state: LayerState) -> Text:
     layer = state.layer
     if layer.code_built:
-        return Text(layer.class_name + _mark(layer))
-    if layer.synchronized and layer.class_name == "BatchNormalization":
+        return Text(layer.shown_class + _mark(layer))
+    if layer.synchronized and layer.class_name == "BatchNormalization" and not layer.frozen_stats:
         return Text(SYNCHRONIZED_BN)
-    return Text(layer.class_name)
+    return Text(layer.shown_class)
 
 
 def layer_rows(report: Report, all_layers: bool) -> list[LayerState]:
@@ -319,7 +319,7 @@ def layer_tree(report: Report, all_layers: bool = False) -> Tree:
     for state in layer_rows(report, all_layers):
         layer = state.layer
         label = Text(layer.name, style="bold" if layer.is_container else "")
-        label.append(f" ({layer.class_name}{_mark(layer)})", style=STYLE_NONE)
+        label.append(f" ({layer.shown_class}{_mark(layer)})", style=STYLE_NONE)
         if layer.trainable is False:
             label.append(" trainable=False", style=STYLE_FROZEN)
         if layer.is_container:

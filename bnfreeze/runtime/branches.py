@@ -21,8 +21,8 @@ no call is recorded and the branch is unknown (None). Symbolic calls are skipped
 ``fit()`` and ``train_on_batch()`` first call every layer with ``training=False`` on symbolic
 tensors to build the model (``Trainer._symbolic_build``), which is not the training step.
 
-Custom subclasses of BatchNormalization may override ``call``; only built-in layers are
-recorded (:func:`is_builtin_batchnorm`).
+Custom subclasses of BatchNormalization may override ``call``; only built-in layers and
+bnfreeze's own ``FrozenStatsBatchNormalization`` are recorded (:func:`is_builtin_batchnorm`).
 """
 
 from __future__ import annotations
@@ -65,10 +65,18 @@ def is_builtin_batchnorm(keras: Any, layer: Any) -> bool:
     """A Keras built-in BatchNormalization (Keras 3 or tf_keras), whose ``call`` branches on
     ``training and self.trainable``; a subclass from elsewhere may not."""
     module = type(layer).__module__ or ""
+    if isinstance(layer, keras.layers.BatchNormalization) and is_frozen_stats_layer(layer):
+        return True
     return isinstance(layer, keras.layers.BatchNormalization) and module.split(".")[0] in (
         "keras",
         "tf_keras",
     )
+
+
+def is_frozen_stats_layer(layer: Any) -> bool:
+    """bnfreeze's ``FrozenStatsBatchNormalization``, whose ``call`` passes ``training=False``
+    to ``BatchNormalization.call`` on every call: always the inference branch."""
+    return getattr(type(layer), "bnfreeze_frozen_stats", False) is True
 
 
 def _symbolic_scope() -> Any:
@@ -99,6 +107,9 @@ class BranchRecorder:
         if self._symbolic is not None and self._symbolic():
             return  # Keras building the model on symbolic tensors, not a training step
         counts = self._counts[path]
+        if is_frozen_stats_layer(layer):
+            counts[1] += 1  # its call hands training=False to BatchNormalization.call
+            return
         if training is None and (type(layer).__module__ or "").startswith("tf_keras"):
             counts[2] += 1  # tf_keras reads the learning phase for None: not known here
             return

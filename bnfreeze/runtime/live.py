@@ -33,6 +33,7 @@ from bnfreeze.model.records import (
 )
 from bnfreeze.model.walk import walk
 from bnfreeze.runtime import environment
+from bnfreeze.runtime.branches import is_frozen_stats_layer
 
 _BUILTIN_PREFIXES = ("keras", "tf_keras", "tensorflow")
 
@@ -174,6 +175,8 @@ def _corrected(record: LayerRecord, layer: Any) -> LayerRecord:
         updates["kind"] = LayerKind.BATCHNORM
     if record.kind is not LayerKind.INPUT and record.trainable is not bool(layer.trainable):
         updates["trainable"] = bool(layer.trainable)
+    if is_frozen_stats_layer(layer) is not record.frozen_stats:
+        updates["frozen_stats"] = is_frozen_stats_layer(layer)
     return replace(record, **updates) if updates else record
 
 
@@ -196,7 +199,8 @@ def _from_live(live: Mapping[str, Any], walked: Mapping[str, LayerRecord]) -> It
             config_path=known.config_path if known is not None else (),
             synchronized=bool(getattr(layer, "synchronized", False)),
             module=type(layer).__module__,
-            custom=not _is_builtin(layer),
+            custom=not _is_builtin(layer) and not is_frozen_stats_layer(layer),
+            frozen_stats=is_frozen_stats_layer(layer),
         )
 
 

@@ -20,7 +20,12 @@ from bnfreeze.model.measured import (
 )
 from bnfreeze.runtime import environment
 from bnfreeze.runtime.batches import Batches, is_object_detector, loss_name, pack
-from bnfreeze.runtime.branches import Branch, BranchRecorder, is_builtin_batchnorm
+from bnfreeze.runtime.branches import (
+    Branch,
+    BranchRecorder,
+    is_builtin_batchnorm,
+    is_frozen_stats_layer,
+)
 
 #: The optimizer used when the file has no compile config (or it cannot train).
 DEFAULT_LEARNING_RATE = 0.01
@@ -94,7 +99,10 @@ def own_variables(layers: dict[str, tuple[Any, bool]]) -> dict[str, list[Any]]:
 
 
 def _is_builtin(layer: Any) -> bool:
+    """A Keras class, or bnfreeze's FrozenStatsBatchNormalization (its call is known)."""
     module = type(layer).__module__ or ""
+    if is_frozen_stats_layer(layer):
+        return True
     return module.split(".")[0] in ("keras", "tf_keras", "tensorflow")
 
 

@@ -193,6 +193,14 @@ def _keras2_archive(tmp: Path) -> Path:
     return path
 
 
+def _frozen_stats(tmp: Path) -> Path:
+    from bnfreeze.ops.frozen_stats import BnClass, convert_file
+
+    out = tmp / "frozen_stats.keras"
+    convert_file(str(SAMPLES / "sequential.keras"), str(out), BnClass.FROZEN_STATS)
+    return out
+
+
 def _warnings(path: Path) -> set[WarningCode]:
     return {f.code for f in inspect_file(path).warnings}
 
@@ -265,6 +273,7 @@ WARNINGS: dict[WarningCode, Callable[[Path], set[WarningCode]]] = {
     WarningCode.SAVED_BY_KERAS2: lambda tmp: _warnings(_keras2_archive(tmp)),
     WarningCode.RECORDED_FLAGS: _recorded_flags,
     WarningCode.CODE_BUILT_RELOAD_TRAINS: _code_built,
+    WarningCode.NEEDS_BNFREEZE: lambda tmp: _warnings(_frozen_stats(tmp)),
     WarningCode.SYNCHRONIZED_BN: lambda tmp: _warnings(
         _archive(tmp, [input_layer("x"), layer("BatchNormalization", "bn", synchronized=True)])
     ),

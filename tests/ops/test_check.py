@@ -44,6 +44,17 @@ def under_frozen(samples):
 
 
 @pytest.fixture(scope="module")
+def frozen_stats(samples, tmp_path_factory):
+    """sequential.keras with both BN layers made FrozenStatsBatchNormalization: bn_1 keeps
+    trainable=True (gamma/beta train), bn_2 trainable=False (gamma/beta frozen)."""
+    from bnfreeze.ops.frozen_stats import BnClass, convert_file
+
+    out = tmp_path_factory.mktemp("check") / "frozen_stats.keras"
+    convert_file(str(samples / "sequential.keras"), str(out), BnClass.FROZEN_STATS)
+    return out
+
+
+@pytest.fixture(scope="module")
 def phase2(guide, tmp_path_factory):
     """The guide's phase 2, done the naive way: every layer unfrozen, BN included, while the
     backbone is still called with training=False."""
@@ -61,6 +72,7 @@ PASSES = [
     ("guide", "bn-inference=mobilenetv2_0.35_32"),
     ("under_frozen", "bn-train"),
     ("under_frozen", "bn-train=head_bn"),
+    ("frozen_stats", "bn-frozen-stats=bn_1"),
     ("guide", "trains=head"),
     ("under_frozen", "trains=head*"),
     ("guide", "frozen=mobilenetv2*"),
@@ -109,6 +121,18 @@ FAILS = [
         ],
     ),
     ("guide", "frozen=head", [("frozen=head", "head", "frozen", "trains")]),
+    (
+        "frozen_stats",
+        "bn-frozen-stats",
+        [
+            (
+                "bn-frozen-stats",
+                "bn_2",
+                "inference, gamma/beta train",
+                "inference, gamma/beta frozen",
+            )
+        ],
+    ),
     ("guide", "min-training=2", [("min-training=2", None, "at least 2 layers train", "1 train")]),
     (
         "under_frozen",

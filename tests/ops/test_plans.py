@@ -52,9 +52,10 @@ def error_of(text: str, layers=None, params=None) -> str:
 # --------------------------------------------------------------------------- shipped plans
 
 
-def test_four_plans_are_shipped():
+def test_five_plans_are_shipped():
     assert {p.name for p in SHIPPED} == {
         "keras-guide-finetune.toml",
+        "gradual-unfreeze.toml",
         "freeze-backbone.toml",
         "train-bn.toml",
         "freeze-up-to.toml",
@@ -64,7 +65,7 @@ def test_four_plans_are_shipped():
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_shipped_plan_parses_and_explains_itself(path):
     plan = load_plan(path)
-    assert plan.rules and plan.expectations
+    assert (plan.rules and plan.expectations) or plan.phases
     text = path.read_text()
     comment = [line for line in text.splitlines()[:6] if line.startswith("#")]
     assert len(comment) >= 3, "each plan opens with a comment block on when to use it"
@@ -73,7 +74,11 @@ def test_shipped_plan_parses_and_explains_itself(path):
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_shipped_plan_applies_to_the_guide_sample(path, guide_layers):
-    outcome = apply_rules(load_plan(path), guide_layers, current_flags(guide_layers))
+    plan = load_plan(path)
+    if not plan.rules:  # a schedule: bnfreeze.finetune runs it, apply refuses it
+        assert plan.phases
+        return
+    outcome = apply_rules(plan, guide_layers, current_flags(guide_layers))
     assert all(m.selected > 0 for m in outcome.matches)
 
 
@@ -387,7 +392,7 @@ def test_parse_sets():
         ),
         (
             '[plan]\nname = "empty"\n',
-            "p.toml: the plan has neither a [[rule]] nor an [[expect]] table. See the shipped "
+            "p.toml: the plan has no [[rule]], [[expect]] or [[phase]] table. See the shipped "
             "plans (bnfreeze plans) and bnfreeze's docs/plans.md for the schema.",
         ),
         ("[[rule]]\ntrainable = true\nx = \n", "p.toml:3: not valid TOML: Invalid value."),
@@ -590,7 +595,8 @@ def test_an_unknown_plan_name_lists_the_shipped_ones(tmp_path, monkeypatch):
         load_plan("keras-guide")
     assert str(info.value) == (
         "keras-guide: no such plan file. Shipped plans, taken by name (bnfreeze plans "
-        "describes them): freeze-backbone, freeze-up-to, keras-guide-finetune, train-bn."
+        "describes them): freeze-backbone, freeze-up-to, gradual-unfreeze, "
+        "keras-guide-finetune, train-bn."
     )
 
 
@@ -612,3 +618,88 @@ def test_the_plans_command_lists_and_prints_them():
     unknown = CliRunner().invoke(cli, ["plans", "nope"], catch_exceptions=False)
     assert unknown.exit_code == 2
     assert "nope: not a shipped plan; the shipped plans are freeze-backbone" in unknown.stderr
+
+
+# --------------------------------------------------------------------------------- phases
+
+
+def test_shipped_schedules_declare_what_each_phase_trains(guide_layers):
+    from bnfreeze.ops.phases import BnMode, declare
+
+    guide = load_plan(CONFIGS / "keras-guide-finetune.toml")
+    assert guide.rules and guide.expectations  # apply and check are unchanged
+    first, second = (declare(p, p.name or "", guide_layers) for p in guide.phases)
+    assert first.trains == {"pool", "head"}  # every top-level leaf; pool has no weights
+    assert second.trains == {r.path for r in guide_layers if r.kind.value == "layer"}
+    assert not first.bn_train and not second.bn_train
+    gradual = load_plan(CONFIGS / "gradual-unfreeze.toml")
+    assert [p.bn for p in gradual.phases] == [BnMode.INFERENCE] * 3
+    assert [p.learning_rate for p in gradual.phases] == [1e-3, 1e-4, 1e-5]
+    sizes = [len(declare(p, "", guide_layers).trains) for p in gradual.phases]
+    assert sizes[0] < sizes[1] < sizes[2]
+    moved = load_plan(CONFIGS / "gradual-unfreeze.toml", {"top": "block_16_expand"})
+    assert moved.phases[1].name == "from block_16_expand"
+
+
+def test_a_phase_table_parses_into_a_phase():
+    from bnfreeze.ops.phases import BnMode
+
+    plan = parse_plan(
+        '[[phase]]\nname = "top"\nfrom = "block_13_expand"\nepochs = 3\nbn = "flags"\n'
+        'learning_rate = 1e-4\nlearning_rates = { "block_1*" = 1e-5, "*" = 2e-4 }\n'
+    )
+    (phase,) = plan.phases
+    assert (phase.name, phase.epochs, phase.bn, phase.learning_rate) == (
+        "top",
+        3,
+        BnMode.FLAGS,
+        1e-4,
+    )
+    assert phase.learning_rates == (("block_1*", 1e-5), ("*", 2e-4))
+    assert phase.selector == Selector(from_="block_13_expand")
+    assert plan.rules == () and plan.expectations == ()
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ("bn = 'inference'", "p.toml:1: phase 1: a phase needs epochs = N"),
+        ("epochs = 0", "p.toml:2: phase 1, key 'epochs': must be a whole number >= 1, not 0."),
+        ("epochs = 1.5", "p.toml:2: phase 1, key 'epochs': must be a whole number >= 0"),
+        (
+            "epochs = 1\nbn = 'follow'",
+            "p.toml:3: phase 1, key 'bn': 'follow' is not one of \"inference\", \"train\", "
+            '"flags".',
+        ),
+        (
+            "epochs = 1\nlearning_rate = -1",
+            "p.toml:3: phase 1, key 'learning_rate': must be a positive number",
+        ),
+        (
+            "epochs = 1\nlearning_rates = 0.1",
+            "p.toml:3: phase 1, key 'learning_rates': must be a table of globs and rates",
+        ),
+        (
+            "epochs = 1\nlearning_rates = { 'a' = 'x' }",
+            "p.toml:3: phase 1, key 'learning_rates': must be a positive number, not the string",
+        ),
+        ("epochs = 1\ntrainable = true", "p.toml:3: phase 1, key 'trainable': unknown key"),
+    ],
+)
+def test_bad_phase_tables_are_located_errors(table, message):
+    assert error_of(f"[[phase]]\n{table}\n").startswith(message)
+
+
+def test_apply_refuses_a_plan_of_phases_only(samples, tmp_path):
+    from click.testing import CliRunner
+
+    from bnfreeze.cli import cli
+
+    out = tmp_path / "out.keras"
+    args = ["apply", str(samples / "guide_pattern.keras"), "--plan", "gradual-unfreeze"]
+    result = CliRunner().invoke(cli, [*args, "-o", str(out)], catch_exceptions=False)
+    assert result.exit_code == 2
+    assert "the plan holds [[phase]] tables and no [[rule]]" in result.stderr
+    assert "bnfreeze.finetune(model, PLAN, x, y)" in result.stderr
+    assert result.stdout == ""
+    assert not out.exists()

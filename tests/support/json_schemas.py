@@ -22,6 +22,7 @@ SCHEMA_OF = {
     "diff": "diff",
     "verify": "verify",
     "explain": "explain",
+    "recalibrate": "recalibrate",
 }
 
 
