@@ -14,9 +14,10 @@
     model = bnfreeze.load_model("frozen.keras")    # keras.models.load_model + the flags again
 
 For a path, each function runs the same library code as the CLI command
-(:mod:`bnfreeze.ops.inspect`, :mod:`bnfreeze.ops.edit`) and returns the same objects. For an
-in-memory model, the flags are set on the live layers (:mod:`bnfreeze.runtime.keras_engine`); the
-model is changed in place and also returned in the result's report.
+(:mod:`bnfreeze.ops.inspect`; an edit is one :class:`~bnfreeze.ops.request.EditRequest` applied
+by :func:`bnfreeze.runtime.routes.edit`) and returns the same objects. For an in-memory model,
+the flags are set on the live layers (:mod:`bnfreeze.runtime.memory_route`); the model is
+changed in place and also returned in the result's report.
 
 Changing ``trainable`` on a compiled model (docs/semantics.md, rule 4; measured on Keras 3.15 /
 TF 2.21):
@@ -48,124 +49,32 @@ Importing :mod:`bnfreeze` or this module never imports TensorFlow or Keras.
 
 from __future__ import annotations
 
-import enum
 import os
 import sys
-import warnings
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from bnfreeze.errors import BnfreezeError, RecompileWarning
+from bnfreeze.errors import BnfreezeError
+from bnfreeze.errors import RecompileWarning as RecompileWarning
 from bnfreeze.model.assignments import Assignment
-from bnfreeze.model.records import Finding, ModelFormat, Report, Runtime, WarningCode
+from bnfreeze.model.records import Report, Runtime
+from bnfreeze.ops.request import (
+    EditRequest,
+    EditResult,
+    Engine,
+    KerasModel,
+    LayerSelection,
+    Loading,
+    Output,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import TypeIs  # typing.TypeIs is Python 3.13+
-
-    from bnfreeze.ops.edit import EditResult
-
-
-class KerasModel(Protocol):
-    """What the API needs of an in-memory model: a ``keras.Model`` or a ``tf_keras.Model``.
-
-    Keras ships no type information, so a type checker sees a real model as ``Any``, which
-    fits; this protocol is what rules out a number or a list where a model belongs."""
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def layers(self) -> Any: ...
-
-    def compile(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
 #: A live model, or a ``str`` / ``os.PathLike`` naming a saved one.
 ModelOrPath = str | os.PathLike[str] | KerasModel
 ModelT = TypeVar("ModelT", bound=KerasModel)
-
-
-class TrainingState(enum.Enum):
-    """How far a live model got towards training; decides what a flag change does."""
-
-    UNCOMPILED = "uncompiled"  # flags take effect at compile()
-    COMPILED = "compiled"  # compiled, no training step traced, optimizer not built
-    OPTIMIZER_BUILT = "optimizer-built"  # its optimizer knows only the old trainable variables
-    TRACED = "traced"  # fit()/train_on_batch() traced a training step since compile()
-
-
-def _runtime_of(model: Any) -> Runtime:
-    tf_keras = sys.modules.get("tf_keras")
-    if tf_keras is not None and isinstance(model, tf_keras.Model):
-        return Runtime.TF_KERAS
-    return Runtime.KERAS3
-
-
-def training_state(model: Any) -> TrainingState:
-    """Where ``model`` stands. ``model.train_function`` is what ``fit()`` and
-    ``train_on_batch()`` set and ``compile()`` resets (on tf_keras too); ``optimizer.built``
-    is set by the first step, by ``load_model`` of a compiled model and by
-    ``compile_from_config`` (Keras 3; a tf_keras optimizer has no such flag)."""
-    from bnfreeze.runtime.loading import is_compiled
-
-    if not is_compiled(model):
-        return TrainingState.UNCOMPILED
-    if getattr(model, "train_function", None) is not None:
-        return TrainingState.TRACED
-    optimizer = getattr(model, "optimizer", None)
-    if optimizer is not None and getattr(optimizer, "built", False):
-        return TrainingState.OPTIMIZER_BUILT
-    return TrainingState.COMPILED
-
-
-def recompile_message(
-    name: str,
-    changed: int,
-    state: TrainingState,
-    *,
-    gained_trainable: bool,
-    runtime: Runtime = Runtime.KERAS3,
-) -> str | None:
-    """The :class:`RecompileWarning` text for a change of ``changed`` flags, or None."""
-    if state is TrainingState.UNCOMPILED or not changed:
-        return None
-    head = f"bnfreeze changed {changed} trainable flag(s) of model {name!r}, which is compiled"
-    fix = "Call bnfreeze.recompile(model) (or compile() with a new optimizer) before fit()."
-    if runtime is Runtime.TF_KERAS:
-        # Measured on tf_keras 2.21 (docs/semantics.md, rule 4): fit() trains with the flags
-        # recorded by compile(), before the first fit() and after it, for any batch shape.
-        when = (
-            " and has already been trained (fit() or train_on_batch() ran since its last compile())"
-            if state is TrainingState.TRACED
-            else ""
-        )
-        return (
-            f"{head}{when}. tf_keras trains with the trainable flags the model had when "
-            "compile() ran: fit() ignores this change, for the weights and for "
-            "BatchNormalization's mode alike, until compile() is called again with a new "
-            f"optimizer. {fix}"
-        )
-    if state is TrainingState.TRACED:
-        return (
-            f"{head} and has already traced a training step (fit() or train_on_batch() ran "
-            "since its last compile()). fit() reuses a traced step while its inputs keep "
-            "their kind and shape, and that step ignores the change; Keras traces a new one, "
-            "which sees it, for a new batch shape or for fit() after train_on_batch(), so part "
-            "of training may run with the old flags. Take it that the change has no effect on "
-            f"fit() until compile() is called again with a new optimizer. {fix}"
-        )
-    if state is TrainingState.OPTIMIZER_BUILT and gained_trainable:
-        return (
-            f"{head} and whose optimizer is already built for the old trainable variables (it "
-            "was loaded compiled, or has evaluated): fit() raises 'Unknown variable' for the "
-            "layers that became trainable until compile() is called again with a new "
-            f"optimizer. {fix}"
-        )
-    return (
-        f"{head}. Keras fixes the trainable variables of a training step when it first traces "
-        "it: this change still reaches the next fit(), but a change made after that fit() "
-        f"would not. {fix}"
-    )
 
 
 def _is_path(value: object) -> TypeIs[str | os.PathLike[str]]:
@@ -204,15 +113,15 @@ def inspect(model_or_path: ModelOrPath, *, runtime: Runtime | None = None) -> Re
 
         return inspect_file(model_or_path, Runtime.KERAS3 if runtime is None else runtime)
     _check_model(model_or_path)
-    own = _runtime_of(model_or_path)
+    from bnfreeze.runtime.live import live_report, runtime_of
+
+    own = runtime_of(model_or_path)
     if runtime is not None and runtime is not own:
         raise BnfreezeError(
             f"model {model_or_path.name!r} is a {own.value} model in memory; its behaviour is "
             f"{own.value}'s, not {runtime.value}'s. Leave runtime out for an in-memory model."
         )
-    from bnfreeze.runtime import keras_engine
-
-    return keras_engine.live_report(model_or_path, runtime=own)
+    return live_report(model_or_path, runtime=own)
 
 
 # ------------------------------------------------------------------------------ edits
@@ -228,14 +137,13 @@ def freeze(
     output: str | os.PathLike[str] | None = None,
     dry_run: bool = False,
     in_place: bool = False,
-    keep_optimizer_state: bool = False,
     optimizer_state: str | None = None,
     engine: str = "auto",
     custom_objects: str | Mapping[str, Any] | None = None,
     unsafe: bool = False,
 ) -> EditResult:
     """Freeze the selected layers, as ``bnfreeze freeze`` does; returns an
-    :class:`~bnfreeze.ops.edit.EditResult`.
+    :class:`~bnfreeze.ops.request.EditResult`.
 
     With no option every selected layer gets ``trainable=False``, BN included.
     ``bn_inference=True`` sets only the BN layers to False, which on Keras 3 is what keeps
@@ -245,9 +153,8 @@ def freeze(
 
     ``optimizer_state`` ("remap", the default, "drop" or "keep") says what happens to a saved
     file's optimizer variables when the set of trainable variables changes, as
-    ``--optimizer-state`` does (README, "Saved optimizer state"); ``keep_optimizer_state=True``
-    is its deprecated spelling of "keep". An in-memory model saved to ``output`` keeps them
-    only with "keep".
+    ``--optimizer-state`` does (README, "Saved optimizer state"). An in-memory model saved
+    to ``output`` keeps them only with "keep".
 
     A path is edited like the CLI does (``output``, or ``in_place=True``; ``dry_run``). An
     in-memory model is changed in place, and saved to ``output`` too when one is given; a
@@ -256,23 +163,12 @@ def freeze(
     ``model.save``); on tf_keras ``bn_inference=True`` works too, and a flag change on a
     compiled tf_keras model is ignored by ``fit()`` until it is compiled again.
     """
-    if bn_inference and train_bn:
-        raise BnfreezeError("bn_inference and train_bn contradict each other; pick one.")
-    assignment = Assignment.freeze(bn_inference_only=bn_inference, train_bn=train_bn)
     return _edit(
         model_or_path,
-        assignment,
-        layers=layers,
-        up_to=up_to,
-        from_layer=None,
-        output=output,
-        dry_run=dry_run,
-        in_place=in_place,
-        keep_optimizer_state=keep_optimizer_state,
-        optimizer_state=optimizer_state,
-        engine=engine,
-        custom_objects=custom_objects,
-        unsafe=unsafe,
+        Assignment.freeze(bn_inference=bn_inference, train_bn=train_bn),
+        LayerSelection(_patterns(layers), up_to=up_to),
+        _output(output, in_place=in_place, dry_run=dry_run),
+        _loading(engine, custom_objects, unsafe, optimizer_state),
     )
 
 
@@ -285,214 +181,64 @@ def unfreeze(
     output: str | os.PathLike[str] | None = None,
     dry_run: bool = False,
     in_place: bool = False,
-    keep_optimizer_state: bool = False,
     optimizer_state: str | None = None,
     engine: str = "auto",
     custom_objects: str | Mapping[str, Any] | None = None,
     unsafe: bool = False,
 ) -> EditResult:
     """Unfreeze the selected layers (``trainable=True``), as ``bnfreeze unfreeze`` does;
-    returns an :class:`~bnfreeze.ops.edit.EditResult`.
+    returns an :class:`~bnfreeze.ops.request.EditResult`.
 
     ``keep_bn_inference=True`` keeps every selected BN layer frozen: the fine-tuning step of
     the Keras transfer-learning guide, done right on Keras 3. ``from_`` is a layer path or
     name, inclusive. Paths and in-memory models as in :func:`freeze`.
     """
-    assignment = Assignment.unfreeze(keep_bn_inference=keep_bn_inference)
     return _edit(
         model_or_path,
-        assignment,
-        layers=layers,
-        up_to=None,
-        from_layer=from_,
-        output=output,
-        dry_run=dry_run,
-        in_place=in_place,
-        keep_optimizer_state=keep_optimizer_state,
-        optimizer_state=optimizer_state,
-        engine=engine,
-        custom_objects=custom_objects,
-        unsafe=unsafe,
+        Assignment.unfreeze(keep_bn_inference=keep_bn_inference),
+        LayerSelection(_patterns(layers), from_=from_),
+        _output(output, in_place=in_place, dry_run=dry_run),
+        _loading(engine, custom_objects, unsafe, optimizer_state),
     )
+
+
+def _patterns(layers: Sequence[str]) -> tuple[str, ...]:
+    return (layers,) if isinstance(layers, str) else tuple(layers)
+
+
+def _output(path: str | os.PathLike[str] | None, *, in_place: bool, dry_run: bool) -> Output:
+    return Output(None if path is None else os.fspath(path), in_place=in_place, dry_run=dry_run)
+
+
+def _loading(
+    engine: str,
+    custom_objects: str | Mapping[str, Any] | None,
+    unsafe: bool,
+    optimizer_state: str | None,
+) -> Loading:
+    from bnfreeze.ops.optimizer_state import parse_mode
+
+    return Loading(Engine(engine), custom_objects, unsafe, parse_mode(optimizer_state))
 
 
 def _edit(
     model_or_path: ModelOrPath,
     assignment: Assignment,
-    *,
-    layers: Sequence[str],
-    up_to: str | None,
-    from_layer: str | None,
-    output: str | os.PathLike[str] | None,
-    dry_run: bool,
-    in_place: bool,
-    keep_optimizer_state: bool,
-    optimizer_state: str | None,
-    engine: str,
-    custom_objects: str | Mapping[str, Any] | None,
-    unsafe: bool,
+    selection: LayerSelection,
+    output: Output,
+    loading: Loading,
 ) -> EditResult:
-    from bnfreeze.ops import edit as file_edit
-    from bnfreeze.ops.optimizer_state import OptimizerStateMode, parse_mode
+    """Build the one :class:`~bnfreeze.ops.request.EditRequest` and apply it
+    (:func:`bnfreeze.runtime.routes.edit`)."""
+    from bnfreeze.runtime.routes import edit
 
-    mode = parse_mode(optimizer_state, keep_optimizer_state)
-
-    if isinstance(layers, str):
-        layers = (layers,)
-    selection = file_edit.LayerSelection(tuple(layers), up_to, from_layer)
+    model: str | KerasModel
     if _is_path(model_or_path):
-        if custom_objects is not None and not isinstance(custom_objects, str):
-            raise BnfreezeError(
-                "for a saved model, custom_objects names a module or .py file (as "
-                "--custom-objects does)."
-            )
-        return file_edit.edit_file(
-            model_or_path,
-            output,
-            assignment,
-            layers=selection.layers,
-            up_to=up_to,
-            from_layer=from_layer,
-            dry_run=dry_run,
-            in_place=in_place,
-            optimizer_state=mode,
-            engine=engine,
-            custom_objects=custom_objects,
-            unsafe=unsafe,
-        )
-    _check_model(model_or_path)
-    if in_place:
-        raise BnfreezeError(
-            "in_place applies to saved files; an in-memory model is always changed in place."
-        )
-    return _edit_memory(
-        model_or_path,
-        assignment,
-        selection,
-        output=output,
-        dry_run=dry_run,
-        keep_optimizer_state=mode is OptimizerStateMode.KEEP,
-        custom_objects=custom_objects,
-        unsafe=unsafe,
-    )
-
-
-def _edit_memory(
-    model: Any,
-    assignment: Assignment,
-    selection: Any,
-    *,
-    output: str | os.PathLike[str] | None,
-    dry_run: bool,
-    keep_optimizer_state: bool,
-    custom_objects: str | Mapping[str, Any] | None,
-    unsafe: bool,
-) -> EditResult:
-    from bnfreeze.ops import edit as file_edit
-    from bnfreeze.runtime import keras_engine, loading
-
-    state = training_state(model)
-    runtime = _runtime_of(model)
-    if output is not None and runtime is Runtime.TF_KERAS:
-        raise BnfreezeError(
-            f"output=: bnfreeze saves only Keras 3 models; model {model.name!r} is a tf_keras "
-            "model. Nothing was changed. Edit it without output= and save it with its own "
-            "model.save()."
-        )
-    if output is not None:  # a bad name or folder fails before anything changes
-        from pathlib import Path
-
-        from bnfreeze.formats.atomic import check_destination
-
-        keras_engine.save_format(output)
-        check_destination(Path(output))
-    live = keras_engine.live_model(model)
-    done = keras_engine.edit_live(live, assignment, selection.apply, dry_run=dry_run)
-    optimizer = getattr(model, "optimizer", None)
-    built = getattr(optimizer, "built", False) or getattr(optimizer, "_built", False)  # tf_keras
-    optimizer_variables = len(optimizer.variables) if optimizer is not None and built else None
-    decision = file_edit.optimizer_decision(
-        optimizer_variables, done.trainable_set_changed, keep_optimizer_state
-    )
-    source = f"<in-memory model {model.name!r}>"
-    findings: list[Finding] = []
-    text = recompile_message(
-        model.name,
-        len(done.changes),
-        state,
-        gained_trainable=done.gained_trainable,
-        runtime=runtime,
-    )
-    if text is not None:
-        findings.append(Finding(WarningCode.RECOMPILE_REQUIRED, None, text))
-        if not dry_run:
-            warnings.warn(text, RecompileWarning, stacklevel=4)
-    output_bytes = None
-    written = None
-    if output is not None and not dry_run:
-        objects = _custom_objects_for(live, custom_objects)
-        keep = decision in (file_edit.OptimizerState.UNCHANGED, file_edit.OptimizerState.KEPT)
-        with loading.quiet():
-            saved = keras_engine.save(
-                model,
-                output,
-                keep_optimizer=keep,
-                reload=lambda p: loading.load_model(
-                    p, unsafe=unsafe, custom_objects=objects, compile=False
-                ),
-                live=live,
-            )
-        output_bytes = saved.size
-        written = os.fspath(output)
-        recorded = keras_engine.recorded_flags_findings(saved.recorded, written)
-        findings.extend(recorded)
-        for finding in recorded:
-            warnings.warn(finding.message, UserWarning, stacklevel=4)
-        findings.extend(
-            f
-            for f in file_edit.edit_warnings(
-                done.changes, decision, optimizer_variables, output=written, dry_run=False
-            )
-            if f.code is WarningCode.OPTIMIZER_STATE
-        )
-    report = keras_engine.live_report(
-        model,
-        path=written,
-        fmt=keras_engine.save_format(written) if written else ModelFormat.MEMORY,
-    )
-    dropped = optimizer_variables or 0
-    return file_edit.EditResult(
-        source=source,
-        output=written,
-        dry_run=dry_run,
-        engine=file_edit.Engine.KERAS,
-        selected=done.selected,
-        changes=done.changes,
-        report=report,
-        warnings=tuple(findings),
-        optimizer_state=decision,
-        optimizer_variables=optimizer_variables,
-        optimizer_variables_dropped=dropped
-        if written and decision is file_edit.OptimizerState.DROPPED
-        else 0,
-        input_bytes=0,
-        output_bytes=output_bytes,
-    )
-
-
-def _custom_objects_for(live: Any, given: str | Mapping[str, Any] | None) -> dict[str, Any]:
-    """What reloading a saved in-memory model needs: the classes it is made of (they are
-    already loaded in this process), plus whatever the caller names."""
-    from bnfreeze.runtime import loading
-
-    objects: dict[str, Any] = {type(live.model).__name__: type(live.model)}
-    for layer in live.layers.values():
-        objects.setdefault(type(layer).__name__, type(layer))
-    if isinstance(given, str):
-        objects.update(loading.load_custom_objects(given))
-    elif given:
-        objects.update(given)
-    return objects
+        model = os.fspath(model_or_path)
+    else:
+        _check_model(model_or_path)
+        model = model_or_path
+    return edit(EditRequest(model, assignment, selection, output, loading))
 
 
 # ------------------------------------------------------------------------------ load_model
@@ -521,13 +267,14 @@ def load_model(path: str | os.PathLike[str], **kwargs: Any) -> Any:
     models").
     """
     from bnfreeze.formats import recorded_flags
-    from bnfreeze.runtime import keras_engine, loading
+    from bnfreeze.runtime import environment
+    from bnfreeze.runtime.saving import apply_recorded
 
     recorded = recorded_flags.read(path)  # a damaged member fails before Keras loads
-    keras = loading.keras_module(Runtime.KERAS3)
+    keras = environment.keras_module(Runtime.KERAS3)
     model = keras.models.load_model(path, **kwargs)
     if recorded is not None:
-        keras_engine.apply_recorded(model, recorded, os.fspath(path))
+        apply_recorded(model, recorded, os.fspath(path))
     return model
 
 
@@ -543,7 +290,7 @@ def recompile(model: ModelT) -> ModelT:
     learning-rate schedule starts over. Works for a ``tf_keras.Model`` too (its ``compile()``
     records its arguments the same way). Returns ``model``.
     """
-    from bnfreeze.runtime.loading import is_compiled
+    from bnfreeze.runtime.environment import is_compiled
 
     _check_model(model)
     optimizer = getattr(model, "optimizer", None)

@@ -8,6 +8,8 @@ traceback for bad input.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
 EXIT_USAGE = 2
@@ -28,6 +30,22 @@ class BnfreezeError(Exception):
         if self.hint:
             return f"{self.message} {self.hint}"
         return self.message
+
+
+class ContradictoryOptions(BnfreezeError):
+    """Two options that cannot be given together, such as ``bn_inference`` and ``train_bn``.
+
+    The check is made once, where the request is built (``Assignment.freeze``); the CLI
+    spells the options as flags (:meth:`spelled`)."""
+
+    def __init__(self, first: str, second: str) -> None:
+        self.options = (first, second)
+        super().__init__(self.spelled(lambda name: name))
+
+    def spelled(self, spell: Callable[[str], str]) -> str:
+        """The message with each option's name passed through ``spell``."""
+        first, second = (spell(name) for name in self.options)
+        return f"{first} and {second} contradict each other; pick one."
 
 
 class ModelFormatError(BnfreezeError):

@@ -16,9 +16,11 @@ import pytest
 
 import bnfreeze
 from bnfreeze.errors import BnfreezeError, SelectionError
-from bnfreeze.ops import edit as file_edit
+from bnfreeze.ops import request as file_edit
+from bnfreeze.ops.optimizer_state import OptimizerState
 from bnfreeze.render.json import layer_dict
-from bnfreeze.runtime import keras_engine
+from bnfreeze.runtime import live as keras_live
+from bnfreeze.runtime import saving
 
 pytestmark = pytest.mark.keras
 
@@ -55,9 +57,9 @@ def compile_(model, lr: float = 1e-2):
 
 def fit_moves(model, batch_size: int = 16) -> set[str]:
     """The layers whose variables one real fit() epoch changes (no recompile)."""
-    before = keras_engine.values_by_path(keras_engine.live_layers(model))
+    before = saving.values_by_path(keras_live.live_layers(model))
     model.fit(X, Y, batch_size=batch_size, epochs=1, verbose=0)
-    after = keras_engine.values_by_path(keras_engine.live_layers(model))
+    after = saving.values_by_path(keras_live.live_layers(model))
     return {k.split(":")[0] for k in before if not np.array_equal(before[k], after[k])}
 
 
@@ -182,7 +184,7 @@ def test_in_memory_output_is_saved(tmp_path):
         warnings.simplefilter("ignore", bnfreeze.RecompileWarning)
         result = bnfreeze.freeze(model, bn_inference=True, output=out)
     assert result.output == str(out) and result.output_bytes == out.stat().st_size
-    assert result.optimizer_state is file_edit.OptimizerState.DROPPED
+    assert result.optimizer_state is OptimizerState.DROPPED
     loaded = keras.models.load_model(out, compile=False)
     assert loaded.get_layer("bn").trainable is False
 
@@ -190,8 +192,8 @@ def test_in_memory_output_is_saved(tmp_path):
 def test_paths_go_through_the_cli_orchestration(samples, tmp_path):
     out = tmp_path / "out.keras"
     result = bnfreeze.unfreeze(samples / "guide_pattern.keras", keep_bn_inference=True, output=out)
-    same = file_edit.unfreeze_file(
-        samples / "guide_pattern.keras", tmp_path / "cli.keras", keep_bn_inference=True
+    same = bnfreeze.unfreeze(
+        samples / "guide_pattern.keras", output=tmp_path / "cli.keras", keep_bn_inference=True
     )
     assert result.engine is file_edit.Engine.CONFIG
     assert result.changes == same.changes
@@ -330,7 +332,7 @@ def test_load_model_without_recorded_flags_is_keras_load_model(samples):
     theirs = keras.models.load_model(path, compile=False)
     assert not ours.compiled
     flags = [
-        {path: layer.trainable for path, layer in keras_engine.live_layers(m).items()}
+        {path: layer.trainable for path, layer in keras_live.live_layers(m).items()}
         for m in (ours, theirs)
     ]
     assert flags[0] == flags[1] and False in flags[0].values()

@@ -17,8 +17,9 @@ import bnfreeze
 from bnfreeze.errors import BnfreezeError
 from bnfreeze.model import modes
 from bnfreeze.model.records import Normalization, Runtime
-from bnfreeze.ops import edit as file_edit
-from bnfreeze.runtime import keras_engine
+from bnfreeze.ops import request as file_edit
+from bnfreeze.runtime import live as keras_live
+from bnfreeze.runtime import saving
 
 pytestmark = pytest.mark.keras
 
@@ -32,9 +33,9 @@ IGNORED = "fit() ignores this change"
 def tfk():
     """tf_keras, imported quietly as bnfreeze would import it."""
     pytest.importorskip("tf_keras")
-    from bnfreeze.runtime import loading
+    from bnfreeze.runtime import environment
 
-    return loading.keras_module(Runtime.TF_KERAS)
+    return environment.keras_module(Runtime.TF_KERAS)
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -72,10 +73,10 @@ def compile_(tfk, model, lr: float = 1e-2):
 def step(model) -> dict[str, set[str]]:
     """One real fit() epoch (one batch); which variables of which layer moved:
     ``{path: {"gamma", "moving_mean", "kernel", ...}}``."""
-    layers = keras_engine.live_layers(model)
-    before = keras_engine.values_by_path(layers)
+    layers = keras_live.live_layers(model)
+    before = saving.values_by_path(layers)
     model.fit(X, Y, batch_size=16, epochs=1, verbose=0)
-    after = keras_engine.values_by_path(layers)
+    after = saving.values_by_path(layers)
     moved: dict[str, set[str]] = {}
     for key, value in before.items():
         if not np.array_equal(value, after[key]):

@@ -214,31 +214,6 @@ def _writing_back(path: Path) -> Iterator[None]:
         raise failure[0]
 
 
-def _produce_while(
-    produce: Callable[[Path], None], tmp: Path, meanwhile: Callable[[], None] | None
-) -> None:
-    """``produce(tmp)``, in a worker thread while ``meanwhile()`` runs here when given."""
-    if meanwhile is None:
-        produce(tmp)
-        return
-    failure: list[BaseException] = []
-
-    def work() -> None:
-        try:
-            produce(tmp)
-        except BaseException as exc:  # handed to the caller's thread below
-            failure.append(exc)
-
-    worker = threading.Thread(target=work, name="bnfreeze-produce", daemon=True)
-    worker.start()
-    try:
-        meanwhile()
-    finally:
-        worker.join()  # never remove, verify or rename a file the worker still writes
-    if failure:
-        raise failure[0]
-
-
 def _final_mode(dest: Path) -> int:
     """Keep an existing output's permission bits; else what a plain ``open()`` would give."""
     try:
@@ -249,29 +224,17 @@ def _final_mode(dest: Path) -> int:
         return 0o666 & ~umask
 
 
-def write_atomically(
-    dest: str | os.PathLike[str],
-    produce: Callable[[Path], None],
-    verify: Callable[[Path], None] | None = None,
-    *,
-    meanwhile: Callable[[], None] | None = None,
-    durable: bool | None = None,
-) -> int:
-    """Create ``dest`` atomically; return its size in bytes.
+@contextlib.contextmanager
+def atomic_file(dest: str | os.PathLike[str], *, durable: bool | None = None) -> Iterator[Path]:
+    """Create ``dest`` atomically: yield ``tmp``, a fresh empty file in ``dest``'s folder, for
+    the body to write the complete file at (it may truncate or reopen it) and check; when the
+    body ends without an error, ``tmp`` is renamed over ``dest``.
 
-    ``produce(tmp)`` writes the complete file at ``tmp``, a fresh empty file in ``dest``'s
-    folder that it may truncate or reopen. ``verify(tmp)`` re-reads it and raises if it is not
-    what was meant (an :class:`OutputError`, say). Only then is ``tmp`` renamed over ``dest``.
     With ``durable``, ``tmp`` is fsynced before the rename (a background thread writes its
-    data to disk while produce and verify run) and the folder after it; ``None``, the
-    default, means "when ``dest`` exists" (see the module docstring).
-
-    With ``meanwhile``, ``produce`` runs in a worker thread while ``meanwhile()`` runs in this
-    one: a copy the kernel does (``os.copy_file_range`` releases the GIL) overlaps Python
-    work. Both must end before ``verify``; an error of ``meanwhile`` wins over one of
-    ``produce``, and the file is removed only once the worker is done with it. On any failure,
-    including ``KeyboardInterrupt``, ``tmp`` is removed and the exception propagates; an
-    ``OSError`` becomes an :class:`OutputError` written for users.
+    data to disk while the body runs) and the folder after it; ``None``, the default, means
+    "when ``dest`` exists" (see the module docstring). On any failure, including
+    ``KeyboardInterrupt``, ``tmp`` is removed and the exception propagates; an ``OSError``
+    becomes an :class:`OutputError` written for users.
     """
     dest = Path(dest)
     folder = check_destination(dest)
@@ -286,15 +249,12 @@ def write_atomically(
         # thread writes the data back while it is produced and verified, so the fsync before
         # the rename has little left to do.
         with _writing_back(tmp) if durable else contextlib.nullcontext():
-            _produce_while(produce, tmp, meanwhile)
-            if verify is not None:
-                verify(tmp)
+            yield tmp
             if durable:
                 # While the write-back thread may still be in a flush: both wait for the same
                 # disk writes, instead of this one starting only after that one ended.
                 _fsync_path(tmp)
         os.chmod(tmp, _final_mode(dest))
-        size = tmp.stat().st_size
         os.replace(tmp, dest)
     except BaseException as exc:
         with contextlib.suppress(OSError):
@@ -304,7 +264,26 @@ def write_atomically(
         raise
     if durable:
         _fsync_folder(folder)
-    return size
+
+
+def write_atomically(
+    dest: str | os.PathLike[str],
+    produce: Callable[[Path], None],
+    verify: Callable[[Path], None] | None = None,
+    *,
+    durable: bool | None = None,
+) -> int:
+    """Create ``dest`` atomically (:func:`atomic_file`); return its size in bytes.
+
+    ``produce(tmp)`` writes the complete file at ``tmp``. ``verify(tmp)`` re-reads it and
+    raises if it is not what was meant (an :class:`OutputError`, say). Only then is ``tmp``
+    renamed over ``dest``.
+    """
+    with atomic_file(dest, durable=durable) as tmp:
+        produce(tmp)
+        if verify is not None:
+            verify(tmp)
+    return Path(dest).stat().st_size
 
 
 @contextlib.contextmanager

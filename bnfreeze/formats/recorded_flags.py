@@ -19,7 +19,7 @@ archive with ``keras.models.load_model`` and sets these flags again. Keras ignor
 member: the archive loads, with no warning, like the one Keras wrote; but a plain
 ``keras.models.load_model`` then gives the layers ``trainable=True`` again.
 
-This module reads and writes the member without Keras; :mod:`bnfreeze.runtime.keras_engine`
+This module reads and writes the member without Keras; :mod:`bnfreeze.runtime.saving`
 computes the paths on a live model.
 """
 

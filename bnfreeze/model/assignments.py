@@ -14,6 +14,7 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from bnfreeze.errors import ContradictoryOptions
 from bnfreeze.model.records import LayerKind, LayerRecord
 from bnfreeze.model.selection import is_leaf
 
@@ -28,10 +29,13 @@ class Assignment:
     batchnorm: bool | None
 
     @classmethod
-    def freeze(cls, *, bn_inference_only: bool = False, train_bn: bool = False) -> Assignment:
+    def freeze(cls, *, bn_inference: bool = False, train_bn: bool = False) -> Assignment:
         """``freeze``: everything False; ``--bn-inference``: only BN False; ``--train-bn``:
-        everything False but BN True (the fastai "train_bn" recipe)."""
-        if bn_inference_only:
+        everything False but BN True (the fastai "train_bn" recipe). Both at once raise
+        :class:`~bnfreeze.errors.ContradictoryOptions`."""
+        if bn_inference and train_bn:
+            raise ContradictoryOptions("bn_inference", "train_bn")
+        if bn_inference:
             return cls(others=None, batchnorm=False)
         return cls(others=False, batchnorm=bool(train_bn))
 

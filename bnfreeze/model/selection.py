@@ -59,7 +59,7 @@ def match_glob(layers: Sequence[LayerRecord], pattern: str) -> set[str]:
     return _covered(layers, hits)
 
 
-def up_to(layers: Sequence[LayerRecord], spec: str) -> set[str]:
+def layers_up_to(layers: Sequence[LayerRecord], spec: str) -> set[str]:
     """Every layer before ``spec`` in model order, ``spec`` itself and everything below it."""
     target = find_layer(layers, spec)
     paths = [r.path for r in layers]
@@ -69,7 +69,7 @@ def up_to(layers: Sequence[LayerRecord], spec: str) -> set[str]:
     return set(paths[: max(end, last) + 1])
 
 
-def from_layer(layers: Sequence[LayerRecord], spec: str) -> set[str]:
+def layers_from(layers: Sequence[LayerRecord], spec: str) -> set[str]:
     """``spec``, everything below it and every layer after it in model order."""
     target = find_layer(layers, spec)
     paths = [r.path for r in layers]
@@ -77,11 +77,11 @@ def from_layer(layers: Sequence[LayerRecord], spec: str) -> set[str]:
 
 
 def select(
-    layers: Sequence[LayerRecord],
+    records: Sequence[LayerRecord],
     *,
-    globs: Sequence[str] = (),
-    up_to_layer: str | None = None,
-    from_layer_spec: str | None = None,
+    layers: Sequence[str] = (),
+    up_to: str | None = None,
+    from_: str | None = None,
 ) -> tuple[LayerRecord, ...]:
     """The leaves chosen by all the given selectors together (their intersection).
 
@@ -89,11 +89,11 @@ def select(
     result must not be empty: a selection that matches nothing is an error, not a silent
     success.
     """
-    chosen = {r.path for r in layers}
-    if globs:
+    chosen = {r.path for r in records}
+    if layers:
         matched: set[str] = set()
-        for pattern in globs:
-            hit = match_glob(layers, pattern)
+        for pattern in layers:
+            hit = match_glob(records, pattern)
             if not hit:
                 raise SelectionError(
                     f"--layers {pattern!r} matches no layer path or name.",
@@ -101,11 +101,11 @@ def select(
                 )
             matched |= hit
         chosen &= matched
-    if up_to_layer is not None:
-        chosen &= up_to(layers, up_to_layer)
-    if from_layer_spec is not None:
-        chosen &= from_layer(layers, from_layer_spec)
-    result = tuple(r for r in layers if r.path in chosen and is_leaf(r))
+    if up_to is not None:
+        chosen &= layers_up_to(records, up_to)
+    if from_ is not None:
+        chosen &= layers_from(records, from_)
+    result = tuple(r for r in records if r.path in chosen and is_leaf(r))
     if not result:
         raise SelectionError("the selection matches no layer whose flag can be set.")
     return result

@@ -18,25 +18,12 @@ from typing import Any
 
 from bnfreeze.errors import ModelFormatError
 from bnfreeze.limits import MAX_LAYERS, MAX_NESTING_DEPTH
-from bnfreeze.model.records import LayerKind, LayerRecord
-
-#: Class names of BatchNormalization layers. ``BatchNormalization(synchronized=True)`` keeps
-#: its class name; tf_keras's ``SyncBatchNormalization`` has its own (docs/semantics.md, rule 7).
-BATCHNORM_CLASSES = frozenset({"BatchNormalization", "SyncBatchNormalization"})
-
-#: Normalization layers that are *not* BN: they have no moving statistics (docs/semantics.md,
-#: rule 7).
-OTHER_NORMALIZATION_CLASSES = frozenset(
-    {
-        "LayerNormalization",
-        "GroupNormalization",
-        "UnitNormalization",
-        "RMSNormalization",
-        "Normalization",
-    }
+from bnfreeze.model.keras_classes import (
+    BATCHNORM_CLASSES,
+    CONTAINER_CLASSES,
+    OTHER_NORMALIZATION_CLASSES,
 )
-
-CONTAINER_CLASSES = frozenset({"Functional", "Sequential", "Model"})
+from bnfreeze.model.records import LayerKind, LayerRecord
 
 #: Config keys under which a wrapper keeps the layer(s) it wraps.
 WRAPPED_LAYER_KEYS = ("layer", "backward_layer")

@@ -7,8 +7,8 @@ from dataclasses import replace
 
 from bnfreeze.formats.readers import read_model, read_shapes, read_values
 from bnfreeze.model import code_built, diagnostics, modes
-from bnfreeze.model.records import ModelFile, ModelFormat, Report, Runtime
-from bnfreeze.model.walk import walk
+from bnfreeze.model.records import Finding, LayerState, ModelFile, ModelFormat, Report, Runtime
+from bnfreeze.model.walk import WalkedModel, walk
 
 
 def inspect_file(path: str | os.PathLike[str], runtime: Runtime = Runtime.KERAS3) -> Report:
@@ -24,44 +24,25 @@ def inspect_model_file(model: ModelFile, runtime: Runtime = Runtime.KERAS3) -> R
     weights file (:mod:`bnfreeze.model.code_built`) and listed with ``source=WEIGHTS``.
     """
     walked = walk(model.config, model.path)
-    has_weights: dict[str, bool | None] = {}
-    index = model.weights.variables if model.weights is not None else None
-    for record in walked.layers:
-        if index is not None and record.path in index:
-            has_weights[record.path] = bool(index[record.path])
-        else:
-            has_weights[record.path] = modes.has_weights_by_class(record)
-    built = code_built.CodeBuilt((), (), {})
-    if model.format is not ModelFormat.MEMORY and model.weights is not None:
-        built = code_built.find(
-            model,
-            walked,
-            read_shapes=lambda names: read_shapes(model, names),
-            read_values=lambda names: read_values(model, names),
-        )
+    has_weights = _has_weights(model, walked)
+    built = _code_built(model, walked)
     if built.records:
         walked = replace(walked, layers=_merged(walked.layers, built.records))
         for record in built.records:
             has_weights[record.path] = True
+    loaded = model.format is not ModelFormat.MEMORY
     model_trainable = walked.trainable
-    if model.format is not ModelFormat.MEMORY:
+    if loaded:
         model_trainable = modes.loaded_model_trainable(walked.class_name, walked.trainable, runtime)
     states = modes.resolve(
         walked.layers,
         model_trainable=model_trainable,
         has_weights=has_weights,
         runtime=runtime,
-        loaded=model.format is not ModelFormat.MEMORY,
+        loaded=loaded,
     )
     if built.rebuilt_weights and runtime is Runtime.KERAS3 and model_trainable:
-        # On Keras 3 only a layer's own flag counts, and Keras rebuilds the sublayers of a
-        # code-built layer trainable: their weights train even if the layer's flag is False.
-        states = tuple(
-            replace(s, in_fit=replace(s.in_fit, trains_weights=True))
-            if s.layer.path in built.rebuilt_weights and s.in_fit.trains_weights is False
-            else s
-            for s in states
-        )
+        states = _rebuilt_sublayers_train(states, built)
     # Diagnostics read BN statistics by layer path: give them the new rows' datasets too.
     diagnosed = model
     if built.datasets and model.weights is not None:
@@ -71,22 +52,14 @@ def inspect_model_file(model: ModelFile, runtime: Runtime = Runtime.KERAS3) -> R
         diagnosed,
         states,
         model_trainable=model_trainable,
-        read_values=(lambda names: read_values(model, names)) if index is not None else None,
+        read_values=(lambda names: read_values(model, names))
+        if model.weights is not None
+        else None,
         runtime=runtime,
         owners=built.owners,
     )
     if runtime is Runtime.KERAS3 and (model.keras_version or "").startswith(("2.", "1.")):
-        tf_keras_trainable = modes.loaded_model_trainable(
-            walked.class_name, walked.trainable, Runtime.TF_KERAS
-        )
-        other = modes.resolve(
-            walked.layers,
-            model_trainable=tf_keras_trainable,
-            has_weights=has_weights,
-            runtime=Runtime.TF_KERAS,
-            loaded=model.format is not ModelFormat.MEMORY,
-        )
-        findings += tuple(diagnostics.keras2_hint(model, states, other))
+        findings += _keras2_hint(model, walked, states, has_weights)
     return Report(
         model=model,
         runtime=runtime,
@@ -94,6 +67,63 @@ def inspect_model_file(model: ModelFile, runtime: Runtime = Runtime.KERAS3) -> R
         layers=states,
         warnings=findings,
     )
+
+
+def _has_weights(model: ModelFile, walked: WalkedModel) -> dict[str, bool | None]:
+    """Whether each layer holds variables: from the weights index, else from its class."""
+    index = model.weights.variables if model.weights is not None else None
+    has_weights: dict[str, bool | None] = {}
+    for record in walked.layers:
+        if index is not None and record.path in index:
+            has_weights[record.path] = bool(index[record.path])
+        else:
+            has_weights[record.path] = modes.has_weights_by_class(record)
+    return has_weights
+
+
+def _code_built(model: ModelFile, walked: WalkedModel) -> code_built.CodeBuilt:
+    """The BN layers code builds, found in the weights file (none for a live model)."""
+    if model.format is ModelFormat.MEMORY or model.weights is None:
+        return code_built.CodeBuilt((), (), {})
+    return code_built.find(
+        model,
+        walked,
+        read_shapes=lambda names: read_shapes(model, names),
+        read_values=lambda names: read_values(model, names),
+    )
+
+
+def _rebuilt_sublayers_train(
+    states: tuple[LayerState, ...], built: code_built.CodeBuilt
+) -> tuple[LayerState, ...]:
+    """On Keras 3 only a layer's own flag counts, and Keras rebuilds the sublayers of a
+    code-built layer trainable: their weights train even if the layer's flag is False."""
+    return tuple(
+        replace(s, in_fit=replace(s.in_fit, trains_weights=True))
+        if s.layer.path in built.rebuilt_weights and s.in_fit.trains_weights is False
+        else s
+        for s in states
+    )
+
+
+def _keras2_hint(
+    model: ModelFile,
+    walked: WalkedModel,
+    states: tuple[LayerState, ...],
+    has_weights: dict[str, bool | None],
+) -> tuple[Finding, ...]:
+    """A model saved by Keras 2: what changes if it is loaded with tf_keras instead."""
+    tf_keras_trainable = modes.loaded_model_trainable(
+        walked.class_name, walked.trainable, Runtime.TF_KERAS
+    )
+    other = modes.resolve(
+        walked.layers,
+        model_trainable=tf_keras_trainable,
+        has_weights=has_weights,
+        runtime=Runtime.TF_KERAS,
+        loaded=model.format is not ModelFormat.MEMORY,
+    )
+    return tuple(diagnostics.keras2_hint(model, states, other))
 
 
 def _merged(layers: tuple, extra: tuple) -> tuple:

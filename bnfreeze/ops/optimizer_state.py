@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bnfreeze.formats.writers import OptimizerSlot
+from bnfreeze.model.keras_classes import ALL_TRAINABLE_CLASSES
 from bnfreeze.model.records import LayerState, ModelFile, ModelFormat
 
 OPTIMIZER_VARS = "/optimizer/vars"
@@ -54,29 +55,6 @@ class OptimizerState(enum.Enum):
     REMAPPED = "remapped"  # it changed, and they were rewritten for the new set
     KEPT = "kept"  # it changed, and they were kept as they were on request (mode keep)
     DROPPED = "dropped"  # it changed, and they were dropped (asked, or remap not provable)
-
-
-#: Built-in layer classes all of whose variables are trainable when the layer is.
-ALL_TRAINABLE = frozenset(
-    {
-        "Dense",
-        "EinsumDense",
-        "Conv1D",
-        "Conv2D",
-        "Conv3D",
-        "Conv1DTranspose",
-        "Conv2DTranspose",
-        "Conv3DTranspose",
-        "DepthwiseConv1D",
-        "DepthwiseConv2D",
-        "SeparableConv1D",
-        "SeparableConv2D",
-        "Embedding",
-        "LayerNormalization",
-        "GroupNormalization",
-        "PReLU",
-    }
-)
 
 
 @dataclass(frozen=True)
@@ -198,7 +176,7 @@ def trainable_variables(model: ModelFile, states: Sequence[LayerState]) -> tuple
         cfg = _layer_config(model, state)
         dtype = cfg.get("dtype")
         quantized = isinstance(dtype, dict) and "Quantized" in str(dtype.get("class_name"))
-        if layer.custom or layer.class_name not in ALL_TRAINABLE or cfg.get("lora_rank"):
+        if layer.custom or layer.class_name not in ALL_TRAINABLE_CLASSES or cfg.get("lora_rank"):
             raise _NotProvable(f"{where}: bnfreeze does not know which of its variables train")
         if quantized:
             raise _NotProvable(f"{where} is quantized")
@@ -338,31 +316,19 @@ def trainable_layers(states: Sequence[LayerState]) -> frozenset[str]:
     )
 
 
-def parse_mode(
-    value: OptimizerStateMode | str | None, keep_optimizer_state: bool = False
-) -> OptimizerStateMode:
-    """The mode asked for; the deprecated ``keep_optimizer_state=True`` means KEEP."""
-    if value is None:
-        return OptimizerStateMode.KEEP if keep_optimizer_state else OptimizerStateMode.REMAP
-    mode = OptimizerStateMode(value)
-    if keep_optimizer_state and mode is not OptimizerStateMode.KEEP:
-        from bnfreeze.errors import BnfreezeError
-
-        raise BnfreezeError(
-            f"--keep-optimizer-state (deprecated) means --optimizer-state keep, which "
-            f"contradicts --optimizer-state {mode.value}; pick one."
-        )
-    return mode
+def parse_mode(value: OptimizerStateMode | str | None) -> OptimizerStateMode:
+    """The mode asked for: ``remap`` when none is given."""
+    return OptimizerStateMode.REMAP if value is None else OptimizerStateMode(value)
 
 
 def optimizer_decision(
-    optimizer_variables: int | None, trainable_set_changed: bool, keep_optimizer_state: bool
+    optimizer_variables: int | None, trainable_set_changed: bool, mode: OptimizerStateMode
 ) -> OptimizerState:
-    """What the Keras engine route does with the saved optimizer variables (it does not
-    remap): drop them when they exist and the set of trainable variables changed, unless
-    asked to keep them."""
+    """What the Keras engine and in-memory routes do with the optimizer variables (they do
+    not remap): drop them when they exist and the set of trainable variables changed, unless
+    ``mode`` keeps them."""
     if not optimizer_variables:
         return OptimizerState.NONE
     if not trainable_set_changed:
         return OptimizerState.UNCHANGED
-    return OptimizerState.KEPT if keep_optimizer_state else OptimizerState.DROPPED
+    return OptimizerState.KEPT if mode is OptimizerStateMode.KEEP else OptimizerState.DROPPED

@@ -439,7 +439,7 @@ class _Parser:
             classes=classes,
             only=only_value,
             up_to=up_to_spec,
-            from_layer=from_spec,
+            from_=from_spec,
             depth=depth,
             min_depth=min_depth,
             max_depth=max_depth,

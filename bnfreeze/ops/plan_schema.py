@@ -15,7 +15,7 @@ from bnfreeze.errors import BnfreezeError, PlanError
 from bnfreeze.model.assignments import Assignment
 from bnfreeze.model.expectations import Expectation
 from bnfreeze.model.records import LayerRecord
-from bnfreeze.model.selection import find_layer, from_layer, is_leaf, match_glob, up_to
+from bnfreeze.model.selection import find_layer, is_leaf, layers_from, layers_up_to, match_glob
 
 SCHEMA = 1
 
@@ -96,7 +96,7 @@ class Selector:
     classes: tuple[str, ...] = ()  # globs on the class name
     only: Only | None = None
     up_to: str | None = None
-    from_layer: str | None = None
+    from_: str | None = None
     depth: int | None = None
     min_depth: int | None = None
     max_depth: int | None = None
@@ -124,8 +124,8 @@ class Selector:
                 union |= hit
             chosen &= union
         for key, spec, resolve in (
-            ("up_to", self.up_to, up_to),
-            ("from", self.from_layer, from_layer),
+            ("up_to", self.up_to, layers_up_to),
+            ("from", self.from_, layers_from),
         ):
             if spec is None:
                 continue
@@ -167,8 +167,8 @@ class Selector:
             parts.append(f"only={self.only.value}")
         if self.up_to is not None:
             parts.append(f"up_to={self.up_to}")
-        if self.from_layer is not None:
-            parts.append(f"from={self.from_layer}")
+        if self.from_ is not None:
+            parts.append(f"from={self.from_}")
         for key in ("depth", "min_depth", "max_depth"):
             value = getattr(self, key)
             if value is not None:

@@ -48,7 +48,7 @@ from bnfreeze.errors import PlanError
 from bnfreeze.model.assignments import Assignment, Flags, assign, current_flags, stores_flag
 from bnfreeze.model.records import LayerKind, LayerRecord
 from bnfreeze.model.selection import is_leaf
-from bnfreeze.ops.edit import EditResult, LayerSelection
+from bnfreeze.ops.optimizer_state import parse_mode
 
 # The parser's entry points, re-exported: callers read and apply plans from one module.
 from bnfreeze.ops.plan_parser import SCHEMA_HINT
@@ -59,6 +59,7 @@ from bnfreeze.ops.plan_parser import parse_plan as parse_plan
 from bnfreeze.ops.plan_parser import parse_sets as parse_sets
 from bnfreeze.ops.plan_parser import shipped_plans as shipped_plans
 from bnfreeze.ops.plan_schema import Plan, Rule, Where
+from bnfreeze.ops.request import EditRequest, EditResult, LayerSelection, Loading, Output
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ def apply_rules(
 
 @dataclass(frozen=True)
 class PlanSelection(LayerSelection):
-    """A plan resolved against one model, as the selection the freeze orchestration applies:
+    """A plan resolved against one model, as the selection the edit applies:
     every layer a rule selected, plus every container whose flag the plan changes."""
 
     paths: tuple[str, ...] = ()
@@ -126,7 +127,7 @@ class PlanSelection(LayerSelection):
 
 @dataclass(frozen=True)
 class PlanAssignment(Assignment):
-    """A plan resolved against one model, as the assignment the freeze orchestration applies:
+    """A plan resolved against one model, as the assignment the edit applies:
     each selected layer's final flag after every rule, later rules winning.
 
     ``others`` and ``batchnorm`` are None, so :func:`~bnfreeze.model.assignments.assign` sets
@@ -148,7 +149,7 @@ def flagless(config: dict[str, Any], layers: Sequence[LayerRecord]) -> set[str]:
 def resolve_plan(
     plan: Plan, layers: Sequence[LayerRecord], *, without_flag: Collection[str] = ()
 ) -> tuple[PlanSelection, PlanAssignment, PlanOutcome]:
-    """The plan as one selection and one assignment for :mod:`bnfreeze.ops.edit`.
+    """The plan as one selection and one assignment for an :class:`EditRequest`.
 
     Refuses (``PlanError``) a plan that treats BN and other layers differently in a rule
     that selects a custom layer class: only a loaded model can tell whether it subclasses
@@ -181,43 +182,44 @@ def resolve_plan(
 
 
 @dataclass(frozen=True)
+class PlannedEdit:
+    """A plan resolved against one model: the edit request it makes, and how many layers
+    each rule selected."""
+
+    plan: Plan
+    matches: tuple[RuleMatch, ...]
+    request: EditRequest
+
+
+@dataclass(frozen=True)
 class PlanApplication:
     """What ``apply`` did: the plan, how many layers each rule selected, and the
-    :class:`~bnfreeze.ops.edit.EditResult` of the write (or of the dry run)."""
+    :class:`~bnfreeze.ops.request.EditResult` of the write (or of the dry run)."""
 
     plan: Plan
     matches: tuple[RuleMatch, ...]
     result: EditResult
 
 
-def apply_plan_file(
+def plan_edit_request(
     path: str | os.PathLike[str],
-    output: str | os.PathLike[str] | None,
     plan: Plan,
+    output: Output,
     *,
-    dry_run: bool = False,
-    in_place: bool = False,
-    keep_optimizer_state: bool = False,
     optimizer_state: str | None = None,
-) -> PlanApplication:
-    """Apply ``plan`` to the saved model at ``path`` and write ``output``.
+) -> PlannedEdit:
+    """Resolve ``plan`` against the saved model at ``path`` into one :class:`EditRequest`.
 
-    The same orchestration as ``freeze`` (:func:`bnfreeze.ops.edit.run`): the output is
+    It is applied like ``freeze`` (:func:`bnfreeze.runtime.routes.apply_plan`): the output is
     checked before any work, written atomically and verified by re-reading; every byte but
     the config is kept; when the set of trainable variables changes, saved optimizer state is
     remapped, dropped or kept as ``optimizer_state`` says (else the plan's ``[plan]
-    optimizer_state``, else remap; ``keep_optimizer_state=True`` is the deprecated spelling of
-    keep); ``dry_run`` writes nothing.
+    optimizer_state``, else remap); a dry run writes nothing.
     """
     from bnfreeze.formats.readers import read_model
     from bnfreeze.model.walk import walk
-    from bnfreeze.ops.edit import EditRequest, run
-    from bnfreeze.ops.optimizer_state import parse_mode
 
-    chosen = optimizer_state
-    if chosen is None and not keep_optimizer_state:
-        chosen = plan.optimizer_state
-    mode = parse_mode(chosen, keep_optimizer_state)
+    mode = parse_mode(optimizer_state if optimizer_state is not None else plan.optimizer_state)
     model = read_model(path, weights=False)
     walked = walk(model.config, model.path)
     selection, assignment, outcome = resolve_plan(
@@ -225,12 +227,9 @@ def apply_plan_file(
     )
     request = EditRequest(
         model=os.fspath(path),
-        output=os.fspath(output) if output is not None else None,
         assignment=assignment,
         selection=selection,
-        dry_run=dry_run,
-        in_place=in_place,
-        keep_optimizer_state=mode.value == "keep",
-        optimizer_state=mode,
+        output=output,
+        loading=Loading(optimizer_state=mode),
     )
-    return PlanApplication(plan=plan, matches=outcome.matches, result=run(request))
+    return PlannedEdit(plan=plan, matches=outcome.matches, request=request)

@@ -1,5 +1,5 @@
 """Renderers for ``freeze`` / ``unfreeze``: pure functions from an
-:class:`~bnfreeze.ops.edit.EditResult` to a Rich renderable or a JSON string.
+:class:`~bnfreeze.ops.request.EditResult` to a Rich renderable or a JSON string.
 
 The view is what changed (before → after per layer, then counts), then the new effective
 modes in the ``inspect`` style (:func:`bnfreeze.render.table.inspect_view` of the result).
@@ -13,7 +13,7 @@ from rich.console import Group
 from rich.text import Text
 
 from bnfreeze.model.assignments import Change
-from bnfreeze.ops.edit import EditResult
+from bnfreeze.ops.request import EditResult
 from bnfreeze.render.columns import Column, ColumnTable, Kind
 from bnfreeze.render.json import (
     SCHEMA_VERSION,
@@ -23,8 +23,7 @@ from bnfreeze.render.json import (
     report_dict,
     runtime_dict,
 )
-from bnfreeze.render.table import STYLE_NONE, Trimmed, inspect_view
-from bnfreeze.render.table import _flag as flag_text
+from bnfreeze.render.table import STYLE_NONE, Trimmed, flag_text, inspect_view
 
 
 def _before_after(change: Change) -> Text:

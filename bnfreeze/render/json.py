@@ -28,7 +28,7 @@ from bnfreeze.model.records import (
 )
 
 if TYPE_CHECKING:
-    from bnfreeze.runtime.loading import RuntimeInfo
+    from bnfreeze.model.measured import RuntimeInfo
 
 #: 2: ``model`` is an object and ``runtime`` an object in every document, and every document
 #: names its ``command`` (see the README's "JSON output" section).

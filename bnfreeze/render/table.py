@@ -81,7 +81,7 @@ def _yes_no(value: bool | None) -> Text:
     return Text("yes", style=STYLE_TRAINING) if value else Text("no", style=STYLE_INFERENCE)
 
 
-def _flag(value: bool | None) -> Text:
+def flag_text(value: bool | None) -> Text:
     if value is None:
         return Text("-", style=STYLE_NONE)
     return Text("True" if value else "False", style="" if value else STYLE_FROZEN)
@@ -271,7 +271,7 @@ def layer_table(report: Report, all_layers: bool = False) -> LayerTable:
                 _Row(
                     Text(_display_path(state), style="bold"),
                     Text(layer.class_name),
-                    _flag(layer.trainable),
+                    flag_text(layer.trainable),
                     _container_summary(report, state),
                     Text(""),
                 )
@@ -281,7 +281,7 @@ def layer_table(report: Report, all_layers: bool = False) -> LayerTable:
             _Row(
                 Text(_display_path(state)),
                 _class_text(state),
-                _flag(layer.trainable),
+                flag_text(layer.trainable),
                 mode_text(state),
                 _yes_no(state.in_fit.updates_moving_stats),
             )

@@ -1,6 +1,6 @@
 """Renderers for ``verify``: the measured table, the verdict, and the JSON contract.
 
-Pure functions of a :class:`~bnfreeze.runtime.measured.VerifyReport`: they never print.
+Pure functions of a :class:`~bnfreeze.model.measured.VerifyReport`: they never print.
 """
 
 from __future__ import annotations
@@ -13,6 +13,14 @@ from rich.table import Table
 from rich.text import Text
 
 from bnfreeze.model.expectations import Failure
+from bnfreeze.model.measured import (
+    CompileSource,
+    DataSource,
+    LayerMeasurement,
+    Movement,
+    TrainingSetup,
+    VerifyReport,
+)
 from bnfreeze.model.records import LayerState, Normalization
 from bnfreeze.render.columns import Column, ColumnTable, Kind
 from bnfreeze.render.json import SCHEMA_VERSION, dumps, measured_runtime_dict, model_dict
@@ -22,14 +30,6 @@ from bnfreeze.render.table import (
     STYLE_NONE,
     STYLE_TRAINING,
     Trimmed,
-)
-from bnfreeze.runtime.measured import (
-    CompileSource,
-    DataSource,
-    LayerMeasurement,
-    Movement,
-    TrainingSetup,
-    VerifyReport,
 )
 
 STYLE_AGREE = "bold green"

@@ -9,16 +9,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
 from bnfreeze.model.expectations import Expectation, Failure, Observed, evaluate
-from bnfreeze.model.records import LayerState, Normalization, Report
-from bnfreeze.runtime.loading import RuntimeInfo
-from bnfreeze.runtime.measured import (
+from bnfreeze.model.measured import (
     Aspect,
     Disagreement,
     LayerMeasurement,
     Movement,
+    RuntimeInfo,
     TrainingSetup,
     VerifyReport,
 )
+from bnfreeze.model.records import LayerState, Normalization, Report
 
 
 def compare(

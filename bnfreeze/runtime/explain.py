@@ -21,10 +21,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bnfreeze.model.measured import RuntimeInfo
 from bnfreeze.model.records import Normalization, Runtime
-from bnfreeze.runtime import loading
+from bnfreeze.runtime import environment
 from bnfreeze.runtime.branches import BranchRecorder
-from bnfreeze.runtime.loading import ProgressFn, RuntimeInfo, no_progress
+from bnfreeze.runtime.environment import ProgressFn, no_progress
 
 #: The seed's image: one 2x2 picture with 4 channels of whole numbers 0-9.
 IMAGE_SHAPE = (1, 2, 2, 4)
@@ -199,13 +200,13 @@ def explain(
         epsilon=float(epsilon),
         seed=used_seed,
     )
-    loading.require_runtime(runtime)
-    with loading.quiet():
-        progress(loading.loading_message(runtime))
-        keras = loading.keras_module(runtime)
-        info = loading.runtime_info(runtime)
+    environment.require_runtime(runtime)
+    with environment.quiet():
+        progress(environment.loading_message(runtime))
+        keras = environment.keras_module(runtime)
+        info = environment.runtime_info(runtime)
         progress("running the four cases")
-        with loading.keras_warnings():
+        with environment.keras_warnings():
             cases = tuple(
                 _run_case(keras, setup, pixels, training, trainable)
                 for training, trainable in COMBINATIONS

@@ -66,8 +66,8 @@ from bnfreeze.model.expectations import (
     observed_from_states,
     parse_expectation,
 )
+from bnfreeze.model.measured import Disagreement, LayerMeasurement
 from bnfreeze.model.records import Finding, Normalization, Report, WarningCode
-from bnfreeze.runtime.measured import Disagreement, LayerMeasurement
 
 #: The inspect warnings that are Keras 3 traps in a training script.
 TRAPS = (
@@ -340,161 +340,11 @@ def _make_class() -> type:
             self.report: GuardReport | None = None
             self._state: dict[str, Any] | None = None
 
-        # ---------------------------------------------------------------- before the step
         def on_train_begin(self, logs: Any = None) -> None:
-            from bnfreeze.runtime import keras_engine
-            from bnfreeze.runtime.branches import BranchRecorder, is_builtin_batchnorm
-            from bnfreeze.runtime.measure import layer_paths, own_variables
+            _before_the_first_step(self, keras)
 
-            self._finish_recording()
-            model = self.model
-            if keras_engine.runtime_of(model).value != "keras3":
-                raise GuardError("BatchNormGuard is a Keras 3 callback; this is a tf_keras model.")
-            backend = keras.backend.backend()
-            layers = layer_paths(keras, model)
-            owned = own_variables(layers)
-            owner = {id(v): path for path, vs in owned.items() for v in vs}
-
-            optimizer = getattr(model, "optimizer", None)
-            stale = None
-            if optimizer is not None and getattr(optimizer, "built", False):
-                built_for = getattr(optimizer, "_trainable_variables", None)
-                if built_for is not None:
-                    stale = stale_flags(
-                        backend=backend,
-                        built_for=list(built_for),
-                        now=list(model.trainable_variables),
-                        owner=owner,
-                        traced=_traced(model),
-                    )
-            prediction = keras_engine.live_report(model)
-            records = [s.layer for s in prediction.layers]
-            seen = observed_from_states(prediction.layers)
-            predicted = tuple((e, evaluate(e, records, seen)) for e in self.expect)
-            traps = tuple(f for f in prediction.warnings if f.code in TRAPS)
-            self.report = GuardReport(
-                model=model.name,
-                backend=backend,
-                strict=self.strict,
-                stale=stale,
-                traps=traps,
-                prediction=prediction,
-                predicted=predicted,
-            )
-            if stale is not None:
-                if self.strict:
-                    self.report = dataclasses.replace(self.report, stopped=True)
-                    raise GuardError(
-                        f"BatchNormGuard(strict=True) stopped fit() of model {model.name!r} "
-                        f"before its first step: {stale.message}"
-                    )
-                warnings.warn(f"model {model.name!r}: {stale.message}", RecompileWarning, 2)
-            found = [*(f"{f.path or 'model'}: {f.message}" for f in traps)]
-            found += _failure_lines(predicted, "predicted")
-            if found:
-                if self.strict and any(failures for _, failures in predicted):
-                    self.report = dataclasses.replace(self.report, stopped=True)
-                    raise GuardError(
-                        f"BatchNormGuard(strict=True) stopped fit() of model {model.name!r} "
-                        "before its first step: " + " ".join(found)
-                    )
-                warnings.warn(
-                    f"BatchNormGuard, before training model {model.name!r}: " + " | ".join(found),
-                    GuardWarning,
-                    2,
-                )
-            # One copy of every layer's own variables, and every built-in BN's calls recorded
-            # while the first step is traced (or run).
-            every = {id(v): v for vs in owned.values() for v in vs}
-            # The variables the first step hands to the optimizer: a step traced by an
-            # earlier fit() trains the set the optimizer was built for, a new one today's.
-            reused = stale is not None and stale.effect in (
-                StaleEffect.IGNORED_THEN_UNKNOWN_VARIABLE,
-                StaleEffect.IGNORED_BUT_NEW_SHAPES,
-            )
-            trained = (
-                list(getattr(optimizer, "_trainable_variables", ()))
-                if reused
-                else model.trainable_variables
-            )
-            recorder = BranchRecorder(
-                {p: layer for p, (layer, _) in layers.items() if is_builtin_batchnorm(keras, layer)}
-            )
-            self._state = {
-                "layers": layers,
-                "owned": owned,
-                "every": every,
-                "trained": {id(v) for v in trained},
-                "before": _snapshot(every),
-                "recorder": recorder,
-                "recording": recorder.active(),
-            }
-            self._state["recording"].__enter__()
-
-        # ---------------------------------------------------------------- after batch 1
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-            state = self._state
-            if state is None:
-                return
-            from bnfreeze.runtime import loading
-            from bnfreeze.runtime.compare import compare
-            from bnfreeze.runtime.measure import measurements
-            from bnfreeze.runtime.measured import CompileSource, DataSource, TrainingSetup
-
-            self._finish_recording()
-            self._state = None
-            model = self.model  # on JAX: Keras syncs the training state into the variables
-            after = _snapshot(state["every"])
-            measured = measurements(
-                keras,
-                state["layers"],
-                state["owned"],
-                state["before"],
-                after,
-                state["trained"],
-                state["recorder"].branches(),
-            )
-            report = self.report
-            assert report is not None
-            setup = TrainingSetup(
-                compile_source=CompileSource.MODEL,
-                optimizer=type(getattr(model, "optimizer", None)).__name__,
-                loss="",
-                steps=1,
-                batch_size=0,
-                data_source=DataSource.FILE,
-                data_path=None,
-                seed=None,
-                input_shapes=(),
-            )
-            verdict = compare(
-                path=f"<in-memory model {model.name!r}>",
-                runtime=loading.runtime_info(),
-                setup=setup,
-                measured=measured,
-                prediction=report.prediction,
-                expectations=self.expect,
-            )
-            self.report = dataclasses.replace(
-                report,
-                measured=tuple(measured),
-                checks=verdict.checks,
-                disagreements=verdict.disagreements,
-                expectations=verdict.expectations,
-            )
-            found = [d.message for d in verdict.disagreements]
-            found += _failure_lines(verdict.expectations, "measured")
-            if found:
-                if self.strict:
-                    model.stop_training = True
-                    self.report = dataclasses.replace(self.report, stopped=True)
-                what = "stopping fit() (strict=True)" if self.strict else "training goes on"
-                warnings.warn(
-                    f"BatchNormGuard, after the first batch of model {model.name!r} "
-                    f"({what}): " + " | ".join(found),
-                    GuardWarning,
-                    2,
-                )
+            _after_the_first_batch(self, keras)
 
         def on_train_end(self, logs: Any = None) -> None:
             self._finish_recording()
@@ -514,6 +364,217 @@ def _make_class() -> type:
     )
     BatchNormGuard.__module__ = __name__
     return BatchNormGuard
+
+
+#: ``warnings.warn`` stack level from the helpers below: the frame that called the callback
+#: (helper, its caller in this module, the callback method, Keras's callback list).
+_WARN_LEVEL = 4
+
+
+# -------------------------------------------------------------------- before the first step
+
+
+def _before_the_first_step(guard: Any, keras: Any) -> None:
+    """``on_train_begin``: stale flags and the prediction, then start recording the branch
+    each built-in BN takes in the first step."""
+    from bnfreeze.runtime import live
+    from bnfreeze.runtime.measure import layer_paths, own_variables
+
+    guard._finish_recording()
+    model = guard.model
+    if live.runtime_of(model).value != "keras3":
+        raise GuardError("BatchNormGuard is a Keras 3 callback; this is a tf_keras model.")
+    backend = keras.backend.backend()
+    layers = layer_paths(keras, model)
+    owned = own_variables(layers)
+    stale = _stale(model, backend, owned)
+    guard.report = _predicted(guard, model, backend, stale)
+    _check_the_prediction(guard, model, stale)
+    _start_recording(guard, keras, model, layers, owned, stale)
+
+
+def _stale(model: Any, backend: str, owned: dict[str, Any]) -> StaleFlags | None:
+    """Flags changed since the optimizer was built (see :func:`stale_flags`)."""
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None or not getattr(optimizer, "built", False):
+        return None
+    built_for = getattr(optimizer, "_trainable_variables", None)
+    if built_for is None:
+        return None
+    owner = {id(v): path for path, vs in owned.items() for v in vs}
+    return stale_flags(
+        backend=backend,
+        built_for=list(built_for),
+        now=list(model.trainable_variables),
+        owner=owner,
+        traced=_traced(model),
+    )
+
+
+def _predicted(guard: Any, model: Any, backend: str, stale: StaleFlags | None) -> GuardReport:
+    """The report before training: what inspect predicts for the live model, its Keras 3
+    traps, and each expectation evaluated on the prediction."""
+    from bnfreeze.runtime import live
+
+    prediction = live.live_report(model)
+    records = [s.layer for s in prediction.layers]
+    seen = observed_from_states(prediction.layers)
+    return GuardReport(
+        model=model.name,
+        backend=backend,
+        strict=guard.strict,
+        stale=stale,
+        traps=tuple(f for f in prediction.warnings if f.code in TRAPS),
+        prediction=prediction,
+        predicted=tuple((e, evaluate(e, records, seen)) for e in guard.expect),
+    )
+
+
+def _check_the_prediction(guard: Any, model: Any, stale: StaleFlags | None) -> None:
+    """Warn about stale flags, traps and failed expectations; with ``strict``, stop."""
+    report = guard.report
+    if stale is not None:
+        if guard.strict:
+            guard.report = dataclasses.replace(report, stopped=True)
+            raise GuardError(
+                f"BatchNormGuard(strict=True) stopped fit() of model {model.name!r} "
+                f"before its first step: {stale.message}"
+            )
+        warnings.warn(f"model {model.name!r}: {stale.message}", RecompileWarning, _WARN_LEVEL)
+    found = [*(f"{f.path or 'model'}: {f.message}" for f in report.traps)]
+    found += _failure_lines(report.predicted, "predicted")
+    if not found:
+        return
+    if guard.strict and any(failures for _, failures in report.predicted):
+        guard.report = dataclasses.replace(report, stopped=True)
+        raise GuardError(
+            f"BatchNormGuard(strict=True) stopped fit() of model {model.name!r} "
+            "before its first step: " + " ".join(found)
+        )
+    warnings.warn(
+        f"BatchNormGuard, before training model {model.name!r}: " + " | ".join(found),
+        GuardWarning,
+        _WARN_LEVEL,
+    )
+
+
+def _start_recording(
+    guard: Any,
+    keras: Any,
+    model: Any,
+    layers: dict[str, Any],
+    owned: dict[str, Any],
+    stale: StaleFlags | None,
+) -> None:
+    """One copy of every layer's own variables, and every built-in BN's calls recorded
+    while the first step is traced (or run)."""
+    from bnfreeze.runtime.branches import BranchRecorder, is_builtin_batchnorm
+
+    every = {id(v): v for vs in owned.values() for v in vs}
+    # The variables the first step hands to the optimizer: a step traced by an
+    # earlier fit() trains the set the optimizer was built for, a new one today's.
+    reused = stale is not None and stale.effect in (
+        StaleEffect.IGNORED_THEN_UNKNOWN_VARIABLE,
+        StaleEffect.IGNORED_BUT_NEW_SHAPES,
+    )
+    optimizer = getattr(model, "optimizer", None)
+    trained = (
+        list(getattr(optimizer, "_trainable_variables", ()))
+        if reused
+        else model.trainable_variables
+    )
+    recorder = BranchRecorder(
+        {p: layer for p, (layer, _) in layers.items() if is_builtin_batchnorm(keras, layer)}
+    )
+    guard._state = {
+        "layers": layers,
+        "owned": owned,
+        "every": every,
+        "trained": {id(v) for v in trained},
+        "before": _snapshot(every),
+        "recorder": recorder,
+        "recording": recorder.active(),
+    }
+    guard._state["recording"].__enter__()
+
+
+# -------------------------------------------------------------------- after the first batch
+
+
+def _after_the_first_batch(guard: Any, keras: Any) -> None:
+    """``on_train_batch_end`` of the first batch: what moved and the branch each BN took,
+    compared with the prediction; warn (and with ``strict``, stop) on a disagreement."""
+    state = guard._state
+    if state is None:
+        return
+    from bnfreeze.runtime import environment
+    from bnfreeze.runtime.compare import compare
+    from bnfreeze.runtime.measure import measurements
+
+    guard._finish_recording()
+    guard._state = None
+    model = guard.model  # on JAX: Keras syncs the training state into the variables
+    after = _snapshot(state["every"])
+    measured = measurements(
+        keras,
+        state["layers"],
+        state["owned"],
+        state["before"],
+        after,
+        state["trained"],
+        state["recorder"].branches(),
+    )
+    report = guard.report
+    assert report is not None
+    verdict = compare(
+        path=f"<in-memory model {model.name!r}>",
+        runtime=environment.runtime_info(),
+        setup=_setup(model),
+        measured=measured,
+        prediction=report.prediction,
+        expectations=guard.expect,
+    )
+    guard.report = dataclasses.replace(
+        report,
+        measured=tuple(measured),
+        checks=verdict.checks,
+        disagreements=verdict.disagreements,
+        expectations=verdict.expectations,
+    )
+    found = [d.message for d in verdict.disagreements]
+    found += _failure_lines(verdict.expectations, "measured")
+    if found:
+        _stop_or_warn_after(guard, model, found)
+
+
+def _setup(model: Any) -> Any:
+    """How the measured step was set up: the model's own compile, one step of fit()."""
+    from bnfreeze.model.measured import CompileSource, DataSource, TrainingSetup
+
+    return TrainingSetup(
+        compile_source=CompileSource.MODEL,
+        optimizer=type(getattr(model, "optimizer", None)).__name__,
+        loss="",
+        steps=1,
+        batch_size=0,
+        data_source=DataSource.FILE,
+        data_path=None,
+        seed=None,
+        input_shapes=(),
+    )
+
+
+def _stop_or_warn_after(guard: Any, model: Any, found: list[str]) -> None:
+    if guard.strict:
+        model.stop_training = True
+        guard.report = dataclasses.replace(guard.report, stopped=True)
+    what = "stopping fit() (strict=True)" if guard.strict else "training goes on"
+    warnings.warn(
+        f"BatchNormGuard, after the first batch of model {model.name!r} "
+        f"({what}): " + " | ".join(found),
+        GuardWarning,
+        _WARN_LEVEL,
+    )
 
 
 def _snapshot(variables: dict[int, Any]) -> dict[int, Any]:

@@ -11,16 +11,16 @@ from __future__ import annotations
 from typing import Any
 
 from bnfreeze.errors import DataError
-from bnfreeze.runtime import loading
-from bnfreeze.runtime.batches import Batches, loss_name, pack
-from bnfreeze.runtime.branches import Branch, BranchRecorder, is_builtin_batchnorm
-from bnfreeze.runtime.measured import (
+from bnfreeze.model.measured import (
     CompileSource,
     DataSource,
     LayerMeasurement,
     Movement,
     TrainingSetup,
 )
+from bnfreeze.runtime import environment
+from bnfreeze.runtime.batches import Batches, loss_name, pack
+from bnfreeze.runtime.branches import Branch, BranchRecorder, is_builtin_batchnorm
 
 #: The optimizer used when the file has no compile config (or it cannot train).
 DEFAULT_LEARNING_RATE = 0.01
@@ -136,7 +136,7 @@ def measure(
         {p: layer for p, (layer, _) in layers.items() if is_builtin_batchnorm(keras, layer)}
     )
 
-    if loading.is_compiled(model) and getattr(model, "optimizer", None) is not None:
+    if environment.is_compiled(model) and getattr(model, "optimizer", None) is not None:
         source, reason = CompileSource.MODEL, None
         model.run_eagerly = True
         model.jit_compile = False
@@ -165,13 +165,13 @@ def measure(
     except Exception as exc:
         if source is not CompileSource.MODEL:
             raise DataError(
-                f"a training step failed: {type(exc).__name__}: {loading._one_line(exc)}",
+                f"a training step failed: {type(exc).__name__}: {environment.one_line(exc)}",
                 hint="Pass real data with --data FILE.npz.",
             ) from None
         reason = (
             f"training with its compile config ({loss_name(model.loss)}) failed on "
             f"{'the given' if batches.given_ys is not None else 'synthetic'} data: "
-            f"{type(exc).__name__}: {loading._one_line(exc, 160)}"
+            f"{type(exc).__name__}: {environment.one_line(exc, 160)}"
         )
         source = CompileSource.FALLBACK
         _compile_default(keras, model)
@@ -181,7 +181,7 @@ def measure(
             raise
         except Exception as exc2:
             raise DataError(
-                f"a training step failed: {type(exc2).__name__}: {loading._one_line(exc2)}",
+                f"a training step failed: {type(exc2).__name__}: {environment.one_line(exc2)}",
                 hint="Pass real data with --data FILE.npz.",
             ) from None
 

@@ -41,13 +41,13 @@ from pathlib import Path
 from typing import Any
 
 from bnfreeze.model.expectations import Expectation
+from bnfreeze.model.measured import DataSource, TrainingSetup, VerifyReport
 from bnfreeze.model.records import Runtime
-from bnfreeze.runtime import loading
+from bnfreeze.runtime import environment, loading
 from bnfreeze.runtime.batches import SYNTHETIC_SEED, build_batches, read_npz
 from bnfreeze.runtime.compare import check_scopes, compare
-from bnfreeze.runtime.loading import ProgressFn, no_progress
+from bnfreeze.runtime.environment import ProgressFn, no_progress
 from bnfreeze.runtime.measure import measure
-from bnfreeze.runtime.measured import DataSource, TrainingSetup, VerifyReport
 
 # --------------------------------------------------------------------------- the library call
 
@@ -78,7 +78,7 @@ def verify_file(
 
     if steps < 1 or batch_size < 1:
         raise BnfreezeError("--steps and --batch-size must be at least 1.")
-    loading.require_runtime(runtime)
+    environment.require_runtime(runtime)
     # The prediction first: it reads the file without Keras, so a bad file fails in
     # milliseconds, and expectation globs are checked before the slow part.
     prediction = inspect_file(path, runtime) if runtime in modes.RULES else None
@@ -95,16 +95,16 @@ def verify_file(
         # Fail now, not after TensorFlow's long import.
         raise BnfreezeError(f"{loading.CUSTOM_OBJECTS_OPTION} {spec}: no such file.")
 
-    with loading.quiet():
-        progress(loading.loading_message(runtime))
-        keras = loading.keras_module(runtime)
-        info = loading.runtime_info(runtime)
+    with environment.quiet():
+        progress(environment.loading_message(runtime))
+        keras = environment.keras_module(runtime)
+        info = environment.runtime_info(runtime)
         objects = (
             loading.load_custom_objects(custom_objects)
             if isinstance(custom_objects, str)
             else dict(custom_objects or {})
         )
-        with loading.keras_warnings() as notes:
+        with environment.keras_warnings() as notes:
             progress("loading the model")
             model, reason = _load(path, unsafe=unsafe, custom_objects=objects, runtime=runtime)
             file_config = prediction.model.config if prediction is not None else None

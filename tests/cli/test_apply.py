@@ -264,7 +264,8 @@ def test_compiled_model_remaps_or_drops_mismatched_optimizer_state(samples, tmp_
         CONFIGS / "keras-guide-finetune.toml",
         "-o",
         tmp_path / "k.keras",
-        "--keep-optimizer-state",
+        "--optimizer-state",
+        "keep",
     )
     assert kept.exit_code == 0
     diff = json.loads(invoke("diff", src, tmp_path / "k.keras", "--json").stdout)

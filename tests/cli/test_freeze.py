@@ -79,7 +79,7 @@ def test_help_has_examples(command):
         "--dry-run",
         "--in-place",
         "--json",
-        "--keep-optimizer-state",
+        "--optimizer-state",
         "--engine",
         "-o, --output",
     ):
@@ -409,10 +409,8 @@ def test_in_place(work):
     assert not [p for p in work.iterdir() if p.name.startswith(".")]
 
 
-@pytest.mark.parametrize(
-    "keep", [["--optimizer-state", "keep"], ["--keep-optimizer-state"]], ids=["keep", "deprecated"]
-)
-def test_keep_optimizer_state_weights_byte_identical(work, keep):
+def test_keep_optimizer_state_weights_byte_identical(work):
+    keep = ["--optimizer-state", "keep"]
     result = invoke(
         "unfreeze",
         "guide_pattern.keras",
@@ -555,19 +553,3 @@ def test_acceptance_weights_identical_but_the_dropped_optimizer(
     assert len(optimizer) > 100  # Adam: iterations, learning rate, two slots per variable
     assert after == {k: v for k, v in before.items() if k not in optimizer}
     assert out.stat().st_size < guide_phase2_trained_keras.stat().st_size + 65536
-
-
-def test_keep_optimizer_state_contradicting_optimizer_state_is_refused(work):
-    before = files(work)
-    result = invoke(
-        "unfreeze",
-        "guide_pattern.keras",
-        "--keep-optimizer-state",
-        "--optimizer-state",
-        "drop",
-        "-o",
-        "out.keras",
-    )
-    assert result.exit_code == 2
-    assert "contradicts --optimizer-state drop" in result.stderr
-    assert files(work) == before

@@ -151,17 +151,17 @@ def guide_verify_report(disagree: bool = True) -> Any:
     inspect predicts it (unchanged), one convolution trained with a zero update, and, with
     ``disagree``, the longest-named BN layer measured moving."""
     from bnfreeze.model.expectations import parse_expectation
-    from bnfreeze.model.records import Runtime
-    from bnfreeze.ops.inspect import inspect_file
-    from bnfreeze.runtime.compare import compare
-    from bnfreeze.runtime.loading import RuntimeInfo
-    from bnfreeze.runtime.measured import (
+    from bnfreeze.model.measured import (
         CompileSource,
         DataSource,
         LayerMeasurement,
         Movement,
+        RuntimeInfo,
         TrainingSetup,
     )
+    from bnfreeze.model.records import Runtime
+    from bnfreeze.ops.inspect import inspect_file
+    from bnfreeze.runtime.compare import compare
 
     prediction = inspect_file("guide_pattern.keras")
     measured = []
@@ -408,9 +408,9 @@ def test_every_schema_is_shipped_as_package_data():
 
 def test_schema_enums_match_the_code():
     """Each closed set in the schemas is the Enum's values (a new member needs the schema)."""
+    from bnfreeze.model.measured import Movement
     from bnfreeze.model.records import Normalization, Runtime
     from bnfreeze.ops.diff import LayerStatus
-    from bnfreeze.runtime.measured import Movement
 
     def schema(name: str) -> dict:
         return json_schemas.validator(name).schema

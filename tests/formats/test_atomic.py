@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+import bnfreeze
 from bnfreeze.errors import OutputError
 from bnfreeze.formats import atomic
 from bnfreeze.formats.atomic import write_atomically
@@ -122,52 +123,12 @@ def test_durable_true_fsyncs_a_new_file_too(tmp_path, monkeypatch):
     assert [e for e in log.events if e != "writeback"] == ["fsync file", "replace", "fsync folder"]
 
 
-def test_meanwhile_runs_while_the_file_is_produced(tmp_path):
-    # produce() waits for something only meanwhile() does: run one after the other, this
-    # would time out.
-    import threading
-
-    started, seen = threading.Event(), threading.Event()
-
-    def produce(tmp):
-        started.set()
-        assert seen.wait(10), "meanwhile() did not run while produce() did"
-        tmp.write_bytes(b"data")
-
-    def meanwhile():
-        assert started.wait(10), "produce() did not start before meanwhile() ended"
-        seen.set()
-
-    assert write_atomically(tmp_path / "out.bin", produce, meanwhile=meanwhile) == 4
-    assert (tmp_path / "out.bin").read_bytes() == b"data"
-
-
-def test_an_error_in_meanwhile_wins_and_waits_for_the_worker(tmp_path):
-    finished: list[bool] = []
-
-    def produce(tmp):
-        time.sleep(0.2)
-        tmp.write_bytes(b"data")
-        finished.append(True)
-        raise OSError(errno.EIO, "Input/output error")  # loses to meanwhile's error
-
-    def meanwhile():
-        raise ValueError("the weights are damaged")
-
-    (tmp_path / "out.bin").write_bytes(b"previous")
-    with pytest.raises(ValueError, match="damaged"):
-        write_atomically(tmp_path / "out.bin", produce, meanwhile=meanwhile)
-    assert finished == [True]  # the temporary file was removed after the worker was done
-    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
-    assert (tmp_path / "out.bin").read_bytes() == b"previous"
-
-
 def test_an_error_in_the_worker_reaches_the_caller(tmp_path):
     def produce(tmp):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with pytest.raises(OutputError, match="no space left"):
-        write_atomically(tmp_path / "out.bin", produce, meanwhile=lambda: None)
+        write_atomically(tmp_path / "out.bin", produce)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -292,7 +253,6 @@ def test_a_remap_that_fails_its_check_replaces_nothing(tmp_path, monkeypatch):
     import hostile
 
     import bnfreeze.formats.writers.keras_zip as keras_zip
-    from bnfreeze.ops.edit import freeze_file
 
     model = hostile.trained_large_keras(tmp_path / "in.keras", inputs=64, hidden=64)
     before = hostile.fingerprint(model)
@@ -304,7 +264,7 @@ def test_a_remap_that_fails_its_check_replaces_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(keras_zip, "check_patched", failing)
     with pytest.raises(OutputError, match="the check failed"):
-        freeze_file(model, out, bn_inference=True)
+        bnfreeze.freeze(model, output=out, bn_inference=True)
     assert out.read_bytes() == b"previous"
     assert hostile.fingerprint(model) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.keras", "out.keras"]

@@ -89,7 +89,15 @@ def test_freeze_a_folder_keeping_its_optimizer_state(trained_folder, tmp_path):
     out = tmp_path / "kept.keras"
     result = CliRunner().invoke(
         cli,
-        ["freeze", str(trained_folder), "--bn-inference", "--keep-optimizer-state", "-o", str(out)],
+        [
+            "freeze",
+            str(trained_folder),
+            "--bn-inference",
+            "--optimizer-state",
+            "keep",
+            "-o",
+            str(out),
+        ],
         catch_exceptions=False,
     )
     assert result.exit_code == 0, result.stderr

@@ -13,15 +13,18 @@ from typing import Any
 
 import pytest
 
+import bnfreeze
 from bnfreeze.errors import OutputError
 from bnfreeze.formats.readers import read_model
 from bnfreeze.formats.readers._keras_common import Member, MemberFile
-from bnfreeze.formats.writers import WriteRequest, writer_for
+from bnfreeze.formats.writers import WriteRequest
+from bnfreeze.formats.writers.dispatch import writer_for
 from bnfreeze.formats.writers.keras_zip import WRITER, data_offset, serialize_config
 from bnfreeze.model.assignments import Assignment, apply_to_config, assign, current_flags
 from bnfreeze.model.selection import select
 from bnfreeze.model.walk import walk
-from bnfreeze.ops.edit import edit_file, freeze_file, unfreeze_file
+from bnfreeze.ops.request import EditRequest, LayerSelection, Output
+from bnfreeze.runtime.routes import edit
 
 KERAS_SAMPLES = [
     "seed_bn.keras",
@@ -84,8 +87,9 @@ def test_no_change_is_byte_identical(samples, tmp_path, name):
     out = tmp_path / name
     # Give the first BN layer the flag it already has.
     bn = next(r for r in walk(read_model(samples / name).config).layers if r.is_batchnorm)
-    result = edit_file(
-        samples / name, out, Assignment(others=None, batchnorm=bn.trainable), layers=[bn.path]
+    assignment = Assignment(others=None, batchnorm=bn.trainable)
+    result = edit(
+        EditRequest(str(samples / name), assignment, LayerSelection((bn.path,)), Output(str(out)))
     )
     assert result.changes == () and result.selected == (bn.path,)
     assert out.read_bytes() == (samples / name).read_bytes()
@@ -94,7 +98,7 @@ def test_no_change_is_byte_identical(samples, tmp_path, name):
 @pytest.mark.parametrize("name", KERAS_SAMPLES)
 def test_only_config_json_changes(samples, tmp_path, name):
     src, out = samples / name, tmp_path / name
-    result = unfreeze_file(src, out, keep_bn_inference=True, keep_optimizer_state=True)
+    result = bnfreeze.unfreeze(src, output=out, keep_bn_inference=True, optimizer_state="keep")
     assert result.changes, "the recipe must change something on every sample"
     with zipfile.ZipFile(src) as a, zipfile.ZipFile(out) as b:
         before, after = a.infolist(), b.infolist()
@@ -132,7 +136,7 @@ def test_compressed_members_and_assets_are_copied_as_stored(samples, tmp_path):
         zout.writestr("assets/vocab.txt", "a\nb\n" * 500, compress_type=zipfile.ZIP_DEFLATED)
         zout.comment = b"an archive comment"
     out = tmp_path / "out.keras"
-    result = freeze_file(src, out)
+    result = bnfreeze.freeze(src, output=out)
     assert result.changes
     for name in ("metadata.json", "assets/vocab.txt", "model.weights.h5"):
         assert raw_member(src, name) == raw_member(out, name)
@@ -145,7 +149,7 @@ def test_compressed_members_and_assets_are_copied_as_stored(samples, tmp_path):
 
 def test_drop_optimizer_keeps_every_other_dataset_bit_identical(samples, tmp_path):
     src, out = samples / "guide_pattern.keras", tmp_path / "out.keras"
-    result = unfreeze_file(src, out, keep_bn_inference=True, optimizer_state="drop")
+    result = bnfreeze.unfreeze(src, output=out, keep_bn_inference=True, optimizer_state="drop")
     assert result.optimizer_variables == 6 and result.optimizer_variables_dropped == 6
     before, after = h5_datasets(src), h5_datasets(out)
     dropped = {k for k in before if k.startswith("optimizer/")}
@@ -167,7 +171,7 @@ def test_drop_optimizer_keeps_every_other_dataset_bit_identical(samples, tmp_pat
 
 def test_keep_optimizer_state_copies_the_weights_as_stored(samples, tmp_path):
     src, out = samples / "guide_pattern.keras", tmp_path / "out.keras"
-    result = unfreeze_file(src, out, keep_bn_inference=True, keep_optimizer_state=True)
+    result = bnfreeze.unfreeze(src, output=out, keep_bn_inference=True, optimizer_state="keep")
     assert result.optimizer_variables_dropped == 0
     assert raw_member(src, "model.weights.h5") == raw_member(out, "model.weights.h5")
 
@@ -330,12 +334,12 @@ def _keras_freeze_up_to(name: str) -> Callable[[Any], None]:
 
 RECIPES: dict[str, tuple[Callable[[Path, Path], Any], Callable[[Any], None]]] = {
     "bn-inference": (
-        lambda src, out: freeze_file(src, out, bn_inference=True),
+        lambda src, out: bnfreeze.freeze(src, output=out, bn_inference=True),
         _keras_bn_inference,
     ),
-    "train-bn": (lambda src, out: freeze_file(src, out, train_bn=True), _keras_train_bn),
+    "train-bn": (lambda src, out: bnfreeze.freeze(src, output=out, train_bn=True), _keras_train_bn),
     "keep-bn-inference": (
-        lambda src, out: unfreeze_file(src, out, keep_bn_inference=True),
+        lambda src, out: bnfreeze.unfreeze(src, output=out, keep_bn_inference=True),
         _keras_keep_bn_inference,
     ),
 }
@@ -391,7 +395,10 @@ def test_same_as_the_keras_api_mobilenetv3small(mobilenetv3small_keras, tmp_path
 @pytest.mark.keras
 def test_same_as_the_keras_api_efficientnetb0(efficientnetb0_keras, tmp_path):
     name = "block3a_expand_activation"
-    up_to = (lambda src, out: freeze_file(src, out, up_to=name), _keras_freeze_up_to(name))
+    up_to = (
+        lambda src, out: bnfreeze.freeze(src, output=out, up_to=name),
+        _keras_freeze_up_to(name),
+    )
     _equivalence(efficientnetb0_keras, tmp_path, up_to)
 
 
@@ -410,7 +417,9 @@ def test_keras_loads_dropped_optimizer_state_with_a_fresh_optimizer(samples, tmp
 
     out = tmp_path / "out.keras"
     shutil.copy(samples / "guide_pattern.keras", tmp_path / "in.keras")
-    unfreeze_file(tmp_path / "in.keras", out, keep_bn_inference=True, optimizer_state="drop")
+    bnfreeze.unfreeze(
+        tmp_path / "in.keras", output=out, keep_bn_inference=True, optimizer_state="drop"
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = _load(out)
@@ -461,10 +470,8 @@ def test_kept_optimizer_state_of_the_same_count_lands_on_the_wrong_variables(tmp
     saved = moments(model)
     assert saved["a_kernel_momentum"].any()
     out = tmp_path / "edited.keras"
-    edit_file(src, out, Assignment.freeze(), layers=("a",), keep_optimizer_state=True)
-    edit_file(
-        out, None, Assignment.unfreeze(), layers=("c",), in_place=True, keep_optimizer_state=True
-    )
+    bnfreeze.freeze(src, output=out, layers=("a",), optimizer_state="keep")
+    bnfreeze.unfreeze(out, layers=("c",), in_place=True, optimizer_state="keep")
     with warnings_recorded() as caught:
         loaded = keras.models.load_model(out)
     assert not [w for w in caught if "optimizer" in w]  # silently

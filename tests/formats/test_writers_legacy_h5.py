@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 import pytest
 
+import bnfreeze
 from bnfreeze.errors import OutputError
 from bnfreeze.formats.atomic import write_atomically
 from bnfreeze.formats.readers import read_model
@@ -23,7 +24,8 @@ from bnfreeze.formats.writers import WriteOutcome, WriteRequest, legacy_h5
 from bnfreeze.formats.writers.legacy_h5 import WRITER
 from bnfreeze.model.assignments import apply_to_config, current_flags
 from bnfreeze.model.walk import walk
-from bnfreeze.ops import edit as file_edit
+from bnfreeze.ops import request as file_edit
+from bnfreeze.ops.optimizer_state import OptimizerState
 
 pytestmark = pytest.mark.keras
 
@@ -267,9 +269,9 @@ def test_guide_recipe_on_h5(guide_h5, tmp_path):
     import keras
 
     out = tmp_path / "out.h5"
-    result = file_edit.unfreeze_file(guide_h5, out, keep_bn_inference=True)
+    result = bnfreeze.unfreeze(guide_h5, output=out, keep_bn_inference=True)
     assert result.engine is file_edit.Engine.CONFIG
-    assert result.optimizer_state is file_edit.OptimizerState.DROPPED
+    assert result.optimizer_state is OptimizerState.DROPPED
     assert result.optimizer_variables_dropped == 6
     assert result.report.bn_inference_in_fit == 51
     before = values_by_path(load(guide_h5))
@@ -304,8 +306,8 @@ def _optimizer_logs(path: Path, caplog) -> list[str]:
 
 def test_optimizer_state_dropped_when_trainable_set_changes(nested_h5, tmp_path, caplog):
     out = tmp_path / "out.h5"
-    result = file_edit.freeze_file(nested_h5, out, layers=["bn_bn/bn1"])
-    assert result.optimizer_state is file_edit.OptimizerState.DROPPED
+    result = bnfreeze.freeze(nested_h5, output=out, layers=["bn_bn/bn1"])
+    assert result.optimizer_state is OptimizerState.DROPPED
     assert result.optimizer_variables_dropped == read_model(nested_h5).optimizer_variables > 0
     with h5py.File(out) as h5:
         assert "optimizer_weights" not in h5
@@ -317,8 +319,8 @@ def test_optimizer_state_dropped_when_trainable_set_changes(nested_h5, tmp_path,
 
 def test_keep_optimizer_state(nested_h5, nested_values, tmp_path):
     out = tmp_path / "out.h5"
-    result = file_edit.freeze_file(nested_h5, out, layers=["bn_bn/bn1"], keep_optimizer_state=True)
-    assert result.optimizer_state is file_edit.OptimizerState.KEPT
+    result = bnfreeze.freeze(nested_h5, output=out, layers=["bn_bn/bn1"], optimizer_state="keep")
+    assert result.optimizer_state is OptimizerState.KEPT
     assert result.optimizer_variables_dropped == 0
     assert read_model(out).optimizer_variables == read_model(nested_h5).optimizer_variables
     assert differing(values_by_path(load(out)), nested_values) == []
@@ -499,10 +501,10 @@ def test_unknown_layer_kinds_fall_back_to_the_keras_engine(
 
     out = tmp_path / "out.h5"
     with pytest.raises(legacy_h5.H5RewriteError, match="--engine keras"):
-        file_edit.freeze_file(custom_nested_h5, out, layers=["blk/dd"], engine="config")
+        bnfreeze.freeze(custom_nested_h5, output=out, layers=["blk/dd"], engine="config")
     assert list(tmp_path.iterdir()) == []
-    result = file_edit.freeze_file(
-        custom_nested_h5, out, layers=["blk/dd"], custom_objects=str(custom_layers_file)
+    result = bnfreeze.freeze(
+        custom_nested_h5, output=out, layers=["blk/dd"], custom_objects=str(custom_layers_file)
     )
     assert result.engine is file_edit.Engine.KERAS
     assert [c.path for c in result.changes] == ["blk/dd"]

@@ -37,7 +37,7 @@ def layers(config):
     ("assignment", "others", "batchnorm"),
     [
         (Assignment.freeze(), False, False),
-        (Assignment.freeze(bn_inference_only=True), None, False),
+        (Assignment.freeze(bn_inference=True), None, False),
         (Assignment.freeze(train_bn=True), False, True),
         (Assignment.unfreeze(), True, True),
         (Assignment.unfreeze(keep_bn_inference=True), True, False),
@@ -50,7 +50,7 @@ def test_recipes(assignment, others, batchnorm):
 
 def test_bn_inference_touches_only_bn(layers):
     before = current_flags(layers)
-    after = assign(layers, before, select(layers), Assignment.freeze(bn_inference_only=True))
+    after = assign(layers, before, select(layers), Assignment.freeze(bn_inference=True))
     assert [c.path for c in changes(layers, before, after)] == [
         "bn1",
         "backbone/bn2",
@@ -83,14 +83,14 @@ def test_full_selection_sets_containers_as_keras_would(layers):
 
 def test_partial_selection_leaves_the_container_alone(layers):
     before = current_flags(layers)
-    chosen = select(layers, globs=["backbone/conv2"])
+    chosen = select(layers, layers=["backbone/conv2"])
     after = assign(layers, before, chosen, Assignment.freeze())
     assert [c.path for c in changes(layers, before, after)] == ["backbone/conv2"]
 
 
 def test_train_bn_container_follows_others(layers):
     before = current_flags(layers)
-    chosen = select(layers, globs=["backbone"])
+    chosen = select(layers, layers=["backbone"])
     after = assign(layers, before, chosen, Assignment.freeze(train_bn=True))
     assert after["backbone"] is False  # Keras: backbone.trainable = False ...
     assert after["backbone/bn2"] is True  # ... then each BN leaf back to True

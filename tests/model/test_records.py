@@ -17,6 +17,7 @@ import pytest
 from keras_configs import functional, input_layer, layer, node
 from paths import SAMPLES
 
+import bnfreeze
 from bnfreeze.errors import EXIT_USAGE, RuntimeUnavailableError
 from bnfreeze.formats.readers import read_model
 from bnfreeze.model import records
@@ -197,9 +198,8 @@ def _warnings(path: Path) -> set[WarningCode]:
 
 
 def _recompile_required(tmp: Path) -> set[WarningCode]:
-    from bnfreeze.ops.edit import freeze_file
 
-    result = freeze_file(SAMPLES / "sequential.keras", bn_inference=True, dry_run=True)
+    result = bnfreeze.freeze(SAMPLES / "sequential.keras", bn_inference=True, dry_run=True)
     return {f.code for f in result.warnings}
 
 
@@ -227,7 +227,7 @@ def _not_trainable(tmp: Path) -> set[WarningCode]:
 
 def _recorded_flags(tmp: Path) -> set[WarningCode]:
     from bnfreeze.formats.recorded_flags import RecordedFlags
-    from bnfreeze.runtime.keras_engine import recorded_flags_findings
+    from bnfreeze.runtime.saving import recorded_flags_findings
 
     recorded = RecordedFlags({"layers/batch_normalization": False})
     return {f.code for f in recorded_flags_findings(recorded, str(tmp / "m.keras"))}

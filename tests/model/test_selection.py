@@ -7,7 +7,14 @@ from nested_configs import layer, model, nested_config
 
 from bnfreeze.errors import SelectionError
 from bnfreeze.model.records import LayerKind
-from bnfreeze.model.selection import find_layer, from_layer, is_leaf, match_glob, select, up_to
+from bnfreeze.model.selection import (
+    find_layer,
+    is_leaf,
+    layers_from,
+    layers_up_to,
+    match_glob,
+    select,
+)
 from bnfreeze.model.walk import walk
 
 
@@ -58,7 +65,7 @@ def test_no_selector_selects_every_leaf(layers):
 
 
 def test_glob_on_container_selects_every_leaf_below(layers):
-    assert paths(select(layers, globs=["backbone"])) == [
+    assert paths(select(layers, layers=["backbone"])) == [
         "backbone/conv2",
         "backbone/bn2",
         "backbone/inner/bn3",
@@ -66,8 +73,8 @@ def test_glob_on_container_selects_every_leaf_below(layers):
 
 
 def test_glob_matches_names_and_paths_and_repeats_union(layers):
-    assert paths(select(layers, globs=["bn*"])) == ["bn1", "backbone/bn2", "backbone/inner/bn3"]
-    assert paths(select(layers, globs=["backbone/inner/*", "head"])) == [
+    assert paths(select(layers, layers=["bn*"])) == ["bn1", "backbone/bn2", "backbone/inner/bn3"]
+    assert paths(select(layers, layers=["backbone/inner/*", "head"])) == [
         "backbone/inner/bn3",
         "head",
     ]
@@ -76,38 +83,38 @@ def test_glob_matches_names_and_paths_and_repeats_union(layers):
 
 def test_glob_that_matches_nothing_is_an_error(layers):
     with pytest.raises(SelectionError, match=r"--layers 'nope\*' matches no layer"):
-        select(layers, globs=["bn*", "nope*"])
+        select(layers, layers=["bn*", "nope*"])
 
 
 def test_up_to_is_inclusive_and_covers_a_container(layers):
-    assert paths(select(layers, up_to_layer="bn1")) == ["conv1", "bn1"]
+    assert paths(select(layers, up_to="bn1")) == ["conv1", "bn1"]
     # Up to a container: everything below it too.
-    assert paths(select(layers, up_to_layer="backbone")) == [
+    assert paths(select(layers, up_to="backbone")) == [
         "conv1",
         "bn1",
         "backbone/conv2",
         "backbone/bn2",
         "backbone/inner/bn3",
     ]
-    assert up_to(layers, "conv1") == {"image", "conv1"}
+    assert layers_up_to(layers, "conv1") == {"image", "conv1"}
 
 
 def test_from_is_inclusive(layers):
-    assert paths(select(layers, from_layer_spec="backbone/inner")) == [
+    assert paths(select(layers, from_="backbone/inner")) == [
         "backbone/inner/bn3",
         "head_bn",
         "head",
     ]
-    assert from_layer(layers, "head") == {"head"}
+    assert layers_from(layers, "head") == {"head"}
 
 
 def test_selectors_intersect(layers):
-    assert paths(select(layers, globs=["*bn*"], up_to_layer="backbone")) == [
+    assert paths(select(layers, layers=["*bn*"], up_to="backbone")) == [
         "bn1",
         "backbone/bn2",
         "backbone/inner/bn3",
     ]
-    assert paths(select(layers, globs=["backbone"], from_layer_spec="backbone/bn2")) == [
+    assert paths(select(layers, layers=["backbone"], from_="backbone/bn2")) == [
         "backbone/bn2",
         "backbone/inner/bn3",
     ]
@@ -115,12 +122,12 @@ def test_selectors_intersect(layers):
 
 def test_empty_intersection_is_an_error(layers):
     with pytest.raises(SelectionError, match="matches no layer whose flag can be set"):
-        select(layers, globs=["head"], up_to_layer="bn1")
+        select(layers, layers=["head"], up_to="bn1")
 
 
 def test_selecting_only_an_input_layer_is_an_error(layers):
     with pytest.raises(SelectionError, match="matches no layer whose flag can be set"):
-        select(layers, globs=["image"])
+        select(layers, layers=["image"])
 
 
 def test_find_layer_by_path_then_unique_name(layers):
@@ -137,7 +144,7 @@ def test_unknown_layer_suggests_close_names(layers):
 
 def test_unknown_layer_without_close_names_points_to_inspect(layers):
     with pytest.raises(SelectionError, match="Run bnfreeze inspect --all"):
-        up_to(layers, "zzzzzzzz")
+        layers_up_to(layers, "zzzzzzzz")
 
 
 def test_ambiguous_name_asks_for_a_path():
@@ -159,7 +166,7 @@ def test_selection_on_a_real_sample(samples):
     from bnfreeze.formats.readers import read_model
 
     records = walk(read_model(samples / "guide_pattern.keras").config).layers
-    chosen = select(records, globs=["mobilenetv2*"], up_to_layer="block_1_project_BN")
+    chosen = select(records, layers=["mobilenetv2*"], up_to="block_1_project_BN")
     assert chosen[0].path == "mobilenetv2_0.35_32/Conv1"
     assert chosen[-1].path == "mobilenetv2_0.35_32/block_1_project_BN"
     assert all(r.path.startswith("mobilenetv2_0.35_32/") for r in chosen)

@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 from paths import ROOT
 
+import bnfreeze
 from bnfreeze.cli import cli
 from bnfreeze.model.expectations import (
     Expectation,
@@ -46,10 +47,9 @@ def under_frozen(samples):
 def phase2(guide, tmp_path_factory):
     """The guide's phase 2, done the naive way: every layer unfrozen, BN included, while the
     backbone is still called with training=False."""
-    from bnfreeze.ops.edit import unfreeze_file
 
     out = tmp_path_factory.mktemp("check") / "phase2.keras"
-    unfreeze_file(guide, out)
+    bnfreeze.unfreeze(guide, output=out)
     return out
 
 

@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 from paths import ROOT
 
+import bnfreeze
 from bnfreeze.cli import cli
 from bnfreeze.formats.readers import read_model
 from bnfreeze.formats.readers.checksums import SLICE_BYTES, checksums, dataset_digest
@@ -29,13 +30,12 @@ def run(*args: str):
 @pytest.fixture(scope="module")
 def frozen_copies(samples, tmp_path_factory):
     """Each sample frozen entirely (every layer trainable=False) with bnfreeze freeze."""
-    from bnfreeze.ops.edit import freeze_file
 
     folder = tmp_path_factory.mktemp("diff")
     out = {}
     for name in ("guide_pattern.keras", "bn_under_frozen.keras"):
         out[name] = folder / f"frozen_{name}"
-        freeze_file(samples / name, out[name])
+        bnfreeze.freeze(samples / name, output=out[name])
     return out
 
 

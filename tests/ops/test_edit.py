@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
-import types
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -14,24 +12,23 @@ from typing import Any
 import pytest
 import unprivileged
 
+import bnfreeze
 from bnfreeze.errors import BnfreezeError, OutputError, SelectionError
 from bnfreeze.formats.atomic import TEMP_SUFFIX
 from bnfreeze.formats.readers import read_model
-from bnfreeze.model.assignments import Assignment
+from bnfreeze.model.assignments import Assignment, Change
 from bnfreeze.model.records import Finding, WarningCode
 from bnfreeze.model.walk import walk
-from bnfreeze.ops import edit as file_edit
-from bnfreeze.ops.edit import (
-    EditRequest,
-    Engine,
+from bnfreeze.ops import config_route
+from bnfreeze.ops.edit_warnings import edit_warnings
+from bnfreeze.ops.optimizer_state import (
     OptimizerState,
-    edit_file,
-    edit_warnings,
-    freeze_file,
+    OptimizerStateMode,
     optimizer_decision,
-    unfreeze_file,
+    parse_mode,
 )
-from bnfreeze.ops.optimizer_state import OptimizerStateMode, parse_mode
+from bnfreeze.ops.request import EditRequest, Engine, LayerSelection, Loading, Output
+from bnfreeze.runtime import routes
 
 
 def flags(path: Path) -> dict[str, bool | None]:
@@ -67,7 +64,7 @@ def guide(samples, tmp_path) -> Path:
 
 def test_output_is_required_without_dry_run_or_in_place(guide):
     with pytest.raises(OutputError, match="no output file"):
-        freeze_file(guide)
+        bnfreeze.freeze(guide)
 
 
 @pytest.mark.parametrize("spelling", ["same", "relative", "symlink"])
@@ -81,24 +78,24 @@ def test_output_equal_to_input_is_refused(guide, tmp_path, monkeypatch, spelling
         os.symlink(guide, out)
     before = guide.read_bytes()
     with pytest.raises(OutputError, match="is the input file; refusing to overwrite it"):
-        freeze_file(guide, out)
+        bnfreeze.freeze(guide, output=out)
     assert guide.read_bytes() == before
 
 
 def test_in_place_with_another_output_is_refused(guide, tmp_path):
     with pytest.raises(OutputError, match="Give either -o OUT or --in-place"):
-        freeze_file(guide, tmp_path / "other.keras", in_place=True)
+        bnfreeze.freeze(guide, output=tmp_path / "other.keras", in_place=True)
 
 
 def test_missing_folder(guide, tmp_path):
     with pytest.raises(OutputError, match=r"the folder .*missing does not exist"):
-        freeze_file(guide, tmp_path / "missing" / "out.keras")
+        bnfreeze.freeze(guide, output=tmp_path / "missing" / "out.keras")
     assert not (tmp_path / "missing").exists()
 
 
 def test_output_is_a_directory(guide, tmp_path):
     with pytest.raises(OutputError, match="is a directory"):
-        freeze_file(guide, tmp_path)
+        bnfreeze.freeze(guide, output=tmp_path)
 
 
 def test_read_only_folder(guide):
@@ -111,11 +108,13 @@ def test_read_only_folder(guide):
         read_only = folder / "ro"
         read_only.mkdir()
         read_only.chmod(0o555)
-        freeze_file(model, folder / "warm-up.keras")  # as root: imports what the edit needs
+        bnfreeze.freeze(
+            model, output=folder / "warm-up.keras"
+        )  # as root: imports what the edit needs
         (folder / "warm-up.keras").unlink()
 
         def freeze() -> None:
-            freeze_file(model, read_only / "out.keras")
+            bnfreeze.freeze(model, output=read_only / "out.keras")
 
         state, raised = unprivileged.call_as_nobody(freeze)
         assert state == "raised", "nobody wrote into a read-only folder"
@@ -137,15 +136,15 @@ def test_unwritable_folder_even_for_root(guide, tmp_path, monkeypatch):
 
     monkeypatch.setattr(tempfile, "mkstemp", refuse)
     with pytest.raises(OutputError, match=r"cannot create a file in .* \(permission denied\)"):
-        freeze_file(guide, tmp_path / "out.keras")
+        bnfreeze.freeze(guide, output=tmp_path / "out.keras")
     assert not (tmp_path / "out.keras").exists()
 
 
 def test_output_name_must_match_the_format(guide, samples, tmp_path):
     with pytest.raises(OutputError, match=r"must be saved under a name ending in \.keras"):
-        freeze_file(guide, tmp_path / "out.h5")
+        bnfreeze.freeze(guide, output=tmp_path / "out.h5")
     with pytest.raises(OutputError, match=r"ending in \.h5 or \.hdf5"):
-        freeze_file(samples / "nested_legacy.h5", tmp_path / "out.keras")
+        bnfreeze.freeze(samples / "nested_legacy.h5", output=tmp_path / "out.keras")
     assert listing(tmp_path) == ["in"]
 
 
@@ -155,7 +154,7 @@ def test_bad_model_file(tmp_path):
     bad = tmp_path / "bad.keras"
     bad.write_bytes(b"not a model")
     with pytest.raises(ModelFormatError):
-        freeze_file(bad, tmp_path / "out.keras")
+        bnfreeze.freeze(bad, output=tmp_path / "out.keras")
     assert listing(tmp_path) == ["bad.keras"]
 
 
@@ -164,7 +163,7 @@ def test_bad_model_file(tmp_path):
 
 def test_freeze_writes_and_reports(guide, tmp_path):
     out = tmp_path / "out.keras"
-    result = unfreeze_file(guide, out, keep_bn_inference=True)
+    result = bnfreeze.unfreeze(guide, output=out, keep_bn_inference=True)
     assert result.output == str(out) and not result.dry_run
     assert result.engine is Engine.CONFIG
     assert result.output_bytes == out.stat().st_size
@@ -180,24 +179,26 @@ def test_freeze_writes_and_reports(guide, tmp_path):
 
 def test_dry_run_writes_nothing(guide, tmp_path):
     before = listing(tmp_path), guide.read_bytes()
-    result = unfreeze_file(guide, tmp_path / "out.keras", keep_bn_inference=True, dry_run=True)
+    result = bnfreeze.unfreeze(
+        guide, output=tmp_path / "out.keras", keep_bn_inference=True, dry_run=True
+    )
     assert result.dry_run and result.output is None and result.output_bytes is None
     assert result.changes and result.report.bn_training_in_fit == 0
     assert (listing(tmp_path), guide.read_bytes()) == before
     # Without -o too.
-    assert unfreeze_file(guide, dry_run=True, keep_bn_inference=True).changes == result.changes
+    assert bnfreeze.unfreeze(guide, dry_run=True, keep_bn_inference=True).changes == result.changes
 
 
 def test_in_place(guide):
     inode = guide.stat().st_ino
-    result = unfreeze_file(guide, in_place=True, keep_bn_inference=True)
+    result = bnfreeze.unfreeze(guide, in_place=True, keep_bn_inference=True)
     assert result.output == str(guide)
     assert guide.stat().st_ino != inode  # replaced, not rewritten in place
     assert flags(guide)["mobilenetv2_0.35_32/Conv1"] is True
     assert listing(guide.parent) == ["guide.keras"]
     # Nothing to change: the file is left alone.
     inode = guide.stat().st_ino
-    again = unfreeze_file(guide, in_place=True, keep_bn_inference=True)
+    again = bnfreeze.unfreeze(guide, in_place=True, keep_bn_inference=True)
     assert again.changes == () and again.output is None and guide.stat().st_ino == inode
 
 
@@ -205,14 +206,14 @@ def test_existing_output_keeps_its_permissions(guide, tmp_path):
     out = tmp_path / "out.keras"
     out.write_bytes(b"old")
     out.chmod(0o640)
-    freeze_file(guide, out)
+    bnfreeze.freeze(guide, output=out)
     assert out.stat().st_mode & 0o777 == 0o640
 
 
 def test_new_output_gets_default_permissions(guide, tmp_path):
     umask = os.umask(0o022)
     try:
-        freeze_file(guide, tmp_path / "out.keras")
+        bnfreeze.freeze(guide, output=tmp_path / "out.keras")
     finally:
         os.umask(umask)
     assert (tmp_path / "out.keras").stat().st_mode & 0o777 == 0o644
@@ -234,7 +235,7 @@ def test_interrupted_write_leaves_previous_output_and_no_temp(
     monkeypatch.setattr(keras_zip.KerasZipWriter, "write", explode)
     expected = KeyboardInterrupt if failure is KeyboardInterrupt else OutputError
     with pytest.raises(expected) as info:
-        freeze_file(guide, out)
+        bnfreeze.freeze(guide, output=out)
     if expected is OutputError:
         assert "no space left on the device" in str(info.value)
     assert out.read_bytes() == b"previous output"
@@ -284,7 +285,7 @@ def test_failed_verification_replaces_nothing(guide, tmp_path, monkeypatch, wher
         monkeypatch.setattr(writer, "write", _config_json_lost(writer.write))
         message = "config.json does not read back as written"
     with pytest.raises(OutputError, match=message):
-        freeze_file(guide, out, layers=["pool"])
+        bnfreeze.freeze(guide, output=out, layers=["pool"])
     monkeypatch.undo()
     assert listing(tmp_path) == (["in"] if previous is None else ["in", "out.keras"])
     if previous is not None:
@@ -307,16 +308,16 @@ DEEP_FROZEN = [
     ("edit", "expected"),
     [
         (
-            lambda src, out: freeze_file(src, out, bn_inference=True),
+            lambda src, out: bnfreeze.freeze(src, output=out, bn_inference=True),
             {p: False for p in DEEP_BN if p not in DEEP_FROZEN},
         ),
         (
-            lambda src, out: unfreeze_file(src, out, keep_bn_inference=True),
+            lambda src, out: bnfreeze.unfreeze(src, output=out, keep_bn_inference=True),
             {p: True for p in DEEP_FROZEN if p not in DEEP_BN}
             | {p: False for p in DEEP_BN if p not in DEEP_FROZEN},
         ),
         (
-            lambda src, out: unfreeze_file(src, out, layers=["middle/inner/core/*"]),
+            lambda src, out: bnfreeze.unfreeze(src, output=out, layers=["middle/inner/core/*"]),
             {
                 "middle/inner/core/core_dense": True,
                 "middle/inner/core/core_bn": True,
@@ -343,23 +344,23 @@ def test_layers_nested_two_and_three_deep_are_edited(nested_deep_keras, tmp_path
 
 def test_unknown_layer_and_empty_selection(guide, tmp_path):
     with pytest.raises(SelectionError, match="no layer named 'block_99_add'"):
-        freeze_file(guide, tmp_path / "out.keras", up_to="block_99_add")
+        bnfreeze.freeze(guide, output=tmp_path / "out.keras", up_to="block_99_add")
     with pytest.raises(SelectionError, match="--layers 'nothing\\*' matches no layer"):
-        unfreeze_file(guide, tmp_path / "out.keras", layers=["nothing*"])
+        bnfreeze.unfreeze(guide, output=tmp_path / "out.keras", layers=["nothing*"])
     with pytest.raises(SelectionError, match="matches no layer whose flag can be set"):
-        freeze_file(guide, tmp_path / "out.keras", layers=["image"])
+        bnfreeze.freeze(guide, output=tmp_path / "out.keras", layers=["image"])
     assert listing(tmp_path) == ["in"]
 
 
 def test_bn_inference_on_a_selection_without_bn(guide, tmp_path):
     with pytest.raises(SelectionError, match="holds no BatchNormalization layer"):
-        freeze_file(guide, tmp_path / "out.keras", bn_inference=True, layers=["head"])
+        bnfreeze.freeze(guide, output=tmp_path / "out.keras", bn_inference=True, layers=["head"])
     assert listing(tmp_path) == ["in"]
 
 
 def test_freeze_rejects_contradicting_bn_options(guide):
     with pytest.raises(BnfreezeError, match="contradict"):
-        freeze_file(guide, dry_run=True, bn_inference=True, train_bn=True)
+        bnfreeze.freeze(guide, dry_run=True, bn_inference=True, train_bn=True)
 
 
 # --- optimizer state ---------------------------------------------------------------------
@@ -368,10 +369,10 @@ def test_freeze_rejects_contradicting_bn_options(guide):
 @pytest.mark.parametrize("state", list(OptimizerState))
 def test_optimizer_decision_covers_every_state(state):
     cases = {
-        OptimizerState.NONE: (None, True, False),
-        OptimizerState.UNCHANGED: (6, False, False),
-        OptimizerState.KEPT: (6, True, True),
-        OptimizerState.DROPPED: (6, True, False),
+        OptimizerState.NONE: (None, True, OptimizerStateMode.REMAP),
+        OptimizerState.UNCHANGED: (6, False, OptimizerStateMode.REMAP),
+        OptimizerState.KEPT: (6, True, OptimizerStateMode.KEEP),
+        OptimizerState.DROPPED: (6, True, OptimizerStateMode.REMAP),
     }
     if state is OptimizerState.REMAPPED:  # the config route's plan only; the Keras engine drops
         assert state not in {optimizer_decision(*case) for case in cases.values()}
@@ -380,8 +381,8 @@ def test_optimizer_decision_covers_every_state(state):
 
 
 def test_optimizer_dropped_when_the_trainable_set_changes(guide, tmp_path):
-    result = unfreeze_file(
-        guide, tmp_path / "out.keras", keep_bn_inference=True, optimizer_state="drop"
+    result = bnfreeze.unfreeze(
+        guide, output=tmp_path / "out.keras", keep_bn_inference=True, optimizer_state="drop"
     )
     assert result.optimizer_state is OptimizerState.DROPPED
     assert result.optimizer_variables == 6 and result.optimizer_variables_dropped == 6
@@ -394,7 +395,7 @@ def test_optimizer_dropped_when_the_trainable_set_changes(guide, tmp_path):
 
 
 def test_optimizer_remapped_by_default_when_the_trainable_set_changes(guide, tmp_path):
-    result = unfreeze_file(guide, tmp_path / "out.keras", keep_bn_inference=True)
+    result = bnfreeze.unfreeze(guide, output=tmp_path / "out.keras", keep_bn_inference=True)
     assert result.optimizer_state is OptimizerState.REMAPPED
     assert result.optimizer_variables == 6 and result.optimizer_variables_dropped == 0
     plan = result.optimizer_plan
@@ -405,7 +406,7 @@ def test_optimizer_remapped_by_default_when_the_trainable_set_changes(guide, tmp
 
 
 def test_optimizer_kept_on_request(guide, tmp_path):
-    result = unfreeze_file(guide, tmp_path / "out.keras", keep_optimizer_state=True)
+    result = bnfreeze.unfreeze(guide, output=tmp_path / "out.keras", optimizer_state="keep")
     assert result.optimizer_state is OptimizerState.KEPT
     assert result.optimizer_variables_dropped == 0
     assert read_model(tmp_path / "out.keras").optimizer_variables == 6
@@ -417,7 +418,7 @@ def test_optimizer_kept_on_request(guide, tmp_path):
 def test_optimizer_left_alone_when_the_trainable_set_does_not_change(guide, tmp_path):
     # The pooling layer owns no variables: its flag changes, the trainable set does not.
     out = tmp_path / "out.keras"
-    result = freeze_file(guide, out, layers=["pool"])
+    result = bnfreeze.freeze(guide, output=out, layers=["pool"])
     assert [c.path for c in result.changes] == ["pool"]
     assert result.optimizer_state is OptimizerState.UNCHANGED
     assert read_model(out).optimizer_variables == 6
@@ -425,19 +426,19 @@ def test_optimizer_left_alone_when_the_trainable_set_does_not_change(guide, tmp_
 
 
 def test_nothing_changed_nothing_to_warn(guide, tmp_path):
-    result = freeze_file(guide, tmp_path / "out.keras", bn_inference=True)
+    result = bnfreeze.freeze(guide, output=tmp_path / "out.keras", bn_inference=True)
     assert result.changes == () and result.warnings == ()
     assert result.optimizer_state is OptimizerState.UNCHANGED
     assert (tmp_path / "out.keras").read_bytes() == guide.read_bytes()
 
 
 def test_no_optimizer_state(samples, tmp_path):
-    result = freeze_file(samples / "sequential.keras", tmp_path / "out.keras")
+    result = bnfreeze.freeze(samples / "sequential.keras", output=tmp_path / "out.keras")
     assert result.optimizer_state is OptimizerState.NONE and result.optimizer_variables is None
 
 
 def test_edit_warnings_text_for_a_dry_run():
-    change = file_edit.Change("bn", "BatchNormalization", True, True, False)
+    change = Change("bn", "BatchNormalization", True, True, False)
     found = edit_warnings([change], OptimizerState.DROPPED, 4, output=None, dry_run=True)
     assert found[0] == Finding(
         WarningCode.RECOMPILE_REQUIRED,
@@ -481,30 +482,36 @@ def custom_layer(samples: Path, tmp_path: Path) -> Path:
 
 @pytest.fixture()
 def fake_engine(monkeypatch):
+    """The Keras route, replaced: it records the requests it gets."""
     calls: list[EditRequest] = []
-    module = types.SimpleNamespace(edit=lambda request: calls.append(request) or "engine result")
-    monkeypatch.setattr("bnfreeze.ops.edit.keras_engine", lambda: module)
+
+    class FakeKerasRoute:
+        def edit(self, request):
+            calls.append(request)
+            return "engine result"
+
+    monkeypatch.setattr(routes, "KerasRoute", FakeKerasRoute)
     return calls
 
 
 def test_config_route_limits(samples, tmp_path):
     sub = read_model(subclassed(samples, tmp_path))
     walked = walk(sub.config)
-    reason = file_edit.config_route_limit(sub, walked.layers, walked.lists_layers)
+    reason = config_route.config_route_limit(sub, walked.layers, walked.lists_layers)
     assert reason is not None and "subclassed model" in reason
     seq = read_model(samples / "sequential.keras")
     walked = walk(seq.config)
-    assert file_edit.config_route_limit(seq, walked.layers, walked.lists_layers) is None
+    assert config_route.config_route_limit(seq, walked.layers, walked.lists_layers) is None
 
 
 def test_custom_layers_need_keras_only_when_bn_and_others_differ(samples, tmp_path):
     path = custom_layer(samples, tmp_path)
     layers = walk(read_model(path).config).layers
-    assert file_edit.custom_batchnorm_limit(Assignment.freeze(), layers) is None
-    reason = file_edit.custom_batchnorm_limit(Assignment.freeze(bn_inference_only=True), layers)
+    assert config_route.custom_batchnorm_limit(Assignment.freeze(), layers) is None
+    reason = config_route.custom_batchnorm_limit(Assignment.freeze(bn_inference=True), layers)
     assert reason is not None and "MyNorm" in reason
     # A plain freeze goes through the config route and edits the custom layer too.
-    result = freeze_file(path, tmp_path / "out.keras")
+    result = bnfreeze.freeze(path, output=tmp_path / "out.keras")
     assert result.engine is Engine.CONFIG and flags(tmp_path / "out.keras")["dense_1"] is False
 
 
@@ -519,11 +526,13 @@ def test_custom_layers_need_keras_only_when_bn_and_others_differ(samples, tmp_pa
 )
 def test_keras_engine_receives_the_request(samples, tmp_path, fake_engine, make, engine, kwargs):
     path = make(samples, tmp_path)
-    got = freeze_file(path, tmp_path / "out.keras", engine=engine, layers=("*",), **kwargs)
+    got = bnfreeze.freeze(
+        path, output=tmp_path / "out.keras", engine=engine, layers=("*",), **kwargs
+    )
     assert got == "engine result"
     (request,) = fake_engine
-    assert request.engine is Engine.KERAS
-    assert request.model == str(path) and request.output == str(tmp_path / "out.keras")
+    assert request.loading.engine is Engine(engine)
+    assert request.model == str(path) and request.output.path == str(tmp_path / "out.keras")
     assert request.selection.layers == ("*",)
 
 
@@ -531,140 +540,114 @@ def test_config_engine_refuses_what_it_cannot_do(samples, tmp_path, fake_engine)
     with pytest.raises(
         BnfreezeError, match="the config route cannot edit this model: it is a subclassed model"
     ):
-        freeze_file(subclassed(samples, tmp_path), tmp_path / "out.keras", engine="config")
+        bnfreeze.freeze(
+            subclassed(samples, tmp_path), output=tmp_path / "out.keras", engine="config"
+        )
     assert fake_engine == []
 
 
-def test_missing_keras_engine_is_a_clear_error(samples, tmp_path, monkeypatch):
-    monkeypatch.setattr("bnfreeze.ops.edit.keras_engine", lambda: None)
-    with pytest.raises(BnfreezeError, match="needs the Keras engine"):
-        freeze_file(subclassed(samples, tmp_path), tmp_path / "out.keras")
+@pytest.mark.parametrize(
+    ("engine", "route"),
+    [("auto", "ConfigRoute"), ("config", "ConfigRoute"), ("keras", "KerasRoute")],
+)
+def test_one_function_chooses_the_route(engine, route):
+    request = EditRequest("m.keras", Assignment.freeze(), loading=Loading(Engine(engine)))
+    chosen = routes.route_for(request)
+    assert type(chosen).__name__ == route
+    if route == "ConfigRoute":
+        fallback = chosen.fallback  # the Keras engine, only for auto
+        assert (type(fallback).__name__ if fallback else None) == (
+            "KerasRoute" if engine == "auto" else None
+        )
 
 
 def test_all_warnings_says_each_thing_once(guide, tmp_path):
-    result = unfreeze_file(guide, tmp_path / "out.keras", keep_optimizer_state=True)
+    result = bnfreeze.unfreeze(guide, output=tmp_path / "out.keras", optimizer_state="keep")
     assert result.all_warnings[: len(result.warnings)] == result.warnings
     assert set(result.report.warnings) - set(result.all_warnings) <= {
         f for f in result.report.warnings if f.code is WarningCode.OPTIMIZER_STATE
     }
 
 
-def test_edit_file_takes_an_assignment(samples, tmp_path):
-    result = edit_file(
-        samples / "sequential.keras",
-        tmp_path / "o.keras",
+def test_a_request_takes_any_assignment(samples, tmp_path):
+    request = EditRequest(
+        str(samples / "sequential.keras"),
         Assignment(others=False, batchnorm=None),
-        layers=["dense_*"],
+        LayerSelection(("dense_*",)),
+        Output(str(tmp_path / "o.keras")),
     )
+    result = routes.edit(request)
     assert [c.path for c in result.changes] == ["dense_1", "dense_2"]
 
 
-def test_keras_copy_runs_while_the_weights_are_indexed(samples, tmp_path, monkeypatch):
-    """The copy (the kernel's work) starts before the weights are indexed (Python's work) and
-    overlaps it: the index waits here until the copy has begun, which it never would if the
-    two ran one after the other."""
-    import threading
+def test_planning_writes_nothing_and_commit_writes_the_plan(guide, tmp_path):
+    """Plan, then commit: the plan is the result a dry run shows; committing it writes the
+    output once and returns that result with the output's size."""
+    from bnfreeze.formats.readers import read_model as read
+    from bnfreeze.model.walk import walk as walk_config
 
-    from bnfreeze.formats.readers import keras_zip as reader
-    from bnfreeze.formats.writers import keras_zip as writer
-
-    copying = threading.Event()
-    real_copy, real_index = writer._copy_range, reader.index
-
-    def copy_range(*args, **kwargs):
-        copying.set()
-        return real_copy(*args, **kwargs)
-
-    def index(path):
-        assert copying.wait(10), "the copy had not started while the weights were indexed"
-        return real_index(path)
-
-    monkeypatch.setattr(writer, "_copy_range", copy_range)
-    monkeypatch.setattr(reader, "index", index)
-    plain = tmp_path / "plain.keras"
-    shutil.copy(samples / "sequential.keras", plain)
-    result = freeze_file(plain, tmp_path / "out.keras", layers=["relu_1"])
-    assert result.changes and (tmp_path / "out.keras").exists()
+    out = tmp_path / "out.keras"
+    request = EditRequest(
+        str(guide), Assignment.unfreeze(keep_bn_inference=True), output=Output(str(out))
+    )
+    model = read(guide)
+    layers = walk_config(model.config).layers
+    selected = tuple(r for r in layers if r.kind.value != "input")
+    plan = config_route.plan_edit(
+        request, model, layers, config_route.editable(model.config, selected)
+    )
+    assert not out.exists() and plan.writes
+    result = config_route.commit(plan)
+    assert result.output_bytes == out.stat().st_size
+    assert result.report is plan.report and result.report.model.path == str(out)
+    assert result.optimizer_state is OptimizerState.REMAPPED
+    dry = bnfreeze.unfreeze(guide, keep_bn_inference=True, dry_run=True)
+    assert dry.changes == result.changes and dry.optimizer_state is result.optimizer_state
 
 
 @pytest.mark.parametrize(
     ("edit", "writes", "upgraded"),
     [
-        # The trainable set changes: the raw copy guessed first is not written again; the
-        # writer patches it into the rewrite of the optimizer state (dropped or remapped).
+        # The trainable set changes: the one write rewrites the optimizer state (dropped or
+        # remapped).
         (
-            lambda src, out: unfreeze_file(
-                src, out, keep_bn_inference=True, optimizer_state="drop"
+            lambda src, out: bnfreeze.unfreeze(
+                src, output=out, keep_bn_inference=True, optimizer_state="drop"
             ),
-            [False],
+            [True],
             True,
         ),
-        (lambda src, out: unfreeze_file(src, out, keep_bn_inference=True), [False], "remap"),
-        # It does not: the guess stands, one write.
-        (lambda src, out: freeze_file(src, out, layers=["pool"]), [False], None),
+        (
+            lambda src, out: bnfreeze.unfreeze(src, output=out, keep_bn_inference=True),
+            ["remap"],
+            "remap",
+        ),
+        # It does not: a raw copy, one write.
+        (lambda src, out: bnfreeze.freeze(src, output=out, layers=["pool"]), [False], None),
     ],
     ids=["dropped", "remapped", "unchanged"],
 )
-def test_the_guessed_raw_copy_is_patched_when_the_optimizer_state_is_rewritten(
+def test_the_planned_optimizer_state_is_written_once(
     guide, tmp_path, monkeypatch, edit, writes, upgraded
 ):
     from bnfreeze.formats.writers import keras_zip as writer
 
     seen: list[object] = []
-    patched: list[object] = []
-    real, real_upgrade = writer.KerasZipWriter.write, writer.KerasZipWriter.upgrade
+    real = writer.KerasZipWriter.write
 
     def write(self, request, dest):
         seen.append("remap" if request.optimizer_slots else request.drop_optimizer_state)
         return real(self, request, dest)
 
-    def upgrade(self, written, request, dest):
-        patched.append("remap" if request.optimizer_slots else request.drop_optimizer_state)
-        return real_upgrade(self, written, request, dest)
-
     monkeypatch.setattr(writer.KerasZipWriter, "write", write)
-    monkeypatch.setattr(writer.KerasZipWriter, "upgrade", upgrade)
     out = tmp_path / "out.keras"
     result = edit(guide, out)
     assert seen == writes
-    assert patched == ([] if upgraded is None else [upgraded])
     expected = {True: None, None: 6, "remap": 108}[upgraded]
     assert read_model(out).optimizer_variables == expected
     assert result.report.model.optimizer_variables == expected
     with zipfile.ZipFile(out) as archive:
         assert archive.testzip() is None  # every member's CRC, the patched one included
-
-
-def test_preview_comes_while_the_copy_runs_and_the_result_keeps_its_report(
-    guide, tmp_path, monkeypatch
-):
-    """The CLI renders its tables from the preview, in the time the copy takes: the copy
-    waits here for the preview, which never comes if it is only made after the write."""
-    import threading
-
-    from bnfreeze.formats.writers import keras_zip as writer
-
-    previewed = threading.Event()
-    seen: list[file_edit.EditResult] = []
-    real_copy = writer._copy_range
-
-    def copy_range(*args, **kwargs):
-        assert previewed.wait(10), "no preview while the copy ran"
-        return real_copy(*args, **kwargs)
-
-    def preview(result):
-        assert not (tmp_path / "out.keras").exists()  # not written yet
-        seen.append(result)
-        previewed.set()
-
-    monkeypatch.setattr(writer, "_copy_range", copy_range)
-    out = tmp_path / "out.keras"
-    result = unfreeze_file(guide, out, keep_bn_inference=True, preview=preview)
-    (early,) = seen
-    assert early.output_bytes is None and result.output_bytes == out.stat().st_size
-    assert result.report is early.report and result.report.model.path == str(out)
-    assert result == dataclasses.replace(early, output_bytes=result.output_bytes)
-    assert result.optimizer_state is OptimizerState.REMAPPED  # as previewed
 
 
 def test_the_python_api_takes_optimizer_state(guide):
@@ -674,12 +657,8 @@ def test_the_python_api_takes_optimizer_state(guide):
     assert result.optimizer_state is OptimizerState.DROPPED
     result = bnfreeze.unfreeze(guide, keep_bn_inference=True, dry_run=True)
     assert result.optimizer_state is OptimizerState.REMAPPED
-    result = bnfreeze.unfreeze(
-        guide, keep_bn_inference=True, dry_run=True, keep_optimizer_state=True
-    )
+    result = bnfreeze.unfreeze(guide, keep_bn_inference=True, dry_run=True, optimizer_state="keep")
     assert result.optimizer_state is OptimizerState.KEPT
-    with pytest.raises(BnfreezeError, match="contradicts --optimizer-state drop"):
-        bnfreeze.unfreeze(guide, dry_run=True, keep_optimizer_state=True, optimizer_state="drop")
 
 
 @pytest.mark.parametrize("mode", list(OptimizerStateMode))

@@ -27,7 +27,7 @@ from bnfreeze.cli import cli
 from bnfreeze.errors import BnfreezeError, ModelFormatError
 from bnfreeze.formats import recorded_flags
 from bnfreeze.model.records import WarningCode
-from bnfreeze.ops import edit as file_edit
+from bnfreeze.ops import request as file_edit
 
 pytestmark = pytest.mark.keras
 
@@ -173,7 +173,7 @@ def test_config_route_sends_a_custom_block_to_the_keras_engine(cli_frozen):
     plain, _, _ = cli_frozen["custom_block"]
     reason = None
     try:
-        file_edit.freeze_file(plain, None, dry_run=True, engine="config")
+        bnfreeze.freeze(plain, output=None, dry_run=True, engine="config")
     except BnfreezeError as exc:
         reason = str(exc)
     assert reason is not None and "res (ResBlock) hold layers built in code" in reason
@@ -197,7 +197,7 @@ def test_a_file_with_recorded_flags_is_edited_by_the_keras_engine(cli_frozen, tm
     trainable=True. Every flag is now what Keras rebuilds, so the output needs no record."""
     _, target, _ = cli_frozen["efficientnet"]
     out = tmp_path / "unfrozen.keras"
-    result = file_edit.unfreeze_file(target, out)
+    result = bnfreeze.unfreeze(target, output=out)
     assert result.engine is file_edit.Engine.KERAS
     assert {c.before for c in result.changes} == {False}  # the recorded BN flags
     assert recorded_flags.read(out) is None

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from bnfreeze.ops.edit import freeze_file, unfreeze_file
+import bnfreeze
 from bnfreeze.ops.optimizer_state import OptimizerState
 
 pytestmark = pytest.mark.keras
@@ -153,9 +153,9 @@ def test_remap_is_what_keras_would_do_in_memory(tmp_path, optimizer, case):
     src = _trained(tmp_path, optimizer, frozen)
     out = tmp_path / "out.keras"
     if case == "freeze":
-        result = freeze_file(src, out, bn_inference=True)
+        result = bnfreeze.freeze(src, output=out, bn_inference=True)
     else:
-        result = unfreeze_file(src, out)
+        result = bnfreeze.unfreeze(src, output=out)
     assert result.optimizer_state is OptimizerState.REMAPPED, result.optimizer_plan
     before, _ = _load(src)
     old = _slots(before)
@@ -208,8 +208,8 @@ def _two_bn_checkpoint(tmp: Path) -> Path:
 
 def _swap(src: Path, out: Path, **kwargs: Any) -> Any:
     first = out.with_name("half.keras")
-    freeze_file(src, first, layers=["bn_a"], **kwargs)
-    return unfreeze_file(first, out, layers=["bn_b"], **kwargs)
+    bnfreeze.freeze(src, output=first, layers=["bn_a"], **kwargs)
+    return bnfreeze.unfreeze(first, output=out, layers=["bn_b"], **kwargs)
 
 
 def test_count_matches_keep_misassigns_and_remap_does_not(tmp_path):
@@ -254,7 +254,7 @@ def test_an_unmeasured_optimizer_is_dropped_with_the_reason(tmp_path):
     model.fit(x, y, epochs=1, verbose=0)
     src = tmp_path / "nadam.keras"
     model.save(src)
-    result = freeze_file(src, tmp_path / "out.keras", bn_inference=True)
+    result = bnfreeze.freeze(src, output=tmp_path / "out.keras", bn_inference=True)
     assert result.optimizer_state is OptimizerState.DROPPED
     assert "not Nadam" in result.optimizer_plan.reason
     (warning,) = [w for w in result.warnings if w.code.value == "optimizer-state"]
@@ -267,11 +267,15 @@ def test_an_unmeasured_optimizer_is_dropped_with_the_reason(tmp_path):
 
 def test_drop_and_keep_on_request(tmp_path):
     src = _trained(tmp_path, "adam")
-    dropped = freeze_file(src, tmp_path / "d.keras", bn_inference=True, optimizer_state="drop")
+    dropped = bnfreeze.freeze(
+        src, output=tmp_path / "d.keras", bn_inference=True, optimizer_state="drop"
+    )
     assert dropped.optimizer_state is OptimizerState.DROPPED
     assert dropped.optimizer_plan.reason is None
     assert dropped.report.model.optimizer_variables is None
-    kept = freeze_file(src, tmp_path / "k.keras", bn_inference=True, keep_optimizer_state=True)
+    kept = bnfreeze.freeze(
+        src, output=tmp_path / "k.keras", bn_inference=True, optimizer_state="keep"
+    )
     assert kept.optimizer_state is OptimizerState.KEPT
     (warning,) = [w for w in kept.warnings if w.code.value == "optimizer-state"]
     assert "skip them on load" in warning.message  # 22 saved, 14 built: not the same count

@@ -273,9 +273,9 @@ trains = false
 """
     plan = parse_plan(text)
     assert plan.rules[0].name == "from pool"
-    assert plan.rules[0].selector.from_layer == "pool"
+    assert plan.rules[0].selector.from_ == "pool"
     assert plan.expectations[0].scope.layers == ("pool*",)
-    assert parse_plan(text, params={"first": "head"}).rules[0].selector.from_layer == "head"
+    assert parse_plan(text, params={"first": "head"}).rules[0].selector.from_ == "head"
 
 
 def test_parse_sets():

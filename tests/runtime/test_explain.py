@@ -279,9 +279,9 @@ def test_view_matches_golden(seed_report, columns):
     import golden_files
     from rich.console import Console
 
+    from bnfreeze.model.measured import RuntimeInfo
     from bnfreeze.model.records import Runtime
     from bnfreeze.render.explain import explain_view
-    from bnfreeze.runtime.loading import RuntimeInfo
 
     pinned = RuntimeInfo(Runtime.KERAS3, "3.15.1", "tensorflow", "2.21.0")
     report = dataclasses.replace(seed_report, runtime=pinned)

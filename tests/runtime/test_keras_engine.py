@@ -1,4 +1,4 @@
-"""The Keras engine route (bnfreeze.runtime.keras_engine): what only a loaded model can edit.
+"""The Keras engine route (bnfreeze.runtime.keras_route): what only a loaded model can edit.
 
 Truth comes from Keras: outputs are loaded back, compared value by value with the input, and
 trained one real step to see which variables move.
@@ -14,13 +14,16 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+import bnfreeze
 from bnfreeze.cli import cli
 from bnfreeze.errors import BnfreezeError, ModelFormatError, UnsafeModelError
 from bnfreeze.formats.readers import read_model
 from bnfreeze.model.walk import walk
-from bnfreeze.ops import edit as file_edit
+from bnfreeze.ops import request as file_edit
 from bnfreeze.ops.inspect import inspect_file
-from bnfreeze.runtime import keras_engine
+from bnfreeze.ops.optimizer_state import OptimizerState
+from bnfreeze.runtime import live as keras_live
+from bnfreeze.runtime import saving
 
 pytestmark = pytest.mark.keras
 
@@ -42,7 +45,7 @@ def objects_from(file: Path) -> dict:
 
 
 def values(model) -> dict:
-    return keras_engine.values_by_path(keras_engine.live_layers(model))
+    return saving.values_by_path(keras_live.live_layers(model))
 
 
 def moved_layers(model, x, y) -> set[str]:
@@ -78,12 +81,12 @@ def test_live_paths_follow_the_walk(samples):
     )
     inputs = keras.Input((3, 4), name="x")
     model = keras.Model(inputs, keras.layers.Dense(1, name="out")(inner(inputs)), name="m")
-    live = keras_engine.live_model(model)
-    walked = walk(keras_engine.serialized_config(model)).layers
+    live = keras_live.live_model(model)
+    walked = walk(keras_live.serialized_config(model)).layers
     assert [r.path for r in live.records] == [r.path for r in walked]
     assert "seq/td/td_d" in live.layers
     on_disk = inspect_file(samples / "bn_under_frozen.keras")
-    loaded = keras_engine.live_report(load(samples / "bn_under_frozen.keras"))
+    loaded = keras_live.live_report(load(samples / "bn_under_frozen.keras"))
     assert [s.layer.path for s in loaded.layers] == [s.layer.path for s in on_disk.layers]
     assert [s.in_fit for s in loaded.layers] == [s.in_fit for s in on_disk.layers]
 
@@ -96,8 +99,8 @@ def test_custom_bn_subclass_is_frozen_by_isinstance(custom_bn_keras, custom_laye
     is BN, so auto picks the Keras engine, which freezes it. Measured: one fit() step moves
     neither BN, while the Dense layers train."""
     out = tmp_path / "out.keras"
-    result = file_edit.freeze_file(
-        custom_bn_keras, out, bn_inference=True, custom_objects=str(custom_layers_file)
+    result = bnfreeze.freeze(
+        custom_bn_keras, output=out, bn_inference=True, custom_objects=str(custom_layers_file)
     )
     assert result.engine is file_edit.Engine.KERAS
     assert [(c.path, c.before, c.after) for c in result.changes] == [
@@ -106,7 +109,7 @@ def test_custom_bn_subclass_is_frozen_by_isinstance(custom_bn_keras, custom_laye
     ]
     assert [s.layer.path for s in result.report.batchnorm] == ["my_bn", "bn"]
     assert result.report.bn_inference_in_fit == 2
-    assert result.optimizer_state is file_edit.OptimizerState.DROPPED
+    assert result.optimizer_state is OptimizerState.DROPPED
     assert read_model(out).optimizer_variables is None and read_model(out).compiled
     objects = objects_from(custom_layers_file)
     loaded = load(out, objects)
@@ -123,7 +126,7 @@ def test_custom_bn_needs_custom_objects(custom_bn_keras, tmp_path, monkeypatch):
 
     monkeypatch.delitem(keras.saving.get_custom_objects(), "bnfreeze_test>MyBN")
     with pytest.raises(ModelFormatError, match="--custom-objects"):
-        file_edit.freeze_file(custom_bn_keras, tmp_path / "out.keras", bn_inference=True)
+        bnfreeze.freeze(custom_bn_keras, output=tmp_path / "out.keras", bn_inference=True)
     assert files_in(tmp_path) == []
 
 
@@ -132,9 +135,9 @@ def test_h5_output_through_the_engine(custom_bn_keras, custom_layers_file, tmp_p
     import h5py
 
     out = tmp_path / "out.h5"
-    file_edit.freeze_file(
+    bnfreeze.freeze(
         custom_bn_keras,
-        out,
+        output=out,
         bn_inference=True,
         engine="keras",
         custom_objects=str(custom_layers_file),
@@ -152,9 +155,9 @@ def test_h5_output_through_the_engine(custom_bn_keras, custom_layers_file, tmp_p
 
 
 def test_subclassed_model_dry_run_sees_live_layers(subclassed_keras, custom_layers_file):
-    result = file_edit.freeze_file(
+    result = bnfreeze.freeze(
         subclassed_keras,
-        None,
+        output=None,
         bn_inference=True,
         dry_run=True,
         custom_objects=str(custom_layers_file),
@@ -187,9 +190,7 @@ def test_subclassed_model_flags_that_keras_cannot_save_are_recorded(
         warnings.simplefilter("ignore")
         loaded = bnfreeze.load_model(out, custom_objects=objects, compile=False)
     assert loaded.get_layer("bn").trainable is False
-    assert [path for path, flag in keras_engine.record_flags(loaded).flags.items() if not flag] == [
-        "bn"
-    ]
+    assert [path for path, flag in saving.record_flags(loaded).flags.items() if not flag] == ["bn"]
 
 
 # ------------------------------------------------------------------------------ safety
@@ -211,10 +212,10 @@ def lambda_keras(tmp_path_factory) -> Path:
 def test_lambda_refused_unless_unsafe(lambda_keras, tmp_path):
     out = tmp_path / "out.keras"
     with pytest.raises(UnsafeModelError, match="--unsafe"):
-        file_edit.freeze_file(lambda_keras, out, bn_inference=True, engine="keras")
+        bnfreeze.freeze(lambda_keras, output=out, bn_inference=True, engine="keras")
     assert files_in(tmp_path) == []
-    result = file_edit.freeze_file(
-        lambda_keras, out, bn_inference=True, engine="keras", unsafe=True
+    result = bnfreeze.freeze(
+        lambda_keras, output=out, bn_inference=True, engine="keras", unsafe=True
     )
     assert [c.path for c in result.changes] == ["bn"]
     assert load(out, safe_mode=False).get_layer("bn").trainable is False
@@ -231,9 +232,9 @@ def guide_both_routes(samples, tmp_path_factory):
     results = {}
     for engine in ("config", "keras"):
         out = folder / f"{engine}.keras"
-        results[engine] = file_edit.unfreeze_file(
+        results[engine] = bnfreeze.unfreeze(
             samples / "guide_pattern.keras",
-            out,
+            output=out,
             keep_bn_inference=True,
             engine=engine,
             optimizer_state="drop",
@@ -253,7 +254,7 @@ def test_engine_and_config_route_agree(samples, guide_both_routes):
     for res in (config, engine):
         written = read_model(res.output)
         assert written.compiled and written.optimizer_variables is None
-        assert res.optimizer_state is file_edit.OptimizerState.DROPPED
+        assert res.optimizer_state is OptimizerState.DROPPED
     source = values(load(samples / "guide_pattern.keras"))
     for res in (config, engine):
         again = values(load(Path(res.output)))
@@ -277,7 +278,7 @@ def compiled_without_optimizer_state(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("no_state")
     model.save(folder / "trained.keras")
     out = folder / "frozen.keras"
-    file_edit.freeze_file(folder / "trained.keras", out, bn_inference=True, optimizer_state="drop")
+    bnfreeze.freeze(folder / "trained.keras", output=out, bn_inference=True, optimizer_state="drop")
     assert read_model(out).compiled and read_model(out).optimizer_variables is None
     return out
 
@@ -291,8 +292,8 @@ def test_no_zero_filled_optimizer_slots(compiled_without_optimizer_state, tmp_pa
     model.get_layer("bn").trainable = True
     model.save(naive)
     ours = tmp_path / "ours.keras"
-    result = file_edit.unfreeze_file(source, ours, engine="keras")
-    assert result.optimizer_state is file_edit.OptimizerState.NONE
+    result = bnfreeze.unfreeze(source, output=ours, engine="keras")
+    assert result.optimizer_state is OptimizerState.NONE
     assert [c.path for c in result.changes] == ["bn"]
     assert read_model(naive).optimizer_variables == 2 + 2 * 4  # Adam slots for d and o
     assert read_model(ours).optimizer_variables is None and read_model(ours).compiled
@@ -330,5 +331,5 @@ def test_cli_progress_on_stderr_json_on_stdout(custom_bn_keras, custom_layers_fi
 
 def test_bad_output_name_for_keras(custom_bn_keras, tmp_path):
     with pytest.raises(BnfreezeError, match=r"\.keras"):
-        file_edit.freeze_file(custom_bn_keras, tmp_path / "out.model", engine="keras")
+        bnfreeze.freeze(custom_bn_keras, output=tmp_path / "out.model", engine="keras")
     assert files_in(tmp_path) == []

@@ -19,8 +19,9 @@ from bnfreeze.errors import (
     RuntimeUnavailableError,
     UnsafeModelError,
 )
+from bnfreeze.model.measured import RuntimeInfo
 from bnfreeze.model.records import Runtime
-from bnfreeze.runtime import loading
+from bnfreeze.runtime import environment, loading
 
 # --------------------------------------------------------------------------- unsafe content
 
@@ -274,7 +275,7 @@ def test_custom_objects_errors(tmp_path, monkeypatch, source, spec, message):
 
 
 def test_quiet_sends_python_and_native_stdout_to_stderr(capfd):
-    with loading.quiet():
+    with environment.quiet():
         print("from python")
         os.write(1, b"from native code\n")
     print("after")
@@ -297,9 +298,9 @@ def test_fresh_process_stays_lean_and_quiet(tmp_path):
         "import bnfreeze.runtime.loading\n"
         "import bnfreeze.render.verify, bnfreeze.render.explain\n"
         "heavy = [m for m in ('tensorflow', 'keras', 'numpy') if m in sys.modules]\n"
-        "from bnfreeze.runtime import loading\n"
+        "from bnfreeze.runtime import environment, loading\n"
         f"assert list(loading.load_custom_objects({str(layers)!r})) == ['Scale']\n"
-        "keras = loading.keras_module()\n"
+        "keras = environment.keras_module()\n"
         "keras.ops.ones((2,)) + 1  # the first op initialises the devices\n"
         "print('lean' if not heavy else heavy, keras.__version__)\n"
     )
@@ -320,7 +321,7 @@ def test_fresh_process_stays_lean_and_quiet(tmp_path):
 
 
 def test_progress_lines_when_stderr_is_not_a_terminal(capsys):
-    with loading.progress_on_stderr() as progress:
+    with environment.progress_on_stderr() as progress:
         progress("loading TensorFlow")
         progress("training 1 step")
     captured = capsys.readouterr()
@@ -329,7 +330,7 @@ def test_progress_lines_when_stderr_is_not_a_terminal(capsys):
 
 
 def test_progress_disabled_prints_nothing(capsys):
-    with loading.progress_on_stderr(enabled=False) as progress:
+    with environment.progress_on_stderr(enabled=False) as progress:
         progress("loading")
     assert capsys.readouterr() == ("", "")
 
@@ -340,7 +341,7 @@ def test_spinner_on_a_terminal_turns_and_clears_its_line():
     master, slave = os.openpty()
     output = ""
     try:
-        spinner = loading._Spinner(slave)
+        spinner = environment._Spinner(slave)
         spinner.update("loading TensorFlow")
         deadline = time.monotonic() + 10  # a loaded CI machine may draw slowly
         while output.count("loading TensorFlow") < 2 and time.monotonic() < deadline:
@@ -358,7 +359,7 @@ def test_spinner_on_a_terminal_turns_and_clears_its_line():
 
 
 def test_keras_warnings_are_recorded_once_each():
-    with loading.keras_warnings() as notes:
+    with environment.keras_warnings() as notes:
         warnings.warn("Skipping variable loading for optimizer 'adam'", UserWarning, stacklevel=1)
         warnings.warn("Skipping variable loading for optimizer 'adam'", UserWarning, stacklevel=1)
         warnings.warn("old API", DeprecationWarning, stacklevel=1)
@@ -373,8 +374,8 @@ def test_runtime_info():
     import keras
     import tensorflow as tf
 
-    info = loading.runtime_info()
-    assert info == loading.RuntimeInfo(
+    info = environment.runtime_info()
+    assert info == RuntimeInfo(
         Runtime.KERAS3, keras.__version__, "tensorflow", tf.__version__, tf.__version__
     )
     assert info.label == (
@@ -384,14 +385,14 @@ def test_runtime_info():
 
 def test_tf_keras_missing_is_a_clear_error(without_tf_keras):
     with pytest.raises(RuntimeUnavailableError) as info:
-        loading.require_runtime(Runtime.TF_KERAS)
+        environment.require_runtime(Runtime.TF_KERAS)
     assert "tf_keras" in str(info.value) and "not installed" in str(info.value)
     assert info.value.exit_code == 2
-    loading.require_runtime(Runtime.KERAS3)  # always available
+    environment.require_runtime(Runtime.KERAS3)  # always available
 
 
 def test_a_jax_label_names_jax_not_tensorflow():
-    info = loading.RuntimeInfo(Runtime.KERAS3, "3.15.1", "jax", "2.21.0", "0.10.2")
+    info = RuntimeInfo(Runtime.KERAS3, "3.15.1", "jax", "2.21.0", "0.10.2")
     assert info.label == "Keras 3.15.1, backend jax (JAX 0.10.2)"
 
 
@@ -418,24 +419,24 @@ def test_the_backend_is_resolved_as_keras_does(
         monkeypatch.setenv("KERAS_BACKEND", variable)
     if keras_json is not None:
         (tmp_path / "keras.json").write_text(json.dumps(keras_json), encoding="utf-8")
-    choice = loading.configured_backend()
+    choice = environment.configured_backend()
     name, source = expected
     assert choice.name == name
     assert source in choice.source
     if source == "keras.json":
         assert choice.source == str(tmp_path / "keras.json")
     label = {"jax": "JAX", "torch": "PyTorch", "tensorflow": "TensorFlow"}[name]
-    assert loading.loading_message() == f"loading Keras ({label} backend)"
+    assert environment.loading_message() == f"loading Keras ({label} backend)"
 
 
 @pytest.mark.keras
 def test_bnfreeze_never_sets_the_backend(monkeypatch):
     monkeypatch.delenv("KERAS_BACKEND", raising=False)
-    loading.keras_module()
+    environment.keras_module()
     assert "KERAS_BACKEND" not in os.environ
 
 
 @pytest.mark.parametrize("runtime", list(Runtime))
 def test_every_runtime_has_a_label(runtime):
-    info = loading.RuntimeInfo(runtime, "9.9", "tensorflow", "2.0")
+    info = RuntimeInfo(runtime, "9.9", "tensorflow", "2.0")
     assert "Keras 9.9, backend tensorflow (TensorFlow 2.0)" in info.label

@@ -25,19 +25,19 @@ from paths import ROOT
 
 from bnfreeze.cli import cli
 from bnfreeze.model.expectations import parse_expectation
-from bnfreeze.model.records import Normalization, Runtime
-from bnfreeze.ops.inspect import inspect_file
-from bnfreeze.runtime.compare import compare
-from bnfreeze.runtime.loading import RuntimeInfo
-from bnfreeze.runtime.measured import (
+from bnfreeze.model.measured import (
     Aspect,
     CompileSource,
     DataSource,
     Disagreement,
     LayerMeasurement,
     Movement,
+    RuntimeInfo,
     TrainingSetup,
 )
+from bnfreeze.model.records import Normalization, Runtime
+from bnfreeze.ops.inspect import inspect_file
+from bnfreeze.runtime.compare import compare
 
 pytestmark = pytest.mark.keras
 
@@ -195,9 +195,9 @@ def test_sequential_json_document(samples):
     path = samples / "sequential.keras"
     code, doc, _ = verify_json(path)
     assert code == 0
-    from bnfreeze.runtime import loading
+    from bnfreeze.runtime import environment
 
-    info = loading.runtime_info()
+    info = environment.runtime_info()
 
     def layer(path, class_name, is_bn, stats, gb, other, trains, mode, p_trains, p_stats):
         return {

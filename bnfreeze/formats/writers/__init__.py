@@ -6,38 +6,26 @@ One interface, one module per format (like the readers):
   layer's flag after the edit, and whether to drop the saved optimizer state.
 * A :class:`Writer` (``bnfreeze.formats.writers.<module>.WRITER``) writes it to a temporary path and
   verifies what it wrote. It never touches the input and never renames anything: the
-  orchestration (:mod:`bnfreeze.ops.edit`) wraps it in
-  :func:`bnfreeze.formats.atomic.write_atomically`.
-* :func:`writer_for` dispatches by :class:`~bnfreeze.model.records.ModelFormat`. A format with no
-  writer module returns ``None``; the orchestration then uses the Keras engine route or says
-  the format cannot be rewritten.
+  config route (:mod:`bnfreeze.ops.config_route`) wraps it in
+  :func:`bnfreeze.formats.atomic.atomic_file`.
+* :func:`bnfreeze.formats.writers.dispatch.writer_for` dispatches by
+  :class:`~bnfreeze.model.records.ModelFormat`, importing the format's module on first use.
+  A format with no writer returns ``None``; the config route then hands the edit to the
+  Keras engine or says the format cannot be rewritten.
 
-Hooks for other modules (add the module, nothing else needs to change):
-
-* ``bnfreeze/formats/writers/legacy_h5.py`` must define ``WRITER``, a :class:`Writer` for
-  :attr:`ModelFormat.H5`. It must honour ``drop_optimizer_state`` (the ``optimizer_weights``
-  group and the matching ``training_config``) and keep each group's ``weight_names`` order
-  consistent with the new flags (docs/semantics.md, rule 6).
+``bnfreeze/formats/writers/legacy_h5.py`` honours ``drop_optimizer_state`` (the
+``optimizer_weights`` group and the matching ``training_config``) and keeps each group's
+``weight_names`` order consistent with the new flags (docs/semantics.md, rule 6).
 """
 
 from __future__ import annotations
 
-import importlib
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from bnfreeze.errors import OutputError
 from bnfreeze.model.records import LayerRecord, ModelFile, ModelFormat
-
-#: The module that holds each format's ``WRITER``. Imported lazily, on first use.
-WRITER_MODULES: dict[ModelFormat, str] = {
-    ModelFormat.KERAS: "bnfreeze.formats.writers.keras_zip",
-    # An unzipped folder is written as a .keras archive (see that module).
-    ModelFormat.KERAS_DIR: "bnfreeze.formats.writers.keras_dir",
-    ModelFormat.H5: "bnfreeze.formats.writers.legacy_h5",
-}
 
 
 @dataclass(frozen=True)
@@ -99,23 +87,6 @@ class Writer(Protocol):
         """Optional early work for ``request`` (checks that need no file), called while
         ``write`` may be running in another thread; ``verify`` must not depend on it."""
         ...
-
-
-def writer_for(fmt: ModelFormat) -> Writer | None:
-    """The writer for ``fmt``, or None when no module writes that format (yet)."""
-    module = _optional_module(WRITER_MODULES.get(fmt))
-    return getattr(module, "WRITER", None) if module is not None else None
-
-
-def _optional_module(name: str | None) -> types.ModuleType | None:
-    if name is None:
-        return None
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name == name:  # the module itself is missing, not one of its imports
-            return None
-        raise
 
 
 def verify_flags(request: WriteRequest, written: Path) -> None:

@@ -514,65 +514,6 @@ class KerasZipWriter:
             out.truncate()  # dest is empty when we are called; should it not be
         return WriteOutcome(optimizer_variables_dropped=dropped)
 
-    def upgrade(
-        self, written: WriteRequest, request: WriteRequest, dest: Path
-    ) -> WriteOutcome | None:
-        """Turn ``dest``, written for ``written`` (a raw copy: the optimizer state as it was),
-        into the file ``request`` asks for, when that is the same archive with the weights
-        member patched and appended to (README, "Saved optimizer state"): with the weights
-        member last in the archive, it is truncated after that member's data, patched,
-        extended, its local header's CRC and sizes rewritten, and the central directory
-        written again. Saves copying the whole archive a second time. None when ``dest``
-        must be written again instead."""
-        slots = _slots(request)
-        if written.config is not request.config or _slots(written) is not None or slots is None:
-            return None
-        with zipfile.ZipFile(Path(request.model.path)) as zin:
-            w_in = zin.getinfo(WEIGHTS) if WEIGHTS in zin.namelist() else None
-        if w_in is None:
-            return None
-        plan = self._rewrite_for(request, w_in)
-        if plan is None or max(plan.size, w_in.file_size) >= zipfile.ZIP64_LIMIT:
-            return None
-        from bnfreeze.formats.writers._hdf5_edit import patched_crc32, tail_crc32
-
-        with open(dest, "r+b") as fh, zipfile.ZipFile(fh, "a") as zout:
-            # The archive is read (its central directory) before anything changes; the
-            # member's bytes are then written through the descriptor, and the directory at
-            # the new end when zout closes.
-            infos = zout.infolist()
-            last = infos[-1] if infos else None
-            if last is None or last.filename != WEIGHTS or last.CRC != w_in.CRC:
-                return None
-            start = data_offset(fh, last)
-            fd = fh.fileno()
-            sizes = struct.unpack("<III", os.pread(fd, 12, last.header_offset + 14))
-            end = start + last.compress_size
-            if sizes != (last.CRC, last.compress_size, last.file_size) or end != zout.start_dir:
-                return None  # zip64 fields, a data descriptor, or something after it
-            crc = tail_crc32(patched_crc32(w_in.CRC, w_in.file_size, plan.patches), plan.tail)
-            os.ftruncate(fd, end)
-            for patch in plan.patches:
-                os.pwrite(fd, patch.new, start + patch.offset)
-            at = end
-            zeros = bytes(_CHUNK)
-            for part in plan.tail:
-                if isinstance(part, bytes):
-                    os.pwrite(fd, part, at)
-                    at += len(part)
-                    continue
-                left = part
-                while left:
-                    n = min(left, _CHUNK)
-                    at += os.pwrite(fd, zeros if n == _CHUNK else zeros[:n], at)
-                    left -= n
-            os.pwrite(fd, struct.pack("<III", crc, plan.size, plan.size), last.header_offset + 14)
-            last.CRC, last.compress_size, last.file_size = crc, plan.size, plan.size
-            zout.start_dir = at
-            zout._didModify = True  # type: ignore[attr-defined]  # rewrite the central directory on close
-        dropped = (request.model.optimizer_variables or 0) if not slots else 0
-        return WriteOutcome(optimizer_variables_dropped=dropped)
-
     def verify(self, request: WriteRequest, written: Path) -> None:
         self.prepare(request)  # the flags of the config about to be found in the file
         source = Path(request.model.path)

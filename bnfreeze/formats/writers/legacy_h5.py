@@ -18,7 +18,7 @@ So this writer rewrites the file consistently, without TensorFlow:
   list is permuted;
 * ``optimizer_weights``: saved by position for the old trainable set. When the request says
   to drop them (the orchestration does when that set changes, unless
-  ``--keep-optimizer-state``), the group is left out. ``training_config`` is kept, so Keras
+  ``--optimizer-state keep``), the group is left out. ``training_config`` is kept, so Keras
   compiles the loaded model with a fresh optimizer; legacy loading then passes silently.
 
 The order Keras 3 expects, measured (Keras 3.15, ``keras/src/legacy/saving``):
@@ -54,39 +54,8 @@ from bnfreeze.formats.readers.legacy_h5 import WeightOwners
 from bnfreeze.formats.readers.legacy_h5 import names as attr_names
 from bnfreeze.formats.writers import WriteOutcome, WriteRequest, verify_flags
 from bnfreeze.model.assignments import Flags, current_flags
+from bnfreeze.model.keras_classes import ALL_TRAINABLE_CLASSES, NON_TRAINABLE_VARIABLES
 from bnfreeze.model.records import LayerKind, LayerRecord, ModelFile, ModelFormat
-
-#: Variables a built-in layer creates with ``trainable=False``. They never train, so a flag
-#: change never moves them into the trainable part of the list.
-NON_TRAINABLE_VARIABLES: Mapping[str, frozenset[str]] = {
-    "BatchNormalization": frozenset({"moving_mean", "moving_variance"}),
-    "SyncBatchNormalization": frozenset({"moving_mean", "moving_variance"}),
-    "Normalization": frozenset({"mean", "variance", "count"}),
-}
-
-#: Built-in layers all of whose variables are trainable-kind (checked against the Keras source:
-#: none of them calls ``add_weight(trainable=False)``). A layer outside this table and
-#: :data:`NON_TRAINABLE_VARIABLES` cannot be reordered safely once its flag is True.
-ALL_TRAINABLE_CLASSES = frozenset(
-    {
-        "Dense",
-        "Conv1D",
-        "Conv2D",
-        "Conv3D",
-        "Conv1DTranspose",
-        "Conv2DTranspose",
-        "Conv3DTranspose",
-        "DepthwiseConv1D",
-        "DepthwiseConv2D",
-        "SeparableConv1D",
-        "SeparableConv2D",
-        "Embedding",
-        "LayerNormalization",
-        "GroupNormalization",
-        "RMSNormalization",
-        "PReLU",
-    }
-)
 
 
 class H5RewriteError(BnfreezeError):

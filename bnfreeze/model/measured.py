@@ -8,8 +8,41 @@ import enum
 from dataclasses import dataclass
 
 from bnfreeze.model.expectations import Expectation, Failure
-from bnfreeze.model.records import Normalization, Report
-from bnfreeze.runtime.loading import RuntimeInfo
+from bnfreeze.model.records import Normalization, Report, Runtime
+
+#: The package each Keras backend imports, and how a person names it.
+BACKEND_PACKAGES = {
+    "tensorflow": ("tensorflow", "TensorFlow"),
+    "jax": ("jax", "JAX"),
+    "torch": ("torch", "PyTorch"),
+    "numpy": ("numpy", "NumPy"),
+    "openvino": ("openvino", "OpenVINO"),
+}
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """Which Keras ran a measurement: shown by ``verify`` and ``explain``."""
+
+    runtime: Runtime
+    keras_version: str
+    backend: str
+    tensorflow_version: str | None  # when TensorFlow is imported, whatever the backend
+    backend_version: str | None = None  # the backend package's version (JAX 0.10.2, ...)
+
+    @property
+    def label(self) -> str:
+        """E.g. ``Keras 3.15.1, backend tensorflow (TensorFlow 2.21.0)`` or
+        ``Keras 3.15.1, backend jax (JAX 0.10.2)``: the backend that ran, with its version."""
+        text = f"Keras {self.keras_version}, backend {self.backend}"
+        if self.backend == "tensorflow" and self.tensorflow_version:
+            text += f" (TensorFlow {self.tensorflow_version})"
+        elif self.backend_version:
+            label = BACKEND_PACKAGES.get(self.backend, (self.backend, self.backend))[1]
+            text += f" ({label} {self.backend_version})"
+        if self.runtime is Runtime.TF_KERAS:
+            text = f"tf_keras: {text}"
+        return text
 
 
 class Movement(enum.Enum):

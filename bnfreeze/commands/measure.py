@@ -1,0 +1,174 @@
+"""The commands that run Keras: ``verify`` (a real training step, measured) and ``explain``
+(the training/trainable experiment on one BN layer)."""
+
+from __future__ import annotations
+
+import click
+
+from bnfreeze.commands.support import (
+    MODEL_PATH,
+    RUNTIME_CHOICES,
+    is_quiet,
+    note,
+    quiet_option,
+    stdout_console,
+)
+
+
+@click.command()
+@quiet_option
+@click.argument("model", type=MODEL_PATH)
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Training steps to run (train_on_batch, the same step as fit()).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Samples per step.",
+)
+@click.option(
+    "--data",
+    type=click.Path(path_type=str),
+    default=None,
+    metavar="FILE.npz",
+    help="Real inputs instead of synthetic ones: arrays x (or x0, x1, ... or the "
+    "input names) and optionally y.",
+)
+@click.option(
+    "--expect",
+    "expects",
+    multiple=True,
+    metavar="NAME[=ARG]",
+    help="Exit 1 unless the measurement satisfies it, repeatable: bn-inference, "
+    "bn-train, trains, frozen (each =GLOB optional), min-training=N, max-training=N.",
+)
+@click.option(
+    "--runtime",
+    type=click.Choice(RUNTIME_CHOICES),
+    default="keras3",
+    show_default=True,
+    help="tf-keras measures with Keras 2 (the tf_keras package), if installed.",
+)
+@click.option(
+    "--unsafe",
+    is_flag=True,
+    help="Load the model even if it holds Python code (a Lambda layer). Only for files you trust.",
+)
+@click.option(
+    "--custom-objects",
+    type=click.Path(path_type=str),
+    default=None,
+    metavar="MODULE_OR_FILE.py",
+    help="A module or .py file that defines the model's custom classes.",
+)
+@click.option(
+    "--all", "all_layers", is_flag=True, help="List every measured layer, not only BN layers."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
+def verify(
+    model: str,
+    steps: int,
+    batch_size: int,
+    data: str | None,
+    expects: tuple[str, ...],
+    runtime: str,
+    unsafe: bool,
+    custom_objects: str | None,
+    all_layers: bool,
+    as_json: bool,
+) -> None:
+    """Train MODEL for real, in memory, and show what actually moved.
+
+    Loads the model with Keras (safe mode), runs --steps training steps on a batch that fits
+    its inputs, and reports per layer whether the BN moving statistics, gamma/beta and other
+    weights moved. A built-in BN layer ran in training mode in fit() exactly when its moving
+    statistics moved. The measurement is compared with what inspect predicts from the file.
+    The file is never written.
+
+    Exit codes: 0 prediction and measurement agree (and every --expect holds), 1 they
+    disagree (or an --expect fails), 2 bad input.
+
+    \b
+    Examples:
+      bnfreeze verify model.keras
+      bnfreeze verify model.keras --expect bn-inference
+      bnfreeze verify model.keras --steps 3 --batch-size 8 --data batch.npz
+      bnfreeze verify model.keras --json | jq .summary
+    """
+    from bnfreeze.model.expectations import parse_expectation
+    from bnfreeze.model.records import Runtime
+    from bnfreeze.runtime.environment import progress_on_stderr
+    from bnfreeze.runtime.verify import verify_file
+
+    expectations = [parse_expectation(spec) for spec in expects]
+    with progress_on_stderr(enabled=not is_quiet()) as progress:
+        report = verify_file(
+            model,
+            steps=steps,
+            batch_size=batch_size,
+            data=data,
+            expectations=expectations,
+            runtime=Runtime(runtime),
+            unsafe=unsafe,
+            custom_objects=custom_objects,
+            progress=progress,
+        )
+    if as_json:
+        from bnfreeze.render.verify import render_verify
+
+        click.echo(render_verify(report))
+    else:
+        from bnfreeze.render.verify import verify_view
+
+        stdout_console().print(verify_view(report, all_layers=all_layers))
+    from bnfreeze.render.verify import note_lines
+
+    for line in note_lines(report):
+        note(line)
+    if report.exit_code:
+        click.get_current_context().exit(report.exit_code)
+
+
+@click.command()
+@quiet_option
+@click.option(
+    "--runtime",
+    type=click.Choice(RUNTIME_CHOICES),
+    default="keras3",
+    show_default=True,
+    help="tf-keras runs the experiment with Keras 2 (the tf_keras package), if installed.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
+def explain(runtime: str, as_json: bool) -> None:
+    """Run the training/trainable experiment on one BN layer, live, and explain it.
+
+    A (1, 2, 2, 4) image of whole numbers 0-9 goes through a BatchNormalization layer with
+    gamma 2, beta 1, moving mean 0 and moving variance 1, once for each combination of
+    training and trainable. The output, whether the moving statistics moved, and their new
+    values are measured on the installed Keras, followed by the rules that hold there.
+
+    \b
+    Examples:
+      bnfreeze explain
+      bnfreeze explain --json | jq '.cases[] | {training, trainable, moving_stats_updated}'
+    """
+    from bnfreeze.model.records import Runtime
+    from bnfreeze.runtime.environment import progress_on_stderr
+    from bnfreeze.runtime.explain import explain as run_explain
+
+    with progress_on_stderr(enabled=not is_quiet()) as progress:
+        report = run_explain(runtime=Runtime(runtime), progress=progress)
+    if as_json:
+        from bnfreeze.render.explain import render_explain
+
+        click.echo(render_explain(report))
+    else:
+        from bnfreeze.render.explain import explain_view
+
+        stdout_console().print(explain_view(report))

@@ -1,0 +1,464 @@
+"""The config route: edit ``trainable`` in the saved config and let the format's writer
+(:mod:`bnfreeze.formats.writers`) rewrite the file, every other byte kept. No TensorFlow.
+
+Plan, then commit. :func:`plan_edit` decides everything and returns a :class:`ConfigPlan`:
+the flags, the optimizer state (remapped, dropped or kept, :mod:`bnfreeze.ops.optimizer_state`),
+what the writer will write and the result it will report (what a dry run shows).
+:func:`commit` writes it atomically (:func:`bnfreeze.formats.atomic.atomic_file`), verified
+by re-reading, and returns the :class:`~bnfreeze.ops.request.EditResult`.
+
+The route refuses what a config cannot carry (:func:`config_route_limit`,
+:func:`custom_batchnorm_limit`, :func:`code_built_limit`): with ``--engine auto`` the request
+then goes to its ``fallback`` route, the Keras engine.
+
+Semantics (docs/semantics.md, rules 4-6). Containers are never edited alone: every selected
+leaf is edited, because a container's flag does not propagate when Keras loads a saved model.
+After any change, Keras must compile the model again with a **new** optimizer; the saved
+optimizer variables are matched to trainable variables by position, so when the *set* of
+trainable variables changes they are remapped by default: rewritten in the order Keras builds
+for the new set, each surviving variable's slots kept, or dropped when that cannot be shown
+right (Keras would drop them on load with a confusing warning, or silently misassign them when
+the count happens to match).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bnfreeze.errors import BnfreezeError, OutputError, SelectionError
+from bnfreeze.model import modes
+from bnfreeze.model.assignments import (
+    Assignment,
+    Change,
+    apply_to_config,
+    assign,
+    changes,
+    current_flags,
+    editable,
+)
+from bnfreeze.model.assignments import with_flags as records_with_flags
+from bnfreeze.model.records import (
+    LayerKind,
+    LayerRecord,
+    LayerState,
+    ModelFile,
+    ModelFormat,
+    Report,
+)
+from bnfreeze.ops.edit_warnings import edit_warnings
+from bnfreeze.ops.optimizer_state import (
+    OptimizerPlan,
+    OptimizerState,
+    plan_optimizer_state,
+    trainable_layers,
+)
+from bnfreeze.ops.request import EditRequest, EditResult, Engine, Route
+
+if TYPE_CHECKING:
+    from bnfreeze.formats.writers import Writer, WriteRequest
+
+#: Output file name endings Keras 3's ``load_model`` accepts, per format.
+OUTPUT_SUFFIXES: dict[ModelFormat, tuple[str, ...]] = {
+    ModelFormat.KERAS: (".keras",),
+    ModelFormat.KERAS_DIR: (".keras",),  # a folder in, a .keras archive out
+    ModelFormat.H5: (".h5", ".hdf5"),
+}
+
+#: What the config route's refusal tells the user to do instead (``{model}``: the input).
+KERAS_ENGINE_HINT = (
+    "Use --engine keras (or auto): it loads the model with Keras, sets the flags on the live "
+    "layers and, for layers Keras does not save the flags of, records them in the .keras "
+    "output; load that with bnfreeze.load_model(path). For example: bnfreeze freeze {model} "
+    "--bn-inference --engine keras -o frozen.keras"
+)
+
+
+@dataclass(frozen=True)
+class ConfigRoute:
+    """The config rewrite. ``fallback`` (the Keras engine, for ``--engine auto``) gets the
+    requests the config cannot carry; without one they are refused."""
+
+    fallback: Route | None = None
+
+    def edit(self, request: EditRequest) -> EditResult:
+        """Apply ``request`` (its output already checked, :func:`check_output`)."""
+        from bnfreeze.formats.readers import read_model, with_weights
+        from bnfreeze.model.walk import walk
+
+        # A .keras archive's weights are indexed only once the config route takes the edit.
+        model = read_model(request.path, weights=False)
+        if model.format is not ModelFormat.KERAS:
+            model = with_weights(model)
+        _check_output_suffix(request, model)
+        walked = walk(model.config, model.path)
+        reason = config_route_limit(model, walked.layers, walked.lists_layers)
+        selected: tuple[LayerRecord, ...] = ()
+        if reason is None:
+            selected = _editable_selection(request, model, walked.layers)
+            reason = custom_batchnorm_limit(request.assignment, selected) or code_built_limit(
+                model, selected
+            )
+        if reason is not None:
+            return self._refused(request, model.path, reason)
+        targeted = _targeted(request.assignment, selected)
+        try:
+            return commit(plan_edit(request, model, walked.layers, targeted))
+        except BnfreezeError as exc:
+            # A writer that finds, while planning, that only Keras can write this edit safely
+            # (legacy_h5.H5RewriteError) says so; nothing was written yet.
+            if self.fallback is not None and getattr(exc, "keras_engine_can_help", False):
+                return self.fallback.edit(request)
+            raise
+
+    def _refused(self, request: EditRequest, path: str, reason: str) -> EditResult:
+        if self.fallback is None:
+            raise BnfreezeError(
+                f"{path}: the config route cannot edit this model: {reason}.",
+                hint=KERAS_ENGINE_HINT.format(model=path),
+            )
+        return self.fallback.edit(request)
+
+
+def _editable_selection(
+    request: EditRequest, model: ModelFile, layers: tuple[LayerRecord, ...]
+) -> tuple[LayerRecord, ...]:
+    selected = editable(model.config, request.selection.apply(layers))
+    if not selected:
+        raise SelectionError(
+            "the selection matches no layer whose flag can be set (only operations or "
+            "inputs, which store no trainable flag)."
+        )
+    return selected
+
+
+def _targeted(assignment: Assignment, selected: tuple[LayerRecord, ...]) -> tuple[LayerRecord, ...]:
+    targeted = tuple(r for r in selected if assignment.value_for(r) is not None)
+    if not targeted:
+        if assignment.others is None and assignment.batchnorm is not None:
+            raise SelectionError(
+                "the selection holds no BatchNormalization layer, and --bn-inference sets "
+                "only BN layers."
+            )
+        raise SelectionError("the edit sets no flag on the selected layers.")
+    return targeted
+
+
+def _check_output_suffix(request: EditRequest, model: ModelFile) -> None:
+    if request.output.path is None or request.output.in_place:
+        return
+    allowed = OUTPUT_SUFFIXES.get(model.format)
+    if allowed is None or request.output.path.lower().endswith(allowed):
+        return
+    if model.format is ModelFormat.KERAS_DIR:
+        raise OutputError(
+            f"-o {request.output.path}: an edited unzipped .keras folder is written as a .keras "
+            "file, so its name must end in .keras (Keras 3 load_model chooses the format by it).",
+            hint="Unzip the result if you need a folder again.",
+        )
+    raise OutputError(
+        f"-o {request.output.path}: a {model.format.json_name} model must be saved under a name "
+        f"ending in {' or '.join(allowed)}; Keras 3 load_model chooses the format by it.",
+    )
+
+
+# -- plan, then commit ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConfigPlan:
+    """Everything the config route decided about one edit, before anything is written."""
+
+    request: EditRequest
+    model: ModelFile  # the input, indexed
+    writer: Writer
+    write: WriteRequest  # what the writer writes
+    new_config: dict[str, object]
+    selected: tuple[str, ...]
+    changes: tuple[Change, ...]
+    optimizer_plan: OptimizerPlan
+    #: The result's report, read from the input while it is in place (None when that
+    #: failed: it is read again after the write).
+    report: Report | None
+    input_bytes: int
+
+    @property
+    def writes(self) -> bool:
+        """Whether committing writes a file: not on a dry run, nor without an output, nor
+        in place when nothing changes."""
+        output = self.request.output
+        return not (output.dry_run or output.path is None or (output.in_place and not self.changes))
+
+    @property
+    def report_path(self) -> str | None:
+        """The file the result's report names: the output, once written."""
+        return self.request.output.path if self.writes else None
+
+    @property
+    def predicted_dropped(self) -> int:
+        return self.optimizer_plan.dropped
+
+
+def plan_edit(
+    request: EditRequest,
+    model: ModelFile,
+    layers: tuple[LayerRecord, ...],
+    selected: tuple[LayerRecord, ...],
+) -> ConfigPlan:
+    """Decide the edit of ``selected`` (and the optimizer state), without writing."""
+    from bnfreeze.formats.readers import with_weights
+    from bnfreeze.formats.writers import WriteRequest
+    from bnfreeze.formats.writers.dispatch import writer_for
+
+    model = with_weights(model)
+    writer = writer_for(model.format)
+    assert writer is not None  # config_route_limit() checked
+    before = current_flags(layers)
+    without_flag = {r.path for r in layers if r.kind is not LayerKind.INPUT} - {
+        r.path for r in editable(model.config, layers)
+    }
+    after = assign(layers, before, selected, request.assignment, without_flag=without_flag)
+    changed = changes(layers, before, after)
+    new_config = apply_to_config(model.config, layers, after) if changed else model.config
+    model_trainable = _model_trainable(model.config)
+    states_before = _states(model, layers, model_trainable)
+    states_after = _states(model, records_with_flags(layers, after), model_trainable)
+    optimizer_plan = plan_optimizer_state(
+        model,
+        states_before,
+        states_after,
+        request.loading.optimizer_state,
+        set_changed=trainable_layers(states_before) != trainable_layers(states_after),
+    )
+    write = WriteRequest(
+        model=model, config=new_config, layers=layers, flags=after, drop_optimizer_state=False
+    )
+    if optimizer_plan.state is OptimizerState.DROPPED:
+        write = replace(write, drop_optimizer_state=True)
+    elif optimizer_plan.state is OptimizerState.REMAPPED:
+        write = replace(write, optimizer_slots=optimizer_plan.slots)
+    plan = ConfigPlan(
+        request=request,
+        model=model,
+        writer=writer,
+        write=write,
+        new_config=new_config,
+        selected=tuple(r.path for r in selected),
+        changes=changed,
+        optimizer_plan=optimizer_plan,
+        report=None,
+        input_bytes=_size(model.path),
+    )
+    if plan.writes:
+        writer.prepare(write)  # the format's own checks, before anything is written
+    with contextlib.suppress(Exception):
+        # The result's weights are the input's (verified: byte-identical, or dataset by
+        # dataset when the optimizer state is rewritten), so its report reads BN values from
+        # the input, still in place. A failure here must not cost the write: it is retried after.
+        plan = replace(plan, report=_plan_report(plan, plan.predicted_dropped, re_find=False))
+    return plan
+
+
+def commit(plan: ConfigPlan) -> EditResult:
+    """Write ``plan`` atomically (a temporary file in the output's folder, verified by
+    re-reading, then renamed) and return the result; on a dry run, write nothing."""
+    from bnfreeze.formats.atomic import atomic_file
+
+    if not plan.writes:
+        return _result(plan, plan.predicted_dropped, None)
+    output = plan.request.output.path
+    assert output is not None
+    with atomic_file(output) as tmp:
+        outcome = plan.writer.write(plan.write, tmp)
+        plan.writer.verify(plan.write, tmp)
+    return _result(plan, outcome.optimizer_variables_dropped, Path(output).stat().st_size)
+
+
+def _result(plan: ConfigPlan, dropped: int, size: int | None) -> EditResult:
+    request = plan.request
+    report = plan.report
+    if report is None or dropped != plan.predicted_dropped:
+        # Read again from what is now on disk: the output replaced the input in place.
+        report = _plan_report(plan, dropped, re_find=plan.writes and request.output.in_place)
+    return EditResult(
+        source=plan.model.path,
+        output=request.output.path if plan.writes else None,
+        dry_run=request.output.dry_run,
+        engine=Engine.CONFIG,
+        selected=plan.selected,
+        changes=plan.changes,
+        report=report,
+        warnings=edit_warnings(
+            plan.changes,
+            plan.optimizer_plan.state,
+            plan.model.optimizer_variables,
+            output=request.output.path,
+            dry_run=request.output.dry_run,
+            model_format=plan.model.format,
+            plan=plan.optimizer_plan,
+        ),
+        optimizer_state=plan.optimizer_plan.state,
+        optimizer_variables=plan.model.optimizer_variables,
+        optimizer_variables_dropped=dropped,
+        input_bytes=plan.input_bytes,
+        output_bytes=size,
+        assignment=request.assignment,
+        optimizer_plan=plan.optimizer_plan,
+    )
+
+
+def _plan_report(plan: ConfigPlan, dropped: int, *, re_find: bool) -> Report:
+    return _result_report(
+        plan.model,
+        plan.new_config,
+        dropped,
+        re_find=re_find,
+        path=plan.report_path,
+        plan=plan.optimizer_plan,
+    )
+
+
+# -- what the config cannot carry -----------------------------------------------------------
+
+
+def config_route_limit(
+    model: ModelFile, layers: Sequence[LayerRecord], lists_layers: bool
+) -> str | None:
+    """Why the config route cannot edit ``model`` (None when it can), before selection."""
+    from bnfreeze.formats.writers.dispatch import writer_for
+
+    if writer_for(model.format) is None:
+        return f"bnfreeze does not rewrite {model.format.json_name} files without Keras"
+    if not lists_layers and str(model.config.get("class_name")) not in ("Functional", "Sequential"):
+        return "it is a subclassed model whose config does not list its layers"
+    return None
+
+
+def code_built_limit(model: ModelFile, selected: Sequence[LayerRecord]) -> str | None:
+    """Why the config route cannot edit ``selected`` of ``model`` (None when it can): layers
+    whose flags the saved config cannot carry.
+
+    * The file records flags bnfreeze set on such layers (``bnfreeze.json``): a config edit
+      would leave those records stale; the Keras engine rewrites them.
+    * A selected custom layer holds layers it builds in code (``self.bn1 =
+      BatchNormalization()``), which its weights show as groups below its own: Keras builds
+      them again on load with ``trainable=True``, whatever the custom layer's flag says
+      (README, "keras-hub and code-built models").
+    """
+    from bnfreeze.formats import recorded_flags
+
+    if model.format is ModelFormat.KERAS and recorded_flags.has_member(model.path):
+        return (
+            f"it records trainable flags Keras does not save ({recorded_flags.MEMBER}), "
+            "which only the Keras engine rewrites"
+        )
+    custom = [r for r in selected if r.custom]
+    if not custom:
+        return None
+    if model.weights is None:  # a .keras archive is read unindexed; index it only for this
+        from bnfreeze.formats.readers import with_weights
+
+        model = with_weights(model)
+    index = model.weights.variables if model.weights is not None else {}
+    holders = [r for r in custom if _holds_layers(r, index.get(r.path, ()))]
+    if not holders:
+        return None
+    names = ", ".join(f"{r.path} ({r.class_name})" for r in holders[:3])
+    return (
+        f"the custom layer(s) {names} hold layers built in code, whose trainable flags Keras "
+        "does not save"
+    )
+
+
+def _snake_case(name: str) -> str:
+    """Keras's ``naming.to_snake_case``: the group name it saves a layer of a list under."""
+    name = re.sub(r"\W+", "", name)
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def _holds_layers(record: LayerRecord, datasets: Sequence[str]) -> bool:
+    """Whether a layer's weight datasets sit in groups below its own group: Keras names that
+    group for the layer's class (``res_block``, ``res_block_1``), and a sublayer's variables
+    go below it (``layers/res_block/bn1/vars/0``). Only that positive evidence counts."""
+    own = re.compile(rf"{re.escape(_snake_case(record.class_name))}(_\d+)?")
+    for dataset in datasets:
+        group = dataset.rsplit("/vars/", 1)[0] if "/vars/" in dataset else dataset
+        if any(own.fullmatch(part) for part in group.strip("/").split("/")[:-1]):
+            return True
+    return False
+
+
+def custom_batchnorm_limit(assignment: Assignment, selected: Sequence[LayerRecord]) -> str | None:
+    """Why the config route cannot apply ``assignment`` to ``selected`` (None when it can).
+
+    When BN layers and other layers get different flags (``--bn-inference``, ``--train-bn``,
+    ``--keep-bn-inference``), a selected custom class might subclass BatchNormalization, which
+    only a loaded model can tell (``isinstance``, docs/semantics.md, rule 7).
+    """
+    if assignment.batchnorm == assignment.others:
+        return None
+    custom = [r for r in selected if r.kind is LayerKind.UNKNOWN]
+    if not custom:
+        return None
+    names = ", ".join(sorted({r.class_name for r in custom})[:3])
+    return (
+        f"the selection holds custom layer classes ({names}) that may subclass "
+        "BatchNormalization, which only a loaded model can tell"
+    )
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _states(
+    model: ModelFile, layers: tuple[LayerRecord, ...], model_trainable: bool
+) -> tuple[LayerState, ...]:
+    index = model.weights.variables if model.weights is not None else None
+    has_weights = {
+        r.path: bool(index[r.path])
+        if index is not None and r.path in index
+        else modes.has_weights_by_class(r)
+        for r in layers
+    }
+    return modes.resolve(layers, model_trainable=model_trainable, has_weights=has_weights)
+
+
+def _model_trainable(config: dict[str, object]) -> bool:
+    inner = config.get("config")
+    return not (isinstance(inner, dict) and inner.get("trainable") is False)
+
+
+def _result_report(
+    model: ModelFile,
+    new_config: dict[str, object],
+    dropped: int,
+    *,
+    re_find: bool,
+    path: str | None,
+    plan: OptimizerPlan | None = None,
+) -> Report:
+    from bnfreeze.ops.inspect import inspect_model_file
+
+    kept = None if dropped else model.optimizer_variables
+    if plan is not None and plan.state is OptimizerState.REMAPPED and plan.slots is not None:
+        kept = len(plan.slots)
+    result_model = replace(model, config=new_config, optimizer_variables=kept)
+    if re_find and model.weights is not None and getattr(model.weights, "locations", None):
+        # Dataset offsets were those of the old file; let the reader find them again.
+        result_model = replace(result_model, weights=replace(model.weights, locations={}))
+    report = inspect_model_file(result_model)
+    if path is not None:
+        report = replace(report, model=replace(report.model, path=path))
+    return report
+
+
+def _size(path: str) -> int:
+    p = Path(path)
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return p.stat().st_size

@@ -1,0 +1,42 @@
+"""Which route applies an :class:`~bnfreeze.ops.request.EditRequest`, and the one call that
+applies it: :func:`edit`.
+
+* an in-memory model: :class:`~bnfreeze.runtime.memory_route.MemoryRoute`;
+* a saved model with ``--engine keras``: :class:`~bnfreeze.runtime.keras_route.KerasRoute`;
+* otherwise the config rewrite, :class:`~bnfreeze.ops.config_route.ConfigRoute`, which hands
+  what a config cannot carry to the Keras engine with ``--engine auto`` and refuses it with
+  ``--engine config``.
+
+Nothing here imports Keras: a route imports it only when it loads a model.
+"""
+
+from __future__ import annotations
+
+from bnfreeze.ops.config_route import ConfigRoute
+from bnfreeze.ops.plans import PlanApplication, PlannedEdit
+from bnfreeze.ops.request import EditRequest, EditResult, Engine, Route, check_output
+from bnfreeze.runtime.keras_route import KerasRoute
+from bnfreeze.runtime.memory_route import MemoryRoute
+
+
+def route_for(request: EditRequest) -> Route:
+    """The route for ``request``."""
+    if not request.is_file:
+        return MemoryRoute()
+    engine = request.loading.engine
+    if engine is Engine.KERAS:
+        return KerasRoute()
+    return ConfigRoute(fallback=KerasRoute() if engine is Engine.AUTO else None)
+
+
+def edit(request: EditRequest) -> EditResult:
+    """Apply ``request``: for a saved model, its output is checked before any work
+    (:func:`~bnfreeze.ops.request.check_output`); the chosen route does the rest."""
+    if request.is_file:
+        request = check_output(request)
+    return route_for(request).edit(request)
+
+
+def apply_plan(planned: PlannedEdit) -> PlanApplication:
+    """Apply a plan resolved against a model (:func:`bnfreeze.ops.plans.plan_edit_request`)."""
+    return PlanApplication(plan=planned.plan, matches=planned.matches, result=edit(planned.request))
