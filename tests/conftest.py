@@ -360,14 +360,21 @@ def heavy_imported() -> frozenset[str]:
     return frozenset(name for name in HEAVY_MODULES if sys.modules.get(name) is not None)
 
 
-def pytest_collection_finish(session):
-    """Collecting must not import Keras: the fast lane collects every module too."""
-    heavy = heavy_imported()
-    if heavy:
-        raise pytest.UsageError(
-            f"collecting the tests imported {', '.join(sorted(heavy))}: test modules import "
-            "Keras inside their tests and fixtures, never at module level"
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    """Importing a test module must not import Keras: the fast lane imports every module."""
+    if not isinstance(collector, pytest.Module):
+        return (yield)
+    before = heavy_imported()
+    report = yield
+    new = heavy_imported() - before
+    if new and report.passed:
+        report.outcome = "failed"
+        report.longrepr = (
+            f"importing {collector.nodeid} imported {', '.join(sorted(new))}: import Keras "
+            "inside the tests and fixtures that need it, never at module level"
         )
+    return report
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
