@@ -11,7 +11,8 @@ The Python API (see :mod:`bnfreeze.api`) takes a saved model's path or an in-mem
     bnfreeze.RecompileWarning          # a UserWarning subclass
     bnfreeze.load_model(path, **kwargs)  # keras.models.load_model, then the trainable flags
                                          # bnfreeze recorded for layers built in code
-    bnfreeze.BatchNormGuard(expect=None, strict=False)  # a keras.callbacks.Callback for fit()
+    bnfreeze.sync_bn(path, synchronized=False, output=...)  # BN synchronized on/off in a file
+    bnfreeze.BatchNormGuard(expect=None, strict=False, min_samples=16)  # a Keras callback
 
 Importing this package never imports TensorFlow or Keras; the names above are loaded on
 first use, and only the functions that need Keras import it, when called.
@@ -29,12 +30,21 @@ if TYPE_CHECKING:
     from bnfreeze.api import inspect as inspect
     from bnfreeze.api import load_model as load_model
     from bnfreeze.api import recompile as recompile
+    from bnfreeze.api import sync_bn as sync_bn
     from bnfreeze.api import unfreeze as unfreeze
 
 __version__ = "0.1.0"
 
 #: The public API, loaded lazily from bnfreeze.api (PEP 562).
-_API = ("inspect", "freeze", "unfreeze", "recompile", "RecompileWarning", "load_model")
+_API = (
+    "inspect",
+    "freeze",
+    "unfreeze",
+    "recompile",
+    "RecompileWarning",
+    "load_model",
+    "sync_bn",
+)
 
 #: Loaded lazily from bnfreeze.runtime.guard; the class subclasses keras.callbacks.Callback,
 #: so it is created (and Keras imported) on first access.

@@ -71,6 +71,8 @@ from bnfreeze.ops.request import (
 if TYPE_CHECKING:
     from typing_extensions import TypeIs  # typing.TypeIs is Python 3.13+
 
+    from bnfreeze.ops.sync import SyncResult
+
 
 #: A live model, or a ``str`` / ``os.PathLike`` naming a saved one.
 ModelOrPath = str | os.PathLike[str] | KerasModel
@@ -279,6 +281,33 @@ def load_model(path: str | os.PathLike[str], **kwargs: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------ recompile
+
+
+def sync_bn(
+    path: str | os.PathLike[str],
+    *,
+    synchronized: bool,
+    layers: Sequence[str] = (),
+    output: str | os.PathLike[str] | None = None,
+    dry_run: bool = False,
+    in_place: bool = False,
+) -> SyncResult:
+    """Set ``BatchNormalization(synchronized=...)`` on the BN layers of a saved model (all, or
+    those ``layers`` selects) and write ``output``; the CLI's ``bnfreeze sync-bn``.
+
+    ``synchronized=True`` normalizes over the global batch under ``tf.distribute``, but Keras
+    loads such a file only on TensorFlow (docs/semantics.md, rule 8). Only the config
+    changes; tf_keras's ``SyncBatchNormalization`` becomes ``BatchNormalization``."""
+    from bnfreeze.ops.sync import set_synchronized_file
+
+    return set_synchronized_file(
+        path,
+        output,
+        synchronized=synchronized,
+        layers=layers,
+        dry_run=dry_run,
+        in_place=in_place,
+    )
 
 
 def recompile(model: ModelT) -> ModelT:

@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from bnfreeze import __version__
-from bnfreeze.commands import edit, files, measure, support
+from bnfreeze.commands import edit, files, measure, replicas, support
 from bnfreeze.commands.support import usage_line
 from bnfreeze.errors import EXIT_INTERNAL, BnfreezeError
 
@@ -88,6 +88,7 @@ for command in (
     edit.apply_plan,
     measure.verify,
     measure.explain,
+    replicas.sync_bn,
 ):
     cli.add_command(command)
 

@@ -16,6 +16,9 @@ file *claims* or on raw bytes, before the claimed amount is read, inflated or pa
   about 3 levels per nested model, so this leaves room for :data:`MAX_NESTING_DEPTH` models.
 * :data:`MAX_NESTING_DEPTH`: models and wrappers nested below the top level (the walk).
 * :data:`MAX_LAYERS`: layers in one model, all levels (the walk).
+* :data:`INFLATE_PIECE`: the most bytes of one zip member held in memory while it is
+  inflated, checksummed or copied (:mod:`bnfreeze.formats.integrity`); only the JSON members
+  above, at most :data:`MAX_CONFIG_BYTES`, are held whole.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ MAX_EXPANSION_RATIO = 200  # a compressed zip member over 1 MiB may expand at mo
 MAX_JSON_DEPTH = 256  # arrays/objects nested in one JSON document
 MAX_NESTING_DEPTH = 64  # nested models / wrappers below the top level
 MAX_LAYERS = 100_000  # layers in one model, all levels
+INFLATE_PIECE = 8 * 2**20  # bytes of a member held at a time while inflating or copying it
 
 # Brackets and quotes kept, braces turned into brackets: the structure is all that is left.
 _BRACKETS = bytes.maketrans(b"{}", b"[]")

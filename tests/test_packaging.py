@@ -63,9 +63,14 @@ def run_hidden(hidden: str, *args: str, env: dict[str, str] | None = None, cwd: 
 # -------------------------------------------------------------------------- dependency sets
 
 
-def test_core_dependencies_are_the_four_file_libraries():
+#: What ``pip install .`` installs: what inspect/freeze/apply/check/diff need, no Keras. isal
+#: gives freeze a CRC-32 of every copied byte at copy speed (docs/guarantees.md).
+CORE = {"click", "rich", "numpy", "h5py", "isal"}
+
+
+def test_core_dependencies_are_the_file_libraries():
     """``pip install .`` installs what inspect/freeze/apply/check/diff need, no Keras."""
-    assert requirement_names(PROJECT["dependencies"]) == {"click", "rich", "numpy", "h5py"}
+    assert requirement_names(PROJECT["dependencies"]) == CORE
 
 
 @pytest.mark.parametrize(
@@ -151,12 +156,7 @@ def test_the_wheel_ships_the_plans_license_and_types(wheel):
         for line in text.splitlines()
         if line.startswith("Requires-Dist:") and "extra" not in line
     ]
-    assert requirement_names([line.split(":", 1)[1].strip() for line in core]) == {
-        "click",
-        "rich",
-        "numpy",
-        "h5py",
-    }
+    assert requirement_names([line.split(":", 1)[1].strip() for line in core]) == CORE
 
 
 def test_the_installed_wheel_applies_a_shipped_plan_by_name(wheel, tmp_path):

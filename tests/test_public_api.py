@@ -17,6 +17,7 @@ EXPORTS = [
     "recompile",
     "RecompileWarning",
     "load_model",
+    "sync_bn",
     "BatchNormGuard",
 ]
 
@@ -42,6 +43,11 @@ SIGNATURES = {
     ),
     "recompile": "(model: 'ModelT') -> 'ModelT'",
     "load_model": "(path: 'str | os.PathLike[str]', **kwargs: 'Any') -> 'Any'",
+    "sync_bn": (
+        "(path: 'str | os.PathLike[str]', *, synchronized: 'bool', layers: 'Sequence[str]' = (), "
+        "output: 'str | os.PathLike[str] | None' = None, dry_run: 'bool' = False, "
+        "in_place: 'bool' = False) -> 'SyncResult'"
+    ),
 }
 
 

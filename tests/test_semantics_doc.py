@@ -54,11 +54,13 @@ def test_every_rule_names_its_backends_and_existing_tests(number):
 
 
 def test_jax_is_claimed_only_where_a_jax_test_measures_it():
-    """A rule "measured on" JAX cites a test of tests/runtime/test_backends.py (it runs on
-    JAX)."""
+    """A rule "measured on" JAX cites a test of tests/runtime/test_backends.py or
+    tests/runtime/test_replicas.py, which run on JAX."""
     for number, body in sections().items():
         if "Keras 3 / JAX" in body:
-            assert "tests/runtime/test_backends.py::" in body, f"rule {number}"
+            assert any(
+                f"tests/runtime/{t}.py::" in body for t in ("test_backends", "test_replicas")
+            ), f"rule {number}"
 
 
 def test_explain_numbers_its_rules_as_the_document_does():

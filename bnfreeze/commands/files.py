@@ -33,6 +33,12 @@ from bnfreeze.commands.support import (
     is_flag=True,
     help="Draw the model as one line of cells, one per layer, coloured by what it does in fit().",
 )
+@click.option(
+    "--from-file",
+    is_flag=True,
+    help="Never ask Keras: predict the layers that code builds (keras-hub, custom layers) by "
+    "rule, from the weights file. Fast, and needs no Keras.",
+)
 @runtime_option
 @export_option
 def inspect(
@@ -41,13 +47,18 @@ def inspect(
     all_layers: bool,
     tree: bool,
     strip: bool,
+    from_file: bool,
     runtime: str,
     export: str | None,
 ) -> None:
     """Show each layer's trainable flag and what it really does in fit().
 
-    MODEL is a .keras file, an unzipped .keras folder or a legacy .h5 file. Nothing is
-    loaded into Keras: the file's config is read directly, so this is instant.
+    MODEL is a .keras file, an unzipped .keras folder or a legacy .h5 file. The file's
+    config is read directly, so this is instant. Only when the file holds layers that
+    code builds (keras-hub models, custom layers, subclassed models), whose flags the file
+    does not record, and Keras is installed, is the model loaded into Keras (in memory, the
+    file is only read) to list them as Keras rebuilds them; --from-file predicts them by
+    rule instead.
 
     \b
     Examples:
@@ -57,15 +68,17 @@ def inspect(
       bnfreeze inspect model.keras --json | jq .summary
       bnfreeze inspect model.keras --strip --export model.svg
       bnfreeze inspect keras2_model.h5 --runtime tf-keras
+      bnfreeze inspect hub_classifier.keras --from-file
     """
     from bnfreeze.model.records import Runtime
     from bnfreeze.ops.inspect import inspect_file
+    from bnfreeze.runtime.rebuilt import ask
 
     if strip and (as_json or tree or all_layers):
         raise click.UsageError("--strip is its own view; drop --json, --tree and --all.")
-    start_export(export, as_json)
+    start_export(export, as_json, model)
     with gc_paused():
-        report = inspect_file(model, Runtime(runtime))
+        report = inspect_file(model, Runtime(runtime), ask_keras=None if from_file else ask)
     if as_json:
         from bnfreeze.render.json import render_report
 
@@ -148,7 +161,7 @@ def check(
         raise click.UsageError("give --plan PLAN, --expect NAME or --strict (or several).")
     if sets and plan_path is None:
         raise click.UsageError("--set sets parameters of a --plan.")
-    start_export(export, as_json)
+    start_export(export, as_json, model)
     plan = None
     if plan_path is not None:
         from bnfreeze.ops.plans import load_plan, parse_sets
@@ -203,7 +216,7 @@ def diff(a: str, b: str, as_json: bool, exit_code: bool, export: str | None) -> 
     from bnfreeze.errors import EXIT_CHECK_FAILED
     from bnfreeze.ops.diff import diff_files
 
-    start_export(export, as_json)
+    start_export(export, as_json, a, b)
     if is_quiet():
         result = diff_files(a, b)
     else:

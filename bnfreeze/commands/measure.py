@@ -3,35 +3,32 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from bnfreeze.commands.support import (
     MODEL_PATH,
-    RUNTIME_CHOICES,
     is_quiet,
     note,
     quiet_option,
+    runtime_choice,
     stdout_console,
 )
+
+
+def positive(name: str, default: int, help: str) -> Any:
+    """A count of at least 1, with its default shown."""
+    return click.option(
+        name, type=click.IntRange(min=1), default=default, show_default=True, help=help
+    )
 
 
 @click.command()
 @quiet_option
 @click.argument("model", type=MODEL_PATH)
-@click.option(
-    "--steps",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Training steps to run (train_on_batch, the same step as fit()).",
-)
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=2,
-    show_default=True,
-    help="Samples per step.",
-)
+@positive("--steps", 1, "Training steps to run (train_on_batch, the same step as fit()).")
+@positive("--batch-size", 2, "Samples per step.")
 @click.option(
     "--data",
     type=click.Path(path_type=str),
@@ -48,13 +45,7 @@ from bnfreeze.commands.support import (
     help="Exit 1 unless the measurement satisfies it, repeatable: bn-inference, "
     "bn-train, trains, frozen (each =GLOB optional), min-training=N, max-training=N.",
 )
-@click.option(
-    "--runtime",
-    type=click.Choice(RUNTIME_CHOICES),
-    default="keras3",
-    show_default=True,
-    help="tf-keras measures with Keras 2 (the tf_keras package), if installed.",
-)
+@runtime_choice("tf-keras measures with Keras 2 (the tf_keras package), if installed.")
 @click.option(
     "--unsafe",
     is_flag=True,
@@ -70,6 +61,22 @@ from bnfreeze.commands.support import (
 @click.option(
     "--all", "all_layers", is_flag=True, help="List every measured layer, not only BN layers."
 )
+@click.option(
+    "--replicas",
+    type=click.IntRange(min=2),
+    default=None,
+    metavar="N",
+    help="Instead, run one data-parallel step on N simulated devices (MirroredStrategy on "
+    "TensorFlow, DataParallel on JAX) and report what each BN normalized over; --batch-size "
+    "is the global batch.",
+)
+@click.option(
+    "--min-samples",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="With --replicas: warn when a training-mode BN normalizes over fewer samples.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
 def verify(
     model: str,
@@ -81,6 +88,8 @@ def verify(
     unsafe: bool,
     custom_objects: str | None,
     all_layers: bool,
+    replicas: int | None,
+    min_samples: int,
     as_json: bool,
 ) -> None:
     """Train MODEL for real, in memory, and show what actually moved.
@@ -100,7 +109,13 @@ def verify(
       bnfreeze verify model.keras --expect bn-inference
       bnfreeze verify model.keras --steps 3 --batch-size 8 --data batch.npz
       bnfreeze verify model.keras --json | jq .summary
+      bnfreeze verify model.keras --replicas 2 --batch-size 16
     """
+    if replicas is not None:
+        from bnfreeze.commands.replicas import verify_replicas
+
+        verify_replicas(model, replicas, batch_size, min_samples, as_json)
+        return
     from bnfreeze.model.expectations import parse_expectation
     from bnfreeze.model.records import Runtime
     from bnfreeze.runtime.environment import progress_on_stderr
@@ -137,15 +152,17 @@ def verify(
 
 @click.command()
 @quiet_option
+@runtime_choice("tf-keras runs the experiment with Keras 2 (the tf_keras package), if installed.")
 @click.option(
-    "--runtime",
-    type=click.Choice(RUNTIME_CHOICES),
-    default="keras3",
-    show_default=True,
-    help="tf-keras runs the experiment with Keras 2 (the tf_keras package), if installed.",
+    "--replicas",
+    type=click.IntRange(min=2),
+    default=None,
+    metavar="N",
+    help="Instead, run it as one data-parallel fit() step on N simulated devices and show the "
+    "per-replica and global statistics side by side.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
-def explain(runtime: str, as_json: bool) -> None:
+def explain(runtime: str, replicas: int | None, as_json: bool) -> None:
     """Run the training/trainable experiment on one BN layer, live, and explain it.
 
     A (1, 2, 2, 4) image of whole numbers 0-9 goes through a BatchNormalization layer with
@@ -157,7 +174,13 @@ def explain(runtime: str, as_json: bool) -> None:
     Examples:
       bnfreeze explain
       bnfreeze explain --json | jq '.cases[] | {training, trainable, moving_stats_updated}'
+      bnfreeze explain --replicas 2
     """
+    if replicas is not None:
+        from bnfreeze.commands.replicas import explain_replicas
+
+        explain_replicas(replicas, as_json)
+        return
     from bnfreeze.model.records import Runtime
     from bnfreeze.runtime.environment import progress_on_stderr
     from bnfreeze.runtime.explain import explain as run_explain

@@ -141,15 +141,15 @@ def export_option(f: Any) -> Any:
     )(f)
 
 
-def start_export(export: str | None, as_json: bool) -> None:
-    """Refuse a bad --export before any work is done."""
+def start_export(export: str | None, as_json: bool, *models: str) -> None:
+    """Refuse a bad --export before any work is done (one that would replace ``models``)."""
     if export is None:
         return
     if as_json:
         raise click.UsageError("--export saves the terminal view; it cannot be used with --json.")
     from bnfreeze.formats.export import check_destination
 
-    check_destination(export)
+    check_destination(export, models)
 
 
 def finish_export(console: Any, export: str | None) -> None:
@@ -165,15 +165,22 @@ def finish_export(console: Any, export: str | None) -> None:
 RUNTIME_CHOICES = ["keras3", "tf-keras"]
 
 
-def runtime_option(f: Any) -> Any:
-    """``--runtime`` for the commands that predict from the file (no Keras is loaded)."""
+def runtime_choice(help: str) -> Any:
+    """``--runtime keras3|tf-keras``, keras3 by default; ``help`` says what it changes."""
     return click.option(
         "--runtime",
         type=click.Choice(RUNTIME_CHOICES),
         default="keras3",
         show_default=True,
-        help="The rules to predict with: keras3 (Keras 3, TensorFlow or JAX), or tf-keras "
-        "(Keras 2, where a recorded call-site training= wins).",
+        help=help,
+    )
+
+
+def runtime_option(f: Any) -> Any:
+    """``--runtime`` for the commands that predict from the file (no Keras is loaded)."""
+    return runtime_choice(
+        "The rules to predict with: keras3 (Keras 3, TensorFlow or JAX), or tf-keras "
+        "(Keras 2, where a recorded call-site training= wins)."
     )(f)
 
 

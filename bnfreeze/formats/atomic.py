@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -105,12 +106,50 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def resolve_destination(dest: Path) -> Path:
+    """Where an output named ``dest`` is written. A symbolic link is followed to the file it
+    names, as ``cp`` does: that file is replaced atomically (the temporary file is made in
+    *its* folder) and the link is left as it was, so ``--in-place`` on a link edits the model
+    it points to instead of replacing the link with a copy."""
+    if os.path.islink(dest):
+        return Path(os.path.realpath(dest))
+    return dest
+
+
+_SPECIAL = (
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def refuse_special(dest: Path, what: str = "") -> None:
+    """Raise :class:`OutputError` when ``dest`` exists and is not a regular file or folder (a
+    FIFO, a device, a socket): an atomic write renames a new regular file over the name, which
+    would silently replace that special file instead of writing into it."""
+    try:
+        mode = os.stat(dest).st_mode
+    except OSError:
+        return  # nothing there (or unreadable): the usual checks decide
+    for test, kind in _SPECIAL:
+        if test(mode):
+            raise OutputError(
+                f"{what}{dest}: is {kind}, not a regular file; bnfreeze writes a complete new "
+                "file and renames it into place, which would replace it. Nothing was written.",
+                hint="Give the path of a regular file (a new one, or one to replace).",
+            )
+
+
 def check_destination(dest: Path) -> Path:
-    """Raise :class:`OutputError` unless a file can be created at ``dest``.
+    """Raise :class:`OutputError` unless a file can be created at ``dest`` (after
+    :func:`resolve_destination`), and ``dest`` is not a FIFO, device or socket.
 
     Returns the destination folder. Checks what can be checked before any work is done; the
     write itself still handles every ``OSError`` (root ignores permission bits, say).
     """
+    dest = resolve_destination(dest)
+    refuse_special(dest)
     folder = dest.parent if str(dest.parent) else Path(".")
     try:
         is_dir, folder_exists = dest.is_dir(), folder.exists()
@@ -234,9 +273,11 @@ def atomic_file(dest: str | os.PathLike[str], *, durable: bool | None = None) ->
     data to disk while the body runs) and the folder after it; ``None``, the default, means
     "when ``dest`` exists" (see the module docstring). On any failure, including
     ``KeyboardInterrupt``, ``tmp`` is removed and the exception propagates; an ``OSError``
-    becomes an :class:`OutputError` written for users.
+    becomes an :class:`OutputError` written for users. A ``dest`` that is a symbolic link is
+    followed (:func:`resolve_destination`); a FIFO, device or socket is refused
+    (:func:`refuse_special`).
     """
-    dest = Path(dest)
+    dest = resolve_destination(Path(dest))
     folder = check_destination(dest)
     if durable is None:
         durable = os.path.lexists(dest)

@@ -30,10 +30,24 @@ def export_format(path: str | os.PathLike[str]) -> str:
         ) from None
 
 
-def check_destination(path: str | os.PathLike[str]) -> None:
-    """Fail before any work when the report could not be written."""
+def check_destination(
+    path: str | os.PathLike[str], inputs: tuple[str | os.PathLike[str], ...] = ()
+) -> None:
+    """Fail before any work when the report could not be written, or would replace one of
+    ``inputs`` (the models the command reads: ``inspect model.svg --export model.svg``) or a
+    FIFO, device or socket. A symbolic link is followed, as for ``-o``."""
+    from bnfreeze.formats.atomic import refuse_special, resolve_destination
+
     export_format(path)
-    target = Path(path)
+    target = resolve_destination(Path(path))
+    for model in inputs:
+        if _same_file(target, Path(model)):
+            raise OutputError(
+                f"--export {os.fspath(path)!r} is the model file being read; refusing to "
+                "overwrite it with the report. Nothing was written.",
+                hint="Pick another name for the report.",
+            )
+    refuse_special(target, "--export ")
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
         raise OutputError(
@@ -55,8 +69,18 @@ def save_recording(console: Any, path: str | os.PathLike[str], title: str) -> No
     write_text_atomic(path, text)
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    target = Path(path)
+    from bnfreeze.formats.atomic import refuse_special, resolve_destination
+
+    target = resolve_destination(Path(path))
+    refuse_special(target, "--export ")
     folder = target.parent if str(target.parent) else Path(".")
     tmp_name = None
     try:

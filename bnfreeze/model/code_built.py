@@ -59,6 +59,7 @@ _GROUP_INDEX = re.compile(r"^(.*?)(?:_\d+)?$")
 _BN_HINT = re.compile(r"(?:^|[_/])(?:bn\d*|batch_?norm\w*)(?:$|[_/\d])", re.IGNORECASE)
 
 _BN_VARIABLES = ("gamma", "beta", "moving_mean", "moving_variance")
+_RENORM_VARIABLES = ("moving_stddev", "renorm_mean", "renorm_stddev")
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,58 @@ def _nested(arguments: Any, prefix: str, depth: int, out: list[Owner]) -> None:
         _nested(inner, path + "/", depth + 1, out)
 
 
+def wrapped(walked: WalkedModel, config: dict[str, Any]) -> tuple[LayerRecord, ...]:
+    """The inner layer of each custom ``keras.layers.Wrapper`` (its config holds it under
+    ``layer``), as a row below the wrapper: listed, with its stored flag, so that verify's
+    measurement of it is matched; its mode is left to the wrapper's own ``call()``
+    (:attr:`LayerRecord.call_decided_by`)."""
+    from bnfreeze.model.walk import is_builtin
+
+    out: list[LayerRecord] = []
+    listed = {r.path for r in walked.layers}
+    for record in walked.layers:
+        if record.kind is not LayerKind.UNKNOWN:
+            continue
+        node: Any = config
+        for key in record.config_path:
+            try:
+                node = node[key]
+            except (KeyError, IndexError, TypeError):
+                node = None
+                break
+        arguments = node.get("config") if isinstance(node, dict) else None
+        inner = arguments.get("layer") if isinstance(arguments, dict) else None
+        if not isinstance(inner, dict) or not isinstance(inner.get("config"), dict):
+            continue
+        inner_config = inner["config"]
+        name = inner_config.get("name")
+        class_name = inner.get("class_name")
+        if not isinstance(name, str) or not isinstance(class_name, str):
+            continue
+        path = f"{record.path}/{name}"
+        if path in listed:
+            continue
+        bn = class_name in ("BatchNormalization", "SyncBatchNormalization") and is_builtin(inner)
+        out.append(
+            LayerRecord(
+                path=path,
+                name=name,
+                class_name=class_name,
+                kind=LayerKind.BATCHNORM if bn else LayerKind.UNKNOWN,
+                depth=record.depth + 1,
+                parent=record.path,
+                trainable=inner_config.get("trainable") is not False,
+                scale=inner_config.get("scale") is not False,
+                center=inner_config.get("center") is not False,
+                renorm=inner_config.get("renorm") is True,
+                custom=not is_builtin(inner),
+                config_path=(*record.config_path, "config", "layer"),
+                call_decided_by=record.path,
+            )
+        )
+    return tuple(out)
+
+
 def find(
     model: ModelFile,
     walked: WalkedModel,
@@ -232,6 +285,7 @@ class _Verdict:
     scale: bool
     center: bool
     variance: str | None  # the dataset to check for non-negative values
+    renorm: bool = False
 
 
 def _structure(
@@ -249,10 +303,19 @@ def _structure(
         # A legacy .h5 names its variables: moving statistics prove BN.
         if not same or "moving_mean" not in leaves or "moving_variance" not in leaves:
             return None
-        if set(leaves) - set(_BN_VARIABLES):
+        if set(leaves) - set(_BN_VARIABLES) - set(_RENORM_VARIABLES):
             return None
         variance = group.datasets[leaves.index("moving_variance")]
-        return _Verdict(LayerKind.BATCHNORM, "gamma" in leaves, "beta" in leaves, variance)
+        renorm = bool(set(leaves) & set(_RENORM_VARIABLES))
+        return _Verdict(LayerKind.BATCHNORM, "gamma" in leaves, "beta" in leaves, variance, renorm)
+    if same and len(sizes) == len(_BN_VARIABLES) + len(_RENORM_VARIABLES):
+        # BatchNormalization(renorm=True) (Keras 3.14+): gamma, beta, moving mean and
+        # variance, then moving_stddev, renorm_mean, renorm_stddev, in build() order.
+        named_class = _GROUP_INDEX.match(group.key)
+        klass = named_class.group(1) if (named_class and group.in_layer_list) else None
+        if klass in _OTHER_NORM_GROUP_CLASSES:
+            return None
+        return _Verdict(LayerKind.BATCHNORM, True, True, group.datasets[3], renorm=True)
     if not same or not 2 <= len(sizes) <= 4:
         return None
     named_class = _GROUP_INDEX.match(group.key)
@@ -295,6 +358,7 @@ def _record(owner: Owner, group: Group, kind: LayerKind, verdict: _Verdict) -> L
         trainable=True,  # not saved: Keras rebuilds the layer with its default flag
         scale=verdict.scale,
         center=verdict.center,
+        renorm=verdict.renorm,
         source=LayerSource.WEIGHTS,
     )
 
@@ -365,6 +429,19 @@ def _natural(head: str) -> tuple[int | str, ...]:
 def _in_layer_list(head: str) -> bool:
     parts = head.split("/")
     return len(parts) >= 2 and parts[-2] == "layers"
+
+
+@dataclass(frozen=True)
+class Rebuilt:
+    """The layers Keras rebuilt below code-built containers, as ``inspect`` rows."""
+
+    records: tuple[LayerRecord, ...]
+    has_weights: dict[str, bool]
+    #: Each record's variables, named ``<path>/<index>`` in ``layer.weights`` order, and their
+    #: values: what the untrained-statistics check reads for a row found in a file.
+    datasets: dict[str, tuple[str, ...]]
+    values: dict[str, Any]
+    keras_version: str
 
 
 @dataclass(frozen=True)

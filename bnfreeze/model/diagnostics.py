@@ -53,6 +53,7 @@ def find(
         if runtime is Runtime.KERAS3:
             findings += _keras3_incompatible(model, states)
         findings += _optimizer_state(model)
+        findings += _synchronized(model, states)
         if read_values is not None:
             findings += _untrained_statistics(model, states, read_values)
     return tuple(findings)
@@ -64,32 +65,41 @@ def _below(states: tuple[LayerState, ...], path: str) -> list[LayerState]:
 
 
 def _reload_trains(states: tuple[LayerState, ...], owners: Sequence[Owner]) -> list[Finding]:
-    """A code-built container saved with trainable=False: Keras rebuilds the layers inside it
-    in ``__init__`` on load, each with ``trainable=True``, and on Keras 3 only a layer's own
-    flag counts, so its BN layers train once the file is loaded."""
+    """A code-built container saved with trainable=False whose BN layers still train once the
+    file is loaded. The count is the count of the rows below it that take the batch branch:
+    rows asked of Keras (``source=KERAS``: the flags the loaded layers carry) or rows found in
+    the weights, predicted by the rule "Keras rebuilds them in ``__init__``, each with
+    ``trainable=True``" (on Keras 3 only a layer's own flag counts)."""
     findings = []
     for owner in owners:
         if owner.trainable:
             continue
         prefix = owner.path + "/" if owner.path else ""
-        training = [
+        below = [
             s
             for s in states
-            if s.layer.from_weights
-            and s.layer.is_batchnorm
-            and s.layer.path.startswith(prefix)
-            and s.in_fit.updates_moving_stats
+            if s.layer.code_built and s.layer.is_batchnorm and s.layer.path.startswith(prefix)
         ]
+        training = [s for s in below if s.in_fit.normalizes_with is Normalization.BATCH]
         if not training:
             continue
         what = owner.path or "The model"
+        if any(s.layer.from_keras for s in below):
+            how = (
+                f"loaded by Keras, {len(training)} of the {len(below)} BN layer(s) inside it "
+                "come back with trainable=True and will"
+            )
+        else:
+            how = (
+                "Keras rebuilds them trainable when it loads it (a rule, not asked of Keras), "
+                f"and {len(training)} BN layer(s) inside it will"
+            )
         findings.append(
             Finding(
                 WarningCode.CODE_BUILT_RELOAD_TRAINS,
                 owner.path or None,
                 f"{what} ({owner.class_name}) was saved with trainable=False, but its layers "
-                "are built by code, so their flags are not in the file: Keras rebuilds them "
-                f"trainable when it loads it, and {len(training)} BN layer(s) inside it will "
+                f"are built by code, so their flags are not in the file: {how} "
                 "normalize with batch statistics and update their moving statistics in fit() "
                 "(and their gamma/beta train unless the whole model is frozen). Setting "
                 "trainable=False before saving does not survive a reload; apply it after "
@@ -97,6 +107,20 @@ def _reload_trains(states: tuple[LayerState, ...], owners: Sequence[Owner]) -> l
             )
         )
     return findings
+
+
+def keras_not_asked(reason: str) -> Finding:
+    """The rows below code-built containers are predicted by rule because Keras could not be
+    asked how the file loads."""
+    return Finding(
+        WarningCode.PREDICTED_BY_RULE,
+        None,
+        f"Keras was not asked how this model loads ({reason}), so the layers built by code "
+        "(marked *) are predicted by rule: the BN layers found in the weights file, each "
+        "rebuilt with trainable=True. The rule is wrong for some models (keras-hub's "
+        "HGNetV2 keeps its flags); run bnfreeze verify, or inspect where Keras and "
+        "keras-hub are installed.",
+    )
 
 
 def _model_not_trainable(states: tuple[LayerState, ...], model_trainable: bool) -> list[Finding]:
@@ -157,7 +181,7 @@ def _bn_under_frozen_container(
     findings = []
     for state in states:
         layer = state.layer
-        if not layer.is_batchnorm or layer.trainable is False or layer.from_weights:
+        if not layer.is_batchnorm or layer.trainable is False or layer.code_built:
             # A BN found in the weights of a code-built container: code-built-reload-trains
             # says it once for the container, and no file edit can set its flag.
             continue
@@ -203,7 +227,19 @@ def _bn_under_frozen_container(
 
 
 def _unknown_layers(states: tuple[LayerState, ...]) -> list[Finding]:
-    return [
+    wrapped = [
+        Finding(
+            WarningCode.UNKNOWN_LAYER,
+            s.layer.path,
+            f"{s.layer.path} ({s.layer.class_name}) is called by the custom wrapper "
+            f"{s.layer.call_decided_by}, whose own call() decides the training= it passes "
+            "(a training=False written there wins), so its mode in fit() is not predicted. "
+            "Run bnfreeze verify to measure what it does.",
+        )
+        for s in states
+        if s.layer.call_decided_by is not None and s.layer.is_batchnorm
+    ]
+    return wrapped + [
         Finding(
             WarningCode.UNKNOWN_LAYER,
             s.layer.path,
@@ -366,6 +402,28 @@ def _keras3_incompatible(model: ModelFile, states: tuple[LayerState, ...]) -> li
             )
         )
     return findings
+
+
+def _synchronized(model: ModelFile, states: tuple[LayerState, ...]) -> list[Finding]:
+    """Saved BN layers with ``synchronized=True``: Keras makes such a layer only on TensorFlow
+    (``ValueError`` on JAX and torch, keras-team/keras#18667). tf_keras's
+    ``SyncBatchNormalization`` is reported by the Keras 3 check (no such class)."""
+    if model.format is ModelFormat.MEMORY:
+        return []
+    return [
+        Finding(
+            WarningCode.SYNCHRONIZED_BN,
+            s.layer.path,
+            f"{s.layer.path} is saved with synchronized=True: Keras loads this file only on "
+            'TensorFlow (on JAX or torch: "Argument synchronized=True is only supported with '
+            'the TensorFlow backend"). bnfreeze sync-bn MODEL off -o OUT rewrites it, weights '
+            "untouched.",
+        )
+        for s in states
+        if s.layer.is_batchnorm
+        and s.layer.synchronized
+        and s.layer.class_name != "SyncBatchNormalization"
+    ]
 
 
 def keras2_hint(

@@ -118,10 +118,18 @@ class LayerMeasurement:
     #: The branch a built-in BN's ``call`` took in the steps, recorded by
     #: :class:`bnfreeze.runtime.branches.BranchRecorder`; None when no call was recorded.
     branch: Normalization | None = None
+    #: A built-in BN: whether its ``call`` ran in the steps (False: the model holds it but
+    #: never calls it in ``fit()``, such as an FPN output norm whose output no loss reads
+    #: ... or a ResNet ``post_bn`` a task does not use); None when calls were not recorded.
+    called: bool | None = None
+
+    @property
+    def not_called(self) -> bool:
+        return self.is_batchnorm and self.called is False
 
     @property
     def mode_measured(self) -> bool:
-        if not (self.is_batchnorm and self.builtin):
+        if not (self.is_batchnorm and self.builtin) or self.not_called:
             return False
         return self.branch is not None or self.moving_stats is not Movement.NONE
 
@@ -229,6 +237,9 @@ class VerifyReport:
     #: Measured BN layers no check compared (inspect did not predict them): each is a failed
     #: comparison, never counted as agreement.
     bn_not_compared: tuple[str, ...] = ()
+    #: Measured BN layers whose ``call`` never ran in the steps: neither agreement nor
+    #: disagreement, whatever inspect predicted for them.
+    bn_not_called: tuple[str, ...] = ()
 
     @property
     def layers_compared(self) -> int:
@@ -241,7 +252,7 @@ class VerifyReport:
             return frozenset()
         predicted = {s.layer.path for s in self.prediction.layers}
         return frozenset(m.path for m in self.layers if m.path in predicted) - frozenset(
-            self.bn_not_compared
+            self.bn_not_compared + self.bn_not_called
         )
 
     @property

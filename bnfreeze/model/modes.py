@@ -398,13 +398,33 @@ def resolve(
             LayerState(
                 layer=record,
                 has_weights=weights,
-                in_fit=rules.in_fit(
-                    record, ancestors=above, model_trainable=model_trainable, has_weights=weights
+                in_fit=_still_statistics(
+                    record,
+                    rules.in_fit(
+                        record,
+                        ancestors=above,
+                        model_trainable=model_trainable,
+                        has_weights=weights,
+                    ),
                 ),
-                in_predict=rules.in_predict(record, ancestors=above, has_weights=weights),
+                in_predict=_still_statistics(
+                    record, rules.in_predict(record, ancestors=above, has_weights=weights)
+                ),
             )
         )
     return tuple(states)
+
+
+def _still_statistics(record: LayerRecord, behaviour: FitBehaviour) -> FitBehaviour:
+    """A BN with ``momentum=1.0`` takes the batch branch in training mode, but its update
+    ``moving = moving * momentum + batch * (1 - momentum)`` leaves the moving statistics
+    bit-identical (measured, docs/semantics.md): they never move."""
+    if record.call_decided_by is not None and record.is_batchnorm:
+        # Called by a custom wrapper's call(): the training it passes is its code's choice.
+        return replace(behaviour, normalizes_with=None, updates_moving_stats=None)
+    if record.momentum == 1.0 and behaviour.updates_moving_stats:
+        return replace(behaviour, updates_moving_stats=False)
+    return behaviour
 
 
 def _ancestors(by_path: dict[str, LayerRecord], record: LayerRecord) -> list[LayerRecord]:

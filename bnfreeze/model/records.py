@@ -44,11 +44,15 @@ class LayerSource(enum.Enum):
     ``CONFIG``: the saved config lists it, with its own stored ``trainable``. ``WEIGHTS``: the
     config does not list it (a keras-hub class, a custom layer or a subclassed model builds
     it in ``__init__``), so it was found as a variable group in the weights file; its flag is
-    not saved, and its ``trainable`` is the one Keras gives it when it rebuilds it: True.
+    not saved, and its ``trainable`` is the one a rule says Keras gives it when it rebuilds it:
+    True (a prediction; keras-hub's HGNetV2 breaks it).
     """
 
     CONFIG = "config"
     WEIGHTS = "weights"
+    #: The config does not list it; Keras was asked (``keras.models.load_model`` rebuilt the
+    #: model): its flag and path are the ones the loaded layer has.
+    KERAS = "keras"
 
 
 class Normalization(enum.Enum):
@@ -82,6 +86,11 @@ class WarningCode(enum.Enum):
     #: A code-built container (keras-hub class, custom layer, subclassed model) saved with
     #: trainable=False: Keras rebuilds its layers trainable on load, so its BN layers train.
     CODE_BUILT_RELOAD_TRAINS = "code-built-reload-trains"
+    #: A saved BN with synchronized=True (or tf_keras's SyncBatchNormalization): Keras loads it
+    #: only on TensorFlow (docs/semantics.md, rule 8).
+    SYNCHRONIZED_BN = "synchronized-bn"
+    #: Keras could not be asked how a code-built model loads: its rows are predicted by rule.
+    PREDICTED_BY_RULE = "predicted-by-rule"
 
 
 @dataclass(frozen=True)
@@ -142,11 +151,26 @@ class LayerRecord:
     scale: bool = True
     center: bool = True
     renorm: bool = False
+    #: BN only: ``momentum`` from its config (None when not known). At 1.0 the moving
+    #: statistics never move, even in the batch branch.
+    momentum: float | None = None
     source: LayerSource = LayerSource.CONFIG
+    #: The path of a custom wrapper whose own ``call()`` calls this layer: that code decides
+    #: the ``training`` it passes, so the layer's mode is not predicted.
+    call_decided_by: str | None = None
 
     @property
     def from_weights(self) -> bool:
         return self.source is LayerSource.WEIGHTS
+
+    @property
+    def from_keras(self) -> bool:
+        return self.source is LayerSource.KERAS
+
+    @property
+    def code_built(self) -> bool:
+        """Built by code when Keras loads the file: found in the weights, or asked of Keras."""
+        return self.source is not LayerSource.CONFIG
 
     @property
     def is_batchnorm(self) -> bool:

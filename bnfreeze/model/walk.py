@@ -226,6 +226,7 @@ def _walk_layer(
             scale=config.get("scale") is not False,
             center=config.get("center") is not False,
             renorm=config.get("renorm") is True,
+            momentum=_momentum(config) if kind is LayerKind.BATCHNORM else None,
             module=module if isinstance(module, str) else None,
             custom=not is_builtin(layer),
         )
@@ -263,3 +264,10 @@ def descendants(layers: tuple[LayerRecord, ...], record: LayerRecord) -> Iterato
     """Every layer below ``record``, in model order."""
     prefix = record.path + "/"
     return (r for r in layers if r.path.startswith(prefix))
+
+
+def _momentum(config: dict[str, Any]) -> float | None:
+    value = config.get("momentum")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import replace
 
 from bnfreeze.formats.readers import read_model, read_shapes, read_values
@@ -10,23 +11,53 @@ from bnfreeze.model import code_built, diagnostics, modes
 from bnfreeze.model.records import Finding, LayerState, ModelFile, ModelFormat, Report, Runtime
 from bnfreeze.model.walk import WalkedModel, walk
 
+#: Asks Keras which layers it rebuilds for a file (:func:`bnfreeze.runtime.rebuilt.ask`):
+#: the rows, or None and why Keras could not be asked.
+AskKeras = Callable[[ModelFile, set[str]], tuple[code_built.Rebuilt | None, str | None]]
 
-def inspect_file(path: str | os.PathLike[str], runtime: Runtime = Runtime.KERAS3) -> Report:
-    """Inspect a saved `.keras` / `.h5` model file or unzipped `.keras` folder."""
-    return inspect_model_file(read_model(path), runtime)
+
+def inspect_file(
+    path: str | os.PathLike[str],
+    runtime: Runtime = Runtime.KERAS3,
+    *,
+    ask_keras: AskKeras | None = None,
+) -> Report:
+    """Inspect a saved `.keras` / `.h5` model file or unzipped `.keras` folder.
+
+    ``ask_keras``: when the file holds layers that code builds, ask Keras how it loads them
+    (:func:`bnfreeze.runtime.rebuilt.ask`: the CLI and ``verify`` pass it) instead of
+    predicting them by rule.
+    """
+    return inspect_model_file(read_model(path), runtime, ask_keras=ask_keras)
 
 
-def inspect_model_file(model: ModelFile, runtime: Runtime = Runtime.KERAS3) -> Report:
+def inspect_model_file(
+    model: ModelFile, runtime: Runtime = Runtime.KERAS3, *, ask_keras: AskKeras | None = None
+) -> Report:
     """Inspect a model read by :func:`bnfreeze.formats.readers.read_model`.
 
     Beneath each container whose layers code builds (a keras-hub class, a custom layer, a
-    subclassed model: the config lists no layers for it), the BN layers are found in the
-    weights file (:mod:`bnfreeze.model.code_built`) and listed with ``source=WEIGHTS``.
+    subclassed model: the config lists no layers for it), the layers are either asked of
+    Keras (``ask_keras``, when it is installed: ``source=KERAS``, the flags and paths
+    ``keras.models.load_model`` gives them), or the BN layers are found in the weights file
+    (:mod:`bnfreeze.model.code_built`) and listed with ``source=WEIGHTS``, their mode
+    predicted by the rule "Keras rebuilds a code-built layer with ``trainable=True``".
     """
     walked = walk(model.config, model.path)
+    inner = code_built.wrapped(walked, model.config)
+    if inner:
+        walked = replace(walked, layers=_merged(walked.layers, inner))
     has_weights = _has_weights(model, walked)
     built = _code_built(model, walked)
-    if built.records:
+    rebuilt = None
+    keras_note: str | None = None
+    if ask_keras is not None and built.owners and model.format is not ModelFormat.MEMORY:
+        rebuilt, keras_note = ask_keras(model, {r.path for r in walked.layers})
+    if rebuilt is not None:
+        walked = replace(walked, layers=_merged(walked.layers, rebuilt.records))
+        has_weights.update(rebuilt.has_weights)
+        built = replace(built, records=(), datasets=dict(rebuilt.datasets))
+    elif built.records:
         walked = replace(walked, layers=_merged(walked.layers, built.records))
         for record in built.records:
             has_weights[record.path] = True
@@ -48,16 +79,25 @@ def inspect_model_file(model: ModelFile, runtime: Runtime = Runtime.KERAS3) -> R
     if built.datasets and model.weights is not None:
         variables = {**model.weights.variables, **built.datasets}
         diagnosed = replace(model, weights=replace(model.weights, variables=variables))
+    live_values = rebuilt.values if rebuilt is not None else {}
+
+    def values(names: list[str]) -> dict[str, object]:
+        found: dict[str, object] = {n: live_values[n] for n in names if n in live_values}
+        rest = [n for n in names if n not in live_values]
+        if rest:
+            found.update(read_values(model, rest))
+        return found
+
     findings = diagnostics.find(
         diagnosed,
         states,
         model_trainable=model_trainable,
-        read_values=(lambda names: read_values(model, names))
-        if model.weights is not None
-        else None,
+        read_values=values if model.weights is not None else None,
         runtime=runtime,
         owners=built.owners,
     )
+    if keras_note is not None:
+        findings = (diagnostics.keras_not_asked(keras_note), *findings)
     if runtime is Runtime.KERAS3 and (model.keras_version or "").startswith(("2.", "1.")):
         findings += _keras2_hint(model, walked, states, has_weights)
     return Report(
@@ -127,17 +167,25 @@ def _keras2_hint(
 
 
 def _merged(layers: tuple, extra: tuple) -> tuple:
-    """The walk's layers with the rows found in the weights placed right after their owner's
-    last row (the model's own rows, for the model itself), so the table nests them."""
+    """The walk's layers with the rows found in the weights (or asked of Keras) placed right
+    after their parent's row, each followed by its own children, so the table nests them;
+    rows whose parent no row holds (the model's own) come last."""
     if not extra:
         return layers
     by_parent: dict[str | None, list] = {}
     for record in extra:
         by_parent.setdefault(record.parent, []).append(record)
     out: list = []
-    for record in layers:
+
+    def emit(record: object) -> None:
         out.append(record)
-        out.extend(by_parent.pop(record.path, []))
-    for rest in by_parent.values():
-        out.extend(rest)
+        for child in by_parent.pop(record.path, []):  # type: ignore[attr-defined]
+            emit(child)
+
+    for record in layers:
+        emit(record)
+    while by_parent:
+        parent = next(iter(by_parent))
+        for record in by_parent.pop(parent):
+            emit(record)
     return tuple(out)

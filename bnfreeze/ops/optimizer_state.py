@@ -189,10 +189,11 @@ def trainable_variables(model: ModelFile, states: Sequence[LayerState]) -> tuple
 def _shape(model: ModelFile, path: str) -> tuple[int, ...]:
     locations = model.weights.locations if model.weights is not None else {}
     pending = locations.get(path)
-    info = pending.info() if pending is not None else None
-    if info is None or info.shape is None:
+    # From the dataspace: any layout (chunked, compressed, compact) and any type (bfloat16).
+    extent = pending.extent() if pending is not None else None
+    if extent is None or extent[0] is None:
         raise _NotProvable(f"the shape of {path} cannot be read without h5py")
-    return tuple(info.shape)
+    return tuple(extent[0])
 
 
 def plan_optimizer_state(

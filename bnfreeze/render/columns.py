@@ -57,7 +57,11 @@ GAP = 2
 #: Spaces of indentation per level of nesting, as in the inspect table.
 INDENT = 2
 #: The short labels a narrow class column shows: every table says "BN layers".
-SHORT_CLASS = {"BatchNormalization": "BN", "SyncBatchNormalization": "SyncBN"}
+SHORT_CLASS = {
+    "BatchNormalization": "BN",
+    "SyncBatchNormalization": "SyncBN",
+    "BatchNormalization(synchronized)": "SyncBN",
+}
 ELLIPSIS = "…"
 
 

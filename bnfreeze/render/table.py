@@ -25,7 +25,7 @@ from rich.text import Text
 from rich.tree import Tree
 
 from bnfreeze.model.code_built import KERAS_HUB_PREFIX, KerasHub, keras_hub
-from bnfreeze.model.records import LayerKind, LayerState, Normalization, Report
+from bnfreeze.model.records import LayerKind, LayerRecord, LayerState, Normalization, Report
 from bnfreeze.render.columns import CLASS_MIN_WIDTH, PATH_MIN_WIDTH, Column, ColumnTable, Kind
 from bnfreeze.render.findings import WARNINGS_SHOWN_PER_CODE, warning_lines
 
@@ -66,6 +66,8 @@ def mode_text(state: LayerState) -> Text:
         return Text("inference", style=STYLE_INFERENCE)
     if state.layer.is_container:
         return Text("")
+    if state.layer.is_batchnorm and state.layer.call_decided_by is not None:
+        return Text("unknown", style=STYLE_NONE)  # called by a custom wrapper's own code
     if fit.trains_weights is True:
         return Text("trains", style=STYLE_TRAINS)
     if fit.trains_weights is False:
@@ -134,7 +136,12 @@ def summary(report: Report) -> Table:
     hub = keras_hub(model)
     if hub is not None:
         grid.add_row("keras-hub", keras_hub_line(hub))
-    grid.add_row("Runtime", f"{report.runtime.value} (predicted from the file)")
+    asked = any(s.layer.from_keras for s in report.layers)
+    grid.add_row(
+        "Runtime",
+        f"{report.runtime.value} (predicted from the file"
+        + ("; layers built by code asked of Keras)" if asked else ")"),
+    )
     bn_line = Text(f"{_plural(len(report.batchnorm), 'BN layer')}: ")
     bn_line.append(f"{report.bn_training_in_fit} training", style=STYLE_TRAINING)
     bn_line.append(", ")
@@ -148,6 +155,16 @@ def summary(report: Report) -> Table:
             Text(
                 f"{from_weights} read from the weights (marked {MARK}): built by code, "
                 "not in the config",
+                style=STYLE_NONE,
+            ),
+        )
+    from_keras = sum(1 for s in report.batchnorm if s.layer.from_keras)
+    if from_keras:
+        grid.add_row(
+            "",
+            Text(
+                f"{from_keras} asked of Keras (marked {MARK_KERAS}): built by code, "
+                "as load_model rebuilds them",
                 style=STYLE_NONE,
             ),
         )
@@ -183,10 +200,16 @@ def keras_hub_line(hub: KerasHub) -> str:
     return ", ".join(parts)
 
 
+#: The class cell of a BatchNormalization saved with synchronized=True.
+SYNCHRONIZED_BN = "BatchNormalization(synchronized)"
+
+
 def _class_text(state: LayerState) -> Text:
     layer = state.layer
-    if layer.from_weights:
-        return Text(layer.class_name + MARK)
+    if layer.code_built:
+        return Text(layer.class_name + _mark(layer))
+    if layer.synchronized and layer.class_name == "BatchNormalization":
+        return Text(SYNCHRONIZED_BN)
     return Text(layer.class_name)
 
 
@@ -296,7 +319,7 @@ def layer_tree(report: Report, all_layers: bool = False) -> Tree:
     for state in layer_rows(report, all_layers):
         layer = state.layer
         label = Text(layer.name, style="bold" if layer.is_container else "")
-        label.append(f" ({layer.class_name}{MARK if layer.from_weights else ''})", style=STYLE_NONE)
+        label.append(f" ({layer.class_name}{_mark(layer)})", style=STYLE_NONE)
         if layer.trainable is False:
             label.append(" trainable=False", style=STYLE_FROZEN)
         if layer.is_container:
@@ -326,6 +349,15 @@ MARK = "*"
 LEGEND_WEIGHTS = (
     f"{MARK}:         read from the weights: flag not saved, Keras rebuilds it trainable"
 )
+#: Marks a row asked of Keras (``source: "keras"``): a layer load_model rebuilt by code.
+MARK_KERAS = "+"
+LEGEND_KERAS = f"{MARK_KERAS}:         built by code: the flag load_model gives it (asked of Keras)"
+
+
+def _mark(layer: LayerRecord) -> str:
+    if layer.from_weights:
+        return MARK
+    return MARK_KERAS if layer.from_keras else ""
 
 
 class Trimmed:
@@ -362,4 +394,6 @@ def inspect_view(report: Report, *, all_layers: bool = False, tree: bool = False
         parts.extend([Text(""), Text(LEGEND, style=STYLE_NONE)])
     if any(s.layer.from_weights for s in report.layers):
         parts.append(Text(LEGEND_WEIGHTS, style=STYLE_NONE))
+    if any(s.layer.from_keras for s in report.layers):
+        parts.append(Text(LEGEND_KERAS, style=STYLE_NONE))
     return Trimmed(Group(*parts))

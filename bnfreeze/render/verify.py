@@ -51,6 +51,8 @@ def movement_text(movement: Movement) -> Text:
 def mode_text(m: LayerMeasurement) -> Text:
     """What the layer did in ``fit()``, as measured."""
     if m.is_batchnorm:
+        if m.not_called:
+            return Text("not called", style=STYLE_NONE)
         if m.normalizes_with is Normalization.BATCH:
             return Text("training", style=STYLE_TRAINING)
         if m.normalizes_with is Normalization.MOVING:
@@ -106,8 +108,12 @@ def summary(report: VerifyReport) -> Table:
     line.append(", ")
     line.append(f"{inference} in inference mode", style=STYLE_INFERENCE)
     line.append(f"; {moved} moved their moving statistics")
+    not_called = len(report.bn_not_called)
+    unmeasured -= not_called
     if unmeasured:
         line.append(f" ({unmeasured} custom: mode not measured)", style=STYLE_NONE)
+    if not_called:
+        line.append(f"; {not_called} never called in fit()", style=STYLE_NONE)
     grid.add_row("BatchNorm", line)
     weighted = [m for m in report.layers if m.trains_weights is not None]
     trained = sum(1 for m in weighted if m.trains_weights)
@@ -139,6 +145,8 @@ def layer_table(report: VerifyReport, all_layers: bool = False) -> ColumnTable:
             continue
         if m.path in disagreeing:
             verdict = Text("disagrees", style=STYLE_DISAGREE)
+        elif m.not_called:
+            verdict = Text("not called", style=STYLE_NONE)
         elif m.path in not_compared:
             verdict = Text("not compared", style=STYLE_DISAGREE)
         elif m.path in predicted:
@@ -306,6 +314,7 @@ def layer_dict(m: LayerMeasurement, state: LayerState | None) -> dict[str, Any]:
         "normalizes_with": m.normalizes_with.value if m.normalizes_with is not None else None,
         "branch_recorded": m.branch is not None,
         "mode_measured": m.mode_measured,
+        "called": m.called,
         "predicted": None
         if state is None
         else {
@@ -386,6 +395,7 @@ def verify_dict(report: VerifyReport) -> dict[str, Any]:
         "not_in_file": list(report.not_in_file),
         "not_measured": list(report.not_measured),
         "bn_not_compared": list(report.bn_not_compared),
+        "bn_not_called": list(report.bn_not_called),
         "notes": list(report.notes),
     }
 

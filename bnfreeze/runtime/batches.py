@@ -181,6 +181,10 @@ def build_batches(
     cache: dict[str, list[Any]] = {}
 
     def ys_for(policy: str) -> list[Any]:
+        if policy not in cache and is_object_detector(model):
+            cache[policy] = [
+                _detector_targets(keras, model, target_rng, input_shapes[0]) for _ in range(steps)
+            ]
         if policy not in cache:
             shapes = _output_shapes(model, first)
             kinds = (
@@ -199,6 +203,30 @@ def build_batches(
         return cache[policy]
 
     return Batches(xs, ys_for, input_shapes, notes, given_ys)
+
+
+def is_object_detector(model: Any) -> bool:
+    """A keras-hub object detector (``RetinaNetObjectDetector``): its ``compute_loss`` takes
+    ground-truth boxes and classes (``{"boxes", "labels"}``), which its label encoder turns
+    into per-anchor targets; the model's outputs are not the targets."""
+    return hasattr(model, "label_encoder") and isinstance(
+        getattr(model, "bounding_box_format", None), str
+    )
+
+
+def _detector_targets(
+    keras: Any, model: Any, rng: Any, image_shape: tuple[int, ...]
+) -> dict[str, Any]:
+    """One ground-truth box of class 0 per image, in the detector's ``bounding_box_format``."""
+    import numpy as np
+
+    batch, height, width = image_shape[0], image_shape[1], image_shape[2]
+    corner = rng.uniform(0.1, 0.4, size=(batch, 1, 2))
+    boxes = np.concatenate([corner, corner + 0.5], axis=-1).astype("float32")
+    converted = keras.utils.bounding_boxes.convert_format(
+        boxes, source="rel_yxyx", target=model.bounding_box_format, height=height, width=width
+    )
+    return {"boxes": np.asarray(converted), "labels": np.zeros((batch, 1), "int32")}
 
 
 def _check_array(array: Any, spec: tuple[str, tuple[int | None, ...], str], data: Any) -> Any:

@@ -47,11 +47,19 @@ def compare(
         # "In the file" means inspect lists it: from the config, or from the weights.
         measured = [replace(m, in_file=m.path in predicted) for m in measured]
     bn_not_compared: list[str] = []
+    bn_not_called: list[str] = []
     for m in measured:
+        if m.not_called:
+            # Never called in the steps: no branch was taken and nothing can be compared.
+            bn_not_called.append(m.path)
+            continue
         state = predicted.get(m.path)
         pairs = list(_pairs(m, state)) if state is not None else []
-        if m.is_batchnorm and prediction is not None and not pairs:
-            # Measured but not predicted: never counted as agreement.
+        deliberate = state is not None and state.layer.call_decided_by is not None
+        if m.is_batchnorm and prediction is not None and not pairs and not deliberate:
+            # Measured but not predicted: never counted as agreement. A BN that a custom
+            # wrapper calls is listed with its mode left unknown, on purpose: its measured
+            # mode is reported, not judged.
             bn_not_compared.append(m.path)
         for aspect, said, did in pairs:
             checks += 1
@@ -80,6 +88,7 @@ def compare(
         expectations=judged,
         notes=notes,
         bn_not_compared=tuple(bn_not_compared),
+        bn_not_called=tuple(bn_not_called),
     )
 
 

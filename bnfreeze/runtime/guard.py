@@ -68,6 +68,7 @@ from bnfreeze.model.expectations import (
 )
 from bnfreeze.model.measured import Disagreement, LayerMeasurement
 from bnfreeze.model.records import Finding, Normalization, Report, WarningCode
+from bnfreeze.runtime import replicas as data_parallel
 
 #: The inspect warnings that are Keras 3 traps in a training script.
 TRAPS = (
@@ -177,6 +178,7 @@ class GuardReport:
     expectations: tuple[tuple[Expectation, tuple[Failure, ...]], ...] = ()
     #: True when strict=True stopped fit() (before the first step or after the first batch).
     stopped: bool = False
+    replicas: data_parallel.ReplicaReport | None = None  # runtime/replicas.py
 
     @property
     def measured_batch(self) -> bool:
@@ -211,7 +213,7 @@ class GuardReport:
         lines += _failure_lines(self.predicted, "predicted")
         lines += [d.message for d in self.disagreements]
         lines += _failure_lines(self.expectations, "measured")
-        return tuple(lines)
+        return tuple(lines) + (self.replicas.problems if self.replicas is not None else ())
 
     @property
     def ok(self) -> bool:
@@ -333,8 +335,9 @@ def _make_class() -> type:
     import keras
 
     class BatchNormGuard(keras.callbacks.Callback):
-        def __init__(self, expect: Any = None, strict: bool = False) -> None:
+        def __init__(self, expect: Any = None, strict: bool = False, min_samples: int = 16) -> None:
             super().__init__()
+            self.min_samples = data_parallel.check_min_samples(min_samples)
             self.expect = _expectations(expect)
             self.strict = bool(strict)
             self.report: GuardReport | None = None
@@ -352,9 +355,9 @@ def _make_class() -> type:
 
         def _finish_recording(self) -> None:
             state = self._state
-            if state is not None and state.get("recording") is not None:
-                state["recording"].__exit__(None, None, None)
-                state["recording"] = None
+            for key in ("sampling", "recording"):  # the reverse of the order entered
+                if state is not None and state.get(key) is not None:
+                    state.pop(key).__exit__(None, None, None)
 
     BatchNormGuard.__doc__ = (
         "A Keras callback that checks, inside fit(), that BatchNormalization layers do what "
@@ -496,6 +499,7 @@ def _start_recording(
         "recording": recorder.active(),
     }
     guard._state["recording"].__enter__()
+    data_parallel.start_sampling(guard._state, keras, model, layers)  # samples per BN
 
 
 # -------------------------------------------------------------------- after the first batch
@@ -540,9 +544,10 @@ def _after_the_first_batch(guard: Any, keras: Any) -> None:
         checks=verdict.checks,
         disagreements=verdict.disagreements,
         expectations=verdict.expectations,
+        replicas=data_parallel.finish_sampling(state, measured, guard.min_samples),
     )
     found = [d.message for d in verdict.disagreements]
-    found += _failure_lines(verdict.expectations, "measured")
+    found += _failure_lines(verdict.expectations, "measured") + list(guard.report.replicas.problems)
     if found:
         _stop_or_warn_after(guard, model, found)
 

@@ -25,6 +25,7 @@ import importlib.util
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -169,6 +170,7 @@ def load_model(
     custom_objects: dict[str, Any] | str | None = None,
     compile: bool = True,
     runtime: Runtime = Runtime.KERAS3,
+    fresh_names: bool = False,
 ) -> Any:
     """Load a saved model with Keras and return the ``keras.Model``.
 
@@ -178,6 +180,10 @@ def load_model(
       :func:`load_custom_objects` takes; a model that needs custom classes it was not given
       raises :class:`ModelFormatError` naming ``--custom-objects``.
     * ``compile``: as in ``keras.models.load_model``.
+    * ``fresh_names``: the layers that code builds without a name (keras-hub's DeepLabV3
+      wraps its encoder in ``keras.Model(...)``) get the names Keras generates in a fresh
+      process (``functional``, not ``functional_7``), so two loads in one process (inspect's
+      and verify's) give the same paths; the process's own name counters are restored after.
 
     The trainable flags bnfreeze recorded in an archive's ``bnfreeze.json`` are not set
     again: ``verify`` and ``explain`` measure what a plain ``keras.models.load_model`` gives
@@ -190,8 +196,10 @@ def load_model(
     from bnfreeze.formats.readers import read_model
 
     # Read the config ourselves first: bad files get bnfreeze's specific errors, and
-    # unsafe content is refused before TensorFlow is even imported.
-    model_file = read_model(path, weights=False)
+    # unsafe content is refused before TensorFlow is even imported. The weights are indexed
+    # too, so a file that points outside itself is refused before Keras would open that
+    # other file (docs/guarantees.md).
+    model_file = read_model(path)
     refuse_unsafe(model_file.config, str(path), unsafe=unsafe)
     if isinstance(custom_objects, str):
         custom_objects = load_custom_objects(custom_objects)
@@ -203,12 +211,36 @@ def load_model(
     kwargs: dict[str, Any] = {"custom_objects": custom_objects or None, "compile": compile}
     kwargs["safe_mode"] = not unsafe
     try:
-        model = keras.models.load_model(os.fspath(path), **kwargs)
+        with _fresh_names(keras if fresh_names and runtime is Runtime.KERAS3 else None):
+            model = keras.models.load_model(os.fspath(path), **kwargs)
     except BnfreezeError:
         raise
     except Exception as exc:
         raise _load_error(path, exc, model_file.config) from None
     return model
+
+
+@contextlib.contextmanager
+def _fresh_names(keras: ModuleType | None) -> Iterator[None]:
+    """Keras's generated-name counters (``keras.src.utils.naming``) as in a fresh process
+    inside the block, and the process's own again after it."""
+    state = None
+    if keras is not None:
+        with contextlib.suppress(ImportError):
+            from keras.src.backend.common import global_state
+
+            state = global_state
+    if state is None:
+        yield
+        return
+    import collections
+
+    saved = state.get_global_attribute("object_name_uids")
+    state.set_global_attribute("object_name_uids", collections.defaultdict(int))
+    try:
+        yield
+    finally:
+        state.set_global_attribute("object_name_uids", saved)
 
 
 def keras_hub_objects(

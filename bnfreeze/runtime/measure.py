@@ -19,7 +19,7 @@ from bnfreeze.model.measured import (
     TrainingSetup,
 )
 from bnfreeze.runtime import environment
-from bnfreeze.runtime.batches import Batches, loss_name, pack
+from bnfreeze.runtime.batches import Batches, is_object_detector, loss_name, pack
 from bnfreeze.runtime.branches import Branch, BranchRecorder, is_builtin_batchnorm
 
 #: The optimizer used when the file has no compile config (or it cannot train).
@@ -99,12 +99,24 @@ def _is_builtin(layer: Any) -> bool:
 
 
 def _compile_default(keras: Any, model: Any) -> None:
-    model.compile(
-        optimizer=keras.optimizers.SGD(learning_rate=DEFAULT_LEARNING_RATE),
-        loss="mse",
-        run_eagerly=True,
-        jit_compile=False,
-    )
+    """SGD and MSE; a model whose own ``compile`` picks its losses (a keras-hub task such as
+    ``RetinaNetObjectDetector``, whose ``compile`` takes ``box_loss`` and
+    ``classification_loss`` and has no plain ``loss``) keeps its own losses."""
+    try:
+        model.compile(
+            optimizer=keras.optimizers.SGD(learning_rate=DEFAULT_LEARNING_RATE),
+            loss="mse",
+            run_eagerly=True,
+            jit_compile=False,
+        )
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception:
+        model.compile(
+            optimizer=keras.optimizers.SGD(learning_rate=DEFAULT_LEARNING_RATE),
+            run_eagerly=True,
+            jit_compile=False,
+        )
 
 
 def _optimizer_name(model: Any) -> str:
@@ -145,6 +157,8 @@ def measure(
         reason = load_reason
         _compile_default(keras, model)
 
+    detector = is_object_detector(model)
+
     def run(policy: str) -> tuple[dict[int, Any], dict[int, Any], set[int]]:
         ys = batches.given_ys if batches.given_ys is not None else batches.ys_for(policy)
         if batches.given_ys is not None:
@@ -154,7 +168,12 @@ def measure(
         recorder.reset()
         with recorder.active():
             for x, y in zip(batches.xs, ys, strict=True):
-                model.train_on_batch(x, y)
+                if detector:
+                    # keras-hub's train_on_batch turns the {"boxes", "labels"} target into one
+                    # tensor and fails; fit() runs the same train_step on it.
+                    model.fit(x, y, batch_size=batch_size, epochs=1, verbose=0, shuffle=False)
+                else:
+                    model.train_on_batch(x, y)
         after = {k: np.asarray(v.numpy()) for k, v in every.items()}
         return before, after, trained
 
@@ -247,6 +266,7 @@ def measurements(
                     gamma_beta=movement(gamma_beta),
                     other_weights=movement(other),
                     branch=branch.normalizes_with if branch is not None else None,
+                    called=branch.calls > 0 if branch is not None else None,
                 )
             )
         elif own:

@@ -43,7 +43,7 @@ from typing import Any
 from bnfreeze.model.expectations import Expectation
 from bnfreeze.model.measured import DataSource, TrainingSetup, VerifyReport
 from bnfreeze.model.records import Runtime
-from bnfreeze.runtime import environment, loading
+from bnfreeze.runtime import environment, loading, rebuilt
 from bnfreeze.runtime.batches import SYNTHETIC_SEED, build_batches, read_npz
 from bnfreeze.runtime.compare import check_scopes, compare
 from bnfreeze.runtime.environment import ProgressFn, no_progress
@@ -79,9 +79,15 @@ def verify_file(
     if steps < 1 or batch_size < 1:
         raise BnfreezeError("--steps and --batch-size must be at least 1.")
     environment.require_runtime(runtime)
+
     # The prediction first: it reads the file without Keras, so a bad file fails in
     # milliseconds, and expectation globs are checked before the slow part.
-    prediction = inspect_file(path, runtime) if runtime in modes.RULES else None
+    # Layers that code builds are asked of Keras, so the rows have the paths measured below.
+    def ask(model: Any, listed: set[str]) -> Any:
+        objects = custom_objects if isinstance(custom_objects, str | None) else dict(custom_objects)
+        return rebuilt.ask(model, listed, custom_objects=objects, unsafe=unsafe)
+
+    prediction = inspect_file(path, runtime, ask_keras=ask) if runtime in modes.RULES else None
     if prediction is not None:
         check_scopes(expectations, prediction)
     loading.refuse_unsafe(
@@ -158,14 +164,24 @@ def _load(
 
     try:
         return loading.load_model(
-            path, unsafe=unsafe, custom_objects=custom_objects, compile=True, runtime=runtime
+            path,
+            unsafe=unsafe,
+            custom_objects=custom_objects,
+            compile=True,
+            runtime=runtime,
+            fresh_names=True,
         ), None
     except UnsafeModelError:
         raise
     except BnfreezeError as first:
         try:
             model = loading.load_model(
-                path, unsafe=unsafe, custom_objects=custom_objects, compile=False, runtime=runtime
+                path,
+                unsafe=unsafe,
+                custom_objects=custom_objects,
+                compile=False,
+                runtime=runtime,
+                fresh_names=True,
             )
         except BnfreezeError:
             raise first from None

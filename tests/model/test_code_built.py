@@ -258,7 +258,10 @@ def _truth(case: Case) -> dict[str, Moved]:
 
 
 def _inspect(path: Path) -> dict[str, Any]:
-    result = CliRunner().invoke(cli, ["inspect", "--json", str(path)], catch_exceptions=False)
+    # The rule route (the rows found in the weights); tests/test_hub_truth.py asks Keras.
+    result = CliRunner().invoke(
+        cli, ["inspect", "--from-file", "--json", str(path)], catch_exceptions=False
+    )
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 
@@ -326,7 +329,9 @@ def test_keras_hub_files_are_named(code_built_files):
     assert task["classes"] == ["keras_hub>ImageClassifier", "keras_hub>EfficientNetBackbone"]
     assert _inspect(code_built_files["blocks-guide"].path)["model"]["keras_hub"] is None
     result = CliRunner(env={"COLUMNS": "100", "NO_COLOR": "1"}).invoke(
-        cli, ["inspect", str(code_built_files["task-guide"].path)], catch_exceptions=False
+        cli,
+        ["inspect", "--from-file", str(code_built_files["task-guide"].path)],
+        catch_exceptions=False,
     )
     assert "keras-hub  ImageClassifier, EfficientNetBackbone" in result.stdout
     assert "BatchNormalization*" in result.stdout
@@ -362,11 +367,11 @@ def test_verify_fails_on_a_wrong_prediction(code_built_files, monkeypatch):
     real = inspect_module.inspect_file
     path = code_built_files["task-guide"].path
 
-    def frozen_prediction(p, runtime):
-        report = real(p, runtime)
+    def frozen_prediction(p, runtime, **kwargs):
+        report = real(p, runtime, **kwargs)
         frozen = FitBehaviour(False, Normalization.MOVING, False)
         layers = tuple(
-            replace(s, in_fit=frozen) if s.layer.from_weights else s for s in report.layers
+            replace(s, in_fit=frozen) if s.layer.code_built else s for s in report.layers
         )
         return replace(report, layers=layers)
 
@@ -374,9 +379,9 @@ def test_verify_fails_on_a_wrong_prediction(code_built_files, monkeypatch):
     code, doc = _verify(path)
     assert code == 1 and doc["summary"]["disagreements"] > 0
 
-    def blind_prediction(p, runtime):
-        report = real(p, runtime)
-        return replace(report, layers=tuple(s for s in report.layers if not s.layer.from_weights))
+    def blind_prediction(p, runtime, **kwargs):
+        report = real(p, runtime, **kwargs)
+        return replace(report, layers=tuple(s for s in report.layers if not s.layer.code_built))
 
     monkeypatch.setattr(inspect_module, "inspect_file", blind_prediction)
     code, doc = _verify(path)
@@ -397,7 +402,7 @@ def test_inspect_imports_no_keras_on_keras_hub_files(code_built_files):
         "from bnfreeze.cli import cli\n"
         "for p in sys.argv[1:]:\n"
         "    try:\n"
-        "        cli.main(['inspect', '--json', p], prog_name='bnfreeze')\n"
+        "        cli.main(['inspect', '--from-file', '--json', p], prog_name='bnfreeze')\n"
         "    except SystemExit as exc:\n"
         "        assert exc.code in (0, None), exc.code\n"
         "bad = [m for m in ('tensorflow', 'keras', 'keras_hub', 'jax') if m in sys.modules]\n"

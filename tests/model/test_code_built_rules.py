@@ -14,7 +14,9 @@ from bnfreeze.cli import cli
 
 
 def inspect_json(path) -> dict:
-    result = CliRunner().invoke(cli, ["inspect", "--json", str(path)], catch_exceptions=False)
+    result = CliRunner().invoke(
+        cli, ["inspect", "--from-file", "--json", str(path)], catch_exceptions=False
+    )
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 
@@ -115,7 +117,7 @@ def test_keras_hub_registered_name_is_named(crafted, tmp_path):
         "version": None,
     }
     result = CliRunner(env={"COLUMNS": "100", "NO_COLOR": "1"}).invoke(
-        cli, ["inspect", str(tmp_path / "m.keras")], catch_exceptions=False
+        cli, ["inspect", "--from-file", str(tmp_path / "m.keras")], catch_exceptions=False
     )
     assert "keras-hub  ResNetBackbone" in result.stdout
     assert "BatchNormalization*" in result.stdout

@@ -221,6 +221,15 @@ def _code_built(tmp: Path) -> set[WarningCode]:
     return _warnings(path)
 
 
+def _not_asked(tmp: Path) -> set[WarningCode]:
+    """Keras could not be asked (here: a stand-in that says it is not installed)."""
+    from code_built_files import bn, write_code_built_keras
+
+    path = write_code_built_keras(tmp / "hub.keras", {"layers/batch_normalization": ("bn", bn())})
+    report = inspect_file(path, ask_keras=lambda model, listed: (None, "Keras is not installed"))
+    return {f.code for f in report.warnings}
+
+
 def _not_trainable(tmp: Path) -> set[WarningCode]:
     return _warnings(_archive(tmp, [layer("Dense", "d", units=2)], trainable=False))
 
@@ -247,6 +256,10 @@ WARNINGS: dict[WarningCode, Callable[[Path], set[WarningCode]]] = {
     WarningCode.SAVED_BY_KERAS2: lambda tmp: _warnings(_keras2_archive(tmp)),
     WarningCode.RECORDED_FLAGS: _recorded_flags,
     WarningCode.CODE_BUILT_RELOAD_TRAINS: _code_built,
+    WarningCode.SYNCHRONIZED_BN: lambda tmp: _warnings(
+        _archive(tmp, [input_layer("x"), layer("BatchNormalization", "bn", synchronized=True)])
+    ),
+    WarningCode.PREDICTED_BY_RULE: _not_asked,
 }
 
 
@@ -265,8 +278,26 @@ def test_every_warning_code_is_produced(tmp_path, code):
 def test_every_layer_source_is_produced(tmp_path):
     from code_built_files import bn, write_code_built_keras
 
+    from bnfreeze.model.code_built import Rebuilt
+
     crafted = write_code_built_keras(tmp_path / "m.keras", {"block/bn1": ("bn1", bn())})
     sources = {s.layer.source for s in inspect_file(crafted).layers}
+    # The rows Keras gives (bnfreeze.runtime.rebuilt.ask), here from a stand-in: what
+    # inspect does with them, not what Keras says (tests/test_hub_truth.py measures that).
+    asked = records.LayerRecord(
+        path="block/bn1",
+        name="bn1",
+        class_name="BatchNormalization",
+        kind=LayerKind.BATCHNORM,
+        depth=1,
+        parent="block",
+        trainable=False,
+        source=records.LayerSource.KERAS,
+    )
+    rebuilt = Rebuilt((asked,), {"block/bn1": True}, {}, {}, "3.15.1")
+    report = inspect_file(crafted, ask_keras=lambda model, listed: (rebuilt, None))
+    sources |= {s.layer.source for s in report.layers}
+    assert report.state("block/bn1").in_fit.normalizes_with is records.Normalization.MOVING
     sources |= {s.layer.source for s in inspect_file(SAMPLES / "seed_bn.keras").layers}
     assert sources == set(records.LayerSource)
 

@@ -212,6 +212,7 @@ def test_sequential_json_document(samples):
             "normalizes_with": mode,
             "branch_recorded": is_bn,
             "mode_measured": is_bn,
+            "called": True if is_bn else None,
             "predicted": {"trains_weights": p_trains, "updates_moving_stats": p_stats},
         }
 
@@ -298,6 +299,7 @@ def test_sequential_json_document(samples):
         "not_in_file": [],
         "not_measured": [],
         "bn_not_compared": [],
+        "bn_not_called": [],
         "notes": [],
     }
 
@@ -618,18 +620,18 @@ def test_custom_classes_without_custom_objects_exit_2(custom_model):
 
 def test_subclassed_model_is_measured_from_its_build_config(subclassed_keras, custom_layers_file):
     """A subclassed model declares no inputs and its config lists no layers: the batch is
-    built from the saved build_config. Its BN is found in the weights file and compared; the
-    other layers are measured, not predicted."""
+    built from the saved build_config. The prediction asks Keras (with the same custom
+    objects) which layers it rebuilds, so every measured layer is predicted and compared."""
     code, doc, stderr = verify_json(subclassed_keras, "--custom-objects", custom_layers_file)
     assert code == 0
     assert doc["run"]["data"]["input_shapes"] == [[2, 3]]
     assert [layer["path"] for layer in doc["layers"]] == ["dense", "bn", "head"]
-    assert doc["not_in_file"] == ["dense", "head"]
-    assert doc["summary"]["checks"] == 2  # the BN's statistics and gamma/beta
+    assert doc["not_in_file"] == []
+    assert doc["summary"]["checks"] == 4  # the BN's branch and gamma/beta, two kernels
     assert doc["summary"]["layers_measured"] == 3
-    assert doc["summary"]["layers_compared"] == 1
+    assert doc["summary"]["layers_compared"] == 3
     assert doc["summary"]["bn_stats_moved"] == 1
-    assert "inspect could not predict them: dense, head." in stderr
+    assert "inspect could not predict them" not in stderr
 
 
 # --------------------------------------------------------------------------- pure comparison

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 from bnfreeze.errors import ModelFormatError
 from bnfreeze.model.records import ModelFile
@@ -63,10 +64,45 @@ def read_model(path: str | os.PathLike[str], *, weights: bool = True) -> ModelFi
         from bnfreeze.formats.readers import legacy_h5
 
         return legacy_h5.read(p, weights=weights)
+    # Bytes before the model, as Keras accepts them: an HDF5 user block (the superblock at
+    # 512, 1024, 2048, ... bytes) or data before a zip archive (zipfile finds the archive from
+    # its end, as keras.models.load_model does).
+    if hdf5_superblock_offset(p, st.st_size):
+        from bnfreeze.formats.readers import legacy_h5
+
+        return legacy_h5.read(p, weights=weights)
+    if _zip_from_its_end(p):
+        from bnfreeze.formats.readers import keras_zip
+
+        return keras_zip.read(p, weights=weights)
     raise ModelFormatError(
         f"{p}: not a Keras model file (neither a .keras zip archive nor an HDF5 file).",
         hint="bnfreeze reads models saved with model.save('x.keras') or model.save('x.h5').",
     )
+
+
+def hdf5_superblock_offset(path: Path, size: int) -> int:
+    """Where the HDF5 superblock is, when the file starts with a user block: HDF5 looks for
+    its signature at 0, 512, 1024, 2048, ... (powers of two); 0 when it is not found past 0."""
+    at = 512
+    try:
+        with open(path, "rb") as fh:
+            while at + 8 <= size:
+                if os.pread(fh.fileno(), 8, at) == HDF5_MAGIC:
+                    return at
+                at *= 2
+    except OSError:
+        return 0
+    return 0
+
+
+def _zip_from_its_end(path: Path) -> bool:
+    import zipfile
+
+    try:
+        return zipfile.is_zipfile(path)
+    except OSError:
+        return False
 
 
 def with_weights(model: ModelFile) -> ModelFile:
@@ -164,7 +200,9 @@ def _read_values_h5py(
             try:
                 obj = h5.get(name)
                 if isinstance(obj, h5py.Dataset):
-                    out[name] = tuple(obj.shape) if shapes else obj[()]
+                    out[name] = tuple(obj.shape) if shapes else _numbers(obj)
+                    if out[name] is None:
+                        del out[name]  # not numbers: unknown
             except Exception:  # a damaged dataset: unknown, not fatal for inspection
                 continue
         return out
@@ -196,3 +234,21 @@ def _read_values_h5py(
     except Exception:
         return {}
     return {}
+
+
+def _numbers(dataset: Any) -> Any:
+    """A dataset's values as numbers, or None when they are not numbers. Keras stores
+    ``bfloat16`` as a 2-byte opaque type with a ``dtype`` attribute: those are widened to
+    float32 (they are its top half); other opaque types (float8, ...) are left out."""
+    import numpy as np
+
+    raw = dataset[()]
+    kind = getattr(raw, "dtype", np.dtype(type(raw))).kind
+    if kind in "biuf":
+        return raw
+    tag = dataset.attrs.get("dtype")
+    tag = tag.decode() if isinstance(tag, bytes) else tag
+    if kind == "V" and dataset.dtype.itemsize == 2 and tag == "bfloat16":
+        wide = np.frombuffer(np.ascontiguousarray(raw).tobytes(), "<u2").astype("<u4") << 16
+        return wide.view("<f4").reshape(np.shape(raw))
+    return None

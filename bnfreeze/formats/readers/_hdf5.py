@@ -56,6 +56,7 @@ _MSG_DATASPACE = 0x0001
 _MSG_LINK_INFO = 0x0002
 _MSG_DATATYPE = 0x0003
 _MSG_LINK = 0x0006
+_MSG_EXTERNAL_FILES = 0x0007
 _MSG_LAYOUT = 0x0008
 _MSG_FILTERS = 0x000B
 _MSG_ATTRIBUTE = 0x000C
@@ -77,6 +78,16 @@ class Unsupported(Exception):
     """The file uses an HDF5 feature this reader does not implement, or is damaged."""
 
 
+class OutsideReference(Exception):
+    """The file points at another file (an external link, external raw storage, a virtual
+    dataset): refused, never handed to h5py, which would open that file
+    (:mod:`bnfreeze.formats.readers.self_contained`)."""
+
+    def __init__(self, where: str, what: str) -> None:
+        super().__init__(f"{what} at {where}")
+        self.where, self.what = where, what
+
+
 class Malformed(Unsupported):
     """The file's structure is cyclic or claims far more than the file holds: damaged or
     crafted. Not worth handing to h5py (its walk of the same links would not end sooner)."""
@@ -93,6 +104,9 @@ class DatasetInfo:
     count: int  # number of elements
     inline: bytes | None = None
     shape: tuple[int, ...] | None = None  # the dataspace's dimensions; () for a scalar
+    #: Keras's ``bfloat16``: a 2-byte opaque type tagged by the dataset's ``dtype``
+    #: attribute, read as ``H`` and decoded to floats (the top half of a float32).
+    bfloat16: bool = False
 
 
 @dataclass
@@ -373,11 +387,13 @@ class File:
         width = 1 << (flags & 0x03)
         length = self._u(data, pos, width)
         pos += width
-        if link_type != 0:
-            raise Unsupported("soft or external link")
         if pos + length > len(data):
             raise Unsupported("truncated link message")
-        name = data[pos : pos + length].decode("utf-8")
+        name = data[pos : pos + length].decode("utf-8", "replace")
+        if link_type == 64:  # the walker adds the group's path
+            raise OutsideReference(name, "an external link")
+        if link_type != 0:
+            raise Unsupported("soft or user-defined link")
         return name, self._u(data, pos + length, self.O)
 
     def _symbol_table(self, btree: int, heap: int) -> dict[str, Link]:
@@ -590,7 +606,15 @@ class File:
             count = 1
             for d in dims:
                 count *= d
-        typecode, big = _typecode(dtype)
+        bfloat16 = False
+        if dtype[0] & 0x0F == 5 and struct.unpack_from("<I", dtype, 4)[0] == 2:
+            # Opaque: Keras writes bfloat16 so, with a "dtype" attribute that says it.
+            tag = self.attribute(header, "dtype")
+            if tag not in ("bfloat16", b"bfloat16"):
+                raise Unsupported("an opaque datatype other than Keras's bfloat16")
+            typecode, big, bfloat16 = "H", False, True
+        else:
+            typecode, big = _typecode(dtype)
         itemsize = struct.calcsize(typecode)
         if layout[0] not in (3, 4):
             raise Unsupported("old data layout version")
@@ -599,14 +623,14 @@ class File:
             inline = layout[4 : 4 + size]
             if len(inline) < count * itemsize:
                 raise Unsupported("truncated compact dataset")
-            return DatasetInfo(None, count * itemsize, typecode, big, count, inline, dims)
+            return DatasetInfo(None, count * itemsize, typecode, big, count, inline, dims, bfloat16)
         if layout[1] == 1:  # contiguous
             addr = self._u(layout, 2, self.O)
             nbytes = self._u(layout, 2 + self.O, self.L)
             if addr == UNDEFINED or nbytes < count * itemsize or addr + nbytes > self.end:
                 raise Unsupported("unallocated or out-of-range dataset")
             return DatasetInfo(
-                self.src.start + addr, count * itemsize, typecode, big, count, None, dims
+                self.src.start + addr, count * itemsize, typecode, big, count, None, dims, bfloat16
             )
         raise Unsupported("chunked or virtual dataset")
 
@@ -644,7 +668,11 @@ def _typecode(dtype: bytes) -> tuple[str, bool]:
 def decode(info: DatasetInfo, raw: bytes) -> tuple[float | int, ...]:
     """A dataset's bytes as a flat tuple of numbers, in C order."""
     order = ">" if info.big_endian else "<"
-    return struct.unpack(f"{order}{info.count}{info.typecode}", raw[: info.nbytes])
+    values = struct.unpack(f"{order}{info.count}{info.typecode}", raw[: info.nbytes])
+    if info.bfloat16:  # the high 16 bits of a float32
+        wide = struct.pack(f"<{info.count}I", *(v << 16 for v in values))
+        return struct.unpack(f"<{info.count}f", wide)
+    return values
 
 
 # -- the Keras layout --------------------------------------------------------------------------
@@ -658,18 +686,58 @@ ROOT_GROUPS = ("layers", "vars", "optimizer")
 class PendingDataset:
     """A dataset found by the index; where its bytes are is worked out on first use."""
 
-    __slots__ = ("_h5", "_header", "_info")
+    __slots__ = ("_done", "_h5", "_header", "_info")
 
     def __init__(self, h5: File, header: _Header) -> None:
         self._h5 = h5
-        self._header: _Header | None = header
+        self._header = header
         self._info: DatasetInfo | None = None
+        self._done = False
 
     def info(self) -> DatasetInfo | None:
-        if self._header is not None:
+        if not self._done:
             self._info = self._h5.dataset(self._header)
-            self._header = None
+            self._done = True
         return self._info
+
+    def extent(self) -> tuple[tuple[int, ...] | None, int, int] | None:
+        """(shape, element size in bytes, HDF5 datatype class) from the dataset's dataspace
+        and datatype messages, whatever its layout, filters or type (a chunked, compressed
+        or opaque ``bfloat16`` dataset too); None when they cannot be read."""
+        return dataset_extent(self._h5, self._header)
+
+
+def raw_layout(h5: File, header: _Header) -> tuple[int | None, int, bytes | None]:
+    """(absolute offset or None, size, inline bytes or None) of a contiguous or compact
+    dataset's raw data, whatever its datatype. Raises :class:`Unsupported` otherwise."""
+    for mtype, _, data in header.messages:
+        if mtype == _MSG_LAYOUT and len(data) >= 4 and data[0] in (3, 4):
+            if data[1] == 0:
+                size = struct.unpack_from("<H", data, 2)[0]
+                return None, size, data[4 : 4 + size]
+            if data[1] == 1:
+                addr, size = h5._u(data, 2, h5.O), h5._u(data, 2 + h5.O, h5.L)
+                if addr == UNDEFINED or addr + size > h5.end:
+                    raise Unsupported("unallocated or out-of-range dataset")
+                return h5.src.start + addr, size, None
+    raise Unsupported("not a contiguous or compact dataset")
+
+
+def dataset_extent(h5: File, header: _Header) -> tuple[tuple[int, ...] | None, int, int] | None:
+    """See :meth:`PendingDataset.extent`."""
+    dims: tuple[int, ...] | None = ()
+    found_space = size = cls = None
+    try:
+        for mtype, mflags, data in header.messages:
+            if mtype == _MSG_DATASPACE and not mflags & 0x02:
+                dims, found_space = h5._dataspace(data), True
+            elif mtype == _MSG_DATATYPE and not mflags & 0x02 and len(data) >= 8:
+                cls, size = data[0] & 0x0F, struct.unpack_from("<I", data, 4)[0]
+    except (Unsupported, IndexError, struct.error):
+        return None
+    if found_space is None or size is None or cls is None:
+        return None
+    return dims, size, cls
 
 
 @dataclass
@@ -710,6 +778,8 @@ class _Walker:
         self._count = 0
         self._paths: dict[int, str] = {}  # object header address -> the first path to it
         self._aliases = 0
+        self._walked: set[str] = set()
+        self._from_cache: set[str] = set()  # groups listed from their parent's cache
         self.names: dict[str, str] = {}
 
     def node(self, path: str, link: Link) -> _Node:
@@ -727,18 +797,45 @@ class _Walker:
             # An old-style group whose parent cached its symbol table: no need to read its
             # header unless its attributes are wanted.
             node = _Node(path, addr, None, self.h5._symbol_table(*stab), False)
+            self._from_cache.add(path)
         else:
             header = self.h5.header(addr)
-            children = self.h5.children(header)
+            try:
+                children = self.h5.children(header)
+            except OutsideReference as exc:
+                raise OutsideReference(_join(path, exc.where), exc.what) from None
             is_dataset = False
             if children is None:
                 if not self.h5.is_dataset(header):
                     raise Unsupported("an object that is neither a group nor a dataset")
                 is_dataset = True
+                _refuse_outside_storage(header, path)
                 self.datasets[path] = PendingDataset(self.h5, header)
             node = _Node(path, addr, header, children, is_dataset)
         self._nodes[path] = node
         return node
+
+    def walk_all(self, group: _Node, depth: int = 0) -> None:
+        """Visit every object below ``group`` (each dataset's header is checked by
+        :meth:`node`), so a file that points outside itself anywhere is refused, not only
+        where the index looks. Objects already visited cost nothing more."""
+        if depth > _MAX_DEPTH:
+            raise Unsupported("groups nested too deeply")
+        for key, link in (group.children or {}).items():
+            child = self.node(_join(group.path, key), link)
+            if child.children is not None and child.path not in self._walked:
+                self._walked.add(child.path)
+                if child.path in self._from_cache:
+                    # Listed from the symbol table its parent cached: its own header must
+                    # say the same (HDF5 turns a group that gets an external link into a
+                    # new-style one and the parent's cache goes stale).
+                    try:
+                        own = self.h5.children(self.header(child))
+                    except OutsideReference as exc:
+                        raise OutsideReference(_join(child.path, exc.where), exc.what) from None
+                    if own is not child.children:
+                        raise Unsupported(f"a stale symbol table cache at {child.path}")
+                self.walk_all(child, depth + 1)
 
     def _alias(self, path: str, addr: int) -> None:
         """``path`` leads to an object already reached by another path (a hard link): fine
@@ -824,6 +921,15 @@ class _Walker:
                 self.index_layer(sub, f"{path}/{self.group_name(sub, inner)}", out, depth + 1)
 
 
+def _refuse_outside_storage(header: _Header, path: str) -> None:
+    """Raise :class:`OutsideReference` for a dataset whose values live in other files."""
+    for mtype, _, data in header.messages:
+        if mtype == _MSG_EXTERNAL_FILES:
+            raise OutsideReference(path, "external raw storage")
+        if mtype == _MSG_LAYOUT and len(data) > 1 and data[0] in (3, 4) and data[1] == 3:
+            raise OutsideReference(path, "a virtual dataset")
+
+
 def _join(parent: str, key: str) -> str:
     return f"{parent}/{key}" if parent != "/" else f"/{key}"
 
@@ -850,6 +956,7 @@ def index_keras_weights(source: ByteSource) -> KerasIndex:
             child = walker.get(root, key)
             if child is not None and not child.is_dataset:
                 walker.index_layer(child, walker.group_name(child, key), variables, 1)
+    walker.walk_all(root)  # nothing anywhere in the file points outside it
     optimizer = walker.get(root, "optimizer")
     opt_vars = walker.get(optimizer, "vars") if optimizer is not None else None
     count = None
@@ -891,7 +998,7 @@ class Numbers(Sequence):
             exact = struct.unpack(fmt, packed)[0] == value
         except (struct.error, OverflowError, TypeError):
             exact = False
-        if exact and self._raw == packed * self._info.count:
+        if exact and not self._info.bfloat16 and self._raw == packed * self._info.count:
             return self._info.count
         return self._decoded().count(value)
 

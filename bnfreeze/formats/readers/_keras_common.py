@@ -5,10 +5,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import IO, Any
 
 from bnfreeze.errors import ModelFormatError
+from bnfreeze.formats.readers.self_contained import refusal, refuse_outside
 from bnfreeze.limits import MAX_CONFIG_BYTES, MAX_JSON_DEPTH, json_depth_exceeds
 from bnfreeze.model.records import ModelFile, ModelFormat, WeightIndex
 
@@ -82,6 +84,8 @@ def keras_model_file(
     compile_config = config.get("compile_config")
     if not isinstance(compile_config, dict) or not compile_config:
         compile_config = None
+    if index is not None and _names_groups_by_position(keras_version(metadata)):
+        index = by_position(index, config)
     return ModelFile(
         path=source,
         format=fmt,
@@ -93,6 +97,61 @@ def keras_model_file(
         weights=index,
         keras_hub_version=keras_hub_version(metadata),
     )
+
+
+def _names_groups_by_position(version: str | None) -> bool:
+    """Keras 3.0 to 3.5 record no layer name in ``model.weights.h5`` (its ``vars`` groups have
+    no ``name`` attribute, added in 3.6): a layer's group is named only by its class and its
+    position in the layer list."""
+    match = re.match(r"^3\.(\d+)\.", version or "")
+    return match is not None and int(match.group(1)) <= 5
+
+
+def _snake_case(name: str) -> str:
+    """``keras.src.utils.naming.to_snake_case``, which names the groups."""
+    name = re.sub(r"\W+", "", name)
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def by_position(index: WeightIndex, config: dict[str, Any]) -> WeightIndex:
+    """The index of a Keras 3.0-3.5 weights file keyed by layer path, as those versions load
+    it: ``saving_lib._save_container_state`` names the groups of a layer list by the snake_case
+    class name of each layer in ``model.layers`` order, ``_1``, ``_2``... for repeats (a
+    Sequential's list leaves out its InputLayer), and loads them back by the same walk.
+    Groups the config does not list (layers that code builds) keep their own keys."""
+    mapping: dict[str, str] = {}
+
+    def visit(node: Any, key_prefix: str, path_prefix: str, depth: int) -> None:
+        inner = node.get("config") if isinstance(node, dict) else None
+        layers = inner.get("layers") if isinstance(inner, dict) else None
+        if not isinstance(layers, list) or depth > 64:
+            return
+        sequential = node.get("class_name") == "Sequential"
+        used: dict[str, int] = {}
+        for layer in layers:
+            if not isinstance(layer, dict) or not isinstance(layer.get("class_name"), str):
+                continue
+            if sequential and layer["class_name"] == "InputLayer":
+                continue
+            key = _snake_case(layer["class_name"])
+            if key in used:
+                used[key] += 1
+                key = f"{key}_{used[key]}"
+            else:
+                used[key] = 0
+            layer_config = layer.get("config")
+            name = layer_config.get("name") if isinstance(layer_config, dict) else None
+            if not isinstance(name, str):
+                continue
+            mapping[key_prefix + key] = path_prefix + name
+            visit(layer, f"{key_prefix}{key}/", f"{path_prefix}{name}/", depth + 1)
+
+    visit(config, "", "", 0)
+    if not mapping:
+        return index
+    variables = {mapping.get(key, key): datasets for key, datasets in index.variables.items()}
+    return WeightIndex(variables=variables, locations=index.locations, names=index.names)
 
 
 @dataclass(frozen=True)
@@ -161,6 +220,8 @@ def index_member(member: Member, source: str) -> tuple[WeightIndex, int | None]:
                 raise ModelFormatError(
                     f"{source}: {WEIGHTS} is a damaged HDF5 file ({exc})."
                 ) from None
+            except _hdf5.OutsideReference as exc:  # h5py would open the other file
+                raise refusal(source, WEIGHTS, exc.where, exc.what) from None
             except Exception:  # Unsupported, or a damaged file: h5py decides
                 if member.start == 0 and os.fstat(fh.fileno()).st_size == member.size:
                     return index_weights(member.file, source)  # a whole file (a folder's)
@@ -207,6 +268,7 @@ def _index_weights_file(path: str, source: str) -> tuple[WeightIndex, int | None
 
     try:
         with h5py.File(path, "r") as h5:
+            refuse_outside(h5, source, WEIGHTS)
             variables: dict[str, tuple[str, ...]] = {}
             names: dict[str, str] = {}
             _index_layers(h5, "", variables, names)

@@ -43,12 +43,7 @@ def read_member(archive: zipfile.ZipFile, path: Path, member: str, limit: int) -
             f"{path}: {member} claims {info.file_size} bytes, more than the "
             f"{limit // 2**20} MiB bnfreeze reads."
         )
-    ratio = info.file_size / info.compress_size if info.compress_size else 0
-    if ratio > MAX_EXPANSION_RATIO and info.file_size > 2**20:
-        raise ModelFormatError(
-            f"{path}: {member} expands {int(ratio)}x, "
-            "more than a model file does; refusing it as a possible zip bomb."
-        )
+    check_ratio(info, path, member)
     try:
         with archive.open(member) as fh:
             # At most what the archive claims (already within ``limit``): a member whose data
@@ -61,6 +56,16 @@ def read_member(archive: zipfile.ZipFile, path: Path, member: str, limit: int) -
     if len(data) > limit:
         raise ModelFormatError(f"{path}: {member} is larger than it claims; refusing it.")
     return data
+
+
+def check_ratio(info: zipfile.ZipInfo, path: Path, member: str) -> None:
+    """Refuse a member over 1 MiB that claims to inflate more than MAX_EXPANSION_RATIO times."""
+    ratio = info.file_size / info.compress_size if info.compress_size else 0
+    if ratio > MAX_EXPANSION_RATIO and info.file_size > 2**20:
+        raise ModelFormatError(
+            f"{path}: {member} expands {int(ratio)}x, "
+            "more than a model file does; refusing it as a possible zip bomb."
+        )
 
 
 def stored_member(path: Path, info: zipfile.ZipInfo) -> Member:
@@ -134,9 +139,16 @@ def _index(archive: zipfile.ZipFile, path: Path) -> tuple[WeightIndex | None, in
     source = str(path)
     info = archive.getinfo(WEIGHTS)
     if info.compress_type != zipfile.ZIP_STORED:
-        import io
+        # Not what Keras writes. Inflated a piece at a time to a temporary file that h5py
+        # opens by name: memory stays flat whatever the member's size or ratio.
+        import tempfile
 
-        data = read_member(archive, path, WEIGHTS, 2**34)
-        return index_weights(io.BytesIO(data), source)
+        from bnfreeze.formats.integrity import inflate_to
+
+        check_ratio(info, path, WEIGHTS)
+        with tempfile.NamedTemporaryFile(prefix="bnfreeze-weights-", suffix=".h5") as tmp:
+            inflate_to(archive, info, tmp, source, 2**40)
+            tmp.flush()
+            return index_weights(tmp.name, source)
     # Stored, as Keras writes it: read it in place, at its offset in the archive.
     return index_member(stored_member(path, info), source)

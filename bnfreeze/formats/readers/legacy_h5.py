@@ -13,6 +13,7 @@ from typing import Any
 
 from bnfreeze.errors import BnfreezeError, ModelFormatError
 from bnfreeze.formats.readers._keras_common import check_model_config, parse_json
+from bnfreeze.formats.readers.self_contained import refuse_outside
 from bnfreeze.model.records import LayerRecord, ModelFile, ModelFormat, WeightIndex
 
 
@@ -146,6 +147,7 @@ def _opened(path: Path) -> Iterator[Any]:
         ) from None
     try:
         with h5:
+            refuse_outside(h5, str(path))  # before anything is read through a link
             yield h5
     except ModelFormatError:
         raise

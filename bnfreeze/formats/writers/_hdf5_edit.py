@@ -180,27 +180,53 @@ class _Tail:
         return at
 
 
+_MSG_FILTERS = 0x000B
+_MSG_FILL_VALUE = 0x0005
+#: HDF5 datatype classes whose elements are plain bytes: fixed point, floating point,
+#: bitfield, opaque (Keras's bfloat16), compound, enum, array. A zero of those is all zero bytes.
+_PLAIN_CLASSES = (0, 1, 4, 5, 6, 8, 10)
+
+
 def _zero_dataset(h5: _hdf5.File, tail: _Tail, like: str) -> int:
-    """Append a zero-filled dataset with the messages of the dataset at ``like``; return the
-    address of its object header."""
+    """Append a zero-filled dataset with the dataspace and datatype of the dataset at
+    ``like``; return the address of its object header.
+
+    The new dataset is contiguous (or compact, when ``like`` is), uncompressed: a chunked or
+    compressed ``like`` (h5py writes both on request) gives the same values in the layout
+    Keras writes, and HDF5 reads either the same way."""
     addr, _ = _resolve(h5, like)
     header = h5.header(addr)
+    extent = _hdf5.dataset_extent(h5, header)
+    if extent is None:
+        raise Unsupported(f"{like}: no dataspace or datatype")
+    dims, itemsize, cls = extent
+    if dims is None:
+        raise Unsupported(f"{like}: a null dataspace")
+    if cls not in _PLAIN_CLASSES:
+        raise Unsupported(f"{like}: a datatype whose zero is not zero bytes")
+    nbytes = itemsize
+    for d in dims:
+        nbytes *= d
     info = h5.dataset(header)
-    if info is None:
-        raise Unsupported(f"{like}: not a contiguous or compact numeric dataset")
+    compact = info is not None and info.inline is not None
     messages: list[tuple[int, int, bytes]] = []
     for mtype, flags, data in header.messages:
         if flags & 0x02:
             raise Unsupported("shared object header messages")
-        if mtype == _MSG_NIL:
-            continue
+        if mtype in (_MSG_NIL, _MSG_FILTERS):
+            continue  # the zeros are stored as they are
+        if mtype == _MSG_FILL_VALUE and len(data) >= 2 and data[0] in (2, 3):
+            # Chunked datasets allocate incrementally; contiguous ones may not (late, 2).
+            alloc = data[1] & 0x03 if data[0] == 3 else data[1]
+            if alloc == 3:
+                data = bytes([data[0], (data[1] & ~0x03) | 2 if data[0] == 3 else 2]) + data[2:]
         if mtype == _MSG_LAYOUT:
-            if info.inline is not None:  # compact: the zeros live in the message
-                data = bytes([3, 0]) + struct.pack("<H", len(info.inline)) + bytes(len(info.inline))
+            if compact:  # the zeros live in the message
+                data = bytes([3, 0]) + struct.pack("<H", nbytes) + bytes(nbytes)
             else:
-                at = tail.add(info.nbytes) if info.nbytes else UNDEFINED
+                at = tail.add(nbytes) if nbytes else UNDEFINED
                 o, n = h5.O, h5.L
-                data = bytes([3, 1]) + at.to_bytes(o, "little") + info.nbytes.to_bytes(n, "little")
+                data = bytes([3, 1]) + at.to_bytes(o, "little") + nbytes.to_bytes(n, "little")
         messages.append((mtype, flags, data))
     return tail.add(_object_header(messages))
 

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from bnfreeze.errors import ModelFormatError, OutputError
+from bnfreeze.formats import integrity
 from bnfreeze.formats.atomic import scratch_file
 from bnfreeze.formats.readers._keras_common import CONFIG, WEIGHTS, MemberFile
 from bnfreeze.formats.readers.keras_zip import stored_member
@@ -122,33 +123,14 @@ def clone_info(info: zipfile.ZipInfo) -> zipfile.ZipInfo:
     return new
 
 
-def _copy_range(src: IO[bytes], start: int, count: int, dst: IO[bytes]) -> None:
-    """Copy ``count`` bytes at ``start`` of ``src`` to ``dst``'s current position."""
+def _copy_range(src: IO[bytes], start: int, count: int, dst: IO[bytes]) -> int:
+    """Copy ``count`` bytes at ``start`` of ``src`` to ``dst``'s current position; return the
+    CRC-32 of the bytes copied, computed while copying (:func:`integrity.copy_range`)."""
     dst.flush()
     out_pos = dst.tell()
-    copied = 0
-    if hasattr(os, "copy_file_range"):
-        try:
-            while copied < count:
-                n = os.copy_file_range(
-                    src.fileno(), dst.fileno(), count - copied, start + copied, out_pos + copied
-                )
-                if n == 0:
-                    break
-                copied += n
-        except OSError:
-            pass  # another file system, an old kernel: fall back to a plain copy
-    if copied < count:
-        src.seek(start + copied)
-        dst.seek(out_pos + copied)
-        left = count - copied
-        while left:
-            chunk = src.read(min(_CHUNK, left))
-            if not chunk:
-                raise ModelFormatError("the input archive is truncated.")
-            dst.write(chunk)
-            left -= len(chunk)
+    crc = integrity.copy_range(src.fileno(), start, count, dst.fileno(), out_pos)
     dst.seek(out_pos + count)
+    return crc
 
 
 def copy_raw(src: IO[bytes], info: zipfile.ZipInfo, zout: zipfile.ZipFile) -> None:
@@ -163,7 +145,10 @@ def copy_raw(src: IO[bytes], info: zipfile.ZipInfo, zout: zipfile.ZipFile) -> No
     new.header_offset = fp.tell()
     zip64 = info.file_size > zipfile.ZIP64_LIMIT or info.compress_size > zipfile.ZIP64_LIMIT
     fp.write(new.FileHeader(zip64))
-    _copy_range(src, start, info.compress_size, fp)
+    crc = _copy_range(src, start, info.compress_size, fp)
+    if info.compress_type == zipfile.ZIP_STORED and crc != info.CRC:
+        # A deflated member's CRC is of its inflated bytes: verify() inflates the copy.
+        raise integrity.damaged(src.name, info.filename)
     # What ZipFile.write() does after writing a member, minus recompressing it.
     zout.filelist.append(new)
     zout.NameToInfo[new.filename] = new
@@ -300,7 +285,8 @@ def copy_patched(
     fp.write(new.FileHeader(plan.size > zipfile.ZIP64_LIMIT))
     fp.flush()
     body = fp.tell()
-    _copy_range(src, start, info.compress_size, fp)
+    if _copy_range(src, start, info.compress_size, fp) != info.CRC:
+        raise integrity.damaged(src.name, info.filename)  # the patches' CRC builds on it
     fp.flush()
     for patch in plan.patches:
         os.pwrite(fp.fileno(), patch.new, body + patch.offset)
@@ -379,7 +365,11 @@ def check_patched(
         shift = m_out.start - m_in.start
         for path, pending in locations.items():
             if not path.startswith(f"/{OPTIMIZER_GROUP}/"):
-                a = info_of(pending, path)
+                a = pending.info() if pending is not None else None
+                if a is None:
+                    # Chunked or compressed (h5py writes both on request): its bytes are
+                    # the input's, copied under the CRC-32 check (integrity.copy_range).
+                    continue
                 same_bytes(a, (a.offset or 0) + shift, path)
         try:
             vars_link = out.children(out.header(out.root))
@@ -395,10 +385,21 @@ def check_patched(
                 raise OutputError(f"{where}: the optimizer state was not rewritten as planned.")
             for i, slot in enumerate(slots):
                 path = f"/{OPTIMIZER_GROUP}/vars/{i}"
-                got = info_of(_hdf5.PendingDataset(out, out.header(found[str(i)][0])), path)
+                if found[str(i)][0] != plan.headers[i]:
+                    raise OutputError(f"{differs}: {path} is not the planned dataset.")
+                pending_out = _hdf5.PendingDataset(out, out.header(found[str(i)][0]))
+                if slot.source is not None and pending_out.info() is None:
+                    # A kept slot the lean reader cannot locate (chunked, compressed): the
+                    # same object header as in the input, checked above, bytes under the CRC.
+                    source_pending = locations.get(slot.source)
+                    if source_pending is None or (source_pending.extent() != pending_out.extent()):
+                        raise OutputError(f"{differs}: {path} is not {slot.source}.")
+                    continue
                 if slot.source is not None:
+                    got = info_of(pending_out, path)
                     a = info_of(locations.get(slot.source), slot.source)
-                    moved = (a.offset or 0) + shift != (got.offset or 0)
+                    # A compact dataset's values live in its header: no offset to compare.
+                    moved = a.inline is None and (a.offset or 0) + shift != (got.offset or 0)
                     if moved or (a.nbytes, a.typecode, a.shape, a.inline) != (
                         got.nbytes,
                         got.typecode,
@@ -408,16 +409,14 @@ def check_patched(
                         raise OutputError(f"{differs}: {path} is not {slot.source}.")
                     same_bytes(a, got.offset or 0, path)
                     continue
-                like = info_of(locations.get(slot.like), slot.like)
-                if (got.nbytes, got.typecode, got.shape) != (
-                    like.nbytes,
-                    like.typecode,
-                    like.shape,
-                ):
+                like_pending = locations.get(slot.like)
+                like_extent = like_pending.extent() if like_pending is not None else None
+                if like_extent is None or like_extent != pending_out.extent():
                     raise OutputError(f"{differs}: {path} is not shaped like {slot.like}.")
-                raw = got.inline
+                # Any datatype (an opaque float8 too): its raw bytes, where the layout says.
+                at, nbytes, raw = _hdf5.raw_layout(out, out.header(found[str(i)][0]))
                 if raw is None:
-                    raw = os.pread(fd_out, min(got.nbytes, _CHUNK), got.offset or 0)
+                    raw = os.pread(fd_out, min(nbytes, _CHUNK), at or 0)
                 if raw.count(0) != len(raw):
                     raise OutputError(f"{differs}: the new {path} is not zero.")
         except _hdf5.Unsupported as exc:
@@ -493,6 +492,8 @@ class KerasZipWriter:
                         hint="Pass --optimizer-state drop (or keep).",
                     )
                 rewritten = stack.enter_context(scratch_file(dest.parent, "model.weights.h5"))
+                # h5py reads the member's bytes, not its CRC: check them first.
+                integrity.check_member(zin, weights, str(source))
                 with open_weights(source, weights, dest.parent) as h5_in:
                     dropped = drop_optimizer(h5_in, rewritten)
             # Not "wb": on ext4, truncating a file (even an empty one) makes its close write
@@ -537,6 +538,8 @@ class KerasZipWriter:
                     b.compress_type,
                 ):
                     raise OutputError(f"{where}: member {a.filename} was not copied exactly.")
+                if b.compress_type != zipfile.ZIP_STORED:  # stored ones were checked in the copy
+                    integrity.check_member(zout, b, str(source))
             if zout.read(CONFIG) != self._config_bytes(request):
                 raise OutputError(f"{where}: config.json does not read back as written.")
             if patched is not None:

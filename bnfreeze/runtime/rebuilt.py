@@ -1,0 +1,150 @@
+"""Ask Keras how a code-built model loads: the layers ``keras.models.load_model`` rebuilds.
+
+A keras-hub backbone or task, a custom layer that holds layers as attributes and a subclassed
+model save constructor arguments, not their layers: Keras rebuilds those layers by running
+code when it loads the file, and what flags they then carry depends on that code (measured:
+ResNet-style keras-hub backbones come back with every inner layer trainable, while an
+``HGNetV2ImageClassifier`` keeps 16 of its 17 BN layers frozen; ``docs/semantics.md``). The
+file cannot tell which: only Keras can. :func:`rebuild` loads the file the way ``verify``
+does (``safe_mode=True``, in memory, without compiling it: the file is only read) and returns
+one :class:`~bnfreeze.model.records.LayerRecord` per layer the config does not list, with
+``source=KERAS``, the flag the loaded layer carries, and the path ``verify`` measures it under
+(:func:`bnfreeze.runtime.measure.layer_paths`).
+
+The flags are those of a plain ``keras.models.load_model``, which ``verify`` measures; the
+flags bnfreeze records in a ``bnfreeze.json`` member (:mod:`bnfreeze.formats.recorded_flags`),
+which :func:`bnfreeze.load_model` sets again, are reported by the ``recorded-flags`` warning.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from bnfreeze.model.code_built import Rebuilt
+from bnfreeze.model.records import LayerKind, LayerRecord, LayerSource, ModelFile, Runtime
+
+
+def unavailable(needs_keras_hub: bool) -> str | None:
+    """Why Keras cannot be asked (it, its backend or keras-hub is not installed), or None.
+    Imports nothing."""
+    from bnfreeze.errors import RuntimeUnavailableError
+    from bnfreeze.runtime import environment
+
+    try:
+        environment.require_runtime(Runtime.KERAS3)
+    except RuntimeUnavailableError as exc:
+        return str(exc)
+    if needs_keras_hub and not environment._installed("keras_hub"):
+        return "the file holds keras-hub classes and keras_hub is not installed"
+    return None
+
+
+def rebuild(
+    path: str | os.PathLike[str],
+    listed: set[str],
+    *,
+    custom_objects: str | dict[str, Any] | None = None,
+    unsafe: bool = False,
+) -> Rebuilt:
+    """Load ``path`` with Keras and return the layers it rebuilt that ``listed`` (the paths
+    the config lists) does not hold. Raises :class:`~bnfreeze.errors.BnfreezeError` when Keras
+    cannot load the file."""
+    import numpy as np
+
+    from bnfreeze.runtime import environment, loading
+    from bnfreeze.runtime.branches import is_builtin_batchnorm
+    from bnfreeze.runtime.measure import layer_children, layer_paths, own_variables
+
+    with environment.quiet():
+        keras = environment.keras_module(Runtime.KERAS3)
+        with environment.keras_warnings():
+            model = loading.load_model(
+                path,
+                compile=False,
+                fresh_names=True,
+                custom_objects=custom_objects,
+                unsafe=unsafe,
+            )
+        layers = layer_paths(keras, model)
+        owned = own_variables(layers)
+        records: list[LayerRecord] = []
+        has_weights: dict[str, bool] = {}
+        datasets: dict[str, tuple[str, ...]] = {}
+        values: dict[str, Any] = {}
+        for layer_path, (layer, _) in layers.items():
+            if layer_path in listed:
+                continue
+            parent = layer_path.rpartition("/")[0] or None
+            children = bool(layer_children(keras, layer))
+            builtin = (type(layer).__module__ or "").split(".")[0] == "keras"
+            if isinstance(layer, keras.layers.BatchNormalization):
+                kind = (
+                    LayerKind.BATCHNORM
+                    if is_builtin_batchnorm(keras, layer)
+                    else (LayerKind.UNKNOWN)
+                )
+            elif isinstance(layer, keras.layers.InputLayer):
+                kind = LayerKind.INPUT
+            elif children:
+                kind = LayerKind.CONTAINER
+            else:
+                # A custom layer too: Keras shows its flag and variables, and the BN layers
+                # its code holds are rows of their own.
+                kind = LayerKind.LAYER
+            own = owned.get(layer_path, [])
+            records.append(
+                LayerRecord(
+                    path=layer_path,
+                    name=layer.name,
+                    class_name=type(layer).__name__,
+                    kind=kind,
+                    depth=layer_path.count("/"),
+                    parent=parent,
+                    trainable=None if kind is LayerKind.INPUT else bool(layer.trainable),
+                    module=type(layer).__module__,
+                    custom=not builtin,
+                    scale=getattr(layer, "scale", True) is not False,
+                    center=getattr(layer, "center", True) is not False,
+                    renorm=bool(getattr(layer, "renorm", False)),
+                    momentum=_momentum(layer),
+                    source=LayerSource.KERAS,
+                )
+            )
+            has_weights[layer_path] = bool(own) and not children
+            if kind is LayerKind.BATCHNORM:
+                names = tuple(f"{layer_path}/{i}" for i in range(len(own)))
+                datasets[layer_path] = names
+                for name, variable in zip(names, own, strict=True):
+                    values[name] = np.asarray(variable.numpy())
+    return Rebuilt(tuple(records), has_weights, datasets, values, str(keras.__version__))
+
+
+def _momentum(layer: Any) -> float | None:
+    value = getattr(layer, "momentum", None)
+    try:
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def ask(
+    model: ModelFile,
+    listed: set[str],
+    *,
+    custom_objects: str | dict[str, Any] | None = None,
+    unsafe: bool = False,
+) -> tuple[Rebuilt | None, str | None]:
+    """What :func:`bnfreeze.ops.inspect.inspect_model_file` calls with ``ask_keras``: the
+    layers Keras rebuilds, or None and why Keras could not be asked. ``verify`` passes its
+    ``--custom-objects`` and ``--unsafe`` so that both loads see the same classes."""
+    from bnfreeze.errors import BnfreezeError
+    from bnfreeze.model.code_built import keras_hub
+
+    reason = unavailable(keras_hub(model) is not None)
+    if reason is not None:
+        return None, reason
+    try:
+        return rebuild(model.path, listed, custom_objects=custom_objects, unsafe=unsafe), None
+    except BnfreezeError as exc:
+        return None, f"Keras could not load it: {exc}"

@@ -1,0 +1,158 @@
+"""Truth from Keras for code-built models (issue 20): keras-hub tasks frozen as users freeze
+them (``task.backbone.trainable = False``), saved as ``.keras`` files and preset folders,
+reloaded in a fresh process and measured for one ``fit()`` step with the branch of every BN
+recorded (``tests/support/hub_tasks.py``). ``inspect`` asks Keras how the file loads; its rows and
+counts must be what the measurement shows, and ``verify`` must agree and exit 0.
+
+One subprocess builds and saves every model; one more, fresh, measures them all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.keras
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+SUPPORT = ROOT / "tests" / "support"
+TASKS = ("deeplabv3", "densenet", "efficientnet", "hgnetv2", "retinanet")
+FILES = (
+    *(f"{t}.keras" for t in TASKS),
+    *(f"{t}_preset" for t in TASKS if t != "hgnetv2"),
+)
+
+
+def _run(*args: str) -> str:
+    env = {
+        **os.environ,
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(SUPPORT)]),
+    }
+    done = subprocess.run(
+        [sys.executable, str(SUPPORT / "hub_tasks.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="session")
+def measured(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("hub_tasks")
+    _run("build", str(out))
+    rows = [json.loads(line) for line in _run("measure", str(out)).splitlines() if line]
+    return {row["file"]: row for row in rows}
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_inspect_and_verify_agree_with_one_fit_step(
+    measured: dict[str, dict[str, Any]], name: str
+) -> None:
+    row = measured[name]
+    assert "error" not in row, row.get("error")
+    # verify: every BN compared (or reported as never called), every check agrees, exit 0.
+    assert row["disagreements"] == []
+    assert row["bn_not_compared"] == []
+    assert row["agree"] is True and row["exit_code"] == 0
+    assert row["checks"] > 0
+    # The branch was recorded for every BN that was called.
+    assert row["branch_recorded"] == len(row["measured_bn"]) - len(row["bn_not_called"])
+    # inspect asked Keras: the same BN rows, at the paths verify measures.
+    assert row["inspect_sources"] == ["keras"]
+    assert row["inspect_bn"] == row["measured_bn"]
+    # Every count: BN layers never called in fit() take no branch; the rest match.
+    called_training = row["inspect_training"] - len(row["bn_not_called"])
+    assert called_training == row["measured_batch"]
+    assert row["inspect_inference"] == row["measured_moving"]
+
+
+def test_hgnetv2_keeps_its_flags_after_reload(measured: dict[str, dict[str, Any]]) -> None:
+    """The rule "code-built layers come back trainable" is wrong here (main said 13 train)."""
+    row = measured["hgnetv2.keras"]
+    assert (row["inspect_training"], row["inspect_inference"]) == (1, 12)
+    assert (row["measured_batch"], row["measured_moving"]) == (1, 12)
+
+
+@pytest.mark.parametrize("name", ["deeplabv3.keras", "retinanet.keras"])
+def test_reload_trap_counts_are_row_counts(measured: dict[str, dict[str, Any]], name: str) -> None:
+    """The code-built-reload-trains warning counts the BN rows that train (main said 1 for
+    DeepLabV3 and 3 for RetinaNet)."""
+    row = measured[name]
+    assert row["trap_count"] == 1
+    count = row["inspect_training"]
+    assert f"{count} of the {len(row['inspect_bn'])} BN layer(s)" in row["trap_message"]
+
+
+def test_retinanet_verify_reports_uncalled_bn(measured: dict[str, dict[str, Any]]) -> None:
+    """RetinaNet's compile config has no plain ``loss`` (main: exit 3, KeyError 'loss'); its
+    FPN output norms are never called in fit(): reported as such, not compared."""
+    row = measured["retinanet.keras"]
+    assert row["exit_code"] == 0
+    assert sorted(p.rsplit("/", 1)[-1] for p in row["bn_not_called"]) == [
+        "output_norm_P3",
+        "output_norm_P4",
+    ]
+
+
+def test_momentum_one_statistics_never_move(measured: dict[str, dict[str, Any]]) -> None:
+    """``momentum=1.0``: the batch branch, but the statistics stay bit-identical; inspect must
+    not say they update (main said they do)."""
+    row = measured["momentum_one.keras"]
+    assert row["agree"] is True and row["exit_code"] == 0
+    assert row["measured_batch"] == 1 and row["stats_moved"] == 0
+    assert row["inspect_updates"] == 0
+
+
+def test_renorm_bn_in_a_custom_block_is_found(measured: dict[str, dict[str, Any]]) -> None:
+    """``BatchNormalization(renorm=True)`` has 7 variables; from the file alone (main listed
+    0 BN layers) and asked of Keras, it is one BN that trains, as measured."""
+    row = measured["renorm_block.keras"]
+    from_file = [r for r in row["from_file"] if r["is_batchnorm"]]
+    assert from_file == [
+        {
+            "path": "block/batch_normalization",
+            "is_batchnorm": True,
+            "renorm": True,
+            "normalizes_with": "batch",
+        }
+    ]
+    assert row["measured_bn"] == ["block/batch_normalization"] and row["measured_batch"] == 1
+    assert row["agree"] is True and row["exit_code"] == 0
+
+
+def test_bn_inside_a_custom_wrapper_is_listed_and_measured(
+    measured: dict[str, dict[str, Any]],
+) -> None:
+    """A BN inside a custom ``Wrapper`` subclass is listed (main: missing, verify exit 1), with
+    its mode left unknown and a reason; verify reports its measured mode and exits 0."""
+    row = measured["custom_wrapper.keras"]
+    assert [r for r in row["from_file"] if r["is_batchnorm"]] == [
+        {"path": "wrap/bn", "is_batchnorm": True, "renorm": False, "normalizes_with": None}
+    ]
+    assert "unknown-layer" in row["warnings"]
+    assert row["inspect_bn"] == row["measured_bn"] == ["wrap/bn"]
+    assert row["measured_batch"] == 1
+    assert row["bn_not_compared"] == [] and row["disagreements"] == []
+    assert row["exit_code"] == 0
+
+
+def test_keras_3_3_files_map_weights_by_position(measured: dict[str, dict[str, Any]]) -> None:
+    """A file as Keras 3.0-3.5 write it (no layer names in the weights file) reads like the
+    same model saved by this Keras (main: "2 layers train" instead of 5, Conv/Dense
+    trains_weights null, untrained-statistics warnings for 0 of 3), and verify agrees."""
+    old, new = measured["old_keras.keras"], measured["new_keras.keras"]
+    assert old["rows"] == new["rows"]
+    assert old["layers_train"] == new["layers_train"] == 5
+    assert old["warning_paths"] == new["warning_paths"]
+    assert sum(p.startswith("untrained-bn-statistics") for p in old["warning_paths"]) == 3
+    assert old["agree"] is True and old["exit_code"] == 0
