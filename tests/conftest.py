@@ -1,5 +1,7 @@
 import os
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,14 +23,35 @@ def samples() -> Path:
 # affects another.
 
 
-def _save_application(tmp_path_factory, name, build):
-    import keras
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """The file ``name``, written by ``build(path)`` once per run: by the first pytest-xdist
+    worker that asks for it (under a file lock, into a scratch folder, then renamed into
+    place), and read by the others. Every test loads its own copy of the model from it."""
+    from filelock import FileLock
 
-    keras.utils.set_random_seed(1234)
-    model = build(keras)
-    path = tmp_path_factory.mktemp("applications") / f"{name}.keras"
-    model.save(path)
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, shared by its workers
+    root = root / "built_once"
+    root.mkdir(exist_ok=True)
+    path = root / name
+    with FileLock(root / f"{name}.lock"):
+        if not path.exists():
+            scratch = Path(tempfile.mkdtemp(dir=root))
+            build(scratch / name)
+            os.replace(scratch / name, path)
+            scratch.rmdir()
     return path
+
+
+def _save_application(tmp_path_factory, name, build):
+    def save(path: Path) -> None:
+        import keras
+
+        keras.utils.set_random_seed(1234)
+        build(keras).save(path)
+
+    return built_once(tmp_path_factory, f"{name}.keras", save)
 
 
 @pytest.fixture(scope="session")
@@ -94,23 +117,25 @@ def efficientnetb0_keras(tmp_path_factory) -> Path:
 def guide_phase2_bn_inference_keras(guide_phase2_keras, tmp_path_factory) -> Path:
     """The guide's phase 2 done right on Keras 3 (the ``--bn-inference`` recipe), built with
     Keras itself: the same model with trainable=False on every BN layer, recompiled."""
-    import warnings
 
-    import keras
+    def build(path: Path) -> None:
+        import warnings
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "Skipping variable loading for optimizer ..."
-        model = keras.models.load_model(guide_phase2_keras)
-    frozen = 0
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.trainable = False
-            frozen += 1
-    assert frozen > 0
-    model.compile(optimizer=keras.optimizers.Adam(1e-5), loss="mse")
-    path = tmp_path_factory.mktemp("recipes") / "guide_phase2_bn_inference.keras"
-    model.save(path)
-    return path
+        import keras
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Skipping variable loading for optimizer ..."
+            model = keras.models.load_model(guide_phase2_keras)
+        frozen = 0
+        for layer in model._flatten_layers(include_self=False, recursive=True):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False
+                frozen += 1
+        assert frozen > 0
+        model.compile(optimizer=keras.optimizers.Adam(1e-5), loss="mse")
+        model.save(path)
+
+    return built_once(tmp_path_factory, "guide_phase2_bn_inference.keras", build)
 
 
 @pytest.fixture(scope="session")
@@ -272,10 +297,29 @@ def subclassed_keras(custom_layers_file, tmp_path_factory) -> Path:
 # --- The figures behind docs/guarantees.md (tests/support/guarantees.py) -----------------
 
 
-def pytest_terminal_summary(terminalreporter):
-    """Print what the robustness tests tried, and save it to tests/.guarantees.json."""
-    import sys
+def pytest_sessionfinish(session):
+    """On a pytest-xdist worker, hand what its tests tried to the controller."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    guarantees = sys.modules.get("guarantees")
+    if workeroutput is not None and guarantees is not None:
+        workeroutput["guarantees_ran"] = dict(guarantees.ran)
 
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """On the controller: add up what each worker's tests tried."""
+    ran = getattr(node, "workeroutput", {}).get("guarantees_ran")
+    if ran:
+        import guarantees
+
+        for key, n in ran.items():
+            guarantees.count(key, n)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """Print what the robustness tests tried, and save it to tests/.guarantees.json."""
+    if hasattr(config, "workerinput"):
+        return
     guarantees = sys.modules.get("guarantees")
     if guarantees is None or not guarantees.ran:
         return
@@ -302,3 +346,55 @@ def without_tf_keras(monkeypatch):
     # A tf_keras imported by an earlier test must look absent too: None in sys.modules is
     # what an import that cannot work looks like.
     monkeypatch.setitem(sys.modules, "tf_keras", None)
+
+
+# --- The fast lane: ``pytest -m "not keras"`` never imports Keras -------------------------
+
+#: Importing any of these makes a test a Keras test, to be marked ``@pytest.mark.keras``.
+HEAVY_MODULES = ("keras", "tensorflow", "jax", "tf_keras", "keras_hub", "torch")
+_HEAVY_BEFORE = pytest.StashKey[frozenset[str]]()
+
+
+def heavy_imported() -> frozenset[str]:
+    # ``None`` in sys.modules is a module made unimportable (``without_tf_keras``), not loaded.
+    return frozenset(name for name in HEAVY_MODULES if sys.modules.get(name) is not None)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    """Importing a test module must not import Keras: the fast lane imports every module."""
+    if not isinstance(collector, pytest.Module):
+        return (yield)
+    before = heavy_imported()
+    report = yield
+    new = heavy_imported() - before
+    if new and report.passed:
+        report.outcome = "failed"
+        report.longrepr = (
+            f"importing {collector.nodeid} imported {', '.join(sorted(new))}: import Keras "
+            "inside the tests and fixtures that need it, never at module level"
+        )
+    return report
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_setup(item):
+    item.stash[_HEAVY_BEFORE] = heavy_imported()
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test that is not marked ``keras`` and imports Keras (in its fixtures or its body)
+    fails, so the marker stays honest. Only seen while nothing imported Keras before it: in
+    the fast lane, that is every test."""
+    report = yield
+    if call.when == "call" and report.passed and item.get_closest_marker("keras") is None:
+        new = heavy_imported() - item.stash.get(_HEAVY_BEFORE, frozenset())
+        if new:
+            report.outcome = "failed"
+            report.longrepr = (
+                f"{item.nodeid} imported {', '.join(sorted(new))} but is not marked keras: "
+                "mark it @pytest.mark.keras (pytest -m 'not keras' must not import Keras)"
+            )
+    return report

@@ -152,10 +152,13 @@ def test_no_second_numbering():
         assert not re.search(r"\btraps? \d", text, flags=re.I), name
 
 
+#: Commands that load a model with Keras (the rest read and write files).
+KERAS_COMMANDS = ("verify", "explain", "recalibrate")
+
+
 def _needs_keras(argv: list[str]) -> bool:
-    return argv[0] in ("verify", "explain") or "--engine=keras" in " ".join(argv).replace(
-        "--engine ", "--engine="
-    )
+    line = " ".join(argv).replace("--engine=", "--engine ")
+    return (argv[0] if argv else "") in KERAS_COMMANDS or "--engine keras" in line
 
 
 def _page_params():

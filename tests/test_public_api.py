@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import inspect
 
+import pytest
+
 import bnfreeze
 
 EXPORTS = [
@@ -90,6 +92,7 @@ def test_recompile_warning_is_a_user_warning():
     assert bnfreeze.RecompileWarning.__module__ == "bnfreeze.errors"
 
 
+@pytest.mark.keras
 def test_every_export_resolves():
     for name in EXPORTS:  # BatchNormGuard imports Keras: the class is made on first access
         assert getattr(bnfreeze, name) is not None

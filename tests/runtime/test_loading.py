@@ -141,6 +141,7 @@ def test_keras_safe_mode_is_on_even_past_our_own_check(lambda_keras, monkeypatch
     assert str(info.value).endswith("If you trust the file, pass --unsafe.")
 
 
+@pytest.mark.keras
 def test_refusal_happens_before_tensorflow_is_imported(lambda_keras):
     code = (
         "import sys\n"
@@ -283,6 +284,7 @@ def test_quiet_sends_python_and_native_stdout_to_stderr(capfd):
     assert "from python\n" in err and "from native code\n" in err
 
 
+@pytest.mark.keras
 def test_fresh_process_stays_lean_and_quiet(tmp_path):
     """Importing every module verify and explain use pulls in no TensorFlow; loading
     TensorFlow through the engine, first by way of a user's custom-objects file that imports
@@ -427,6 +429,7 @@ def test_the_backend_is_resolved_as_keras_does(
     assert environment.loading_message() == f"loading Keras ({label} backend)"
 
 
+@pytest.mark.keras
 def test_bnfreeze_never_sets_the_backend(monkeypatch):
     monkeypatch.delenv("KERAS_BACKEND", raising=False)
     environment.keras_module()
