@@ -29,8 +29,10 @@ def commands() -> list[list[str]]:
     return found
 
 
-def test_every_python_block_is_marked_not_run():
-    blocks = re.findall(r"^(.*)\n```python\n", PAGE, flags=re.M)
+def test_every_example_not_run_says_why():
+    """The examples that need the reader's own model and data are fenced ``text`` (never run,
+    see tests/test_docs.py) and say why they are not run."""
+    blocks = re.findall(r"^(.*)\n```text\n", PAGE, flags=re.M)
     assert blocks
     assert all(re.fullmatch(r"<!-- not run: [^>]+ -->", b) for b in blocks), blocks
 

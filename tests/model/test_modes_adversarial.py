@@ -112,8 +112,13 @@ def test_inspect_agrees_with_keras_on_every_bn(adversarial, backend, name):
         branches = truth["branches"]
         assert len(branches) == 1 and branches[0] in ("batch", "moving"), (path, branches)
         if inside_custom(doc, path):
-            # A custom class's call() decides; inspect must not claim a mode for it.
-            assert path not in listed, f"{path}: a mode is claimed inside a custom layer"
+            # A custom class's call() decides; inspect lists the BN but must not claim a mode.
+            inner = listed.get(path)
+            assert inner is not None, f"{path}: the BN inside a custom layer is not listed"
+            assert inner["in_fit"]["normalizes_with"] is None, (
+                f"{path}: a mode is claimed inside a custom layer"
+            )
+            assert inner["in_fit"]["updates_moving_stats"] is None, path
             continue
         layer = listed.get(path)
         if layer is None:
@@ -145,7 +150,13 @@ def test_custom_wrapper_is_unknown_and_its_bn_runs_in_inference(adversarial, bac
     doc = inspect_json(folder / name)
     wrap = next(layer for layer in doc["layers"] if layer["path"] == "wrap")
     assert wrap["is_batchnorm"] is False and wrap["in_fit"]["normalizes_with"] is None
-    assert [w["path"] for w in doc["warnings"] if w["code"] == "unknown-layer"] == ["wrap"]
+    # The wrapper and the BN inside it each say why their mode is unknown.
+    assert sorted(w["path"] for w in doc["warnings"] if w["code"] == "unknown-layer") == [
+        "wrap",
+        "wrap/inner_bn",
+    ]
+    inner = next(layer for layer in doc["layers"] if layer["path"] == "wrap/inner_bn")
+    assert inner["is_batchnorm"] is True and inner["in_fit"]["normalizes_with"] is None
     assert doc["summary"]["bn_training_in_fit"] == 1  # head_bn only
 
 

@@ -86,10 +86,11 @@ def _assert_branch_not_statistics(doc: dict) -> None:
     # Measured by Keras: gamma/beta trained, the statistics did not move...
     assert still["gamma_beta"] == "moved"
     assert still["moving_stats"] == "unchanged"
-    # ...and the call took the batch branch: training mode, as inspect predicts.
+    # ...and the call took the batch branch: training mode, as inspect predicts, and inspect
+    # knows that momentum=1.0 leaves the statistics where they are.
     assert still["branch_recorded"] is True
     assert still["normalizes_with"] == "batch"
-    assert still["predicted"]["updates_moving_stats"] is True
+    assert still["predicted"]["updates_moving_stats"] is False
     assert layers["bn"]["normalizes_with"] == "batch"
     assert layers["bn"]["moving_stats"] == "moved"
     assert layers["bn_frozen"]["normalizes_with"] == "moving"

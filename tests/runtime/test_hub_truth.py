@@ -154,5 +154,7 @@ def test_keras_3_3_files_map_weights_by_position(measured: dict[str, dict[str, A
     assert old["rows"] == new["rows"]
     assert old["layers_train"] == new["layers_train"] == 5
     assert old["warning_paths"] == new["warning_paths"]
-    assert sum(p.startswith("untrained-bn-statistics") for p in old["warning_paths"]) == 3
+    # Untrained statistics are warned about where they do harm: the one BN in inference mode
+    # (the other two fill their statistics in fit()).
+    assert sum(p.startswith("untrained-bn-statistics") for p in old["warning_paths"]) == 1
     assert old["agree"] is True and old["exit_code"] == 0
