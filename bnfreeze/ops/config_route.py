@@ -103,6 +103,11 @@ class ConfigRoute:
             reason = custom_batchnorm_limit(request.assignment, selected) or code_built_limit(
                 model, selected
             )
+        if reason is not None and request.bn_config:
+            raise BnfreezeError(
+                f"{model.path}: the plan sets BN layers' class or synchronized, which only the "
+                f"config route writes, and it cannot edit this model: {reason}."
+            )
         if reason is not None:
             return self._refused(request, model.path, reason)
         targeted = _targeted(request.assignment, selected)
@@ -111,7 +116,11 @@ class ConfigRoute:
         except BnfreezeError as exc:
             # A writer that finds, while planning, that only Keras can write this edit safely
             # (legacy_h5.H5RewriteError) says so; nothing was written yet.
-            if self.fallback is not None and getattr(exc, "keras_engine_can_help", False):
+            if (
+                self.fallback is not None
+                and not request.bn_config
+                and getattr(exc, "keras_engine_can_help", False)
+            ):
                 return self.fallback.edit(request)
             raise
 
@@ -185,13 +194,16 @@ class ConfigPlan:
     #: failed: it is read again after the write).
     report: Report | None
     input_bytes: int
+    #: BN layers whose class or ``synchronized`` the request's ``bn_config`` changes.
+    bn_config_changes: int = 0
 
     @property
     def writes(self) -> bool:
         """Whether committing writes a file: not on a dry run, nor without an output, nor
         in place when nothing changes."""
         output = self.request.output
-        return not (output.dry_run or output.path is None or (output.in_place and not self.changes))
+        changes = self.changes or self.bn_config_changes
+        return not (output.dry_run or output.path is None or (output.in_place and not changes))
 
     @property
     def report_path(self) -> str | None:
@@ -224,6 +236,13 @@ def plan_edit(
     after = assign(layers, before, selected, request.assignment, without_flag=without_flag)
     changed = changes(layers, before, after)
     new_config = apply_to_config(model.config, layers, after) if changed else model.config
+    bn_config_changes = 0
+    if request.bn_config:
+        from bnfreeze.ops.bn_config import apply_bn_config
+
+        new_config, bn_config_changes = apply_bn_config(
+            new_config, layers, request.bn_config, model.format, model.path
+        )
     model_trainable = _model_trainable(model.config)
     states_before = _states(model, layers, model_trainable)
     states_after = _states(model, records_with_flags(layers, after), model_trainable)
@@ -252,6 +271,7 @@ def plan_edit(
         optimizer_plan=optimizer_plan,
         report=None,
         input_bytes=_size(model.path),
+        bn_config_changes=bn_config_changes,
     )
     if plan.writes:
         writer.prepare(write)  # the format's own checks, before anything is written

@@ -328,14 +328,22 @@ class _Parser:
             bn = BnAction.FOLLOW
         else:
             bn = self.enum(BnAction, bn_value, "rule", index, "bn")
-        if trainable is None and bn_value is None:
+        synchronized = table.get("synchronized")
+        if synchronized is not None and not isinstance(synchronized, bool):
+            raise self.error(
+                f"must be true or false, not {_type(synchronized)}.",
+                table="rule",
+                index=index,
+                key="synchronized",
+            )
+        if trainable is None and bn_value is None and synchronized is None:
             raise self.error(
                 'the rule has no action: give trainable = true/false, bn = "inference" | '
-                '"train", or both.',
+                '"train" | "frozen-stats", synchronized = true/false, or several.',
                 table="rule",
                 index=index,
             )
-        if trainable is None and bn is BnAction.FOLLOW:
+        if trainable is None and bn_value is not None and bn is BnAction.FOLLOW:
             raise self.error(
                 'bn = "follow" takes the rule\'s trainable value, but the rule sets none.',
                 table="rule",
@@ -349,8 +357,30 @@ class _Parser:
                 index=index,
                 key="bn",
             )
-        where = Where(self.source, self.lines.table("rule", index), _label("rule", index))
-        return Rule(selector=selector, trainable=trainable, bn=bn, name=name, where=where)
+        if selector.only is Only.NON_BN and synchronized is not None:
+            raise self.error(
+                'the rule selects only non-BN layers (only = "non-bn"), so synchronized has '
+                "no effect.",
+                table="rule",
+                index=index,
+                key="synchronized",
+            )
+        key_lines = tuple(
+            (key, line)
+            for key in ("trainable", "bn", "synchronized")
+            if key in table and (line := self.lines.key(key, "rule", index)) is not None
+        )
+        where = Where(
+            self.source, self.lines.table("rule", index), _label("rule", index), key_lines
+        )
+        return Rule(
+            selector=selector,
+            trainable=trainable,
+            bn=bn,
+            name=name,
+            where=where,
+            synchronized=synchronized,
+        )
 
     def expectation(self, table: dict[str, Any], index: int) -> Expectation:
         self.unknown_keys(table, EXPECT_KEYS, "expect", index)
@@ -373,7 +403,7 @@ class _Parser:
             action = self.enum(BnAction, value, "expect", index, "bn")
             if action is BnAction.FOLLOW:
                 raise self.error(
-                    'an expectation\'s bn is "inference" or "train".',
+                    'an expectation\'s bn is "inference", "train" or "frozen-stats".',
                     table="expect",
                     index=index,
                     key="bn",
@@ -386,7 +416,11 @@ class _Parser:
                     index=index,
                     key="bn",
                 )
-            kind = ExpectKind.BN_INFERENCE if action is BnAction.INFERENCE else ExpectKind.BN_TRAIN
+            kind = {
+                BnAction.INFERENCE: ExpectKind.BN_INFERENCE,
+                BnAction.TRAIN: ExpectKind.BN_TRAIN,
+                BnAction.FROZEN_STATS: ExpectKind.BN_FROZEN_STATS,
+            }[action]
         elif key == "trains":
             if not isinstance(value, bool):
                 raise self.error(

@@ -45,7 +45,7 @@ SELECTOR_KEYS = (
 )
 
 
-RULE_KEYS = ("name", *SELECTOR_KEYS, "trainable", "bn")
+RULE_KEYS = ("name", *SELECTOR_KEYS, "trainable", "bn", "synchronized")
 
 
 EXPECT_ASSERTIONS = ("bn", "trains", "min_training", "max_training")
@@ -71,6 +71,9 @@ class BnAction(enum.Enum):
     INFERENCE = "inference"  # trainable=False: moving statistics in fit(), nothing updates
     TRAIN = "train"  # trainable=True: batch statistics in fit(), statistics update
     FOLLOW = "follow"  # whatever the rule's ``trainable`` gives the other layers
+    #: FrozenStatsBatchNormalization, trainable=True: moving statistics in fit(), never
+    #: updated, gamma/beta train (``freeze --bn-frozen-stats``; a change of class).
+    FROZEN_STATS = "frozen-stats"
 
 
 @dataclass(frozen=True)
@@ -207,13 +210,29 @@ def _pattern_hits(layers: Sequence[LayerRecord], key: str, pattern: str) -> set[
 
 @dataclass(frozen=True)
 class Rule:
-    """Give the selected layers ``trainable`` and, for BN layers, ``bn``."""
+    """Give the selected layers ``trainable`` and, for BN layers, ``bn`` and
+    ``synchronized``.
+
+    ``bn = "frozen-stats"`` makes the selected BN layers ``FrozenStatsBatchNormalization``
+    with ``trainable = True``; ``"inference"`` and ``"train"`` make any of them plain
+    ``BatchNormalization`` again (each names the whole mode). ``synchronized`` sets the
+    BN layers' ``synchronized`` config value, as ``bnfreeze sync-bn`` does."""
 
     selector: Selector
     trainable: bool | None
     bn: BnAction
     name: str | None = None
     where: Where | None = field(default=None, compare=False)
+    synchronized: bool | None = None
+
+    @property
+    def bn_class(self) -> str | None:
+        """The class the rule gives its BN layers: "frozen-stats", "batchnorm" or None (kept)."""
+        if self.bn is BnAction.FROZEN_STATS:
+            return "frozen-stats"
+        if self.bn in (BnAction.INFERENCE, BnAction.TRAIN):
+            return "batchnorm"
+        return None
 
     def assignment(self) -> Assignment:
         """The rule as an :class:`~bnfreeze.model.assignments.Assignment` (None: left as it is)."""
@@ -221,6 +240,7 @@ class Rule:
             BnAction.INFERENCE: False,
             BnAction.TRAIN: True,
             BnAction.FOLLOW: self.trainable,
+            BnAction.FROZEN_STATS: True,
         }[self.bn]
         others = self.trainable
         if self.selector.only is Only.BN:
@@ -233,8 +253,10 @@ class Rule:
         action = []
         if self.trainable is not None:
             action.append(f"trainable={str(self.trainable).lower()}")
-        if self.bn is not BnAction.FOLLOW or self.trainable is None:
+        if self.bn is not BnAction.FOLLOW or (self.trainable is None and self.synchronized is None):
             action.append(f"bn={self.bn.value}")
+        if self.synchronized is not None:
+            action.append(f"synchronized={str(self.synchronized).lower()}")
         return f"{self.selector.describe()}: {', '.join(action)}"
 
 

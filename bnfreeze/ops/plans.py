@@ -59,7 +59,14 @@ from bnfreeze.ops.plan_parser import parse_plan as parse_plan
 from bnfreeze.ops.plan_parser import parse_sets as parse_sets
 from bnfreeze.ops.plan_parser import shipped_plans as shipped_plans
 from bnfreeze.ops.plan_schema import Plan, Rule, Where
-from bnfreeze.ops.request import EditRequest, EditResult, LayerSelection, Loading, Output
+from bnfreeze.ops.request import (
+    BnConfig,
+    EditRequest,
+    EditResult,
+    LayerSelection,
+    Loading,
+    Output,
+)
 
 
 @dataclass(frozen=True)
@@ -187,6 +194,38 @@ def resolve_plan(
     )
 
 
+def resolve_bn_config(plan: Plan, layers: Sequence[LayerRecord]) -> BnConfig:
+    """The BN class (``bn = "frozen-stats"``, and plain BN again for ``"inference"`` and
+    ``"train"``) and ``synchronized`` values the plan's rules give, later rules winning. A
+    rule with ``bn = "frozen-stats"`` or ``synchronized`` that selects no BN layer is an error."""
+    classes: dict[str, str] = {}
+    synchronized: dict[str, bool] = {}
+    for rule in plan.rules:
+        if rule.bn_class is None and rule.synchronized is None:
+            continue
+        bns = [r for r in rule.selector.leaves(layers) if r.is_batchnorm]
+        for key, given in (
+            ("bn", rule.bn_class == "frozen-stats"),
+            ("synchronized", rule.synchronized is not None),
+        ):
+            if given and not bns:
+                where = rule.where or Where(plan.path, None)
+                raise PlanError(
+                    f"{where.at(key)}: the rule selects no BatchNormalization layer, so "
+                    f"{key} has nothing to change."
+                )
+        for record in bns:
+            if rule.bn_class is not None:
+                classes[record.path] = rule.bn_class
+            if rule.synchronized is not None:
+                synchronized[record.path] = rule.synchronized
+    order = [r.path for r in layers]
+    return BnConfig(
+        classes=tuple((p, classes[p]) for p in order if p in classes),
+        synchronized=tuple((p, synchronized[p]) for p in order if p in synchronized),
+    )
+
+
 @dataclass(frozen=True)
 class PlannedEdit:
     """A plan resolved against one model: the edit request it makes, and how many layers
@@ -237,5 +276,6 @@ def plan_edit_request(
         selection=selection,
         output=output,
         loading=Loading(optimizer_state=mode),
+        bn_config=resolve_bn_config(plan, walked.layers),
     )
     return PlannedEdit(plan=plan, matches=outcome.matches, request=request)

@@ -92,6 +92,21 @@ class Loading:
 
 
 @dataclass(frozen=True)
+class BnConfig:
+    """What an edit sets in BN layers' saved config besides their flags (a plan's
+    ``bn = "frozen-stats"`` and ``synchronized``; :mod:`bnfreeze.ops.bn_config`). Only the
+    config route carries it; the weights are kept as they are."""
+
+    #: (layer path, "frozen-stats" | "batchnorm"): the class each BN layer gets.
+    classes: tuple[tuple[str, str], ...] = ()
+    #: (layer path, value): the ``synchronized`` each BN layer gets.
+    synchronized: tuple[tuple[str, bool], ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.classes or self.synchronized)
+
+
+@dataclass(frozen=True)
 class EditRequest:
     """Everything one edit needs, as the user gave it; checked when made.
 
@@ -103,6 +118,7 @@ class EditRequest:
     selection: LayerSelection = LayerSelection()
     output: Output = Output()
     loading: Loading = Loading()
+    bn_config: BnConfig = BnConfig()
 
     def __post_init__(self) -> None:
         custom = self.loading.custom_objects

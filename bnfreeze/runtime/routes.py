@@ -25,6 +25,13 @@ def route_for(request: EditRequest) -> Route:
         return MemoryRoute()
     engine = request.loading.engine
     if engine is Engine.KERAS:
+        if request.bn_config:
+            from bnfreeze.errors import BnfreezeError
+
+            raise BnfreezeError(
+                "BN class and synchronized edits are written by the config route; "
+                "use --engine auto or config."
+            )
         return KerasRoute()
     return ConfigRoute(fallback=KerasRoute() if engine is Engine.AUTO else None)
 

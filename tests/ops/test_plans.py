@@ -306,7 +306,8 @@ def test_parse_sets():
         ),
         (
             '[[rule]]\ntrainable = true\nbn = "infer"\n',
-            'p.toml:3: rule 1, key \'bn\': \'infer\' is not one of "inference", "train", "follow".',
+            'p.toml:3: rule 1, key \'bn\': \'infer\' is not one of "inference", "train", "follow", '
+            '"frozen-stats".',
         ),
         (
             '\n[[rule]]\ntrainable = true\n\n[[rule]]\nregex = "(("\ntrainable = true\n',
@@ -326,7 +327,21 @@ def test_parse_sets():
         (
             '[[rule]]\nlayers = "x"\n',
             "p.toml:1: rule 1: the rule has no action: give trainable = true/false, bn = "
-            '"inference" | "train", or both.',
+            '"inference" | "train" | "frozen-stats", synchronized = true/false, or several.',
+        ),
+        (
+            '[[rule]]\nonly = "bn"\nsynchronized = "off"\n',
+            "p.toml:3: rule 1, key 'synchronized': must be true or false, not the string 'off'.",
+        ),
+        (
+            '[[rule]]\nonly = "non-bn"\nsynchronized = false\n',
+            "p.toml:3: rule 1, key 'synchronized': the rule selects only non-BN layers "
+            '(only = "non-bn"), so synchronized has no effect.',
+        ),
+        (
+            '[[rule]]\nonly = "non-bn"\nbn = "frozen-stats"\n',
+            "p.toml:3: rule 1, key 'bn': the rule selects only non-BN layers (only = \"non-bn\"), "
+            "so bn has no effect.",
         ),
         (
             '[[rule]]\nbn = "follow"\n',
@@ -383,7 +398,8 @@ def test_parse_sets():
         ),
         (
             '[[expect]]\nbn = "follow"\n',
-            'p.toml:2: expect 1, key \'bn\': an expectation\'s bn is "inference" or "train".',
+            "p.toml:2: expect 1, key 'bn': an expectation's bn is "
+            '"inference", "train" or "frozen-stats".',
         ),
         (
             "[[expect]]\nmin_training = true\n",
@@ -493,6 +509,7 @@ _KEYS = [
     "trains",
     "min_training",
     "max_training",
+    "synchronized",
     "schema",
     "block",
 ]
@@ -504,6 +521,7 @@ _VALUES = [
     '"inference"',
     '"train"',
     '"follow"',
+    '"frozen-stats"',
     '"bn"',
     '"non-bn"',
     '"*"',
@@ -702,4 +720,93 @@ def test_apply_refuses_a_plan_of_phases_only(samples, tmp_path):
     assert "the plan holds [[phase]] tables and no [[rule]]" in result.stderr
     assert "bnfreeze.finetune(model, PLAN, x, y)" in result.stderr
     assert result.stdout == ""
+    assert not out.exists()
+
+
+# ------------------------------------------- synchronized and bn = "frozen-stats" (fast)
+
+
+def test_frozen_stats_rule_trains_bn_and_changes_their_class(guide_layers):
+    from bnfreeze.ops.plans import resolve_bn_config
+
+    text = '[[rule]]\ntrainable = false\n\n[[rule]]\nonly = "bn"\nbn = "frozen-stats"\n'
+    plan = parse_plan(text, "p.toml")
+    flags = apply_rules(plan, guide_layers, current_flags(guide_layers)).flags
+    bn = {r.path for r in guide_layers if r.is_batchnorm}
+    assert {p for p in bn if flags[p] is not True} == set()
+    assert flags["mobilenetv2_0.35_32/Conv1"] is False
+    config = resolve_bn_config(plan, guide_layers)
+    assert dict(config.classes) == dict.fromkeys(bn, "frozen-stats")
+    assert config.synchronized == ()
+    assert plan.rules[1].describe() == "only=bn: bn=frozen-stats"
+
+
+def test_later_rules_win_for_class_and_synchronized(guide_layers):
+    from bnfreeze.ops.plans import resolve_bn_config
+
+    text = (
+        '[[rule]]\nonly = "bn"\nbn = "frozen-stats"\nsynchronized = true\n\n'
+        '[[rule]]\nlayers = "*bn_Conv1"\nbn = "inference"\nsynchronized = false\n'
+    )
+    config = resolve_bn_config(parse_plan(text, "p.toml"), guide_layers)
+    first = "mobilenetv2_0.35_32/bn_Conv1"
+    assert dict(config.classes)[first] == "batchnorm"
+    assert dict(config.synchronized)[first] is False
+    others = {p for p, c in config.classes if p != first}
+    assert others and all(dict(config.classes)[p] == "frozen-stats" for p in others)
+    assert all(dict(config.synchronized)[p] is True for p in others)
+
+
+def test_a_synchronized_rule_without_bn_layers_is_a_located_error(guide_layers):
+    from bnfreeze.ops.plans import resolve_bn_config
+
+    plan = parse_plan('[[rule]]\nlayers = "head"\nsynchronized = false\n', "p.toml")
+    with pytest.raises(PlanError) as info:
+        resolve_bn_config(plan, guide_layers)
+    assert str(info.value) == (
+        "p.toml:3: rule 1, key 'synchronized': the rule selects no BatchNormalization layer, "
+        "so synchronized has nothing to change."
+    )
+
+
+def test_an_expectation_of_frozen_stats_uses_the_shared_vocabulary():
+    plan = parse_plan('[[expect]]\nonly = "bn"\nbn = "frozen-stats"\n', "p.toml")
+    assert plan.expectations[0].kind is ExpectKind.BN_FROZEN_STATS
+
+
+def test_apply_sets_synchronized_in_place_config_only(samples, tmp_path):
+    import zipfile
+
+    from click.testing import CliRunner
+
+    from bnfreeze.cli import cli
+    from bnfreeze.ops.sync import set_synchronized_file
+
+    source = tmp_path / "sync.keras"
+    set_synchronized_file(samples / "sequential.keras", source, synchronized=True)
+    plan = tmp_path / "off.toml"
+    plan.write_text('[[rule]]\nonly = "bn"\nsynchronized = false\n')
+    before = zipfile.ZipFile(source).read("model.weights.h5")
+    args = ["apply", str(source), "--plan", str(plan), "--in-place"]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
+    with zipfile.ZipFile(source) as archive:
+        assert archive.read("model.weights.h5") == before
+        config = archive.read("config.json").decode()
+    assert '"synchronized": true' not in config
+    assert config.count('"synchronized": false') == 2
+
+
+def test_apply_frozen_stats_refuses_a_legacy_h5(samples, tmp_path):
+    from click.testing import CliRunner
+
+    from bnfreeze.cli import cli
+
+    plan = tmp_path / "f.toml"
+    plan.write_text('[[rule]]\nonly = "bn"\nbn = "frozen-stats"\n')
+    out = tmp_path / "out.h5"
+    args = ["apply", str(samples / "nested_legacy.h5"), "--plan", str(plan), "-o", str(out)]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 2
+    assert 'bn = "frozen-stats" rewrites .keras archives' in result.stderr
     assert not out.exists()
