@@ -565,14 +565,30 @@ def _phase_flags(model: Any, phase: Phase, label: str) -> tuple[Declaration, Any
     (their BN layers kept in inference for ``bn="inference"``)."""
     import glob
 
-    from bnfreeze.ops.phases import BnMode, declare
+    from bnfreeze.ops.frozen_stats import BnClass
+    from bnfreeze.ops.phases import BnMode, PhaseError, declare
+    from bnfreeze.runtime.frozen_stats import convert_live
 
     records = [s.layer for s in inspect(model).layers]
     declaration = declare(phase, label, records)
-    chosen = [glob.escape(r.path) for r in phase.chosen(records)]
+    picked = phase.chosen(records)
+    chosen = [glob.escape(r.path) for r in picked]
+    if any(r.is_batchnorm for r in records):
+        # Every phase starts from plain BatchNormalization: a frozen-stats phase's class
+        # change ends with it.
+        convert_live(model, BnClass.BATCHNORM)
     with warnings.catch_warnings():
         # compile() runs right after, with a new optimizer: the warning's advice is followed.
         warnings.simplefilter("ignore", RecompileWarning)
         freeze(model, train_bn=phase.bn is BnMode.TRAIN)
         unfreeze(model, layers=chosen, keep_bn_inference=phase.bn is BnMode.INFERENCE)
+    if phase.bn is BnMode.FROZEN_STATS:
+        selected_bn = [glob.escape(p) for p in sorted(declaration.bn_frozen_stats)]
+        if not selected_bn:
+            raise PhaseError(
+                f'{label}: bn = "frozen-stats" puts the BN layers the phase selects in '
+                "frozen-statistics mode, and it selects none."
+            )
+        convert_live(model, BnClass.FROZEN_STATS, layers=selected_bn)
+        records = [s.layer for s in inspect(model).layers]
     return declaration, records

@@ -46,6 +46,12 @@ class BnMode(enum.Enum):
     #: BN layers are like any other: those the phase selects train, the others run in
     #: inference mode.
     FLAGS = "flags"
+    #: The BN layers the phase selects run in frozen-statistics mode
+    #: (``FrozenStatsBatchNormalization``, as ``freeze --bn-frozen-stats``): they normalize
+    #: with their moving statistics in ``fit()``, never update them, and gamma/beta train.
+    #: The other BN layers run in inference mode. Every other phase gives them back the class
+    #: ``BatchNormalization``, so the mode never outlives its phase.
+    FROZEN_STATS = "frozen-stats"
 
 
 class OptimizerStateMode(enum.Enum):
@@ -83,10 +89,11 @@ class Phase:
 
     ``trains`` globs, ``up_to`` and ``from_`` choose the layers that train, as ``--layers``,
     ``--up-to`` and ``--from`` do (their intersection; none of them: every layer). ``bn``
-    is ``"inference"``, ``"train"`` or ``"flags"`` (:class:`BnMode`). ``learning_rate`` None
-    keeps the learning rate the model was compiled with. ``learning_rates`` maps globs to
-    rates for the layers they match (discriminative learning rates, e.g. ``{"block_1*": 1e-5,
-    "*": 1e-4}``); the first glob that matches a layer's path or name gives its rate, and the
+    is ``"inference"``, ``"train"``, ``"flags"`` or ``"frozen-stats"`` (:class:`BnMode`).
+    ``learning_rate`` None keeps the learning rate the model was compiled with.
+    ``learning_rates`` maps globs to rates for the layers they match (discriminative
+    learning rates, e.g. ``{"block_1*": 1e-5, "*": 1e-4}``); the first glob that matches a
+    layer's path or name gives its rate, and the
     layers no glob matches use ``learning_rate``.
     """
 
@@ -164,6 +171,8 @@ class Declaration:
     frozen: frozenset[str]  # leaves whose weights stay
     bn_train: frozenset[str]  # BN leaves that normalize with batch statistics
     bn_inference: frozenset[str]  # BN leaves that normalize with moving statistics
+    #: BN leaves in frozen-statistics mode: moving statistics, left unchanged, gamma/beta train.
+    bn_frozen_stats: frozenset[str] = frozenset()
 
     def expectations(self) -> tuple[Expectation, ...]:
         out = []
@@ -172,6 +181,11 @@ class Declaration:
             (ExpectKind.FROZEN, self.frozen, "declared frozen"),
             (ExpectKind.BN_TRAIN, self.bn_train, "BN declared in training mode"),
             (ExpectKind.BN_INFERENCE, self.bn_inference, "BN declared in inference mode"),
+            (
+                ExpectKind.BN_FROZEN_STATS,
+                self.bn_frozen_stats,
+                "BN declared in frozen-statistics mode",
+            ),
         ):
             if paths:
                 scope = PathScope(frozenset(paths), f"{self.phase}: {what}")
@@ -191,12 +205,14 @@ def declare(phase: Phase, label: str, layers: Sequence[LayerRecord]) -> Declarat
     else:
         trains = set(chosen)
     every = {r.path for r in leaves}
+    frozen_stats = bn & chosen if phase.bn is BnMode.FROZEN_STATS else set()
     return Declaration(
         phase=label,
         trains=frozenset(trains),
         frozen=frozenset(every - trains),
-        bn_train=frozenset(bn & trains),
+        bn_train=frozenset((bn & trains) - frozen_stats),
         bn_inference=frozenset(bn - trains),
+        bn_frozen_stats=frozenset(frozen_stats),
     )
 
 

@@ -37,7 +37,7 @@ def test_phase_normalizes_a_single_glob_and_a_rate_mapping():
         ({"epochs": True}, "phase: epochs must be a whole number >= 1, not True."),
         (
             {"epochs": 1, "bn": "frozen"},
-            "phase: bn 'frozen' is not one of 'inference', 'train', 'flags'.",
+            "phase: bn 'frozen' is not one of 'inference', 'train', 'flags', 'frozen-stats'.",
         ),
         ({"epochs": 1, "learning_rate": -1}, "phase: learning_rate must be a positive number"),
         ({"epochs": 1, "learning_rate": "1e-3"}, "phase: learning_rate must be a number, not str."),
@@ -81,11 +81,16 @@ def test_every_bn_mode_declares_what_trains(mode):
         BnMode.INFERENCE: {"head"},
         BnMode.TRAIN: {"head", "head_bn", "base/bn"},
         BnMode.FLAGS: {"head", "head_bn"},
+        BnMode.FROZEN_STATS: {"head", "head_bn"},
     }[mode]
+    frozen_stats = {"head_bn"} if mode is BnMode.FROZEN_STATS else set()
     assert d.trains == expected
     assert d.frozen == {"base/conv", "base/bn", "head", "head_bn"} - expected
-    assert d.bn_train == expected & {"base/bn", "head_bn"}
+    assert d.bn_train == (expected & {"base/bn", "head_bn"}) - frozen_stats
     assert d.bn_inference == {"base/bn", "head_bn"} - expected
+    assert d.bn_frozen_stats == frozen_stats
+    kinds = {e.kind.value for e in d.expectations()}
+    assert ("bn-frozen-stats" in kinds) is (mode is BnMode.FROZEN_STATS)
 
 
 def test_every_optimizer_state_mode_is_a_value():

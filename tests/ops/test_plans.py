@@ -687,7 +687,7 @@ def test_a_phase_table_parses_into_a_phase():
         (
             "epochs = 1\nbn = 'follow'",
             "p.toml:3: phase 1, key 'bn': 'follow' is not one of \"inference\", \"train\", "
-            '"flags".',
+            '"flags", "frozen-stats".',
         ),
         (
             "epochs = 1\nlearning_rate = -1",
@@ -810,3 +810,18 @@ def test_apply_frozen_stats_refuses_a_legacy_h5(samples, tmp_path):
     assert result.exit_code == 2
     assert 'bn = "frozen-stats" rewrites .keras archives' in result.stderr
     assert not out.exists()
+
+
+def test_a_frozen_stats_phase_declares_the_frozen_stats_expectation(guide_layers):
+    from bnfreeze.ops.phases import BnMode, declare
+
+    text = '[[phase]]\nfrom = "block_13_expand"\nepochs = 1\nbn = "frozen-stats"\n'
+    phase = parse_plan(text, "p.toml").phases[0]
+    assert phase.bn is BnMode.FROZEN_STATS
+    d = declare(phase, "phase 1", guide_layers)
+    chosen = {r.path for r in phase.chosen(guide_layers)}
+    bn = {r.path for r in guide_layers if r.is_batchnorm}
+    assert d.bn_frozen_stats == bn & chosen != set()
+    assert d.bn_frozen_stats <= d.trains
+    assert d.bn_inference == bn - chosen
+    assert not d.bn_train
