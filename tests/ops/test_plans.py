@@ -825,3 +825,77 @@ def test_a_frozen_stats_phase_declares_the_frozen_stats_expectation(guide_layers
     assert d.bn_frozen_stats <= d.trains
     assert d.bn_inference == bn - chosen
     assert not d.bn_train
+
+
+# ----------------------------------------------- the same plans and phases run in Keras
+
+
+@pytest.fixture(scope="module")
+def bn_cases(tmp_path_factory) -> dict:
+    """tests/support/plan_bn_cases.py on TensorFlow, in its own process (a tiny Dense+BN
+    model; about 15 s of CPU, most of it importing TensorFlow)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from paths import SUPPORT
+
+    work = tmp_path_factory.mktemp("plan_bn")
+    out = work / "results.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    script = SUPPORT / "plan_bn_cases.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "tensorflow", str(work), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
+def _bn_case(cases: dict, name: str) -> dict:
+    assert "error" not in cases[name], cases[name].get("error")
+    return cases[name]
+
+
+@pytest.mark.keras
+def test_a_synchronized_false_plan_rewrites_a_synchronized_file_at_identical_weights(bn_cases):
+    case = _bn_case(bn_cases, "synchronized_off")
+    assert case["weights_member_identical"] is True
+    assert case["saved_synchronized"] == {"bn1": False, "bn2": False}
+    assert case["loaded_synchronized"] == {"bn1": False, "bn2": False}
+    assert case["weights_equal_by_path"] is True
+
+
+@pytest.mark.keras
+def test_a_frozen_stats_plan_freezes_the_statistics_and_trains_gamma_beta(bn_cases):
+    case = _bn_case(bn_cases, "frozen_stats_plan")
+    assert case["weights_member_identical"] is True
+    assert case["classes"] == {"bn1": "batchnorm", "bn2": "frozen-stats"}
+    # One fit() batch, every variable compared by path: bn2's statistics stay bit-identical
+    # while its gamma and beta (and bn1's statistics, in training mode) move.
+    assert {"bn2/gamma", "bn2/beta", "bn1/moving_mean", "bn1/moving_variance"} <= set(case["moved"])
+    assert not {"bn2/moving_mean", "bn2/moving_variance"} & set(case["moved"])
+    # Keras computes bn2 with training=True: the output is normalized by moving statistics.
+    assert case["bn2_uses_moving_statistics"] is True
+
+
+@pytest.mark.keras
+def test_a_frozen_stats_phase_takes_the_inference_branch_and_does_not_leak(bn_cases):
+    case = _bn_case(bn_cases, "frozen_stats_phase")
+    every_bn = {"bn1": "frozen-stats", "bn2": "frozen-stats"}
+    plain = {"bn1": "batchnorm", "bn2": "batchnorm"}
+    assert case["classes"] == [plain, every_bn, plain]
+    phase2, phase3 = set(case["moved"][1]), set(case["moved"][2])
+    stats = {f"bn{i}/moving_{s}" for i in (1, 2) for s in ("mean", "variance")}
+    # Phase 2's first batch: statistics bit-identical, gamma/beta move.
+    assert not stats & phase2
+    assert {f"bn{i}/{w}" for i in (1, 2) for w in ("gamma", "beta")} <= phase2
+    # The guard recorded both BN layers normalizing with moving statistics, as declared.
+    assert case["guard_moving"] == case["declared"] == ["bn1", "bn2"]
+    assert case["problems"] == [[], [], []]
+    # Phase 3 (bn = "train"): plain BN again, its statistics update.
+    assert stats <= phase3
