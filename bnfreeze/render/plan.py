@@ -57,6 +57,7 @@ def rule_dict(number: int, match: RuleMatch) -> dict[str, Any]:
         "selects": rule.selector.describe(),
         "trainable": rule.trainable,
         "bn": rule.bn.value,
+        "synchronized": rule.synchronized,
         "selected": match.selected,
     }
 

@@ -342,6 +342,7 @@ def test_dry_run_writes_nothing_and_json_is_the_freeze_document(samples, tmp_pat
                 "selects": "every layer",
                 "trainable": True,
                 "bn": "follow",
+                "synchronized": None,
                 "selected": 4,
             },
             {
@@ -351,6 +352,7 @@ def test_dry_run_writes_nothing_and_json_is_the_freeze_document(samples, tmp_pat
                 "selects": "min_depth=1",
                 "trainable": False,
                 "bn": "follow",
+                "synchronized": None,
                 "selected": 2,
             },
         ],
