@@ -309,6 +309,7 @@ def _result(plan: ConfigPlan, dropped: int, size: int | None) -> EditResult:
         output=request.output.path if plan.writes else None,
         dry_run=request.output.dry_run,
         engine=Engine.CONFIG,
+        bn_config_changes=plan.bn_config_changes,
         selected=plan.selected,
         changes=plan.changes,
         report=report,

@@ -169,6 +169,9 @@ class EditResult:
     assignment: Assignment | None = field(default=None, repr=False)
     #: The config route's decision in full (remapped counts, why not remapped), when it made one.
     optimizer_plan: OptimizerPlan | None = field(default=None, repr=False)
+    #: BN layers whose class or ``synchronized`` the edit changed (a plan's ``bn =
+    #: "frozen-stats"`` or ``synchronized``: :class:`BnConfig`), besides ``changes``.
+    bn_config_changes: int = 0
 
     @property
     def changed(self) -> bool:

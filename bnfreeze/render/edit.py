@@ -55,15 +55,17 @@ def change_counts(result: EditResult) -> Text:
     or why nothing changed."""
     selected = len(result.selected)
     if not result.changes:
-        return Text(
-            f"No flag changed: the {selected} selected layer(s) already had these flags.",
-            style=STYLE_NONE,
-        )
+        line = f"No flag changed: the {selected} selected layer(s) already had these flags."
+        if result.bn_config_changes:
+            line += f" {_bn_config(result)}"
+        return Text(line, style=STYLE_NONE)
     bn = sum(1 for c in result.changes if c.is_batchnorm)
     # A dry run says so once, on stderr (status_line); here the verb carries it.
     verb = "would change" if result.dry_run else "changed"
     text = Text(f"{len(result.changes)} layer(s) {verb} ", style="bold")
     text.append(f"({bn} BN, {len(result.changes) - bn} other) of {selected} selected.")
+    if result.bn_config_changes:
+        text.append(f" {_bn_config(result)}")
     return text
 
 
@@ -96,9 +98,17 @@ def _written(result: EditResult) -> str:
     if result.output is None:
         return f"nothing changed; {result.source} was left as it was."
     size = _size(result.output_bytes or 0)
-    if not result.changes:
+    if not result.changes and not result.bn_config_changes:
         return f"wrote {result.output} ({size}), a copy of the input: no flag changed."
     return f"wrote {result.output} ({size}; input {_size(result.input_bytes)})."
+
+
+def _bn_config(result: EditResult) -> str:
+    verb = "would get" if result.dry_run else "got"
+    return (
+        f"{result.bn_config_changes} BN layer(s) {verb} a new class or synchronized value "
+        "(config only)."
+    )
 
 
 def optimizer_line(result: EditResult) -> str | None:

@@ -419,7 +419,7 @@ def test_malformed_plan_exits_2_naming_the_problem(guide, tmp_path):
     assert result.exit_code == 2
     assert result.stderr == (
         f"error: {plan}:3: rule 1, key 'bn': 'inferense' is not one of \"inference\", "
-        '"train", "follow".\n'
+        '"train", "follow", "frozen-stats".\n'
     )
 
 
