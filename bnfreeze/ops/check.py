@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 from bnfreeze.model.assignments import current_flags
 from bnfreeze.model.expectations import Expectation, Failure, evaluate, observed_from_states
-from bnfreeze.model.records import Report, Runtime, WarningCode
+from bnfreeze.model.records import LayerRecord, Report, Runtime, WarningCode
 from bnfreeze.model.selection import is_leaf
 from bnfreeze.ops.inspect import inspect_file
-from bnfreeze.ops.plans import Plan, apply_rules, flagless
+from bnfreeze.ops.plans import Plan, apply_rules, flagless, resolve_bn_config
 
 #: The warning codes ``--strict`` turns into failures.
 STRICT_CODES = (
@@ -162,9 +162,32 @@ def _plan_flags(plan: Plan, report: Report) -> Outcome:
         for r in layers
         if is_leaf(r) and before.get(r.path) != after.get(r.path)
     )
+    by_path = {r.path: r for r in layers}
+    bn_config = resolve_bn_config(plan, layers)
+    classes = tuple(
+        Failure("plan flags", path, f"bn={want}", f"bn={_bn_class(by_path[path])}")
+        for path, want in bn_config.classes
+        if _bn_class(by_path[path]) != want
+    )
+    synchronized = tuple(
+        Failure(
+            "plan flags",
+            path,
+            f"synchronized={want}",
+            f"synchronized={by_path[path].synchronized}",
+        )
+        for path, want in bn_config.synchronized
+        if by_path[path].synchronized != want
+    )
     return Outcome(
         name="plan flags",
         source=plan.path,
-        description="every layer's trainable flag is what the plan's rules set",
-        failures=failures,
+        description="every layer's trainable flag (and BN class and synchronized value) is "
+        "what the plan's rules set",
+        failures=failures + classes + synchronized,
     )
+
+
+def _bn_class(record: LayerRecord) -> str:
+    """A BN layer's class in a plan's words: "frozen-stats" or "batchnorm"."""
+    return "frozen-stats" if record.frozen_stats else "batchnorm"

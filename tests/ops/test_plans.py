@@ -797,6 +797,33 @@ def test_apply_sets_synchronized_in_place_config_only(samples, tmp_path):
     assert config.count('"synchronized": false') == 2
 
 
+def test_check_plan_compares_bn_class_and_synchronized(samples, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from bnfreeze.cli import cli
+
+    plan = tmp_path / "f.toml"
+    plan.write_text('[[rule]]\nonly = "bn"\nbn = "frozen-stats"\nsynchronized = false\n')
+    source = str(samples / "sequential.keras")
+    before = CliRunner().invoke(cli, ["check", source, "--plan", str(plan), "--json"])
+    assert before.exit_code == 1
+    out = tmp_path / "out.keras"
+    applied = CliRunner().invoke(cli, ["apply", source, "--plan", str(plan), "-o", str(out)])
+    assert applied.exit_code == 0, applied.stderr
+    after = CliRunner().invoke(cli, ["check", str(out), "--plan", str(plan)])
+    assert after.exit_code == 0, after.stdout
+    failing = [
+        (f["path"], f["expected"], f["actual"]) for f in json.loads(before.stdout)["failures"]
+    ]
+    assert failing == [
+        ("bn_2", "trainable=True", "trainable=False"),
+        ("bn_1", "bn=frozen-stats", "bn=batchnorm"),
+        ("bn_2", "bn=frozen-stats", "bn=batchnorm"),
+    ]
+
+
 def test_apply_frozen_stats_refuses_a_legacy_h5(samples, tmp_path):
     from click.testing import CliRunner
 
