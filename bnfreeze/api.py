@@ -573,7 +573,7 @@ def _phase_flags(model: Any, phase: Phase, label: str) -> tuple[Declaration, Any
     declaration = declare(phase, label, records)
     picked = phase.chosen(records)
     chosen = [glob.escape(r.path) for r in picked]
-    if any(r.is_batchnorm for r in records):
+    if any(r.frozen_stats for r in records):
         # Every phase starts from plain BatchNormalization: a frozen-stats phase's class
         # change ends with it.
         convert_live(model, BnClass.BATCHNORM)
