@@ -63,9 +63,9 @@ def run_hidden(hidden: str, *args: str, env: dict[str, str] | None = None, cwd: 
 # -------------------------------------------------------------------------- dependency sets
 
 
-#: What ``pip install .`` installs: what inspect/freeze/apply/check/diff need, no Keras. isal
-#: gives freeze a CRC-32 of every copied byte at copy speed (docs/guarantees.md).
-CORE = {"click", "rich", "numpy", "h5py", "isal"}
+#: What ``pip install .`` installs: what inspect/freeze/apply/check/diff need, no Keras. The
+#: ``fast`` extra adds isal, a faster CRC-32 for the copy check (docs/guarantees.md).
+CORE = {"click", "rich", "numpy", "h5py"}
 
 
 def test_core_dependencies_are_the_file_libraries():
@@ -80,6 +80,7 @@ def test_core_dependencies_are_the_file_libraries():
         ("jax", {"keras", "jax"}),
         ("torch", {"keras", "torch"}),
         ("keras", {"keras"}),
+        ("fast", {"isal"}),
     ],
 )
 def test_runtime_extras(extra, names):

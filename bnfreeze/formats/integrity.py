@@ -31,7 +31,7 @@ from bnfreeze.limits import INFLATE_PIECE
 
 try:  # ISA-L: the same CRC-32, 5x faster
     from isal.isal_zlib import crc32 as _crc32
-except ImportError:  # pragma: no cover - isal is a dependency; zlib when it is missing
+except ImportError:  # the fast extra is not installed: zlib's CRC-32, the same check
     from zlib import crc32 as _crc32
 
 crc32: Callable[..., int] = _crc32
