@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import click
 
-from bnfreeze.commands.support import MODEL_PATH, is_quiet, note, quiet_option
+from bnfreeze.commands.support import MODEL_PATH, is_quiet, note, quiet_option, stderr_width
+from bnfreeze.render.findings import warning_text
 
 
 @click.command("sync-bn")
@@ -59,7 +60,7 @@ def sync_bn(
         click.echo(line)
     if not is_quiet():
         for warning in result.warnings:
-            click.echo(f"warning: {warning}", err=True)
+            click.echo(warning_text(warning, stderr_width()), err=True)
 
 
 def verify_replicas(
@@ -79,7 +80,7 @@ def verify_replicas(
         click.echo(line)
     if not is_quiet():
         for problem in report.problems:
-            click.echo(f"warning: {problem}", err=True)
+            click.echo(warning_text(problem, stderr_width()), err=True)
 
 
 def explain_replicas(replicas: int, as_json: bool) -> None:

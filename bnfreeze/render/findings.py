@@ -45,6 +45,13 @@ def warning_lines(findings: Iterable[Finding], width: int | None = None) -> list
     return [_wrap(line, width) for line in lines]
 
 
+def warning_text(message: str, width: int | None = None) -> str:
+    """One warning that is not a :class:`Finding` (a measured report's problem), prefixed and
+    wrapped like :func:`warning_lines`."""
+    line = PREFIX + message
+    return line if width is None else _wrap(line, width)
+
+
 def _wrap(line: str, width: int) -> str:
     return textwrap.fill(
         line,

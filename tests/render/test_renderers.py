@@ -366,3 +366,14 @@ def test_change_table_layout():
     assert wide.splitlines()[2] == "backbone/block0_bn   BatchNormalization  True → False"
     narrow = render(table.Trimmed(fast), 40)
     assert narrow.splitlines()[2] == "backbone/block0_bn   BN     True → False"
+
+
+def test_a_measured_problem_is_wrapped_like_a_finding_at_80_columns():
+    from bnfreeze.render.findings import PREFIX, warning_text
+
+    message = "1 training-mode BatchNormalization layer normalized over 2 samples, " * 3
+    wrapped = warning_text(message.strip(), 80).splitlines()
+    assert len(wrapped) > 1 and all(len(line) <= 80 for line in wrapped)
+    assert wrapped[0].startswith(PREFIX)
+    assert all(line.startswith(" " * len(PREFIX)) for line in wrapped[1:])
+    assert warning_text("short", None) == PREFIX + "short"

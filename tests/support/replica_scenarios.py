@@ -27,7 +27,8 @@ BACKEND = "jax" if ENGINE == "data-parallel" else "tensorflow"
 os.environ["KERAS_BACKEND"] = BACKEND
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 if BACKEND == "jax":
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    flags = os.environ.get("XLA_FLAGS", "")  # the suite's compile flags (tests/conftest.py)
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=2".strip()
 elif ENGINE == "mirrored":
     import tensorflow as tf
 
