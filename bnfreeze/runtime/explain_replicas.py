@@ -15,7 +15,6 @@ because simulated devices must be set before the backend starts.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -154,21 +153,13 @@ def _report(doc: dict[str, Any], replicas: int) -> ExplainReplicasReport:
 
 
 def _child(replicas: int) -> dict[str, Any]:
+    from bnfreeze.runtime.replicas_run import UnsupportedBackend, simulate_devices
+
     backend = os.environ.get("KERAS_BACKEND", "tensorflow")
-    strategy = None
-    if backend == "jax":
-        os.environ["XLA_FLAGS"] = (
-            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={replicas}"
-        ).strip()
-    elif backend == "tensorflow":
-        tf = importlib.import_module("tensorflow")
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration()] * replicas
-        )
-        strategy = tf.distribute.MirroredStrategy()
-    else:
-        raise ExplainReplicasError(f"--replicas runs on TensorFlow or JAX, not {backend}.")
+    try:
+        strategy = simulate_devices(backend, replicas)
+    except UnsupportedBackend as error:
+        raise ExplainReplicasError(str(error)) from None
     import keras
     import numpy as np
 

@@ -124,23 +124,35 @@ def report_from_dict(doc: dict[str, Any]) -> ReplicaReport:
     )
 
 
-def _child(path: str, replicas: int, batch_size: int, min_samples: int) -> dict[str, Any]:
-    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
-    strategy = None
+class UnsupportedBackend(BnfreezeError):
+    """--replicas simulates devices on TensorFlow and JAX only."""
+
+
+def simulate_devices(backend: str, replicas: int) -> Any:
+    """Give this fresh process ``replicas`` simulated CPU devices, before Keras starts: JAX's
+    forced host platform device count (returns None), or TensorFlow logical devices and the
+    ``MirroredStrategy`` over them (returned)."""
     if backend == "jax":
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={replicas}"
         ).strip()
-    elif backend == "tensorflow":
+        return None
+    if backend == "tensorflow":
         tf = importlib.import_module("tensorflow")
-
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration()] * replicas
         )
-        strategy = tf.distribute.MirroredStrategy()
-    else:
-        return {"error": f"--replicas runs on TensorFlow or JAX, not {backend}."}
+        return tf.distribute.MirroredStrategy()
+    raise UnsupportedBackend(f"--replicas runs on TensorFlow or JAX, not {backend}.")
+
+
+def _child(path: str, replicas: int, batch_size: int, min_samples: int) -> dict[str, Any]:
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    try:
+        strategy = simulate_devices(backend, replicas)
+    except UnsupportedBackend as error:
+        return {"error": str(error)}
     import warnings
 
     import keras
