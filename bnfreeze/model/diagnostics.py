@@ -72,12 +72,17 @@ def _reload_trains(states: tuple[LayerState, ...], owners: Sequence[Owner]) -> l
     file is loaded. The count is the count of the rows below it that take the batch branch:
     rows asked of Keras (``source=KERAS``: the flags the loaded layers carry) or rows found in
     the weights, predicted by the rule "Keras rebuilds them in ``__init__``, each with
-    ``trainable=True``" (on Keras 3 only a layer's own flag counts)."""
+    ``trainable=True``" (on Keras 3 only a layer's own flag counts). A frozen owner inside
+    one already warned about (a task's backbone's wrapped encoder) adds no second warning: its
+    BN rows are counted in the outer one's."""
     findings = []
-    for owner in owners:
+    warned: list[str] = []
+    for owner in owners:  # a container before the owners inside it (code_built.owners)
         if owner.trainable:
             continue
         prefix = owner.path + "/" if owner.path else ""
+        if any(not w or owner.path.startswith(w + "/") for w in warned):
+            continue
         below = [
             s
             for s in states
@@ -86,6 +91,7 @@ def _reload_trains(states: tuple[LayerState, ...], owners: Sequence[Owner]) -> l
         training = [s for s in below if s.in_fit.normalizes_with is Normalization.BATCH]
         if not training:
             continue
+        warned.append(owner.path)
         what = owner.path or "The model"
         if any(s.layer.from_keras for s in below):
             how = (

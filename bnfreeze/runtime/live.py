@@ -34,6 +34,7 @@ from bnfreeze.model.records import (
 from bnfreeze.model.walk import walk
 from bnfreeze.runtime import environment
 from bnfreeze.runtime.branches import is_frozen_stats_layer
+from bnfreeze.runtime.measure import graph_layers, held_layers
 
 _BUILTIN_PREFIXES = ("keras", "tf_keras", "tensorflow")
 
@@ -58,13 +59,14 @@ def _is_builtin(obj: Any) -> bool:
 def children(layer: Any) -> list[Any]:
     """The layers directly below ``layer`` in bnfreeze's path scheme.
 
-    A model's ``layers``; a wrapper's wrapped layer(s); the sublayers of a custom layer. A
-    built-in layer made of sublayers (``MultiHeadAttention``, say) is one leaf, as in the
-    saved config.
+    A model's ``layers``, then the layers with variables it holds outside its graph
+    (:func:`bnfreeze.runtime.measure.held_layers`: a keras-hub backbone's wrapped encoder);
+    a wrapper's wrapped layer(s); the sublayers of a custom layer. A built-in layer made of
+    sublayers (``MultiHeadAttention``, say) is one leaf, as in the saved config.
     """
     keras = _keras_of(layer)
     if isinstance(layer, keras.Model):
-        return list(layer.layers)
+        return list(layer.layers) + held_layers(keras, layer)
     inner = [
         getattr(layer, attr)
         for attr in ("forward_layer", "backward_layer")
@@ -78,22 +80,32 @@ def children(layer: Any) -> list[Any]:
 
 
 def live_layers(model: Any) -> dict[str, Any]:
-    """Every layer below ``model``, by path, in model order."""
+    """Every layer below ``model``, by path, in model order. A layer a model holds outside
+    its graph comes after the graph's layers, once, and only when no graph reaches it (a
+    layer that one does keeps its path there)."""
     out: dict[str, Any] = {}
+    keras = _keras_of(model)
+    graph = graph_layers(keras, model, children)
+    placed: set[int] = set()
 
-    def visit(layer: Any, prefix: str, depth: int) -> None:
+    def visit(layer: Any, prefix: str, depth: int, held: bool) -> None:
         if depth > 64:
             raise ModelFormatError("the model nests layers more than 64 deep.")
+        listed = {id(c) for c in layer.layers} if isinstance(layer, keras.Model) else None
         for child in children(layer):
+            inside = held or (listed is not None and id(child) not in listed)
+            if inside and (id(child) in graph or id(child) in placed):
+                continue
+            placed.add(id(child))
             path = prefix + child.name
             if path in out:
                 raise ModelFormatError(
                     f"two layers share the path {path!r}; bnfreeze cannot address them apart."
                 )
             out[path] = child
-            visit(child, path + "/", depth + 1)
+            visit(child, path + "/", depth + 1, inside)
 
-    visit(model, "", 0)
+    visit(model, "", 0, False)
     return out
 
 

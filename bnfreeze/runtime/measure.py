@@ -8,6 +8,7 @@ recorded during it (:class:`~bnfreeze.runtime.branches.BranchRecorder`) (:func:`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from bnfreeze.errors import DataError
@@ -32,10 +33,12 @@ DEFAULT_LEARNING_RATE = 0.01
 
 
 def layer_children(keras: Any, layer: Any) -> list[Any]:
-    """The layers bnfreeze's walk descends into: a nested model's layers, a wrapper's inner
-    layer(s) (``Bidirectional.forward_layer``/``backward_layer``, else ``.layer``)."""
+    """The layers bnfreeze's walk descends into: a nested model's layers, then the layers
+    with variables it holds as attributes outside its graph (:func:`held_layers`); a
+    wrapper's inner layer(s) (``Bidirectional.forward_layer``/``backward_layer``, else
+    ``.layer``)."""
     if isinstance(layer, keras.Model):
-        return list(layer.layers)
+        return list(layer.layers) + held_layers(keras, layer)
     children = [
         inner
         for attr in ("forward_layer", "backward_layer")
@@ -46,23 +49,80 @@ def layer_children(keras: Any, layer: Any) -> list[Any]:
     return children
 
 
+def held_layers(keras: Any, model: Any) -> list[Any]:
+    """The layers with variables that ``model`` holds as attributes but its graph does not
+    call, so ``model.layers`` does not list them.
+
+    keras-hub backbones keep the model they wrap (``self.image_encoder = image_encoder``) and
+    call only a ``keras.Model`` cut from it at the feature levels they use: a ResNet's
+    ``post_bn`` under ``DeepLabV3Backbone``, a ResNet stage above ``max_level`` under
+    ``RetinaNetBackbone``. Keras tracks them all the same: it saves their variables (under the
+    attribute's name, ``image_encoder/layers/...``), hands their trainable ones to the
+    optimizer, and gives them back ``trainable=True`` on load; so a flag edit must reach them.
+    Only a layer with a variable the graph's layers do not hold is one: the wrapped encoder
+    whose every layer the graph calls adds nothing, and a layer without variables (an anchor
+    generator, say) has no flag that decides anything. Walks that use this skip the layers
+    below a held one that a graph already reaches (:func:`layer_paths`)."""
+    if not isinstance(model, keras.Model):
+        return []
+    listed = {id(child) for child in model.layers}
+    try:
+        tracked = list(model._flatten_layers(include_self=False, recursive=False))
+    except (AttributeError, TypeError):
+        return []
+    held = [child for child in tracked if id(child) not in listed and child.weights]
+    if not held:
+        return []
+    in_graph = {id(v) for child in model.layers for v in child.weights}
+    return [child for child in held if any(id(v) not in in_graph for v in child.weights)]
+
+
+def graph_layers(
+    keras: Any, model: Any, children: Callable[[Any], list[Any]] | None = None
+) -> set[int]:
+    """The ids of every layer reached through layer lists alone: a model's ``layers``, and
+    for any other layer ``children(layer)`` (default :func:`layer_children`); no
+    :func:`held_layers`."""
+    below = children if children is not None else lambda layer: layer_children(keras, layer)
+    reached: set[int] = set()
+
+    def visit(layer: Any) -> None:
+        graph = isinstance(layer, keras.Model)
+        for child in list(layer.layers) if graph else below(layer):
+            if id(child) not in reached:
+                reached.add(id(child))
+                visit(child)
+
+    visit(model)
+    return reached
+
+
 def layer_paths(keras: Any, model: Any) -> dict[str, tuple[Any, bool]]:
     """Every layer below ``model`` by path (names joined by "/"), in model order, with
     whether the file's layer list shows it. BN layers hidden inside a custom layer's Python
-    code get a path below that layer and ``False``."""
+    code get a path below that layer and ``False``. Layers a model holds outside its graph
+    (:func:`held_layers`) come after its graph's, each layer once: one that a graph reaches
+    keeps its path there."""
     out: dict[str, tuple[Any, bool]] = {}
+    graph = graph_layers(keras, model)
+    placed: set[int] = set()
 
-    def visit(layer: Any, prefix: str) -> None:
+    def visit(layer: Any, prefix: str, held: bool) -> None:
+        listed = {id(c) for c in layer.layers} if isinstance(layer, keras.Model) else None
         for child in layer_children(keras, layer):
+            inside = held or (listed is not None and id(child) not in listed)
+            if inside and (id(child) in graph or id(child) in placed):
+                continue
+            placed.add(id(child))
             path = prefix + child.name
             out.setdefault(path, (child, True))
             if layer_children(keras, child):
-                visit(child, path + "/")
+                visit(child, path + "/", inside)
             elif not isinstance(child, keras.layers.BatchNormalization):
                 for inner in _hidden_batchnorm(keras, child):
                     out.setdefault(f"{path}/{inner.name}", (inner, False))
 
-    visit(model, "")
+    visit(model, "", False)
     return out
 
 

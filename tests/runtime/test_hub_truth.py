@@ -76,6 +76,22 @@ def test_inspect_and_verify_agree_with_one_fit_step(
     assert row["inspect_inference"] == row["measured_moving"]
 
 
+@pytest.mark.parametrize("name", ["frozen/deeplabv3.keras", "frozen/retinanet.keras"])
+def test_bn_inference_reaches_every_bn(measured: dict[str, dict[str, Any]], name: str) -> None:
+    """``freeze --bn-inference`` (DeepLabV3 through the CLI, RetinaNet through
+    ``bnfreeze.freeze``), reloaded with ``bnfreeze.load_model``: every BN the model tracks
+    reads ``trainable=False``, including those its backbone holds outside its graph (the
+    ResNet ``post_bn`` under DeepLabV3, the P5 stage under RetinaNet: main left them
+    trainable); one fit() step: no BN takes the batch branch, and no gamma/beta or statistics
+    is trained or moves."""
+    row = measured[name]
+    assert row["bn_trainable"] == []
+    assert len(row["measured_bn"]) == row["bn_instances"]
+    assert row["called"] > 0
+    assert row["batch_branch"] == []
+    assert row["moved"] == []
+
+
 def test_hgnetv2_keeps_its_flags_after_reload(measured: dict[str, dict[str, Any]]) -> None:
     """The rule "code-built layers come back trainable" is wrong here (main said 13 train)."""
     row = measured["hgnetv2.keras"]
@@ -95,13 +111,28 @@ def test_reload_trap_counts_are_row_counts(measured: dict[str, dict[str, Any]], 
 
 def test_retinanet_verify_reports_uncalled_bn(measured: dict[str, dict[str, Any]]) -> None:
     """RetinaNet's compile config has no plain ``loss`` (main: exit 3, KeyError 'loss'); its
-    FPN output norms are never called in fit(): reported as such, not compared."""
+    FPN output norms, and the P5 stage of its ResNet (held by the backbone, above
+    ``max_level``), are never called in fit(): reported as such, not compared."""
     row = measured["retinanet.keras"]
     assert row["exit_code"] == 0
-    assert sorted(p.rsplit("/", 1)[-1] for p in row["bn_not_called"]) == [
-        "output_norm_P3",
-        "output_norm_P4",
+    assert sorted(row["bn_not_called"]) == [
+        "retina_net_backbone/fpn/output_norm_P3",
+        "retina_net_backbone/fpn/output_norm_P4",
+        "retina_net_backbone/res_net_backbone_1/stack3_block0_0_bn",
+        "retina_net_backbone/res_net_backbone_1/stack3_block0_1_bn",
+        "retina_net_backbone/res_net_backbone_1/stack3_block0_2_bn",
     ]
+
+
+def test_deeplabv3_post_bn_is_a_row_never_called(measured: dict[str, dict[str, Any]]) -> None:
+    """The ResNet ``post_bn`` under DeepLabV3 (held by the backbone, after the pyramid outputs
+    it calls) is a row of inspect and a measured layer of verify (main had neither), never
+    called in fit()."""
+    for name, prefix in [("deeplabv3.keras", "deep_lab_v3_backbone/"), ("deeplabv3_preset", "")]:
+        row = measured[name]
+        post_bn = f"{prefix}res_net_backbone/post_bn"
+        assert post_bn in row["inspect_bn"] and post_bn in row["measured_bn"]
+        assert row["bn_not_called"] == [post_bn]
 
 
 def test_momentum_one_statistics_never_move(measured: dict[str, dict[str, Any]]) -> None:

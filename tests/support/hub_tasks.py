@@ -24,14 +24,17 @@ SMALL = (32, 32, 3)
 DETECTOR = (64, 64, 3)
 
 
-def _resnet(hub: Any, shape: tuple[int, int, int]) -> Any:
+def _resnet(
+    hub: Any, shape: tuple[int, int, int], *, stacks: int = 3, pre_activation: bool = False
+) -> Any:
     return hub.models.ResNetBackbone(
         input_conv_filters=[64],
         input_conv_kernel_sizes=[3],
-        stackwise_num_filters=[64, 8, 8],
-        stackwise_num_blocks=[1, 1, 1],
-        stackwise_num_strides=[1, 2, 2],
+        stackwise_num_filters=[64, 8, 8, 8][:stacks],
+        stackwise_num_blocks=[1] * stacks,
+        stackwise_num_strides=[1, 2, 2, 2][:stacks],
         block_type="basic_block",
+        use_pre_activation=pre_activation,
         image_shape=shape,
     )
 
@@ -53,9 +56,10 @@ def hgnetv2(hub: Any) -> Any:
 
 
 def deeplabv3(hub: Any) -> Any:
-    # A ResNet backbone inside the DeepLabV3 backbone.
+    # A ResNet backbone inside the DeepLabV3 backbone; pre-activation (ResNetV2), so its last
+    # BN, ``post_bn``, comes after the pyramid outputs DeepLabV3 calls: held, never called.
     backbone = hub.models.DeepLabV3Backbone(
-        image_encoder=_resnet(hub, SMALL),
+        image_encoder=_resnet(hub, SMALL, pre_activation=True),
         spatial_pyramid_pooling_key="P3",
         upsampling_size=2,
         dilation_rates=[1, 2],
@@ -67,8 +71,10 @@ def deeplabv3(hub: Any) -> Any:
 
 
 def retinanet(hub: Any) -> Any:
+    # Four ResNet stages (P2-P5) under max_level=4: the P5 stage's three BN are held by the
+    # backbone (``image_encoder``) and never called.
     backbone = hub.models.RetinaNetBackbone(
-        image_encoder=_resnet(hub, DETECTOR),
+        image_encoder=_resnet(hub, DETECTOR, stacks=4),
         min_level=3,
         max_level=4,
         use_p5=False,
@@ -131,9 +137,33 @@ def build(out: Path) -> None:
             # HGNetV2's preset folder loads as the backbone alone, whose outputs verify's
             # synthetic targets do not fit yet.
             task.save_to_preset(os.fspath(out / f"{name}_preset"))
+    bn_inference(out)
     still_statistics(out)
     custom_blocks(out)
     old_keras(out)
+
+
+#: The ``freeze --bn-inference`` outputs, by input: through the CLI and through the Python API.
+FROZEN = {"deeplabv3": "cli", "retinanet": "api"}
+
+
+def bn_inference(out: Path) -> None:
+    """``freeze --bn-inference`` of the saved tasks whose backbones hold layers outside their
+    graph, into ``OUT/frozen/``, once through the CLI and once through ``bnfreeze.freeze``."""
+    from click.testing import CliRunner
+
+    import bnfreeze
+    from bnfreeze.cli import cli
+
+    (out / "frozen").mkdir()
+    for name, how in FROZEN.items():
+        source, output = out / f"{name}.keras", out / "frozen" / f"{name}.keras"
+        if how == "cli":
+            args = ["freeze", str(source), "--bn-inference", "-q", "-o", str(output)]
+            result = CliRunner().invoke(cli, args, catch_exceptions=False)
+            assert result.exit_code == 0, result.output
+        else:
+            bnfreeze.freeze(source, bn_inference=True, output=output)
 
 
 def still_statistics(out: Path) -> None:
@@ -303,6 +333,50 @@ def measure(out: Path) -> None:
             ],
             "layers_train": sum(1 for s in inspected.layers if s.in_fit.trains_weights),
             "inspect_updates": sum(1 for s in inspected.batchnorm if s.in_fit.updates_moving_stats),
+        }
+        print(json.dumps(row), flush=True)
+    measure_frozen(out)
+
+
+def measure_frozen(out: Path) -> None:
+    """For each ``freeze --bn-inference`` output: load it with ``bnfreeze.load_model`` and
+    measure one training step with the branch of every BN recorded; every BN instance the
+    model tracks (``_flatten_layers``, attribute-held ones too) is counted, so one the
+    measurement does not reach shows up."""
+    import keras
+
+    import bnfreeze
+    from bnfreeze.formats.readers import read_model
+    from bnfreeze.runtime import environment
+    from bnfreeze.runtime.batches import SYNTHETIC_SEED, build_batches
+    from bnfreeze.runtime.measure import measure
+
+    for path in sorted((out / "frozen").glob("*.keras")):
+        with environment.quiet():
+            model = bnfreeze.load_model(path)
+            config = read_model(path, weights=False).config
+            batches = build_batches(keras, model, None, None, 1, 2, SYNTHETIC_SEED, config)
+            measured, _ = measure(keras, model, batches, 1, 2, None)
+        every = {
+            id(layer): layer
+            for layer in model._flatten_layers(include_self=False)
+            if isinstance(layer, keras.layers.BatchNormalization)
+        }
+        bn = [m for m in measured if m.is_batchnorm]
+        row = {
+            "file": f"frozen/{path.name}",
+            "bn_instances": len(every),
+            "bn_trainable": sorted(layer.name for layer in every.values() if layer.trainable),
+            "measured_bn": sorted(m.path for m in bn),
+            "called": sum(1 for m in bn if m.called),
+            "batch_branch": sorted(
+                m.path for m in bn if m.branch is not None and m.branch.value == "batch"
+            ),
+            "moved": sorted(
+                f"{m.path} {m.gamma_beta.value} {m.moving_stats.value}"
+                for m in bn
+                if {m.gamma_beta.value, m.moving_stats.value} - {"unchanged", "none"}
+            ),
         }
         print(json.dumps(row), flush=True)
 
