@@ -285,7 +285,7 @@ def _output_shapes(model: Any, x: Any) -> list[tuple[int, ...]]:
 
     out = model(x, training=False)
     flat = (
-        list(out.values())
+        [out[key] for key in sorted(out)]  # model.outputs' order (keras.tree.flatten)
         if isinstance(out, dict)
         else (list(out) if isinstance(out, list | tuple) else [out])
     )
@@ -301,9 +301,12 @@ def _batch_of(x: Any) -> int:
 
 
 def pack(model: Any, arrays: list[Any]) -> Any:
+    """One target per output, in ``model.outputs``' order, in the structure the model
+    returns. A dict of outputs (a keras-hub backbone's feature maps) is flattened by Keras with
+    its keys sorted (``keras.tree.flatten``), not in the order the dict was built."""
     struct = getattr(model, "_outputs_struct", None)
     if isinstance(struct, dict):
-        return dict(zip(struct.keys(), arrays, strict=True))
+        return dict(zip(sorted(struct), arrays, strict=True))
     return arrays[0] if len(arrays) == 1 else list(arrays)
 
 
