@@ -52,6 +52,7 @@ def find(
         findings += _call_site_training(states)
     findings += _bn_under_frozen_container(states, by_path, runtime)
     findings += _unknown_layers(states)
+    findings += _not_called(states)
     findings += frozen_stats.findings(states)
     if model is not None:
         if runtime is Runtime.KERAS3:
@@ -235,6 +236,22 @@ def _bn_under_frozen_container(
     return findings
 
 
+def _not_called(states: tuple[LayerState, ...]) -> list[Finding]:
+    """BN rows asked of Keras that the loaded model's forward pass never calls."""
+    return [
+        Finding(
+            WarningCode.BN_NOT_CALLED,
+            s.layer.path,
+            f"{s.layer.path} is held by the model but never called: a forward call of the "
+            "model Keras loaded (training=True, as in fit()) did not call it. In fit() it "
+            "takes no branch and its statistics never move, whatever its flag; it is not "
+            "counted as training or inference.",
+        )
+        for s in states
+        if s.layer.is_batchnorm and s.layer.called_in_fit is False
+    ]
+
+
 def _unknown_layers(states: tuple[LayerState, ...]) -> list[Finding]:
     wrapped = [
         Finding(
@@ -333,6 +350,8 @@ def _untrained_statistics(
                 # fit() fills its moving statistics. It goes wrong only once it is frozen,
                 # and then the result of that edit says so.
                 continue
+            if by_path[path].layer.called_in_fit is False:
+                continue  # never called: not an identity in anything fit() computes
             findings.append(
                 Finding(
                     WarningCode.UNTRAINED_BN_STATISTICS,

@@ -420,10 +420,14 @@ def resolve(
 def _still_statistics(record: LayerRecord, behaviour: FitBehaviour) -> FitBehaviour:
     """A BN with ``momentum=1.0`` takes the batch branch in training mode, but its update
     ``moving = moving * momentum + batch * (1 - momentum)`` leaves the moving statistics
-    bit-identical (measured, docs/semantics.md): they never move."""
+    bit-identical (measured, docs/semantics.md): they never move. A BN the model never calls
+    (:attr:`LayerRecord.called_in_fit` False) takes no branch and updates nothing."""
     if record.call_decided_by is not None and record.is_batchnorm:
         # Called by a custom wrapper's call(): the training it passes is its code's choice.
         return replace(behaviour, normalizes_with=None, updates_moving_stats=None)
+    if record.called_in_fit is False and record.is_batchnorm:
+        # Never called by the model's forward pass: no branch, nothing updated.
+        return replace(behaviour, normalizes_with=None, updates_moving_stats=False)
     if record.momentum == 1.0 and behaviour.updates_moving_stats:
         return replace(behaviour, updates_moving_stats=False)
     return behaviour

@@ -94,6 +94,9 @@ class WarningCode(enum.StrEnum):
     SYNCHRONIZED_BN = "synchronized-bn"
     #: Keras could not be asked how a code-built model loads: its rows are predicted by rule.
     PREDICTED_BY_RULE = "predicted-by-rule"
+    #: A BN the loaded model holds but its forward pass never calls (asked of Keras): no
+    #: branch in fit(), statistics never move.
+    BN_NOT_CALLED = "bn-not-called"
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,10 @@ class LayerRecord:
     #: The path of a custom wrapper whose own ``call()`` calls this layer: that code decides
     #: the ``training`` it passes, so the layer's mode is not predicted.
     call_decided_by: str | None = None
+    #: Asked of Keras (``source=KERAS``): whether a forward call of the loaded model in
+    #: training mode calls this layer; False for a layer the model holds but never calls
+    #: (RetinaNet's FPN output norms), None when not asked.
+    called_in_fit: bool | None = None
 
     @property
     def from_weights(self) -> bool:

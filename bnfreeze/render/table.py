@@ -68,6 +68,8 @@ def mode_text(state: LayerState) -> Text:
         return Text("")
     if state.layer.is_batchnorm and state.layer.call_decided_by is not None:
         return Text("unknown", style=STYLE_NONE)  # called by a custom wrapper's own code
+    if state.layer.is_batchnorm and state.layer.called_in_fit is False:
+        return Text("not called", style=STYLE_NONE)  # held by the model, never called
     if fit.trains_weights is True:
         return Text("trains", style=STYLE_TRAINS)
     if fit.trains_weights is False:

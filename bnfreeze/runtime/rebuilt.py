@@ -19,6 +19,7 @@ which :func:`bnfreeze.load_model` sets again, are reported by the ``recorded-fla
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any
 
 from bnfreeze.model.code_built import Rebuilt
@@ -117,7 +118,38 @@ def rebuild(
                 datasets[layer_path] = names
                 for name, variable in zip(names, own, strict=True):
                     values[name] = np.asarray(variable.numpy())
+        # After reading the values: the call below updates the moving statistics in memory.
+        called = _called(keras, model, layers)
+    records = [
+        replace(r, called_in_fit=called[r.path])
+        if r.kind is LayerKind.BATCHNORM and r.path in called
+        else r
+        for r in records
+    ]
     return Rebuilt(tuple(records), has_weights, datasets, values, str(keras.__version__))
+
+
+def _called(keras: Any, model: Any, layers: dict[str, tuple[Any, bool]]) -> dict[str, bool]:
+    """Which built-in BN layers a forward call of ``model`` in training mode calls, as the
+    one ``fit()``'s step makes: one synthetic sample, each BN's ``call`` recorded on the
+    instance (:class:`~bnfreeze.runtime.branches.BranchRecorder`). A layer the model holds but
+    never calls (RetinaNet's FPN output norms) takes no branch in ``fit()``. Empty when the
+    model cannot be called so (its inputs are not known): nothing is claimed then."""
+    from bnfreeze.runtime.batches import SYNTHETIC_SEED, build_batches
+    from bnfreeze.runtime.branches import BranchRecorder, is_builtin_batchnorm
+
+    bns = {p: layer for p, (layer, _) in layers.items() if is_builtin_batchnorm(keras, layer)}
+    if not bns:
+        return {}
+    recorder = BranchRecorder(bns)
+    try:
+        batches = build_batches(keras, model, None, None, 1, 1, SYNTHETIC_SEED)
+        with recorder.active():
+            model(batches.xs[0], training=True)
+    except Exception:  # a model bnfreeze cannot feed: leave the rows as they are
+        return {}
+    # A layer shared by two paths is recorded under its first path only.
+    return {path: branch.calls > 0 for path, branch in recorder.branches().items()}
 
 
 def _momentum(layer: Any) -> float | None:

@@ -247,6 +247,32 @@ def _not_asked(tmp: Path) -> set[WarningCode]:
     return {f.code for f in report.warnings}
 
 
+def _not_called(tmp: Path) -> set[WarningCode]:
+    """Keras (here: a stand-in) says the loaded model's forward pass never calls the BN."""
+    from code_built_files import bn, write_code_built_keras
+
+    from bnfreeze.model.code_built import Rebuilt
+
+    path = write_code_built_keras(tmp / "m.keras", {"block/bn1": ("bn1", bn())})
+    asked = records.LayerRecord(
+        path="block/bn1",
+        name="bn1",
+        class_name="BatchNormalization",
+        kind=LayerKind.BATCHNORM,
+        depth=1,
+        parent="block",
+        trainable=True,
+        source=records.LayerSource.KERAS,
+        called_in_fit=False,
+    )
+    rebuilt = Rebuilt((asked,), {"block/bn1": True}, {}, {}, "3.15.1")
+    report = inspect_file(path, ask_keras=lambda model, listed: (rebuilt, None))
+    state = report.state("block/bn1")
+    assert state.in_fit.normalizes_with is None and state.in_fit.updates_moving_stats is False
+    assert (report.bn_training_in_fit, report.bn_inference_in_fit) == (0, 0)
+    return {f.code for f in report.warnings}
+
+
 def _not_trainable(tmp: Path) -> set[WarningCode]:
     return _warnings(_archive(tmp, [layer("Dense", "d", units=2)], trainable=False))
 
@@ -278,6 +304,7 @@ WARNINGS: dict[WarningCode, Callable[[Path], set[WarningCode]]] = {
         _archive(tmp, [input_layer("x"), layer("BatchNormalization", "bn", synchronized=True)])
     ),
     WarningCode.PREDICTED_BY_RULE: _not_asked,
+    WarningCode.BN_NOT_CALLED: _not_called,
 }
 
 

@@ -291,6 +291,9 @@ def measure(out: Path) -> None:
             "bn_not_called": list(report.bn_not_called),
             "inspect_bn": sorted(s.layer.path for s in inspected.batchnorm),
             "inspect_sources": sorted({s.layer.source.value for s in inspected.batchnorm}),
+            "inspect_not_called": sorted(
+                s.layer.path for s in inspected.batchnorm if s.layer.called_in_fit is False
+            ),
             "inspect_training": inspected.bn_training_in_fit,
             "inspect_inference": inspected.bn_inference_in_fit,
             "measured_bn": sorted(measured),
