@@ -104,22 +104,37 @@ def _check_model(value: Any) -> None:
 # ------------------------------------------------------------------------------ inspect
 
 
-def inspect(model_or_path: ModelOrPath, *, runtime: Runtime | None = None) -> Report:
+def inspect(
+    model_or_path: ModelOrPath, *, runtime: Runtime | None = None, from_file: bool = False
+) -> Report:
     """Each layer's flag and what it really does in ``fit()``: the ``bnfreeze inspect`` report.
 
-    A path is read without Keras (:func:`bnfreeze.ops.inspect.inspect_file`), for ``runtime``
-    (default Keras 3). An in-memory model is serialized as Keras would save it and walked the
-    same way; its format is ``memory``, layers that hold variables are read off the live
-    layers, and a custom BatchNormalization subclass counts as BN (``isinstance``). Its
-    runtime is its own: a ``tf_keras.Model`` is predicted with the tf_keras rules for a model
-    in memory (a frozen container freezes the gamma/beta below it; a recorded call-site
-    ``training=`` wins); asking for another runtime is an error.
+    A path is read as ``bnfreeze inspect`` reads it (:func:`bnfreeze.ops.inspect.inspect_file`),
+    for ``runtime`` (default Keras 3): from the file alone, without Keras, unless it holds
+    layers that code builds (a keras-hub model, custom layers, a subclassed model) and Keras
+    is installed; then Keras is asked how it loads them (:func:`bnfreeze.runtime.rebuilt.ask`,
+    rows with ``source=KERAS``). ``from_file=True`` never imports Keras and predicts those
+    layers by rule, as ``bnfreeze inspect --from-file`` does.
+
+    An in-memory model is serialized as Keras would save it and walked the same way; its
+    format is ``memory``, layers that hold variables are read off the live layers, and a
+    custom BatchNormalization subclass counts as BN (``isinstance``). Its runtime is its own:
+    a ``tf_keras.Model`` is predicted with the tf_keras rules for a model in memory (a frozen
+    container freezes the gamma/beta below it; a recorded call-site ``training=`` wins);
+    asking for another runtime is an error.
     """
     if _is_path(model_or_path):
         from bnfreeze.ops.inspect import inspect_file
+        from bnfreeze.runtime import rebuilt
 
-        return inspect_file(model_or_path, Runtime.KERAS3 if runtime is None else runtime)
+        return inspect_file(
+            model_or_path,
+            Runtime.KERAS3 if runtime is None else runtime,
+            ask_keras=None if from_file else rebuilt.ask,
+        )
     _check_model(model_or_path)
+    if from_file:
+        raise BnfreezeError("from_file=True applies to a saved model's path, not to a model.")
     from bnfreeze.runtime.live import live_report, runtime_of
 
     own = runtime_of(model_or_path)

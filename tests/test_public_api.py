@@ -29,7 +29,10 @@ EXPORTS = [
 ]
 
 SIGNATURES = {
-    "inspect": "(model_or_path: 'ModelOrPath', *, runtime: 'Runtime | None' = None) -> 'Report'",
+    "inspect": (
+        "(model_or_path: 'ModelOrPath', *, runtime: 'Runtime | None' = None, "
+        "from_file: 'bool' = False) -> 'Report'"
+    ),
     "freeze": (
         "(model_or_path: 'ModelOrPath', *, layers: 'Sequence[str]' = (), "
         "up_to: 'str | None' = None, bn_inference: 'bool' = False, train_bn: 'bool' = False, "
@@ -96,3 +99,42 @@ def test_recompile_warning_is_a_user_warning():
 def test_every_export_resolves():
     for name in EXPORTS:  # BatchNormGuard imports Keras: the class is made on first access
         assert getattr(bnfreeze, name) is not None
+
+
+def test_inspect_of_a_path_asks_keras_as_the_cli_does(tmp_path, monkeypatch):
+    """``bnfreeze.inspect(path)`` asks Keras about layers code builds, as ``bnfreeze inspect``
+    does (main read the file alone); ``from_file=True`` keeps the file-only route. Keras is
+    a stand-in here: what the API passes on, not what Keras says (test_hub_truth measures
+    that)."""
+    from code_built_files import bn, write_code_built_keras
+
+    from bnfreeze.model import records
+    from bnfreeze.model.code_built import Rebuilt
+    from bnfreeze.runtime import rebuilt
+
+    path = write_code_built_keras(tmp_path / "m.keras", {"block/bn1": ("bn1", bn())})
+    asked = records.LayerRecord(
+        path="block/bn1",
+        name="bn1",
+        class_name="BatchNormalization",
+        kind=records.LayerKind.BATCHNORM,
+        depth=1,
+        parent="block",
+        trainable=False,
+        source=records.LayerSource.KERAS,
+    )
+    calls = []
+
+    def ask(model, listed):
+        calls.append(model.path)
+        return Rebuilt((asked,), {"block/bn1": True}, {}, {}, "3.15.1"), None
+
+    monkeypatch.setattr(rebuilt, "ask", ask)
+    report = bnfreeze.inspect(path)
+    assert calls == [str(path)]
+    assert [(s.layer.source, s.in_fit.normalizes_with) for s in report.batchnorm] == [
+        (records.LayerSource.KERAS, records.Normalization.MOVING)
+    ]
+    by_rule = bnfreeze.inspect(path, from_file=True)
+    assert calls == [str(path)]
+    assert [s.layer.source for s in by_rule.batchnorm] == [records.LayerSource.WEIGHTS]
