@@ -5,9 +5,10 @@ weights, frozen as users freeze them (``task.backbone.trainable = False``), comp
 Run as a script, in fresh processes:
 
 * ``python tests/support/hub_tasks.py build OUT``: build every task and save it under ``OUT``;
-* ``python tests/support/hub_tasks.py measure OUT``: for each saved file, ``inspect`` (asking Keras)
-  and ``verify`` (one real ``fit()`` step, the branch of each BN recorded), and print one JSON
-  line per file with what each said.
+* ``python tests/support/hub_tasks.py measure OUT``: for each saved file, ``verify`` (one real
+  ``fit()`` step, the branch of each BN recorded) and its prediction, which is ``inspect``
+  asking Keras, and print one JSON line per file with what each said; then each
+  ``freeze --bn-inference`` output loaded with ``bnfreeze.load_model`` and measured.
 """
 
 from __future__ import annotations
@@ -263,7 +264,6 @@ def old_keras(out: Path) -> None:
 
 def measure(out: Path) -> None:
     from bnfreeze.ops.inspect import inspect_file
-    from bnfreeze.runtime.rebuilt import ask
     from bnfreeze.runtime.verify import verify_file
 
     paths = sorted([*out.glob("*.keras"), *out.glob("*_preset")])
@@ -280,7 +280,9 @@ def measure(out: Path) -> None:
         assert prediction is not None
         measured = {m.path: m for m in report.batchnorm}
         traps = [w for w in prediction.warnings if w.code.value == "code-built-reload-trains"]
-        inspected = inspect_file(path, ask_keras=ask)
+        # verify's prediction is inspect asking Keras (inspect_file with rebuilt.ask, no custom
+        # objects here): the CLI's inspect, without loading the model a second time.
+        inspected = prediction
         row = {
             "file": path.name,
             "exit_code": report.exit_code,
