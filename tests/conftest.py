@@ -21,6 +21,16 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"
 
 
+def pytest_configure(config):
+    """Compile bnfreeze's modules once, before the workers start: the suite runs bnfreeze in
+    about a hundred fresh interpreters, and where ``PYTHONDONTWRITEBYTECODE`` is set (CI) each
+    of them compiled every module it imported again (0.1 s of 0.3 s for ``inspect``)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        import compileall
+
+        compileall.compile_dir(ROOT / "bnfreeze", quiet=1)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _warm_interpreters(tmp_path_factory) -> None:
     """Keras scripts run by ``tests/support/warm.py`` share its servers across the workers."""
