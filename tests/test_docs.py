@@ -182,9 +182,29 @@ def test_page_commands_run(workdir, page, commands):
             json.loads(result.stdout)
 
 
+#: Blocks another test runs as written and checks more closely (one run, not two).
+RUN_ELSEWHERE = {
+    "docs/finetune.md#0": (
+        "tests/support/finetune_cases.py",  # docs_case: printed == shown, no guard warning
+        "tests/runtime/test_finetune.py::test_the_docs_example_runs_and_prints_what_the_page_shows",
+    ),
+}
+
+
+def test_blocks_run_elsewhere_are_run_there():
+    for block, (runner, test) in RUN_ELSEWHERE.items():
+        page = block.split("#")[0]
+        filename = page.rsplit("/", 1)[-1]
+        assert page in PAGES and f'"{filename}"' in (ROOT / runner).read_text(), block
+        path, name = test.split("::")
+        assert f"def {name}(" in (ROOT / path).read_text(), test
+
+
 def _python_params():
     for name, text in PAGES.items():
         for i, block in enumerate(fenced_blocks("python", text)):
+            if f"{name}#{i}" in RUN_ELSEWHERE:
+                continue
             keras = re.search(r"^import keras|^from keras|load_model\(|keras\.", block, re.M)
             yield pytest.param(
                 name, block, id=f"{name}#{i}", marks=[pytest.mark.keras] if keras else []

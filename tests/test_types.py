@@ -16,9 +16,16 @@ ROOT = Path(__file__).resolve().parent.parent
 pytest.importorskip("mypy")
 
 
-def mypy(*args: str) -> subprocess.CompletedProcess[str]:
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One mypy cache for the module: the snippet's check reuses the package's analysis."""
+    return tmp_path_factory.mktemp("mypy_cache")
+
+
+def mypy(cache: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    config = str(ROOT / "pyproject.toml")
     return subprocess.run(
-        [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"), *args],
+        [sys.executable, "-m", "mypy", "--config-file", config, "--cache-dir", str(cache), *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -26,8 +33,8 @@ def mypy(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_mypy_is_clean_on_the_package():
-    done = mypy()  # the files and settings come from [tool.mypy]
+def test_mypy_is_clean_on_the_package(cache):
+    done = mypy(cache)  # the files and settings come from [tool.mypy]
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.startswith("Success: no issues found")
 
@@ -49,10 +56,10 @@ reveal_type(bnfreeze.freeze)
 """
 
 
-def test_the_top_level_api_is_typed(tmp_path):
+def test_the_top_level_api_is_typed(tmp_path, cache):
     snippet = tmp_path / "use_bnfreeze.py"
     snippet.write_text(SNIPPET, encoding="utf-8")
-    done = mypy("--cache-dir", str(tmp_path / "cache"), str(snippet))
+    done = mypy(cache, str(snippet))
     errors: dict[int, str] = {}
     for m in re.finditer(r"^.*use_bnfreeze\.py:(\d+): error: (.*)$", done.stdout, re.M):
         errors[int(m.group(1))] = errors.get(int(m.group(1)), "") + m.group(2) + "\n"
