@@ -27,11 +27,11 @@ No gradient is computed, no flag changes, the optimizer is not touched.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from bnfreeze.errors import DataError, SelectionError
+from bnfreeze.runtime.instance_calls import replaced_calls
 
 #: ``progress(batches_done, batches_total_or_None, samples_done)`` after every batch.
 RecalibrateProgress = Callable[[int, int | None, int], None]
@@ -223,29 +223,6 @@ def _batch_call(layer: Any, path: str, acc: Any) -> Callable[..., Any]:
     return call
 
 
-@contextmanager
-def _wrapped(layers: dict[str, Any], acc: Any) -> Iterator[None]:
-    """Each layer's ``call`` replaced on the instance (``object.__setattr__``, unseen by
-    Keras's attribute tracking), restored on exit whatever happens."""
-    saved: list[tuple[Any, bool, Any]] = []
-    seen: set[int] = set()
-    try:
-        for path, layer in layers.items():
-            if id(layer) in seen:
-                continue
-            seen.add(id(layer))
-            own = "call" in vars(layer)
-            saved.append((layer, own, vars(layer).get("call")))
-            object.__setattr__(layer, "call", _batch_call(layer, path, acc))
-        yield
-    finally:
-        for layer, own, previous in saved:
-            if own:
-                object.__setattr__(layer, "call", previous)
-            else:
-                object.__delattr__(layer, "call")
-
-
 def recalibrate(
     model: Any,
     data: Any,
@@ -283,7 +260,7 @@ def recalibrate(
         n_batches = -(-len(first) // batch_size)
         total = n_batches if batches is None else min(batches, n_batches)
     done = samples = 0
-    with _wrapped(selected, acc):
+    with replaced_calls(selected, lambda path, layer: _batch_call(layer, path, acc)):
         for x in batches_of(data, batch_size, batches):
             try:
                 forward(x)
