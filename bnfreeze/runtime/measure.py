@@ -8,6 +8,7 @@ recorded during it (:class:`~bnfreeze.runtime.branches.BranchRecorder`) (:func:`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from bnfreeze.errors import DataError
@@ -278,24 +279,8 @@ def measurements(
         if layer_children(keras, layer) and not own:
             continue  # a container: its layers are measured one by one
         if isinstance(layer, keras.layers.BatchNormalization):
-            stats = [v for v in (layer.moving_mean, layer.moving_variance) if v is not None]
-            gamma_beta = [v for v in (layer.gamma, layer.beta) if v is not None]
-            special = {id(v) for v in stats + gamma_beta}
-            other = [v for v in own if id(v) not in special]
-            branch = branches.get(path)
             measured.append(
-                LayerMeasurement(
-                    path=path,
-                    class_name=type(layer).__name__,
-                    is_batchnorm=True,
-                    builtin=_is_builtin(layer),
-                    in_file=in_file,
-                    moving_stats=movement(stats),
-                    gamma_beta=movement(gamma_beta),
-                    other_weights=movement(other),
-                    branch=branch.normalizes_with if branch is not None else None,
-                    called=branch.calls > 0 if branch is not None else None,
-                )
+                _batchnorm_measurement(path, layer, in_file, own, branches.get(path), movement)
             )
         elif own:
             measured.append(
@@ -311,3 +296,31 @@ def measurements(
                 )
             )
     return measured
+
+
+def _batchnorm_measurement(
+    path: str,
+    layer: Any,
+    in_file: bool,
+    own: list[Any],
+    branch: Branch | None,
+    movement: Callable[[list[Any]], Movement],
+) -> LayerMeasurement:
+    """A BN layer: its moving statistics, gamma and beta, and other variables apart, and the
+    branch its recorded calls took."""
+    stats = [v for v in (layer.moving_mean, layer.moving_variance) if v is not None]
+    gamma_beta = [v for v in (layer.gamma, layer.beta) if v is not None]
+    special = {id(v) for v in stats + gamma_beta}
+    other = [v for v in own if id(v) not in special]
+    return LayerMeasurement(
+        path=path,
+        class_name=type(layer).__name__,
+        is_batchnorm=True,
+        builtin=_is_builtin(layer),
+        in_file=in_file,
+        moving_stats=movement(stats),
+        gamma_beta=movement(gamma_beta),
+        other_weights=movement(other),
+        branch=branch.normalizes_with if branch is not None else None,
+        called=branch.calls > 0 if branch is not None else None,
+    )

@@ -223,6 +223,25 @@ def _batch_call(layer: Any, path: str, acc: Any) -> Callable[..., Any]:
     return call
 
 
+def _accumulator_and_forward(
+    model: Any, selected: dict[str, Any]
+) -> tuple[Any, Callable[[Any], Any]]:
+    """Where the batch statistics are summed, and the inference pass over one batch: a
+    ``tf.function`` and a TensorFlow accumulator on TensorFlow, eager NumPy elsewhere."""
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        acc = _TensorFlowAccumulator(selected)
+        return acc, tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+
+    def eager(x: Any) -> Any:
+        return model(x, training=False)
+
+    return _Accumulator(selected), eager
+
+
 def recalibrate(
     model: Any,
     data: Any,
@@ -239,21 +258,7 @@ def recalibrate(
     import numpy as np
 
     selected = select_batchnorm(model, layers, up_to=up_to, from_=from_)
-    import keras
-
-    acc: Any
-    forward: Callable[[Any], Any]
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        acc = _TensorFlowAccumulator(selected)
-        forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-    else:
-        acc = _Accumulator(selected)
-
-        def forward(x: Any) -> Any:
-            return model(x, training=False)
-
+    acc, forward = _accumulator_and_forward(model, selected)
     total = batches
     first = data
     if isinstance(first, np.ndarray):

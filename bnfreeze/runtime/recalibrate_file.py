@@ -243,11 +243,7 @@ def recalibrate_file(
             progress=progress,
         )
     stats, targets = _new_statistics(model, selected, before, done.layers)
-    with zipfile.ZipFile(source) as archive:
-        infos = archive.infolist()
-    weights_info = next((i for i in infos if i.filename == WEIGHTS), None)
-    if weights_info is None:
-        raise ModelFormatError(f"{source}: the archive has no {WEIGHTS}.")
+    infos, weights_info = _members(source)
     patches, located = _patches(source, weights_info, targets)
     input_bytes = source.stat().st_size
     output_bytes = None
@@ -268,6 +264,16 @@ def recalibrate_file(
         input_bytes=input_bytes,
         output_bytes=output_bytes,
     )
+
+
+def _members(source: Path) -> tuple[list[zipfile.ZipInfo], zipfile.ZipInfo]:
+    """The archive's members, and its ``model.weights.h5``."""
+    with zipfile.ZipFile(source) as archive:
+        infos = archive.infolist()
+    weights_info = next((i for i in infos if i.filename == WEIGHTS), None)
+    if weights_info is None:
+        raise ModelFormatError(f"{source}: the archive has no {WEIGHTS}.")
+    return infos, weights_info
 
 
 def _checked_output(request: RecalibrateRequest, source: Path) -> str | None:
