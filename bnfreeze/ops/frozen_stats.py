@@ -125,7 +125,7 @@ def convert_file(
             hint="Save it as .keras first (keras.models.load_model, then model.save).",
         )
     if target is not None and not dry_run:
-        _check_output(source, Path(target), in_place)
+        check_keras_output(source, Path(target), in_place)
     walked = walk(model.config, model.path)
     selected = select(walked.layers, layers=layers, up_to=up_to, from_=from_layer)
     bn = tuple(r for r in selected if r.is_batchnorm)
@@ -156,9 +156,9 @@ def convert_file(
     )
 
 
-def _check_output(source: Path, out: Path, in_place: bool) -> None:
+def check_keras_output(source: Path, out: Path, in_place: bool) -> None:
     """The output is a ``.keras`` path that can be written, and not the input unless
-    ``--in-place``."""
+    ``--in-place`` (``--bn-frozen-stats`` and ``recalibrate`` write ``.keras`` archives)."""
     from bnfreeze.formats.atomic import check_destination
 
     if out.suffix != ".keras":

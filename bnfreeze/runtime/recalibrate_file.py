@@ -280,9 +280,9 @@ def _checked_output(request: RecalibrateRequest, source: Path) -> str | None:
     """Where the result goes (None: nowhere, a dry run), refused before any work when the
     options contradict each other, the input is not a ``.keras`` archive or the output cannot
     be written."""
-    from bnfreeze.formats.atomic import check_destination
     from bnfreeze.formats.readers import read_model
     from bnfreeze.model.records import ModelFormat
+    from bnfreeze.ops.frozen_stats import check_keras_output
 
     output = request.model if request.in_place else request.output
     if output is None and not request.dry_run:
@@ -297,12 +297,7 @@ def _checked_output(request: RecalibrateRequest, source: Path) -> str | None:
             hint="Save it as .keras first (keras.models.load_model, then model.save).",
         )
     if output is not None:
-        out_path = Path(output)
-        if out_path.suffix != ".keras":
-            raise OutputError(f"-o {out_path}: the output must end in .keras.")
-        check_destination(out_path)
-        if not request.in_place and out_path.exists() and out_path.samefile(source):
-            raise OutputError("-o names the input itself; use --in-place to rewrite it.")
+        check_keras_output(source, Path(output), request.in_place)
     return output
 
 
