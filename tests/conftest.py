@@ -21,6 +21,19 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _warm_interpreters(tmp_path_factory) -> None:
+    """Keras scripts run by ``tests/support/warm.py`` share its servers across the workers."""
+    import warm
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, shared by its workers
+    folder = root / "warm"
+    folder.mkdir(exist_ok=True)
+    warm.configure(folder)
+
+
 @pytest.fixture(scope="session")
 def samples() -> Path:
     return SAMPLES

@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import warm
 from click.testing import CliRunner
 from legacy_corpus import keras20_functional
 from paths import SUPPORT
@@ -32,7 +32,7 @@ BACKENDS = ("tensorflow", "jax")
 @pytest.fixture(scope="session")
 def adversarial(tmp_path_factory) -> dict[str, tuple[Path, dict[str, Any]]]:
     """Per backend: the folder of saved cases and what Keras measured in them. Both
-    subprocesses run at once."""
+    run in a fresh interpreter (tests/support/warm.py)."""
     root = tmp_path_factory.mktemp("adversarial")
     # A Keras 2.0-era file from the wild (crafted byte-exact with h5py), frozen by bnfreeze's
     # config route without Keras: each backend loads and measures the result too.
@@ -42,25 +42,14 @@ def adversarial(tmp_path_factory) -> dict[str, tuple[Path, dict[str, Any]]]:
         cli, ["freeze", str(root / "keras20.h5"), "--bn-inference", "-o", str(frozen)]
     )
     assert result.exit_code == 0, result.output
-    procs = {}
+    out = {}
     for backend in BACKENDS:
         env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
-        procs[backend] = subprocess.Popen(
-            [
-                sys.executable,
-                str(SUPPORT / "adversarial_cases.py"),
-                str(root / backend),
-                str(frozen),
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        script = SUPPORT / "adversarial_cases.py"
+        done = warm.run(
+            [sys.executable, str(script), str(root / backend), str(frozen)], env=env, timeout=600
         )
-    out = {}
-    for backend, proc in procs.items():
-        _, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, stderr[-3000:]
+        assert done.returncode == 0, done.stderr[-3000:]
         measured = json.loads((root / backend / "measured.json").read_text())
         assert measured["backend"] == backend
         shutil.copy(frozen, root / backend / frozen.name)

@@ -9,12 +9,12 @@ tf_keras did.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import warm
 from click.testing import CliRunner
 
 from bnfreeze.cli import cli
@@ -195,7 +195,7 @@ with open(os.path.join(out, "truth.json"), "w") as f:
 def built(tmp_path_factory) -> Path:
     pytest.importorskip("tf_keras")
     folder = tmp_path_factory.mktemp("tf_keras_cases")
-    result = subprocess.run(
+    result = warm.run(
         [sys.executable, "-c", BUILD, str(folder)], capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]

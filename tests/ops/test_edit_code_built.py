@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import warnings
 import zipfile
 from pathlib import Path
 
 import pytest
+import warm
 from click.testing import CliRunner
 from paths import ROOT, SUPPORT
 
@@ -124,7 +124,7 @@ def reloaded(frozen, cli_frozen):
     paths = {name: str(path) for name, (_, _, path) in frozen.items()}
     paths.update({f"cli_{name}": str(target) for name, (_, target, _) in cli_frozen.items()})
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(SUPPORT)])}
-    done = subprocess.run(
+    done = warm.run(
         [sys.executable, "-c", RELOAD, json.dumps(paths)],
         capture_output=True,
         text=True,

@@ -863,16 +863,17 @@ def bn_cases(tmp_path_factory) -> dict:
     model; about 15 s of CPU, most of it importing TensorFlow)."""
     import json
     import os
-    import subprocess
     import sys
 
+    import warm
     from paths import SUPPORT
 
     work = tmp_path_factory.mktemp("plan_bn")
     out = work / "results.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env["KERAS_BACKEND"] = "tensorflow"  # the script sets it too; a warm interpreter needs it now
     script = SUPPORT / "plan_bn_cases.py"
-    done = subprocess.run(
+    done = warm.run(
         [sys.executable, str(script), "tensorflow", str(work), str(out)],
         env=env,
         capture_output=True,

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 import zipfile
 from pathlib import Path
 
 import pytest
+import warm
 from click.testing import CliRunner
 from paths import ROOT, SAMPLES
 
@@ -159,7 +159,7 @@ def test_tf_keras_sync_batchnorm_converts(tmp_path):
     source, converted = tmp_path / "sync.h5", tmp_path / "converted.h5"
     env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    done = subprocess.run(
+    done = warm.run(
         [sys.executable, "-c", TF_KERAS_SYNC, str(source), str(converted)],
         capture_output=True,
         text=True,

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+import warm
 from click.testing import CliRunner
 from paths import ROOT
 
@@ -67,7 +67,7 @@ def _env(backend: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def momentum_one(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("branches") / "momentum_one.keras"
-    subprocess.run(
+    warm.run(
         [sys.executable, "-c", BUILD, str(path)],
         check=True,
         capture_output=True,
@@ -114,7 +114,7 @@ def test_verify_measures_the_branch_on_jax(momentum_one):
     """On JAX, train_on_batch first calls every layer with training=False on symbolic
     tensors to build the model; that pass is not the step and is not recorded."""
     pytest.importorskip("jax")
-    done = subprocess.run(
+    done = warm.run(
         [sys.executable, "-c", VERIFY_JAX, str(momentum_one)],
         capture_output=True,
         text=True,

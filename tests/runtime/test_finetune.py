@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+import warm
 from paths import ROOT, SUPPORT
 
 # ------------------------------------------------------------------------------ real runs
@@ -21,15 +21,14 @@ from paths import ROOT, SUPPORT
 
 def _run(backend: str, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp(f"finetune_{backend}") / "results.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "KERAS_BACKEND": backend,  # the script sets it too; a warm interpreter needs it now
+    }
     script = SUPPORT / "finetune_cases.py"
-    done = subprocess.run(
-        [sys.executable, str(script), backend, str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    done = warm.run([sys.executable, str(script), backend, str(out)], env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text(encoding="utf-8"))
     assert results["backend"] == backend

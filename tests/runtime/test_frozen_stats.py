@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import pytest
+import warm
 from click.testing import CliRunner
 
 from bnfreeze.cli import cli
@@ -153,7 +153,7 @@ print("RESULT" + json.dumps(out))
 def _run(*args: str, backend: str = "tensorflow") -> dict:
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
+    proc = warm.run(
         [sys.executable, "-c", SCRIPT, *args], env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -262,7 +262,7 @@ def test_plain_keras_without_bnfreeze_fails_with_its_own_error(built):
         "print(sorted({type(l).__qualname__ for l in model._flatten_layers()"
         " if isinstance(l, keras.layers.BatchNormalization)}))\n"
     )
-    proc = subprocess.run(
+    proc = warm.run(
         [sys.executable, "-c", code],
         env=env,
         capture_output=True,

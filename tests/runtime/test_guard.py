@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+import warm
 from paths import ROOT, SUPPORT
 
 from bnfreeze.runtime.guard import StaleEffect
@@ -37,7 +37,7 @@ def run(request) -> dict:
         pytest.importorskip("jax")
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    done = subprocess.run(
+    done = warm.run(
         [sys.executable, str(SCENARIOS)], capture_output=True, text=True, env=env, timeout=900
     )
     assert done.returncode == 0, done.stderr[-3000:]

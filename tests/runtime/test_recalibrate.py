@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import warm
 
 pytestmark = pytest.mark.keras
 
@@ -121,7 +121,7 @@ print("RESULT" + json.dumps(out))
 def _run(backend: str, tmp_path: Path) -> dict:
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
+    proc = warm.run(
         [sys.executable, "-c", SCRIPT],
         env=env,
         cwd=tmp_path,
@@ -211,7 +211,7 @@ print("RESULT" + json.dumps(out))
 def test_ema_weights_need_recalibrated_statistics(tmp_path):
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
+    proc = warm.run(
         [sys.executable, "-c", EMA_SCRIPT],
         env=env,
         cwd=tmp_path,

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
+import warm
 from paths import ROOT, SAMPLES, SUPPORT
 
 from bnfreeze.runtime.replicas import (
@@ -41,9 +41,10 @@ CONFIGS = ["mirrored-off", "mirrored-on", "data-parallel-off"]
 
 def run_scenario(engine: str, sync: str, *extra: str) -> dict:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    env.pop("KERAS_BACKEND", None)
+    # The script sets the backend its engine runs on; a warm interpreter needs it now.
+    env["KERAS_BACKEND"] = "jax" if engine == "data-parallel" else "tensorflow"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    done = subprocess.run(
+    done = warm.run(
         [sys.executable, str(SCENARIOS), engine, sync, *extra],
         capture_output=True,
         text=True,
@@ -190,7 +191,7 @@ def test_a_synchronized_file_saved_on_tensorflow_loads_on_jax_once_sync_is_off(r
     set_synchronized_file(source, off, synchronized=False)
     assert not [f for f in inspect_file(off).warnings if f.code is WarningCode.SYNCHRONIZED_BN]
     env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
-    done = subprocess.run(
+    done = warm.run(
         [sys.executable, "-c", JAX_LOAD, str(source), str(off), f"{source}.npz"],
         capture_output=True,
         text=True,

@@ -817,14 +817,13 @@ def test_runtime_tf_keras_measures_with_keras_2(tmp_path):
     """Rule 2 (docs/semantics.md) measured on tf_keras: a recorded call-site training=False WINS
     there, so the BN's statistics stay put in fit() while its gamma/beta still train; Keras 3 would
     move them. The model is a tf_keras .h5 (Keras 3 cannot load it)."""
-    import subprocess
     import sys
+
+    import warm
 
     pytest.importorskip("tf_keras")
     model = tmp_path / "keras2.h5"
-    subprocess.run(
-        [sys.executable, "-c", TF_KERAS_BUILD, str(model)], check=True, capture_output=True
-    )
+    warm.run([sys.executable, "-c", TF_KERAS_BUILD, str(model)], check=True)
     code, doc, stderr = verify_json(model, "--runtime", "tf-keras")
     assert code == 0, stderr
     assert doc["runtime"]["name"] == "tf-keras"
@@ -841,8 +840,9 @@ def test_runtime_tf_keras_measures_with_keras_2(tmp_path):
 def test_runtime_tf_keras_trains_with_the_model_s_own_compile_config(tmp_path):
     """tf_keras marks a compiled model with ``_is_compiled`` (Keras 3: ``compiled``): verify
     must train with the saved optimizer and loss, not fall back to SGD + MSE."""
-    import subprocess
     import sys
+
+    import warm
 
     pytest.importorskip("tf_keras")
     build = TF_KERAS_BUILD.replace(
@@ -853,7 +853,7 @@ def test_runtime_tf_keras_trains_with_the_model_s_own_compile_config(tmp_path):
     )
     assert build != TF_KERAS_BUILD
     model = tmp_path / "keras2_compiled.h5"
-    subprocess.run([sys.executable, "-c", build, str(model)], check=True, capture_output=True)
+    warm.run([sys.executable, "-c", build, str(model)], check=True)
     code, doc, stderr = verify_json(model, "--runtime", "tf-keras")
     assert code == 0, stderr
     compiled = doc["run"]["compile"]
