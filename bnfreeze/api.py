@@ -438,15 +438,9 @@ def finetune(
     check_model(model)
     mode = _choice(OptimizerStateMode, optimizer_state, "optimizer_state")
     if _is_path(phases):
-        from bnfreeze.ops.plan_parser import load_plan
+        from bnfreeze.ops.plan_parser import load_phases
 
-        plan = load_plan(phases, params)
-        if not plan.phases:
-            raise BnfreezeError(
-                f"plan {plan.name or str(phases)!r} has no [[phase]] tables; apply it with "
-                "bnfreeze apply, or give finetune a plan with phases (bnfreeze plans)."
-            )
-        phases = plan.phases
+        phases = load_phases(phases, params)
     elif params:
         raise BnfreezeError("params= is for a plan given by name or path.")
     return schedule.run(

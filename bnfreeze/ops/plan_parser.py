@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bnfreeze.errors import PlanError
+from bnfreeze.errors import BnfreezeError, PlanError
 from bnfreeze.model.expectations import Expectation, ExpectKind
 from bnfreeze.ops.phases import Phase, read_phase
 from bnfreeze.ops.plan_reader import PARAM_NAME, PlanValues, table_label
@@ -120,6 +120,19 @@ def load_plan(path: str | os.PathLike[str], params: Mapping[str, str] | None = N
     except UnicodeDecodeError as exc:
         raise PlanError(f"{p}: not UTF-8 text (byte {exc.start}); a plan is a TOML file.") from None
     return parse_plan(text, str(p), params)
+
+
+def load_phases(
+    path: str | os.PathLike[str], params: Mapping[str, str] | None = None
+) -> tuple[Phase, ...]:
+    """The ``[[phase]]`` tables of a plan file or shipped plan, for ``bnfreeze.finetune``."""
+    plan = load_plan(path, params)
+    if not plan.phases:
+        raise BnfreezeError(
+            f"plan {plan.name or str(path)!r} has no [[phase]] tables; apply it with "
+            "bnfreeze apply, or give finetune a plan with phases (bnfreeze plans)."
+        )
+    return plan.phases
 
 
 def parse_plan(text: str, source: str = "<plan>", params: Mapping[str, str] | None = None) -> Plan:
