@@ -50,7 +50,6 @@ Importing :mod:`bnfreeze` or this module never imports TensorFlow or Keras.
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -58,15 +57,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from bnfreeze.errors import BnfreezeError
 from bnfreeze.errors import RecompileWarning as RecompileWarning
 from bnfreeze.model.assignments import Assignment
-from bnfreeze.model.records import Finding, Report, Runtime, WarningCode
+from bnfreeze.model.records import Report, Runtime
 from bnfreeze.ops.request import (
-    EditRequest,
     EditResult,
-    Engine,
     KerasModel,
     LayerSelection,
     Loading,
     Output,
+    check_model,
 )
 
 if TYPE_CHECKING:
@@ -88,19 +86,6 @@ def _is_path(value: object) -> TypeIs[str | os.PathLike[str]]:
     return isinstance(value, (str, os.PathLike))
 
 
-def _check_model(value: Any) -> None:
-    """A Keras 3 ``keras.Model`` or a tf_keras ``tf_keras.Model``; never imports either (an
-    object of one exists only if the caller imported it)."""
-    for name in ("keras", "tf_keras"):
-        module = sys.modules.get(name)
-        if module is not None and isinstance(value, module.Model):
-            return
-    raise TypeError(
-        "expected a keras.Model, a tf_keras.Model or a path to a saved model, not "
-        f"{type(value).__name__}"
-    )
-
-
 # ------------------------------------------------------------------------------ inspect
 
 
@@ -110,29 +95,23 @@ def inspect(
     """Each layer's flag and what it really does in ``fit()``: the ``bnfreeze inspect`` report.
 
     A path is read as ``bnfreeze inspect`` reads it (:func:`bnfreeze.ops.inspect.inspect_file`),
-    for ``runtime`` (default Keras 3): from the file alone, without Keras, unless it holds
-    layers that code builds (a keras-hub model, custom layers, a subclassed model) and Keras
-    is installed; then Keras is asked how it loads them (:func:`bnfreeze.runtime.rebuilt.ask`,
-    rows with ``source=KERAS``). ``from_file=True`` never imports Keras and predicts those
-    layers by rule, as ``bnfreeze inspect --from-file`` does.
-
-    An in-memory model is serialized as Keras would save it and walked the same way; its
-    format is ``memory``, layers that hold variables are read off the live layers, and a
-    custom BatchNormalization subclass counts as BN (``isinstance``). Its runtime is its own:
-    a ``tf_keras.Model`` is predicted with the tf_keras rules for a model in memory (a frozen
-    container freezes the gamma/beta below it; a recorded call-site ``training=`` wins);
-    asking for another runtime is an error.
+    for ``runtime`` (default Keras 3): without Keras, unless it holds layers that code builds
+    (keras-hub, custom layers) and Keras is installed, which is then asked how it loads them
+    (:func:`bnfreeze.runtime.rebuilt.ask`); ``from_file=True`` predicts them by rule instead,
+    as ``--from-file`` does. An in-memory model is serialized as Keras would save it and
+    walked the same way; its format is ``memory``, layers that hold variables are read off
+    the live layers, and a custom BatchNormalization subclass counts as BN (``isinstance``).
+    Its runtime is its own: a ``tf_keras.Model`` is predicted with the tf_keras rules for a
+    model in memory (a frozen container freezes the gamma/beta below it; a recorded call-site
+    ``training=`` wins); asking for another runtime is an error.
     """
     if _is_path(model_or_path):
         from bnfreeze.ops.inspect import inspect_file
         from bnfreeze.runtime import rebuilt
 
-        return inspect_file(
-            model_or_path,
-            Runtime.KERAS3 if runtime is None else runtime,
-            ask_keras=None if from_file else rebuilt.ask,
-        )
-    _check_model(model_or_path)
+        asker = None if from_file else rebuilt.ask
+        return inspect_file(model_or_path, runtime or Runtime.KERAS3, ask_keras=asker)
+    check_model(model_or_path)
     if from_file:
         raise BnfreezeError("from_file=True applies to a saved model's path, not to a model.")
     from bnfreeze.runtime.live import live_report, runtime_of
@@ -209,12 +188,14 @@ def freeze(
             dry_run=dry_run,
             in_place=in_place,
         )
-    return _edit(
+    from bnfreeze.runtime.routes import edit_model
+
+    return edit_model(
         model_or_path,
         Assignment.freeze(bn_inference=bn_inference, train_bn=train_bn),
         LayerSelection(_patterns(layers), up_to=up_to),
         _output(output, in_place=in_place, dry_run=dry_run),
-        _loading(engine, custom_objects, unsafe, optimizer_state),
+        Loading.of(engine, custom_objects, unsafe, optimizer_state),
     )
 
 
@@ -239,12 +220,14 @@ def unfreeze(
     the Keras transfer-learning guide, done right on Keras 3. ``from_`` is a layer path or
     name, inclusive. Paths and in-memory models as in :func:`freeze`.
     """
-    return _edit(
+    from bnfreeze.runtime.routes import edit_model
+
+    return edit_model(
         model_or_path,
         Assignment.unfreeze(keep_bn_inference=keep_bn_inference),
         LayerSelection(_patterns(layers), from_=from_),
         _output(output, in_place=in_place, dry_run=dry_run),
-        _loading(engine, custom_objects, unsafe, optimizer_state),
+        Loading.of(engine, custom_objects, unsafe, optimizer_state),
     )
 
 
@@ -254,48 +237,6 @@ def _patterns(layers: Sequence[str]) -> tuple[str, ...]:
 
 def _output(path: str | os.PathLike[str] | None, *, in_place: bool, dry_run: bool) -> Output:
     return Output(None if path is None else os.fspath(path), in_place=in_place, dry_run=dry_run)
-
-
-def _loading(
-    engine: str,
-    custom_objects: str | Mapping[str, Any] | None,
-    unsafe: bool,
-    optimizer_state: str | None,
-) -> Loading:
-    from bnfreeze.ops.optimizer_state import parse_mode
-
-    return Loading(Engine(engine), custom_objects, unsafe, parse_mode(optimizer_state))
-
-
-def _edit(
-    model_or_path: ModelOrPath,
-    assignment: Assignment,
-    selection: LayerSelection,
-    output: Output,
-    loading: Loading,
-) -> EditResult:
-    """Build the one :class:`~bnfreeze.ops.request.EditRequest` and apply it
-    (:func:`bnfreeze.runtime.routes.edit`)."""
-    from bnfreeze.runtime.routes import edit
-
-    model: str | KerasModel
-    if _is_path(model_or_path):
-        model = os.fspath(model_or_path)
-        if assignment.batchnorm is not None and assignment != Assignment.freeze(train_bn=True):
-            # Setting a BN flag makes a FrozenStatsBatchNormalization Keras's BN again.
-            from bnfreeze.ops.frozen_stats import edit_as_batchnorm
-
-            result: EditResult = edit_as_batchnorm(
-                lambda path, out: edit(EditRequest(path, assignment, selection, out, loading)),
-                path=model,
-                output=output,
-                selection=selection,
-            )
-            return result
-    else:
-        _check_model(model_or_path)
-        model = model_or_path
-    return edit(EditRequest(model, assignment, selection, output, loading))
 
 
 def _frozen_stats(
@@ -322,48 +263,16 @@ def _frozen_stats(
             dry_run=dry_run,
             in_place=in_place,
         )
-    _check_model(model_or_path)
-    model = model_or_path
-    from bnfreeze.runtime.live import runtime_of
+    check_model(model_or_path)
+    from bnfreeze.runtime.frozen_stats import convert_model
 
-    if runtime_of(model) is Runtime.TF_KERAS:
-        raise BnfreezeError("bn_frozen_stats works on Keras 3 models; this is a tf_keras model.")
-    if output is not None or in_place:
-        raise BnfreezeError(
-            "bn_frozen_stats on an in-memory model changes it in place; save it with "
-            "model.save() (output= and in_place= apply to saved files)."
-        )
-    from bnfreeze.runtime import frozen_stats as live_frozen_stats
-    from bnfreeze.runtime.live import live_report
-    from bnfreeze.runtime.memory_route import TrainingState, training_state
-
-    state = training_state(model)
-    selected, changes = live_frozen_stats.convert_live(
-        model, BnClass.FROZEN_STATS, layers=tuple(layers), up_to=up_to, dry_run=dry_run
-    )
-    findings: list[Finding] = []
-    if changes and state is not TrainingState.UNCOMPILED:
-        text = (
-            f"bnfreeze changed the class of {len(changes)} BatchNormalization layer(s) of model "
-            f"{model.name!r}, which is compiled: a training step Keras traced before keeps the "
-            "old behaviour. Call bnfreeze.recompile(model) (or compile() with a new optimizer) "
-            "before fit()."
-        )
-        findings.append(Finding(WarningCode.RECOMPILE_REQUIRED, None, text))
-        if not dry_run:
-            warnings.warn(text, RecompileWarning, stacklevel=3)
-    report = live_report(model)
-    findings.extend(f for f in report.warnings if f.code is WarningCode.NEEDS_BNFREEZE)
-    return ops_frozen_stats.ConvertResult(
-        source=f"<in-memory model {model.name!r}>",
-        output=None,
+    return convert_model(
+        model_or_path,
+        layers=tuple(layers),
+        up_to=up_to,
         dry_run=dry_run,
-        selected=selected,
-        changes=changes,
-        report=report,
-        warnings=tuple(findings),
-        input_bytes=0,
-        output_bytes=None,
+        in_place=in_place,
+        output=output,
     )
 
 
@@ -395,7 +304,7 @@ def recalibrate(
     """
     from bnfreeze.runtime import recalibrate as runtime_recalibrate
 
-    _check_model(model)
+    check_model(model)
     from bnfreeze.runtime.live import runtime_of
 
     if runtime_of(model) is Runtime.TF_KERAS:
@@ -491,23 +400,10 @@ def recompile(model: ModelT) -> ModelT:
     learning-rate schedule starts over. Works for a ``tf_keras.Model`` too (its ``compile()``
     records its arguments the same way). Returns ``model``.
     """
-    from bnfreeze.runtime.environment import is_compiled
+    from bnfreeze.runtime.environment import recompile_model
 
-    _check_model(model)
-    optimizer = getattr(model, "optimizer", None)
-    if not is_compiled(model) or optimizer is None:
-        raise BnfreezeError(
-            f"model {model.name!r} is not compiled; call compile() on it yourself.",
-        )
-    arguments = dict(getattr(getattr(model, "_compile_config", None), "config", {}) or {})
-    if not arguments:
-        raise BnfreezeError(
-            f"model {model.name!r} does not record its compile() arguments; call compile() "
-            "yourself."
-        )
-    arguments["optimizer"] = optimizer.__class__.from_config(optimizer.get_config())
-    model.compile(**arguments)
-    return model
+    check_model(model)
+    return recompile_model(model)
 
 
 # ------------------------------------------------------------------------------ finetune
@@ -548,18 +444,12 @@ def finetune(
     from bnfreeze.ops.phases import OptimizerStateMode, _choice, check_phases
     from bnfreeze.runtime import finetune as schedule
 
-    _check_model(model)
+    check_model(model)
     mode = _choice(OptimizerStateMode, optimizer_state, "optimizer_state")
     if _is_path(phases):
-        from bnfreeze.ops.plan_parser import load_plan
+        from bnfreeze.ops.plan_parser import load_phases
 
-        plan = load_plan(phases, params)
-        if not plan.phases:
-            raise BnfreezeError(
-                f"plan {plan.name or str(phases)!r} has no [[phase]] tables; apply it with "
-                "bnfreeze apply, or give finetune a plan with phases (bnfreeze plans)."
-            )
-        phases = plan.phases
+        phases = load_phases(phases, params)
     elif params:
         raise BnfreezeError("params= is for a plan given by name or path.")
     return schedule.run(

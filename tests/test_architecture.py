@@ -43,7 +43,7 @@ RANK = {
 KERAS_MODULES = ("keras", "tensorflow", "tf_keras", "keras_hub", "jax", "torch")
 
 #: A room that grows past this is split by job (issue 19).
-MAX_LINES = 600
+MAX_LINES = 500
 #: Modules allowed past it: the HDF5 reader is one format, read in one place.
 LONG_MODULES = {"bnfreeze/formats/readers/_hdf5.py"}
 

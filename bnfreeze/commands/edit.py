@@ -159,8 +159,7 @@ def run_edit(
     """Build the one :class:`~bnfreeze.ops.request.EditRequest`, apply it, print the result
     (stdout) and what the user must know (stderr)."""
     from bnfreeze.model.assignments import Assignment
-    from bnfreeze.ops.optimizer_state import parse_mode
-    from bnfreeze.ops.request import EditRequest, Engine, Loading
+    from bnfreeze.ops.request import EditRequest, Loading
     from bnfreeze.runtime.routes import edit
 
     request = EditRequest(
@@ -168,7 +167,7 @@ def run_edit(
         assignment,
         selection,
         edit_output(output, in_place=in_place, dry_run=dry_run),
-        Loading(Engine(engine), custom_objects, unsafe, parse_mode(optimizer_state)),
+        Loading.of(engine, custom_objects, unsafe, optimizer_state),
     )
     with gc_paused():
         if assignment.batchnorm is not None and assignment != Assignment.freeze(train_bn=True):

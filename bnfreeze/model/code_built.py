@@ -219,6 +219,33 @@ def find(
         for owner in found_owners
         if owner.path and not owner.argument and _holds_sublayer_weights(model, owner.path)
     )
+    candidates = _candidates(model, walked, found_owners, read_shapes)
+    variances = read_values([v.variance for _, _, v in candidates if v.variance is not None])
+    records = [_argument_record(owner) for owner in found_owners if owner.argument]
+    datasets: dict[str, tuple[str, ...]] = {}
+    for owner, group, verdict in candidates:
+        kind = verdict.kind
+        if kind is LayerKind.BATCHNORM and verdict.variance is not None:
+            value = variances.get(verdict.variance)
+            if value is None:
+                kind = LayerKind.UNKNOWN  # unreadable: cannot tell
+            elif not _non_negative(value):
+                continue  # a moving variance is never negative: not BN
+        if kind is LayerKind.UNKNOWN and not _hints_bn(group):
+            continue
+        records.append(_record(owner, group, kind, verdict))
+        datasets[group.path] = group.datasets
+    return CodeBuilt(found_owners, tuple(records), datasets, rebuilt)
+
+
+def _candidates(
+    model: ModelFile,
+    walked: WalkedModel,
+    found_owners: tuple[Owner, ...],
+    read_shapes: Callable[[list[str]], dict[str, tuple[int, ...]]],
+) -> list[tuple[Owner, Group, _Verdict]]:
+    """The weight groups the config does not list, below a code-built owner, whose shapes
+    look like a layer's (:func:`_structure`), in the order of the file."""
     listed = {r.path for r in walked.layers}
     groups = sorted(
         (g for g in _groups(model) if g.path not in listed and g.datasets),
@@ -235,37 +262,21 @@ def find(
         verdict = _structure(group, shapes, model.format)
         if verdict is not None:
             candidates.append((owner, group, verdict))
-    variances = read_values([v.variance for _, _, v in candidates if v.variance is not None])
-    records: list[LayerRecord] = []
-    datasets: dict[str, tuple[str, ...]] = {}
-    for owner in found_owners:
-        if owner.argument:
-            parent = owner.path.rpartition("/")[0] or None
-            records.append(
-                LayerRecord(
-                    path=owner.path,
-                    name=owner.path.rsplit("/", 1)[-1],
-                    class_name=owner.class_name,
-                    kind=LayerKind.CONTAINER,
-                    depth=owner.depth - 1,
-                    parent=parent,
-                    trainable=owner.trainable,
-                    custom=True,
-                )
-            )
-    for owner, group, verdict in candidates:
-        kind = verdict.kind
-        if kind is LayerKind.BATCHNORM and verdict.variance is not None:
-            value = variances.get(verdict.variance)
-            if value is None:
-                kind = LayerKind.UNKNOWN  # unreadable: cannot tell
-            elif not _non_negative(value):
-                continue  # a moving variance is never negative: not BN
-        if kind is LayerKind.UNKNOWN and not _hints_bn(group):
-            continue
-        records.append(_record(owner, group, kind, verdict))
-        datasets[group.path] = group.datasets
-    return CodeBuilt(found_owners, tuple(records), datasets, rebuilt)
+    return candidates
+
+
+def _argument_record(owner: Owner) -> LayerRecord:
+    """A layer passed to its owner as an argument: a container of the layers found below it."""
+    return LayerRecord(
+        path=owner.path,
+        name=owner.path.rsplit("/", 1)[-1],
+        class_name=owner.class_name,
+        kind=LayerKind.CONTAINER,
+        depth=owner.depth - 1,
+        parent=owner.path.rpartition("/")[0] or None,
+        trainable=owner.trainable,
+        custom=True,
+    )
 
 
 def _holds_sublayer_weights(model: ModelFile, path: str) -> bool:

@@ -226,53 +226,65 @@ def evaluate(
     to their behaviour. Raises :class:`ExpectationError` when an explicit scope contains no
     layer the expectation could be judged on (``trains=pool`` where pool has no weights).
     """
-    kind = expectation.kind
-    name = expectation.name
     if expectation.scope is None:
         in_scope = [p for p in (r.path for r in layers) if p in observed]
     else:
         wanted = expectation.scope.paths(layers)
         in_scope = [r.path for r in layers if r.path in wanted and r.path in observed]
-
-    if kind.about_batchnorm:
-        bns = [observed[p] for p in in_scope if observed[p].is_batchnorm]
-        if expectation.scope is not None and not bns:
-            raise ExpectationError(
-                f"{_where(expectation)}{name}: the layers it names include no "
-                "BatchNormalization layer."
-            )
-        if kind is ExpectKind.BN_FROZEN_STATS:
-            return tuple(
-                Failure(name, o.path, "inference, gamma/beta train", _frozen_stats_mode(o))
-                for o in bns
-                if o.normalizes_with is not Normalization.MOVING or o.trains_weights is not True
-            )
-        want = Normalization.MOVING if kind is ExpectKind.BN_INFERENCE else Normalization.BATCH
-        return tuple(
-            Failure(name, o.path, _mode(want), _mode(o.normalizes_with))
-            for o in bns
-            if o.normalizes_with is not want
-        )
-
+    if expectation.kind.about_batchnorm:
+        return _evaluate_batchnorm(expectation, [observed[p] for p in in_scope])
     weighted = [observed[p] for p in in_scope if observed[p].trains_weights is not None]
-    if kind in (ExpectKind.TRAINS, ExpectKind.FROZEN):
-        if expectation.scope is not None and not weighted:
-            raise ExpectationError(
-                f"{_where(expectation)}{name}: the layers it names have no weights, so they "
-                "neither train nor stay frozen."
-            )
-        want_trains = kind is ExpectKind.TRAINS
-        return tuple(
-            Failure(
-                name,
-                o.path,
-                "trains" if want_trains else "frozen",
-                "trains" if o.trains_weights else "frozen",
-            )
-            for o in weighted
-            if o.trains_weights is not want_trains
-        )
+    if expectation.kind in (ExpectKind.TRAINS, ExpectKind.FROZEN):
+        return _evaluate_trains(expectation, weighted)
+    return _evaluate_count(expectation, weighted)
 
+
+def _evaluate_batchnorm(expectation: Expectation, in_scope: list[Observed]) -> tuple[Failure, ...]:
+    """``bn-inference``, ``bn-train``, ``bn-frozen-stats``: each BN layer in scope."""
+    kind, name = expectation.kind, expectation.name
+    bns = [o for o in in_scope if o.is_batchnorm]
+    if expectation.scope is not None and not bns:
+        raise ExpectationError(
+            f"{_where(expectation)}{name}: the layers it names include no BatchNormalization layer."
+        )
+    if kind is ExpectKind.BN_FROZEN_STATS:
+        return tuple(
+            Failure(name, o.path, "inference, gamma/beta train", _frozen_stats_mode(o))
+            for o in bns
+            if o.normalizes_with is not Normalization.MOVING or o.trains_weights is not True
+        )
+    want = Normalization.MOVING if kind is ExpectKind.BN_INFERENCE else Normalization.BATCH
+    return tuple(
+        Failure(name, o.path, _mode(want), _mode(o.normalizes_with))
+        for o in bns
+        if o.normalizes_with is not want
+    )
+
+
+def _evaluate_trains(expectation: Expectation, weighted: list[Observed]) -> tuple[Failure, ...]:
+    """``trains=...``, ``frozen=...``: each layer with weights in scope."""
+    name = expectation.name
+    if expectation.scope is not None and not weighted:
+        raise ExpectationError(
+            f"{_where(expectation)}{name}: the layers it names have no weights, so they "
+            "neither train nor stay frozen."
+        )
+    want_trains = expectation.kind is ExpectKind.TRAINS
+    return tuple(
+        Failure(
+            name,
+            o.path,
+            "trains" if want_trains else "frozen",
+            "trains" if o.trains_weights else "frozen",
+        )
+        for o in weighted
+        if o.trains_weights is not want_trains
+    )
+
+
+def _evaluate_count(expectation: Expectation, weighted: list[Observed]) -> tuple[Failure, ...]:
+    """``min-training=N``, ``max-training=N``: how many layers with weights train."""
+    kind, name = expectation.kind, expectation.name
     training = sum(1 for o in weighted if o.trains_weights)
     count = expectation.count if expectation.count is not None else 0
     if kind is ExpectKind.MIN_TRAINING and training < count:

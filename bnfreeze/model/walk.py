@@ -190,12 +190,40 @@ def _walk_layer(
     out: list[LayerRecord],
     source: str,
 ) -> None:
+    class_name, config, name = _layer_parts(layer, parent, depth, len(out), source)
+    record = _record(layer, class_name, config, name, config_path, prefix, parent, depth, source)
+    out.append(record)
+    path = record.path
+    if record.kind is LayerKind.CONTAINER and config.get("layers") is not None:
+        _walk_list(
+            config["layers"],
+            (*config_path, "config", "layers"),
+            path + "/",
+            path,
+            depth + 1,
+            out,
+            source,
+        )
+    elif record.kind is LayerKind.WRAPPER:
+        for key in WRAPPED_LAYER_KEYS:
+            inner = config.get(key)
+            if isinstance(inner, dict):
+                _walk_layer(
+                    inner, (*config_path, "config", key), path + "/", path, depth + 1, out, source
+                )
+
+
+def _layer_parts(
+    layer: Any, parent: str | None, depth: int, walked: int, source: str
+) -> tuple[str, dict[str, Any], str]:
+    """A layer's class name, config and name, or a ModelFormatError that says which is
+    missing (or that the model is nested too deep or has too many layers)."""
     where = parent or "the model"
     if depth > MAX_NESTING_DEPTH:
         raise ModelFormatError(
             f"{source}: models nested more than {MAX_NESTING_DEPTH} deep; refusing to walk it."
         )
-    if len(out) >= MAX_LAYERS:
+    if walked >= MAX_LAYERS:
         raise ModelFormatError(f"{source}: more than {MAX_LAYERS} layers; refusing to walk it.")
     if not isinstance(layer, dict):
         raise ModelFormatError(f"{source}: a layer of {where} is not an object.")
@@ -208,51 +236,47 @@ def _walk_layer(
     name = config.get("name", layer.get("name"))
     if not isinstance(name, str) or not name:
         raise ModelFormatError(f"{source}: a {class_name} layer in {where} has no name.")
+    return class_name, config, name
+
+
+def _record(
+    layer: dict[str, Any],
+    class_name: str,
+    config: dict[str, Any],
+    name: str,
+    config_path: tuple[str | int, ...],
+    prefix: str,
+    parent: str | None,
+    depth: int,
+    source: str,
+) -> LayerRecord:
+    """The record of one layer, as its config says it."""
     path = prefix + name
     kind = classify(layer)
     trainable = _flag(config, source, f"layer {path!r}")
     if trainable is None and kind is not LayerKind.INPUT and not is_operation(layer):
         trainable = True  # Keras's default when the key is absent
     module = layer.get("module")
-    out.append(
-        LayerRecord(
-            path=path,
-            name=name,
-            class_name=class_name,
-            kind=kind,
-            depth=depth,
-            parent=parent,
-            trainable=trainable,
-            call_kwargs=call_kwargs(layer),
-            config_path=config_path,
-            synchronized=config.get("synchronized") is True,
-            scale=config.get("scale") is not False,
-            center=config.get("center") is not False,
-            renorm=config.get("renorm") is True,
-            momentum=_momentum(config) if kind is LayerKind.BATCHNORM else None,
-            module=module if isinstance(module, str) else None,
-            # bnfreeze's own subclass is a known class, not a custom one.
-            custom=not is_builtin(layer) and not is_frozen_stats(layer),
-            frozen_stats=is_frozen_stats(layer),
-        )
+    return LayerRecord(
+        path=path,
+        name=name,
+        class_name=class_name,
+        kind=kind,
+        depth=depth,
+        parent=parent,
+        trainable=trainable,
+        call_kwargs=call_kwargs(layer),
+        config_path=config_path,
+        synchronized=config.get("synchronized") is True,
+        scale=config.get("scale") is not False,
+        center=config.get("center") is not False,
+        renorm=config.get("renorm") is True,
+        momentum=_momentum(config) if kind is LayerKind.BATCHNORM else None,
+        module=module if isinstance(module, str) else None,
+        # bnfreeze's own subclass is a known class, not a custom one.
+        custom=not is_builtin(layer) and not is_frozen_stats(layer),
+        frozen_stats=is_frozen_stats(layer),
     )
-    if kind is LayerKind.CONTAINER and config.get("layers") is not None:
-        _walk_list(
-            config["layers"],
-            (*config_path, "config", "layers"),
-            path + "/",
-            path,
-            depth + 1,
-            out,
-            source,
-        )
-    elif kind is LayerKind.WRAPPER:
-        for key in WRAPPED_LAYER_KEYS:
-            inner = config.get(key)
-            if isinstance(inner, dict):
-                _walk_layer(
-                    inner, (*config_path, "config", key), path + "/", path, depth + 1, out, source
-                )
 
 
 def ancestors(layers: tuple[LayerRecord, ...], record: LayerRecord) -> Iterator[LayerRecord]:

@@ -7,9 +7,9 @@ what the writer will write and the result it will report (what a dry run shows).
 :func:`commit` writes it atomically (:func:`bnfreeze.formats.atomic.atomic_file`), verified
 by re-reading, and returns the :class:`~bnfreeze.ops.request.EditResult`.
 
-The route refuses what a config cannot carry (:func:`config_route_limit`,
-:func:`custom_batchnorm_limit`, :func:`code_built_limit`): with ``--engine auto`` the request
-then goes to its ``fallback`` route, the Keras engine.
+The route refuses what a config cannot carry (:mod:`bnfreeze.ops.config_limits`:
+``config_route_limit``, ``custom_batchnorm_limit``, ``code_built_limit``): with
+``--engine auto`` the request then goes to its ``fallback`` route, the Keras engine.
 
 Semantics (docs/semantics.md, rules 4-6). Containers are never edited alone: every selected
 leaf is edited, because a container's flag does not propagate when Keras loads a saved model.
@@ -24,8 +24,6 @@ the count happens to match).
 from __future__ import annotations
 
 import contextlib
-import re
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,6 +33,7 @@ from bnfreeze.model import modes
 from bnfreeze.model.assignments import (
     Assignment,
     Change,
+    Flags,
     apply_to_config,
     assign,
     changes,
@@ -50,6 +49,7 @@ from bnfreeze.model.records import (
     ModelFormat,
     Report,
 )
+from bnfreeze.ops.config_limits import code_built_limit, config_route_limit, custom_batchnorm_limit
 from bnfreeze.ops.edit_warnings import edit_warnings
 from bnfreeze.ops.optimizer_state import (
     OptimizerPlan,
@@ -229,12 +229,7 @@ def plan_edit(
     model = with_weights(model)
     writer = writer_for(model.format)
     assert writer is not None  # config_route_limit() checked
-    before = current_flags(layers)
-    without_flag = {r.path for r in layers if r.kind is not LayerKind.INPUT} - {
-        r.path for r in editable(model.config, layers)
-    }
-    after = assign(layers, before, selected, request.assignment, without_flag=without_flag)
-    changed = changes(layers, before, after)
+    after, changed = _new_flags(request, model, layers, selected)
     new_config = apply_to_config(model.config, layers, after) if changed else model.config
     bn_config_changes = 0
     if request.bn_config:
@@ -243,16 +238,7 @@ def plan_edit(
         new_config, bn_config_changes = apply_bn_config(
             new_config, layers, request.bn_config, model.format, model.path
         )
-    model_trainable = _model_trainable(model.config)
-    states_before = _states(model, layers, model_trainable)
-    states_after = _states(model, records_with_flags(layers, after), model_trainable)
-    optimizer_plan = plan_optimizer_state(
-        model,
-        states_before,
-        states_after,
-        request.loading.optimizer_state,
-        set_changed=trainable_layers(states_before) != trainable_layers(states_after),
-    )
+    optimizer_plan = _optimizer_plan(request, model, layers, after)
     write = WriteRequest(
         model=model, config=new_config, layers=layers, flags=after, drop_optimizer_state=False
     )
@@ -281,6 +267,38 @@ def plan_edit(
         # the input, still in place. A failure here must not cost the write: it is retried after.
         plan = replace(plan, report=_plan_report(plan, plan.predicted_dropped, re_find=False))
     return plan
+
+
+def _new_flags(
+    request: EditRequest,
+    model: ModelFile,
+    layers: tuple[LayerRecord, ...],
+    selected: tuple[LayerRecord, ...],
+) -> tuple[Flags, tuple[Change, ...]]:
+    """The flags after the edit, and what changed (layers whose config has no ``trainable``
+    key to set, such as operations, keep theirs)."""
+    before = current_flags(layers)
+    without_flag = {r.path for r in layers if r.kind is not LayerKind.INPUT} - {
+        r.path for r in editable(model.config, layers)
+    }
+    after = assign(layers, before, selected, request.assignment, without_flag=without_flag)
+    return after, changes(layers, before, after)
+
+
+def _optimizer_plan(
+    request: EditRequest, model: ModelFile, layers: tuple[LayerRecord, ...], after: Flags
+) -> OptimizerPlan:
+    """What happens to the saved optimizer state, from what trains before and after."""
+    model_trainable = _model_trainable(model.config)
+    states_before = _states(model, layers, model_trainable)
+    states_after = _states(model, records_with_flags(layers, after), model_trainable)
+    return plan_optimizer_state(
+        model,
+        states_before,
+        states_after,
+        request.loading.optimizer_state,
+        set_changed=trainable_layers(states_before) != trainable_layers(states_after),
+    )
 
 
 def commit(plan: ConfigPlan) -> EditResult:
@@ -340,96 +358,6 @@ def _plan_report(plan: ConfigPlan, dropped: int, *, re_find: bool) -> Report:
         re_find=re_find,
         path=plan.report_path,
         plan=plan.optimizer_plan,
-    )
-
-
-# -- what the config cannot carry -----------------------------------------------------------
-
-
-def config_route_limit(
-    model: ModelFile, layers: Sequence[LayerRecord], lists_layers: bool
-) -> str | None:
-    """Why the config route cannot edit ``model`` (None when it can), before selection."""
-    from bnfreeze.formats.writers.dispatch import writer_for
-
-    if writer_for(model.format) is None:
-        return f"bnfreeze does not rewrite {model.format.json_name} files without Keras"
-    if not lists_layers and str(model.config.get("class_name")) not in ("Functional", "Sequential"):
-        return "it is a subclassed model whose config does not list its layers"
-    return None
-
-
-def code_built_limit(model: ModelFile, selected: Sequence[LayerRecord]) -> str | None:
-    """Why the config route cannot edit ``selected`` of ``model`` (None when it can): layers
-    whose flags the saved config cannot carry.
-
-    * The file records flags bnfreeze set on such layers (``bnfreeze.json``): a config edit
-      would leave those records stale; the Keras engine rewrites them.
-    * A selected custom layer holds layers it builds in code (``self.bn1 =
-      BatchNormalization()``), which its weights show as groups below its own: Keras builds
-      them again on load with ``trainable=True``, whatever the custom layer's flag says
-      (README, "keras-hub and code-built models").
-    """
-    from bnfreeze.formats import recorded_flags
-
-    if model.format is ModelFormat.KERAS and recorded_flags.has_member(model.path):
-        return (
-            f"it records trainable flags Keras does not save ({recorded_flags.MEMBER}), "
-            "which only the Keras engine rewrites"
-        )
-    custom = [r for r in selected if r.custom]
-    if not custom:
-        return None
-    if model.weights is None:  # a .keras archive is read unindexed; index it only for this
-        from bnfreeze.formats.readers import with_weights
-
-        model = with_weights(model)
-    index = model.weights.variables if model.weights is not None else {}
-    holders = [r for r in custom if _holds_layers(r, index.get(r.path, ()))]
-    if not holders:
-        return None
-    names = ", ".join(f"{r.path} ({r.class_name})" for r in holders[:3])
-    return (
-        f"the custom layer(s) {names} hold layers built in code, whose trainable flags Keras "
-        "does not save"
-    )
-
-
-def _snake_case(name: str) -> str:
-    """Keras's ``naming.to_snake_case``: the group name it saves a layer of a list under."""
-    name = re.sub(r"\W+", "", name)
-    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
-    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
-
-
-def _holds_layers(record: LayerRecord, datasets: Sequence[str]) -> bool:
-    """Whether a layer's weight datasets sit in groups below its own group: Keras names that
-    group for the layer's class (``res_block``, ``res_block_1``), and a sublayer's variables
-    go below it (``layers/res_block/bn1/vars/0``). Only that positive evidence counts."""
-    own = re.compile(rf"{re.escape(_snake_case(record.class_name))}(_\d+)?")
-    for dataset in datasets:
-        group = dataset.rsplit("/vars/", 1)[0] if "/vars/" in dataset else dataset
-        if any(own.fullmatch(part) for part in group.strip("/").split("/")[:-1]):
-            return True
-    return False
-
-
-def custom_batchnorm_limit(assignment: Assignment, selected: Sequence[LayerRecord]) -> str | None:
-    """Why the config route cannot apply ``assignment`` to ``selected`` (None when it can).
-
-    When BN layers and other layers get different flags (``--bn-inference``, ``--train-bn``,
-    ``--keep-bn-inference``), a selected custom class might subclass BatchNormalization, which
-    only a loaded model can tell (``isinstance``, docs/semantics.md, rule 7).
-    """
-    if assignment.batchnorm == assignment.others:
-        return None
-    custom = [r for r in selected if r.kind is LayerKind.UNKNOWN]
-    if not custom:
-        return None
-    names = ", ".join(sorted({r.class_name for r in custom})[:3])
-    return (
-        f"the selection holds custom layer classes ({names}) that may subclass "
-        "BatchNormalization, which only a loaded model can tell"
     )
 
 

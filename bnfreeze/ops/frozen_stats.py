@@ -105,9 +105,8 @@ def convert_file(
 ) -> ConvertResult:
     """Convert the selected BN layers of the ``.keras`` archive ``path`` (every BN layer by
     default); see the module doc."""
-    from bnfreeze.formats.atomic import check_destination, write_atomically
     from bnfreeze.formats.readers import read_model
-    from bnfreeze.formats.writers.keras_zip import copy_raw, serialize_config
+    from bnfreeze.formats.writers.keras_zip import serialize_config
     from bnfreeze.model.selection import select
     from bnfreeze.model.walk import walk
     from bnfreeze.ops.inspect import inspect_model_file
@@ -126,12 +125,7 @@ def convert_file(
             hint="Save it as .keras first (keras.models.load_model, then model.save).",
         )
     if target is not None and not dry_run:
-        out = Path(target)
-        if out.suffix != ".keras":
-            raise OutputError(f"-o {out}: the output must end in .keras.")
-        check_destination(out)
-        if not in_place and out.exists() and out.samefile(source):
-            raise OutputError("-o names the input itself; use --in-place to rewrite it.")
+        check_keras_output(source, Path(target), in_place)
     walked = walk(model.config, model.path)
     selected = select(walked.layers, layers=layers, up_to=up_to, from_=from_layer)
     bn = tuple(r for r in selected if r.is_batchnorm)
@@ -143,41 +137,7 @@ def convert_file(
     output_bytes = None
     written = None
     if target is not None and not dry_run and (changes or not in_place):
-        with zipfile.ZipFile(source) as archive:
-            infos = archive.infolist()
-        if not any(i.filename == CONFIG for i in infos):
-            raise ModelFormatError(f"{source}: the archive has no {CONFIG}.")
-
-        def produce(tmp: Path) -> None:
-            with open(source, "rb") as src, zipfile.ZipFile(tmp, "w") as zout:
-                for info in infos:
-                    if info.filename == CONFIG:
-                        member = zipfile.ZipInfo(CONFIG, date_time=info.date_time)
-                        member.compress_type = info.compress_type
-                        member.external_attr = info.external_attr
-                        zout.writestr(member, raw)
-                    else:
-                        copy_raw(src, info, zout)
-
-        def verify(tmp: Path) -> None:
-            where = f"the written copy of {source}"
-            with zipfile.ZipFile(tmp) as out_zip:
-                got = {i.filename: i for i in out_zip.infolist()}
-                if list(got) != [i.filename for i in infos]:
-                    raise OutputError(f"{where} does not hold the input's members.")
-                for info in infos:
-                    if info.filename == CONFIG:
-                        if out_zip.read(CONFIG) != raw:
-                            raise OutputError(f"{where}: {CONFIG} is not the converted config.")
-                    elif (got[info.filename].CRC, got[info.filename].file_size) != (
-                        info.CRC,
-                        info.file_size,
-                    ):
-                        raise OutputError(f"{where}: {info.filename} differs from the input.")
-                if out_zip.testzip() is not None:
-                    raise OutputError(f"{where} fails its CRC check.")
-
-        output_bytes = write_atomically(target, produce, verify)
+        output_bytes = _write_config(source, target, raw)
         written = target
     if written is not None:
         report = inspect_model_file(read_model(written))
@@ -194,6 +154,61 @@ def convert_file(
         input_bytes=input_bytes,
         output_bytes=output_bytes,
     )
+
+
+def check_keras_output(source: Path, out: Path, in_place: bool) -> None:
+    """The output is a ``.keras`` path that can be written, and not the input unless
+    ``--in-place`` (``--bn-frozen-stats`` and ``recalibrate`` write ``.keras`` archives)."""
+    from bnfreeze.formats.atomic import check_destination
+
+    if out.suffix != ".keras":
+        raise OutputError(f"-o {out}: the output must end in .keras.")
+    check_destination(out)
+    if not in_place and out.exists() and out.samefile(source):
+        raise OutputError("-o names the input itself; use --in-place to rewrite it.")
+
+
+def _write_config(source: Path, target: str, raw: bytes) -> int:
+    """Write ``source`` to ``target`` atomically with ``raw`` as its ``config.json``, every
+    other member copied as stored; verified before it replaces ``target``. The size written."""
+    from bnfreeze.formats.atomic import write_atomically
+    from bnfreeze.formats.writers.keras_zip import copy_raw
+
+    with zipfile.ZipFile(source) as archive:
+        infos = archive.infolist()
+    if not any(i.filename == CONFIG for i in infos):
+        raise ModelFormatError(f"{source}: the archive has no {CONFIG}.")
+
+    def produce(tmp: Path) -> None:
+        with open(source, "rb") as src, zipfile.ZipFile(tmp, "w") as zout:
+            for info in infos:
+                if info.filename == CONFIG:
+                    member = zipfile.ZipInfo(CONFIG, date_time=info.date_time)
+                    member.compress_type = info.compress_type
+                    member.external_attr = info.external_attr
+                    zout.writestr(member, raw)
+                else:
+                    copy_raw(src, info, zout)
+
+    def verify(tmp: Path) -> None:
+        where = f"the written copy of {source}"
+        with zipfile.ZipFile(tmp) as out_zip:
+            got = {i.filename: i for i in out_zip.infolist()}
+            if list(got) != [i.filename for i in infos]:
+                raise OutputError(f"{where} does not hold the input's members.")
+            for info in infos:
+                if info.filename == CONFIG:
+                    if out_zip.read(CONFIG) != raw:
+                        raise OutputError(f"{where}: {CONFIG} is not the converted config.")
+                elif (got[info.filename].CRC, got[info.filename].file_size) != (
+                    info.CRC,
+                    info.file_size,
+                ):
+                    raise OutputError(f"{where}: {info.filename} differs from the input.")
+            if out_zip.testzip() is not None:
+                raise OutputError(f"{where} fails its CRC check.")
+
+    return write_atomically(target, produce, verify)
 
 
 def selected_frozen_stats(

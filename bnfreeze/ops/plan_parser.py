@@ -8,7 +8,6 @@ Plans ship inside the package, in ``bnfreeze/recipes/*.toml`` (package data, the
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import tomllib
@@ -17,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bnfreeze.errors import PlanError
+from bnfreeze.errors import BnfreezeError, PlanError
 from bnfreeze.model.expectations import Expectation, ExpectKind
 from bnfreeze.ops.phases import Phase, read_phase
+from bnfreeze.ops.plan_reader import PARAM_NAME, PlanValues, table_label
 from bnfreeze.ops.plan_schema import (
     EXPECT_ASSERTIONS,
     EXPECT_KEYS,
@@ -43,8 +43,6 @@ from bnfreeze.ops.plan_schema import type_name as _type
 #: The largest plan file read. Plans are a few hundred bytes; anything near this is a mistake.
 MAX_PLAN_BYTES = 1 * 2**20
 
-
-_PARAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 #: Where the hints send a user for the schema: what an installed bnfreeze has.
 SCHEMA_HINT = "See the shipped plans (bnfreeze plans) and bnfreeze's docs/plans.md for the schema."
@@ -90,16 +88,13 @@ def find_plan(spec: str | os.PathLike[str]) -> Path:
     )
 
 
-_PARAM_REF = re.compile(r"\$\{([^}]*)\}")
-
-
 def parse_sets(items: Sequence[str]) -> dict[str, str]:
     """``--set name=value`` options as a dict."""
     out: dict[str, str] = {}
     for item in items:
         name, sep, value = item.partition("=")
         name = name.strip()
-        if not sep or not _PARAM_NAME.match(name):
+        if not sep or not PARAM_NAME.match(name):
             raise PlanError(f"--set {item!r}: write NAME=VALUE, e.g. --set block=block_12_add.")
         out[name] = value
     return out
@@ -127,6 +122,19 @@ def load_plan(path: str | os.PathLike[str], params: Mapping[str, str] | None = N
     return parse_plan(text, str(p), params)
 
 
+def load_phases(
+    path: str | os.PathLike[str], params: Mapping[str, str] | None = None
+) -> tuple[Phase, ...]:
+    """The ``[[phase]]`` tables of a plan file or shipped plan, for ``bnfreeze.finetune``."""
+    plan = load_plan(path, params)
+    if not plan.phases:
+        raise BnfreezeError(
+            f"plan {plan.name or str(path)!r} has no [[phase]] tables; apply it with "
+            "bnfreeze apply, or give finetune a plan with phases (bnfreeze plans)."
+        )
+    return plan.phases
+
+
 def parse_plan(text: str, source: str = "<plan>", params: Mapping[str, str] | None = None) -> Plan:
     """Parse and validate plan text. Raises only :class:`PlanError`."""
     try:
@@ -135,85 +143,7 @@ def parse_plan(text: str, source: str = "<plan>", params: Mapping[str, str] | No
         raise PlanError(f"{source}: nested too deeply to be a plan.") from None
 
 
-class _Lines:
-    """Find the line of a table header or a key by scanning the text (tomllib has no
-    positions). Best effort: returns None when the layout is unusual (inline tables)."""
-
-    _HEADER = re.compile(r"^\s*\[\[?\s*([^\]]*?)\s*\]\]?")
-
-    def __init__(self, text: str) -> None:
-        self.lines = text.splitlines()
-        self.headers: list[tuple[int, str, bool]] = []  # (line number, name, is array)
-        for number, line in enumerate(self.lines, start=1):
-            match = self._HEADER.match(line)
-            if match and not _inside_string(line, match.start(1)):
-                array = line.lstrip().startswith("[[")
-                self.headers.append((number, match.group(1).replace('"', "").strip(), array))
-
-    def table(self, name: str, index: int | None = None) -> int | None:
-        """The header line of ``[name]``, or of the index-th ``[[name]]`` (0-based)."""
-        seen = 0
-        for number, header, array in self.headers:
-            if header != name:
-                continue
-            if index is None and not array:
-                return number
-            if index is not None and array:
-                if seen == index:
-                    return number
-                seen += 1
-        return None
-
-    def key(self, key: str, table: str | None, index: int | None = None) -> int | None:
-        """The line of ``key = ...`` inside a table (None: top level)."""
-        if table is None:
-            start, end = 1, (self.headers[0][0] - 1 if self.headers else len(self.lines))
-        else:
-            start_line = self.table(table, index)
-            if start_line is None:
-                return None
-            later = [n for n, _, _ in self.headers if n > start_line]
-            start, end = start_line, (later[0] - 1 if later else len(self.lines))
-        pattern = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*[=.]")
-        for number in range(start, end + 1):
-            if pattern.match(self.lines[number - 1]):
-                return number
-        return start if table is not None else None
-
-
-def _inside_string(line: str, pos: int) -> bool:
-    return line[:pos].count('"') % 2 == 1
-
-
-class _Parser:
-    def __init__(self, text: str, source: str, params: Mapping[str, str]) -> None:
-        self.text = text
-        self.source = source
-        self.overrides = dict(params)
-        self.lines = _Lines(text)
-        self.params: dict[str, str] = {}
-
-    # errors ---------------------------------------------------------------------------
-    def error(
-        self,
-        message: str,
-        *,
-        table: str | None = None,
-        index: int | None = None,
-        key: str | None = None,
-        hint: str | None = None,
-    ) -> PlanError:
-        line = None
-        if key is not None:
-            line = self.lines.key(key, table, index)
-        elif table is not None:
-            line = self.lines.table(table, index)
-        label = _label(table, index)
-        where = str(Where(self.source, line, label))
-        if key is not None:
-            where += f", key {key!r}" if label else f": key {key!r}"
-        return PlanError(f"{where}: {message}", hint=hint)
-
+class _Parser(PlanValues):
     # top level ------------------------------------------------------------------------
     def plan(self) -> Plan:
         if len(self.text) > MAX_PLAN_BYTES:
@@ -277,7 +207,7 @@ class _Parser:
         if not isinstance(params, dict):
             raise self.error("'params' must be a table: [params].", key="params")
         for name, value in params.items():
-            if not _PARAM_NAME.match(name):
+            if not PARAM_NAME.match(name):
                 raise self.error(
                     f"parameter name {name!r} must be letters, digits and underscores.",
                     table="params",
@@ -315,27 +245,41 @@ class _Parser:
         self.unknown_keys(table, RULE_KEYS, "rule", index)
         selector = self.selector(table, "rule", index)
         name = self.opt_str(table, "name", "rule", index)
-        trainable = table.get("trainable")
-        if trainable is not None and not isinstance(trainable, bool):
-            raise self.error(
-                f"must be true or false, not {_type(trainable)}.",
-                table="rule",
-                index=index,
-                key="trainable",
-            )
+        trainable = self.opt_bool(table, "trainable", "rule", index)
         bn_value = table.get("bn")
-        if bn_value is None:
-            bn = BnAction.FOLLOW
-        else:
-            bn = self.enum(BnAction, bn_value, "rule", index, "bn")
-        synchronized = table.get("synchronized")
-        if synchronized is not None and not isinstance(synchronized, bool):
-            raise self.error(
-                f"must be true or false, not {_type(synchronized)}.",
-                table="rule",
-                index=index,
-                key="synchronized",
-            )
+        bn = (
+            BnAction.FOLLOW
+            if bn_value is None
+            else self.enum(BnAction, bn_value, "rule", index, "bn")
+        )
+        synchronized = self.opt_bool(table, "synchronized", "rule", index)
+        self.check_rule_actions(index, selector, trainable, bn_value, bn, synchronized)
+        key_lines = tuple(
+            (key, line)
+            for key in ("trainable", "bn", "synchronized")
+            if key in table and (line := self.lines.key(key, "rule", index)) is not None
+        )
+        label = table_label("rule", index)
+        where = Where(self.source, self.lines.table("rule", index), label, key_lines)
+        return Rule(
+            selector=selector,
+            trainable=trainable,
+            bn=bn,
+            name=name,
+            where=where,
+            synchronized=synchronized,
+        )
+
+    def check_rule_actions(
+        self,
+        index: int,
+        selector: Selector,
+        trainable: bool | None,
+        bn_value: Any,
+        bn: BnAction,
+        synchronized: bool | None,
+    ) -> None:
+        """A rule does something, and nothing it cannot do."""
         if trainable is None and bn_value is None and synchronized is None:
             raise self.error(
                 'the rule has no action: give trainable = true/false, bn = "inference" | '
@@ -365,22 +309,6 @@ class _Parser:
                 index=index,
                 key="synchronized",
             )
-        key_lines = tuple(
-            (key, line)
-            for key in ("trainable", "bn", "synchronized")
-            if key in table and (line := self.lines.key(key, "rule", index)) is not None
-        )
-        where = Where(
-            self.source, self.lines.table("rule", index), _label("rule", index), key_lines
-        )
-        return Rule(
-            selector=selector,
-            trainable=trainable,
-            bn=bn,
-            name=name,
-            where=where,
-            synchronized=synchronized,
-        )
 
     def expectation(self, table: dict[str, Any], index: int) -> Expectation:
         self.unknown_keys(table, EXPECT_KEYS, "expect", index)
@@ -438,7 +366,7 @@ class _Parser:
             kind=kind,
             scope=None if selector.is_everything else selector,
             count=count,
-            source=str(Where(self.source, line, _label("expect", index))),
+            source=str(Where(self.source, line, table_label("expect", index))),
             label=name,
         )
 
@@ -446,7 +374,7 @@ class _Parser:
         return read_phase(self, table, index)
 
     def selector(self, table: dict[str, Any], kind: str, index: int) -> Selector:
-        label = _label(kind, index)
+        label = table_label(kind, index)
         key_lines = tuple(
             (key, line)
             for key in SELECTOR_KEYS
@@ -488,108 +416,3 @@ class _Parser:
             max_depth=max_depth,
             where=Where(self.source, self.lines.table(kind, index), label, key_lines),
         )
-
-    # values ---------------------------------------------------------------------------
-    def unknown_keys(
-        self, table: dict[str, Any], allowed: Sequence[str], kind: str | None, index: int | None
-    ) -> None:
-        for key in table:
-            if key in allowed:
-                continue
-            close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = (
-                f"Did you mean {close[0]!r}?" if close else (f"Allowed keys: {', '.join(allowed)}.")
-            )
-            raise self.error(f"unknown key {key!r}.", table=kind, index=index, key=key, hint=hint)
-
-    def substitute(self, value: str, kind: str | None, index: int | None, key: str) -> str:
-        def replace(match: re.Match[str]) -> str:
-            name = match.group(1)
-            if name not in self.params:
-                known = ", ".join(sorted(self.params)) or "none; declare them in [params]"
-                raise self.error(
-                    f"unknown parameter ${{{name}}} (parameters: {known}).",
-                    table=kind,
-                    index=index,
-                    key=key,
-                )
-            return self.params[name]
-
-        return _PARAM_REF.sub(replace, value)
-
-    def opt_str(
-        self, table: dict[str, Any], key: str, kind: str | None, index: int | None
-    ) -> str | None:
-        value = table.get(key)
-        if value is None:
-            return None
-        if not isinstance(value, str):
-            raise self.error(
-                f"must be a string, not {_type(value)}.", table=kind, index=index, key=key
-            )
-        return self.substitute(value, kind, index, key)
-
-    def layer_name(self, table: dict[str, Any], key: str, kind: str, index: int) -> str | None:
-        value = self.opt_str(table, key, kind, index)
-        if value is not None and not value.strip():
-            raise self.error("names no layer (empty).", table=kind, index=index, key=key)
-        return value
-
-    def patterns(
-        self, table: dict[str, Any], key: str, kind: str, index: int, check: Any
-    ) -> tuple[str, ...]:
-        value = table.get(key)
-        if value is None:
-            return ()
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list) or not items or not all(isinstance(v, str) for v in items):
-            raise self.error(
-                f"must be a string or a non-empty list of strings, not {_type(value)}.",
-                table=kind,
-                index=index,
-                key=key,
-            )
-        out = []
-        for item in items:
-            pattern = self.substitute(item, kind, index, key)
-            problem = check(pattern)
-            if problem:
-                raise self.error(problem, table=kind, index=index, key=key)
-            out.append(pattern)
-        return tuple(out)
-
-    def enum(self, cls: Any, value: Any, kind: str, index: int, key: str) -> Any:
-        choices = ", ".join(f'"{m.value}"' for m in cls)
-        if not isinstance(value, str):
-            raise self.error(
-                f"must be one of {choices}, not {_type(value)}.", table=kind, index=index, key=key
-            )
-        try:
-            return cls(value)
-        except ValueError:
-            raise self.error(
-                f"{value!r} is not one of {choices}.", table=kind, index=index, key=key
-            ) from None
-
-    def count(self, value: Any, kind: str, index: int, key: str) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise self.error(
-                f"must be a whole number >= 0, not {_type(value)}.",
-                table=kind,
-                index=index,
-                key=key,
-            )
-        return value
-
-    def opt_count(self, table: dict[str, Any], key: str, kind: str, index: int) -> int | None:
-        if key not in table:
-            return None
-        return self.count(table[key], kind, index, key)
-
-
-def _label(table: str | None, index: int | None) -> str | None:
-    if table is None:
-        return None
-    if index is None:
-        return f"[{table}]"
-    return f"{table} {index + 1}"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,7 +31,12 @@ from bnfreeze.errors import BnfreezeError, OutputError
 from bnfreeze.model.assignments import Assignment, Change
 from bnfreeze.model.records import Finding, LayerRecord, Normalization, Report, WarningCode
 from bnfreeze.model.selection import select
-from bnfreeze.ops.optimizer_state import OptimizerPlan, OptimizerState, OptimizerStateMode
+from bnfreeze.ops.optimizer_state import (
+    OptimizerPlan,
+    OptimizerState,
+    OptimizerStateMode,
+    parse_mode,
+)
 
 
 class Engine(enum.Enum):
@@ -54,6 +60,19 @@ class KerasModel(Protocol):
     def layers(self) -> Any: ...
 
     def compile(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+def check_model(value: Any) -> None:
+    """A Keras 3 ``keras.Model`` or a tf_keras ``tf_keras.Model``; never imports either (an
+    object of one exists only if the caller imported it)."""
+    for name in ("keras", "tf_keras"):
+        module = sys.modules.get(name)
+        if module is not None and isinstance(value, module.Model):
+            return
+    raise TypeError(
+        "expected a keras.Model, a tf_keras.Model or a path to a saved model, not "
+        f"{type(value).__name__}"
+    )
 
 
 @dataclass(frozen=True)
@@ -89,6 +108,18 @@ class Loading:
     custom_objects: str | Mapping[str, object] | None = None
     unsafe: bool = False
     optimizer_state: OptimizerStateMode = OptimizerStateMode.REMAP
+
+    @classmethod
+    def of(
+        cls,
+        engine: str,
+        custom_objects: str | Mapping[str, object] | None,
+        unsafe: bool,
+        optimizer_state: str | None,
+    ) -> Loading:
+        """The loading options as the CLI and the Python API spell them: ``engine`` a
+        name, ``optimizer_state`` a mode's name or None (``remap``)."""
+        return cls(Engine(engine), custom_objects, unsafe, parse_mode(optimizer_state))
 
 
 @dataclass(frozen=True)

@@ -90,8 +90,7 @@ def set_synchronized_file(
     from bnfreeze.formats.writers import WriteRequest
     from bnfreeze.formats.writers.dispatch import writer_for
     from bnfreeze.model.assignments import Assignment, current_flags
-    from bnfreeze.model.records import LayerKind, ModelFormat
-    from bnfreeze.model.selection import select
+    from bnfreeze.model.records import ModelFormat
     from bnfreeze.model.walk import walk
     from bnfreeze.ops.request import EditRequest, Output, check_output
 
@@ -114,26 +113,9 @@ def set_synchronized_file(
     if writer is None:
         raise BnfreezeError(f"{model.path}: bnfreeze cannot rewrite a {model.format.value} file.")
     walked = walk(model.config, model.path)
-    chosen = select(walked.layers, layers=tuple(layers)) if layers else walked.layers
-    bns = [r for r in chosen if r.kind is LayerKind.BATCHNORM and r.config_path]
-    if not bns:
-        raise SelectionError(
-            "the selection holds no BatchNormalization layer listed in the saved config."
-        )
-    new_config = copy.deepcopy(model.config)
-    changes = []
-    for record in bns:
-        node = _node(new_config, record.config_path)
-        inner = node.setdefault("config", {})
-        before = record.class_name == SYNC_CLASS or inner.get("synchronized") is True
-        after_class = "BatchNormalization" if record.class_name == SYNC_CLASS else record.class_name
-        if before == synchronized and after_class == record.class_name:
-            continue
-        node["class_name"] = after_class
-        inner["synchronized"] = synchronized
-        changes.append(
-            SyncChange(record.path, record.class_name, after_class, before, synchronized)
-        )
+    new_config, changes = _set_synchronized(
+        model.config, _batchnorm_layers(walked.layers, layers), synchronized
+    )
     input_bytes = _size(model.path)
     out = checked.output.path
     skip = dry_run or out is None or (in_place and not changes)
@@ -151,6 +133,42 @@ def set_synchronized_file(
 
     size = write_atomically(out, produce, lambda tmp: _verify(writer, request, tmp, changes))
     return SyncResult(model.path, out, False, synchronized, tuple(changes), input_bytes, size)
+
+
+def _batchnorm_layers(walked: Sequence[Any], layers: Sequence[str]) -> list[Any]:
+    """The BN layers of the saved config that ``layers`` selects (all of them when empty)."""
+    from bnfreeze.model.records import LayerKind
+    from bnfreeze.model.selection import select
+
+    chosen = select(walked, layers=tuple(layers)) if layers else walked
+    bns = [r for r in chosen if r.kind is LayerKind.BATCHNORM and r.config_path]
+    if not bns:
+        raise SelectionError(
+            "the selection holds no BatchNormalization layer listed in the saved config."
+        )
+    return bns
+
+
+def _set_synchronized(
+    config: dict[str, Any], bns: Sequence[Any], synchronized: bool
+) -> tuple[dict[str, Any], list[SyncChange]]:
+    """A copy of ``config`` with ``synchronized`` set on ``bns`` (a tf_keras
+    ``SyncBatchNormalization`` becomes ``BatchNormalization``), and what changed."""
+    new_config = copy.deepcopy(config)
+    changes = []
+    for record in bns:
+        node = _node(new_config, record.config_path)
+        inner = node.setdefault("config", {})
+        before = record.class_name == SYNC_CLASS or inner.get("synchronized") is True
+        after_class = "BatchNormalization" if record.class_name == SYNC_CLASS else record.class_name
+        if before == synchronized and after_class == record.class_name:
+            continue
+        node["class_name"] = after_class
+        inner["synchronized"] = synchronized
+        changes.append(
+            SyncChange(record.path, record.class_name, after_class, before, synchronized)
+        )
+    return new_config, changes
 
 
 def _verify(writer: Any, request: Any, written: Path, changes: Sequence[SyncChange]) -> None:

@@ -144,6 +144,15 @@ def summary(report: Report) -> Table:
         f"{report.runtime.value} (predicted from the file"
         + ("; layers built by code asked of Keras)" if asked else ")"),
     )
+    _batchnorm_rows(grid, report)
+    grid.add_row("Weights", _weights_line(report))
+    if not report.model_trainable:
+        grid.add_row("Model", Text("trainable=False: fit() trains no weights", style=STYLE_FROZEN))
+    return grid
+
+
+def _batchnorm_rows(grid: Table, report: Report) -> None:
+    """What the BN layers do in fit(), and how many were built by code."""
     bn_line = Text(f"{_plural(len(report.batchnorm), 'BN layer')}: ")
     bn_line.append(f"{report.bn_training_in_fit} training", style=STYLE_TRAINING)
     bn_line.append(", ")
@@ -170,6 +179,10 @@ def summary(report: Report) -> Table:
                 style=STYLE_NONE,
             ),
         )
+
+
+def _weights_line(report: Report) -> Text:
+    """How many layers train their weights in fit(), and how many stay frozen."""
     trains = sum(1 for s in report.layers if s.in_fit.trains_weights)
     frozen = sum(1 for s in report.layers if s.in_fit.trains_weights is False)
     weights = Text()
@@ -180,10 +193,7 @@ def summary(report: Report) -> Table:
     weights.append(", ")
     weights.append(f"{frozen} frozen", style=STYLE_FROZEN if frozen else "")
     weights.append(f" in fit() ({_plural(len(report.layers), 'layer')} in all)")
-    grid.add_row("Weights", weights)
-    if not report.model_trainable:
-        grid.add_row("Model", Text("trainable=False: fit() trains no weights", style=STYLE_FROZEN))
-    return grid
+    return weights
 
 
 def keras_hub_line(hub: KerasHub) -> str:

@@ -325,9 +325,7 @@ def layer_dict(m: LayerMeasurement, state: LayerState | None) -> dict[str, Any]:
 
 
 def verify_dict(report: VerifyReport) -> dict[str, Any]:
-    setup = report.setup
-    bns = report.batchnorm
-    weighted = [m for m in report.layers if m.trains_weights is not None]
+    """The ``verify --json`` document (``bnfreeze/schemas/verify.schema.json``)."""
     states = {s.layer.path: s for s in report.prediction.layers} if report.prediction else {}
     return {
         "schema_version": SCHEMA_VERSION,
@@ -336,41 +334,8 @@ def verify_dict(report: VerifyReport) -> dict[str, Any]:
             report.prediction.model if report.prediction is not None else None, report.path
         ),
         "runtime": measured_runtime_dict(report.runtime),
-        "run": {
-            "steps": setup.steps,
-            "batch_size": setup.batch_size,
-            "execution": setup.execution,
-            "data": {
-                "source": setup.data_source.value,
-                "path": setup.data_path,
-                "seed": setup.seed,
-                "input_shapes": [list(s) for s in setup.input_shapes],
-            },
-            "compile": {
-                "source": setup.compile_source.value,
-                "optimizer": setup.optimizer,
-                "loss": setup.loss,
-                "reason": setup.reason,
-            },
-        },
-        "summary": {
-            "batchnorm": len(bns),
-            "bn_stats_moved": report.bn_stats_moved,
-            "bn_stats_unchanged": sum(1 for m in bns if m.moving_stats is Movement.UNCHANGED),
-            "bn_mode_not_measured": sum(1 for m in bns if not m.mode_measured),
-            "bn_training": sum(1 for m in bns if m.normalizes_with is Normalization.BATCH),
-            "bn_inference": sum(1 for m in bns if m.normalizes_with is Normalization.MOVING),
-            "layers_trained": sum(1 for m in weighted if m.trains_weights),
-            "layers_frozen": sum(1 for m in weighted if not m.trains_weights),
-            "compared": report.prediction is not None,
-            "layers_measured": len(report.layers),
-            "layers_compared": report.layers_compared,
-            "bn_not_compared": len(report.bn_not_compared),
-            "checks": report.checks,
-            "disagreements": len(report.disagreements),
-            "agree": report.agree,
-            "expectations_hold": report.expectations_hold,
-        },
+        "run": run_dict(report.setup),
+        "summary": summary_dict(report),
         "layers": [layer_dict(m, states.get(m.path)) for m in report.layers],
         "disagreements": [
             {
@@ -397,6 +362,51 @@ def verify_dict(report: VerifyReport) -> dict[str, Any]:
         "bn_not_compared": list(report.bn_not_compared),
         "bn_not_called": list(report.bn_not_called),
         "notes": list(report.notes),
+    }
+
+
+def run_dict(setup: TrainingSetup) -> dict[str, Any]:
+    """How the measured steps ran: their number and batch size, the data, the compile."""
+    return {
+        "steps": setup.steps,
+        "batch_size": setup.batch_size,
+        "execution": setup.execution,
+        "data": {
+            "source": setup.data_source.value,
+            "path": setup.data_path,
+            "seed": setup.seed,
+            "input_shapes": [list(s) for s in setup.input_shapes],
+        },
+        "compile": {
+            "source": setup.compile_source.value,
+            "optimizer": setup.optimizer,
+            "loss": setup.loss,
+            "reason": setup.reason,
+        },
+    }
+
+
+def summary_dict(report: VerifyReport) -> dict[str, Any]:
+    """The counts of the measurement and of its comparison with the prediction."""
+    bns = report.batchnorm
+    weighted = [m for m in report.layers if m.trains_weights is not None]
+    return {
+        "batchnorm": len(bns),
+        "bn_stats_moved": report.bn_stats_moved,
+        "bn_stats_unchanged": sum(1 for m in bns if m.moving_stats is Movement.UNCHANGED),
+        "bn_mode_not_measured": sum(1 for m in bns if not m.mode_measured),
+        "bn_training": sum(1 for m in bns if m.normalizes_with is Normalization.BATCH),
+        "bn_inference": sum(1 for m in bns if m.normalizes_with is Normalization.MOVING),
+        "layers_trained": sum(1 for m in weighted if m.trains_weights),
+        "layers_frozen": sum(1 for m in weighted if not m.trains_weights),
+        "compared": report.prediction is not None,
+        "layers_measured": len(report.layers),
+        "layers_compared": report.layers_compared,
+        "bn_not_compared": len(report.bn_not_compared),
+        "checks": report.checks,
+        "disagreements": len(report.disagreements),
+        "agree": report.agree,
+        "expectations_hold": report.expectations_hold,
     }
 
 

@@ -142,32 +142,16 @@ def build_batches(
     import numpy as np
 
     specs = _input_specs(model, file_config)
-    names = [n for n, _, _ in specs]
     notes: list[str] = []
-    rng = np.random.default_rng(seed)
     given_ys: list[Any] | None = None
     if arrays is not None:
-        inputs = _pick(arrays, "x", names)
-        if inputs is None:
-            wanted = "x" if len(names) == 1 else f"x0..x{len(names) - 1} or {', '.join(names)}"
-            raise DataError(
-                f"--data {data}: no inputs found; it holds {', '.join(sorted(arrays))}, "
-                f"the model needs {wanted}."
-            )
-        inputs = [_check_array(a, spec, data) for a, spec in zip(inputs, specs, strict=True)]
-        count = min(len(a) for a in inputs)
-        if count == 0:
-            raise DataError(f"--data {data}: the inputs hold no samples.")
-        rows = [np.arange(i * batch_size, (i + 1) * batch_size) % count for i in range(steps)]
-        xs = [_structure(model, [a[r] for a in inputs]) for r in rows]
-        output_names = _output_names(model)
-        targets = _pick(arrays, "y", output_names)
-        if targets is not None:
-            given_ys = [[t[r] for t in targets] for r in rows]
+        xs, given_ys = _given_batches(model, arrays, data, specs, steps, batch_size)
     else:
-        xs = []
-        for _ in range(steps):
-            xs.append(_structure(model, [_synthetic(rng, spec, batch_size) for spec in specs]))
+        rng = np.random.default_rng(seed)
+        xs = [
+            _structure(model, [_synthetic(rng, spec, batch_size) for spec in specs])
+            for _ in range(steps)
+        ]
         if any(d is None for _, shape, _ in specs for d in shape):
             notes.append(f"input dimensions the model leaves open were set to {OPEN_DIMENSION}.")
     first = xs[0]
@@ -177,7 +161,46 @@ def build_batches(
         else (first if isinstance(first, list) else [first])
     )
     input_shapes = tuple(tuple(int(d) for d in a.shape) for a in flat)
-    target_rng = np.random.default_rng(seed + 1)
+    ys_for = _targets(keras, model, first, input_shapes, steps, np.random.default_rng(seed + 1))
+    return Batches(xs, ys_for, input_shapes, notes, given_ys)
+
+
+def _given_batches(
+    model: Any,
+    arrays: Mapping[str, Any],
+    data: Any,
+    specs: Sequence[Any],
+    steps: int,
+    batch_size: int,
+) -> tuple[list[Any], list[Any] | None]:
+    """The batches cut from ``--data`` (cycling over its samples), and its targets when it
+    holds them (``y``, ``y0``... or the model's output names)."""
+    import numpy as np
+
+    names = [n for n, _, _ in specs]
+    inputs = _pick(arrays, "x", names)
+    if inputs is None:
+        wanted = "x" if len(names) == 1 else f"x0..x{len(names) - 1} or {', '.join(names)}"
+        raise DataError(
+            f"--data {data}: no inputs found; it holds {', '.join(sorted(arrays))}, "
+            f"the model needs {wanted}."
+        )
+    inputs = [_check_array(a, spec, data) for a, spec in zip(inputs, specs, strict=True)]
+    count = min(len(a) for a in inputs)
+    if count == 0:
+        raise DataError(f"--data {data}: the inputs hold no samples.")
+    rows = [np.arange(i * batch_size, (i + 1) * batch_size) % count for i in range(steps)]
+    xs = [_structure(model, [a[r] for a in inputs]) for r in rows]
+    targets = _pick(arrays, "y", _output_names(model))
+    given_ys = [[t[r] for t in targets] for r in rows] if targets is not None else None
+    return xs, given_ys
+
+
+def _targets(
+    keras: Any, model: Any, first: Any, input_shapes: Any, steps: int, target_rng: Any
+) -> Callable[[str], list[Any]]:
+    """``ys_for(policy)``: synthetic targets for every step, made once per policy (``model``:
+    of the kinds the model's loss expects; ``real``: real-valued)."""
     cache: dict[str, list[Any]] = {}
 
     def ys_for(policy: str) -> list[Any]:
@@ -202,7 +225,7 @@ def build_batches(
             ]
         return cache[policy]
 
-    return Batches(xs, ys_for, input_shapes, notes, given_ys)
+    return ys_for
 
 
 def is_object_detector(model: Any) -> bool:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bnfreeze.model.records import Normalization
+from bnfreeze.runtime.instance_calls import distinct_layers, replaced_calls
 
 
 @dataclass(frozen=True)
@@ -97,10 +98,8 @@ class BranchRecorder:
     """
 
     def __init__(self, layers: Mapping[str, Any]) -> None:
-        self._layers: dict[int, tuple[str, Any]] = {}
-        for path, layer in layers.items():
-            self._layers.setdefault(id(layer), (path, layer))
-        self._counts: dict[str, list[int]] = {p: [0, 0, 0] for p, _ in self._layers.values()}
+        self._layers = distinct_layers(layers)
+        self._counts: dict[str, list[int]] = {p: [0, 0, 0] for p in self._layers}
         self._symbolic = _symbolic_scope()
 
     def _record(self, path: str, layer: Any, training: Any) -> None:
@@ -135,23 +134,10 @@ class BranchRecorder:
 
     @contextmanager
     def active(self) -> Iterator[BranchRecorder]:
-        """Wrap every layer's ``call`` on the instance; restore it on exit, whatever happens.
-
-        The attribute is set with ``object.__setattr__`` so that Keras's attribute tracking
-        never sees it."""
-        saved: list[tuple[Any, bool, Any]] = []
-        try:
-            for path, layer in self._layers.values():
-                own = "call" in vars(layer)
-                saved.append((layer, own, vars(layer).get("call")))
-                object.__setattr__(layer, "call", self._wrap(path, layer))
+        """Wrap every layer's ``call`` on the instance; restore it on exit, whatever happens
+        (:func:`bnfreeze.runtime.instance_calls.replaced_calls`)."""
+        with replaced_calls(self._layers, self._wrap):
             yield self
-        finally:
-            for layer, own, previous in saved:
-                if own:
-                    object.__setattr__(layer, "call", previous)
-                else:
-                    object.__delattr__(layer, "call")
 
     def branches(self) -> dict[str, Branch]:
         return {

@@ -38,33 +38,15 @@ def compare(
     BN layer that no check compares (inspect did not predict it) is a failed comparison
     (:attr:`VerifyReport.bn_not_compared`), so the report never agrees on it.
     """
-    checks = 0
-    disagreements: list[Disagreement] = []
     predicted: dict[str, LayerState] = (
         {s.layer.path: s for s in prediction.layers} if prediction is not None else {}
     )
     if prediction is not None:
         # "In the file" means inspect lists it: from the config, or from the weights.
         measured = [replace(m, in_file=m.path in predicted) for m in measured]
-    bn_not_compared: list[str] = []
-    bn_not_called: list[str] = []
-    for m in measured:
-        if m.not_called:
-            # Never called in the steps: no branch was taken and nothing can be compared.
-            bn_not_called.append(m.path)
-            continue
-        state = predicted.get(m.path)
-        pairs = list(_pairs(m, state)) if state is not None else []
-        deliberate = state is not None and state.layer.call_decided_by is not None
-        if m.is_batchnorm and prediction is not None and not pairs and not deliberate:
-            # Measured but not predicted: never counted as agreement. A BN that a custom
-            # wrapper calls is listed with its mode left unknown, on purpose: its measured
-            # mode is reported, not judged.
-            bn_not_compared.append(m.path)
-        for aspect, said, did in pairs:
-            checks += 1
-            if not _agrees(aspect, said, did):
-                disagreements.append(Disagreement(m.path, aspect, said, did))
+    checks, disagreements, bn_not_compared, bn_not_called = _compare_layers(
+        measured, predicted, prediction is not None
+    )
     measured_paths = {m.path for m in measured}
     not_in_file = tuple(
         m.path for m in measured if prediction is not None and m.path not in predicted
@@ -90,6 +72,35 @@ def compare(
         bn_not_compared=tuple(bn_not_compared),
         bn_not_called=tuple(bn_not_called),
     )
+
+
+def _compare_layers(
+    measured: Sequence[LayerMeasurement], predicted: dict[str, LayerState], compared: bool
+) -> tuple[int, list[Disagreement], list[str], list[str]]:
+    """Each measured layer against its prediction: the number of checks, the disagreements,
+    the BN layers no check compares and those never called."""
+    checks = 0
+    disagreements: list[Disagreement] = []
+    bn_not_compared: list[str] = []
+    bn_not_called: list[str] = []
+    for m in measured:
+        if m.not_called:
+            # Never called in the steps: no branch was taken and nothing can be compared.
+            bn_not_called.append(m.path)
+            continue
+        state = predicted.get(m.path)
+        pairs = list(_pairs(m, state)) if state is not None else []
+        deliberate = state is not None and state.layer.call_decided_by is not None
+        if m.is_batchnorm and compared and not pairs and not deliberate:
+            # Measured but not predicted: never counted as agreement. A BN that a custom
+            # wrapper calls is listed with its mode left unknown, on purpose: its measured
+            # mode is reported, not judged.
+            bn_not_compared.append(m.path)
+        for aspect, said, did in pairs:
+            checks += 1
+            if not _agrees(aspect, said, did):
+                disagreements.append(Disagreement(m.path, aspect, said, did))
+    return checks, disagreements, bn_not_compared, bn_not_called
 
 
 def _agrees(aspect: Aspect, said: bool, did: Movement | Normalization) -> bool:

@@ -29,7 +29,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from bnfreeze.errors import RuntimeUnavailableError
+from bnfreeze.errors import BnfreezeError, RuntimeUnavailableError
 from bnfreeze.model.measured import BACKEND_PACKAGES, RuntimeInfo
 from bnfreeze.model.records import Runtime
 
@@ -158,6 +158,25 @@ def is_compiled(model: Any) -> bool:
     """Whether a live model is compiled: Keras 3 says ``model.compiled``, tf_keras (Keras 2)
     only ``model._is_compiled``."""
     return bool(getattr(model, "compiled", False) or getattr(model, "_is_compiled", False))
+
+
+def recompile_model(model: Any) -> Any:
+    """``bnfreeze.recompile``: compile ``model`` again with its own compile arguments and a
+    fresh optimizer of the same class and settings."""
+    optimizer = getattr(model, "optimizer", None)
+    if not is_compiled(model) or optimizer is None:
+        raise BnfreezeError(
+            f"model {model.name!r} is not compiled; call compile() on it yourself.",
+        )
+    arguments = dict(getattr(getattr(model, "_compile_config", None), "config", {}) or {})
+    if not arguments:
+        raise BnfreezeError(
+            f"model {model.name!r} does not record its compile() arguments; call compile() "
+            "yourself."
+        )
+    arguments["optimizer"] = optimizer.__class__.from_config(optimizer.get_config())
+    model.compile(**arguments)
+    return model
 
 
 def keras_module(runtime: Runtime = Runtime.KERAS3) -> ModuleType:

@@ -181,15 +181,7 @@ def explain(
     moving statistics, sets ``layer.trainable``, calls ``layer(image, training=...)`` once,
     and reads the output and the moving statistics back.
     """
-    import numpy as np
-
-    if image is None:
-        rng = np.random.default_rng(seed)
-        pixels = rng.integers(0, 10, size=IMAGE_SHAPE).astype("float32")
-        used_seed: int | None = seed
-    else:
-        pixels = np.asarray(image, dtype="float32").reshape(IMAGE_SHAPE)
-        used_seed = None
+    pixels, used_seed = _image(image, seed)
     setup = ExplainSetup(
         image=tuple(float(v) for v in pixels.ravel()),
         gamma=_per_channel(gamma, "gamma"),
@@ -224,6 +216,16 @@ def explain(
         rules_note=_rules_note(info),
         historical_note=HISTORICAL_NOTE,
     )
+
+
+def _image(image: Any, seed: int) -> tuple[Any, int | None]:
+    """The image the cases run on, and the seed it was drawn with (None: given)."""
+    import numpy as np
+
+    if image is None:
+        rng = np.random.default_rng(seed)
+        return rng.integers(0, 10, size=IMAGE_SHAPE).astype("float32"), seed
+    return np.asarray(image, dtype="float32").reshape(IMAGE_SHAPE), None
 
 
 def _rules_note(info: RuntimeInfo) -> str:

@@ -161,12 +161,32 @@ def _child(replicas: int) -> dict[str, Any]:
     except UnsupportedBackend as error:
         raise ExplainReplicasError(str(error)) from None
     import keras
-    import numpy as np
 
     if backend == "jax":
         devices = keras.distribution.list_devices()
         keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
     x = batch(replicas)
+    y = _targets(x, replicas)
+    cases: list[dict[str, Any]] = []
+    for synchronized in (False, True):
+        try:
+            if strategy is not None:
+                with strategy.scope():
+                    model = _build(keras, synchronized)
+            else:
+                model = _build(keras, synchronized)
+        except ValueError as exc:
+            cases.append({"synchronized": synchronized, "refused": str(exc)})
+            continue
+        cases.append(_case(model, x, y, synchronized))
+    engine = "MirroredStrategy" if strategy is not None else "DataParallel"
+    return {"backend": backend, "engine": engine, "cases": cases}
+
+
+def _targets(x: Any, replicas: int) -> Any:
+    """``x`` normalized per replica (the first CHANNELS columns) and over the whole batch
+    (the last CHANNELS), with the layer's gamma and beta."""
+    import numpy as np
 
     def normalized(a: Any) -> Any:
         return GAMMA * (a - a.mean(0)) / np.sqrt(a.var(0) + EPSILON) + BETA
@@ -174,54 +194,48 @@ def _child(replicas: int) -> dict[str, Any]:
     per_replica = np.concatenate(
         [normalized(x[r * PER_REPLICA : (r + 1) * PER_REPLICA]) for r in range(replicas)]
     )
-    y = np.concatenate([per_replica, normalized(x)], axis=1)
+    return np.concatenate([per_replica, normalized(x)], axis=1)
 
-    def build(synchronized: bool) -> Any:
-        inputs = keras.Input((CHANNELS,))
-        bn = keras.layers.BatchNormalization(
-            momentum=MOMENTUM,
-            epsilon=EPSILON,
-            gamma_initializer=keras.initializers.Constant(GAMMA),
-            beta_initializer=keras.initializers.Constant(BETA),
-            synchronized=synchronized,
-            name="bn",
-        )
-        h = bn(inputs)
-        model = keras.Model(inputs, keras.layers.Concatenate()([h, h]))
 
-        def to_per_replica(t: Any, p: Any) -> Any:
-            return keras.ops.mean(keras.ops.square(t[:, :CHANNELS] - p[:, :CHANNELS]))
+def _build(keras: Any, synchronized: bool) -> Any:
+    """One BN layer whose output is compared with both targets: the metrics say which it
+    normalized like."""
+    inputs = keras.Input((CHANNELS,))
+    bn = keras.layers.BatchNormalization(
+        momentum=MOMENTUM,
+        epsilon=EPSILON,
+        gamma_initializer=keras.initializers.Constant(GAMMA),
+        beta_initializer=keras.initializers.Constant(BETA),
+        synchronized=synchronized,
+        name="bn",
+    )
+    h = bn(inputs)
+    model = keras.Model(inputs, keras.layers.Concatenate()([h, h]))
 
-        def to_global(t: Any, p: Any) -> Any:
-            return keras.ops.mean(keras.ops.square(t[:, CHANNELS:] - p[:, CHANNELS:]))
+    def to_per_replica(t: Any, p: Any) -> Any:
+        return keras.ops.mean(keras.ops.square(t[:, :CHANNELS] - p[:, :CHANNELS]))
 
-        model.compile(keras.optimizers.SGD(0.0), "mse", metrics=[to_per_replica, to_global])
-        return model
+    def to_global(t: Any, p: Any) -> Any:
+        return keras.ops.mean(keras.ops.square(t[:, CHANNELS:] - p[:, CHANNELS:]))
 
-    cases: list[dict[str, Any]] = []
-    for synchronized in (False, True):
-        try:
-            if strategy is not None:
-                with strategy.scope():
-                    model = build(synchronized)
-            else:
-                model = build(synchronized)
-        except ValueError as exc:
-            cases.append({"synchronized": synchronized, "refused": str(exc)})
-            continue
-        h = model.fit(x, y, batch_size=len(x), epochs=1, verbose=0, shuffle=False).history
-        layer = model.get_layer("bn")
-        cases.append(
-            {
-                "synchronized": synchronized,
-                "distance_per_replica": float(h["to_per_replica"][0]),
-                "distance_global": float(h["to_global"][0]),
-                "moving_mean": float(np.asarray(layer.moving_mean.numpy())[0]),
-                "moving_variance": float(np.asarray(layer.moving_variance.numpy())[0]),
-            }
-        )
-    engine = "MirroredStrategy" if strategy is not None else "DataParallel"
-    return {"backend": backend, "engine": engine, "cases": cases}
+    model.compile(keras.optimizers.SGD(0.0), "mse", metrics=[to_per_replica, to_global])
+    return model
+
+
+def _case(model: Any, x: Any, y: Any, synchronized: bool) -> dict[str, Any]:
+    """One step of fit() on the whole batch: how far the output was from each target, and
+    the moving statistics it left."""
+    import numpy as np
+
+    h = model.fit(x, y, batch_size=len(x), epochs=1, verbose=0, shuffle=False).history
+    layer = model.get_layer("bn")
+    return {
+        "synchronized": synchronized,
+        "distance_per_replica": float(h["to_per_replica"][0]),
+        "distance_global": float(h["to_global"][0]),
+        "moving_mean": float(np.asarray(layer.moving_mean.numpy())[0]),
+        "moving_variance": float(np.asarray(layer.moving_variance.numpy())[0]),
+    }
 
 
 if __name__ == "__main__":

@@ -154,15 +154,9 @@ def run(
     epoch = 0
     for index, phase in enumerate(phases):
         label = phase_label(phase, index)
-        old = model.optimizer if index else None
-        old_slots = _slot_values(keras, model.optimizer) if old is not None else None
-        old_iterations = int(_value(old.iterations)) if old is not None else 0
-        declaration, records = set_flags(model, phase, label)
-        optimizer = _new_optimizer(keras, base, phase, model, records)
-        model.compile(**{**arguments, "optimizer": optimizer})
-        carry = None
-        if optimizer_state is OptimizerStateMode.CARRY and old_slots is not None:
-            carry = _carry(keras, model, optimizer, old_slots, old_iterations)
+        declaration, optimizer, carry = _start_phase(
+            keras, model, phase, index, label, arguments, base, optimizer_state, set_flags
+        )
         guard = BatchNormGuard(expect=declaration.expectations(), strict=strict)
         try:
             history = model.fit(
@@ -192,6 +186,32 @@ def run(
             )
         epoch += phase.epochs
     return FinetuneResult(model.name, optimizer_state, tuple(done))
+
+
+def _start_phase(
+    keras: Any,
+    model: Any,
+    phase: Phase,
+    index: int,
+    label: str,
+    arguments: dict[str, Any],
+    base: Any,
+    optimizer_state: OptimizerStateMode,
+    set_flags: SetFlags,
+) -> tuple[Declaration, Any, Any]:
+    """Set the phase's flags and compile the model with a new optimizer at the phase's
+    learning rate, carrying the previous phase's slots with ``carry``: the phase's
+    declaration, its optimizer and what was carried (None: nothing)."""
+    old = model.optimizer if index else None
+    old_slots = _slot_values(keras, model.optimizer) if old is not None else None
+    old_iterations = int(_value(old.iterations)) if old is not None else 0
+    declaration, records = set_flags(model, phase, label)
+    optimizer = _new_optimizer(keras, base, phase, model, records)
+    model.compile(**{**arguments, "optimizer": optimizer})
+    carry = None
+    if optimizer_state is OptimizerStateMode.CARRY and old_slots is not None:
+        carry = _carry(keras, model, optimizer, old_slots, old_iterations)
+    return declaration, optimizer, carry
 
 
 def _result(

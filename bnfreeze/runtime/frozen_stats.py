@@ -11,11 +11,13 @@ Keras traced before the change does not see it: a compiled model's next ``fit()`
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from bnfreeze.errors import SelectionError
-from bnfreeze.ops.frozen_stats import BnClass, ClassChange
+from bnfreeze.errors import BnfreezeError, RecompileWarning, SelectionError
+from bnfreeze.model.records import Finding, Runtime, WarningCode
+from bnfreeze.ops.frozen_stats import BnClass, ClassChange, ConvertResult
 
 
 def convert_live(
@@ -71,3 +73,60 @@ def convert_live(
         if not dry_run:
             layer.__class__ = new
     return tuple(p for p, _ in bn), tuple(changes)
+
+
+#: The frame the warning points at: the caller of bnfreeze.freeze, above convert_model,
+#: bnfreeze.api._frozen_stats and bnfreeze.freeze.
+_STACKLEVEL = 4
+
+
+def convert_model(
+    model: Any,
+    *,
+    layers: tuple[str, ...],
+    up_to: str | None,
+    dry_run: bool,
+    in_place: bool,
+    output: Any,
+) -> ConvertResult:
+    """``bnfreeze.freeze(model, bn_frozen_stats=True)`` on a live Keras 3 model: the selected
+    BN layers become ``FrozenStatsBatchNormalization`` in place (:func:`convert_live`), with a
+    :class:`~bnfreeze.errors.RecompileWarning` when the model is compiled."""
+    from bnfreeze.runtime.live import live_report, runtime_of
+    from bnfreeze.runtime.memory_route import TrainingState, training_state
+
+    if runtime_of(model) is Runtime.TF_KERAS:
+        raise BnfreezeError("bn_frozen_stats works on Keras 3 models; this is a tf_keras model.")
+    if output is not None or in_place:
+        raise BnfreezeError(
+            "bn_frozen_stats on an in-memory model changes it in place; save it with "
+            "model.save() (output= and in_place= apply to saved files)."
+        )
+    state = training_state(model)
+    selected, changes = convert_live(
+        model, BnClass.FROZEN_STATS, layers=layers, up_to=up_to, dry_run=dry_run
+    )
+    findings: list[Finding] = []
+    if changes and state is not TrainingState.UNCOMPILED:
+        text = (
+            f"bnfreeze changed the class of {len(changes)} BatchNormalization layer(s) of model "
+            f"{model.name!r}, which is compiled: a training step Keras traced before keeps the "
+            "old behaviour. Call bnfreeze.recompile(model) (or compile() with a new optimizer) "
+            "before fit()."
+        )
+        findings.append(Finding(WarningCode.RECOMPILE_REQUIRED, None, text))
+        if not dry_run:
+            warnings.warn(text, RecompileWarning, stacklevel=_STACKLEVEL)
+    report = live_report(model)
+    findings.extend(f for f in report.warnings if f.code is WarningCode.NEEDS_BNFREEZE)
+    return ConvertResult(
+        source=f"<in-memory model {model.name!r}>",
+        output=None,
+        dry_run=dry_run,
+        selected=selected,
+        changes=changes,
+        report=report,
+        warnings=tuple(findings),
+        input_bytes=0,
+        output_bytes=None,
+    )

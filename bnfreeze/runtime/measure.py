@@ -207,43 +207,17 @@ def measure(
     batch_size: int,
     load_reason: str | None,
 ) -> tuple[list[LayerMeasurement], TrainingSetup]:
-    import numpy as np
-
     layers = layer_paths(keras, model)
     owned = own_variables(layers)
     every = {id(v): v for vs in owned.values() for v in vs}
     recorder = BranchRecorder(
         {p: layer for p, (layer, _) in layers.items() if is_builtin_batchnorm(keras, layer)}
     )
-
-    if environment.is_compiled(model) and getattr(model, "optimizer", None) is not None:
-        source, reason = CompileSource.MODEL, None
-        model.run_eagerly = True
-        model.jit_compile = False
-    else:
-        source = CompileSource.DEFAULT if load_reason is None else CompileSource.FALLBACK
-        reason = load_reason
-        _compile_default(keras, model)
-
+    source, reason = _compile_for_steps(keras, model, load_reason)
     detector = is_object_detector(model)
 
     def run(policy: str) -> tuple[dict[int, Any], dict[int, Any], set[int]]:
-        ys = batches.given_ys if batches.given_ys is not None else batches.ys_for(policy)
-        if batches.given_ys is not None:
-            ys = [pack(model, y) for y in ys]
-        trained = {id(v) for v in model.trainable_variables}
-        before = {k: np.array(v.numpy(), copy=True) for k, v in every.items()}
-        recorder.reset()
-        with recorder.active():
-            for x, y in zip(batches.xs, ys, strict=True):
-                if detector:
-                    # keras-hub's train_on_batch turns the {"boxes", "labels"} target into one
-                    # tensor and fails; fit() runs the same train_step on it.
-                    model.fit(x, y, batch_size=batch_size, epochs=1, verbose=0, shuffle=False)
-                else:
-                    model.train_on_batch(x, y)
-        after = {k: np.asarray(v.numpy()) for k, v in every.items()}
-        return before, after, trained
+        return _run_steps(model, batches, batch_size, every, recorder, detector, policy)
 
     try:
         before, after, trained = run("model" if source is CompileSource.MODEL else "real")
@@ -251,10 +225,7 @@ def measure(
         raise
     except Exception as exc:
         if source is not CompileSource.MODEL:
-            raise DataError(
-                f"a training step failed: {type(exc).__name__}: {environment.one_line(exc)}",
-                hint="Pass real data with --data FILE.npz.",
-            ) from None
+            raise _step_failed(exc) from None
         reason = (
             f"training with its compile config ({loss_name(model.loss)}) failed on "
             f"{'the given' if batches.given_ys is not None else 'synthetic'} data: "
@@ -267,10 +238,7 @@ def measure(
         except (KeyboardInterrupt, MemoryError):
             raise
         except Exception as exc2:
-            raise DataError(
-                f"a training step failed: {type(exc2).__name__}: {environment.one_line(exc2)}",
-                hint="Pass real data with --data FILE.npz.",
-            ) from None
+            raise _step_failed(exc2) from None
 
     measured = measurements(keras, layers, owned, before, after, trained, recorder.branches())
     setup = TrainingSetup(
@@ -286,6 +254,58 @@ def measure(
         reason=reason,
     )
     return measured, setup
+
+
+def _compile_for_steps(
+    keras: Any, model: Any, load_reason: str | None
+) -> tuple[CompileSource, str | None]:
+    """Run the model's own compile eagerly, or compile it with the default loss and optimizer
+    (the fallback when loading dropped its compile)."""
+    if environment.is_compiled(model) and getattr(model, "optimizer", None) is not None:
+        model.run_eagerly = True
+        model.jit_compile = False
+        return CompileSource.MODEL, None
+    source = CompileSource.DEFAULT if load_reason is None else CompileSource.FALLBACK
+    _compile_default(keras, model)
+    return source, load_reason
+
+
+def _run_steps(
+    model: Any,
+    batches: Batches,
+    batch_size: int,
+    every: dict[int, Any],
+    recorder: BranchRecorder,
+    detector: bool,
+    policy: str,
+) -> tuple[dict[int, Any], dict[int, Any], set[int]]:
+    """Train on every batch with the BN calls recorded: the variables before and after, and
+    the ids of those ``fit()`` hands to the optimizer."""
+    import numpy as np
+
+    ys = batches.given_ys if batches.given_ys is not None else batches.ys_for(policy)
+    if batches.given_ys is not None:
+        ys = [pack(model, y) for y in ys]
+    trained = {id(v) for v in model.trainable_variables}
+    before = {k: np.array(v.numpy(), copy=True) for k, v in every.items()}
+    recorder.reset()
+    with recorder.active():
+        for x, y in zip(batches.xs, ys, strict=True):
+            if detector:
+                # keras-hub's train_on_batch turns the {"boxes", "labels"} target into one
+                # tensor and fails; fit() runs the same train_step on it.
+                model.fit(x, y, batch_size=batch_size, epochs=1, verbose=0, shuffle=False)
+            else:
+                model.train_on_batch(x, y)
+    after = {k: np.asarray(v.numpy()) for k, v in every.items()}
+    return before, after, trained
+
+
+def _step_failed(exc: BaseException) -> DataError:
+    return DataError(
+        f"a training step failed: {type(exc).__name__}: {environment.one_line(exc)}",
+        hint="Pass real data with --data FILE.npz.",
+    )
 
 
 def measurements(
@@ -318,24 +338,8 @@ def measurements(
         if layer_children(keras, layer) and not own:
             continue  # a container: its layers are measured one by one
         if isinstance(layer, keras.layers.BatchNormalization):
-            stats = [v for v in (layer.moving_mean, layer.moving_variance) if v is not None]
-            gamma_beta = [v for v in (layer.gamma, layer.beta) if v is not None]
-            special = {id(v) for v in stats + gamma_beta}
-            other = [v for v in own if id(v) not in special]
-            branch = branches.get(path)
             measured.append(
-                LayerMeasurement(
-                    path=path,
-                    class_name=type(layer).__name__,
-                    is_batchnorm=True,
-                    builtin=_is_builtin(layer),
-                    in_file=in_file,
-                    moving_stats=movement(stats),
-                    gamma_beta=movement(gamma_beta),
-                    other_weights=movement(other),
-                    branch=branch.normalizes_with if branch is not None else None,
-                    called=branch.calls > 0 if branch is not None else None,
-                )
+                _batchnorm_measurement(path, layer, in_file, own, branches.get(path), movement)
             )
         elif own:
             measured.append(
@@ -351,3 +355,31 @@ def measurements(
                 )
             )
     return measured
+
+
+def _batchnorm_measurement(
+    path: str,
+    layer: Any,
+    in_file: bool,
+    own: list[Any],
+    branch: Branch | None,
+    movement: Callable[[list[Any]], Movement],
+) -> LayerMeasurement:
+    """A BN layer: its moving statistics, gamma and beta, and other variables apart, and the
+    branch its recorded calls took."""
+    stats = [v for v in (layer.moving_mean, layer.moving_variance) if v is not None]
+    gamma_beta = [v for v in (layer.gamma, layer.beta) if v is not None]
+    special = {id(v) for v in stats + gamma_beta}
+    other = [v for v in own if id(v) not in special]
+    return LayerMeasurement(
+        path=path,
+        class_name=type(layer).__name__,
+        is_batchnorm=True,
+        builtin=_is_builtin(layer),
+        in_file=in_file,
+        moving_stats=movement(stats),
+        gamma_beta=movement(gamma_beta),
+        other_weights=movement(other),
+        branch=branch.normalizes_with if branch is not None else None,
+        called=branch.calls > 0 if branch is not None else None,
+    )

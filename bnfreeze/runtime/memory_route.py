@@ -33,7 +33,7 @@ from bnfreeze.runtime.live import LiveModel, live_model, live_report, runtime_of
 from bnfreeze.runtime.saving import Saved, recorded_flags_findings, save, save_format
 
 #: The frame a warning points at: the caller of bnfreeze.freeze / unfreeze, above the
-#: helper that warns, MemoryRoute.edit, bnfreeze.runtime.routes.edit, bnfreeze.api._edit and
+#: helper that warns, MemoryRoute.edit, bnfreeze.runtime.routes.edit, routes.edit_model and
 #: the API function.
 _STACKLEVEL = 6
 

@@ -27,11 +27,11 @@ No gradient is computed, no flag changes, the optimizer is not touched.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from bnfreeze.errors import DataError, SelectionError
+from bnfreeze.runtime.instance_calls import replaced_calls
 
 #: ``progress(batches_done, batches_total_or_None, samples_done)`` after every batch.
 RecalibrateProgress = Callable[[int, int | None, int], None]
@@ -223,27 +223,23 @@ def _batch_call(layer: Any, path: str, acc: Any) -> Callable[..., Any]:
     return call
 
 
-@contextmanager
-def _wrapped(layers: dict[str, Any], acc: Any) -> Iterator[None]:
-    """Each layer's ``call`` replaced on the instance (``object.__setattr__``, unseen by
-    Keras's attribute tracking), restored on exit whatever happens."""
-    saved: list[tuple[Any, bool, Any]] = []
-    seen: set[int] = set()
-    try:
-        for path, layer in layers.items():
-            if id(layer) in seen:
-                continue
-            seen.add(id(layer))
-            own = "call" in vars(layer)
-            saved.append((layer, own, vars(layer).get("call")))
-            object.__setattr__(layer, "call", _batch_call(layer, path, acc))
-        yield
-    finally:
-        for layer, own, previous in saved:
-            if own:
-                object.__setattr__(layer, "call", previous)
-            else:
-                object.__delattr__(layer, "call")
+def _accumulator_and_forward(
+    model: Any, selected: dict[str, Any]
+) -> tuple[Any, Callable[[Any], Any]]:
+    """Where the batch statistics are summed, and the inference pass over one batch: a
+    ``tf.function`` and a TensorFlow accumulator on TensorFlow, eager NumPy elsewhere."""
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        acc = _TensorFlowAccumulator(selected)
+        return acc, tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+
+    def eager(x: Any) -> Any:
+        return model(x, training=False)
+
+    return _Accumulator(selected), eager
 
 
 def recalibrate(
@@ -262,28 +258,14 @@ def recalibrate(
     import numpy as np
 
     selected = select_batchnorm(model, layers, up_to=up_to, from_=from_)
-    import keras
-
-    acc: Any
-    forward: Callable[[Any], Any]
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        acc = _TensorFlowAccumulator(selected)
-        forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-    else:
-        acc = _Accumulator(selected)
-
-        def forward(x: Any) -> Any:
-            return model(x, training=False)
-
+    acc, forward = _accumulator_and_forward(model, selected)
     total = batches
     first = data
     if isinstance(first, np.ndarray):
         n_batches = -(-len(first) // batch_size)
         total = n_batches if batches is None else min(batches, n_batches)
     done = samples = 0
-    with _wrapped(selected, acc):
+    with replaced_calls(selected, lambda path, layer: _batch_call(layer, path, acc)):
         for x in batches_of(data, batch_size, batches):
             try:
                 forward(x)

@@ -210,35 +210,11 @@ def recalibrate_file(
     """Carry out ``request`` (see the module doc)."""
     import numpy as np
 
-    from bnfreeze.formats.atomic import check_destination, write_atomically
-    from bnfreeze.formats.readers import read_model
-    from bnfreeze.formats.writers._hdf5_edit import Rewrite
-    from bnfreeze.formats.writers.keras_zip import copy_patched, copy_raw
-    from bnfreeze.model.records import ModelFormat
     from bnfreeze.runtime import environment, loading
     from bnfreeze.runtime import recalibrate as runtime
-    from bnfreeze.runtime.saving import saved_paths
 
     source = Path(request.model)
-    output = request.model if request.in_place else request.output
-    if output is None and not request.dry_run:
-        raise OutputError("give -o OUTPUT, --in-place or --dry-run.")
-    if request.in_place and request.output is not None:
-        raise OutputError("--in-place and -o contradict each other; pick one.")
-    model_file = read_model(source, weights=False)
-    if model_file.format is not ModelFormat.KERAS:
-        raise ModelFormatError(
-            f"{source}: recalibrate writes .keras archives; this is a {model_file.format.value} "
-            "model.",
-            hint="Save it as .keras first (keras.models.load_model, then model.save).",
-        )
-    if output is not None:
-        out_path = Path(output)
-        if out_path.suffix != ".keras":
-            raise OutputError(f"-o {out_path}: the output must end in .keras.")
-        check_destination(out_path)
-        if not request.in_place and out_path.exists() and out_path.samefile(source):
-            raise OutputError("-o names the input itself; use --in-place to rewrite it.")
+    output = _checked_output(request, source)
     if status:
         status("loading the model with Keras")
     with environment.quiet():
@@ -266,10 +242,78 @@ def recalibrate_file(
             from_=request.from_layer,
             progress=progress,
         )
+    stats, targets = _new_statistics(model, selected, before, done.layers)
+    infos, weights_info = _members(source)
+    patches, located = _patches(source, weights_info, targets)
+    input_bytes = source.stat().st_size
+    output_bytes = None
+    if output is not None and not request.dry_run:
+        if status:
+            status("writing")
+        output_bytes = _write(source, output, infos, weights_info, patches, targets, located)
+    return RecalibrateResult(
+        source=str(source),
+        output=None if request.dry_run else output,
+        dry_run=request.dry_run,
+        data=request.data,
+        layers=tuple(stats),
+        not_called=done.not_called,
+        batches=done.batches,
+        samples=done.samples,
+        patched_datasets=len(patches),
+        input_bytes=input_bytes,
+        output_bytes=output_bytes,
+    )
+
+
+def _members(source: Path) -> tuple[list[zipfile.ZipInfo], zipfile.ZipInfo]:
+    """The archive's members, and its ``model.weights.h5``."""
+    with zipfile.ZipFile(source) as archive:
+        infos = archive.infolist()
+    weights_info = next((i for i in infos if i.filename == WEIGHTS), None)
+    if weights_info is None:
+        raise ModelFormatError(f"{source}: the archive has no {WEIGHTS}.")
+    return infos, weights_info
+
+
+def _checked_output(request: RecalibrateRequest, source: Path) -> str | None:
+    """Where the result goes (None: nowhere, a dry run), refused before any work when the
+    options contradict each other, the input is not a ``.keras`` archive or the output cannot
+    be written."""
+    from bnfreeze.formats.readers import read_model
+    from bnfreeze.model.records import ModelFormat
+    from bnfreeze.ops.frozen_stats import check_keras_output
+
+    output = request.model if request.in_place else request.output
+    if output is None and not request.dry_run:
+        raise OutputError("give -o OUTPUT, --in-place or --dry-run.")
+    if request.in_place and request.output is not None:
+        raise OutputError("--in-place and -o contradict each other; pick one.")
+    model_file = read_model(source, weights=False)
+    if model_file.format is not ModelFormat.KERAS:
+        raise ModelFormatError(
+            f"{source}: recalibrate writes .keras archives; this is a {model_file.format.value} "
+            "model.",
+            hint="Save it as .keras first (keras.models.load_model, then model.save).",
+        )
+    if output is not None:
+        check_keras_output(source, Path(output), request.in_place)
+    return output
+
+
+def _new_statistics(
+    model: Any, selected: dict[str, Any], before: dict[str, Any], layers: Any
+) -> tuple[list[LayerStatistics], dict[str, Any]]:
+    """How far each recalibrated layer's statistics moved, and the new value of each
+    weights dataset to patch (its path in ``model.weights.h5`` -> the array)."""
+    import numpy as np
+
+    from bnfreeze.runtime.saving import saved_paths
+
     stats = []
     targets: dict[str, Any] = {}
     groups = {id(layer): group for group, layer in saved_paths(model).items()}
-    for entry in done.layers:
+    for entry in layers:
         layer = selected[entry.path]
         mean, var = np.asarray(layer.moving_mean.numpy()), np.asarray(layer.moving_variance.numpy())
         old_mean, old_var = before[entry.path]
@@ -286,12 +330,24 @@ def recalibrate_file(
             raise ModelFormatError(f"cannot find where layer {entry.path} is saved.")
         targets[_dataset_of(group, layer, layer.moving_mean)] = mean
         targets[_dataset_of(group, layer, layer.moving_variance)] = var
-    with zipfile.ZipFile(source) as archive:
-        infos = archive.infolist()
-    weights_info = next((i for i in infos if i.filename == WEIGHTS), None)
-    if weights_info is None:
-        raise ModelFormatError(f"{source}: the archive has no {WEIGHTS}.")
-    patches, located = _patches(source, weights_info, targets)
+    return stats, targets
+
+
+def _write(
+    source: Path,
+    output: str,
+    infos: list[zipfile.ZipInfo],
+    weights_info: zipfile.ZipInfo,
+    patches: list[Any],
+    targets: dict[str, Any],
+    located: dict[str, Any],
+) -> int:
+    """Copy ``source`` to ``output`` atomically, ``model.weights.h5`` patched, verified
+    before it replaces anything; the size written."""
+    from bnfreeze.formats.atomic import write_atomically
+    from bnfreeze.formats.writers._hdf5_edit import Rewrite
+    from bnfreeze.formats.writers.keras_zip import copy_patched, copy_raw
+
     plan = Rewrite(
         copy_bytes=weights_info.file_size,
         patches=tuple(patches),
@@ -299,37 +355,19 @@ def recalibrate_file(
         size=weights_info.file_size,
         headers=(),
     )
-    input_bytes = source.stat().st_size
-    output_bytes = None
-    if output is not None and not request.dry_run:
-        if status:
-            status("writing")
 
-        def produce(tmp: Path) -> None:
-            with open(source, "rb") as src, zipfile.ZipFile(tmp, "w") as zout:
-                for info in infos:
-                    if info.filename == WEIGHTS:
-                        copy_patched(src, info, zout, plan)
-                    else:
-                        copy_raw(src, info, zout)
+    def produce(tmp: Path) -> None:
+        with open(source, "rb") as src, zipfile.ZipFile(tmp, "w") as zout:
+            for info in infos:
+                if info.filename == WEIGHTS:
+                    copy_patched(src, info, zout, plan)
+                else:
+                    copy_raw(src, info, zout)
 
-        def verify(tmp: Path) -> None:
-            _verify(source, tmp, infos, targets, located)
+    def verify(tmp: Path) -> None:
+        _verify(source, tmp, infos, targets, located)
 
-        output_bytes = write_atomically(output, produce, verify)
-    return RecalibrateResult(
-        source=str(source),
-        output=None if request.dry_run else output,
-        dry_run=request.dry_run,
-        data=request.data,
-        layers=tuple(stats),
-        not_called=done.not_called,
-        batches=done.batches,
-        samples=done.samples,
-        patched_datasets=len(patches),
-        input_bytes=input_bytes,
-        output_bytes=output_bytes,
-    )
+    return write_atomically(output, produce, verify)
 
 
 def _verify(

@@ -34,6 +34,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from bnfreeze.runtime.instance_calls import distinct_layers, replaced_calls
+
 #: Below this many samples per normalization a training-mode BN gets a warning (Wu & He,
 #: "Group Normalization", ECCV 2018: BN's error rises once the batch per worker is below 16).
 DEFAULT_MIN_SAMPLES = 16
@@ -226,11 +228,9 @@ class SampleRecorder:
     def __init__(self, layers: Mapping[str, Any]) -> None:
         from bnfreeze.runtime.branches import _symbolic_scope
 
-        self._layers: dict[int, tuple[str, Any]] = {}
-        for path, layer in layers.items():
-            self._layers.setdefault(id(layer), (path, layer))
-        self._sizes: dict[str, list[int | None]] = {p: [] for p, _ in self._layers.values()}
-        self._sync: dict[str, list[int]] = {p: [] for p, _ in self._layers.values()}
+        self._layers = distinct_layers(layers)
+        self._sizes: dict[str, list[int | None]] = {p: [] for p in self._layers}
+        self._sync: dict[str, list[int]] = {p: [] for p in self._layers}
         self._symbolic = _symbolic_scope()
 
     def _wrap(self, path: str, layer: Any) -> Any:
@@ -247,19 +247,8 @@ class SampleRecorder:
 
     @contextmanager
     def active(self) -> Iterator[SampleRecorder]:
-        saved: list[tuple[Any, bool, Any]] = []
-        try:
-            for path, layer in self._layers.values():
-                own = "call" in vars(layer)
-                saved.append((layer, own, vars(layer).get("call")))
-                object.__setattr__(layer, "call", self._wrap(path, layer))
+        with replaced_calls(self._layers, self._wrap):
             yield self
-        finally:
-            for layer, own, previous in reversed(saved):
-                if own:
-                    object.__setattr__(layer, "call", previous)
-                else:
-                    object.__delattr__(layer, "call")
 
     def seen(self) -> dict[str, Seen]:
         return {p: Seen(p, tuple(self._sizes[p]), tuple(self._sync[p])) for p in self._sizes}

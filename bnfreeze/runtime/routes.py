@@ -12,9 +12,23 @@ Nothing here imports Keras: a route imports it only when it loads a model.
 
 from __future__ import annotations
 
+import os
+
+from bnfreeze.model.assignments import Assignment
 from bnfreeze.ops.config_route import ConfigRoute
 from bnfreeze.ops.plans import PlanApplication, PlannedEdit
-from bnfreeze.ops.request import EditRequest, EditResult, Engine, Route, check_output
+from bnfreeze.ops.request import (
+    EditRequest,
+    EditResult,
+    Engine,
+    KerasModel,
+    LayerSelection,
+    Loading,
+    Output,
+    Route,
+    check_model,
+    check_output,
+)
 from bnfreeze.runtime.keras_route import KerasRoute
 from bnfreeze.runtime.memory_route import MemoryRoute
 
@@ -47,3 +61,32 @@ def edit(request: EditRequest) -> EditResult:
 def apply_plan(planned: PlannedEdit) -> PlanApplication:
     """Apply a plan resolved against a model (:func:`bnfreeze.ops.plans.plan_edit_request`)."""
     return PlanApplication(plan=planned.plan, matches=planned.matches, result=edit(planned.request))
+
+
+def edit_model(
+    model_or_path: str | os.PathLike[str] | KerasModel,
+    assignment: Assignment,
+    selection: LayerSelection,
+    output: Output,
+    loading: Loading,
+) -> EditResult:
+    """Build the one :class:`~bnfreeze.ops.request.EditRequest` and apply it
+    (:func:`edit`) for ``bnfreeze.freeze`` and ``bnfreeze.unfreeze``."""
+    model: str | KerasModel
+    if isinstance(model_or_path, str | os.PathLike):
+        model = os.fspath(model_or_path)
+        if assignment.batchnorm is not None and assignment != Assignment.freeze(train_bn=True):
+            # Setting a BN flag makes a FrozenStatsBatchNormalization Keras's BN again.
+            from bnfreeze.ops.frozen_stats import edit_as_batchnorm
+
+            result: EditResult = edit_as_batchnorm(
+                lambda path, out: edit(EditRequest(path, assignment, selection, out, loading)),
+                path=model,
+                output=output,
+                selection=selection,
+            )
+            return result
+    else:
+        check_model(model_or_path)
+        model = model_or_path
+    return edit(EditRequest(model, assignment, selection, output, loading))

@@ -19,12 +19,8 @@ from bnfreeze.errors import OutputError
 from bnfreeze.formats.atomic import scratch_file
 from bnfreeze.formats.readers._keras_common import CONFIG, METADATA, WEIGHTS
 from bnfreeze.formats.writers import WriteOutcome, WriteRequest, verify_config_bytes
-from bnfreeze.formats.writers.keras_zip import (
-    OPTIMIZER_GROUP,
-    compare_weights,
-    drop_optimizer,
-    serialize_config,
-)
+from bnfreeze.formats.writers.keras_zip import drop_optimizer, serialize_config
+from bnfreeze.formats.writers.weights_check import OPTIMIZER_GROUP, compare_weights
 from bnfreeze.model.records import ModelFormat
 
 #: The order Keras 3's ``saving_lib`` writes its members in.

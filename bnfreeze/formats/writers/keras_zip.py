@@ -48,10 +48,14 @@ from bnfreeze.formats.readers._keras_common import CONFIG, WEIGHTS, MemberFile
 from bnfreeze.formats.readers.keras_zip import stored_member
 from bnfreeze.formats.writers import WriteOutcome, WriteRequest, verify_config_bytes
 from bnfreeze.formats.writers._hdf5_edit import Rewrite
+from bnfreeze.formats.writers.weights_check import (
+    CHUNK,
+    OPTIMIZER_GROUP,
+    check_patched,
+    compare_weights,
+)
 from bnfreeze.model.records import ModelFormat
 
-OPTIMIZER_GROUP = "optimizer"
-_CHUNK = 1 << 20
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
 _LOCAL_MAGIC = b"PK\x03\x04"
 _ZIP64_EXTRA = 0x0001
@@ -91,7 +95,7 @@ def open_weights(path: Path, info: zipfile.ZipInfo, scratch_folder: Path) -> Ite
     # A compressed member (not what Keras writes): inflate it to a scratch file, streaming.
     with scratch_file(scratch_folder, "weights") as tmp:
         with zipfile.ZipFile(path) as archive, archive.open(info) as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst, _CHUNK)
+            shutil.copyfileobj(src, dst, CHUNK)
         with h5py.File(tmp, "r") as h5:
             yield h5
 
@@ -162,7 +166,7 @@ def copy_file_into(zout: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> 
     info.file_size = size
     zip64 = size > zipfile.ZIP64_LIMIT
     with open(path, "rb") as src, zout.open(info, "w", force_zip64=zip64) as dst:
-        shutil.copyfileobj(src, dst, _CHUNK)
+        shutil.copyfileobj(src, dst, CHUNK)
 
 
 # -- weights without optimizer state -----------------------------------------------------
@@ -185,57 +189,6 @@ def drop_optimizer(h5_in: Any, out_path: Path) -> int:
                 continue
             h5_in.copy(h5_in[key], h5_out, name=key)
     return dropped
-
-
-def _slices(dataset: Any) -> Iterator[Any]:
-    """Index expressions that read ``dataset`` in pieces of at most ~:data:`_CHUNK` bytes
-    along its first axis, so comparing a huge kernel does not hold it in memory twice."""
-    shape = dataset.shape
-    if not shape or dataset.size * dataset.dtype.itemsize <= _CHUNK:
-        yield ()
-        return
-    row = max(1, dataset.size // shape[0] * dataset.dtype.itemsize)
-    step = max(1, _CHUNK // row)
-    for start in range(0, shape[0], step):
-        yield slice(start, start + step)
-
-
-def compare_weights(source: Any, written: Any, where: str) -> None:
-    """Raise OutputError unless ``written`` holds every group, dataset and attribute of
-    ``source`` except the top-level optimizer group, with bit-identical values."""
-    import h5py
-    import numpy as np
-
-    def attrs_equal(a: Any, b: Any) -> bool:
-        if set(a.keys()) != set(b.keys()):
-            return False
-        return all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
-
-    def walk(g_src: Any, g_out: Any, name: str) -> None:
-        src_keys = [k for k in g_src if not (name == "/" and k == OPTIMIZER_GROUP)]
-        if sorted(src_keys) != sorted(g_out.keys()) or not attrs_equal(g_src.attrs, g_out.attrs):
-            raise OutputError(f"{where}: weights group {name} differs from the input.")
-        for key in src_keys:
-            a, b = g_src[key], g_out[key]
-            if isinstance(a, h5py.Group):
-                walk(a, b, a.name)
-                continue
-            same = (
-                isinstance(b, h5py.Dataset)
-                and a.shape == b.shape
-                and a.dtype == b.dtype
-                and attrs_equal(a.attrs, b.attrs)
-                and all(
-                    np.asarray(a[part]).tobytes() == np.asarray(b[part]).tobytes()
-                    for part in _slices(a)
-                )
-            )
-            if not same:
-                raise OutputError(f"{where}: weights dataset {a.name} differs from the input.")
-
-    if OPTIMIZER_GROUP in written:
-        raise OutputError(f"{where}: the optimizer state was not dropped.")
-    walk(source, written, "/")
 
 
 # -- weights with a rewritten optimizer state, without h5py ------------------------------
@@ -290,137 +243,20 @@ def copy_patched(
     fp.flush()
     for patch in plan.patches:
         os.pwrite(fp.fileno(), patch.new, body + patch.offset)
-    zeros = bytes(_CHUNK)
+    zeros = bytes(CHUNK)
     for part in plan.tail:
         if isinstance(part, bytes):
             fp.write(part)
             continue
         left = part
         while left:
-            n = min(left, _CHUNK)
-            fp.write(zeros if n == _CHUNK else zeros[:n])
+            n = min(left, CHUNK)
+            fp.write(zeros if n == CHUNK else zeros[:n])
             left -= n
     zout.filelist.append(new)
     zout.NameToInfo[new.filename] = new
     zout.start_dir = fp.tell()
     zout._didModify = True  # type: ignore[attr-defined]  # rewrite the central directory on close
-
-
-def check_patched(
-    source: Path,
-    w_in: zipfile.ZipInfo,
-    written: Path,
-    w_out: zipfile.ZipInfo,
-    plan: Rewrite,
-    slots: Any,
-    where: str,
-    locations: dict[str, Any] | None = None,
-) -> None:
-    """Raise OutputError unless the written weights member is what ``plan`` describes,
-    without reading every value:
-
-    * its CRC-32 and size are the planned ones, and it reads back, at each patched offset,
-      the patch (the input held the bytes the patch replaced: the plan was made from it);
-    * every dataset of the input (``locations``, the input's index, else indexed here) starts
-      at the same offset in the output, with the same first and last 64 bytes;
-    * the lean HDF5 reader, walking the output from its superblock, finds ``/optimizer/vars``
-      listing exactly ``slots``: each kept slot the very extent (offset, size, type, shape) of
-      its source dataset in the input, each new one shaped like its variable and zero.
-    """
-    from bnfreeze.formats.readers import _hdf5
-    from bnfreeze.formats.writers._hdf5_edit import patched_crc32, tail_crc32
-
-    crc = tail_crc32(patched_crc32(w_in.CRC, w_in.file_size, plan.patches), plan.tail)
-    if (w_out.CRC, w_out.file_size, w_out.compress_type) != (crc, plan.size, zipfile.ZIP_STORED):
-        raise OutputError(f"{where}: {WEIGHTS} was not written as planned.")
-    m_in, m_out = stored_member(source, w_in), stored_member(written, w_out)
-    differs = f"{where}: {WEIGHTS} differs from the input"
-    with open(source, "rb") as f_in, open(written, "rb") as f_out:
-        fd_in, fd_out = f_in.fileno(), f_out.fileno()
-        try:
-            if not locations:
-                before = _hdf5.index_keras_weights(_hdf5.ByteSource(fd_in, m_in.start, m_in.size))
-                locations = before.datasets
-            out = _hdf5.File(_hdf5.ByteSource(fd_out, m_out.start, m_out.size))
-        except _hdf5.Unsupported as exc:
-            raise OutputError(f"{where}: {WEIGHTS} does not read back ({exc}).") from None
-        for patch in plan.patches:
-            if os.pread(fd_out, len(patch.new), m_out.start + patch.offset) != patch.new:
-                raise OutputError(f"{differs} at offset {patch.offset}.")
-
-        def info_of(pending: Any, path: str) -> Any:
-            found = pending.info() if pending is not None else None
-            if found is None:
-                raise OutputError(f"{where}: weights dataset {path} cannot be read back.")
-            return found
-
-        def same_bytes(a: Any, b_offset: int, path: str) -> None:
-            if a.inline is not None or not a.nbytes:
-                return
-            n = min(64, a.nbytes)
-            for at in {0, a.nbytes - n}:
-                if os.pread(fd_in, n, a.offset + at) != os.pread(fd_out, n, b_offset + at):
-                    raise OutputError(f"{differs}: dataset {path}.")
-
-        shift = m_out.start - m_in.start
-        for path, pending in locations.items():
-            if not path.startswith(f"/{OPTIMIZER_GROUP}/"):
-                a = pending.info() if pending is not None else None
-                if a is None:
-                    # Chunked or compressed (h5py writes both on request): its bytes are
-                    # the input's, copied under the CRC-32 check (integrity.copy_range).
-                    continue
-                same_bytes(a, (a.offset or 0) + shift, path)
-        try:
-            vars_link = out.children(out.header(out.root))
-            if vars_link is None or OPTIMIZER_GROUP not in vars_link:
-                raise _hdf5.Unsupported("no optimizer group")
-            opt = out.children(out.header(vars_link[OPTIMIZER_GROUP][0]))
-            if opt is None or "vars" not in opt:
-                raise _hdf5.Unsupported("no optimizer/vars group")
-            found = out.children(out.header(opt["vars"][0])) or {}
-            if sorted(found, key=str.encode) != sorted(
-                (str(i) for i in range(len(slots))), key=str.encode
-            ):
-                raise OutputError(f"{where}: the optimizer state was not rewritten as planned.")
-            for i, slot in enumerate(slots):
-                path = f"/{OPTIMIZER_GROUP}/vars/{i}"
-                if found[str(i)][0] != plan.headers[i]:
-                    raise OutputError(f"{differs}: {path} is not the planned dataset.")
-                pending_out = _hdf5.PendingDataset(out, out.header(found[str(i)][0]))
-                if slot.source is not None and pending_out.info() is None:
-                    # A kept slot the lean reader cannot locate (chunked, compressed): the
-                    # same object header as in the input, checked above, bytes under the CRC.
-                    source_pending = locations.get(slot.source)
-                    if source_pending is None or (source_pending.extent() != pending_out.extent()):
-                        raise OutputError(f"{differs}: {path} is not {slot.source}.")
-                    continue
-                if slot.source is not None:
-                    got = info_of(pending_out, path)
-                    a = info_of(locations.get(slot.source), slot.source)
-                    # A compact dataset's values live in its header: no offset to compare.
-                    moved = a.inline is None and (a.offset or 0) + shift != (got.offset or 0)
-                    if moved or (a.nbytes, a.typecode, a.shape, a.inline) != (
-                        got.nbytes,
-                        got.typecode,
-                        got.shape,
-                        got.inline,
-                    ):
-                        raise OutputError(f"{differs}: {path} is not {slot.source}.")
-                    same_bytes(a, got.offset or 0, path)
-                    continue
-                like_pending = locations.get(slot.like)
-                like_extent = like_pending.extent() if like_pending is not None else None
-                if like_extent is None or like_extent != pending_out.extent():
-                    raise OutputError(f"{differs}: {path} is not shaped like {slot.like}.")
-                # Any datatype (an opaque float8 too): its raw bytes, where the layout says.
-                at, nbytes, raw = _hdf5.raw_layout(out, out.header(found[str(i)][0]))
-                if raw is None:
-                    raw = os.pread(fd_out, min(nbytes, _CHUNK), at or 0)
-                if raw.count(0) != len(raw):
-                    raise OutputError(f"{differs}: the new {path} is not zero.")
-        except _hdf5.Unsupported as exc:
-            raise OutputError(f"{where}: {WEIGHTS} does not read back ({exc}).") from None
 
 
 # -- the writer ----------------------------------------------------------------------------
