@@ -134,7 +134,10 @@ def _called(keras: Any, model: Any, layers: dict[str, tuple[Any, bool]]) -> dict
     one ``fit()``'s step makes: one synthetic sample, each BN's ``call`` recorded on the
     instance (:class:`~bnfreeze.runtime.branches.BranchRecorder`). A layer the model holds but
     never calls (RetinaNet's FPN output norms) takes no branch in ``fit()``. Empty when the
-    model cannot be called so (its inputs are not known): nothing is claimed then."""
+    model cannot be called so (its inputs are not known): nothing is claimed then. A symbolic
+    call (``keras.KerasTensor`` inputs) cannot tell: with each BN's ``call`` and
+    ``compute_output_spec`` wrapped, it reached 0 of RetinaNet's 16 BN on TensorFlow and JAX
+    (measured), so the call is a real one."""
     from bnfreeze.runtime.batches import SYNTHETIC_SEED, build_batches
     from bnfreeze.runtime.branches import BranchRecorder, is_builtin_batchnorm
 
