@@ -115,15 +115,14 @@ def with_weights(model: ModelFile) -> ModelFile:
 
     if model.weights is not None:
         return model
-    if model.format is ModelFormat.KERAS:
-        from bnfreeze.formats.readers import keras_zip
+    if model.format in (ModelFormat.KERAS, ModelFormat.KERAS_DIR):
+        from bnfreeze.formats.readers import keras_dir, keras_zip
+        from bnfreeze.formats.readers._keras_common import as_keras_loads_it
 
-        index, optimizer_variables = keras_zip.index(Path(model.path))
-        return replace(model, weights=index, optimizer_variables=optimizer_variables)
-    if model.format is ModelFormat.KERAS_DIR:
-        from bnfreeze.formats.readers import keras_dir
-
-        index, optimizer_variables = keras_dir.index(Path(model.path))
+        reader = keras_zip if model.format is ModelFormat.KERAS else keras_dir
+        index, optimizer_variables = reader.index(Path(model.path))
+        # Files from Keras 3.0 to 3.5 name their weights' groups by position only.
+        index = as_keras_loads_it(index, model.config, model.keras_version)
         return replace(model, weights=index, optimizer_variables=optimizer_variables)
     if model.format is ModelFormat.H5:
         from bnfreeze.formats.readers import legacy_h5

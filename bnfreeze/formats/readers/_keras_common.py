@@ -84,8 +84,8 @@ def keras_model_file(
     compile_config = config.get("compile_config")
     if not isinstance(compile_config, dict) or not compile_config:
         compile_config = None
-    if index is not None and _names_groups_by_position(keras_version(metadata)):
-        index = by_position(index, config)
+    if index is not None:
+        index = as_keras_loads_it(index, config, keras_version(metadata))
     return ModelFile(
         path=source,
         format=fmt,
@@ -97,6 +97,14 @@ def keras_model_file(
         weights=index,
         keras_hub_version=keras_hub_version(metadata),
     )
+
+
+def as_keras_loads_it(
+    index: WeightIndex, config: dict[str, Any], version: str | None
+) -> WeightIndex:
+    """``index`` keyed by the layers the way the Keras that wrote the file (``version``) maps
+    weights to them: by position for Keras 3.0 to 3.5 (:func:`by_position`)."""
+    return by_position(index, config) if _names_groups_by_position(version) else index
 
 
 def _names_groups_by_position(version: str | None) -> bool:
