@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import click
 
 from bnfreeze.commands.support import (
@@ -12,6 +14,7 @@ from bnfreeze.commands.support import (
     finish_export,
     gc_paused,
     is_quiet,
+    loading_options,
     plan_option,
     quiet_option,
     runtime_option,
@@ -41,6 +44,7 @@ from bnfreeze.commands.support import (
 )
 @runtime_option
 @export_option
+@loading_options
 def inspect(
     model: str,
     as_json: bool,
@@ -50,6 +54,8 @@ def inspect(
     from_file: bool,
     runtime: str,
     export: str | None,
+    custom_objects: str | None,
+    unsafe: bool,
 ) -> None:
     """Show each layer's trainable flag and what it really does in fit().
 
@@ -69,16 +75,22 @@ def inspect(
       bnfreeze inspect model.keras --strip --export model.svg
       bnfreeze inspect keras2_model.h5 --runtime tf-keras
       bnfreeze inspect hub_classifier.keras --from-file
+      bnfreeze inspect custom.keras --custom-objects my_layers.py
     """
     from bnfreeze.model.records import Runtime
     from bnfreeze.ops.inspect import inspect_file
     from bnfreeze.runtime.rebuilt import ask
 
+    if (custom_objects or unsafe) and from_file:
+        raise click.UsageError(
+            "--custom-objects and --unsafe load the model into Keras; drop --from-file."
+        )
     if strip and (as_json or tree or all_layers):
         raise click.UsageError("--strip is its own view; drop --json, --tree and --all.")
     start_export(export, as_json, model)
     with gc_paused():
-        report = inspect_file(model, Runtime(runtime), ask_keras=None if from_file else ask)
+        asking = None if from_file else partial(ask, custom_objects=custom_objects, unsafe=unsafe)
+        report = inspect_file(model, Runtime(runtime), ask_keras=asking)
     if as_json:
         from bnfreeze.render.json import render_report
 

@@ -10,6 +10,7 @@ import click
 from bnfreeze.commands.support import (
     MODEL_PATH,
     is_quiet,
+    loading_options,
     note,
     quiet_option,
     runtime_choice,
@@ -47,18 +48,7 @@ def positive(name: str, default: int, help: str) -> Any:
     "max-training=N.",
 )
 @runtime_choice("tf-keras measures with Keras 2 (the tf_keras package), if installed.")
-@click.option(
-    "--unsafe",
-    is_flag=True,
-    help="Load the model even if it holds Python code (a Lambda layer). Only for files you trust.",
-)
-@click.option(
-    "--custom-objects",
-    type=click.Path(path_type=str),
-    default=None,
-    metavar="MODULE_OR_FILE.py",
-    help="A module or .py file that defines the model's custom classes.",
-)
+@loading_options
 @click.option(
     "--all", "all_layers", is_flag=True, help="List every measured layer, not only BN layers."
 )

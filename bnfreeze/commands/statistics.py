@@ -14,6 +14,7 @@ from bnfreeze.commands.support import (
     MODEL_PATH,
     emit_warnings,
     is_quiet,
+    loading_options,
     note,
     quiet_option,
     stderr_console,
@@ -103,13 +104,7 @@ def run_frozen_stats(
 @click.option("-o", "--output", default=None, metavar="OUT", help="Write the result to OUT.")
 @click.option("--in-place", is_flag=True, help="Rewrite MODEL itself (atomically).")
 @click.option("--dry-run", is_flag=True, help="Compute and print; write nothing.")
-@click.option(
-    "--custom-objects",
-    default=None,
-    metavar="MODULE",
-    help="A module or .py file whose classes the model needs to load.",
-)
-@click.option("--unsafe", is_flag=True, help="Allow loading Lambda layers (runs their code).")
+@loading_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
 def recalibrate(
     model: str,

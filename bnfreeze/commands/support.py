@@ -165,6 +165,24 @@ def finish_export(console: Any, export: str | None) -> None:
 RUNTIME_CHOICES = ["keras3", "tf-keras"]
 
 
+def loading_options(f: Any) -> Any:
+    """``--unsafe`` and ``--custom-objects``: how a command that loads the model into Keras
+    loads it (the options the loading errors advise)."""
+    f = click.option(
+        "--custom-objects",
+        type=click.Path(path_type=str),
+        default=None,
+        metavar="MODULE_OR_FILE.py",
+        help="A module or .py file that defines the model's custom classes.",
+    )(f)
+    return click.option(
+        "--unsafe",
+        is_flag=True,
+        help="Load the model even if it holds Python code (a Lambda layer). Only for files "
+        "you trust.",
+    )(f)
+
+
 def runtime_choice(help: str) -> Any:
     """``--runtime keras3|tf-keras``, keras3 by default; ``help`` says what it changes."""
     return click.option(

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from bnfreeze.model.records import LayerKind, LayerRecord, LayerSource, ModelFile, ModelFormat
@@ -453,6 +453,9 @@ class Rebuilt:
     datasets: dict[str, tuple[str, ...]]
     values: dict[str, Any]
     keras_version: str
+    #: Each layer's group in ``model.weights.h5`` (``layers/block/bn``): what Keras saves and
+    #: loads it by, and what bnfreeze records its flag under (``bnfreeze.json``).
+    saved: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

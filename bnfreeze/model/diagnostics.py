@@ -411,11 +411,22 @@ def _keras3_incompatible(model: ModelFile, states: tuple[LayerState, ...]) -> li
                 WarningCode.KERAS3_INCOMPATIBLE,
                 layer.path,
                 f"{layer.path} ({layer.class_name}) cannot be loaded by Keras 3: {why}. "
-                "Rebuild that layer with Keras 3 and copy the weights over, or load and train "
-                "the model with tf_keras (predict for it with --runtime tf-keras).",
+                + (_KERAS3_H5 if (model.keras_version or "").startswith("3.") else _KERAS2),
             )
         )
     return findings
+
+
+#: What to do about a layer Keras 3 cannot load, by who saved the file.
+_KERAS2 = (
+    "Rebuild that layer with Keras 3 and copy the weights over, or load and train the model "
+    "with tf_keras (predict for it with --runtime tf-keras)."
+)
+_KERAS3_H5 = (
+    "Keras 3 saved this .h5 but cannot load it: save the model as .keras from the code that "
+    "built it (model.save('model.keras')), or build it again with that code and call "
+    "model.load_weights on this file (Keras 3 reads its weights)."
+)
 
 
 def _synchronized(model: ModelFile, states: tuple[LayerState, ...]) -> list[Finding]:

@@ -46,11 +46,69 @@ REFUSED_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
+#: Layers that take values other than tensors as positional arguments (Keras 3.15.1: the
+#: preprocessing layers, ``_allow_non_tensor_positional_args``); every other layer refuses them.
+TAKE_VALUES = frozenset(
+    [
+        "AugMix",
+        "AutoContrast",
+        "CategoryEncoding",
+        "CenterCrop",
+        "ContrastLimitedAdaptiveHistogramEqualization",
+        "CutMix",
+        "Discretization",
+        "Equalization",
+        "HashedCrossing",
+        "Hashing",
+        "IntegerLookup",
+        "MaxNumBoundingBoxes",
+        "MelSpectrogram",
+        "MixUp",
+        "Normalization",
+        "Pipeline",
+        "RandAugment",
+        "RandomBrightness",
+        "RandomColorDegeneration",
+        "RandomColorJitter",
+        "RandomContrast",
+        "RandomCrop",
+        "RandomElasticTransform",
+        "RandomErasing",
+        "RandomFlip",
+        "RandomGaussianBlur",
+        "RandomGrayscale",
+        "RandomHue",
+        "RandomInvert",
+        "RandomPerspective",
+        "RandomPosterization",
+        "RandomRotation",
+        "RandomSaturation",
+        "RandomSharpness",
+        "RandomShear",
+        "RandomTranslation",
+        "RandomZoom",
+        "Rescaling",
+        "Resizing",
+        "Solarization",
+        "StringLookup",
+        "TextVectorization",
+    ]
+)
+
+
 def incompatibility(layer: dict[str, Any]) -> str | None:
     """Why Keras 3 cannot deserialize this saved layer dict, or None when nothing shows."""
     class_name = layer.get("class_name")
     if not isinstance(class_name, str):
         return None
+    value = _value_passed_positionally(layer, class_name)
+    if value is not None:
+        return (
+            f"Keras 3 rebuilds it as the {class_name} layer and calls it with {value!r} as a "
+            "positional argument (a Keras 3 operation such as x + 3.0, saved in a legacy .h5, "
+            "loses the module that made it an operation): load_model fails with 'Only input "
+            "tensors may be passed as positional arguments'"
+        )
     if class_name in MISSING_CLASSES:
         return (
             f"Keras 3 has no {class_name} layer ({MISSING_CLASSES[class_name]}): load_model "
@@ -66,6 +124,31 @@ def incompatibility(layer: dict[str, Any]) -> str | None:
             f"its config holds {keys}, which Keras 3's {class_name} does not accept: load_model "
             "fails with 'Unrecognized keyword arguments'"
         )
+    return None
+
+
+def _value_passed_positionally(layer: dict[str, Any], class_name: str) -> object | None:
+    """A number, string or boolean in a Keras 3 node's positional arguments of a layer that
+    Keras rebuilds as a layer (measured: MobileNetV3Large saved by Keras 3.15.1 as ``.h5``,
+    whose ``x + 3.0`` nodes read ``{"class_name": "Add", "args": [tensor, 3.0]}`` with no
+    ``module``; the same model's ``.keras`` says ``"module": "keras.src.ops.numpy"`` and
+    loads)."""
+    module = layer.get("module")
+    if isinstance(module, str) and module.startswith("keras.src.ops"):
+        return None  # an operation: Keras calls it with its values as saved
+    if class_name in TAKE_VALUES or layer.get("registered_name") not in (None, class_name):
+        return None
+    nodes = layer.get("inbound_nodes")
+    for node in nodes if isinstance(nodes, list) else ():
+        if not isinstance(node, dict):
+            continue  # a tf_keras node ([name, index, tensor, kwargs]): other rules
+        pending: list[Any] = [node.get("args")]
+        while pending:
+            item = pending.pop()
+            if isinstance(item, list):
+                pending.extend(item)
+            elif isinstance(item, (bool, int, float, str)):
+                return item
     return None
 
 

@@ -10,6 +10,7 @@ from bnfreeze.formats.readers import read_model, read_shapes, read_values
 from bnfreeze.model import code_built, diagnostics, modes
 from bnfreeze.model.records import Finding, LayerState, ModelFile, ModelFormat, Report, Runtime
 from bnfreeze.model.walk import WalkedModel, walk
+from bnfreeze.ops import recorded_view
 
 #: Asks Keras which layers it rebuilds for a file (:func:`bnfreeze.runtime.rebuilt.ask`):
 #: the rows, or None and why Keras could not be asked.
@@ -49,6 +50,7 @@ def inspect_model_file(
         walked = replace(walked, layers=_merged(walked.layers, inner))
     has_weights = _has_weights(model, walked)
     built = _code_built(model, walked)
+    file_datasets = dict(built.datasets)  # the weights file's groups of the rows by rule
     rebuilt = None
     keras_note: str | None = None
     if ask_keras is not None and built.owners and model.format is not ModelFormat.MEMORY:
@@ -98,6 +100,11 @@ def inspect_model_file(
     )
     if keras_note is not None:
         findings = (diagnostics.keras_not_asked(keras_note), *findings)
+    if model.weights is not None:
+        saved = recorded_view.groups({**model.weights.variables, **file_datasets})
+        if rebuilt is not None:
+            saved.update(rebuilt.saved)  # Keras's own paths for the rows it rebuilt
+        findings += recorded_view.findings(model, states, saved)
     if runtime is Runtime.KERAS3 and (model.keras_version or "").startswith(("2.", "1.")):
         findings += _keras2_hint(model, walked, states, has_weights)
     return Report(

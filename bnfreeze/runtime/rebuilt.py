@@ -13,7 +13,9 @@ one :class:`~bnfreeze.model.records.LayerRecord` per layer the config does not l
 
 The flags are those of a plain ``keras.models.load_model``, which ``verify`` measures; the
 flags bnfreeze records in a ``bnfreeze.json`` member (:mod:`bnfreeze.formats.recorded_flags`),
-which :func:`bnfreeze.load_model` sets again, are reported by the ``recorded-flags`` warning.
+which :func:`bnfreeze.load_model` sets again, are matched to these rows by the path Keras saves
+each layer under (``Rebuilt.saved``) and reported by the ``recorded-flags`` warning
+(:mod:`bnfreeze.ops.recorded_view`).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def rebuild(
     from bnfreeze.runtime import environment, loading
     from bnfreeze.runtime.branches import is_builtin_batchnorm
     from bnfreeze.runtime.measure import layer_children, layer_paths, own_variables
+    from bnfreeze.runtime.saving import saved_paths
 
     with environment.quiet():
         keras = environment.keras_module(Runtime.KERAS3)
@@ -118,6 +121,12 @@ def rebuild(
                 datasets[layer_path] = names
                 for name, variable in zip(names, own, strict=True):
                     values[name] = np.asarray(variable.numpy())
+        by_layer = {id(layer): group for group, layer in saved_paths(model).items()}
+        saved = {
+            path: by_layer[id(layer)]
+            for path, (layer, _) in layers.items()
+            if id(layer) in by_layer
+        }
         # After reading the values: the call below updates the moving statistics in memory.
         called = _called(keras, model, layers)
     records = [
@@ -126,7 +135,7 @@ def rebuild(
         else r
         for r in records
     ]
-    return Rebuilt(tuple(records), has_weights, datasets, values, str(keras.__version__))
+    return Rebuilt(tuple(records), has_weights, datasets, values, str(keras.__version__), saved)
 
 
 def _called(keras: Any, model: Any, layers: dict[str, tuple[Any, bool]]) -> dict[str, bool]:

@@ -500,3 +500,22 @@ def test_inspect_json_imports_stay_lean():
     )
     result = _run("-c", code)
     assert "HEAVY []" in result.stderr, result.stderr[-500:]
+
+
+def test_custom_objects_needs_keras_and_is_refused_with_from_file(samples):
+    """inspect advises --custom-objects when Keras cannot rebuild a custom class, so it takes
+    it; with --from-file, which never loads the model, it is a usage error."""
+    model = str(samples / "seed_bn.keras")
+    result = CliRunner().invoke(cli, ["inspect", model, "--from-file", "--custom-objects", "x.py"])
+    assert result.exit_code == 2
+    assert "drop --from-file" in result.stderr
+
+
+@pytest.mark.keras
+def test_custom_objects_let_keras_list_a_subclassed_model(subclassed_keras, custom_layers_file):
+    args = ["inspect", str(subclassed_keras), "--json", "--custom-objects", str(custom_layers_file)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    bn = [layer for layer in document["layers"] if layer["is_batchnorm"]]
+    assert bn and all(layer["source"] == "keras" for layer in bn), bn

@@ -179,3 +179,43 @@ def test_check_runtime_option(tf_keras_files):
     keras3 = runner.invoke(cli, ["check", guide, "--expect", "bn-inference"])
     tfk = runner.invoke(cli, ["check", guide, "--expect", "bn-inference", "--runtime", "tf-keras"])
     assert (keras3.exit_code, tfk.exit_code) == (1, 0), (keras3.output, tfk.output)
+
+
+def test_keras3_operations_in_a_keras3_h5_are_named(tmp_path):
+    """Keras 3.15 cannot load its own .h5 of a model with an operation on a Keras tensor
+    (MobileNetV3's hard-swish, ``x + 3.0``): the .h5 config drops the operation's module, so
+    Keras rebuilds an ``Add`` layer and refuses the 3.0. The same model's .keras loads. main
+    gave Keras 3 predictions for the .h5 without a word (and freeze wrote an output just as
+    unloadable)."""
+    import keras
+
+    inputs = keras.Input((4,), name="x")
+    h = keras.layers.Dense(4, name="dense")(inputs)
+    h = keras.layers.BatchNormalization(name="bn")(h + 3.0)
+    model = keras.Model(inputs, keras.layers.Dense(1, name="head")(h * 0.5), name="ops")
+    refused = {}
+    for suffix in ("h5", "keras"):
+        path = tmp_path / f"ops.{suffix}"
+        model.save(path)
+        try:
+            keras.models.load_model(path)
+        except ValueError as exc:
+            refused[suffix] = str(exc)
+        result = CliRunner().invoke(cli, ["inspect", "--json", str(path)])
+        assert result.exit_code == 0, result.stderr
+        warned = [
+            w["path"]
+            for w in json.loads(result.stdout)["warnings"]
+            if w["code"] == "keras3-incompatible"
+        ]
+        if suffix == "h5":
+            assert "Only input tensors may be passed as positional arguments" in refused["h5"]
+            assert sorted(warned) == ["add", "multiply"], warned
+        else:
+            assert "keras" not in refused and warned == []
+    frozen = tmp_path / "frozen.h5"
+    result = CliRunner().invoke(
+        cli, ["freeze", str(tmp_path / "ops.h5"), "--bn-inference", "-o", str(frozen)]
+    )
+    assert result.exit_code == 0 and "keras3-incompatible" not in result.stdout
+    assert "cannot be loaded by Keras 3" in result.stderr

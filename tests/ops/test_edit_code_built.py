@@ -156,6 +156,30 @@ def test_plain_keras_load_model_loses_the_flags(reloaded, key):
     assert measured["bn_stats_moved"] == measured["bn_gamma_beta_moved"] == lost, measured
 
 
+@pytest.mark.parametrize("ask", [False, True], ids=["from-file", "asking-keras"])
+@pytest.mark.parametrize("key", ["resnet", "custom_block", "subclassed"])
+def test_inspect_says_what_bnfreeze_load_model_changes(frozen, reloaded, key, ask):
+    """inspect's rows show a plain keras.models.load_model; its recorded-flags warning says how
+    the file loads with bnfreeze.load_model: the BN layers it names as switching to inference
+    are exactly those measured to train after a plain load and to stay still after
+    bnfreeze.load_model (main said nothing of the recorded flags)."""
+    import re
+
+    from bnfreeze.ops.inspect import inspect_file
+    from bnfreeze.runtime.rebuilt import ask as ask_keras
+
+    path = frozen[key][2]
+    report = inspect_file(path, ask_keras=ask_keras if ask else None)
+    found = [w for w in report.warnings if w.code is WarningCode.RECORDED_FLAGS]
+    assert len(found) == 1, [w.code for w in report.warnings]
+    match = re.search(r"(\d+) BN layer\(s\) then run in inference mode", found[0].message)
+    assert match, found[0].message
+    plain, loader = reloaded[key]["keras"], reloaded[key]["bnfreeze"]
+    assert int(match.group(1)) == plain["bn_stats_moved"] - loader["bn_stats_moved"]
+    # The rows themselves: the BN layers a plain load trains are the rows that say training.
+    assert report.bn_training_in_fit >= int(match.group(1))
+
+
 # ------------------------------------------------------------------------------ the CLI
 
 
