@@ -4,19 +4,20 @@ reloaded in a fresh process and measured for one ``fit()`` step with the branch 
 recorded (``tests/support/hub_tasks.py``). ``inspect`` asks Keras how the file loads; its rows and
 counts must be what the measurement shows, and ``verify`` must agree and exit 0.
 
-One subprocess builds and saves every model; one more, fresh, measures them all.
+One fresh interpreter builds and saves every model; one more measures them all
+(``tests/support/warm.py``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import warm
 
 pytestmark = pytest.mark.keras
 
@@ -35,13 +36,7 @@ def _run(*args: str) -> str:
         "TF_CPP_MIN_LOG_LEVEL": "3",
         "PYTHONPATH": os.pathsep.join([str(ROOT), str(SUPPORT)]),
     }
-    done = subprocess.run(
-        [sys.executable, str(SUPPORT / "hub_tasks.py"), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    done = warm.run([sys.executable, str(SUPPORT / "hub_tasks.py"), *args], env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
