@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from bnfreeze.formats.readers import read_model, read_shapes, read_values
 from bnfreeze.model import code_built, diagnostics, modes
@@ -44,13 +44,52 @@ def inspect_model_file(
     (:mod:`bnfreeze.model.code_built`) and listed with ``source=WEIGHTS``, their mode
     predicted by the rule "Keras rebuilds a code-built layer with ``trainable=True``".
     """
+    rows = _rows(model, ask_keras)
+    loaded = model.format is not ModelFormat.MEMORY
+    model_trainable = rows.walked.trainable
+    if loaded:
+        model_trainable = modes.loaded_model_trainable(
+            rows.walked.class_name, rows.walked.trainable, runtime
+        )
+    states = modes.resolve(
+        rows.walked.layers,
+        model_trainable=model_trainable,
+        has_weights=rows.has_weights,
+        runtime=runtime,
+        loaded=loaded,
+    )
+    if rows.built.rebuilt_weights and runtime is Runtime.KERAS3 and model_trainable:
+        states = _rebuilt_sublayers_train(states, rows.built)
+    return Report(
+        model=model,
+        runtime=runtime,
+        model_trainable=model_trainable,
+        layers=states,
+        warnings=_findings(model, rows, states, model_trainable, runtime),
+    )
+
+
+@dataclass
+class _Rows:
+    """The layers a report lists: the config's, and those code builds (asked of Keras, or
+    found in the weights file by rule)."""
+
+    walked: WalkedModel
+    has_weights: dict[str, bool | None]
+    built: code_built.CodeBuilt
+    rebuilt: code_built.Rebuilt | None
+    keras_note: str | None  # why Keras was not asked, when it was meant to be
+    file_datasets: dict[str, tuple[str, ...]]  # the weights file's groups of the rows by rule
+
+
+def _rows(model: ModelFile, ask_keras: AskKeras | None) -> _Rows:
     walked = walk(model.config, model.path)
     inner = code_built.wrapped(walked, model.config)
     if inner:
         walked = replace(walked, layers=_merged(walked.layers, inner))
     has_weights = _has_weights(model, walked)
     built = _code_built(model, walked)
-    file_datasets = dict(built.datasets)  # the weights file's groups of the rows by rule
+    file_datasets = dict(built.datasets)
     rebuilt = None
     keras_note: str | None = None
     if ask_keras is not None and built.owners and model.format is not ModelFormat.MEMORY:
@@ -63,25 +102,22 @@ def inspect_model_file(
         walked = replace(walked, layers=_merged(walked.layers, built.records))
         for record in built.records:
             has_weights[record.path] = True
-    loaded = model.format is not ModelFormat.MEMORY
-    model_trainable = walked.trainable
-    if loaded:
-        model_trainable = modes.loaded_model_trainable(walked.class_name, walked.trainable, runtime)
-    states = modes.resolve(
-        walked.layers,
-        model_trainable=model_trainable,
-        has_weights=has_weights,
-        runtime=runtime,
-        loaded=loaded,
-    )
-    if built.rebuilt_weights and runtime is Runtime.KERAS3 and model_trainable:
-        states = _rebuilt_sublayers_train(states, built)
+    return _Rows(walked, has_weights, built, rebuilt, keras_note, file_datasets)
+
+
+def _findings(
+    model: ModelFile,
+    rows: _Rows,
+    states: tuple[LayerState, ...],
+    model_trainable: bool,
+    runtime: Runtime,
+) -> tuple[Finding, ...]:
     # Diagnostics read BN statistics by layer path: give them the new rows' datasets too.
     diagnosed = model
-    if built.datasets and model.weights is not None:
-        variables = {**model.weights.variables, **built.datasets}
+    if rows.built.datasets and model.weights is not None:
+        variables = {**model.weights.variables, **rows.built.datasets}
         diagnosed = replace(model, weights=replace(model.weights, variables=variables))
-    live_values = rebuilt.values if rebuilt is not None else {}
+    live_values = rows.rebuilt.values if rows.rebuilt is not None else {}
 
     def values(names: list[str]) -> dict[str, object]:
         found: dict[str, object] = {n: live_values[n] for n in names if n in live_values}
@@ -96,24 +132,18 @@ def inspect_model_file(
         model_trainable=model_trainable,
         read_values=values if model.weights is not None else None,
         runtime=runtime,
-        owners=built.owners,
+        owners=rows.built.owners,
     )
-    if keras_note is not None:
-        findings = (diagnostics.keras_not_asked(keras_note), *findings)
+    if rows.keras_note is not None:
+        findings = (diagnostics.keras_not_asked(rows.keras_note), *findings)
     if model.weights is not None:
-        saved = recorded_view.groups({**model.weights.variables, **file_datasets})
-        if rebuilt is not None:
-            saved.update(rebuilt.saved)  # Keras's own paths for the rows it rebuilt
+        saved = recorded_view.groups({**model.weights.variables, **rows.file_datasets})
+        if rows.rebuilt is not None:
+            saved.update(rows.rebuilt.saved)  # Keras's own paths for the rows it rebuilt
         findings += recorded_view.findings(model, states, saved)
     if runtime is Runtime.KERAS3 and (model.keras_version or "").startswith(("2.", "1.")):
-        findings += _keras2_hint(model, walked, states, has_weights)
-    return Report(
-        model=model,
-        runtime=runtime,
-        model_trainable=model_trainable,
-        layers=states,
-        warnings=findings,
-    )
+        findings += _keras2_hint(model, rows.walked, states, rows.has_weights)
+    return findings
 
 
 def _has_weights(model: ModelFile, walked: WalkedModel) -> dict[str, bool | None]:

@@ -53,11 +53,8 @@ def rebuild(
     """Load ``path`` with Keras and return the layers it rebuilt that ``listed`` (the paths
     the config lists) does not hold. Raises :class:`~bnfreeze.errors.BnfreezeError` when Keras
     cannot load the file."""
-    import numpy as np
-
     from bnfreeze.runtime import environment, loading
-    from bnfreeze.runtime.branches import is_builtin_batchnorm
-    from bnfreeze.runtime.measure import layer_children, layer_paths, own_variables
+    from bnfreeze.runtime.measure import layer_paths, own_variables
     from bnfreeze.runtime.saving import saved_paths
 
     with environment.quiet():
@@ -72,55 +69,10 @@ def rebuild(
             )
         layers = layer_paths(keras, model)
         owned = own_variables(layers)
-        records: list[LayerRecord] = []
-        has_weights: dict[str, bool] = {}
-        datasets: dict[str, tuple[str, ...]] = {}
-        values: dict[str, Any] = {}
+        rows = _Rows()
         for layer_path, (layer, _) in layers.items():
-            if layer_path in listed:
-                continue
-            parent = layer_path.rpartition("/")[0] or None
-            children = bool(layer_children(keras, layer))
-            builtin = (type(layer).__module__ or "").split(".")[0] == "keras"
-            if isinstance(layer, keras.layers.BatchNormalization):
-                kind = (
-                    LayerKind.BATCHNORM
-                    if is_builtin_batchnorm(keras, layer)
-                    else (LayerKind.UNKNOWN)
-                )
-            elif isinstance(layer, keras.layers.InputLayer):
-                kind = LayerKind.INPUT
-            elif children:
-                kind = LayerKind.CONTAINER
-            else:
-                # A custom layer too: Keras shows its flag and variables, and the BN layers
-                # its code holds are rows of their own.
-                kind = LayerKind.LAYER
-            own = owned.get(layer_path, [])
-            records.append(
-                LayerRecord(
-                    path=layer_path,
-                    name=layer.name,
-                    class_name=type(layer).__name__,
-                    kind=kind,
-                    depth=layer_path.count("/"),
-                    parent=parent,
-                    trainable=None if kind is LayerKind.INPUT else bool(layer.trainable),
-                    module=type(layer).__module__,
-                    custom=not builtin,
-                    scale=getattr(layer, "scale", True) is not False,
-                    center=getattr(layer, "center", True) is not False,
-                    renorm=bool(getattr(layer, "renorm", False)),
-                    momentum=_momentum(layer),
-                    source=LayerSource.KERAS,
-                )
-            )
-            has_weights[layer_path] = bool(own) and not children
-            if kind is LayerKind.BATCHNORM:
-                names = tuple(f"{layer_path}/{i}" for i in range(len(own)))
-                datasets[layer_path] = names
-                for name, variable in zip(names, own, strict=True):
-                    values[name] = np.asarray(variable.numpy())
+            if layer_path not in listed:
+                rows.add(keras, layer_path, layer, owned.get(layer_path, []))
         by_layer = {id(layer): group for group, layer in saved_paths(model).items()}
         saved = {
             path: by_layer[id(layer)]
@@ -133,9 +85,69 @@ def rebuild(
         replace(r, called_in_fit=called[r.path])
         if r.kind is LayerKind.BATCHNORM and r.path in called
         else r
-        for r in records
+        for r in rows.records
     ]
-    return Rebuilt(tuple(records), has_weights, datasets, values, str(keras.__version__), saved)
+    return Rebuilt(
+        tuple(records), rows.has_weights, rows.datasets, rows.values, str(keras.__version__), saved
+    )
+
+
+class _Rows:
+    """The rows of the layers Keras rebuilt, and the variables of their BN layers."""
+
+    def __init__(self) -> None:
+        self.records: list[LayerRecord] = []
+        self.has_weights: dict[str, bool] = {}
+        self.datasets: dict[str, tuple[str, ...]] = {}
+        self.values: dict[str, Any] = {}
+
+    def add(self, keras: Any, layer_path: str, layer: Any, own: list[Any]) -> None:
+        import numpy as np
+
+        from bnfreeze.runtime.measure import layer_children
+
+        children = bool(layer_children(keras, layer))
+        kind = _kind(keras, layer, children)
+        self.records.append(_record(layer_path, layer, kind))
+        self.has_weights[layer_path] = bool(own) and not children
+        if kind is LayerKind.BATCHNORM:
+            names = tuple(f"{layer_path}/{i}" for i in range(len(own)))
+            self.datasets[layer_path] = names
+            for name, variable in zip(names, own, strict=True):
+                self.values[name] = np.asarray(variable.numpy())
+
+
+def _kind(keras: Any, layer: Any, children: bool) -> LayerKind:
+    from bnfreeze.runtime.branches import is_builtin_batchnorm
+
+    if isinstance(layer, keras.layers.BatchNormalization):
+        return LayerKind.BATCHNORM if is_builtin_batchnorm(keras, layer) else LayerKind.UNKNOWN
+    if isinstance(layer, keras.layers.InputLayer):
+        return LayerKind.INPUT
+    if children:
+        return LayerKind.CONTAINER
+    # A custom layer too: Keras shows its flag and variables, and the BN layers its code holds
+    # are rows of their own.
+    return LayerKind.LAYER
+
+
+def _record(layer_path: str, layer: Any, kind: LayerKind) -> LayerRecord:
+    return LayerRecord(
+        path=layer_path,
+        name=layer.name,
+        class_name=type(layer).__name__,
+        kind=kind,
+        depth=layer_path.count("/"),
+        parent=layer_path.rpartition("/")[0] or None,
+        trainable=None if kind is LayerKind.INPUT else bool(layer.trainable),
+        module=type(layer).__module__,
+        custom=(type(layer).__module__ or "").split(".")[0] != "keras",
+        scale=getattr(layer, "scale", True) is not False,
+        center=getattr(layer, "center", True) is not False,
+        renorm=bool(getattr(layer, "renorm", False)),
+        momentum=_momentum(layer),
+        source=LayerSource.KERAS,
+    )
 
 
 def _called(keras: Any, model: Any, layers: dict[str, tuple[Any, bool]]) -> dict[str, bool]:

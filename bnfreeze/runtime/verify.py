@@ -42,7 +42,7 @@ from typing import Any
 
 from bnfreeze.model.expectations import Expectation
 from bnfreeze.model.measured import DataSource, TrainingSetup, VerifyReport
-from bnfreeze.model.records import Runtime
+from bnfreeze.model.records import Report, Runtime
 from bnfreeze.runtime import environment, loading, rebuilt
 from bnfreeze.runtime.batches import SYNTHETIC_SEED, build_batches, read_npz
 from bnfreeze.runtime.compare import check_scopes, compare
@@ -73,28 +73,11 @@ def verify_file(
     Bad input raises a :class:`~bnfreeze.errors.BnfreezeError`.
     """
     from bnfreeze.errors import BnfreezeError
-    from bnfreeze.model import modes
-    from bnfreeze.ops.inspect import inspect_file
 
     if steps < 1 or batch_size < 1:
         raise BnfreezeError("--steps and --batch-size must be at least 1.")
     environment.require_runtime(runtime)
-
-    # The prediction first: it reads the file without Keras, so a bad file fails in
-    # milliseconds, and expectation globs are checked before the slow part.
-    # Layers that code builds are asked of Keras, so the rows have the paths measured below.
-    def ask(model: Any, listed: set[str]) -> Any:
-        objects = custom_objects if isinstance(custom_objects, str | None) else dict(custom_objects)
-        return rebuilt.ask(model, listed, custom_objects=objects, unsafe=unsafe)
-
-    prediction = inspect_file(path, runtime, ask_keras=ask) if runtime in modes.RULES else None
-    if prediction is not None:
-        check_scopes(expectations, prediction)
-    loading.refuse_unsafe(
-        prediction.model.config if prediction is not None else _config_of(path),
-        str(path),
-        unsafe=unsafe,
-    )
+    prediction = _predict(path, runtime, expectations, custom_objects, unsafe)
     arrays = read_npz(data) if data is not None else None
     spec = custom_objects if isinstance(custom_objects, str) else None
     if spec is not None and spec.endswith(".py") and not Path(spec).is_file():
@@ -140,6 +123,35 @@ def verify_file(
         expectations=expectations,
         notes=tuple(batches.notes) + tuple(notes),
     )
+
+
+def _predict(
+    path: str | os.PathLike[str],
+    runtime: Runtime,
+    expectations: Sequence[Expectation],
+    custom_objects: str | Mapping[str, Any] | None,
+    unsafe: bool,
+) -> Report | None:
+    """The prediction first: it reads the file without Keras, so a bad file fails in
+    milliseconds, and expectation globs are checked before the slow part. Layers that code
+    builds are asked of Keras, so the rows have the paths measured. A file that holds Python
+    code is refused here unless ``unsafe``."""
+    from bnfreeze.model import modes
+    from bnfreeze.ops.inspect import inspect_file
+
+    def ask(model: Any, listed: set[str]) -> Any:
+        objects = custom_objects if isinstance(custom_objects, str | None) else dict(custom_objects)
+        return rebuilt.ask(model, listed, custom_objects=objects, unsafe=unsafe)
+
+    prediction = inspect_file(path, runtime, ask_keras=ask) if runtime in modes.RULES else None
+    if prediction is not None:
+        check_scopes(expectations, prediction)
+    loading.refuse_unsafe(
+        prediction.model.config if prediction is not None else _config_of(path),
+        str(path),
+        unsafe=unsafe,
+    )
+    return prediction
 
 
 def _config_of(path: str | os.PathLike[str]) -> Any:
