@@ -13,10 +13,10 @@ Nothing here imports Keras: a route imports it only when it loads a model.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from bnfreeze.model.assignments import Assignment
 from bnfreeze.ops.config_route import ConfigRoute
-from bnfreeze.ops.plans import PlanApplication, PlannedEdit
 from bnfreeze.ops.request import (
     EditRequest,
     EditResult,
@@ -29,13 +29,17 @@ from bnfreeze.ops.request import (
     check_model,
     check_output,
 )
-from bnfreeze.runtime.keras_route import KerasRoute
-from bnfreeze.runtime.memory_route import MemoryRoute
+
+if TYPE_CHECKING:
+    from bnfreeze.ops.plans import PlanApplication, PlannedEdit
 
 
 def route_for(request: EditRequest) -> Route:
-    """The route for ``request``."""
+    """The route for ``request``. The Keras routes are imported only when they take the edit:
+    a config edit, the common case, never loads their modules."""
     if not request.is_file:
+        from bnfreeze.runtime.memory_route import MemoryRoute
+
         return MemoryRoute()
     engine = request.loading.engine
     if engine is Engine.KERAS:
@@ -46,8 +50,17 @@ def route_for(request: EditRequest) -> Route:
                 "BN class and synchronized edits are written by the config route; "
                 "use --engine auto or config."
             )
-        return KerasRoute()
-    return ConfigRoute(fallback=KerasRoute() if engine is Engine.AUTO else None)
+        return _KerasEngine()
+    return ConfigRoute(fallback=_KerasEngine() if engine is Engine.AUTO else None)
+
+
+class _KerasEngine:
+    """:class:`~bnfreeze.runtime.keras_route.KerasRoute`, imported when it edits."""
+
+    def edit(self, request: EditRequest) -> EditResult:
+        from bnfreeze.runtime.keras_route import KerasRoute
+
+        return KerasRoute().edit(request)
 
 
 def edit(request: EditRequest) -> EditResult:
@@ -60,6 +73,8 @@ def edit(request: EditRequest) -> EditResult:
 
 def apply_plan(planned: PlannedEdit) -> PlanApplication:
     """Apply a plan resolved against a model (:func:`bnfreeze.ops.plans.plan_edit_request`)."""
+    from bnfreeze.ops.plans import PlanApplication
+
     return PlanApplication(plan=planned.plan, matches=planned.matches, result=edit(planned.request))
 
 
