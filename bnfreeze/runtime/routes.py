@@ -50,12 +50,15 @@ def route_for(request: EditRequest) -> Route:
                 "BN class and synchronized edits are written by the config route; "
                 "use --engine auto or config."
             )
-        return _KerasEngine()
-    return ConfigRoute(fallback=_KerasEngine() if engine is Engine.AUTO else None)
+        from bnfreeze.runtime.keras_route import KerasRoute
+
+        return KerasRoute()
+    return ConfigRoute(fallback=LazyKerasRoute() if engine is Engine.AUTO else None)
 
 
-class _KerasEngine:
-    """:class:`~bnfreeze.runtime.keras_route.KerasRoute`, imported when it edits."""
+class LazyKerasRoute:
+    """The ``--engine auto`` fallback: :class:`~bnfreeze.runtime.keras_route.KerasRoute`,
+    imported only when a config edit hands it the request."""
 
     def edit(self, request: EditRequest) -> EditResult:
         from bnfreeze.runtime.keras_route import KerasRoute
