@@ -7,6 +7,7 @@ the ``saved-by-keras-2`` hint says when the two runtimes disagree on a BN layer.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -210,7 +211,8 @@ def test_keras3_operations_in_a_keras3_h5_are_named(tmp_path):
         ]
         if suffix == "h5":
             assert "Only input tensors may be passed as positional arguments" in refused["h5"]
-            assert sorted(warned) == ["add", "multiply"], warned
+            # Keras numbers the operations it names (add_9 after other models in this process).
+            assert sorted(re.sub(r"_\d+$", "", p) for p in warned) == ["add", "multiply"], warned
         else:
             assert "keras" not in refused and warned == []
     frozen = tmp_path / "frozen.h5"
