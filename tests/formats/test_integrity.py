@@ -150,6 +150,53 @@ def test_copy_range_checksums_what_it_copied(tmp_path):
     assert dst.read_bytes()[5:] == data
 
 
+def test_a_checksum_that_fails_on_the_helper_thread_fails_the_copy(tmp_path, monkeypatch):
+    """Pieces after the first are checksummed on a helper thread while the next is copied;
+    an error there must reach the caller, not vanish with the thread."""
+    from bnfreeze.formats import integrity
+
+    def broken(fd, at, n, crc, view):
+        if at:
+            raise OSError("the output went away")
+        return crc
+
+    src, dst = tmp_path / "a", tmp_path / "b"
+    src.write_bytes(os.urandom(3 * integrity.PIECE))
+    monkeypatch.setattr(integrity, "_crc_of_written", broken)
+    with open(src, "rb") as fi, open(dst, "w+b") as fo:
+        with pytest.raises(OSError, match="the output went away"):
+            integrity.copy_range(fi.fileno(), 0, 3 * integrity.PIECE, fo.fileno(), 0)
+
+
+def test_without_a_kernel_copy_each_piece_is_read_checksummed_and_written(
+    tmp_path, monkeypatch
+):
+    """Another file system (EXDEV) or an old kernel: the copy falls back to user space,
+    after pieces the kernel already copied, and the CRC still covers every byte."""
+    import errno
+
+    from bnfreeze.formats import integrity
+
+    calls = []
+    real = os.copy_file_range
+
+    def kernel_once(src_fd, dst_fd, count, offset_src, offset_dst):
+        calls.append(offset_src)
+        if len(calls) > 1:
+            raise OSError(errno.EXDEV, "cross-device")
+        return real(src_fd, dst_fd, count, offset_src, offset_dst)
+
+    monkeypatch.setattr(os, "copy_file_range", kernel_once)
+    src, dst = tmp_path / "a", tmp_path / "b"
+    data = os.urandom(3 * integrity.PIECE + 7)
+    src.write_bytes(b"x" + data)
+    with open(src, "rb") as fi, open(dst, "w+b") as fo:
+        crc = integrity.copy_range(fi.fileno(), 1, len(data), fo.fileno(), 3)
+    assert len(calls) == 2
+    assert crc == zlib.crc32(data)
+    assert dst.read_bytes()[3:] == data
+
+
 def _bomb(path: Path, samples: Path, zeros_mib: int, noise_kib: int) -> float:
     """seed_bn.keras with a deflated weights member holding ``zeros_mib`` MiB of zeros and
     some noise: a ratio just under the zip-bomb limit (200)."""
