@@ -39,7 +39,6 @@ from bnfreeze.model.records import LayerKind, LayerRecord, LayerSource, ModelFil
 from bnfreeze.model.walk import WalkedModel
 
 #: keras-hub registers its classes as ``keras_hub>ClassName``.
-KERAS_HUB_PREFIX = "keras_hub>"
 
 #: snake_case class names of BatchNormalization, as a ``.keras`` layer list names groups.
 _BN_GROUP_CLASSES = frozenset({"batch_normalization", "sync_batch_normalization"})
@@ -456,45 +455,3 @@ class Rebuilt:
     #: Each layer's group in ``model.weights.h5`` (``layers/block/bn``): what Keras saves and
     #: loads it by, and what bnfreeze records its flag under (``bnfreeze.json``).
     saved: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class KerasHub:
-    """Why a file is a keras-hub model: its registered classes, a preset folder, metadata."""
-
-    classes: tuple[str, ...]  # "keras_hub>ImageClassifier", ... in config order
-    preset: bool  # an unzipped folder with keras-hub's metadata: save_to_preset's layout
-    version: str | None  # keras_hub_version from the metadata
-
-
-def keras_hub(model: ModelFile) -> KerasHub | None:
-    """keras-hub evidence in the file, or None: a ``keras_hub>`` registered name or a
-    ``keras_hub.`` module anywhere in the config, or ``keras_hub_version`` in the metadata."""
-    classes: list[str] = []
-
-    def visit(node: object, depth: int) -> None:
-        if depth > 64:
-            return
-        if isinstance(node, dict):
-            registered = node.get("registered_name")
-            module = node.get("module")
-            name = node.get("class_name")
-            if isinstance(registered, str) and registered.startswith(KERAS_HUB_PREFIX):
-                if registered not in classes:
-                    classes.append(registered)
-            elif isinstance(module, str) and module.startswith("keras_hub.") and name:
-                label = f"{KERAS_HUB_PREFIX}{name}"
-                if label not in classes:
-                    classes.append(label)
-            for value in node.values():
-                visit(value, depth + 1)
-        elif isinstance(node, list):
-            for item in node:
-                visit(item, depth + 1)
-
-    visit(model.config, 0)
-    version = model.keras_hub_version
-    if not classes and version is None:
-        return None
-    preset = model.format is ModelFormat.KERAS_DIR and version is not None
-    return KerasHub(tuple(classes), preset, version)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from bnfreeze.model.code_built import keras_hub
+from bnfreeze.model.hub import keras_hub
 from bnfreeze.model.records import (
     Finding,
     FitBehaviour,

@@ -24,7 +24,7 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
-from bnfreeze.model.code_built import KERAS_HUB_PREFIX, KerasHub, keras_hub
+from bnfreeze.model.hub import KERAS_HUB_PREFIX, KerasHub, keras_hub
 from bnfreeze.model.records import LayerKind, LayerRecord, LayerState, Normalization, Report
 from bnfreeze.render.columns import CLASS_MIN_WIDTH, PATH_MIN_WIDTH, Column, ColumnTable, Kind
 from bnfreeze.render.findings import WARNINGS_SHOWN_PER_CODE, warning_lines

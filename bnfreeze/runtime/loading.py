@@ -254,7 +254,7 @@ def keras_hub_objects(
     such names are looked up in ``keras_hub.models`` and ``keras_hub.layers``. keras-hub is
     imported only when the file needs it, and nothing happens when it is not installed.
     """
-    from bnfreeze.model.code_built import keras_hub
+    from bnfreeze.model.hub import keras_hub
 
     wanted: set[str] = set()
 

@@ -195,7 +195,7 @@ def ask(
     layers Keras rebuilds, or None and why Keras could not be asked. ``verify`` passes its
     ``--custom-objects`` and ``--unsafe`` so that both loads see the same classes."""
     from bnfreeze.errors import BnfreezeError
-    from bnfreeze.model.code_built import keras_hub
+    from bnfreeze.model.hub import keras_hub
 
     reason = unavailable(keras_hub(model) is not None)
     if reason is not None:

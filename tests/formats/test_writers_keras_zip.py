@@ -495,3 +495,88 @@ def warnings_recorded():
             messages.extend(str(w.message) for w in caught)
 
     return recording()
+
+
+# -- large members keep their bytes' offset within a page --------------------------------
+
+
+def _page_offsets(path: Path) -> dict[str, int]:
+    """Each member's data offset within a 4096-byte page."""
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as fh:
+        return {i.filename: data_offset(fh, i) % 4096 for i in archive.infolist()}
+
+
+def _padded_weights(samples: Path, out: Path, mib: int) -> Path:
+    """guide_pattern.keras (compiled, with optimizer state) with ``mib`` MiB more weights: a
+    dataset at the root of model.weights.h5, which no layer owns."""
+    import io
+
+    import h5py
+    import numpy as np
+
+    with zipfile.ZipFile(samples / "guide_pattern.keras") as z:
+        members = {i.filename: z.read(i) for i in z.infolist()}
+    buf = io.BytesIO(members["model.weights.h5"])
+    with h5py.File(buf, "r+") as h5:
+        h5.create_dataset("padding", data=np.arange(mib << 18, dtype="<f4"))
+    members["model.weights.h5"] = buf.getvalue()
+    with zipfile.ZipFile(out, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return out
+
+
+@pytest.mark.parametrize("optimizer_state", ["remap", "keep"])
+def test_a_large_member_keeps_its_offset_within_a_page(samples, tmp_path, optimizer_state):
+    """The weights member (>= ALIGN_FROM) starts at the same offset within a page as in the
+    input, though config.json changed size before it; zip readers skip the padding record,
+    the central directory keeps the member's own extra field, small members are not moved."""
+    from bnfreeze.formats.writers.keras_zip import ALIGN_FROM
+
+    src = _padded_weights(samples, tmp_path / "in.keras", mib=ALIGN_FROM >> 20)
+    out = tmp_path / "out.keras"
+    result = bnfreeze.unfreeze(
+        src, output=out, keep_bn_inference=True, optimizer_state=optimizer_state
+    )
+    assert result.changes
+    before, after = _page_offsets(src), _page_offsets(out)
+    assert after["model.weights.h5"] == before["model.weights.h5"]
+    with zipfile.ZipFile(src) as a, zipfile.ZipFile(out) as b:
+        assert b.testzip() is None
+        assert b.getinfo("model.weights.h5").extra == b""
+        small = a.getinfo("config.json")
+        assert small.compress_size < ALIGN_FROM
+        assert b.getinfo("config.json").header_offset == small.header_offset
+        if optimizer_state == "keep":
+            assert b.read("model.weights.h5") == a.read("model.weights.h5")
+    saved = bnfreeze.inspect(out).model.optimizer_variables  # bnfreeze reads its output
+    assert saved == 6 if optimizer_state == "keep" else saved > 6  # slots for what now trains
+
+
+@pytest.mark.keras
+def test_keras_loads_a_large_member_written_aligned(tmp_path):
+    """Keras 3 loads an output whose weights member carries the padding record: every weight
+    as saved, the optimizer's iterations restored."""
+    import keras
+    import numpy as np
+
+    from bnfreeze.formats.writers.keras_zip import ALIGN_FROM
+
+    model = keras.Sequential(
+        [keras.Input((1500,)), keras.layers.Dense(1500), keras.layers.BatchNormalization()]
+    )
+    model.compile("adam", "mse")
+    model.fit(np.ones((4, 1500)), np.ones((4, 1500)), verbose=0)
+    src, out = tmp_path / "in.keras", tmp_path / "out.keras"
+    model.save(src)
+    with zipfile.ZipFile(src) as archive:
+        assert archive.getinfo("model.weights.h5").compress_size >= ALIGN_FROM
+    bnfreeze.freeze(src, output=out, bn_inference=True)
+    assert _page_offsets(out)["model.weights.h5"] == _page_offsets(src)["model.weights.h5"]
+    assert _page_offsets(out)["config.json"] == _page_offsets(src)["config.json"]
+    loaded = keras.models.load_model(out)
+    assert [w.tolist() for w in loaded.get_weights()] == [
+        w.tolist() for w in model.get_weights()
+    ]
+    assert int(loaded.optimizer.iterations.numpy()) == 1
+    assert not loaded.layers[-1].trainable
