@@ -20,9 +20,6 @@ class KerasHub:
     version: str | None  # keras_hub_version from the metadata
 
 
-_CONTAINERS = (dict, list)
-
-
 def _hub_class(node: dict[str, object]) -> str | None:
     """The keras-hub class a config node names, as ``keras_hub>Name``, or None."""
     registered = node.get("registered_name")
@@ -38,22 +35,21 @@ def keras_hub(model: ModelFile) -> KerasHub | None:
     """keras-hub evidence in the file, or None: a ``keras_hub>`` registered name or a
     ``keras_hub.`` module anywhere in the config, or ``keras_hub_version`` in the metadata."""
     classes: list[str] = []
-    # Only containers are visited (a config holds many more strings and numbers than dicts).
-    stack: list[tuple[object, int]] = [(model.config, 0)]
-    while stack:
-        node, depth = stack.pop()
+
+    def visit(node: dict[str, object] | list[object], depth: int) -> None:
         if depth > 64:
-            continue
+            return
+        values: Iterable[object] = node
         if isinstance(node, dict):
             label = _hub_class(node)
             if label is not None and label not in classes:
                 classes.append(label)
-            children: Iterable[object] = node.values()
-        else:
-            assert isinstance(node, list)
-            children = node
-        # Reversed, so that the first child is visited first: classes in config order.
-        stack.extend((v, depth + 1) for v in reversed(list(children)) if type(v) in _CONTAINERS)
+            values = node.values()
+        for value in values:  # only containers are visited: most values are strings, numbers
+            if type(value) is dict or type(value) is list:
+                visit(value, depth + 1)
+
+    visit(model.config, 0)
     version = model.keras_hub_version
     if not classes and version is None:
         return None
