@@ -26,8 +26,11 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from bnfreeze.errors import OutputError
+
+T = TypeVar("T")
 
 #: Temporary files are named ``.<output name>.<host>-<pid>-<random>.bnfreeze-tmp`` next to the
 #: output: which machine and process writes it, so a later run can tell one left behind by a
@@ -341,3 +344,36 @@ def scratch_file(folder: Path, stem: str):  # type: ignore[no-untyped-def]
     finally:
         with contextlib.suppress(OSError):
             path.unlink()
+
+
+class Background(Generic[T]):
+    """``function(*args)`` on a thread, from ``with`` to :meth:`result`: the kernel's copy of a
+    big archive runs while the caller's thread plans the rest. Leaving the ``with`` block
+    waits for the thread, so nothing it writes outlives the block (an error in the block then
+    propagates, and ``atomic_file`` removes the temporary file)."""
+
+    def __init__(self, function: Callable[..., T], *args: object) -> None:
+        self._value: list[T] = []
+        self._error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                self._value.append(function(*args))
+            except BaseException as exc:  # re-raised by result(), on the caller's thread
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name="bnfreeze-copy", daemon=True)
+
+    def __enter__(self) -> Background[T]:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._thread.join()
+
+    def result(self) -> T:
+        """What the function returned, once the ``with`` block has ended; what it raised."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value[0]

@@ -112,7 +112,10 @@ class ConfigRoute:
             return self._refused(request, model.path, reason)
         targeted = _targeted(request.assignment, selected)
         try:
-            return commit(plan_edit(request, model, walked.layers, targeted))
+            flags = plan_flags(request, model, walked.layers, targeted)
+            if model.format is ModelFormat.KERAS and flags.writes:
+                return commit_while_planning(flags)
+            return commit(complete(flags))
         except BnfreezeError as exc:
             # A writer that finds, while planning, that only Keras can write this edit safely
             # (legacy_h5.H5RewriteError) says so; nothing was written yet.
@@ -199,11 +202,8 @@ class ConfigPlan:
 
     @property
     def writes(self) -> bool:
-        """Whether committing writes a file: not on a dry run, nor without an output, nor
-        in place when nothing changes."""
-        output = self.request.output
-        changes = self.changes or self.bn_config_changes
-        return not (output.dry_run or output.path is None or (output.in_place and not changes))
+        """Whether committing writes a file (:attr:`FlagPlan.writes`)."""
+        return _writes(self.request, bool(self.changes or self.bn_config_changes))
 
     @property
     def report_path(self) -> str | None:
@@ -215,6 +215,39 @@ class ConfigPlan:
         return self.optimizer_plan.dropped
 
 
+@dataclass(frozen=True)
+class FlagPlan:
+    """The part of a plan that needs no index of the weights: the new flags and config."""
+
+    request: EditRequest
+    model: ModelFile  # the input, maybe not indexed yet
+    layers: tuple[LayerRecord, ...]
+    selected: tuple[LayerRecord, ...]
+    after: Flags
+    changes: tuple[Change, ...]
+    new_config: dict[str, object]
+    bn_config_changes: int
+
+    @property
+    def writes(self) -> bool:
+        """Whether committing writes a file: not on a dry run, nor without an output, nor
+        in place when nothing changes."""
+        return _writes(self.request, bool(self.changes or self.bn_config_changes))
+
+    def copy_as_it_is(self) -> WriteRequest:
+        """The write with the saved optimizer state copied as it is (the new config)."""
+        from bnfreeze.formats.writers import WriteRequest
+
+        return WriteRequest(
+            model=self.model, config=self.new_config, layers=self.layers, flags=self.after
+        )
+
+
+def _writes(request: EditRequest, changes: bool) -> bool:
+    output = request.output
+    return not (output.dry_run or output.path is None or (output.in_place and not changes))
+
+
 def plan_edit(
     request: EditRequest,
     model: ModelFile,
@@ -222,13 +255,16 @@ def plan_edit(
     selected: tuple[LayerRecord, ...],
 ) -> ConfigPlan:
     """Decide the edit of ``selected`` (and the optimizer state), without writing."""
-    from bnfreeze.formats.readers import with_weights
-    from bnfreeze.formats.writers import WriteRequest
-    from bnfreeze.formats.writers.dispatch import writer_for
+    return complete(plan_flags(request, model, layers, selected))
 
-    model = with_weights(model)
-    writer = writer_for(model.format)
-    assert writer is not None  # config_route_limit() checked
+
+def plan_flags(
+    request: EditRequest,
+    model: ModelFile,
+    layers: tuple[LayerRecord, ...],
+    selected: tuple[LayerRecord, ...],
+) -> FlagPlan:
+    """The new flags and config of the edit of ``selected`` (no weights index needed)."""
     after, changed = _new_flags(request, model, layers, selected)
     new_config = apply_to_config(model.config, layers, after) if changed else model.config
     bn_config_changes = 0
@@ -238,10 +274,21 @@ def plan_edit(
         new_config, bn_config_changes = apply_bn_config(
             new_config, layers, request.bn_config, model.format, model.path
         )
+    return FlagPlan(request, model, layers, selected, after, changed, new_config, bn_config_changes)
+
+
+def complete(flags: FlagPlan) -> ConfigPlan:
+    """The rest of the plan: the weights indexed, the optimizer state, the writer's checks,
+    the result's report."""
+    from bnfreeze.formats.readers import with_weights
+    from bnfreeze.formats.writers.dispatch import writer_for
+
+    request, layers, after = flags.request, flags.layers, flags.after
+    model = with_weights(flags.model)
+    writer = writer_for(model.format)
+    assert writer is not None  # config_route_limit() checked
     optimizer_plan = _optimizer_plan(request, model, layers, after)
-    write = WriteRequest(
-        model=model, config=new_config, layers=layers, flags=after, drop_optimizer_state=False
-    )
+    write = replace(flags.copy_as_it_is(), model=model)
     if optimizer_plan.state is OptimizerState.DROPPED:
         write = replace(write, drop_optimizer_state=True)
     elif optimizer_plan.state is OptimizerState.REMAPPED:
@@ -251,13 +298,13 @@ def plan_edit(
         model=model,
         writer=writer,
         write=write,
-        new_config=new_config,
-        selected=tuple(r.path for r in selected),
-        changes=changed,
+        new_config=flags.new_config,
+        selected=tuple(r.path for r in flags.selected),
+        changes=flags.changes,
         optimizer_plan=optimizer_plan,
         report=None,
         input_bytes=_size(model.path),
-        bn_config_changes=bn_config_changes,
+        bn_config_changes=flags.bn_config_changes,
     )
     if plan.writes:
         writer.prepare(write)  # the format's own checks, before anything is written
@@ -313,6 +360,29 @@ def commit(plan: ConfigPlan) -> EditResult:
     with atomic_file(output) as tmp:
         outcome = plan.writer.write(plan.write, tmp)
         plan.writer.verify(plan.write, tmp)
+    return _result(plan, outcome.optimizer_variables_dropped, Path(output).stat().st_size)
+
+
+def commit_while_planning(flags: FlagPlan) -> EditResult:
+    """``commit(complete(flags))`` for a ``.keras`` archive, in less time: the kernel copies
+    the archive with the new config and the optimizer state as it is, on another thread,
+    while this one indexes the weights and plans the rest. When the plan then rewrites the
+    optimizer state, the writer patches that copy (``KerasZipWriter.upgrade``) or, where it
+    cannot, writes the file again. Verified and renamed as :func:`commit` does."""
+    from bnfreeze.formats.atomic import Background, atomic_file
+    from bnfreeze.formats.writers.keras_zip import WRITER
+
+    output = flags.request.output.path
+    assert output is not None
+    first = flags.copy_as_it_is()
+    with atomic_file(output) as tmp:
+        with Background(WRITER.write, first, tmp) as copying:
+            plan = complete(flags)
+        outcome = copying.result()
+        if plan.write.optimizer_slots is not None or plan.write.drop_optimizer_state:
+            upgraded = WRITER.upgrade(first, plan.write, tmp)
+            outcome = upgraded if upgraded is not None else WRITER.write(plan.write, tmp)
+        WRITER.verify(plan.write, tmp)
     return _result(plan, outcome.optimizer_variables_dropped, Path(output).stat().st_size)
 
 

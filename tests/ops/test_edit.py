@@ -616,48 +616,89 @@ def test_planning_writes_nothing_and_commit_writes_the_plan(guide, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("edit", "writes", "upgraded"),
+    ("edit", "upgraded"),
     [
-        # The trainable set changes: the one write rewrites the optimizer state (dropped or
-        # remapped).
+        # The trainable set changes: the archive is copied once, with the optimizer state as
+        # it was, while the plan is made; then its weights member is patched in place
+        # (dropped or remapped), not written a second time.
         (
             lambda src, out: bnfreeze.unfreeze(
                 src, output=out, keep_bn_inference=True, optimizer_state="drop"
             ),
-            [True],
             True,
         ),
-        (
-            lambda src, out: bnfreeze.unfreeze(src, output=out, keep_bn_inference=True),
-            ["remap"],
-            "remap",
-        ),
-        # It does not: a raw copy, one write.
-        (lambda src, out: bnfreeze.freeze(src, output=out, layers=["pool"]), [False], None),
+        (lambda src, out: bnfreeze.unfreeze(src, output=out, keep_bn_inference=True), "remap"),
+        # It does not: the copy is the output.
+        (lambda src, out: bnfreeze.freeze(src, output=out, layers=["pool"]), None),
     ],
     ids=["dropped", "remapped", "unchanged"],
 )
-def test_the_planned_optimizer_state_is_written_once(
-    guide, tmp_path, monkeypatch, edit, writes, upgraded
-):
+def test_the_archive_is_written_once(guide, tmp_path, monkeypatch, edit, upgraded):
     from bnfreeze.formats.writers import keras_zip as writer
 
     seen: list[object] = []
-    real = writer.KerasZipWriter.write
+    real_write, real_upgrade = writer.KerasZipWriter.write, writer.KerasZipWriter.upgrade
 
     def write(self, request, dest):
         seen.append("remap" if request.optimizer_slots else request.drop_optimizer_state)
-        return real(self, request, dest)
+        return real_write(self, request, dest)
+
+    def upgrade(self, written, request, dest):
+        outcome = real_upgrade(self, written, request, dest)
+        seen.append(("upgraded", outcome is not None))
+        return outcome
 
     monkeypatch.setattr(writer.KerasZipWriter, "write", write)
+    monkeypatch.setattr(writer.KerasZipWriter, "upgrade", upgrade)
     out = tmp_path / "out.keras"
     result = edit(guide, out)
-    assert seen == writes
+    assert seen == ([False] if upgraded is None else [False, ("upgraded", True)])
     expected = {True: None, None: 6, "remap": 108}[upgraded]
     assert read_model(out).optimizer_variables == expected
     assert result.report.model.optimizer_variables == expected
     with zipfile.ZipFile(out) as archive:
         assert archive.testzip() is None  # every member's CRC, the patched one included
+
+
+def test_an_archive_the_writer_cannot_patch_is_written_again(guide, tmp_path, monkeypatch):
+    """When the copy made while planning cannot be patched into the planned file, the
+    archive is written again from the input, and the output is the planned one."""
+    from bnfreeze.formats.writers import keras_zip as writer
+
+    seen: list[object] = []
+    real_write = writer.KerasZipWriter.write
+
+    def write(self, request, dest):
+        seen.append(request.drop_optimizer_state)
+        return real_write(self, request, dest)
+
+    monkeypatch.setattr(writer.KerasZipWriter, "write", write)
+    monkeypatch.setattr(writer.KerasZipWriter, "upgrade", lambda *args: None)
+    out = tmp_path / "out.keras"
+    bnfreeze.unfreeze(guide, output=out, keep_bn_inference=True, optimizer_state="drop")
+    assert seen == [False, True]
+    assert read_model(out).optimizer_variables is None
+    with zipfile.ZipFile(out) as archive:
+        assert archive.testzip() is None
+
+
+def test_an_error_while_planning_waits_for_the_copy_and_leaves_nothing(
+    guide, tmp_path, monkeypatch
+):
+    """The plan fails while the copy runs: the copy ends, no output and no temporary file is
+    left, and the error is the plan's."""
+    from bnfreeze.errors import BnfreezeError
+    from bnfreeze.ops import config_route
+
+    def failing(flags):
+        raise BnfreezeError("the plan failed")
+
+    monkeypatch.setattr(config_route, "complete", failing)
+    out = tmp_path / "out.keras"
+    with pytest.raises(BnfreezeError, match="the plan failed"):
+        bnfreeze.unfreeze(guide, output=out, keep_bn_inference=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # the input's folder
+    assert sorted(p.name for p in guide.parent.iterdir()) == ["guide.keras"]
 
 
 def test_the_python_api_takes_optimizer_state(guide):

@@ -287,6 +287,37 @@ def copy_patched(
     zout._didModify = True  # type: ignore[attr-defined]  # rewrite the central directory on close
 
 
+def _pwrite_all(fd: int, data: bytes, at: int) -> int:
+    """Write all of ``data`` at ``at`` (a short write is retried: a full disk then raises
+    ENOSPC); return where it ends."""
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], at + done)
+    return at + done
+
+
+def _patch_in_place(fd: int, start: int, end: int, w_in: zipfile.ZipInfo, plan: Rewrite) -> int:
+    """Patch the weights member copied raw at ``start`` (its data ends at ``end``, the file
+    too) as ``plan`` says and append its tail; return the new member's CRC-32."""
+    from bnfreeze.formats.writers._hdf5_edit import patched_crc32, tail_crc32
+
+    os.ftruncate(fd, end)
+    for patch in plan.patches:
+        _pwrite_all(fd, patch.new, start + patch.offset)
+    at = end
+    zeros = bytes(CHUNK)
+    for part in plan.tail:
+        if isinstance(part, bytes):
+            at = _pwrite_all(fd, part, at)
+            continue
+        left = part
+        while left:
+            n = min(left, CHUNK)
+            at = _pwrite_all(fd, zeros[:n], at)
+            left -= n
+    return tail_crc32(patched_crc32(w_in.CRC, w_in.file_size, plan.patches), plan.tail)
+
+
 # -- the writer ----------------------------------------------------------------------------
 
 
@@ -377,6 +408,40 @@ class KerasZipWriter:
                     else:
                         copy_raw(raw, info, zout)
             out.truncate()  # dest is empty when we are called; should it not be
+        return WriteOutcome(optimizer_variables_dropped=dropped)
+
+    def upgrade(
+        self, written: WriteRequest, request: WriteRequest, dest: Path
+    ) -> WriteOutcome | None:
+        """Turn ``dest``, written for ``written`` (the optimizer state copied as it was), into
+        the file ``request`` asks for when that is the same archive with its weights member
+        patched and extended (a remapped or dropped optimizer state): with the weights member
+        last, its data is patched in place, the tail appended, its local header's CRC-32 and
+        sizes rewritten and the central directory written again. Saves copying the archive a
+        second time. None when ``dest`` must be written again instead."""
+        slots = _slots(request)
+        if written.config is not request.config or _slots(written) is not None or slots is None:
+            return None
+        with zipfile.ZipFile(Path(request.model.path)) as zin:
+            w_in = zin.getinfo(WEIGHTS) if WEIGHTS in zin.namelist() else None
+        plan = self._rewrite_for(request, w_in) if w_in is not None else None
+        if w_in is None or plan is None or max(plan.size, w_in.file_size) >= zipfile.ZIP64_LIMIT:
+            return None
+        with open(dest, "r+b") as fh, zipfile.ZipFile(fh, "a") as zout:
+            last = zout.infolist()[-1] if zout.infolist() else None
+            if last is None or last.filename != WEIGHTS or last.CRC != w_in.CRC:
+                return None
+            start, fd = data_offset(fh, last), fh.fileno()
+            fields = struct.unpack("<III", os.pread(fd, 12, last.header_offset + 14))
+            end = start + last.compress_size
+            if fields != (last.CRC, last.compress_size, last.file_size) or end != zout.start_dir:
+                return None  # zip64 fields, a data descriptor, or something after it
+            crc = _patch_in_place(fd, start, end, w_in, plan)
+            os.pwrite(fd, struct.pack("<III", crc, plan.size, plan.size), last.header_offset + 14)
+            last.CRC, last.compress_size, last.file_size = crc, plan.size, plan.size
+            zout.start_dir = start + plan.size
+            zout._didModify = True  # type: ignore[attr-defined]  # rewrite the central directory on close
+        dropped = (request.model.optimizer_variables or 0) if not slots else 0
         return WriteOutcome(optimizer_variables_dropped=dropped)
 
     def verify(self, request: WriteRequest, written: Path) -> None:
