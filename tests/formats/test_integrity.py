@@ -163,14 +163,15 @@ def test_a_checksum_that_fails_on_the_helper_thread_fails_the_copy(tmp_path, mon
     src, dst = tmp_path / "a", tmp_path / "b"
     src.write_bytes(os.urandom(3 * integrity.PIECE))
     monkeypatch.setattr(integrity, "_crc_of_written", broken)
-    with open(src, "rb") as fi, open(dst, "w+b") as fo:
-        with pytest.raises(OSError, match="the output went away"):
-            integrity.copy_range(fi.fileno(), 0, 3 * integrity.PIECE, fo.fileno(), 0)
+    with (
+        open(src, "rb") as fi,
+        open(dst, "w+b") as fo,
+        pytest.raises(OSError, match="the output went away"),
+    ):
+        integrity.copy_range(fi.fileno(), 0, 3 * integrity.PIECE, fo.fileno(), 0)
 
 
-def test_without_a_kernel_copy_each_piece_is_read_checksummed_and_written(
-    tmp_path, monkeypatch
-):
+def test_without_a_kernel_copy_each_piece_is_read_checksummed_and_written(tmp_path, monkeypatch):
     """Another file system (EXDEV) or an old kernel: the copy falls back to user space,
     after pieces the kernel already copied, and the CRC still covers every byte."""
     import errno

@@ -575,8 +575,6 @@ def test_keras_loads_a_large_member_written_aligned(tmp_path):
     assert _page_offsets(out)["model.weights.h5"] == _page_offsets(src)["model.weights.h5"]
     assert _page_offsets(out)["config.json"] == _page_offsets(src)["config.json"]
     loaded = keras.models.load_model(out)
-    assert [w.tolist() for w in loaded.get_weights()] == [
-        w.tolist() for w in model.get_weights()
-    ]
+    assert [w.tolist() for w in loaded.get_weights()] == [w.tolist() for w in model.get_weights()]
     assert int(loaded.optimizer.iterations.numpy()) == 1
     assert not loaded.layers[-1].trainable
