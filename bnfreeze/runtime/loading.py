@@ -230,9 +230,17 @@ def _load_task_preset(
     loads it (``keras.models.load_model`` would read its backbone only): the class named by
     ``task.json``, its ``from_preset`` in safe mode with the caller's custom objects.
     keras-hub compiles a task when it builds it, so ``compile`` changes nothing here."""
-    import keras_hub  # noqa: F401  (registers the keras_hub> classes)
     from keras.src.saving.serialization_lib import SafeModeScope
 
+    try:
+        importlib.import_module("keras_hub")  # registers the keras_hub> classes
+    except Exception as exc:
+        raise ModelFormatError(
+            f"{path}: a keras-hub task's preset folder, and keras_hub cannot be imported "
+            f"({type(exc).__name__}: {one_line(exc)}).",
+            hint="Install keras-hub (pip install keras-hub), or read the files alone with "
+            "bnfreeze inspect --from-file.",
+        ) from None
     config = model_file.config
     with keras.saving.custom_object_scope(kwargs["custom_objects"] or {}):
         task = keras.saving.get_registered_object(

@@ -125,7 +125,8 @@ def with_weights(model: ModelFile) -> ModelFile:
             task = model.config if model.preset_task is not None else None
             index, optimizer_variables = keras_dir.index(Path(model.path), task)
         # Files from Keras 3.0 to 3.5 name their weights' groups by position only.
-        index = as_keras_loads_it(index, model.config, model.keras_version)
+        if index is not None:
+            index = as_keras_loads_it(index, model.config, model.keras_version)
         return replace(model, weights=index, optimizer_variables=optimizer_variables)
     if model.format is ModelFormat.H5:
         from bnfreeze.formats.readers import legacy_h5
@@ -144,29 +145,31 @@ def read_values(model: ModelFile, datasets: list[str]) -> dict[str, object]:
     array h5py returns. ``numpy.asarray`` accepts both. Datasets that are missing or
     unreadable are left out; callers treat them as unknown.
     """
-    from bnfreeze.model.records import ModelFormat
-
     if not datasets:
         return {}
     found: dict[str, object] = {}
     locations = model.weights.locations if model.weights is not None else {}
     if locations:
-        from bnfreeze.formats.readers import _hdf5
-
         for weights_file, names in _by_file(model, datasets):
-            try:
-                with open(weights_file, "rb") as fh:
-                    fd = fh.fileno()
-                    found.update(
-                        _hdf5.read_datasets(locations, names, lambda at, n: os.pread(fd, n, at))
-                    )
-            except Exception:
-                continue
+            found.update(_read_located(weights_file, locations, names))
         datasets = [name for name in datasets if name not in found]
         if not datasets:
             return found
     found.update(_read_values_h5py(model, datasets))
     return found
+
+
+def _read_located(weights_file: str, locations: dict[str, Any], names: list[str]) -> dict:
+    """The named datasets of ``weights_file``, read where the index located them; nothing
+    when the file cannot be read."""
+    from bnfreeze.formats.readers import _hdf5
+
+    try:
+        with open(weights_file, "rb") as fh:
+            fd = fh.fileno()
+            return dict(_hdf5.read_datasets(locations, names, lambda at, n: os.pread(fd, n, at)))
+    except Exception:
+        return {}
 
 
 def _by_file(model: ModelFile, datasets: list[str]) -> list[tuple[str, list[str]]]:
