@@ -117,3 +117,21 @@ def test_diff_compares_the_head_weights(preset: Path, tmp_path: Path) -> None:
     weights = json.loads(result.stdout)["weights"]
     assert weights["changed"] == [f"{TASK_GROUP}/layers/dense/vars/1"]
     assert weights["changed_layers"] == ["predictions"]
+
+
+def test_without_keras_the_task_is_predicted_by_rule(preset: Path) -> None:
+    """Where Keras (or keras-hub) cannot be asked, the rows are the file's, by rule, and the
+    warning says why; Keras would have been asked about the task, not the backbone."""
+    asked: list[str] = []
+
+    def ask(model: object, listed: set[str]) -> tuple[None, str]:
+        asked.append(model.config["class_name"])  # type: ignore[attr-defined]
+        return None, "keras_hub is not installed"
+
+    report = inspect_file(preset, ask_keras=ask)
+    assert asked == ["TinyClassifier"]
+    assert sorted(s.layer.path for s in report.batchnorm) == [
+        "head/head_bn",
+        "tiny_backbone/stem_bn",
+    ]
+    assert "predicted-by-rule" in {w.code for w in report.warnings}
