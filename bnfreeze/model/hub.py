@@ -18,6 +18,9 @@ class KerasHub:
     classes: tuple[str, ...]  # "keras_hub>ImageClassifier", ... in config order
     preset: bool  # an unzipped folder with keras-hub's metadata: save_to_preset's layout
     version: str | None  # keras_hub_version from the metadata
+    #: A task's preset folder (``task.json``): the task's class name, read as
+    #: ``Task.from_preset`` loads it. None otherwise.
+    task: str | None = None
 
 
 def _hub_class(node: dict[str, object]) -> str | None:
@@ -54,4 +57,4 @@ def keras_hub(model: ModelFile) -> KerasHub | None:
     if not classes and version is None:
         return None
     preset = model.format is ModelFormat.KERAS_DIR and version is not None
-    return KerasHub(tuple(classes), preset, version)
+    return KerasHub(tuple(classes), preset, version, model.preset_task)

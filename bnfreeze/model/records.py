@@ -113,6 +113,11 @@ class ModelFile:
     weights: WeightIndex | None = field(default=None, repr=False)
     #: ``keras_hub_version`` from the metadata (keras-hub's ``save_to_preset`` writes it).
     keras_hub_version: str | None = None
+    #: A keras-hub task's preset folder (``task.save_to_preset``: ``task.json`` beside the
+    #: backbone's ``config.json``): the task's class name. ``config`` is then ``task.json``'s,
+    #: the task as ``Task.from_preset`` loads it, and ``weights`` indexes both weights files
+    #: (the backbone's under its name). None for any other model.
+    preset_task: str | None = None
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,11 @@ def config_route_limit(
 
     if writer_for(model.format) is None:
         return f"bnfreeze does not rewrite {model.format.json_name} files without Keras"
+    if model.preset_task is not None:
+        return (
+            f"it is a keras-hub task's preset folder ({model.preset_task}, task.json), which "
+            "only keras-hub's from_preset rebuilds"
+        )
     if not lists_layers and str(model.config.get("class_name")) not in ("Functional", "Sequential"):
         return "it is a subclassed model whose config does not list its layers"
     return None

@@ -105,7 +105,12 @@ def keras_hub_dict(model: ModelFile) -> dict[str, Any] | None:
     hub = keras_hub(model)
     if hub is None:
         return None
-    return {"classes": list(hub.classes), "preset": hub.preset, "version": hub.version}
+    return {
+        "classes": list(hub.classes),
+        "preset": hub.preset,
+        "version": hub.version,
+        "task": hub.task,
+    }
 
 
 def finding_dict(finding: Finding) -> dict[str, Any]:

@@ -175,10 +175,16 @@ def _batchnorm_rows(grid: Table, report: Report) -> None:
             "",
             Text(
                 f"{from_keras} asked of Keras (marked {MARK_KERAS}): built by code, "
-                "as load_model rebuilds them",
+                f"as {_loader(report)} rebuilds them",
                 style=STYLE_NONE,
             ),
         )
+
+
+def _loader(report: Report) -> str:
+    """What loads the model whose code-built rows Keras was asked about: ``from_preset`` for
+    a keras-hub task's preset folder, else ``load_model``."""
+    return "from_preset" if report.model.preset_task is not None else "load_model"
 
 
 def _weights_line(report: Report) -> Text:
@@ -198,9 +204,12 @@ def _weights_line(report: Report) -> Text:
 
 def keras_hub_line(hub: KerasHub) -> str:
     """What makes the file a keras-hub model: "preset folder, keras_hub 0.32.0,
-    ImageClassifier, ResNetBackbone"."""
+    ImageClassifier, ResNetBackbone"; for a task's preset folder, "task preset folder
+    (save_to_preset), the task as from_preset loads it, ..."."""
     parts = []
-    if hub.preset:
+    if hub.task is not None:
+        parts.append("task preset folder (save_to_preset), the task as from_preset loads it")
+    elif hub.preset:
         parts.append("preset folder (save_to_preset)")
     if hub.version:
         parts.append(f"keras_hub {hub.version}")
@@ -407,5 +416,6 @@ def inspect_view(report: Report, *, all_layers: bool = False, tree: bool = False
     if any(s.layer.from_weights for s in report.layers):
         parts.append(Text(LEGEND_WEIGHTS, style=STYLE_NONE))
     if any(s.layer.from_keras for s in report.layers):
-        parts.append(Text(LEGEND_KERAS, style=STYLE_NONE))
+        legend = LEGEND_KERAS.replace("load_model", _loader(report))
+        parts.append(Text(legend, style=STYLE_NONE))
     return Trimmed(Group(*parts))

@@ -212,12 +212,47 @@ def load_model(
     kwargs["safe_mode"] = not unsafe
     try:
         with _fresh_names(keras if fresh_names and runtime is Runtime.KERAS3 else None):
-            model = keras.models.load_model(os.fspath(path), **kwargs)
+            if model_file.preset_task is not None:
+                model = _load_task_preset(keras, path, model_file, kwargs)
+            else:
+                model = keras.models.load_model(os.fspath(path), **kwargs)
     except BnfreezeError:
         raise
     except Exception as exc:
         raise _load_error(path, exc, model_file.config) from None
     return model
+
+
+def _load_task_preset(
+    keras: ModuleType, path: str | os.PathLike[str], model_file: Any, kwargs: dict[str, Any]
+) -> Any:
+    """A keras-hub task's preset folder, loaded as ``keras_hub.models.<Task>.from_preset``
+    loads it (``keras.models.load_model`` would read its backbone only): the class named by
+    ``task.json``, its ``from_preset`` in safe mode with the caller's custom objects.
+    keras-hub compiles a task when it builds it, so ``compile`` changes nothing here."""
+    from keras.src.saving.serialization_lib import SafeModeScope
+
+    try:
+        importlib.import_module("keras_hub")  # registers the keras_hub> classes
+    except Exception as exc:
+        raise ModelFormatError(
+            f"{path}: a keras-hub task's preset folder, and keras_hub cannot be imported "
+            f"({type(exc).__name__}: {one_line(exc)}).",
+            hint="Install keras-hub (pip install keras-hub), or read the files alone with "
+            "bnfreeze inspect --from-file.",
+        ) from None
+    config = model_file.config
+    with keras.saving.custom_object_scope(kwargs["custom_objects"] or {}):
+        task = keras.saving.get_registered_object(
+            str(config.get("registered_name") or config["class_name"])
+        )
+        if task is None or not hasattr(task, "from_preset"):
+            raise ModelFormatError(
+                f"{path}: task.json names {model_file.preset_task}, which is not a keras-hub "
+                "task class this keras_hub knows."
+            )
+        with SafeModeScope(kwargs["safe_mode"]):
+            return task.from_preset(os.fspath(path))
 
 
 @contextlib.contextmanager

@@ -115,6 +115,7 @@ def test_keras_hub_registered_name_is_named(crafted, tmp_path):
         "classes": ["keras_hub>ResNetBackbone"],
         "preset": False,
         "version": None,
+        "task": None,
     }
     result = CliRunner(env={"COLUMNS": "100", "NO_COLOR": "1"}).invoke(
         cli, ["inspect", "--from-file", str(tmp_path / "m.keras")], catch_exceptions=False

@@ -27,6 +27,7 @@ TASKS = ("deeplabv3", "densenet", "efficientnet", "hgnetv2", "retinanet")
 FILES = (
     *(f"{t}.keras" for t in TASKS),
     *(f"{t}_preset" for t in TASKS),
+    "hgnetv2_backbone_preset",
 )
 
 
@@ -72,15 +73,21 @@ def test_inspect_and_verify_agree_with_one_fit_step(
     assert row["inspect_inference"] == row["measured_moving"]
 
 
-@pytest.mark.parametrize("name", ["frozen/deeplabv3.keras", "frozen/retinanet.keras"])
+@pytest.mark.parametrize(
+    "name", ["frozen/deeplabv3.keras", "frozen/retinanet.keras", "frozen/hgnetv2_preset.keras"]
+)
 def test_bn_inference_reaches_every_bn(measured: dict[str, dict[str, Any]], name: str) -> None:
     """``freeze --bn-inference`` (DeepLabV3 through the CLI, RetinaNet through
-    ``bnfreeze.freeze``), reloaded with ``bnfreeze.load_model``: every BN the model tracks
-    reads ``trainable=False``, including those its backbone holds outside its graph (the
-    ResNet ``post_bn`` under DeepLabV3, the P5 stage under RetinaNet: main left them
-    trainable); one fit() step: no BN takes the batch branch, and no gamma/beta or statistics
-    is trained or moves."""
+    ``bnfreeze.freeze``, HGNetV2's task preset folder through the CLI), reloaded with
+    ``bnfreeze.load_model``: every BN the model tracks reads ``trainable=False``, including
+    those its backbone holds outside its graph (the ResNet ``post_bn`` under DeepLabV3, the P5
+    stage under RetinaNet: main left them trainable) and the task's head (main wrote the
+    preset's backbone alone); one fit() step: no BN takes the batch branch, and no gamma/beta
+    or statistics is trained or moves."""
     row = measured[name]
+    if name == "frozen/hgnetv2_preset.keras":
+        assert "head_last/head_last_bn" in row["measured_bn"]
+        assert row["bn_instances"] == 13
     assert row["bn_trainable"] == []
     assert len(row["measured_bn"]) == row["bn_instances"]
     assert row["called"] > 0
@@ -95,17 +102,42 @@ def test_hgnetv2_keeps_its_flags_after_reload(measured: dict[str, dict[str, Any]
     assert (row["measured_batch"], row["measured_moving"]) == (1, 12)
 
 
-def test_preset_folder_loads_as_keras_loads_it(measured: dict[str, dict[str, Any]]) -> None:
-    """A preset folder is what ``keras.models.load_model`` (and ``Backbone.from_preset``)
-    loads from it: ``config.json`` and ``model.weights.h5``, the backbone. HGNetV2's returns
-    a dict of feature maps, which verify's synthetic targets now fit (main: exit 2, shapes
-    [2,8,8,16] vs [2,8,8,8]: targets packed in the dict's order, not Keras's sorted one)."""
-    row = measured["hgnetv2_preset"]
+def test_backbone_preset_folder_loads_as_keras_loads_it(
+    measured: dict[str, dict[str, Any]],
+) -> None:
+    """A backbone's preset folder is what ``keras.models.load_model`` (and
+    ``Backbone.from_preset``) loads from it: ``config.json`` and ``model.weights.h5``.
+    HGNetV2's returns a dict of feature maps, which verify's synthetic targets now fit (main:
+    exit 2, shapes [2,8,8,16] vs [2,8,8,8]: targets packed in the dict's order, not Keras's
+    sorted one)."""
+    row = measured["hgnetv2_backbone_preset"]
     assert "error" not in row, row.get("error")
     assert row["exit_code"] == 0
     assert (row["measured_batch"], row["measured_moving"]) == (0, 12)
     assert row["inspect_bn"] == row["measured_bn"]
-    assert not any(p.startswith("hg_net_v2_image_classifier") for p in row["inspect_bn"])
+    assert not any(p.startswith("hg_net_v2_backbone/") for p in row["inspect_bn"])
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_task_preset_folder_is_read_as_the_task(
+    measured: dict[str, dict[str, Any]], task: str
+) -> None:
+    """A task's preset folder (``task.save_to_preset``) is the task, as
+    ``Task.from_preset`` loads it (``task.json``, ``task.weights.h5`` and the backbone):
+    inspect and verify read the same rows, at the same paths and with the same counts, as the
+    task saved with ``task.save`` (main read the backbone alone: HGNetV2's head BN was
+    missing, and its paths had no backbone name)."""
+    preset, keras_file = measured[f"{task}_preset"], measured[f"{task}.keras"]
+    assert "error" not in preset, preset.get("error")
+    assert preset["exit_code"] == 0 and preset["agree"] is True
+    assert preset["keras_hub_task"] == keras_file["task_class"]
+    for key in ("inspect_bn", "measured_bn", "inspect_not_called", "bn_not_called"):
+        assert preset[key] == keras_file[key], key
+    for key in ("inspect_training", "inspect_inference", "measured_batch", "measured_moving"):
+        assert preset[key] == keras_file[key], key
+    if task == "hgnetv2":  # the classifier head's BN, which trains
+        assert "head_last/head_last_bn" in preset["measured_bn"]
+        assert (preset["measured_batch"], preset["measured_moving"]) == (1, 12)
 
 
 @pytest.mark.parametrize("name", ["deeplabv3.keras", "retinanet.keras"])
@@ -137,9 +169,9 @@ def test_deeplabv3_post_bn_is_a_row_never_called(measured: dict[str, dict[str, A
     """The ResNet ``post_bn`` under DeepLabV3 (held by the backbone, after the pyramid outputs
     it calls) is a row of inspect and a measured layer of verify (main had neither), never
     called in fit()."""
-    for name, prefix in [("deeplabv3.keras", "deep_lab_v3_backbone/"), ("deeplabv3_preset", "")]:
+    for name in ("deeplabv3.keras", "deeplabv3_preset"):
         row = measured[name]
-        post_bn = f"{prefix}res_net_backbone/post_bn"
+        post_bn = "deep_lab_v3_backbone/res_net_backbone/post_bn"
         assert post_bn in row["inspect_bn"] and post_bn in row["measured_bn"]
         assert row["bn_not_called"] == [post_bn]
 

@@ -168,6 +168,20 @@ def test_load_model_reads_only(samples, tmp_path):
 
 
 @pytest.mark.keras
+def test_a_task_preset_without_keras_hub_is_one_clear_error(tmp_path, monkeypatch):
+    """A keras-hub task's preset folder loads through its task class's from_preset; without
+    keras_hub that is a one-line error naming it, not Keras's load of the backbone alone."""
+    from code_built_files import bn, write_task_preset
+
+    preset = write_task_preset(
+        tmp_path / "preset", {"layers/batch_normalization": ("bn", bn())}, {}
+    )
+    monkeypatch.setitem(sys.modules, "keras_hub", None)
+    with pytest.raises(ModelFormatError, match="task's preset folder, and keras_hub cannot be"):
+        loading.load_model(preset, compile=False)
+
+
+@pytest.mark.keras
 def test_load_model_bad_files_are_bnfreeze_errors(tmp_path):
     with pytest.raises(ModelFormatError, match="no such file"):
         loading.load_model(tmp_path / "missing.keras")

@@ -4,7 +4,9 @@ weights, frozen as users freeze them (``task.backbone.trainable = False``), comp
 
 Run as a script, in fresh processes:
 
-* ``python tests/support/hub_tasks.py build OUT``: build every task and save it under ``OUT``;
+* ``python tests/support/hub_tasks.py build OUT``: build every task and save it under ``OUT``
+  (``NAME.keras``, ``NAME_preset``: ``task.save_to_preset``, and HGNetV2's backbone alone,
+  ``hgnetv2_backbone_preset``: ``backbone.save_to_preset``);
 * ``python tests/support/hub_tasks.py measure OUT``: for each saved file, ``verify`` (one real
   ``fit()`` step, the branch of each BN recorded) and its prediction, which is ``inspect``
   asking Keras, and print one JSON line per file with what each said; then each
@@ -135,6 +137,8 @@ def build(out: Path) -> None:
         task.compile(optimizer=keras.optimizers.Adam(1e-3))
         task.save(out / f"{name}.keras")
         task.save_to_preset(os.fspath(out / f"{name}_preset"))
+        if name == "hgnetv2":  # a backbone's preset: its outputs are a dict of feature maps
+            task.backbone.save_to_preset(os.fspath(out / f"{name}_backbone_preset"))
     bn_inference(out)
     still_statistics(out)
     custom_blocks(out)
@@ -142,12 +146,14 @@ def build(out: Path) -> None:
 
 
 #: The ``freeze --bn-inference`` outputs, by input: through the CLI and through the Python API.
-FROZEN = {"deeplabv3": "cli", "retinanet": "api"}
+FROZEN = {"deeplabv3.keras": "cli", "retinanet.keras": "api", "hgnetv2_preset": "cli"}
 
 
 def bn_inference(out: Path) -> None:
     """``freeze --bn-inference`` of the saved tasks whose backbones hold layers outside their
-    graph, into ``OUT/frozen/``, once through the CLI and once through ``bnfreeze.freeze``."""
+    graph, into ``OUT/frozen/``, once through the CLI and once through ``bnfreeze.freeze``;
+    and of a task's preset folder, which bnfreeze edits as the task (head included) and
+    writes as a ``.keras`` file."""
     from click.testing import CliRunner
 
     import bnfreeze
@@ -155,7 +161,8 @@ def bn_inference(out: Path) -> None:
 
     (out / "frozen").mkdir()
     for name, how in FROZEN.items():
-        source, output = out / f"{name}.keras", out / "frozen" / f"{name}.keras"
+        source = out / name
+        output = out / "frozen" / f"{name.removesuffix('.keras')}.keras"
         if how == "cli":
             args = ["freeze", str(source), "--bn-inference", "-q", "-o", str(output)]
             result = CliRunner().invoke(cli, args, catch_exceptions=False)
@@ -285,6 +292,8 @@ def measure(out: Path) -> None:
         inspected = prediction
         row = {
             "file": path.name,
+            "task_class": prediction.model.config.get("class_name"),
+            "keras_hub_task": prediction.model.preset_task,
             "exit_code": report.exit_code,
             "agree": report.agree,
             "checks": report.checks,

@@ -119,10 +119,14 @@ def with_weights(model: ModelFile) -> ModelFile:
         from bnfreeze.formats.readers import keras_dir, keras_zip
         from bnfreeze.formats.readers._keras_common import as_keras_loads_it
 
-        reader = keras_zip if model.format is ModelFormat.KERAS else keras_dir
-        index, optimizer_variables = reader.index(Path(model.path))
+        if model.format is ModelFormat.KERAS:
+            index, optimizer_variables = keras_zip.index(Path(model.path))
+        else:  # a task preset's index covers task.weights.h5 too
+            task = model.config if model.preset_task is not None else None
+            index, optimizer_variables = keras_dir.index(Path(model.path), task)
         # Files from Keras 3.0 to 3.5 name their weights' groups by position only.
-        index = as_keras_loads_it(index, model.config, model.keras_version)
+        if index is not None:
+            index = as_keras_loads_it(index, model.config, model.keras_version)
         return replace(model, weights=index, optimizer_variables=optimizer_variables)
     if model.format is ModelFormat.H5:
         from bnfreeze.formats.readers import legacy_h5
@@ -141,31 +145,50 @@ def read_values(model: ModelFile, datasets: list[str]) -> dict[str, object]:
     array h5py returns. ``numpy.asarray`` accepts both. Datasets that are missing or
     unreadable are left out; callers treat them as unknown.
     """
-    from bnfreeze.model.records import ModelFormat
-
     if not datasets:
         return {}
     found: dict[str, object] = {}
     locations = model.weights.locations if model.weights is not None else {}
     if locations:
-        from bnfreeze.formats.readers import _hdf5
-
-        weights_file = model.path
-        if model.format is ModelFormat.KERAS_DIR:
-            weights_file = str(Path(model.path) / "model.weights.h5")
-        try:
-            with open(weights_file, "rb") as fh:
-                fd = fh.fileno()
-                found.update(
-                    _hdf5.read_datasets(locations, datasets, lambda at, n: os.pread(fd, n, at))
-                )
-        except Exception:
-            found = {}
+        for weights_file, names in _by_file(model, datasets):
+            found.update(_read_located(weights_file, locations, names))
         datasets = [name for name in datasets if name not in found]
         if not datasets:
             return found
     found.update(_read_values_h5py(model, datasets))
     return found
+
+
+def _read_located(weights_file: str, locations: dict[str, Any], names: list[str]) -> dict:
+    """The named datasets of ``weights_file``, read where the index located them; nothing
+    when the file cannot be read."""
+    from bnfreeze.formats.readers import _hdf5
+
+    try:
+        with open(weights_file, "rb") as fh:
+            fd = fh.fileno()
+            return dict(_hdf5.read_datasets(locations, names, lambda at, n: os.pread(fd, n, at)))
+    except Exception:
+        return {}
+
+
+def _by_file(model: ModelFile, datasets: list[str]) -> list[tuple[str, list[str]]]:
+    """Which file holds each dataset: the model file, or in a folder ``model.weights.h5``,
+    and for a task preset ``task.weights.h5`` for the datasets named below its group."""
+    from bnfreeze.model.records import ModelFormat
+
+    if model.format is not ModelFormat.KERAS_DIR:
+        return [(model.path, datasets)]
+    from bnfreeze.formats.readers.keras_dir import TASK_GROUP, TASK_WEIGHTS
+
+    folder = Path(model.path)
+    head = [d for d in datasets if d.startswith(TASK_GROUP + "/")]
+    rest = [d for d in datasets if not d.startswith(TASK_GROUP + "/")]
+    return [
+        (str(folder / name), group)
+        for name, group in (("model.weights.h5", rest), (TASK_WEIGHTS, head))
+        if group
+    ]
 
 
 def read_shapes(model: ModelFile, datasets: list[str]) -> dict[str, tuple[int, ...]]:
@@ -193,11 +216,11 @@ def _read_values_h5py(
 
     from bnfreeze.model.records import ModelFormat
 
-    def pull(h5: h5py.File) -> dict[str, object]:
+    def pull(h5: h5py.File, names: list[str] = datasets, strip: int = 0) -> dict[str, object]:
         out: dict[str, object] = {}
-        for name in datasets:
+        for name in names:
             try:
-                obj = h5.get(name)
+                obj = h5.get(name[strip:])
                 if isinstance(obj, h5py.Dataset):
                     out[name] = tuple(obj.shape) if shapes else _numbers(obj)
                     if out[name] is None:
@@ -225,8 +248,14 @@ def _read_values_h5py(
             ):
                 return pull(h5)
         if model.format is ModelFormat.KERAS_DIR:
-            with h5py.File(Path(model.path) / "model.weights.h5", "r") as h5:
-                return pull(h5)
+            from bnfreeze.formats.readers.keras_dir import TASK_GROUP
+
+            out: dict[str, object] = {}
+            for weights_file, names in _by_file(model, datasets):
+                strip = len(TASK_GROUP) if weights_file.endswith(TASK_GROUP) else 0
+                with h5py.File(weights_file, "r") as h5:
+                    out.update(pull(h5, names, strip))
+            return out
         if model.format is ModelFormat.H5:
             with h5py.File(model.path, "r") as h5:
                 return pull(h5)

@@ -94,17 +94,26 @@ def checksums(model: ModelFile) -> Checksums:
     weights: dict[str, str] = {}
     optimizer: dict[str, str] = {}
 
+    def hash_all(h5: Any, prefix: str) -> None:
+        def visit(name: str, obj: Any) -> None:
+            if not isinstance(obj, h5py.Dataset):
+                return
+            top = name.split("/", 1)[0]
+            target = optimizer if top in OPTIMIZER_GROUPS else weights
+            target[prefix + "/" + name] = dataset_digest(obj)
+
+        h5.visititems(visit)
+
     try:
         with open_weights(model) as h5:
+            hash_all(h5, "")
+        if model.preset_task is not None:  # the task's own layers, as the index names them
+            from bnfreeze.formats.readers.keras_dir import TASK_GROUP, TASK_WEIGHTS
 
-            def visit(name: str, obj: Any) -> None:
-                if not isinstance(obj, h5py.Dataset):
-                    return
-                top = name.split("/", 1)[0]
-                target = optimizer if top in OPTIMIZER_GROUPS else weights
-                target["/" + name] = dataset_digest(obj)
-
-            h5.visititems(visit)
+            head = Path(model.path) / TASK_WEIGHTS
+            if head.is_file():
+                with h5py.File(head, "r") as h5:
+                    hash_all(h5, TASK_GROUP)
     except ModelFormatError:
         raise
     except KeyError:
