@@ -223,9 +223,12 @@ def selected_frozen_stats(
     reports the problem itself)."""
     from bnfreeze.errors import BnfreezeError
     from bnfreeze.formats.readers import read_model
+    from bnfreeze.formats.readers.keras_zip import config_may_hold
     from bnfreeze.model.selection import select
     from bnfreeze.model.walk import walk
 
+    if not config_may_hold(Path(path), frozen_stats.NAME.encode()):
+        return ()  # most edits: no such layer, and a config of megabytes not parsed twice
     try:
         model = read_model(Path(path), weights=False)
         if model.format is not ModelFormat.KERAS:

@@ -126,6 +126,18 @@ def read(path: Path, *, weights: bool = True) -> ModelFile:
     return keras_model_file(source, ModelFormat.KERAS, config, metadata, index, optimizer_variables)
 
 
+def config_may_hold(path: Path, text: bytes) -> bool:
+    """Whether the archive's ``config.json`` may hold ``text`` (ASCII): False only when its
+    bytes do not contain it and escape nothing, so that a caller can skip parsing and walking
+    a config of megabytes; True when the file cannot be read this way."""
+    try:
+        with open_archive(path) as archive:
+            raw = read_member(archive, path, CONFIG, MAX_CONFIG_BYTES)
+    except (ModelFormatError, KeyError):
+        return True
+    return text in raw or b"\\u" in raw
+
+
 def index(path: Path) -> tuple[WeightIndex | None, int | None]:
     """Index the weights of an archive already read with ``weights=False`` (see
     :func:`bnfreeze.formats.readers.with_weights`)."""
