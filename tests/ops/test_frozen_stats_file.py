@@ -5,6 +5,7 @@ to find out (``config_may_hold``)."""
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -61,6 +62,9 @@ def test_config_may_hold(samples, tmp_path):
     assert config_may_hold(converted, NAME)
     assert config_may_hold(_escaped(converted, tmp_path / "escaped.keras"), NAME)
     assert config_may_hold(samples / "does-not-exist.keras", NAME)  # the caller reads it
+    fifo = tmp_path / "fifo.keras"
+    os.mkfifo(fifo)
+    assert config_may_hold(fifo, NAME)  # without opening it: that would block
 
 
 def test_bn_inference_converts_them_back(samples, tmp_path):

@@ -129,7 +129,10 @@ def read(path: Path, *, weights: bool = True) -> ModelFile:
 def config_may_hold(path: Path, text: bytes) -> bool:
     """Whether the archive's ``config.json`` may hold ``text`` (ASCII): False only when its
     bytes do not contain it and escape nothing, so that a caller can skip parsing and walking
-    a config of megabytes; True when the file cannot be read this way."""
+    a config of megabytes; True when the file cannot be read this way (not a regular file:
+    opening a FIFO would block)."""
+    if not path.is_file():
+        return True
     try:
         with open_archive(path) as archive:
             raw = read_member(archive, path, CONFIG, MAX_CONFIG_BYTES)
