@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -541,9 +542,13 @@ def test_a_large_member_keeps_its_offset_within_a_page(samples, tmp_path, optimi
     assert result.changes
     before, after = _page_offsets(src), _page_offsets(out)
     assert after["model.weights.h5"] == before["model.weights.h5"]
-    with zipfile.ZipFile(src) as a, zipfile.ZipFile(out) as b:
+    with zipfile.ZipFile(src) as a, zipfile.ZipFile(out) as b, open(out, "rb") as fh:
         assert b.testzip() is None
-        assert b.getinfo("model.weights.h5").extra == b""
+        weights = b.getinfo("model.weights.h5")
+        assert weights.extra == b""
+        fh.seek(weights.header_offset + 14)  # the local header's CRC-32 and sizes
+        local = struct.unpack("<III", fh.read(12))
+        assert local == (weights.CRC, weights.compress_size, weights.file_size)
         small = a.getinfo("config.json")
         assert small.compress_size < ALIGN_FROM
         assert b.getinfo("config.json").header_offset == small.header_offset

@@ -251,14 +251,13 @@ def copy_patched(
     src: IO[bytes], info: zipfile.ZipInfo, zout: zipfile.ZipFile, plan: Rewrite
 ) -> None:
     """Append ``info`` to ``zout`` as ``plan`` rewrites it: the stored bytes copied by the
-    kernel, the patches written over them, the tail appended; CRC-32 worked out, not read."""
-    from bnfreeze.formats.writers._hdf5_edit import patched_crc32, tail_crc32
-
+    kernel, the patches written over them, the tail appended (:func:`_patch_in_place`);
+    CRC-32 worked out, not read."""
     if info.file_size != plan.copy_bytes:
         raise OutputError(f"{WEIGHTS} changed size while it was read; nothing was replaced.")
     start = data_offset(src, info)
     new = clone_info(info)
-    new.CRC = tail_crc32(patched_crc32(info.CRC, info.file_size, plan.patches), plan.tail)
+    new.CRC = _patched_crc(info, plan)  # the local header carries it: worked out first
     new.compress_size = new.file_size = plan.size
     fp = zout.fp
     assert fp is not None
@@ -269,18 +268,8 @@ def copy_patched(
     if _copy_range(src, start, info.compress_size, fp) != info.CRC:
         raise integrity.damaged(src.name, info.filename)  # the patches' CRC builds on it
     fp.flush()
-    for patch in plan.patches:
-        os.pwrite(fp.fileno(), patch.new, body + patch.offset)
-    zeros = bytes(CHUNK)
-    for part in plan.tail:
-        if isinstance(part, bytes):
-            fp.write(part)
-            continue
-        left = part
-        while left:
-            n = min(left, CHUNK)
-            fp.write(zeros if n == CHUNK else zeros[:n])
-            left -= n
+    _patch_in_place(fp.fileno(), body, body + info.compress_size, plan)
+    fp.seek(body + plan.size)
     zout.filelist.append(new)
     zout.NameToInfo[new.filename] = new
     zout.start_dir = fp.tell()
@@ -296,11 +285,17 @@ def _pwrite_all(fd: int, data: bytes, at: int) -> int:
     return at + done
 
 
-def _patch_in_place(fd: int, start: int, end: int, w_in: zipfile.ZipInfo, plan: Rewrite) -> int:
-    """Patch the weights member copied raw at ``start`` (its data ends at ``end``, the file
-    too) as ``plan`` says and append its tail; return the new member's CRC-32."""
+def _patched_crc(w_in: zipfile.ZipInfo, plan: Rewrite) -> int:
+    """The CRC-32 of the weights member ``w_in`` once ``plan`` has patched and extended it,
+    worked out from ``w_in``'s own CRC-32 (no byte read)."""
     from bnfreeze.formats.writers._hdf5_edit import patched_crc32, tail_crc32
 
+    return tail_crc32(patched_crc32(w_in.CRC, w_in.file_size, plan.patches), plan.tail)
+
+
+def _patch_in_place(fd: int, start: int, end: int, plan: Rewrite) -> None:
+    """Patch the weights member copied raw at ``start`` (its data ends at ``end``, the file
+    too) as ``plan`` says, and append its tail."""
     os.ftruncate(fd, end)
     for patch in plan.patches:
         _pwrite_all(fd, patch.new, start + patch.offset)
@@ -315,7 +310,6 @@ def _patch_in_place(fd: int, start: int, end: int, w_in: zipfile.ZipInfo, plan: 
             n = min(left, CHUNK)
             at = _pwrite_all(fd, zeros[:n], at)
             left -= n
-    return tail_crc32(patched_crc32(w_in.CRC, w_in.file_size, plan.patches), plan.tail)
 
 
 # -- the writer ----------------------------------------------------------------------------
@@ -436,7 +430,8 @@ class KerasZipWriter:
             end = start + last.compress_size
             if fields != (last.CRC, last.compress_size, last.file_size) or end != zout.start_dir:
                 return None  # zip64 fields, a data descriptor, or something after it
-            crc = _patch_in_place(fd, start, end, w_in, plan)
+            _patch_in_place(fd, start, end, plan)
+            crc = _patched_crc(w_in, plan)
             os.pwrite(fd, struct.pack("<III", crc, plan.size, plan.size), last.header_offset + 14)
             last.CRC, last.compress_size, last.file_size = crc, plan.size, plan.size
             zout.start_dir = start + plan.size
